@@ -1,0 +1,101 @@
+//! The error type of `common-meta`: one enum whose variants carry context.
+
+/// Result of `common-meta` operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `common-meta` and in a `KvBackend`.
+///
+/// An expected outcome such as a failed compare-and-put is a value, not an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request breaks a rule of the API or a configured limit; retrying it is futile.
+    #[error("invalid argument: {message}")]
+    InvalidArgument {
+        /// What is wrong, naming the field or limit.
+        message: String,
+    },
+
+    /// A typed key could not be decoded from its bytes.
+    #[error("cannot decode key {key:?}: {reason}")]
+    KeyDecode {
+        /// The key, lossily shown as UTF-8.
+        key: String,
+        /// Why it does not decode.
+        reason: String,
+    },
+
+    /// A name cannot be part of a typed key.
+    #[error("invalid {what} name {name:?}: {reason}")]
+    InvalidName {
+        /// Which kind of name (catalog, schema, table, sequence).
+        what: &'static str,
+        /// The rejected name.
+        name: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+
+    /// The sled storage failed.
+    #[error("storage error while {context}: {source}")]
+    Storage {
+        /// What the backend was doing.
+        context: String,
+        /// The underlying sled error.
+        #[source]
+        source: sled::Error,
+    },
+
+    /// A file system operation failed.
+    #[error("I/O error while {context}: {source}")]
+    Io {
+        /// What was being done, naming the path.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Stored bytes do not decode: the data directory is damaged or from an incompatible version.
+    #[error("corrupted data at {location}: {reason}")]
+    Corrupted {
+        /// Where the bad bytes are (tree and key).
+        location: String,
+        /// What is wrong with them.
+        reason: String,
+    },
+
+    /// The service cannot be reached or is not ready; the request may be retried.
+    #[error("unavailable: {message}")]
+    Unavailable {
+        /// What could not be reached and why.
+        message: String,
+    },
+
+    /// A remote service answered with an error that has no better-fitting variant.
+    #[error("remote error ({code}): {message}")]
+    Remote {
+        /// The status code name (for example `Internal`).
+        code: String,
+        /// The message the server gave.
+        message: String,
+    },
+
+    /// A blocking storage task panicked or was cancelled.
+    #[error("storage task failed: {0}")]
+    TaskJoin(String),
+}
+
+impl Error {
+    /// Builds an [`Error::InvalidArgument`].
+    pub fn invalid_argument(message: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            message: message.into(),
+        }
+    }
+
+    /// True when the same request may succeed if sent again later (the client and the
+    /// procedure manager use this hint).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable { .. })
+    }
+}

@@ -1,0 +1,390 @@
+//! The pure KV executor shared by every local backend.
+//!
+//! [`execute`] runs one [`TxnRequest`] against a read view and returns the response and
+//! the writes to make, without touching storage itself: the memory backend applies the
+//! [`WriteSet`] to a `BTreeMap`, the sled backend to one atomic sled batch. Every KV call
+//! is a transaction here, so the revision, version and `prev_kv` rules live in one place.
+//!
+//! Determinism: no clocks and no randomness, so the same request on the same state gives
+//! the same result on every replica.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::collections::btree_map;
+use std::iter::Peekable;
+use std::ops::Bound;
+
+use crate::error::{Error, Result};
+use crate::kv::limits::KvLimits;
+use crate::kv::types::{
+    Compare, CompareOp, CompareTarget, DeleteRangeRequest, DeleteRangeResponse, KeyValue,
+    PutRequest, PutResponse, RangeRequest, RangeResponse, TxnOp, TxnOpResponse, TxnRequest,
+    TxnResponse,
+};
+
+/// What the store holds for one live key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub version: i64,
+    pub value: Vec<u8>,
+}
+
+/// Bytes of the fixed header of an encoded [`Entry`]: three big-endian i64.
+const ENTRY_HEADER: usize = 24;
+
+impl Entry {
+    fn to_key_value(&self, key: &[u8], keys_only: bool) -> KeyValue {
+        KeyValue {
+            key: key.to_vec(),
+            value: if keys_only {
+                Vec::new()
+            } else {
+                self.value.clone()
+            },
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
+        }
+    }
+
+    /// The on-disk form: create, mod, version (big-endian i64 each), then the value.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(ENTRY_HEADER + self.value.len());
+        out.extend_from_slice(&self.create_revision.to_be_bytes());
+        out.extend_from_slice(&self.mod_revision.to_be_bytes());
+        out.extend_from_slice(&self.version.to_be_bytes());
+        out.extend_from_slice(&self.value);
+        out
+    }
+
+    /// Decodes [`Entry::encode`]'s output; `Err` carries the reason.
+    pub fn decode(bytes: &[u8]) -> std::result::Result<Entry, String> {
+        if bytes.len() < ENTRY_HEADER {
+            return Err(format!(
+                "entry of {} bytes is shorter than its {ENTRY_HEADER}-byte header",
+                bytes.len()
+            ));
+        }
+        let field = |i: usize| {
+            let mut buf = [0u8; 8];
+            buf.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            i64::from_be_bytes(buf)
+        };
+        Ok(Entry {
+            create_revision: field(0),
+            mod_revision: field(1),
+            version: field(2),
+            value: bytes[ENTRY_HEADER..].to_vec(),
+        })
+    }
+}
+
+/// A key and entry as a scan yields them.
+pub(crate) type ScanItem = Result<(Vec<u8>, Entry)>;
+
+/// A consistent view of the store the executor reads from.
+pub(crate) trait ReadView {
+    /// The entry of `key`, if it exists.
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>>;
+    /// Entries with `start <= key < end` (`end = None`: no upper bound), in key order.
+    /// Callers guarantee `start < end`.
+    fn scan<'a>(
+        &'a self,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Box<dyn Iterator<Item = ScanItem> + 'a>;
+}
+
+/// The writes of one transaction: every changed key (`None` = deleted) and the new revision.
+#[derive(Debug)]
+pub(crate) struct WriteSet {
+    pub revision: i64,
+    pub changes: BTreeMap<Vec<u8>, Option<Entry>>,
+}
+
+/// Runs `txn` against `view`, whose store is at `revision`.
+///
+/// Returns the response and, if the transaction changed anything, the writes that the
+/// caller must apply atomically (together with the new revision) before acknowledging.
+pub(crate) fn execute(
+    view: &dyn ReadView,
+    revision: i64,
+    limits: &KvLimits,
+    txn: TxnRequest,
+) -> Result<(TxnResponse, Option<WriteSet>)> {
+    limits.check_txn(&txn)?;
+    let mut exec = Executor {
+        view,
+        overlay: BTreeMap::new(),
+        write_revision: revision + 1,
+    };
+    let mut succeeded = true;
+    for compare in &txn.compare {
+        if !exec.holds(compare)? {
+            succeeded = false;
+            break;
+        }
+    }
+    let ops = if succeeded { txn.success } else { txn.failure };
+    let mut responses = Vec::with_capacity(ops.len());
+    for op in ops {
+        responses.push(match op {
+            TxnOp::Range(req) => TxnOpResponse::Range(exec.range(&req)?),
+            TxnOp::Put(req) => TxnOpResponse::Put(exec.put(req)?),
+            TxnOp::DeleteRange(req) => TxnOpResponse::DeleteRange(exec.delete_range(&req)?),
+        });
+    }
+    let (final_revision, writes) = if exec.overlay.is_empty() {
+        (revision, None)
+    } else {
+        let write = WriteSet {
+            revision: exec.write_revision,
+            changes: exec.overlay,
+        };
+        (write.revision, Some(write))
+    };
+    for response in &mut responses {
+        match response {
+            TxnOpResponse::Range(r) => r.revision = final_revision,
+            TxnOpResponse::Put(r) => r.revision = final_revision,
+            TxnOpResponse::DeleteRange(r) => r.revision = final_revision,
+        }
+    }
+    Ok((
+        TxnResponse {
+            revision: final_revision,
+            succeeded,
+            responses,
+        },
+        writes,
+    ))
+}
+
+/// The half-open key interval a `(key, range_end)` pair names, etcd style.
+enum KeySpan<'a> {
+    Single(&'a [u8]),
+    Range {
+        start: &'a [u8],
+        end: Option<&'a [u8]>,
+    },
+    Empty,
+}
+
+fn key_span<'a>(key: &'a [u8], range_end: &'a [u8]) -> KeySpan<'a> {
+    match range_end {
+        [] => KeySpan::Single(key),
+        [0] => KeySpan::Range {
+            start: key,
+            end: None,
+        },
+        end if end <= key => KeySpan::Empty,
+        end => KeySpan::Range {
+            start: key,
+            end: Some(end),
+        },
+    }
+}
+
+struct Executor<'v> {
+    view: &'v dyn ReadView,
+    /// This transaction's writes so far; later ops read through it.
+    overlay: BTreeMap<Vec<u8>, Option<Entry>>,
+    write_revision: i64,
+}
+
+impl Executor<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
+        match self.overlay.get(key) {
+            Some(entry) => Ok(entry.clone()),
+            None => self.view.get(key),
+        }
+    }
+
+    /// Visits the live entries of a span in key order until `visit` returns false.
+    fn visit(&self, span: KeySpan<'_>, visit: &mut dyn FnMut(&[u8], &Entry) -> bool) -> Result<()> {
+        match span {
+            KeySpan::Empty => Ok(()),
+            KeySpan::Single(key) => {
+                if let Some(entry) = self.get(key)? {
+                    visit(key, &entry);
+                }
+                Ok(())
+            }
+            KeySpan::Range { start, end } => {
+                let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
+                let merged = Merge {
+                    base: self.view.scan(start, end).peekable(),
+                    overlay: self
+                        .overlay
+                        .range::<[u8], _>((Bound::Included(start), upper))
+                        .peekable(),
+                };
+                for item in merged {
+                    let (key, entry) = item?;
+                    if !visit(&key, &entry) {
+                        break;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn holds(&self, compare: &Compare) -> Result<bool> {
+        let entry = self.get(&compare.key)?;
+        let ordering = match (&compare.target, &entry) {
+            (CompareTarget::Value(_), None) => return Ok(false),
+            (CompareTarget::Value(target), Some(e)) => e.value.as_slice().cmp(target.as_slice()),
+            (CompareTarget::Version(target), e) => e.as_ref().map_or(0, |e| e.version).cmp(target),
+            (CompareTarget::CreateRevision(target), e) => {
+                e.as_ref().map_or(0, |e| e.create_revision).cmp(target)
+            }
+            (CompareTarget::ModRevision(target), e) => {
+                e.as_ref().map_or(0, |e| e.mod_revision).cmp(target)
+            }
+        };
+        Ok(match compare.op {
+            CompareOp::Equal => ordering == Ordering::Equal,
+            CompareOp::NotEqual => ordering != Ordering::Equal,
+            CompareOp::Less => ordering == Ordering::Less,
+            CompareOp::Greater => ordering == Ordering::Greater,
+        })
+    }
+
+    fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
+        let limit = usize::try_from(req.limit).unwrap_or(0);
+        let mut response = RangeResponse::default();
+        self.visit(key_span(&req.key, &req.range_end), &mut |key, entry| {
+            response.count += 1;
+            if req.count_only {
+                return true;
+            }
+            if limit == 0 || response.kvs.len() < limit {
+                response.kvs.push(entry.to_key_value(key, req.keys_only));
+            } else {
+                response.more = true;
+            }
+            true
+        })?;
+        Ok(response)
+    }
+
+    fn put(&mut self, req: PutRequest) -> Result<PutResponse> {
+        let prev = self.get(&req.key)?;
+        let entry = Entry {
+            create_revision: prev
+                .as_ref()
+                .map_or(self.write_revision, |p| p.create_revision),
+            mod_revision: self.write_revision,
+            version: prev.as_ref().map_or(0, |p| p.version) + 1,
+            value: req.value,
+        };
+        let prev_kv = prev
+            .filter(|_| req.prev_kv)
+            .map(|p| p.to_key_value(&req.key, false));
+        self.overlay.insert(req.key, Some(entry));
+        Ok(PutResponse {
+            revision: 0,
+            prev_kv,
+        })
+    }
+
+    fn delete_range(&mut self, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+        let mut doomed = Vec::new();
+        self.visit(key_span(&req.key, &req.range_end), &mut |key, entry| {
+            doomed.push(entry.to_key_value(key, false));
+            true
+        })?;
+        let deleted = i64::try_from(doomed.len())
+            .map_err(|_| Error::invalid_argument("delete_range matched too many keys"))?;
+        for kv in &doomed {
+            self.overlay.insert(kv.key.clone(), None);
+        }
+        Ok(DeleteRangeResponse {
+            revision: 0,
+            deleted,
+            prev_kvs: if req.prev_kv { doomed } else { Vec::new() },
+        })
+    }
+}
+
+/// Merges a base scan with the transaction's overlay: the overlay wins on equal keys and
+/// its deletions hide base entries.
+struct Merge<'a, B: Iterator<Item = ScanItem>> {
+    base: Peekable<B>,
+    overlay: Peekable<btree_map::Range<'a, Vec<u8>, Option<Entry>>>,
+}
+
+impl<B: Iterator<Item = ScanItem>> Iterator for Merge<'_, B> {
+    type Item = ScanItem;
+
+    fn next(&mut self) -> Option<ScanItem> {
+        loop {
+            let take_overlay = match (self.base.peek(), self.overlay.peek()) {
+                (None, None) => return None,
+                (Some(Err(_)), _) => return self.base.next(),
+                (None, Some(_)) => true,
+                (Some(_), None) => false,
+                (Some(Ok((base_key, _))), Some((over_key, _))) => {
+                    match base_key.as_slice().cmp(over_key.as_slice()) {
+                        Ordering::Less => false,
+                        Ordering::Equal => {
+                            // Shadowed by the overlay: drop the base entry.
+                            self.base.next();
+                            true
+                        }
+                        Ordering::Greater => true,
+                    }
+                }
+            };
+            if !take_overlay {
+                return self.base.next();
+            }
+            if let Some((key, Some(entry))) = self.overlay.next() {
+                return Some(Ok((key.clone(), entry.clone())));
+            }
+            // A deletion in the overlay: nothing to yield for that key.
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_round_trips_and_rejects_short_input() {
+        let entry = Entry {
+            create_revision: 3,
+            mod_revision: 9,
+            version: 4,
+            value: b"hello".to_vec(),
+        };
+        assert_eq!(Entry::decode(&entry.encode()), Ok(entry));
+        let err = Entry::decode(&[1, 2, 3]).unwrap_err();
+        assert!(err.contains("shorter than"), "{err}");
+    }
+
+    #[test]
+    fn key_span_follows_etcd_conventions() {
+        assert!(matches!(key_span(b"a", b""), KeySpan::Single(b"a")));
+        assert!(matches!(
+            key_span(b"a", b"\0"),
+            KeySpan::Range {
+                start: b"a",
+                end: None
+            }
+        ));
+        assert!(matches!(
+            key_span(b"a", b"b"),
+            KeySpan::Range {
+                start: b"a",
+                end: Some(b"b")
+            }
+        ));
+        assert!(matches!(key_span(b"b", b"a"), KeySpan::Empty));
+        assert!(matches!(key_span(b"b", b"b"), KeySpan::Empty));
+    }
+}

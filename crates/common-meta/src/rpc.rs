@@ -1,0 +1,554 @@
+//! The one set of conversions between the `meta.v1` wire types and the domain types of
+//! [`crate::kv`]. Client and server both use these, so neither writes them again.
+//!
+//! Wire requests carry fields the domain does not (`serializable`); responses carry a
+//! header the domain reduces to its revision. [`header`] builds that header.
+
+use meta_proto::v1 as pb;
+
+use crate::error::{Error, Result};
+use crate::kv;
+
+/// The response header for a store at `revision`, served by `member_id`.
+pub fn header(member_id: u64, revision: i64) -> Option<pb::ResponseHeader> {
+    Some(pb::ResponseHeader {
+        member_id,
+        revision,
+    })
+}
+
+fn revision_of(header: Option<&pb::ResponseHeader>) -> i64 {
+    header.map_or(0, |h| h.revision)
+}
+
+impl From<pb::KeyValue> for kv::KeyValue {
+    fn from(kv: pb::KeyValue) -> Self {
+        kv::KeyValue {
+            key: kv.key,
+            value: kv.value,
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            version: kv.version,
+        }
+    }
+}
+
+impl From<kv::KeyValue> for pb::KeyValue {
+    fn from(kv: kv::KeyValue) -> Self {
+        pb::KeyValue {
+            key: kv.key,
+            value: kv.value,
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            version: kv.version,
+        }
+    }
+}
+
+fn kvs_from_pb(kvs: Vec<pb::KeyValue>) -> Vec<kv::KeyValue> {
+    kvs.into_iter().map(Into::into).collect()
+}
+
+fn kvs_to_pb(kvs: Vec<kv::KeyValue>) -> Vec<pb::KeyValue> {
+    kvs.into_iter().map(Into::into).collect()
+}
+
+impl From<pb::RangeRequest> for kv::RangeRequest {
+    fn from(r: pb::RangeRequest) -> Self {
+        kv::RangeRequest {
+            key: r.key,
+            range_end: r.range_end,
+            limit: r.limit,
+            keys_only: r.keys_only,
+            count_only: r.count_only,
+        }
+    }
+}
+
+impl From<kv::RangeRequest> for pb::RangeRequest {
+    fn from(r: kv::RangeRequest) -> Self {
+        pb::RangeRequest {
+            key: r.key,
+            range_end: r.range_end,
+            limit: r.limit,
+            keys_only: r.keys_only,
+            count_only: r.count_only,
+            serializable: false,
+        }
+    }
+}
+
+/// Converts a range response for the wire.
+pub fn range_response_to_pb(r: kv::RangeResponse, member_id: u64) -> pb::RangeResponse {
+    pb::RangeResponse {
+        header: header(member_id, r.revision),
+        kvs: kvs_to_pb(r.kvs),
+        more: r.more,
+        count: r.count,
+    }
+}
+
+impl From<pb::RangeResponse> for kv::RangeResponse {
+    fn from(r: pb::RangeResponse) -> Self {
+        kv::RangeResponse {
+            revision: revision_of(r.header.as_ref()),
+            kvs: kvs_from_pb(r.kvs),
+            more: r.more,
+            count: r.count,
+        }
+    }
+}
+
+impl From<pb::PutRequest> for kv::PutRequest {
+    fn from(r: pb::PutRequest) -> Self {
+        kv::PutRequest {
+            key: r.key,
+            value: r.value,
+            prev_kv: r.prev_kv,
+        }
+    }
+}
+
+impl From<kv::PutRequest> for pb::PutRequest {
+    fn from(r: kv::PutRequest) -> Self {
+        pb::PutRequest {
+            key: r.key,
+            value: r.value,
+            prev_kv: r.prev_kv,
+        }
+    }
+}
+
+/// Converts a put response for the wire.
+pub fn put_response_to_pb(r: kv::PutResponse, member_id: u64) -> pb::PutResponse {
+    pb::PutResponse {
+        header: header(member_id, r.revision),
+        prev_kv: r.prev_kv.map(Into::into),
+    }
+}
+
+impl From<pb::PutResponse> for kv::PutResponse {
+    fn from(r: pb::PutResponse) -> Self {
+        kv::PutResponse {
+            revision: revision_of(r.header.as_ref()),
+            prev_kv: r.prev_kv.map(Into::into),
+        }
+    }
+}
+
+impl From<pb::DeleteRangeRequest> for kv::DeleteRangeRequest {
+    fn from(r: pb::DeleteRangeRequest) -> Self {
+        kv::DeleteRangeRequest {
+            key: r.key,
+            range_end: r.range_end,
+            prev_kv: r.prev_kv,
+        }
+    }
+}
+
+impl From<kv::DeleteRangeRequest> for pb::DeleteRangeRequest {
+    fn from(r: kv::DeleteRangeRequest) -> Self {
+        pb::DeleteRangeRequest {
+            key: r.key,
+            range_end: r.range_end,
+            prev_kv: r.prev_kv,
+        }
+    }
+}
+
+/// Converts a delete-range response for the wire.
+pub fn delete_range_response_to_pb(
+    r: kv::DeleteRangeResponse,
+    member_id: u64,
+) -> pb::DeleteRangeResponse {
+    pb::DeleteRangeResponse {
+        header: header(member_id, r.revision),
+        deleted: r.deleted,
+        prev_kvs: kvs_to_pb(r.prev_kvs),
+    }
+}
+
+impl From<pb::DeleteRangeResponse> for kv::DeleteRangeResponse {
+    fn from(r: pb::DeleteRangeResponse) -> Self {
+        kv::DeleteRangeResponse {
+            revision: revision_of(r.header.as_ref()),
+            deleted: r.deleted,
+            prev_kvs: kvs_from_pb(r.prev_kvs),
+        }
+    }
+}
+
+impl From<pb::BatchGetRequest> for kv::BatchGetRequest {
+    fn from(r: pb::BatchGetRequest) -> Self {
+        kv::BatchGetRequest { keys: r.keys }
+    }
+}
+
+impl From<kv::BatchGetRequest> for pb::BatchGetRequest {
+    fn from(r: kv::BatchGetRequest) -> Self {
+        pb::BatchGetRequest {
+            keys: r.keys,
+            serializable: false,
+        }
+    }
+}
+
+/// Converts a batch-get response for the wire.
+pub fn batch_get_response_to_pb(r: kv::BatchGetResponse, member_id: u64) -> pb::BatchGetResponse {
+    pb::BatchGetResponse {
+        header: header(member_id, r.revision),
+        kvs: kvs_to_pb(r.kvs),
+    }
+}
+
+impl From<pb::BatchGetResponse> for kv::BatchGetResponse {
+    fn from(r: pb::BatchGetResponse) -> Self {
+        kv::BatchGetResponse {
+            revision: revision_of(r.header.as_ref()),
+            kvs: kvs_from_pb(r.kvs),
+        }
+    }
+}
+
+impl From<pb::BatchPutRequest> for kv::BatchPutRequest {
+    fn from(r: pb::BatchPutRequest) -> Self {
+        kv::BatchPutRequest {
+            kvs: r.kvs.into_iter().map(|p| (p.key, p.value)).collect(),
+            prev_kv: r.prev_kv,
+        }
+    }
+}
+
+impl From<kv::BatchPutRequest> for pb::BatchPutRequest {
+    fn from(r: kv::BatchPutRequest) -> Self {
+        pb::BatchPutRequest {
+            kvs: r
+                .kvs
+                .into_iter()
+                .map(|(key, value)| pb::KeyValuePair { key, value })
+                .collect(),
+            prev_kv: r.prev_kv,
+        }
+    }
+}
+
+/// Converts a batch-put response for the wire.
+pub fn batch_put_response_to_pb(r: kv::BatchPutResponse, member_id: u64) -> pb::BatchPutResponse {
+    pb::BatchPutResponse {
+        header: header(member_id, r.revision),
+        prev_kvs: kvs_to_pb(r.prev_kvs),
+    }
+}
+
+impl From<pb::BatchPutResponse> for kv::BatchPutResponse {
+    fn from(r: pb::BatchPutResponse) -> Self {
+        kv::BatchPutResponse {
+            revision: revision_of(r.header.as_ref()),
+            prev_kvs: kvs_from_pb(r.prev_kvs),
+        }
+    }
+}
+
+impl From<pb::BatchDeleteRequest> for kv::BatchDeleteRequest {
+    fn from(r: pb::BatchDeleteRequest) -> Self {
+        kv::BatchDeleteRequest {
+            keys: r.keys,
+            prev_kv: r.prev_kv,
+        }
+    }
+}
+
+impl From<kv::BatchDeleteRequest> for pb::BatchDeleteRequest {
+    fn from(r: kv::BatchDeleteRequest) -> Self {
+        pb::BatchDeleteRequest {
+            keys: r.keys,
+            prev_kv: r.prev_kv,
+        }
+    }
+}
+
+/// Converts a batch-delete response for the wire.
+pub fn batch_delete_response_to_pb(
+    r: kv::BatchDeleteResponse,
+    member_id: u64,
+) -> pb::BatchDeleteResponse {
+    pb::BatchDeleteResponse {
+        header: header(member_id, r.revision),
+        deleted: r.deleted,
+        prev_kvs: kvs_to_pb(r.prev_kvs),
+    }
+}
+
+impl From<pb::BatchDeleteResponse> for kv::BatchDeleteResponse {
+    fn from(r: pb::BatchDeleteResponse) -> Self {
+        kv::BatchDeleteResponse {
+            revision: revision_of(r.header.as_ref()),
+            deleted: r.deleted,
+            prev_kvs: kvs_from_pb(r.prev_kvs),
+        }
+    }
+}
+
+impl From<pb::CompareAndPutRequest> for kv::CompareAndPutRequest {
+    fn from(r: pb::CompareAndPutRequest) -> Self {
+        kv::CompareAndPutRequest {
+            key: r.key,
+            expect: r.expect,
+            value: r.value,
+        }
+    }
+}
+
+impl From<kv::CompareAndPutRequest> for pb::CompareAndPutRequest {
+    fn from(r: kv::CompareAndPutRequest) -> Self {
+        pb::CompareAndPutRequest {
+            key: r.key,
+            expect: r.expect,
+            value: r.value,
+        }
+    }
+}
+
+/// Converts a compare-and-put response for the wire.
+pub fn compare_and_put_response_to_pb(
+    r: kv::CompareAndPutResponse,
+    member_id: u64,
+) -> pb::CompareAndPutResponse {
+    pb::CompareAndPutResponse {
+        header: header(member_id, r.revision),
+        success: r.success,
+        prev_kv: r.prev_kv.map(Into::into),
+    }
+}
+
+impl From<pb::CompareAndPutResponse> for kv::CompareAndPutResponse {
+    fn from(r: pb::CompareAndPutResponse) -> Self {
+        kv::CompareAndPutResponse {
+            revision: revision_of(r.header.as_ref()),
+            success: r.success,
+            prev_kv: r.prev_kv.map(Into::into),
+        }
+    }
+}
+
+impl TryFrom<pb::Compare> for kv::Compare {
+    type Error = Error;
+
+    fn try_from(c: pb::Compare) -> Result<Self> {
+        use pb::compare::{CompareOp as Op, Target};
+        let op = match Op::try_from(c.op) {
+            Ok(Op::Equal) => kv::CompareOp::Equal,
+            Ok(Op::NotEqual) => kv::CompareOp::NotEqual,
+            Ok(Op::Less) => kv::CompareOp::Less,
+            Ok(Op::Greater) => kv::CompareOp::Greater,
+            Err(_) => {
+                return Err(Error::invalid_argument(format!(
+                    "unknown compare op {}",
+                    c.op
+                )));
+            }
+        };
+        let target = match c.target {
+            Some(Target::Version(v)) => kv::CompareTarget::Version(v),
+            Some(Target::CreateRevision(v)) => kv::CompareTarget::CreateRevision(v),
+            Some(Target::ModRevision(v)) => kv::CompareTarget::ModRevision(v),
+            Some(Target::Value(v)) => kv::CompareTarget::Value(v),
+            None => return Err(Error::invalid_argument("compare has no target")),
+        };
+        Ok(kv::Compare {
+            key: c.key,
+            op,
+            target,
+        })
+    }
+}
+
+impl From<kv::Compare> for pb::Compare {
+    fn from(c: kv::Compare) -> Self {
+        use pb::compare::{CompareOp as Op, Target};
+        let op = match c.op {
+            kv::CompareOp::Equal => Op::Equal,
+            kv::CompareOp::NotEqual => Op::NotEqual,
+            kv::CompareOp::Less => Op::Less,
+            kv::CompareOp::Greater => Op::Greater,
+        };
+        let target = match c.target {
+            kv::CompareTarget::Version(v) => Target::Version(v),
+            kv::CompareTarget::CreateRevision(v) => Target::CreateRevision(v),
+            kv::CompareTarget::ModRevision(v) => Target::ModRevision(v),
+            kv::CompareTarget::Value(v) => Target::Value(v),
+        };
+        pb::Compare {
+            key: c.key,
+            op: op.into(),
+            target: Some(target),
+        }
+    }
+}
+
+impl TryFrom<pb::TxnOp> for kv::TxnOp {
+    type Error = Error;
+
+    fn try_from(op: pb::TxnOp) -> Result<Self> {
+        use pb::txn_op::Op;
+        match op.op {
+            Some(Op::Range(r)) => Ok(kv::TxnOp::Range(r.into())),
+            Some(Op::Put(r)) => Ok(kv::TxnOp::Put(r.into())),
+            Some(Op::DeleteRange(r)) => Ok(kv::TxnOp::DeleteRange(r.into())),
+            None => Err(Error::invalid_argument("txn op has no operation")),
+        }
+    }
+}
+
+impl From<kv::TxnOp> for pb::TxnOp {
+    fn from(op: kv::TxnOp) -> Self {
+        use pb::txn_op::Op;
+        let op = match op {
+            kv::TxnOp::Range(r) => Op::Range(r.into()),
+            kv::TxnOp::Put(r) => Op::Put(r.into()),
+            kv::TxnOp::DeleteRange(r) => Op::DeleteRange(r.into()),
+        };
+        pb::TxnOp { op: Some(op) }
+    }
+}
+
+impl TryFrom<pb::TxnRequest> for kv::TxnRequest {
+    type Error = Error;
+
+    fn try_from(r: pb::TxnRequest) -> Result<Self> {
+        Ok(kv::TxnRequest {
+            compare: r
+                .compare
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_>>()?,
+            success: r
+                .success
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_>>()?,
+            failure: r
+                .failure
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+impl From<kv::TxnRequest> for pb::TxnRequest {
+    fn from(r: kv::TxnRequest) -> Self {
+        pb::TxnRequest {
+            compare: r.compare.into_iter().map(Into::into).collect(),
+            success: r.success.into_iter().map(Into::into).collect(),
+            failure: r.failure.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// Converts a txn response for the wire; inner responses carry the same header.
+pub fn txn_response_to_pb(r: kv::TxnResponse, member_id: u64) -> pb::TxnResponse {
+    use pb::txn_op_response::Response;
+    let responses = r
+        .responses
+        .into_iter()
+        .map(|op| pb::TxnOpResponse {
+            response: Some(match op {
+                kv::TxnOpResponse::Range(r) => Response::Range(range_response_to_pb(r, member_id)),
+                kv::TxnOpResponse::Put(r) => Response::Put(put_response_to_pb(r, member_id)),
+                kv::TxnOpResponse::DeleteRange(r) => {
+                    Response::DeleteRange(delete_range_response_to_pb(r, member_id))
+                }
+            }),
+        })
+        .collect();
+    pb::TxnResponse {
+        header: header(member_id, r.revision),
+        succeeded: r.succeeded,
+        responses,
+    }
+}
+
+impl TryFrom<pb::TxnResponse> for kv::TxnResponse {
+    type Error = Error;
+
+    fn try_from(r: pb::TxnResponse) -> Result<Self> {
+        use pb::txn_op_response::Response;
+        let responses = r
+            .responses
+            .into_iter()
+            .map(|op| match op.response {
+                Some(Response::Range(r)) => Ok(kv::TxnOpResponse::Range(r.into())),
+                Some(Response::Put(r)) => Ok(kv::TxnOpResponse::Put(r.into())),
+                Some(Response::DeleteRange(r)) => Ok(kv::TxnOpResponse::DeleteRange(r.into())),
+                None => Err(Error::Remote {
+                    code: "Internal".to_string(),
+                    message: "txn op response without a response".to_string(),
+                }),
+            })
+            .collect::<Result<_>>()?;
+        Ok(kv::TxnResponse {
+            revision: revision_of(r.header.as_ref()),
+            succeeded: r.succeeded,
+            responses,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn txn_round_trips_through_the_wire_types() {
+        let txn = kv::TxnRequest {
+            compare: vec![
+                kv::Compare::new(
+                    b"k".to_vec(),
+                    kv::CompareOp::Less,
+                    kv::CompareTarget::ModRevision(3),
+                ),
+                kv::Compare::new(
+                    b"k".to_vec(),
+                    kv::CompareOp::NotEqual,
+                    kv::CompareTarget::Value(b"v".to_vec()),
+                ),
+            ],
+            success: vec![kv::TxnOp::Put(kv::PutRequest::new(
+                b"a".to_vec(),
+                b"1".to_vec(),
+            ))],
+            failure: vec![
+                kv::TxnOp::Range(kv::RangeRequest::prefix(b"p".to_vec()).with_limit(3)),
+                kv::TxnOp::DeleteRange(kv::DeleteRangeRequest::key(b"d".to_vec())),
+            ],
+        };
+        let wire: pb::TxnRequest = txn.clone().into();
+        assert_eq!(kv::TxnRequest::try_from(wire).unwrap(), txn);
+    }
+
+    #[test]
+    fn malformed_wire_txn_is_invalid_argument() {
+        let no_target = pb::TxnRequest {
+            compare: vec![pb::Compare {
+                key: b"k".to_vec(),
+                op: 0,
+                target: None,
+            }],
+            ..Default::default()
+        };
+        let err = kv::TxnRequest::try_from(no_target).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+
+        let bad_op = pb::TxnRequest {
+            compare: vec![pb::Compare {
+                key: b"k".to_vec(),
+                op: 42,
+                target: Some(pb::compare::Target::Version(1)),
+            }],
+            ..Default::default()
+        };
+        let err = kv::TxnRequest::try_from(bad_op).unwrap_err();
+        assert!(err.to_string().contains("unknown compare op 42"), "{err}");
+    }
+}

@@ -1,0 +1,16 @@
+//! Compiles the meta.v1 protos with protox (pure Rust), so no system `protoc` is needed.
+
+use std::error::Error;
+
+const PROTO_ROOT: &str = "proto";
+const PROTOS: &[&str] = &["proto/meta/v1/common.proto", "proto/meta/v1/store.proto"];
+
+fn main() -> Result<(), Box<dyn Error>> {
+    // compile_fds emits no rerun-if-changed lines of its own.
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let descriptors = protox::compile(PROTOS, [PROTO_ROOT])?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+    Ok(())
+}

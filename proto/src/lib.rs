@@ -1,0 +1,18 @@
+//! The `meta.v1` wire of Metasrv: messages and gRPC services generated from the
+//! `.proto` files under `proto/meta/v1/` at build time (no system `protoc` needed).
+//!
+//! Wire formats are forever: never renumber or reuse a field. Conversions between
+//! these types and the domain types live in `common-meta` (`common_meta::rpc`), once.
+//!
+//! ```
+//! use meta_proto::v1::{KeyValue, PutRequest};
+//! let put = PutRequest { key: b"a".to_vec(), value: b"1".to_vec(), prev_kv: false };
+//! assert_eq!(put.key, b"a");
+//! let _ = KeyValue::default();
+//! ```
+
+/// Generated messages and services of package `meta.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("meta.v1");
+}
