@@ -45,10 +45,14 @@ impl RangeRequest {
         }
     }
 
-    /// Reads every key that starts with `prefix`.
+    /// Reads every key that starts with `prefix`; an empty prefix reads every key.
     pub fn prefix(prefix: impl Into<Vec<u8>>) -> Self {
-        let key = prefix.into();
+        let mut key = prefix.into();
         let range_end = crate::kv::prefix_end(&key);
+        if key.is_empty() {
+            // Keys are never empty, so the whole store is "from \0 to the end".
+            key = vec![0];
+        }
         RangeRequest {
             key,
             range_end,

@@ -1,0 +1,218 @@
+//! [`MetaClient`]: endpoints, channels and the retry loop.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common_meta::{Error, Result};
+use meta_proto::v1::store_client::StoreClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Response, Status};
+
+use crate::status::{from_status, is_retryable};
+
+/// How a [`MetaClient`] connects and retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaClientOptions {
+    /// Timeout of one TCP connect.
+    pub connect_timeout: Duration,
+    /// Timeout of one attempt of a request.
+    pub request_timeout: Duration,
+    /// Total time a request may take across retries before it fails as unavailable.
+    pub deadline: Duration,
+    /// First pause between attempts; doubles up to `max_backoff`, with jitter.
+    pub initial_backoff: Duration,
+    /// Longest pause between attempts.
+    pub max_backoff: Duration,
+}
+
+impl Default for MetaClientOptions {
+    fn default() -> Self {
+        MetaClientOptions {
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(10),
+            deadline: Duration::from_secs(10),
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Largest response the client accepts (a range of many large values can be big).
+const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+
+/// A client of a Metasrv cluster, cheap to clone.
+#[derive(Clone, Debug)]
+pub struct MetaClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    endpoints: Vec<(String, Channel)>,
+    /// Index of the endpoint that answered last; requests start there.
+    current: AtomicUsize,
+    options: MetaClientOptions,
+}
+
+impl MetaClient {
+    /// A client of the members at `endpoints` (`host:port`, or a full `http://` URI).
+    /// Connections are made lazily, so this fails only on malformed endpoints.
+    pub fn new(endpoints: &[impl AsRef<str>], options: MetaClientOptions) -> Result<Self> {
+        if endpoints.is_empty() {
+            return Err(Error::invalid_argument("no endpoints given"));
+        }
+        let mut channels = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            let endpoint = endpoint.as_ref().trim();
+            let uri = if endpoint.contains("://") {
+                endpoint.to_string()
+            } else {
+                format!("http://{endpoint}")
+            };
+            let channel = Endpoint::from_shared(uri)
+                .map_err(|e| {
+                    Error::invalid_argument(format!("invalid endpoint {endpoint:?}: {e}"))
+                })?
+                .connect_timeout(options.connect_timeout)
+                .timeout(options.request_timeout)
+                .tcp_nodelay(true)
+                .connect_lazy();
+            channels.push((endpoint.to_string(), channel));
+        }
+        Ok(MetaClient {
+            inner: Arc::new(Inner {
+                endpoints: channels,
+                current: AtomicUsize::new(0),
+                options,
+            }),
+        })
+    }
+
+    /// The endpoints this client was given.
+    pub fn endpoints(&self) -> impl Iterator<Item = &str> {
+        self.inner.endpoints.iter().map(|(e, _)| e.as_str())
+    }
+
+    /// A Store client on `channel` that accepts large responses.
+    fn store(channel: Channel) -> StoreClient<Channel> {
+        StoreClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES)
+    }
+
+    /// Runs `call` against the current endpoint, moving to the next one and backing off
+    /// while the answer is "unavailable", until it succeeds, fails otherwise, or the
+    /// deadline passes.
+    ///
+    /// Retrying a write whose connection broke mid-flight may apply it twice; puts are
+    /// idempotent in value, and compare-and-put reports the state it found.
+    pub(crate) async fn with_store<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: Fn(StoreClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let mut backoff = inner.options.initial_backoff;
+        let mut attempt = 0usize;
+        loop {
+            let index = inner.current.load(Ordering::Relaxed) % inner.endpoints.len();
+            let (endpoint, channel) = &inner.endpoints[index];
+            let status = match call(Self::store(channel.clone())).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) => status,
+            };
+            if !is_retryable(&status) {
+                return Err(from_status(&status));
+            }
+            attempt += 1;
+            tracing::debug!(%endpoint, attempt, error = %status.message(), "endpoint unavailable");
+            // Move on to the next endpoint (unless another request already did).
+            let _ = inner.current.compare_exchange(
+                index,
+                (index + 1) % inner.endpoints.len(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            let elapsed = started.elapsed();
+            if elapsed + backoff >= inner.options.deadline {
+                return Err(Error::Unavailable {
+                    message: format!(
+                        "no endpoint of [{}] answered within {:?} ({attempt} attempts); last error from {endpoint}: {}",
+                        self.endpoints().collect::<Vec<_>>().join(", "),
+                        inner.options.deadline,
+                        status.message()
+                    ),
+                });
+            }
+            // Only pause once every endpoint has been tried in this round.
+            if attempt % inner.endpoints.len() == 0 {
+                tokio::time::sleep(jittered(backoff)).await;
+                backoff = (backoff * 2).min(inner.options.max_backoff);
+            }
+        }
+    }
+}
+
+/// `base` scaled by a factor in [0.5, 1.0), so that clients that failed together do not
+/// retry together.
+fn jittered(base: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let factor = 0.5 + f64::from(nanos % 1000) / 2000.0;
+    base.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_to_full() {
+        for _ in 0..100 {
+            let d = jittered(Duration::from_millis(100));
+            assert!(
+                d >= Duration::from_millis(50) && d < Duration::from_millis(100),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_or_missing_endpoints_are_refused() {
+        let none: [&str; 0] = [];
+        let err = MetaClient::new(&none, MetaClientOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("no endpoints"), "{err}");
+        let err = MetaClient::new(&["bad host:1"], MetaClientOptions::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("invalid endpoint \"bad host:1\""),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_cluster_fails_as_unavailable_within_the_deadline() {
+        // Bind and drop to find a port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let options = MetaClientOptions {
+            deadline: Duration::from_millis(400),
+            ..MetaClientOptions::default()
+        };
+        let client = MetaClient::new(&[format!("127.0.0.1:{port}")], options).unwrap();
+        let started = Instant::now();
+        let err = common_meta::kv::KvBackend::get(&client, b"k")
+            .await
+            .unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        assert!(err.to_string().contains("answered within"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "bounded by the deadline"
+        );
+    }
+}

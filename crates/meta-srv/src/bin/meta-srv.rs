@@ -1,0 +1,151 @@
+//! `meta-srv`: runs a Metasrv member.
+//!
+//! `meta-srv start` with no flags runs the embedded default: one member on
+//! `./meta-data`, gRPC on 127.0.0.1:3002, HTTP on 127.0.0.1:4002. Once both ports are
+//! bound it prints `meta-srv listening grpc=ADDR http=ADDR` on standard output (tests
+//! and scripts wait for that line); logs go to standard error.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use meta_srv::cli::{EXIT_FAILURE, EXIT_USAGE, parse_or_exit};
+use meta_srv::config::{LogFormat, LoggingConfig, Overrides};
+use meta_srv::{Config, MetaSrv};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "meta-srv",
+    version,
+    about = "Metasrv: raft-replicated metadata service"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a member (flags win over METASRV_* env vars, which win over the file).
+    Start(StartArgs),
+}
+
+#[derive(Args)]
+struct StartArgs {
+    /// TOML config file (see config/meta-srv.example.toml).
+    #[arg(long, env = "METASRV_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory [default: ./meta-data].
+    #[arg(long, env = "METASRV_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// gRPC address for clients [default: 127.0.0.1:3002].
+    #[arg(long, env = "METASRV_LISTEN_ADDR", value_name = "HOST:PORT")]
+    listen_addr: Option<SocketAddr>,
+    /// HTTP admin address [default: 127.0.0.1:4002].
+    #[arg(long, env = "METASRV_HTTP_ADDR", value_name = "HOST:PORT")]
+    http_addr: Option<SocketAddr>,
+    /// This member's id [default: 1].
+    #[arg(long, env = "METASRV_NODE_ID", value_name = "ID")]
+    node_id: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    let cli = match parse_or_exit::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    match cli.command {
+        Command::Start(args) => start(args),
+    }
+}
+
+fn start(args: StartArgs) -> ExitCode {
+    let overrides = Overrides {
+        node_id: args.node_id,
+        data_dir: args.data_dir,
+        listen_addr: args.listen_addr,
+        http_addr: args.http_addr,
+    };
+    let config = match Config::load(args.config.as_deref(), overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Err(e) = init_logging(&config.logging) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building the async runtime")
+        .and_then(|runtime| runtime.block_on(run(config)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let server = MetaSrv::bind(config).await?;
+    let mut stdout = std::io::stdout();
+    writeln!(
+        stdout,
+        "meta-srv listening grpc={} http={}",
+        server.grpc_addr(),
+        server.http_addr()
+    )?;
+    stdout.flush()?;
+    server.serve(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received, shutting down"),
+        () = term => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
+
+fn init_logging(logging: &LoggingConfig) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(from_env) => EnvFilter::try_new(&from_env)
+            .with_context(|| format!("invalid RUST_LOG {from_env:?}"))?,
+        Err(_) => EnvFilter::try_new(&logging.level)
+            .with_context(|| format!("invalid logging.level {:?}", logging.level))?,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match logging.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    }
+    .map_err(|e| anyhow::anyhow!("initialising logging: {e}"))
+}

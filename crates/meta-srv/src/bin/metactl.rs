@@ -1,0 +1,194 @@
+//! `metactl`: the operator's CLI for a Metasrv cluster.
+//!
+//! Exit codes: 0 success; 1 failure (unreachable cluster, refused request, key not
+//! found); 2 usage error. Errors are one line on standard error.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use common_meta::kv::{DeleteRangeRequest, KeyValue, KvBackend, PutRequest, RangeRequest};
+use meta_client::{MetaClient, MetaClientOptions};
+use meta_srv::cli::{EXIT_FAILURE, parse_or_exit};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "metactl",
+    version,
+    about = "Inspect and steer a Metasrv cluster"
+)]
+struct Cli {
+    /// Comma-separated member addresses.
+    #[arg(
+        long,
+        global = true,
+        env = "METACTL_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:3002"
+    )]
+    endpoints: Vec<String>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Plain text for people.
+    Text,
+    /// One JSON document for scripts.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Read and write keys (UTF-8 text).
+    #[command(subcommand)]
+    Kv(KvCommand),
+}
+
+#[derive(Subcommand)]
+enum KvCommand {
+    /// Write KEY = VALUE; prints OK.
+    Put { key: String, value: String },
+    /// Print KEY's value; exits 1 with "not found" when absent.
+    Get { key: String },
+    /// Delete KEY; prints the number of keys deleted.
+    Del { key: String },
+    /// List keys starting with PREFIX, one "KEY VALUE" line each.
+    Range(RangeArgs),
+}
+
+#[derive(Args)]
+struct RangeArgs {
+    prefix: String,
+    /// At most this many keys (0 = all).
+    #[arg(long, default_value_t = 0)]
+    limit: u32,
+}
+
+/// A failure already phrased for the operator.
+struct Failure(String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match parse_or_exit::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: building the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message)) => {
+            eprintln!("{message}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let options = MetaClientOptions {
+        deadline: Duration::from_secs(5),
+        ..MetaClientOptions::default()
+    };
+    let client =
+        MetaClient::new(&cli.endpoints, options).map_err(|e| Failure(format!("error: {e}")))?;
+    let Command::Kv(command) = cli.command;
+    kv(&client, command, cli.output)
+        .await
+        .map_err(|Failure(m)| {
+            Failure(if m.starts_with("not found") {
+                m
+            } else {
+                format!("error: {m}")
+            })
+        })
+}
+
+async fn kv(client: &MetaClient, command: KvCommand, output: Output) -> Result<(), Failure> {
+    match command {
+        KvCommand::Put { key, value } => {
+            let put = client.put(PutRequest::new(key, value)).await?;
+            print(
+                output,
+                "OK".to_string(),
+                json!({ "revision": put.revision }),
+            );
+        }
+        KvCommand::Get { key } => {
+            let kv = client
+                .get(key.as_bytes())
+                .await?
+                .ok_or_else(|| Failure(format!("not found: {key}")))?;
+            print(output, text(&kv.value), kv_json(&kv));
+        }
+        KvCommand::Del { key } => {
+            let deleted = client.delete_range(DeleteRangeRequest::key(key)).await?;
+            print(
+                output,
+                deleted.deleted.to_string(),
+                json!({ "deleted": deleted.deleted, "revision": deleted.revision }),
+            );
+        }
+        KvCommand::Range(args) => {
+            let range = client
+                .range(RangeRequest::prefix(args.prefix).with_limit(i64::from(args.limit)))
+                .await?;
+            let lines: Vec<String> = range
+                .kvs
+                .iter()
+                .map(|kv| format!("{} {}", text(&kv.key), text(&kv.value)))
+                .collect();
+            print(
+                output,
+                lines.join("\n"),
+                json!({
+                    "revision": range.revision,
+                    "count": range.count,
+                    "more": range.more,
+                    "kvs": range.kvs.iter().map(kv_json).collect::<Vec<_>>(),
+                }),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn kv_json(kv: &KeyValue) -> serde_json::Value {
+    json!({
+        "key": text(&kv.key),
+        "value": text(&kv.value),
+        "create_revision": kv.create_revision,
+        "mod_revision": kv.mod_revision,
+        "version": kv.version,
+    })
+}
+
+fn print(output: Output, text: String, json: serde_json::Value) {
+    match output {
+        Output::Text if text.is_empty() => {}
+        Output::Text => println!("{text}"),
+        Output::Json => println!("{json}"),
+    }
+}

@@ -1,0 +1,335 @@
+//! Server configuration: defaults, a TOML file, `METASRV_*` environment variables and
+//! command-line flags, merged in that order (flags win over env over file over defaults).
+//!
+//! Every option is documented in `config/meta-srv.example.toml`, from which
+//! `cargo xtask codegen` generates `docs/config.md`; a test keeps the example and this
+//! struct in agreement.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use common_meta::kv::KvLimits;
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration was refused. Rendered as one line naming the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this struct (syntax, unknown key, wrong type).
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's one-line message, with line and column.
+        message: String,
+    },
+    /// A value is out of its allowed range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole server configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This member's id, unique in the cluster, at least 1.
+    pub node_id: u64,
+    /// Directory holding this member's data; created if missing.
+    pub data_dir: PathBuf,
+    /// Address of the gRPC service for clients.
+    pub listen_addr: SocketAddr,
+    /// Address of the HTTP admin API.
+    pub http_addr: SocketAddr,
+    /// Limits on KV requests.
+    pub limits: LimitsConfig,
+    /// Logging.
+    pub logging: LoggingConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: 1,
+            data_dir: PathBuf::from("./meta-data"),
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 3002)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 4002)),
+            limits: LimitsConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+/// `[limits]`: request limits, see [`KvLimits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest key in bytes.
+    pub max_key_bytes: usize,
+    /// Largest value in bytes.
+    pub max_value_bytes: usize,
+    /// Most ops in each list of a transaction.
+    pub max_txn_ops: usize,
+    /// Largest request in bytes.
+    pub max_request_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let d = KvLimits::default();
+        LimitsConfig {
+            max_key_bytes: d.max_key_bytes,
+            max_value_bytes: d.max_value_bytes,
+            max_txn_ops: d.max_txn_ops,
+            max_request_bytes: d.max_request_bytes,
+        }
+    }
+}
+
+impl From<LimitsConfig> for KvLimits {
+    fn from(l: LimitsConfig) -> Self {
+        KvLimits {
+            max_key_bytes: l.max_key_bytes,
+            max_value_bytes: l.max_value_bytes,
+            max_txn_ops: l.max_txn_ops,
+            max_request_bytes: l.max_request_bytes,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[logging]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// Filter in `tracing_subscriber::EnvFilter` syntax; `RUST_LOG` overrides it.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".to_string(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Settings given as flags or environment variables; `None` leaves the file's value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--node-id` / `METASRV_NODE_ID`.
+    pub node_id: Option<u64>,
+    /// `--data-dir` / `METASRV_DATA_DIR`.
+    pub data_dir: Option<PathBuf>,
+    /// `--listen-addr` / `METASRV_LISTEN_ADDR`.
+    pub listen_addr: Option<SocketAddr>,
+    /// `--http-addr` / `METASRV_HTTP_ADDR`.
+    pub http_addr: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Parses a TOML document; `path` only names it in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let message = e.message().trim().replace('\n', " ");
+            let location = e.span().map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+                let column = before.len() - line_start + 1;
+                let source: String = text[line_start..]
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .chars()
+                    .take(80)
+                    .collect();
+                format!(" (line {line}, column {column}: {source:?})")
+            });
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!("{message}{}", location.unwrap_or_default()),
+            }
+        })
+    }
+
+    /// Builds the configuration: defaults, then the file if given, then `overrides`.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Config, ConfigError> {
+        let mut config = match file {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Config::from_toml(&text, path)?
+            }
+        };
+        let Overrides {
+            node_id,
+            data_dir,
+            listen_addr,
+            http_addr,
+        } = overrides;
+        config.node_id = node_id.unwrap_or(config.node_id);
+        config.data_dir = data_dir.unwrap_or(config.data_dir);
+        config.listen_addr = listen_addr.unwrap_or(config.listen_addr);
+        config.http_addr = http_addr.unwrap_or(config.http_addr);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id == 0 {
+            return Err(ConfigError::Invalid("node_id must be at least 1".into()));
+        }
+        let l = &self.limits;
+        for (name, value) in [
+            ("limits.max_key_bytes", l.max_key_bytes),
+            ("limits.max_value_bytes", l.max_value_bytes),
+            ("limits.max_txn_ops", l.max_txn_ops),
+            ("limits.max_request_bytes", l.max_request_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if l.max_value_bytes > l.max_request_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_value_bytes ({}) must not exceed limits.max_request_bytes ({})",
+                l.max_value_bytes, l.max_request_bytes
+            )));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid("data_dir must not be empty".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each case: a TOML document and a fragment the error must contain (None: it parses).
+    #[test]
+    fn parsing_cases() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("", None),
+            ("node_id = 3\n[limits]\nmax_txn_ops = 64\n", None),
+            ("node_id = 3\nbogus = 1\n", Some("unknown field `bogus`")),
+            ("node_id = 3\nbogus = 1\n", Some("line 2, column 1")),
+            ("node_id = \"three\"\n", Some("invalid type")),
+            ("[limits]\nmax_keys = 1\n", Some("unknown field `max_keys`")),
+            (
+                "listen_addr = \"nowhere\"\n",
+                Some("invalid socket address"),
+            ),
+            ("node_id = \n", Some("line 1")),
+            (
+                "[logging]\nformat = \"xml\"\n",
+                Some("unknown variant `xml`"),
+            ),
+        ];
+        for (text, want) in cases {
+            let got = Config::from_toml(text, Path::new("t.toml"));
+            match (want, got) {
+                (None, Ok(_)) => {}
+                (Some(want), Err(e)) => {
+                    let line = e.to_string();
+                    assert!(line.contains(want), "{text:?}: {line:?} lacks {want:?}");
+                    assert!(
+                        !line.contains('\n'),
+                        "{text:?}: error is one line: {line:?}"
+                    );
+                    assert!(line.contains("t.toml"), "{text:?}: names the file");
+                }
+                (want, got) => panic!("{text:?}: expected {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.toml");
+        std::fs::write(&path, "node_id = 5\ndata_dir = \"/from/file\"\n").unwrap();
+        let config = Config::load(
+            Some(&path),
+            Overrides {
+                data_dir: Some("/from/flag".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(config.node_id, 5);
+        assert_eq!(config.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(config.listen_addr, Config::default().listen_addr);
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        let cases = [
+            ("node_id = 0", "node_id must be at least 1"),
+            (
+                "[limits]\nmax_txn_ops = 0",
+                "limits.max_txn_ops must be at least 1",
+            ),
+            (
+                "[limits]\nmax_value_bytes = 10\nmax_request_bytes = 5",
+                "must not exceed limits.max_request_bytes",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = Config::from_toml(text, Path::new("t.toml"))
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(err.to_string().contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_file_is_a_clear_error() {
+        let err =
+            Config::load(Some(Path::new("/no/such/meta.toml")), Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot read config file /no/such/meta.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn example_config_lists_every_option_at_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/meta-srv.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(Config::from_toml(&text, &path).unwrap(), Config::default());
+        // Same keys as well as same values: no option is left out of the example.
+        let example: toml::Table = toml::from_str(&text).unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        assert_eq!(example, defaults);
+    }
+}

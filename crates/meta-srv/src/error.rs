@@ -1,0 +1,77 @@
+//! The error type of `meta-srv` and its mapping to gRPC status codes.
+
+use std::path::PathBuf;
+
+/// Result of server operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can stop the server or fail a request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Another process holds the data directory's lock.
+    #[error(
+        "data directory {} is already in use by {owner}; stop it or choose another --data-dir",
+        path.display()
+    )]
+    DataDirLocked {
+        /// The directory.
+        path: PathBuf,
+        /// Who holds it, as far as the lock file tells.
+        owner: String,
+    },
+
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} for {what}: {source}")]
+    Bind {
+        /// Which service (gRPC or HTTP).
+        what: &'static str,
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A file system operation failed.
+    #[error("I/O error while {context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The metadata layer failed.
+    #[error(transparent)]
+    Meta(#[from] common_meta::Error),
+
+    /// A server task failed.
+    #[error("{what} server failed: {message}")]
+    Serve {
+        /// Which server.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Maps a `common-meta` error to the gRPC status a client sees.
+pub fn to_status(err: common_meta::Error) -> tonic::Status {
+    use common_meta::Error as E;
+    match err {
+        E::InvalidArgument { message } => tonic::Status::invalid_argument(message),
+        e @ (E::KeyDecode { .. } | E::InvalidName { .. }) => {
+            tonic::Status::invalid_argument(e.to_string())
+        }
+        E::Unavailable { message } => tonic::Status::unavailable(message),
+        e @ (E::Storage { .. }
+        | E::Io { .. }
+        | E::Corrupted { .. }
+        | E::TaskJoin(_)
+        | E::Remote { .. }) => {
+            tracing::error!(error = %e, "request failed");
+            tonic::Status::internal(e.to_string())
+        }
+    }
+}

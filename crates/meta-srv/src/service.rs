@@ -1,0 +1,3 @@
+//! gRPC services of `meta.v1`, thin adapters from the wire to the backends.
+
+pub mod store;

@@ -1,0 +1,159 @@
+//! A server started in-process: the KV conformance suite through meta-client, HTTP
+//! health, request-size limits on the wire, and graceful shutdown.
+
+use std::time::Duration;
+
+use common_meta::kv::conformance;
+use common_meta::kv::{KvBackend, KvLimits, PutRequest};
+use meta_client::{MetaClient, MetaClientOptions};
+use meta_proto::v1 as pb;
+use meta_srv::{Config, MetaSrv};
+use tokio::sync::oneshot;
+
+struct Running {
+    grpc: String,
+    http: String,
+    stop: oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<meta_srv::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: dir.path().join("data"),
+        listen_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    let server = MetaSrv::bind(config).await.unwrap();
+    let (grpc, http) = (
+        server.grpc_addr().to_string(),
+        server.http_addr().to_string(),
+    );
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(server.serve(async move {
+        let _ = stopped.await;
+    }));
+    Running {
+        grpc,
+        http,
+        stop,
+        served,
+        _dir: dir,
+    }
+}
+
+impl Running {
+    async fn shutdown(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), self.served)
+            .await
+            .expect("server stops within 20s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_backend_passes_conformance() {
+    let server = start().await;
+    let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default()).unwrap();
+    conformance::run_all(&client).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_skips_dead_endpoints() {
+    let server = start().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let client = MetaClient::new(
+        &[dead.to_string(), server.grpc.clone()],
+        MetaClientOptions::default(),
+    )
+    .unwrap();
+    let put = client.put(PutRequest::new("k", "v")).await.unwrap();
+    assert_eq!(put.revision, 1);
+    assert_eq!(client.get(b"k").await.unwrap().unwrap().value, b"v");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_wire_request_is_invalid_argument_naming_the_limit() {
+    let server = start().await;
+    let mut raw = pb::store_client::StoreClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    // Many keys within every per-item limit, adding up to more than max_request_bytes.
+    let limits = KvLimits::default();
+    let value = vec![7u8; 64 * 1024];
+    let kvs = (0..(limits.max_request_bytes / value.len() + 1))
+        .map(|i| pb::KeyValuePair {
+            key: format!("big/{i}").into_bytes(),
+            value: value.clone(),
+        })
+        .collect();
+    let status = raw
+        .batch_put(pb::BatchPutRequest {
+            kvs,
+            prev_kv: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("max_request_bytes"),
+        "{}",
+        status.message()
+    );
+
+    let malformed = raw
+        .txn(pb::TxnRequest {
+            success: vec![pb::TxnOp { op: None }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(malformed.code(), tonic::Code::InvalidArgument);
+    assert!(
+        malformed.message().contains("txn op has no operation"),
+        "{}",
+        malformed.message()
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_with_json() {
+    let server = start().await;
+    let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default()).unwrap();
+    client.put(PutRequest::new("h", "1")).await.unwrap();
+    let body = http_get(&server.http, "/health").await;
+    let (head, json) = body.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let json: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(json["status"], "ok");
+    assert_eq!(json["member_id"], 1);
+    assert_eq!(json["revision"], 1);
+    server.shutdown().await;
+}
+
+/// A minimal HTTP/1.1 GET, so the tests need no HTTP client crate.
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .expect("response within 10s")
+    .unwrap();
+    response
+}

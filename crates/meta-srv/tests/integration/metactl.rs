@@ -1,0 +1,93 @@
+//! The `metactl` binary against a real server.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::{ServerProcess, run_bounded};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn metactl(endpoint: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_metactl"));
+    command
+        .arg("--endpoints")
+        .arg(endpoint)
+        .args(args)
+        .env_remove("METACTL_ENDPOINTS");
+    let (status, out, err) = run_bounded(command, DEADLINE);
+    (status.code(), out, err)
+}
+
+#[test]
+fn kv_commands_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let ep = server.grpc.as_str();
+
+    assert_eq!(
+        metactl(ep, &["kv", "put", "a", "1"]),
+        (Some(0), "OK\n".into(), String::new())
+    );
+    assert_eq!(
+        metactl(ep, &["kv", "get", "a"]),
+        (Some(0), "1\n".into(), String::new())
+    );
+    metactl(ep, &["kv", "put", "app/x", "hello world"]);
+    metactl(ep, &["kv", "put", "app/y", "2"]);
+
+    let (code, out, _) = metactl(ep, &["kv", "range", "app/"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "app/x hello world\napp/y 2\n")
+    );
+    let (_, out, _) = metactl(ep, &["kv", "range", "app/", "--limit", "1"]);
+    assert_eq!(out, "app/x hello world\n");
+
+    let (code, out, _) = metactl(ep, &["--output", "json", "kv", "get", "app/y"]);
+    assert_eq!(code, Some(0));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["value"], "2");
+    assert_eq!(json["version"], 1);
+    assert_eq!(json["create_revision"], 3);
+
+    let (_, out, _) = metactl(ep, &["kv", "range", "", "--output", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["count"], 3, "an empty prefix lists every key");
+
+    assert_eq!(metactl(ep, &["kv", "del", "a"]).1, "1\n");
+    let (code, out, err) = metactl(ep, &["kv", "get", "a"]);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (Some(1), "", "not found: a\n")
+    );
+    assert_eq!(metactl(ep, &["kv", "del", "a"]).1, "0\n");
+}
+
+#[test]
+fn errors_are_one_line_with_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let long_key = "k".repeat(9000);
+    let (code, _, err) = metactl(&server.grpc, &["kv", "put", &long_key, "v"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: invalid argument: key of 9000 bytes exceeds max_key_bytes (8192)"),
+        "{err}"
+    );
+
+    let (code, _, err) = metactl(&server.grpc, &["kv", "frobnicate"]);
+    assert_eq!(code, Some(2), "usage error");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    drop(server);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let (code, _, err) = metactl(&dead, &["kv", "get", "a"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: unavailable"), "{err}");
+}
