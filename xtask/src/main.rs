@@ -1,1 +1,67 @@
-fn main() {}
+//! `cargo xtask`: development automation for the Metasrv workspace.
+//!
+//! - `ci`: runs `.ci/run`, exactly what CI runs.
+//! - `codegen`: regenerates `docs/config.md` from `config/meta-srv.example.toml`.
+//! - `check`: fails when a generated file is stale.
+//! - `bench kv`: a load run against a release `meta-srv`.
+
+mod bench;
+mod codegen;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Metasrv development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run exactly what CI runs (.ci/run).
+    Ci,
+    /// Regenerate the generated files (docs/config.md).
+    Codegen,
+    /// Fail when a generated file is stale.
+    Check,
+    /// Benchmarks against a release build.
+    #[command(subcommand)]
+    Bench(bench::BenchTask),
+    /// (internal) The load generator, run by `bench` from a release build of xtask.
+    #[command(hide = true, subcommand)]
+    BenchRun(bench::BenchTask),
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Ci => run(Command::new("bash").arg(root().join(".ci/run"))),
+        Task::Codegen => codegen::write_all(),
+        Task::Check => codegen::check_all(),
+        Task::Bench(task) => bench::launch(&task),
+        Task::BenchRun(task) => bench::run(task),
+    }
+}
+
+/// Runs a command in the workspace root and fails unless it succeeds.
+pub fn run(command: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{command:?}");
+    let status = command
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
