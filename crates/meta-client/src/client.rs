@@ -146,7 +146,7 @@ impl MetaClient {
                 });
             }
             // Only pause once every endpoint has been tried in this round.
-            if attempt % inner.endpoints.len() == 0 {
+            if attempt.is_multiple_of(inner.endpoints.len()) {
                 tokio::time::sleep(jittered(backoff)).await;
                 backoff = (backoff * 2).min(inner.options.max_backoff);
             }

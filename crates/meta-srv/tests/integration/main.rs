@@ -1,5 +1,8 @@
 //! meta-srv's integration tests: one test binary, one module per area.
 
+// Integration tests are tests throughout: a panic is how they report.
+#![allow(clippy::unwrap_used)]
+
 mod bad_input;
 mod durability;
 mod in_process;
