@@ -93,6 +93,18 @@ impl Error {
         }
     }
 
+    /// A copy of a storage error for each writer of a group that failed together.
+    /// Only storage errors are shared that way; anything else becomes its message.
+    pub(crate) fn clone_for_group(&self) -> Self {
+        match self {
+            Error::Storage { context, source } => Error::Storage {
+                context: context.clone(),
+                source: source.clone(),
+            },
+            other => Error::TaskJoin(other.to_string()),
+        }
+    }
+
     /// True when the same request may succeed if sent again later (the client and the
     /// procedure manager use this hint).
     pub fn is_retryable(&self) -> bool {

@@ -187,6 +187,38 @@ fn key_span<'a>(key: &'a [u8], range_end: &'a [u8]) -> KeySpan<'a> {
     }
 }
 
+/// A view with pending changes layered over a base view: `changes` wins on equal keys
+/// and its `None`s hide base entries. Transactions read their own writes through one;
+/// a group of transactions committed together reads the group's earlier writes.
+pub(crate) struct Layered<'a> {
+    pub base: &'a dyn ReadView,
+    pub changes: &'a BTreeMap<Vec<u8>, Option<Entry>>,
+}
+
+impl ReadView for Layered<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
+        match self.changes.get(key) {
+            Some(entry) => Ok(entry.clone()),
+            None => self.base.get(key),
+        }
+    }
+
+    fn scan<'s>(
+        &'s self,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Box<dyn Iterator<Item = ScanItem> + 's> {
+        let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
+        Box::new(Merge {
+            base: self.base.scan(start, end).peekable(),
+            overlay: self
+                .changes
+                .range::<[u8], _>((Bound::Included(start), upper))
+                .peekable(),
+        })
+    }
+}
+
 struct Executor<'v> {
     view: &'v dyn ReadView,
     /// This transaction's writes so far; later ops read through it.
@@ -195,11 +227,15 @@ struct Executor<'v> {
 }
 
 impl Executor<'_> {
-    fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
-        match self.overlay.get(key) {
-            Some(entry) => Ok(entry.clone()),
-            None => self.view.get(key),
+    fn layered(&self) -> Layered<'_> {
+        Layered {
+            base: self.view,
+            changes: &self.overlay,
         }
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
+        self.layered().get(key)
     }
 
     /// Visits the live entries of a span in key order until `visit` returns false.
@@ -213,15 +249,8 @@ impl Executor<'_> {
                 Ok(())
             }
             KeySpan::Range { start, end } => {
-                let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
-                let merged = Merge {
-                    base: self.view.scan(start, end).peekable(),
-                    overlay: self
-                        .overlay
-                        .range::<[u8], _>((Bound::Included(start), upper))
-                        .peekable(),
-                };
-                for item in merged {
+                let layered = self.layered();
+                for item in layered.scan(start, end) {
                     let (key, entry) = item?;
                     if !visit(&key, &entry) {
                         break;
@@ -310,8 +339,7 @@ impl Executor<'_> {
     }
 }
 
-/// Merges a base scan with the transaction's overlay: the overlay wins on equal keys and
-/// its deletions hide base entries.
+/// Merges a base scan with pending changes (see [`Layered`]).
 struct Merge<'a, B: Iterator<Item = ScanItem>> {
     base: Peekable<B>,
     overlay: Peekable<btree_map::Range<'a, Vec<u8>, Option<Entry>>>,

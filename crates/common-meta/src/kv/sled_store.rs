@@ -7,22 +7,32 @@
 //! 0x01 {user key}  -> Entry: create_revision, mod_revision, version (i64 BE each), value
 //! ```
 //!
-//! **Durability contract:** a write is acknowledged only after `sled::Db::flush` returned,
-//! that is after its batch is fsynced. The batch (data and revision together) is atomic:
-//! after a crash either all of a write or none of it is there. A concurrent reader may
-//! observe a write whose flush is still in progress; its writer is not acknowledged until
-//! the flush completes. Flushes run outside the write lock, so writes that arrive during a
-//! flush share the next one (group commit).
+//! **Writes (group commit):** one committer thread owns every write. It takes the first
+//! queued transaction and every other one already waiting (up to [`MAX_GROUP`]), executes
+//! them in order, each seeing the writes of those before it, applies all of their
+//! changes and the final revision as one sled batch, flushes (fsync) once, and only then
+//! answers each writer. So concurrent writers share one fsync, and the number of fsyncs
+//! grows with time rather than with the number of writers.
+//!
+//! **Durability contract:** a write is acknowledged only after `sled::Db::flush` returned
+//! for a batch containing it. The batch is atomic: after a crash either all of a group or
+//! none of it is there, and the stored revision always matches the stored data. A
+//! concurrent reader may observe a group whose flush is still in progress; none of its
+//! writers has been acknowledged yet. If the batch or the flush fails, every writer of the
+//! group gets the error.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, PoisonError, RwLock};
+use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
 use crate::kv::KvBackend;
-use crate::kv::engine::{self, Entry, ReadView, ScanItem, WriteSet};
+use crate::kv::engine::{self, Entry, Layered, ReadView, ScanItem};
 use crate::kv::limits::KvLimits;
 use crate::kv::types::{TxnOp, TxnRequest, TxnResponse};
 
@@ -31,10 +41,38 @@ const META_PREFIX: u8 = 0x00;
 const DATA_PREFIX: u8 = 0x01;
 const REVISION_KEY: &[u8] = b"\x00revision";
 
+/// Most transactions committed in one sled batch and fsync.
+pub const MAX_GROUP: usize = 1024;
+
 /// A durable [`KvBackend`] on a sled database in a directory.
 #[derive(Clone, Debug)]
 pub struct SledKvBackend {
     inner: Arc<SledInner>,
+    writer: Arc<Writer>,
+}
+
+/// One transaction waiting for the committer, and where its answer goes.
+struct WriteJob {
+    txn: TxnRequest,
+    reply: tokio::sync::oneshot::Sender<Result<TxnResponse>>,
+}
+
+/// The handle of the committer thread: dropping the last one closes the queue and waits
+/// for the thread, so the database is closed when the backend is gone.
+#[derive(Debug)]
+struct Writer {
+    queue: Option<mpsc::Sender<WriteJob>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            // The thread only ends by its queue closing; a panic in it was already reported.
+            let _ = thread.join();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -77,14 +115,28 @@ impl SledKvBackend {
                 i64::from_be_bytes(bytes)
             }
         };
+        let inner = Arc::new(SledInner {
+            db,
+            tree,
+            lock: RwLock::new(()),
+            revision: AtomicI64::new(revision),
+            limits,
+            path,
+        });
+        let (queue, jobs) = mpsc::channel();
+        let committer = Arc::clone(&inner);
+        let thread = std::thread::Builder::new()
+            .name("sled-committer".to_string())
+            .spawn(move || committer.commit_loop(&jobs))
+            .map_err(|source| Error::Io {
+                context: "starting the sled committer thread".to_string(),
+                source,
+            })?;
         Ok(SledKvBackend {
-            inner: Arc::new(SledInner {
-                db,
-                tree,
-                lock: RwLock::new(()),
-                revision: AtomicI64::new(revision),
-                limits,
-                path,
+            inner,
+            writer: Arc::new(Writer {
+                queue: Some(queue),
+                thread: Some(thread),
             }),
         })
     }
@@ -126,48 +178,89 @@ impl SledInner {
         })
     }
 
-    fn txn_blocking(&self, req: TxnRequest) -> Result<TxnResponse> {
-        let read_only = req
-            .success
-            .iter()
-            .chain(&req.failure)
-            .all(|op| matches!(op, TxnOp::Range(_)));
-        if read_only {
-            let _guard = self.lock.read().unwrap_or_else(PoisonError::into_inner);
-            let revision = self.revision.load(Ordering::Acquire);
-            return Ok(engine::execute(self, revision, &self.limits, req)?.0);
-        }
-        let response = {
-            // The guard only protects in-process ordering; sled's own state is consistent
-            // whatever a panicking holder did, so a poisoned lock is safe to take over.
-            let _guard = self.lock.write().unwrap_or_else(PoisonError::into_inner);
-            let revision = self.revision.load(Ordering::Acquire);
-            let (response, write) = engine::execute(self, revision, &self.limits, req)?;
-            match write {
-                None => return Ok(response),
-                Some(write) => self.apply(write)?,
-            }
-            response
-        };
-        self.db
-            .flush()
-            .map_err(Self::storage_error("flushing a write to disk"))?;
-        Ok(response)
+    /// Serves a read-only transaction under the read lock.
+    fn read_blocking(&self, req: TxnRequest) -> Result<TxnResponse> {
+        let _guard = self.lock.read().unwrap_or_else(PoisonError::into_inner);
+        let revision = self.revision.load(Ordering::Acquire);
+        Ok(engine::execute(self, revision, &self.limits, req)?.0)
     }
 
-    fn apply(&self, write: WriteSet) -> Result<()> {
+    /// The committer thread: groups queued writes, one batch and one fsync per group.
+    fn commit_loop(&self, jobs: &mpsc::Receiver<WriteJob>) {
+        while let Ok(first) = jobs.recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match jobs.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+    }
+
+    fn commit_group(&self, group: Vec<WriteJob>) {
+        // Only this thread writes, so the state read here cannot change underneath.
+        let start_revision = self.revision.load(Ordering::Acquire);
+        let mut revision = start_revision;
+        let mut changes = BTreeMap::new();
+        let mut answers = Vec::with_capacity(group.len());
+        for job in group {
+            let view = Layered {
+                base: self,
+                changes: &changes,
+            };
+            match engine::execute(&view, revision, &self.limits, job.txn) {
+                Ok((response, write)) => {
+                    if let Some(write) = write {
+                        revision = write.revision;
+                        changes.extend(write.changes);
+                    }
+                    answers.push((job.reply, Ok(response)));
+                }
+                // Refused before it changed anything: answer at once.
+                Err(e) => {
+                    let _ = job.reply.send(Err(e));
+                }
+            }
+        }
+        // Answers that read the group's unflushed writes wait for the flush too.
+        let durable = if revision == start_revision {
+            Ok(())
+        } else {
+            self.apply(changes, revision).and_then(|()| {
+                self.db
+                    .flush()
+                    .map(drop)
+                    .map_err(Self::storage_error("flushing writes to disk"))
+            })
+        };
+        for (reply, answer) in answers {
+            let answer = match &durable {
+                Ok(()) => answer,
+                Err(e) => Err(e.clone_for_group()),
+            };
+            // A writer that gave up waiting is not an error of the store.
+            let _ = reply.send(answer);
+        }
+    }
+
+    fn apply(&self, changes: BTreeMap<Vec<u8>, Option<Entry>>, revision: i64) -> Result<()> {
         let mut batch = sled::Batch::default();
-        for (key, change) in write.changes {
+        for (key, change) in changes {
             match change {
                 Some(entry) => batch.insert(data_key(&key), entry.encode()),
                 None => batch.remove(data_key(&key)),
             }
         }
-        batch.insert(REVISION_KEY, &write.revision.to_be_bytes());
+        batch.insert(REVISION_KEY, &revision.to_be_bytes());
+        // The guard only orders readers against this batch; sled's own state is
+        // consistent whatever a panicking holder did, so a poisoned lock is safe to take.
+        let _guard = self.lock.write().unwrap_or_else(PoisonError::into_inner);
         self.tree
             .apply_batch(batch)
             .map_err(Self::storage_error("applying a write batch"))?;
-        self.revision.store(write.revision, Ordering::Release);
+        self.revision.store(revision, Ordering::Release);
         Ok(())
     }
 }
@@ -206,11 +299,30 @@ impl KvBackend for SledKvBackend {
     }
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
-        // sled reads may block on disk and writes fsync: keep both off the reactor.
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.txn_blocking(req))
+        let read_only = req
+            .success
+            .iter()
+            .chain(&req.failure)
+            .all(|op| matches!(op, TxnOp::Range(_)));
+        if read_only {
+            // sled reads may block on disk: keep them off the reactor.
+            let inner = Arc::clone(&self.inner);
+            return tokio::task::spawn_blocking(move || inner.read_blocking(req))
+                .await
+                .map_err(|e| Error::TaskJoin(e.to_string()))?;
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let queue = self
+            .writer
+            .queue
+            .as_ref()
+            .ok_or_else(|| Error::TaskJoin("the sled committer has stopped".to_string()))?;
+        queue
+            .send(WriteJob { txn: req, reply })
+            .map_err(|_| Error::TaskJoin("the sled committer has stopped".to_string()))?;
+        answer
             .await
-            .map_err(|e| Error::TaskJoin(e.to_string()))?
+            .map_err(|_| Error::TaskJoin("the sled committer dropped a write".to_string()))?
     }
 }
 
