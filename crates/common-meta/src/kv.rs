@@ -12,6 +12,7 @@
 mod engine;
 mod limits;
 mod memory;
+mod sled_backend;
 mod sled_store;
 mod types;
 
@@ -22,7 +23,8 @@ use async_trait::async_trait;
 
 pub use limits::KvLimits;
 pub use memory::MemoryKvBackend;
-pub use sled_store::SledKvBackend;
+pub use sled_backend::{MAX_GROUP, SledKvBackend};
+pub use sled_store::SledKvStore;
 pub use types::{
     BatchDeleteRequest, BatchDeleteResponse, BatchGetRequest, BatchGetResponse, BatchPutRequest,
     BatchPutResponse, Compare, CompareAndPutRequest, CompareAndPutResponse, CompareOp,

@@ -1,37 +1,29 @@
-//! `SledKvBackend`: the durable KV store on sled.
+//! `SledKvStore`: the KV state on sled — data, store revision and the index of the last
+//! applied replicated entry — shared by `SledKvBackend` (single node, group commit) and
+//! meta-srv's raft state machine.
 //!
-//! Layout, all in the one sled tree `kv` so a write is a single atomic sled batch:
+//! Layout, all in the one sled tree `kv` so every change is a single atomic sled batch:
 //!
 //! ```text
 //! 0x00 "revision"  -> store revision, i64 big-endian
+//! 0x00 "applied"   -> index of the last applied raft entry, u64 big-endian (raft only)
 //! 0x01 {user key}  -> Entry: create_revision, mod_revision, version (i64 BE each), value
 //! ```
 //!
-//! **Writes (group commit):** one committer thread owns every write. It takes the first
-//! queued transaction and every other one already waiting (up to [`MAX_GROUP`]), executes
-//! them in order, each seeing the writes of those before it, applies all of their
-//! changes and the final revision as one sled batch, flushes (fsync) once, and only then
-//! answers each writer. So concurrent writers share one fsync, and the number of fsyncs
-//! grows with time rather than with the number of writers.
-//!
-//! **Durability contract:** a write is acknowledged only after `sled::Db::flush` returned
-//! for a batch containing it. The batch is atomic: after a crash either all of a group or
-//! none of it is there, and the stored revision always matches the stored data. A
-//! concurrent reader may observe a group whose flush is still in progress; none of its
-//! writers has been acknowledged yet. If the batch or the flush fails, every writer of the
-//! group gets the error.
+//! **Contract:** [`SledKvStore::apply`] and [`SledKvStore::commit`] write a group of
+//! transactions, the new revision and (for raft) the applied index in one batch: after a
+//! crash either the whole group or none of it is there, so a replayed raft entry is
+//! recognised by its index and skipped. Neither flushes: durability is the caller's
+//! ([`SledKvStore::flush`] for a single node, the raft log for a replicated one).
+//! Only one thread may write at a time (the committer, or the raft driver); readers may
+//! run concurrently and see either all or none of a group.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, PoisonError, RwLock};
-use std::thread::JoinHandle;
-
-use async_trait::async_trait;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock};
 
 use crate::error::{Error, Result};
-use crate::kv::KvBackend;
 use crate::kv::engine::{self, Entry, Layered, ReadView, ScanItem};
 use crate::kv::limits::KvLimits;
 use crate::kv::types::{TxnOp, TxnRequest, TxnResponse};
@@ -40,116 +32,21 @@ const TREE: &str = "kv";
 const META_PREFIX: u8 = 0x00;
 const DATA_PREFIX: u8 = 0x01;
 const REVISION_KEY: &[u8] = b"\x00revision";
+const APPLIED_KEY: &[u8] = b"\x00applied";
 
-/// Most transactions committed in one sled batch and fsync.
-pub const MAX_GROUP: usize = 1024;
+// The meta keys sort before every data key, so data scans never meet them.
+const _: () = assert!(META_PREFIX < DATA_PREFIX);
 
-/// A durable [`KvBackend`] on a sled database in a directory.
-#[derive(Clone, Debug)]
-pub struct SledKvBackend {
-    inner: Arc<SledInner>,
-    writer: Arc<Writer>,
-}
-
-/// One transaction waiting for the committer, and where its answer goes.
-struct WriteJob {
-    txn: TxnRequest,
-    reply: tokio::sync::oneshot::Sender<Result<TxnResponse>>,
-}
-
-/// The handle of the committer thread: dropping the last one closes the queue and waits
-/// for the thread, so the database is closed when the backend is gone.
+/// The KV state machine's storage on sled; see the module doc for its contract.
 #[derive(Debug)]
-struct Writer {
-    queue: Option<mpsc::Sender<WriteJob>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        drop(self.queue.take());
-        if let Some(thread) = self.thread.take() {
-            // The thread only ends by its queue closing; a panic in it was already reported.
-            let _ = thread.join();
-        }
-    }
-}
-
-#[derive(Debug)]
-struct SledInner {
+pub struct SledKvStore {
     db: sled::Db,
     tree: sled::Tree,
-    /// Writers take it exclusively for execute + apply; readers share it, so a read sees
-    /// either all or none of a write.
+    /// Taken exclusively to apply a batch, shared by readers, so a read sees a whole group.
     lock: RwLock<()>,
     revision: AtomicI64,
+    applied: AtomicU64,
     limits: KvLimits,
-    path: PathBuf,
-}
-
-impl SledKvBackend {
-    /// Opens (or creates) the store in directory `path`.
-    pub fn open(path: impl AsRef<Path>, limits: KvLimits) -> Result<Self> {
-        let path = path.as_ref().to_path_buf();
-        let db = sled::Config::new()
-            .path(&path)
-            .open()
-            .map_err(|source| Error::Storage {
-                context: format!("opening sled database at {}", path.display()),
-                source,
-            })?;
-        let tree = db.open_tree(TREE).map_err(|source| Error::Storage {
-            context: format!("opening tree {TREE}"),
-            source,
-        })?;
-        let revision = match tree.get(REVISION_KEY).map_err(|source| Error::Storage {
-            context: "reading the store revision".to_string(),
-            source,
-        })? {
-            None => 0,
-            Some(bytes) => {
-                let bytes: [u8; 8] = bytes.as_ref().try_into().map_err(|_| Error::Corrupted {
-                    location: format!("{} tree {TREE} key revision", path.display()),
-                    reason: format!("expected 8 bytes, found {}", bytes.len()),
-                })?;
-                i64::from_be_bytes(bytes)
-            }
-        };
-        let inner = Arc::new(SledInner {
-            db,
-            tree,
-            lock: RwLock::new(()),
-            revision: AtomicI64::new(revision),
-            limits,
-            path,
-        });
-        let (queue, jobs) = mpsc::channel();
-        let committer = Arc::clone(&inner);
-        let thread = std::thread::Builder::new()
-            .name("sled-committer".to_string())
-            .spawn(move || committer.commit_loop(&jobs))
-            .map_err(|source| Error::Io {
-                context: "starting the sled committer thread".to_string(),
-                source,
-            })?;
-        Ok(SledKvBackend {
-            inner,
-            writer: Arc::new(Writer {
-                queue: Some(queue),
-                thread: Some(thread),
-            }),
-        })
-    }
-
-    /// The directory the store lives in.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
-    /// The current store revision.
-    pub fn revision(&self) -> i64 {
-        self.inner.revision.load(Ordering::Acquire)
-    }
 }
 
 fn data_key(key: &[u8]) -> Vec<u8> {
@@ -159,93 +56,172 @@ fn data_key(key: &[u8]) -> Vec<u8> {
     out
 }
 
-impl SledInner {
-    fn storage_error(context: &str) -> impl FnOnce(sled::Error) -> Error + '_ {
-        move |source| Error::Storage {
-            context: context.to_string(),
-            source,
-        }
+fn storage_error(context: &str) -> impl FnOnce(sled::Error) -> Error + '_ {
+    move |source| Error::Storage {
+        context: context.to_string(),
+        source,
+    }
+}
+
+/// True when every op of `txn` only reads.
+pub(crate) fn is_read_only(txn: &TxnRequest) -> bool {
+    txn.success
+        .iter()
+        .chain(&txn.failure)
+        .all(|op| matches!(op, TxnOp::Range(_)))
+}
+
+impl SledKvStore {
+    /// Opens (or creates) a sled database in directory `path` holding only this store.
+    pub fn open(path: impl AsRef<Path>, limits: KvLimits) -> Result<Self> {
+        let path = path.as_ref();
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|source| Error::Storage {
+                context: format!("opening sled database at {}", path.display()),
+                source,
+            })?;
+        Self::open_in(db, limits)
     }
 
-    fn decode(&self, stored_key: &[u8], bytes: &[u8]) -> Result<Entry> {
-        Entry::decode(bytes).map_err(|reason| Error::Corrupted {
-            location: format!(
-                "{} tree {TREE} key {:?}",
-                self.path.display(),
-                String::from_utf8_lossy(&stored_key[1..])
-            ),
-            reason,
+    /// Opens (or creates) the store inside an open database that other trees share (the
+    /// raft log), so one flush makes both durable.
+    pub fn open_in(db: sled::Db, limits: KvLimits) -> Result<Self> {
+        let tree = db
+            .open_tree(TREE)
+            .map_err(storage_error("opening tree kv"))?;
+        let read_u64 = |key: &[u8], name: &str| -> Result<u64> {
+            match tree
+                .get(key)
+                .map_err(storage_error("reading store metadata"))?
+            {
+                None => Ok(0),
+                Some(bytes) => {
+                    let bytes: [u8; 8] =
+                        bytes.as_ref().try_into().map_err(|_| Error::Corrupted {
+                            location: format!("tree {TREE} key {name}"),
+                            reason: format!("expected 8 bytes, found {}", bytes.len()),
+                        })?;
+                    Ok(u64::from_be_bytes(bytes))
+                }
+            }
+        };
+        let revision = read_u64(REVISION_KEY, "revision")? as i64;
+        let applied = read_u64(APPLIED_KEY, "applied")?;
+        Ok(SledKvStore {
+            db,
+            tree,
+            lock: RwLock::new(()),
+            revision: AtomicI64::new(revision),
+            applied: AtomicU64::new(applied),
+            limits,
         })
     }
 
-    /// Serves a read-only transaction under the read lock.
-    fn read_blocking(&self, req: TxnRequest) -> Result<TxnResponse> {
-        let _guard = self.lock.read().unwrap_or_else(PoisonError::into_inner);
-        let revision = self.revision.load(Ordering::Acquire);
-        Ok(engine::execute(self, revision, &self.limits, req)?.0)
+    /// The current store revision.
+    pub fn revision(&self) -> i64 {
+        self.revision.load(Ordering::Acquire)
     }
 
-    /// The committer thread: groups queued writes, one batch and one fsync per group.
-    fn commit_loop(&self, jobs: &mpsc::Receiver<WriteJob>) {
-        while let Ok(first) = jobs.recv() {
-            let mut group = vec![first];
-            while group.len() < MAX_GROUP {
-                match jobs.try_recv() {
-                    Ok(job) => group.push(job),
-                    Err(_) => break,
-                }
-            }
-            self.commit_group(group);
+    /// Index of the last applied raft entry (0 when never used by raft).
+    pub fn applied_index(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// The limits every transaction is checked against.
+    pub fn limits(&self) -> &KvLimits {
+        &self.limits
+    }
+
+    /// The database, for callers that share it.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Serves a read-only transaction; refuses one that would write. Blocking.
+    pub fn read(&self, txn: TxnRequest) -> Result<TxnResponse> {
+        if !is_read_only(&txn) {
+            return Err(Error::invalid_argument(
+                "a read was given a transaction that writes",
+            ));
         }
+        let _guard = self.lock.read().unwrap_or_else(PoisonError::into_inner);
+        Ok(engine::execute(self, self.revision(), &self.limits, txn)?.0)
     }
 
-    fn commit_group(&self, group: Vec<WriteJob>) {
-        // Only this thread writes, so the state read here cannot change underneath.
-        let start_revision = self.revision.load(Ordering::Acquire);
-        let mut revision = start_revision;
+    /// Executes `txns` in order, each seeing the writes of those before it, and writes
+    /// all their changes and the new revision in one batch. Not flushed.
+    ///
+    /// The outer `Err` is a storage failure of the batch: nothing of the group was
+    /// written. An inner `Err` is that transaction's own refusal (limits, bad request).
+    pub fn commit(&self, txns: Vec<TxnRequest>) -> Result<Vec<Result<TxnResponse>>> {
+        self.write_group(txns.into_iter().map(Some).collect(), None)
+    }
+
+    /// Applies committed raft entries `(index, txn)` in order (a `None` txn, such as a
+    /// configuration change, only advances the applied index). Entries at or below the
+    /// applied index were applied before a crash and are skipped: their answer is `None`.
+    /// The group, the new revision and the last index are written in one batch. Not
+    /// flushed: the raft log makes the entries durable.
+    pub fn apply(
+        &self,
+        entries: Vec<(u64, Option<TxnRequest>)>,
+    ) -> Result<Vec<Option<Result<TxnResponse>>>> {
+        let applied = self.applied_index();
+        let last = entries.iter().map(|(i, _)| *i).max().unwrap_or(applied);
+        let mut skipped = Vec::with_capacity(entries.len());
+        let mut fresh = Vec::with_capacity(entries.len());
+        for (index, txn) in entries {
+            skipped.push(index <= applied);
+            if index > applied {
+                fresh.push(txn);
+            }
+        }
+        let mut answers = self
+            .write_group(fresh, (last > applied).then_some(last))?
+            .into_iter();
+        Ok(skipped
+            .into_iter()
+            .map(|skip| if skip { None } else { answers.next() })
+            .collect())
+    }
+
+    fn write_group(
+        &self,
+        txns: Vec<Option<TxnRequest>>,
+        applied: Option<u64>,
+    ) -> Result<Vec<Result<TxnResponse>>> {
+        // Only one writer at a time (see the module doc): the state read here is stable.
+        let start = self.revision();
+        let mut revision = start;
         let mut changes = BTreeMap::new();
-        let mut answers = Vec::with_capacity(group.len());
-        for job in group {
+        let mut answers = Vec::with_capacity(txns.len());
+        for txn in txns {
+            let Some(txn) = txn else {
+                answers.push(Ok(TxnResponse {
+                    revision,
+                    ..Default::default()
+                }));
+                continue;
+            };
             let view = Layered {
                 base: self,
                 changes: &changes,
             };
-            match engine::execute(&view, revision, &self.limits, job.txn) {
-                Ok((response, write)) => {
+            answers.push(engine::execute(&view, revision, &self.limits, txn).map(
+                |(response, write)| {
                     if let Some(write) = write {
                         revision = write.revision;
                         changes.extend(write.changes);
                     }
-                    answers.push((job.reply, Ok(response)));
-                }
-                // Refused before it changed anything: answer at once.
-                Err(e) => {
-                    let _ = job.reply.send(Err(e));
-                }
-            }
+                    response
+                },
+            ));
         }
-        // Answers that read the group's unflushed writes wait for the flush too.
-        let durable = if revision == start_revision {
-            Ok(())
-        } else {
-            self.apply(changes, revision).and_then(|()| {
-                self.db
-                    .flush()
-                    .map(drop)
-                    .map_err(Self::storage_error("flushing writes to disk"))
-            })
-        };
-        for (reply, answer) in answers {
-            let answer = match &durable {
-                Ok(()) => answer,
-                Err(e) => Err(e.clone_for_group()),
-            };
-            // A writer that gave up waiting is not an error of the store.
-            let _ = reply.send(answer);
+        if revision == start && applied.is_none() {
+            return Ok(answers);
         }
-    }
-
-    fn apply(&self, changes: BTreeMap<Vec<u8>, Option<Entry>>, revision: i64) -> Result<()> {
         let mut batch = sled::Batch::default();
         for (key, change) in changes {
             match change {
@@ -254,24 +230,48 @@ impl SledInner {
             }
         }
         batch.insert(REVISION_KEY, &revision.to_be_bytes());
+        if let Some(applied) = applied {
+            batch.insert(APPLIED_KEY, &applied.to_be_bytes());
+        }
         // The guard only orders readers against this batch; sled's own state is
         // consistent whatever a panicking holder did, so a poisoned lock is safe to take.
         let _guard = self.lock.write().unwrap_or_else(PoisonError::into_inner);
         self.tree
             .apply_batch(batch)
-            .map_err(Self::storage_error("applying a write batch"))?;
+            .map_err(storage_error("applying a write batch"))?;
         self.revision.store(revision, Ordering::Release);
-        Ok(())
+        if let Some(applied) = applied {
+            self.applied.store(applied, Ordering::Release);
+        }
+        Ok(answers)
+    }
+
+    /// Makes everything written so far durable (fsync).
+    pub fn flush(&self) -> Result<()> {
+        self.db
+            .flush()
+            .map(drop)
+            .map_err(storage_error("flushing writes to disk"))
+    }
+
+    fn decode(&self, stored_key: &[u8], bytes: &[u8]) -> Result<Entry> {
+        Entry::decode(bytes).map_err(|reason| Error::Corrupted {
+            location: format!(
+                "tree {TREE} key {:?}",
+                String::from_utf8_lossy(&stored_key[1..])
+            ),
+            reason,
+        })
     }
 }
 
-impl ReadView for SledInner {
+impl ReadView for SledKvStore {
     fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
         let stored = data_key(key);
         match self
             .tree
             .get(&stored)
-            .map_err(Self::storage_error("reading a key"))?
+            .map_err(storage_error("reading a key"))?
         {
             None => Ok(None),
             Some(bytes) => self.decode(&stored, &bytes).map(Some),
@@ -285,46 +285,74 @@ impl ReadView for SledInner {
     ) -> Box<dyn Iterator<Item = ScanItem> + 'a> {
         let upper = end.map_or_else(|| vec![DATA_PREFIX + 1], data_key);
         Box::new(self.tree.range(data_key(start)..upper).map(move |item| {
-            let (stored, bytes) = item.map_err(Self::storage_error("scanning keys"))?;
+            let (stored, bytes) = item.map_err(storage_error("scanning keys"))?;
             let entry = self.decode(&stored, &bytes)?;
             Ok((stored[1..].to_vec(), entry))
         }))
     }
 }
 
-#[async_trait]
-impl KvBackend for SledKvBackend {
-    fn name(&self) -> &'static str {
-        "sled"
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::types::PutRequest;
+
+    fn put(key: &str) -> TxnRequest {
+        TxnRequest {
+            success: vec![TxnOp::Put(PutRequest::new(key.as_bytes(), b"v".to_vec()))],
+            ..Default::default()
+        }
     }
 
-    async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
-        let read_only = req
-            .success
-            .iter()
-            .chain(&req.failure)
-            .all(|op| matches!(op, TxnOp::Range(_)));
-        if read_only {
-            // sled reads may block on disk: keep them off the reactor.
-            let inner = Arc::clone(&self.inner);
-            return tokio::task::spawn_blocking(move || inner.read_blocking(req))
-                .await
-                .map_err(|e| Error::TaskJoin(e.to_string()))?;
+    #[test]
+    fn replayed_entries_are_skipped_and_the_applied_index_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+            let answers = store
+                .apply(vec![(1, Some(put("a"))), (2, None), (3, Some(put("b")))])
+                .unwrap();
+            assert!(answers.iter().all(|a| matches!(a, Some(Ok(_)))));
+            assert_eq!((store.applied_index(), store.revision()), (3, 2));
+            store.flush().unwrap();
         }
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let queue = self
-            .writer
-            .queue
-            .as_ref()
-            .ok_or_else(|| Error::TaskJoin("the sled committer has stopped".to_string()))?;
-        queue
-            .send(WriteJob { txn: req, reply })
-            .map_err(|_| Error::TaskJoin("the sled committer has stopped".to_string()))?;
-        answer
-            .await
-            .map_err(|_| Error::TaskJoin("the sled committer dropped a write".to_string()))?
+        let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+        assert_eq!((store.applied_index(), store.revision()), (3, 2));
+        // A crash before the driver learned of the apply replays 2..=4: only 4 is new.
+        let answers = store
+            .apply(vec![(2, None), (3, Some(put("b"))), (4, Some(put("c")))])
+            .unwrap();
+        assert!(answers[0].is_none() && answers[1].is_none());
+        assert_eq!(answers[2].as_ref().unwrap().as_ref().unwrap().revision, 3);
+        let b = engine::execute(
+            &store,
+            store.revision(),
+            &KvLimits::default(),
+            TxnRequest {
+                success: vec![TxnOp::Range(crate::kv::RangeRequest::key(b"b".to_vec()))],
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .0;
+        match &b.responses[0] {
+            crate::kv::TxnOpResponse::Range(r) => assert_eq!(r.kvs[0].version, 1, "b applied once"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_refused_transaction_in_a_group_is_answered_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+        let answers = store.commit(vec![put("a"), put(""), put("b")]).unwrap();
+        assert!(answers[0].is_ok() && answers[2].is_ok());
+        assert!(matches!(answers[1], Err(Error::InvalidArgument { .. })));
+        assert_eq!(store.revision(), 2);
+        let err = store.read(put("x")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("read was given a transaction that writes")
+        );
     }
 }
-
-// Compile-time reminder that the meta prefix sorts before every data key.
-const _: () = assert!(META_PREFIX < DATA_PREFIX);
