@@ -71,6 +71,14 @@ pub enum Error {
         message: String,
     },
 
+    /// This member is not the leader and cannot serve the request; `leader` is the
+    /// member it believes leads, if it knows one. Retry there.
+    #[error("not leader{}", leader.map(|l| format!("; member {l} is the leader")).unwrap_or_default())]
+    NotLeader {
+        /// The id of the leader this member knows of.
+        leader: Option<u64>,
+    },
+
     /// A remote service answered with an error that has no better-fitting variant.
     #[error("remote error ({code}): {message}")]
     Remote {
@@ -108,6 +116,6 @@ impl Error {
     /// True when the same request may succeed if sent again later (the client and the
     /// procedure manager use this hint).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unavailable { .. })
+        matches!(self, Error::Unavailable { .. } | Error::NotLeader { .. })
     }
 }

@@ -65,6 +65,7 @@ pub fn to_status(err: common_meta::Error) -> tonic::Status {
             tonic::Status::invalid_argument(e.to_string())
         }
         E::Unavailable { message } => tonic::Status::unavailable(message),
+        e @ E::NotLeader { .. } => tonic::Status::unavailable(e.to_string()),
         e @ (E::Storage { .. }
         | E::Io { .. }
         | E::Corrupted { .. }

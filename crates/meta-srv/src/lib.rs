@@ -19,6 +19,7 @@ pub mod config;
 pub mod data_dir;
 pub mod error;
 pub mod http;
+pub mod raft;
 pub mod server;
 pub mod service;
 

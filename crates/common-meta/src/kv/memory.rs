@@ -75,12 +75,7 @@ impl KvBackend for MemoryKvBackend {
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
         // A poisoned lock cannot hold a half-applied write: `apply` only runs after the
         // executor succeeded and does not panic, so the state is still consistent.
-        let read_only = req
-            .success
-            .iter()
-            .chain(&req.failure)
-            .all(|op| matches!(op, crate::kv::TxnOp::Range(_)));
-        if read_only {
+        if req.is_read_only() {
             let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
             return Ok(engine::execute(&*state, state.revision, &self.limits, req)?.0);
         }

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use crate::error::{Error, Result};
 use crate::kv::KvBackend;
 use crate::kv::limits::KvLimits;
-use crate::kv::sled_store::{SledKvStore, is_read_only};
+use crate::kv::sled_store::SledKvStore;
 use crate::kv::types::{TxnRequest, TxnResponse};
 
 /// Most transactions committed in one sled batch and fsync.
@@ -130,7 +130,7 @@ impl KvBackend for SledKvBackend {
     }
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
-        if is_read_only(&req) {
+        if req.is_read_only() {
             // sled reads may block on disk: keep them off the reactor.
             let store = Arc::clone(&self.store);
             return tokio::task::spawn_blocking(move || store.read(req))

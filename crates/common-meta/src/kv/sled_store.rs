@@ -26,7 +26,7 @@ use std::sync::{PoisonError, RwLock};
 use crate::error::{Error, Result};
 use crate::kv::engine::{self, Entry, Layered, ReadView, ScanItem};
 use crate::kv::limits::KvLimits;
-use crate::kv::types::{TxnOp, TxnRequest, TxnResponse};
+use crate::kv::types::{TxnRequest, TxnResponse};
 
 const TREE: &str = "kv";
 const META_PREFIX: u8 = 0x00;
@@ -61,14 +61,6 @@ fn storage_error(context: &str) -> impl FnOnce(sled::Error) -> Error + '_ {
         context: context.to_string(),
         source,
     }
-}
-
-/// True when every op of `txn` only reads.
-pub(crate) fn is_read_only(txn: &TxnRequest) -> bool {
-    txn.success
-        .iter()
-        .chain(&txn.failure)
-        .all(|op| matches!(op, TxnOp::Range(_)))
 }
 
 impl SledKvStore {
@@ -141,7 +133,7 @@ impl SledKvStore {
 
     /// Serves a read-only transaction; refuses one that would write. Blocking.
     pub fn read(&self, txn: TxnRequest) -> Result<TxnResponse> {
-        if !is_read_only(&txn) {
+        if !txn.is_read_only() {
             return Err(Error::invalid_argument(
                 "a read was given a transaction that writes",
             ));
@@ -295,7 +287,7 @@ impl ReadView for SledKvStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::types::PutRequest;
+    use crate::kv::types::{PutRequest, TxnOp};
 
     fn put(key: &str) -> TxnRequest {
         TxnRequest {

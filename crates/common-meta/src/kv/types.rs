@@ -303,6 +303,16 @@ pub struct TxnRequest {
     pub failure: Vec<TxnOp>,
 }
 
+impl TxnRequest {
+    /// True when no op of either branch writes: the request can be served as a read.
+    pub fn is_read_only(&self) -> bool {
+        self.success
+            .iter()
+            .chain(&self.failure)
+            .all(|op| matches!(op, TxnOp::Range(_)))
+    }
+}
+
 /// The result of a transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TxnResponse {

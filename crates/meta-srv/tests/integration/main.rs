@@ -7,4 +7,5 @@ mod bad_input;
 mod durability;
 mod in_process;
 mod metactl;
+mod raft_cluster;
 mod support;

@@ -1,0 +1,18 @@
+//! The replicated core: one raft group (raft-rs `RawNode`) replicating the KV state
+//! machine (`common_meta::kv::SledKvStore`), log and state in one sled database.
+//!
+//! | module | what |
+//! | --- | --- |
+//! | `log_store` | raft-rs `Storage` on sled; contract in its doc |
+//! | `driver` | the thread that owns the `RawNode`: group commit, `on_ready` order, reads |
+//! | `backend` | `RaftKvBackend`: propose writes, ReadIndex reads |
+//! | `transport` | the `Transport` seam and the fault-injecting `LocalRouter` |
+//! | `slog_bridge` | raft-rs's slog records into tracing |
+//!
+//! A single member is a one-voter group on the same code path.
+
+pub mod backend;
+pub mod driver;
+pub mod log_store;
+pub mod slog_bridge;
+pub mod transport;

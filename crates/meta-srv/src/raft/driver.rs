@@ -1,0 +1,594 @@
+//! The raft driver: one thread owns the `RawNode`, the log and the state machine.
+//!
+//! Each loop turn waits for a command or the next tick, drains every command already
+//! queued (proposals, inbound messages, read requests), ticks when due, and handles one
+//! `Ready`. So all proposals of a turn share one log append and one fsync (group commit).
+//! The thread does blocking sled work on purpose: it is not a tokio worker.
+//!
+//! Proposals are answered from the state machine when their entry is applied, matched by
+//! the proposal id in the entry's context (ids start from the clock at start-up, so an
+//! entry proposed before a restart never answers a new proposal). Linearizable reads are
+//! batched per turn into one ReadIndex and answered once the state machine has applied
+//! up to the read index.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common_meta::Error;
+use common_meta::kv::{SledKvStore, TxnRequest, TxnResponse};
+use meta_proto::v1 as pb;
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message};
+use raft::{RawNode, StateRole};
+use tokio::sync::oneshot;
+
+use crate::raft::log_store::LogStore;
+use crate::raft::slog_bridge;
+use crate::raft::transport::Transport;
+
+/// Where the answer to a command goes.
+pub type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+/// Most commands drained into one loop turn.
+const MAX_DRAIN: usize = 4096;
+
+/// Settings of one member's raft node.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    /// This member's id (at least 1).
+    pub id: u64,
+    /// The voters of a new cluster; ignored when the log already holds a configuration.
+    pub initial_voters: Vec<u64>,
+    /// Length of one raft tick.
+    pub tick: Duration,
+    /// Ticks without a leader before a follower campaigns (randomised up to twice that).
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats.
+    pub heartbeat_ticks: usize,
+}
+
+impl RaftSettings {
+    /// Defaults for member `id` of a cluster of `initial_voters`: 100 ms ticks, election
+    /// after 1-2 s, heartbeats every 200 ms (etcd's defaults are 100 ms / 1 s).
+    pub fn new(id: u64, initial_voters: Vec<u64>) -> Self {
+        RaftSettings {
+            id,
+            initial_voters,
+            tick: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+        }
+    }
+}
+
+/// What the driver can be asked.
+pub enum Command {
+    /// Replicate and apply a write.
+    Propose {
+        /// The transaction.
+        txn: TxnRequest,
+        /// Answered with the applied result.
+        reply: Reply<TxnResponse>,
+    },
+    /// Wait until a linearizable read may be served locally.
+    ReadIndex {
+        /// Answered with the read index once it is applied.
+        reply: Reply<u64>,
+    },
+    /// A raft message from another member.
+    Step(Box<Message>),
+    /// Report this member's raft status.
+    Status {
+        /// The answer.
+        reply: oneshot::Sender<RaftStatus>,
+    },
+    /// Ask the leader to hand leadership to `to`.
+    TransferLeader {
+        /// The member to become leader.
+        to: u64,
+    },
+    /// Stop the driver (pending requests fail as unavailable).
+    Stop,
+}
+
+/// A cloneable handle that queues commands for a driver.
+#[derive(Clone)]
+pub struct Mailbox {
+    queue: mpsc::Sender<Command>,
+}
+
+impl Mailbox {
+    /// Queues `command`; fails when the driver has stopped.
+    pub fn send(&self, command: Command) -> Result<(), Error> {
+        self.queue.send(command).map_err(|_| Error::Unavailable {
+            message: "the raft driver has stopped".to_string(),
+        })
+    }
+
+    /// Delivers a raft message (dropped if the driver has stopped, like a lost packet).
+    pub fn step(&self, message: Message) {
+        let _ = self.queue.send(Command::Step(Box::new(message)));
+    }
+}
+
+/// A member's raft role and progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftStatus {
+    /// This member.
+    pub id: u64,
+    /// `leader`, `candidate`, `pre-candidate` or `follower`.
+    pub role: &'static str,
+    /// The leader this member knows of (0 for none).
+    pub leader_id: u64,
+    /// Current term.
+    pub term: u64,
+    /// Highest log index known committed.
+    pub commit_index: u64,
+    /// Highest log index applied to the state machine.
+    pub applied_index: u64,
+    /// Voting members.
+    pub voters: Vec<u64>,
+    /// Non-voting members.
+    pub learners: Vec<u64>,
+}
+
+/// A running driver thread; dropping it stops the driver and waits for the thread.
+pub struct RaftNode {
+    mailbox: Mailbox,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RaftNode {
+    /// Opens the log in `db`, initialises it for a new cluster if empty, and starts the
+    /// driver thread. `store` is the state machine (in the same `db`).
+    pub fn start(
+        settings: RaftSettings,
+        db: sled::Db,
+        store: Arc<SledKvStore>,
+        transport: Arc<dyn Transport>,
+    ) -> Result<RaftNode, Error> {
+        let log = LogStore::open(db).map_err(raft_error)?;
+        if log.is_empty() {
+            if settings.initial_voters.is_empty() {
+                return Err(Error::invalid_argument(
+                    "a new member needs an initial cluster (its log is empty)",
+                ));
+            }
+            let conf_state = ConfState::from((settings.initial_voters.clone(), Vec::<u64>::new()));
+            log.set_conf_state(&conf_state).map_err(raft_error)?;
+            log.flush().map_err(raft_error)?;
+        }
+        let commit = log.hard_state().commit;
+        let config = raft::Config {
+            id: settings.id,
+            election_tick: settings.election_ticks,
+            heartbeat_tick: settings.heartbeat_ticks,
+            // Never ask raft to re-deliver entries the state machine already holds (it
+            // would skip them anyway), nor claim more than the log knows is committed.
+            applied: store.applied_index().min(commit),
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        config.validate().map_err(raft_error)?;
+        let mut node = RawNode::new(&config, log.clone(), &slog_bridge::logger(settings.id))
+            .map_err(raft_error)?;
+        let voters = log.conf_state().voters;
+        if voters == [settings.id] {
+            // A one-voter group need not wait an election timeout to lead.
+            node.campaign().map_err(raft_error)?;
+        }
+        let (queue, inbox) = mpsc::channel();
+        let clock_ids = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let driver = Driver {
+            id: settings.id,
+            node,
+            log,
+            store,
+            transport,
+            inbox,
+            tick: settings.tick,
+            next_proposal: clock_ids,
+            proposals: HashMap::new(),
+            next_read: clock_ids,
+            read_batch: Vec::new(),
+            reads_by_ctx: HashMap::new(),
+            reads_by_index: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("raft-{}", settings.id))
+            .spawn(move || driver.run())
+            .map_err(|source| Error::Io {
+                context: "starting the raft driver thread".to_string(),
+                source,
+            })?;
+        Ok(RaftNode {
+            mailbox: Mailbox { queue },
+            thread: Some(thread),
+        })
+    }
+
+    /// A handle to queue commands.
+    pub fn mailbox(&self) -> Mailbox {
+        self.mailbox.clone()
+    }
+
+    /// Asks for the current status.
+    pub async fn status(&self) -> Result<RaftStatus, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.mailbox.send(Command::Status { reply })?;
+        answer.await.map_err(|_| stopped())
+    }
+}
+
+impl Drop for RaftNode {
+    fn drop(&mut self) {
+        // Mailbox clones may live on (in a router): stop explicitly rather than waiting
+        // for every sender to go. A driver that already stopped has nothing to join for.
+        let _ = self.mailbox.send(Command::Stop);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn raft_error(e: raft::Error) -> Error {
+    Error::Unavailable {
+        message: format!("raft: {e}"),
+    }
+}
+
+fn stopped() -> Error {
+    Error::Unavailable {
+        message: "the raft driver has stopped".to_string(),
+    }
+}
+
+/// 16 bytes of entry context: the proposing member and its proposal id.
+fn proposal_context(member: u64, proposal: u64) -> Vec<u8> {
+    let mut ctx = Vec::with_capacity(16);
+    ctx.extend_from_slice(&member.to_be_bytes());
+    ctx.extend_from_slice(&proposal.to_be_bytes());
+    ctx
+}
+
+fn parse_context(ctx: &[u8]) -> Option<(u64, u64)> {
+    let member: [u8; 8] = ctx.get(..8)?.try_into().ok()?;
+    let proposal: [u8; 8] = ctx.get(8..16)?.try_into().ok()?;
+    Some((u64::from_be_bytes(member), u64::from_be_bytes(proposal)))
+}
+
+struct Driver {
+    id: u64,
+    node: RawNode<LogStore>,
+    log: LogStore,
+    store: Arc<SledKvStore>,
+    transport: Arc<dyn Transport>,
+    inbox: mpsc::Receiver<Command>,
+    tick: Duration,
+    next_proposal: u64,
+    proposals: HashMap<u64, Reply<TxnResponse>>,
+    next_read: u64,
+    /// Reads that arrived this turn; they share one ReadIndex.
+    read_batch: Vec<Reply<u64>>,
+    /// Reads waiting for raft to confirm their read index.
+    reads_by_ctx: HashMap<u64, Vec<Reply<u64>>>,
+    /// Reads waiting for the state machine to apply their index.
+    reads_by_index: Vec<(u64, Reply<u64>)>,
+}
+
+impl Driver {
+    fn run(mut self) {
+        let mut next_tick = Instant::now() + self.tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.inbox.recv_timeout(wait) {
+                Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(command) => self.handle(command),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            // Everything already queued joins this turn's Ready (one fsync for all).
+            let mut stop = false;
+            for _ in 0..MAX_DRAIN {
+                match self.inbox.try_recv() {
+                    Ok(Command::Stop) => stop = true,
+                    Ok(command) => self.handle(command),
+                    Err(_) => break,
+                }
+            }
+            if stop {
+                break;
+            }
+            if Instant::now() >= next_tick {
+                self.node.tick();
+                next_tick = Instant::now() + self.tick;
+            }
+            self.start_reads();
+            if let Err(e) = self.on_ready() {
+                // Storage failed: this member cannot go on safely. Stop answering.
+                tracing::error!(member = self.id, error = %e, "raft driver stopped on a storage error");
+                break;
+            }
+            self.fail_if_not_leader();
+        }
+        self.fail_everything(stopped);
+    }
+
+    fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    fn not_leader(&self) -> Error {
+        let leader = self.node.raft.leader_id;
+        Error::NotLeader {
+            leader: (leader != 0 && leader != self.id).then_some(leader),
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Step(message) => {
+                // Messages from removed or unknown members are refused by raft: drop them.
+                if let Err(e) = self.node.step(*message) {
+                    tracing::debug!(member = self.id, error = %e, "dropped a raft message");
+                }
+            }
+            Command::Propose { txn, reply } => {
+                if !self.is_leader() {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return;
+                }
+                let id = self.next_proposal;
+                self.next_proposal = self.next_proposal.wrapping_add(1);
+                let data = pb::TxnRequest::from(txn).encode_to_vec();
+                match self.node.propose(proposal_context(self.id, id), data) {
+                    Ok(()) => {
+                        self.proposals.insert(id, reply);
+                    }
+                    Err(_) => {
+                        let _ = reply.send(Err(self.not_leader()));
+                    }
+                }
+            }
+            Command::ReadIndex { reply } => {
+                if self.is_leader() {
+                    self.read_batch.push(reply);
+                } else {
+                    let _ = reply.send(Err(self.not_leader()));
+                }
+            }
+            Command::Status { reply } => {
+                let raft = &self.node.raft;
+                let conf = self.log.conf_state();
+                let _ = reply.send(RaftStatus {
+                    id: self.id,
+                    role: match raft.state {
+                        StateRole::Leader => "leader",
+                        StateRole::Candidate => "candidate",
+                        StateRole::PreCandidate => "pre-candidate",
+                        StateRole::Follower => "follower",
+                    },
+                    leader_id: raft.leader_id,
+                    term: raft.term,
+                    commit_index: raft.raft_log.committed,
+                    applied_index: self.store.applied_index(),
+                    voters: conf.voters,
+                    learners: conf.learners,
+                });
+            }
+            Command::TransferLeader { to } => {
+                if self.is_leader() {
+                    self.node.transfer_leader(to);
+                }
+            }
+            // Handled by the loop before dispatch.
+            Command::Stop => {}
+        }
+    }
+
+    /// Issues one ReadIndex for every read that arrived this turn.
+    fn start_reads(&mut self) {
+        if self.read_batch.is_empty() {
+            return;
+        }
+        let ctx = self.next_read;
+        self.next_read = self.next_read.wrapping_add(1);
+        self.node.read_index(ctx.to_be_bytes().to_vec());
+        let batch = std::mem::take(&mut self.read_batch);
+        self.reads_by_ctx.insert(ctx, batch);
+    }
+
+    /// Handles one `Ready` in the order raft-rs requires.
+    fn on_ready(&mut self) -> Result<(), Error> {
+        if !self.node.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.node.ready();
+
+        // 1. A leader's appends may go out before its own log write (raft thesis
+        //    10.2.1): followers persist them in parallel.
+        self.transport.send(ready.take_messages());
+
+        // 2. Snapshots are not produced yet (the log is never compacted), so none can
+        //    arrive; see LogStore::snapshot.
+
+        // 3. Apply what is committed: those entries are durable on a quorum already.
+        self.apply(ready.take_committed_entries())?;
+
+        // 4. Persist new entries and the hard state, then fsync once for both (and for
+        //    the state machine batches of step 3, which share the database).
+        self.log.append(ready.entries()).map_err(raft_error)?;
+        if let Some(hard_state) = ready.hs() {
+            self.log.set_hard_state(hard_state).map_err(raft_error)?;
+        }
+        if ready.must_sync() {
+            self.log.flush().map_err(raft_error)?;
+        }
+
+        // 5. Votes and append acknowledgements promise persisted state: only now.
+        self.transport.send(ready.take_persisted_messages());
+
+        // 6. Reads whose index raft confirmed wait for the apply to reach it.
+        for state in ready.take_read_states() {
+            let ctx = state
+                .request_ctx
+                .as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .ok();
+            if let Some(replies) = ctx.and_then(|ctx| self.reads_by_ctx.remove(&ctx)) {
+                self.reads_by_index
+                    .extend(replies.into_iter().map(|r| (state.index, r)));
+            }
+        }
+
+        // 7. Advance: the light ready carries a new commit index, more messages and more
+        //    committed entries.
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.log.set_commit(commit).map_err(raft_error)?;
+        }
+        self.transport.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.node.advance_apply();
+        self.answer_reads();
+        Ok(())
+    }
+
+    /// Applies committed entries to the state machine in one batch and answers the
+    /// proposals this member made.
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), Error> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Vec::with_capacity(entries.len());
+        let mut owners = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let owner = parse_context(&entry.context)
+                .filter(|(member, _)| *member == self.id)
+                .map(|(_, proposal)| proposal);
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => {
+                    // The no-op a new leader appends.
+                    batch.push((entry.index, None));
+                    owners.push(None);
+                }
+                EntryType::EntryNormal => {
+                    let txn = pb::TxnRequest::decode(entry.data.as_ref())
+                        .map_err(|e| Error::invalid_argument(format!("undecodable entry: {e}")))
+                        .and_then(TxnRequest::try_from);
+                    match txn {
+                        Ok(txn) => {
+                            batch.push((entry.index, Some(txn)));
+                            owners.push(owner);
+                        }
+                        Err(e) => {
+                            // Deterministic on every member: the entry changes nothing.
+                            batch.push((entry.index, None));
+                            owners.push(None);
+                            if let Some(reply) = owner.and_then(|id| self.proposals.remove(&id)) {
+                                let _ = reply.send(Err(e));
+                            }
+                        }
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    let change = ConfChange::parse_from_bytes(&entry.data)
+                        .map_err(|e| Error::invalid_argument(format!("bad conf change: {e}")))?;
+                    let conf = self.node.apply_conf_change(&change).map_err(raft_error)?;
+                    self.log.set_conf_state(&conf).map_err(raft_error)?;
+                    batch.push((entry.index, None));
+                    owners.push(None);
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let change = ConfChangeV2::parse_from_bytes(&entry.data)
+                        .map_err(|e| Error::invalid_argument(format!("bad conf change: {e}")))?;
+                    let conf = self.node.apply_conf_change(&change).map_err(raft_error)?;
+                    self.log.set_conf_state(&conf).map_err(raft_error)?;
+                    batch.push((entry.index, None));
+                    owners.push(None);
+                }
+            }
+        }
+        let answers = self.store.apply(batch)?;
+        for (owner, answer) in owners.into_iter().zip(answers) {
+            if let (Some(id), Some(answer)) = (owner, answer)
+                && let Some(reply) = self.proposals.remove(&id)
+            {
+                let _ = reply.send(answer);
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers the reads whose index the state machine has reached.
+    fn answer_reads(&mut self) {
+        let applied = self.store.applied_index();
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_by_index)
+            .into_iter()
+            .partition(|(index, _)| *index <= applied);
+        self.reads_by_index = waiting;
+        for (index, reply) in ready {
+            let _ = reply.send(Ok(index));
+        }
+    }
+
+    /// A member that is no longer leader fails what it was waiting for: proposals may
+    /// or may not commit under the next leader, reads must be retried there.
+    fn fail_if_not_leader(&mut self) {
+        if self.is_leader()
+            || (self.proposals.is_empty()
+                && self.reads_by_ctx.is_empty()
+                && self.reads_by_index.is_empty())
+        {
+            return;
+        }
+        let leader = self.node.raft.leader_id;
+        self.fail_everything(|| Error::Unavailable {
+            message: format!(
+                "leadership moved{} before the request finished; a write may or may not have been applied",
+                if leader != 0 { format!(" to member {leader}") } else { String::new() }
+            ),
+        });
+    }
+
+    fn fail_everything(&mut self, error: impl Fn() -> Error) {
+        for (_, reply) in self.proposals.drain() {
+            let _ = reply.send(Err(error()));
+        }
+        for (_, replies) in self.reads_by_ctx.drain() {
+            for reply in replies {
+                let _ = reply.send(Err(error()));
+            }
+        }
+        for (_, reply) in self.reads_by_index.drain(..) {
+            let _ = reply.send(Err(error()));
+        }
+        for reply in self.read_batch.drain(..) {
+            let _ = reply.send(Err(error()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proposal_context_round_trips_and_rejects_short_input() {
+        assert_eq!(
+            parse_context(&proposal_context(3, u64::MAX)),
+            Some((3, u64::MAX))
+        );
+        assert_eq!(parse_context(b"short"), None);
+        assert_eq!(parse_context(&[]), None);
+    }
+}

@@ -1,0 +1,396 @@
+//! `LogStore`: raft-rs [`Storage`] on sled, in the database the KV state shares.
+//!
+//! Layout:
+//!
+//! ```text
+//! tree raft_meta: "hard_state" -> HardState   (rust-protobuf encoding)
+//!                 "conf_state" -> ConfState
+//!                 "snapshot"   -> SnapshotMetadata of the last compaction point
+//! tree raft_log:  index (u64 big-endian) -> Entry
+//! ```
+//!
+//! **Contract (raft-rs `Storage`, and what the driver relies on):**
+//! - `entries(low, high)` returns `[low, high)`; `low < first_index()` is
+//!   `Compacted`, `high > last_index() + 1` is `Unavailable`.
+//! - `term(i)` answers for `i` in `[first_index() - 1, last_index()]`.
+//! - [`LogStore::append`] replaces every entry at or after the first appended index (a
+//!   conflicting suffix from an old leader) in one atomic batch; [`LogStore::set_hard_state`]
+//!   and [`LogStore::set_conf_state`] write in place. None of them flushes: the driver
+//!   calls [`LogStore::flush`] once per `Ready`, before sending any message that depends
+//!   on the written state and before acknowledging any client.
+//! - Reads see writes at once (sled is read-your-writes), flushed or not.
+
+use std::sync::{Arc, PoisonError, RwLock};
+
+use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+
+const META_TREE: &str = "raft_meta";
+const LOG_TREE: &str = "raft_log";
+const HARD_STATE: &[u8] = b"hard_state";
+const CONF_STATE: &[u8] = b"conf_state";
+const SNAPSHOT: &[u8] = b"snapshot";
+
+/// Raft log storage; cheap to clone (the driver and raft-rs share one).
+#[derive(Clone)]
+pub struct LogStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    meta: sled::Tree,
+    log: sled::Tree,
+    /// Cached copies of what is on disk, so raft-rs's frequent calls are cheap.
+    state: RwLock<Cached>,
+}
+
+#[derive(Clone, Default)]
+struct Cached {
+    hard_state: HardState,
+    conf_state: ConfState,
+    snapshot: SnapshotMetadata,
+    last_index: u64,
+}
+
+fn other(context: &str, e: impl std::fmt::Display) -> raft::Error {
+    raft::Error::Store(StorageError::Other(
+        format!("raft log store: {context}: {e}").into(),
+    ))
+}
+
+fn decode<M: protobuf::Message>(what: &str, bytes: &[u8]) -> raft::Result<M> {
+    M::parse_from_bytes(bytes).map_err(|e| other(&format!("decoding {what}"), e))
+}
+
+fn encode<M: protobuf::Message>(what: &str, message: &M) -> raft::Result<Vec<u8>> {
+    message
+        .write_to_bytes()
+        .map_err(|e| other(&format!("encoding {what}"), e))
+}
+
+impl LogStore {
+    /// Opens the log in `db` (creating its trees on first use).
+    pub fn open(db: sled::Db) -> raft::Result<LogStore> {
+        let meta = db
+            .open_tree(META_TREE)
+            .map_err(|e| other("opening tree", e))?;
+        let log = db
+            .open_tree(LOG_TREE)
+            .map_err(|e| other("opening tree", e))?;
+        let read = |key: &[u8]| meta.get(key).map_err(|e| other("reading metadata", e));
+        let hard_state = match read(HARD_STATE)? {
+            Some(bytes) => decode("hard state", &bytes)?,
+            None => HardState::default(),
+        };
+        let conf_state = match read(CONF_STATE)? {
+            Some(bytes) => decode("conf state", &bytes)?,
+            None => ConfState::default(),
+        };
+        let snapshot = match read(SNAPSHOT)? {
+            Some(bytes) => decode("snapshot metadata", &bytes)?,
+            None => SnapshotMetadata::default(),
+        };
+        let last_index = match log.last().map_err(|e| other("reading last entry", e))? {
+            Some((key, _)) => index_of(&key)?,
+            None => snapshot.index,
+        };
+        Ok(LogStore {
+            inner: Arc::new(Inner {
+                db,
+                meta,
+                log,
+                state: RwLock::new(Cached {
+                    hard_state,
+                    conf_state,
+                    snapshot,
+                    last_index,
+                }),
+            }),
+        })
+    }
+
+    fn cached(&self) -> Cached {
+        // Every writer replaces whole fields after its sled write succeeded, so a
+        // poisoned lock still holds a consistent copy.
+        self.inner
+            .state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Cached)) {
+        change(
+            &mut self
+                .inner
+                .state
+                .write()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+    }
+
+    /// True when this member has never been initialised (no conf state, no log).
+    pub fn is_empty(&self) -> bool {
+        let c = self.cached();
+        c.conf_state.voters.is_empty() && c.conf_state.learners.is_empty() && c.last_index == 0
+    }
+
+    /// The persisted hard state.
+    pub fn hard_state(&self) -> HardState {
+        self.cached().hard_state
+    }
+
+    /// The persisted configuration.
+    pub fn conf_state(&self) -> ConfState {
+        self.cached().conf_state
+    }
+
+    /// Appends `entries`, first removing every stored entry at or after `entries[0].index`.
+    pub fn append(&self, entries: &[Entry]) -> raft::Result<()> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let cached = self.cached();
+        if first.index <= cached.snapshot.index || first.index > cached.last_index + 1 {
+            return Err(other(
+                "append",
+                format!(
+                    "entries from {} do not follow the log ({}..={})",
+                    first.index,
+                    cached.snapshot.index + 1,
+                    cached.last_index
+                ),
+            ));
+        }
+        let mut batch = sled::Batch::default();
+        for stale in first.index..=cached.last_index {
+            batch.remove(&stale.to_be_bytes());
+        }
+        for entry in entries {
+            batch.insert(&entry.index.to_be_bytes(), encode("entry", entry)?);
+        }
+        self.inner
+            .log
+            .apply_batch(batch)
+            .map_err(|e| other("appending entries", e))?;
+        let last = entries[entries.len() - 1].index;
+        self.update(|c| c.last_index = last);
+        Ok(())
+    }
+
+    /// Stores the hard state.
+    pub fn set_hard_state(&self, hard_state: &HardState) -> raft::Result<()> {
+        self.inner
+            .meta
+            .insert(HARD_STATE, encode("hard state", hard_state)?)
+            .map_err(|e| other("writing hard state", e))?;
+        let hard_state = hard_state.clone();
+        self.update(|c| c.hard_state = hard_state);
+        Ok(())
+    }
+
+    /// Stores a new commit index in the hard state.
+    pub fn set_commit(&self, commit: u64) -> raft::Result<()> {
+        let mut hard_state = self.hard_state();
+        hard_state.commit = commit;
+        self.set_hard_state(&hard_state)
+    }
+
+    /// Stores the configuration.
+    pub fn set_conf_state(&self, conf_state: &ConfState) -> raft::Result<()> {
+        self.inner
+            .meta
+            .insert(CONF_STATE, encode("conf state", conf_state)?)
+            .map_err(|e| other("writing conf state", e))?;
+        let conf_state = conf_state.clone();
+        self.update(|c| c.conf_state = conf_state);
+        Ok(())
+    }
+
+    /// Makes every write so far durable (fsync of the shared database).
+    pub fn flush(&self) -> raft::Result<()> {
+        self.inner
+            .db
+            .flush()
+            .map(drop)
+            .map_err(|e| other("flushing", e))
+    }
+
+    fn entry(&self, index: u64) -> raft::Result<Entry> {
+        match self
+            .inner
+            .log
+            .get(index.to_be_bytes())
+            .map_err(|e| other("reading an entry", e))?
+        {
+            Some(bytes) => decode("entry", &bytes),
+            None => Err(raft::Error::Store(StorageError::Unavailable)),
+        }
+    }
+}
+
+fn index_of(key: &[u8]) -> raft::Result<u64> {
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| other("reading the log", format!("bad index key {key:?}")))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+impl Storage for LogStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let c = self.cached();
+        Ok(RaftState {
+            hard_state: c.hard_state,
+            conf_state: c.conf_state,
+        })
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let c = self.cached();
+        if low <= c.snapshot.index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > c.last_index + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let mut entries = Vec::with_capacity((high - low) as usize);
+        for item in self.inner.log.range(low.to_be_bytes()..high.to_be_bytes()) {
+            let (_, bytes) = item.map_err(|e| other("reading entries", e))?;
+            entries.push(decode("entry", &bytes)?);
+        }
+        raft::util::limit_size(&mut entries, max_size.into());
+        Ok(entries)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let c = self.cached();
+        if idx == c.snapshot.index {
+            return Ok(c.snapshot.term);
+        }
+        if idx < c.snapshot.index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > c.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(self.entry(idx)?.term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.cached().snapshot.index + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.cached().last_index)
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // The log is never compacted yet, so raft never needs a snapshot to catch a
+        // member up; snapshots and compaction come with their own change.
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            data: format!("e{index}t{term}").into_bytes().into(),
+            ..Default::default()
+        }
+    }
+
+    fn open(dir: &std::path::Path) -> LogStore {
+        LogStore::open(sled::open(dir).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn append_truncates_a_conflicting_suffix_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = open(dir.path());
+            assert!(log.is_empty());
+            assert_eq!(
+                (log.first_index().unwrap(), log.last_index().unwrap()),
+                (1, 0)
+            );
+            log.append(&(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>())
+                .unwrap();
+            // A new leader of term 2 overwrites from index 4.
+            log.append(&[entry(4, 2)]).unwrap();
+            assert_eq!(log.last_index().unwrap(), 4);
+            assert_eq!(log.term(4).unwrap(), 2);
+            assert_eq!(log.term(3).unwrap(), 1);
+            let hs = HardState {
+                term: 2,
+                vote: 3,
+                commit: 3,
+                ..Default::default()
+            };
+            log.set_hard_state(&hs).unwrap();
+            log.set_conf_state(&ConfState::from((vec![1, 2, 3], vec![])))
+                .unwrap();
+            log.flush().unwrap();
+        }
+        let log = open(dir.path());
+        assert!(!log.is_empty());
+        assert_eq!(log.last_index().unwrap(), 4);
+        let state = log.initial_state().unwrap();
+        assert_eq!(
+            (
+                state.hard_state.term,
+                state.hard_state.vote,
+                state.hard_state.commit
+            ),
+            (2, 3, 3)
+        );
+        assert_eq!(state.conf_state.voters, vec![1, 2, 3]);
+        let got = log
+            .entries(2, 5, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(
+            got.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(),
+            [(2, 1), (3, 1), (4, 2)]
+        );
+    }
+
+    #[test]
+    fn contract_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        log.append(&(1..=3).map(|i| entry(i, 1)).collect::<Vec<_>>())
+            .unwrap();
+        assert!(matches!(
+            log.entries(1, 5, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Unavailable))
+        ));
+        assert!(matches!(
+            log.term(4),
+            Err(raft::Error::Store(StorageError::Unavailable))
+        ));
+        assert_eq!(
+            log.term(0).unwrap(),
+            0,
+            "the term before the first entry is known"
+        );
+        assert!(log.append(&[entry(6, 1)]).is_err(), "a gap is refused");
+        // max_size keeps at least one entry.
+        let one = log
+            .entries(1, 4, Some(1), GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(one.len(), 1);
+    }
+}

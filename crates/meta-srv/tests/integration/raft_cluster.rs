@@ -1,0 +1,325 @@
+//! In-process raft clusters on the fault-injecting `LocalRouter`: conformance through the
+//! raft backend, leader failure, partitions, restarts and leader transfer.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common_meta::Error;
+use common_meta::kv::conformance;
+use common_meta::kv::{KvBackend, KvLimits, PutRequest, RangeRequest, SledKvStore};
+use meta_srv::raft::backend::RaftKvBackend;
+use meta_srv::raft::driver::{RaftNode, RaftSettings, RaftStatus};
+use meta_srv::raft::transport::LocalRouter;
+
+/// Longest a leader election may take here: election timeouts are 1-2 s (10-20 ticks of
+/// 100 ms), and a pre-vote round comes first.
+const ELECTION_BOUND: Duration = Duration::from_secs(10);
+
+struct Member {
+    node: RaftNode,
+    backend: RaftKvBackend,
+}
+
+struct Cluster {
+    router: Arc<LocalRouter>,
+    voters: Vec<u64>,
+    dirs: BTreeMap<u64, PathBuf>,
+    members: BTreeMap<u64, Member>,
+    _root: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new(size: u64) -> Cluster {
+        let root = tempfile::tempdir().unwrap();
+        let voters: Vec<u64> = (1..=size).collect();
+        let mut cluster = Cluster {
+            router: Arc::new(LocalRouter::default()),
+            dirs: voters
+                .iter()
+                .map(|&id| (id, root.path().join(format!("m{id}"))))
+                .collect(),
+            voters,
+            members: BTreeMap::new(),
+            _root: root,
+        };
+        for id in cluster.voters.clone() {
+            cluster.start(id);
+        }
+        cluster
+    }
+
+    fn start(&mut self, id: u64) {
+        let db = sled::open(&self.dirs[&id]).unwrap();
+        let store = Arc::new(SledKvStore::open_in(db.clone(), KvLimits::default()).unwrap());
+        let node = RaftNode::start(
+            RaftSettings::new(id, self.voters.clone()),
+            db,
+            store.clone(),
+            self.router.clone(),
+        )
+        .unwrap();
+        self.router.register(id, node.mailbox());
+        let backend = RaftKvBackend::new(node.mailbox(), store, Duration::from_secs(5));
+        self.members.insert(id, Member { node, backend });
+    }
+
+    /// Stops member `id` abruptly: its driver ends and its database closes; nothing
+    /// that was not flushed survives (as with kill -9 between fsyncs).
+    fn kill(&mut self, id: u64) {
+        self.router.unregister(id);
+        self.members.remove(&id);
+    }
+
+    fn backend(&self, id: u64) -> &RaftKvBackend {
+        &self.members[&id].backend
+    }
+
+    async fn statuses(&self) -> Vec<RaftStatus> {
+        let mut out = Vec::new();
+        for member in self.members.values() {
+            out.push(member.node.status().await.unwrap());
+        }
+        out
+    }
+
+    /// Waits until the live members among `among` agree on one leader among them.
+    async fn leader_among(&self, among: &[u64]) -> u64 {
+        let deadline = Instant::now() + ELECTION_BOUND;
+        loop {
+            let statuses: Vec<RaftStatus> = self
+                .statuses()
+                .await
+                .into_iter()
+                .filter(|s| among.contains(&s.id))
+                .collect();
+            let leaders: Vec<u64> = statuses
+                .iter()
+                .filter(|s| s.role == "leader")
+                .map(|s| s.id)
+                .collect();
+            if let [leader] = leaders[..]
+                && statuses.iter().all(|s| s.leader_id == leader)
+            {
+                return leader;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader within {ELECTION_BOUND:?}: {statuses:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn leader(&self) -> u64 {
+        let live: Vec<u64> = self.members.keys().copied().collect();
+        self.leader_among(&live).await
+    }
+
+    /// Waits until member `id` has applied at least `index`.
+    async fn wait_applied(&self, id: u64, index: u64) {
+        let deadline = Instant::now() + ELECTION_BOUND;
+        loop {
+            let status = self.members[&id].node.status().await.unwrap();
+            if status.applied_index >= index {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "member {id} stuck at {status:?}, want {index}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn put(backend: &RaftKvBackend, key: &str, value: &str) -> Result<i64, Error> {
+    backend
+        .put(PutRequest::new(key, value))
+        .await
+        .map(|r| r.revision)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_member_group_passes_conformance() {
+    let cluster = Cluster::new(1);
+    let leader = cluster.leader().await;
+    assert_eq!(leader, 1);
+    conformance::run_all(cluster.backend(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_member_group_passes_conformance_and_replicates() {
+    let cluster = Cluster::new(3);
+    let leader = cluster.leader().await;
+    conformance::run_all(cluster.backend(leader)).await;
+    let status = cluster.members[&leader].node.status().await.unwrap();
+    for id in [1, 2, 3] {
+        cluster.wait_applied(id, status.commit_index).await;
+        let local = cluster
+            .backend(id)
+            .read_local(common_meta::kv::TxnRequest {
+                success: vec![common_meta::kv::TxnOp::Range(RangeRequest::key("cas/k"))],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            local.revision,
+            cluster.backend(leader).local_revision(),
+            "member {id}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_refuse_with_the_leader_hint() {
+    let cluster = Cluster::new(3);
+    let leader = cluster.leader().await;
+    let follower = [1, 2, 3].into_iter().find(|&id| id != leader).unwrap();
+    let err = put(cluster.backend(follower), "k", "v").await.unwrap_err();
+    assert!(
+        matches!(err, Error::NotLeader { leader: Some(l) } if l == leader),
+        "{err}"
+    );
+    let err = cluster.backend(follower).get(b"k").await.unwrap_err();
+    assert!(
+        matches!(err, Error::NotLeader { .. }),
+        "linearizable reads need the leader: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_and_no_acknowledged_write_is_lost() {
+    let mut cluster = Cluster::new(3);
+    let first = cluster.leader().await;
+    for i in 0..50 {
+        put(cluster.backend(first), &format!("w/{i:02}"), "before")
+            .await
+            .unwrap();
+    }
+
+    tracing::info!("--- the leader is killed");
+    cluster.kill(first);
+    let second = cluster.leader().await;
+    assert_ne!(second, first);
+    for i in 50..100 {
+        put(cluster.backend(second), &format!("w/{i:02}"), "after")
+            .await
+            .unwrap();
+    }
+
+    tracing::info!("--- it restarts and catches up from its log and the leader");
+    cluster.start(first);
+    let all = cluster
+        .backend(second)
+        .range(RangeRequest::prefix("w/"))
+        .await
+        .unwrap();
+    assert_eq!(all.count, 100, "every acknowledged write is there");
+    let commit = cluster.members[&second]
+        .node
+        .status()
+        .await
+        .unwrap()
+        .commit_index;
+    cluster.wait_applied(first, commit).await;
+    let local = cluster
+        .backend(first)
+        .read_local(common_meta::kv::TxnRequest {
+            success: vec![common_meta::kv::TxnOp::Range(RangeRequest::prefix("w/"))],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    match &local.responses[0] {
+        common_meta::kv::TxnOpResponse::Range(r) => assert_eq!(r.count, 100),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_cannot_commit_or_read_and_heals() {
+    let cluster = Cluster::new(3);
+    let old = cluster.leader().await;
+    put(cluster.backend(old), "p/0", "x").await.unwrap();
+
+    tracing::info!("--- the leader is cut off from both followers");
+    cluster.router.isolate(old);
+    let majority: Vec<u64> = [1, 2, 3].into_iter().filter(|&id| id != old).collect();
+    let new = cluster.leader_among(&majority).await;
+    put(cluster.backend(new), "p/1", "majority").await.unwrap();
+
+    // The old leader steps down (check-quorum) or times out; either way nothing commits.
+    let err = put(cluster.backend(old), "p/2", "minority")
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    let err = cluster.backend(old).get(b"p/1").await.unwrap_err();
+    assert!(
+        err.is_retryable(),
+        "no linearizable read in the minority: {err}"
+    );
+
+    tracing::info!("--- heal: the old leader follows and converges");
+    cluster.router.heal();
+    let leader = cluster.leader().await;
+    let all = cluster
+        .backend(leader)
+        .range(RangeRequest::prefix("p/"))
+        .await
+        .unwrap();
+    let keys: Vec<_> = all
+        .kvs
+        .iter()
+        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+        .collect();
+    assert_eq!(keys, ["p/0", "p/1"], "the minority's write never happened");
+    let commit = cluster.members[&leader]
+        .node
+        .status()
+        .await
+        .unwrap()
+        .commit_index;
+    cluster.wait_applied(old, commit).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_can_be_transferred() {
+    let cluster = Cluster::new(3);
+    let old = cluster.leader().await;
+    put(cluster.backend(old), "t", "1").await.unwrap();
+    let target = [1, 2, 3].into_iter().find(|&id| id != old).unwrap();
+    let commit = cluster.members[&old]
+        .node
+        .status()
+        .await
+        .unwrap()
+        .commit_index;
+    cluster.wait_applied(target, commit).await;
+    cluster.members[&old]
+        .node
+        .mailbox()
+        .send(meta_srv::raft::driver::Command::TransferLeader { to: target })
+        .unwrap();
+    let deadline = Instant::now() + ELECTION_BOUND;
+    while cluster.leader().await != target {
+        assert!(
+            Instant::now() < deadline,
+            "leadership did not move to {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    put(cluster.backend(target), "t", "2").await.unwrap();
+    assert_eq!(
+        cluster
+            .backend(target)
+            .get(b"t")
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        2
+    );
+}
