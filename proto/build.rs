@@ -3,7 +3,11 @@
 use std::error::Error;
 
 const PROTO_ROOT: &str = "proto";
-const PROTOS: &[&str] = &["proto/meta/v1/common.proto", "proto/meta/v1/store.proto"];
+const PROTOS: &[&str] = &[
+    "proto/meta/v1/common.proto",
+    "proto/meta/v1/store.proto",
+    "proto/meta/v1/cluster.proto",
+];
 
 fn main() -> Result<(), Box<dyn Error>> {
     // compile_fds emits no rerun-if-changed lines of its own.

@@ -11,6 +11,10 @@
 //! let _ = KeyValue::default();
 //! ```
 
+/// gRPC metadata key under which a member that is not the leader names the leader's
+/// address (`host:port`) in an `UNAVAILABLE` answer; clients go there directly.
+pub const LEADER_HINT: &str = "x-metasrv-leader";
+
 /// Generated messages and services of package `meta.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1 {

@@ -71,6 +71,14 @@ pub trait KvBackend: Send + Sync {
         }
     }
 
+    /// Reads a key or a range from this member's own state, without a consensus round
+    /// trip: fast and available on any member, but it may miss the newest writes
+    /// (serializable, not linearizable). Backends that are always current serve it as
+    /// [`KvBackend::range`].
+    async fn range_serializable(&self, req: RangeRequest) -> Result<RangeResponse> {
+        self.range(req).await
+    }
+
     /// Writes one key.
     async fn put(&self, req: PutRequest) -> Result<PutResponse> {
         let response = self.txn(only(TxnOp::Put(req))).await?;

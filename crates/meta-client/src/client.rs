@@ -6,6 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common_meta::{Error, Result};
+use meta_proto::LEADER_HINT;
+use meta_proto::v1 as pb;
+use meta_proto::v1::cluster_client::ClusterClient;
 use meta_proto::v1::store_client::StoreClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Response, Status};
@@ -95,30 +98,55 @@ impl MetaClient {
         self.inner.endpoints.iter().map(|(e, _)| e.as_str())
     }
 
-    /// A Store client on `channel` that accepts large responses.
-    fn store(channel: Channel) -> StoreClient<Channel> {
-        StoreClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES)
-    }
-
-    /// Runs `call` against the current endpoint, moving to the next one and backing off
-    /// while the answer is "unavailable", until it succeeds, fails otherwise, or the
-    /// deadline passes.
-    ///
-    /// Retrying a write whose connection broke mid-flight may apply it twice; puts are
-    /// idempotent in value, and compare-and-put reports the state it found.
+    /// Runs `call` on a Store client (see [`MetaClient::with_channel`]).
     pub(crate) async fn with_store<T, F, Fut>(&self, call: F) -> Result<T>
     where
         F: Fn(StoreClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        self.with_channel(|channel| {
+            call(StoreClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES))
+        })
+        .await
+    }
+
+    /// The raft status of the member this client currently talks to.
+    pub async fn status(&self) -> Result<pb::StatusResponse> {
+        self.with_channel(|channel| async move {
+            ClusterClient::new(channel)
+                .status(pb::StatusRequest {})
+                .await
+        })
+        .await
+    }
+
+    /// The index of the endpoint named `addr`, if this client was given it.
+    fn endpoint_index(&self, addr: &str) -> Option<usize> {
+        self.inner.endpoints.iter().position(|(e, _)| e == addr)
+    }
+
+    /// Runs `call` against the current endpoint until it succeeds, fails otherwise, or
+    /// the deadline passes. On "unavailable" it moves to the leader the answer names
+    /// (`x-metasrv-leader`) when it knows that endpoint, else to the next endpoint, and
+    /// backs off after each full round.
+    ///
+    /// Retrying a write whose connection broke mid-flight may apply it twice; puts are
+    /// idempotent in value, and compare-and-put reports the state it found.
+    pub(crate) async fn with_channel<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: Fn(Channel) -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
         let inner = &self.inner;
         let started = Instant::now();
         let mut backoff = inner.options.initial_backoff;
         let mut attempt = 0usize;
+        // Hints can be stale during an election; follow only a few in a row.
+        let mut hint_jumps = 0;
         loop {
             let index = inner.current.load(Ordering::Relaxed) % inner.endpoints.len();
             let (endpoint, channel) = &inner.endpoints[index];
-            let status = match call(Self::store(channel.clone())).await {
+            let status = match call(channel.clone()).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => status,
             };
@@ -127,6 +155,22 @@ impl MetaClient {
             }
             attempt += 1;
             tracing::debug!(%endpoint, attempt, error = %status.message(), "endpoint unavailable");
+            let hinted = status
+                .metadata()
+                .get(LEADER_HINT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|addr| self.endpoint_index(addr))
+                .filter(|&leader| leader != index);
+            if let Some(leader) = hinted
+                && hint_jumps < 3
+            {
+                // Straight to the leader, without counting it as a failed round.
+                hint_jumps += 1;
+                inner.current.store(leader, Ordering::Relaxed);
+                attempt -= 1;
+                continue;
+            }
+            hint_jumps = 0;
             // Move on to the next endpoint (unless another request already did).
             let _ = inner.current.compare_exchange(
                 index,

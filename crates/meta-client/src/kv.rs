@@ -40,6 +40,20 @@ impl KvBackend for MetaClient {
         Ok(resp.into())
     }
 
+    async fn range_serializable(&self, req: RangeRequest) -> Result<RangeResponse> {
+        let req = pb::RangeRequest {
+            serializable: true,
+            ..pb::RangeRequest::from(req)
+        };
+        let resp = self
+            .with_store(|mut c| {
+                let req = req.clone();
+                async move { c.range(req).await }
+            })
+            .await?;
+        Ok(resp.into())
+    }
+
     async fn put(&self, req: PutRequest) -> Result<PutResponse> {
         let req = pb::PutRequest::from(req);
         let resp = self

@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use common_meta::kv::KvLimits;
+
+use crate::cluster::InitialCluster;
 use serde::{Deserialize, Serialize};
 
 /// Why a configuration was refused. Rendered as one line naming the problem.
@@ -48,6 +50,12 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     /// Address of the HTTP admin API.
     pub http_addr: SocketAddr,
+    /// The members of a new cluster, `ID=HOST:PORT,...`; empty for a one-member cluster.
+    pub initial_cluster: String,
+    /// Mixed into the cluster id, so that two clusters with the same member ids differ.
+    pub cluster_token: String,
+    /// Raft timing.
+    pub raft: RaftConfig,
     /// Limits on KV requests.
     pub limits: LimitsConfig,
     /// Logging.
@@ -61,8 +69,36 @@ impl Default for Config {
             data_dir: PathBuf::from("./meta-data"),
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 3002)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 4002)),
+            initial_cluster: String::new(),
+            cluster_token: "metasrv".to_string(),
+            raft: RaftConfig::default(),
             limits: LimitsConfig::default(),
             logging: LoggingConfig::default(),
+        }
+    }
+}
+
+/// `[raft]`: consensus timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Length of one raft tick, in milliseconds.
+    pub tick_ms: u64,
+    /// Ticks without a leader before a follower campaigns (randomised up to twice that).
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats; must be less than `election_ticks`.
+    pub heartbeat_ticks: usize,
+    /// How long a request may wait for consensus before failing as unavailable, in ms.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            request_timeout_ms: 5000,
         }
     }
 }
@@ -145,9 +181,17 @@ pub struct Overrides {
     pub listen_addr: Option<SocketAddr>,
     /// `--http-addr` / `METASRV_HTTP_ADDR`.
     pub http_addr: Option<SocketAddr>,
+    /// `--initial-cluster` / `METASRV_INITIAL_CLUSTER`.
+    pub initial_cluster: Option<String>,
 }
 
 impl Config {
+    /// The initial cluster; empty means a one-member cluster of this node.
+    pub fn cluster(&self) -> Result<InitialCluster, ConfigError> {
+        InitialCluster::parse(&self.initial_cluster)
+            .map_err(|e| ConfigError::Invalid(format!("initial_cluster: {e}")))
+    }
+
     /// Parses a TOML document; `path` only names it in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e: toml::de::Error| {
@@ -191,11 +235,13 @@ impl Config {
             data_dir,
             listen_addr,
             http_addr,
+            initial_cluster,
         } = overrides;
         config.node_id = node_id.unwrap_or(config.node_id);
         config.data_dir = data_dir.unwrap_or(config.data_dir);
         config.listen_addr = listen_addr.unwrap_or(config.listen_addr);
         config.http_addr = http_addr.unwrap_or(config.http_addr);
+        config.initial_cluster = initial_cluster.unwrap_or(config.initial_cluster);
         config.validate()?;
         Ok(config)
     }
@@ -220,6 +266,25 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "limits.max_value_bytes ({}) must not exceed limits.max_request_bytes ({})",
                 l.max_value_bytes, l.max_request_bytes
+            )));
+        }
+        let cluster = self.cluster()?;
+        if !cluster.is_empty() && !cluster.members().contains_key(&self.node_id) {
+            return Err(ConfigError::Invalid(format!(
+                "node_id {} is not in initial_cluster {:?}",
+                self.node_id, self.initial_cluster
+            )));
+        }
+        let r = &self.raft;
+        if r.tick_ms == 0 || r.request_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "raft.tick_ms and raft.request_timeout_ms must be at least 1".into(),
+            ));
+        }
+        if r.heartbeat_ticks == 0 || r.heartbeat_ticks >= r.election_ticks {
+            return Err(ConfigError::Invalid(format!(
+                "raft.heartbeat_ticks ({}) must be at least 1 and less than raft.election_ticks ({})",
+                r.heartbeat_ticks, r.election_ticks
             )));
         }
         if self.data_dir.as_os_str().is_empty() {
@@ -293,6 +358,18 @@ mod tests {
     fn invalid_values_are_refused() {
         let cases = [
             ("node_id = 0", "node_id must be at least 1"),
+            (
+                "initial_cluster = \"2=a:1\"",
+                "node_id 1 is not in initial_cluster",
+            ),
+            (
+                "initial_cluster = \"1=a\"",
+                "initial_cluster: member \"1=a\"",
+            ),
+            (
+                "[raft]\nheartbeat_ticks = 10",
+                "must be at least 1 and less than",
+            ),
             (
                 "[limits]\nmax_txn_ops = 0",
                 "limits.max_txn_ops must be at least 1",

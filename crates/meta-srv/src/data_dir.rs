@@ -5,7 +5,7 @@
 //! ```text
 //! {data_dir}/LOCK   lock file, held with an exclusive OS file lock while running;
 //!                   holds the owner's pid for the error message of a second server
-//! {data_dir}/kv/    the sled database of the KV store
+//! {data_dir}/db/    the sled database: raft log, KV state machine, cluster identity
 //! ```
 
 use std::fs::{File, OpenOptions, TryLockError};
@@ -75,9 +75,9 @@ impl DataDir {
         &self.path
     }
 
-    /// Where the KV store's sled database lives.
-    pub fn kv_path(&self) -> PathBuf {
-        self.path.join("kv")
+    /// Where the sled database (raft log, KV state, identity) lives.
+    pub fn db_path(&self) -> PathBuf {
+        self.path.join("db")
     }
 }
 

@@ -20,6 +20,34 @@ pub enum Error {
         owner: String,
     },
 
+    /// The data directory was created by another cluster.
+    #[error(
+        "data directory {} belongs to cluster {stored:016x}, not to this cluster ({expected:016x}); check --initial-cluster and cluster_token, or use an empty --data-dir",
+        data_dir.display()
+    )]
+    WrongCluster {
+        /// The directory.
+        data_dir: PathBuf,
+        /// The cluster id stored in it.
+        stored: u64,
+        /// This configuration's cluster id.
+        expected: u64,
+    },
+
+    /// The data directory belongs to another member of this cluster.
+    #[error(
+        "data directory {} belongs to member {stored}, not to member {expected}; check --node-id",
+        data_dir.display()
+    )]
+    WrongMember {
+        /// The directory.
+        data_dir: PathBuf,
+        /// The member id stored in it.
+        stored: u64,
+        /// This configuration's member id.
+        expected: u64,
+    },
+
     /// A listener could not be bound.
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind {

@@ -1,19 +1,29 @@
-//! The HTTP admin API (axum). So far: `GET /health`.
+//! The HTTP admin API (axum): `GET /health`, `GET /status`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use common_meta::kv::SledKvBackend;
+use common_meta::kv::SledKvStore;
 use serde::Serialize;
+
+use crate::raft::driver::Mailbox;
 
 /// What the handlers read.
 pub struct HttpState {
     /// This member's id.
     pub member_id: u64,
-    /// The local store, for its revision.
-    pub backend: Arc<SledKvBackend>,
+    /// The cluster's id.
+    pub cluster_id: u64,
+    /// The local state machine, for its revision.
+    pub store: Arc<SledKvStore>,
+    /// The raft driver, for status.
+    pub mailbox: Mailbox,
+    /// Member ids to addresses.
+    pub members: Arc<BTreeMap<u64, String>>,
 }
 
 /// The body of `GET /health`.
@@ -23,14 +33,49 @@ pub struct Health {
     pub status: &'static str,
     /// This member's id.
     pub member_id: u64,
-    /// The store revision.
+    /// The local store revision.
     pub revision: i64,
+}
+
+/// One member in `GET /status`.
+#[derive(Debug, Serialize)]
+pub struct MemberView {
+    /// Member id.
+    pub id: u64,
+    /// gRPC address.
+    pub addr: String,
+    /// `voter` or `learner`.
+    pub role: &'static str,
+}
+
+/// The body of `GET /status`: this member's raft view.
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    /// Cluster id in hex.
+    pub cluster_id: String,
+    /// This member.
+    pub member_id: u64,
+    /// Raft role.
+    pub role: &'static str,
+    /// Known leader (0 for none).
+    pub leader_id: u64,
+    /// Current term.
+    pub term: u64,
+    /// Highest committed index.
+    pub commit_index: u64,
+    /// Highest applied index.
+    pub applied_index: u64,
+    /// Local store revision.
+    pub revision: i64,
+    /// The configuration.
+    pub members: Vec<MemberView>,
 }
 
 /// The admin router.
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/status", get(status))
         .with_state(state)
 }
 
@@ -38,6 +83,38 @@ async fn health(State(state): State<Arc<HttpState>>) -> Json<Health> {
     Json(Health {
         status: "ok",
         member_id: state.member_id,
-        revision: state.backend.revision(),
+        revision: state.store.revision(),
     })
+}
+
+async fn status(
+    State(state): State<Arc<HttpState>>,
+) -> Result<Json<StatusView>, (StatusCode, String)> {
+    let status = state
+        .mailbox
+        .status()
+        .await
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let view = |id: &u64, role| MemberView {
+        id: *id,
+        addr: state.members.get(id).cloned().unwrap_or_default(),
+        role,
+    };
+    let members = status
+        .voters
+        .iter()
+        .map(|id| view(id, "voter"))
+        .chain(status.learners.iter().map(|id| view(id, "learner")))
+        .collect();
+    Ok(Json(StatusView {
+        cluster_id: format!("{:016x}", state.cluster_id),
+        member_id: status.id,
+        role: status.role,
+        leader_id: status.leader_id,
+        term: status.term,
+        commit_index: status.commit_index,
+        applied_index: status.applied_index,
+        revision: state.store.revision(),
+        members,
+    }))
 }

@@ -15,6 +15,7 @@
 //! **Invariant:** requests reach storage only through `common_meta::kv::KvBackend`.
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod data_dir;
 pub mod error;

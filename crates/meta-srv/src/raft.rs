@@ -7,12 +7,14 @@
 //! | `driver` | the thread that owns the `RawNode`: group commit, `on_ready` order, reads |
 //! | `backend` | `RaftKvBackend`: propose writes, ReadIndex reads |
 //! | `transport` | the `Transport` seam and the fault-injecting `LocalRouter` |
+//! | `grpc_transport` | `GrpcTransport`: per-peer batching streams with reconnect |
 //! | `slog_bridge` | raft-rs's slog records into tracing |
 //!
 //! A single member is a one-voter group on the same code path.
 
 pub mod backend;
 pub mod driver;
+pub mod grpc_transport;
 pub mod log_store;
 pub mod slog_bridge;
 pub mod transport;

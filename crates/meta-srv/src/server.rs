@@ -1,47 +1,63 @@
-//! Assembles a running meta-srv: data directory, store, gRPC and HTTP listeners.
+//! Assembles a running meta-srv: data directory, raft member, gRPC and HTTP listeners.
 //!
-//! [`MetaSrv::bind`] does everything that can fail at start-up (lock the directory, open
-//! the store, bind both ports) so that errors surface before anything is served;
-//! [`MetaSrv::serve`] runs until the injected `shutdown` future completes.
+//! [`MetaSrv::bind`] does everything that can fail at start-up (lock the directory,
+//! check its cluster identity, open the database, bind both ports, start the raft
+//! driver) so that errors surface before anything is served; [`MetaSrv::serve`] runs
+//! until the injected `shutdown` future completes. A single member is a one-voter raft
+//! group: the same code path as a cluster.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use common_meta::kv::{KvLimits, SledKvBackend};
+use common_meta::kv::{KvLimits, SledKvStore};
+use meta_proto::v1::cluster_server::ClusterServer;
 use meta_proto::v1::store_server::StoreServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
+use crate::cluster::{InitialCluster, check_identity};
 use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::error::{Error, Result};
 use crate::http::{self, HttpState};
+use crate::raft::backend::RaftKvBackend;
+use crate::raft::driver::{RaftNode, RaftSettings};
+use crate::raft::grpc_transport::GrpcTransport;
+use crate::service::cluster::ClusterService;
 use crate::service::store::StoreService;
 
-/// A meta-srv whose resources are acquired and whose ports are bound.
+/// A meta-srv whose resources are acquired, whose ports are bound and whose raft member
+/// is running.
 pub struct MetaSrv {
     config: Config,
     data_dir: DataDir,
-    backend: Arc<SledKvBackend>,
+    cluster_id: u64,
+    members: Arc<BTreeMap<u64, String>>,
+    store: Arc<SledKvStore>,
+    node: RaftNode,
+    backend: RaftKvBackend,
     grpc: TcpListener,
     http: TcpListener,
 }
 
+fn sled_error(context: &'static str) -> impl FnOnce(sled::Error) -> Error {
+    move |source| {
+        Error::Meta(common_meta::Error::Storage {
+            context: context.to_string(),
+            source,
+        })
+    }
+}
+
 impl MetaSrv {
-    /// Locks the data directory, opens the store and binds both listeners.
+    /// Locks the data directory, checks it belongs to this cluster and member, opens the
+    /// database, binds both listeners and starts the raft member.
     pub async fn bind(config: Config) -> Result<MetaSrv> {
         let data_dir = DataDir::open(&config.data_dir)?;
-        let kv_path = data_dir.kv_path();
-        let limits = KvLimits::from(config.limits);
-        // Opening sled reads its files: keep it off the reactor.
-        let backend = tokio::task::spawn_blocking(move || SledKvBackend::open(kv_path, limits))
-            .await
-            .map_err(|e| Error::Serve {
-                what: "store",
-                message: e.to_string(),
-            })??;
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
                 .await
@@ -49,10 +65,66 @@ impl MetaSrv {
         };
         let grpc = bind("gRPC", config.listen_addr).await?;
         let http = bind("HTTP", config.http_addr).await?;
+        let grpc_addr = local_addr(&grpc, config.listen_addr);
+
+        let configured = config
+            .cluster()
+            .map_err(|e| Error::Meta(common_meta::Error::invalid_argument(e.to_string())))?;
+        let cluster = if configured.is_empty() {
+            InitialCluster::single(config.node_id, grpc_addr.to_string())
+        } else {
+            configured
+        };
+        let cluster_id = cluster.cluster_id(&config.cluster_token);
+        let members = Arc::new(cluster.members().clone());
+
+        let db_path = data_dir.db_path();
+        let limits = KvLimits::from(config.limits);
+        let node_id = config.node_id;
+        let dir = data_dir.path().to_path_buf();
+        // Opening sled reads its files: keep it off the reactor.
+        let (db, store) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let db = sled::Config::new()
+                .path(&db_path)
+                .open()
+                .map_err(sled_error("opening the database"))?;
+            check_identity(&db, &dir, cluster_id, node_id)?;
+            let store = SledKvStore::open_in(db.clone(), limits)?;
+            Ok((db, Arc::new(store)))
+        })
+        .await
+        .map_err(|e| Error::Serve {
+            what: "store",
+            message: e.to_string(),
+        })??;
+
+        let transport = GrpcTransport::start(
+            cluster_id,
+            node_id,
+            &members,
+            &tokio::runtime::Handle::current(),
+        );
+        let raft = config.raft;
+        let settings = RaftSettings {
+            tick: Duration::from_millis(raft.tick_ms),
+            election_ticks: raft.election_ticks,
+            heartbeat_ticks: raft.heartbeat_ticks,
+            ..RaftSettings::new(node_id, members.keys().copied().collect())
+        };
+        let node = RaftNode::start(settings, db, store.clone(), Arc::new(transport))?;
+        let backend = RaftKvBackend::new(
+            node.mailbox(),
+            store.clone(),
+            Duration::from_millis(raft.request_timeout_ms),
+        );
         Ok(MetaSrv {
             config,
             data_dir,
-            backend: Arc::new(backend),
+            cluster_id,
+            members,
+            store,
+            node,
+            backend,
             grpc,
             http,
         })
@@ -68,7 +140,13 @@ impl MetaSrv {
         local_addr(&self.http, self.config.http_addr)
     }
 
-    /// Serves gRPC and HTTP until `shutdown` completes, then drains both and returns.
+    /// This cluster's id.
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
+    }
+
+    /// Serves gRPC and HTTP until `shutdown` completes, then drains both, stops the raft
+    /// member and returns.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
@@ -82,30 +160,51 @@ impl MetaSrv {
 
         let limits = KvLimits::from(self.config.limits);
         let member_id = self.config.node_id;
-        let store = StoreService::new(self.backend.clone(), member_id, limits);
+        let store = StoreService::new(
+            Arc::new(self.backend.clone()),
+            member_id,
+            limits,
+            self.members.clone(),
+        );
         // Let oversized requests through decoding (up to 4x the limit) so that the
         // service can refuse them with InvalidArgument naming max_request_bytes.
         let store = StoreServer::new(store)
             .max_decoding_message_size(limits.max_request_bytes.saturating_mul(4));
+        let cluster = ClusterServer::new(ClusterService::new(
+            self.cluster_id,
+            member_id,
+            self.node.mailbox(),
+            self.members.clone(),
+        ))
+        .max_decoding_message_size(limits.max_request_bytes.saturating_mul(4));
         let grpc = tonic::transport::Server::builder()
             .add_service(store)
+            .add_service(cluster)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
                 stopped(stop_rx.clone()),
             );
         let router = http::router(Arc::new(HttpState {
             member_id,
-            backend: self.backend.clone(),
+            cluster_id: self.cluster_id,
+            store: self.store.clone(),
+            mailbox: self.node.mailbox(),
+            members: self.members.clone(),
         }));
         let http = axum::serve(self.http, router).with_graceful_shutdown(stopped(stop_rx));
 
         tracing::info!(
             member_id,
+            cluster_id = format!("{:016x}", self.cluster_id),
+            members = ?self.members,
             data_dir = %self.data_dir.path().display(),
-            revision = self.backend.revision(),
+            revision = self.store.revision(),
             "meta-srv serving"
         );
         let (grpc, http) = tokio::join!(grpc, http);
+        // Stop the driver (it joins its thread) off the reactor.
+        let node = self.node;
+        let _ = tokio::task::spawn_blocking(move || drop(node)).await;
         grpc.map_err(|e| Error::Serve {
             what: "gRPC",
             message: e.to_string(),

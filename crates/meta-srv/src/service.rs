@@ -1,3 +1,4 @@
 //! gRPC services of `meta.v1`, thin adapters from the wire to the backends.
 
+pub mod cluster;
 pub mod store;

@@ -51,6 +51,9 @@ struct StartArgs {
     /// This member's id [default: 1].
     #[arg(long, env = "METASRV_NODE_ID", value_name = "ID")]
     node_id: Option<u64>,
+    /// Members of a new cluster: ID=HOST:PORT,... [default: this node alone].
+    #[arg(long, env = "METASRV_INITIAL_CLUSTER", value_name = "ID=HOST:PORT,...")]
+    initial_cluster: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -69,6 +72,7 @@ fn start(args: StartArgs) -> ExitCode {
         data_dir: args.data_dir,
         listen_addr: args.listen_addr,
         http_addr: args.http_addr,
+        initial_cluster: args.initial_cluster,
     };
     let config = match Config::load(args.config.as_deref(), overrides) {
         Ok(config) => config,

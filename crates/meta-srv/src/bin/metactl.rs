@@ -48,6 +48,8 @@ enum Command {
     /// Read and write keys (UTF-8 text).
     #[command(subcommand)]
     Kv(KvCommand),
+    /// This member's raft view: role, leader, term, indexes, members.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -55,7 +57,13 @@ enum KvCommand {
     /// Write KEY = VALUE; prints OK.
     Put { key: String, value: String },
     /// Print KEY's value; exits 1 with "not found" when absent.
-    Get { key: String },
+    Get {
+        key: String,
+        /// Read the member's local state (any member; may be stale) instead of a
+        /// linearizable read through the leader.
+        #[arg(long)]
+        serializable: bool,
+    },
     /// Delete KEY; prints the number of keys deleted.
     Del { key: String },
     /// List keys starting with PREFIX, one "KEY VALUE" line each.
@@ -68,6 +76,9 @@ struct RangeArgs {
     /// At most this many keys (0 = all).
     #[arg(long, default_value_t = 0)]
     limit: u32,
+    /// Read the member's local state (any member; may be stale).
+    #[arg(long)]
+    serializable: bool,
 }
 
 /// A failure already phrased for the operator.
@@ -110,16 +121,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     };
     let client =
         MetaClient::new(&cli.endpoints, options).map_err(|e| Failure(format!("error: {e}")))?;
-    let Command::Kv(command) = cli.command;
-    kv(&client, command, cli.output)
-        .await
-        .map_err(|Failure(m)| {
-            Failure(if m.starts_with("not found") {
-                m
-            } else {
-                format!("error: {m}")
-            })
+    let result = match cli.command {
+        Command::Kv(command) => kv(&client, command, cli.output).await,
+        Command::Status => status(&client, cli.output).await,
+    };
+    result.map_err(|Failure(m)| {
+        Failure(if m.starts_with("not found") {
+            m
+        } else {
+            format!("error: {m}")
         })
+    })
 }
 
 async fn kv(client: &MetaClient, command: KvCommand, output: Output) -> Result<(), Failure> {
@@ -132,10 +144,17 @@ async fn kv(client: &MetaClient, command: KvCommand, output: Output) -> Result<(
                 json!({ "revision": put.revision }),
             );
         }
-        KvCommand::Get { key } => {
-            let kv = client
-                .get(key.as_bytes())
-                .await?
+        KvCommand::Get { key, serializable } => {
+            let request = RangeRequest::key(key.as_str());
+            let range = if serializable {
+                client.range_serializable(request).await?
+            } else {
+                client.range(request).await?
+            };
+            let kv = range
+                .kvs
+                .into_iter()
+                .next()
                 .ok_or_else(|| Failure(format!("not found: {key}")))?;
             print(output, text(&kv.value), kv_json(&kv));
         }
@@ -148,9 +167,12 @@ async fn kv(client: &MetaClient, command: KvCommand, output: Output) -> Result<(
             );
         }
         KvCommand::Range(args) => {
-            let range = client
-                .range(RangeRequest::prefix(args.prefix).with_limit(i64::from(args.limit)))
-                .await?;
+            let request = RangeRequest::prefix(args.prefix).with_limit(i64::from(args.limit));
+            let range = if args.serializable {
+                client.range_serializable(request).await?
+            } else {
+                client.range(request).await?
+            };
             let lines: Vec<String> = range
                 .kvs
                 .iter()
@@ -168,6 +190,52 @@ async fn kv(client: &MetaClient, command: KvCommand, output: Output) -> Result<(
             );
         }
     }
+    Ok(())
+}
+
+async fn status(client: &MetaClient, output: Output) -> Result<(), Failure> {
+    let s = client.status().await?;
+    let members: Vec<serde_json::Value> = s
+        .members
+        .iter()
+        .map(|m| json!({ "id": m.id, "addr": m.addr, "role": m.role }))
+        .collect();
+    let mut lines = vec![
+        format!("cluster:  {:016x}", s.cluster_id),
+        format!("member:   {} ({})", s.member_id, s.role),
+        format!(
+            "leader:   {}",
+            if s.leader_id == 0 {
+                "none".to_string()
+            } else {
+                format!("{} {}", s.leader_id, s.leader_addr)
+            }
+        ),
+        format!("term:     {}", s.term),
+        format!("commit:   {}", s.commit_index),
+        format!("applied:  {}", s.applied_index),
+        "members:".to_string(),
+    ];
+    lines.extend(
+        s.members
+            .iter()
+            .map(|m| format!("  {} {} {}", m.id, m.addr, m.role)),
+    );
+    print(
+        output,
+        lines.join("\n"),
+        json!({
+            "cluster_id": format!("{:016x}", s.cluster_id),
+            "member_id": s.member_id,
+            "role": s.role,
+            "leader_id": s.leader_id,
+            "leader_addr": s.leader_addr,
+            "term": s.term,
+            "commit_index": s.commit_index,
+            "applied_index": s.applied_index,
+            "members": members,
+        }),
+    );
     Ok(())
 }
 

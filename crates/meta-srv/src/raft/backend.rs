@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common_meta::Error;
-use common_meta::kv::{KvBackend, SledKvStore, TxnRequest, TxnResponse};
+use common_meta::kv::{
+    KvBackend, RangeRequest, RangeResponse, SledKvStore, TxnOp, TxnOpResponse, TxnRequest,
+    TxnResponse,
+};
 use tokio::sync::oneshot;
 
 use crate::raft::driver::{Command, Mailbox};
@@ -79,5 +82,20 @@ impl KvBackend for RaftKvBackend {
             return self.read_local(req).await;
         }
         self.ask(|reply| Command::Propose { txn: req, reply }).await
+    }
+
+    async fn range_serializable(&self, req: RangeRequest) -> Result<RangeResponse, Error> {
+        let txn = TxnRequest {
+            success: vec![TxnOp::Range(req)],
+            ..Default::default()
+        };
+        let response = self.read_local(txn).await?;
+        match response.responses.into_iter().next() {
+            Some(TxnOpResponse::Range(range)) => Ok(range),
+            other => Err(Error::Remote {
+                code: "Internal".to_string(),
+                message: format!("a local range answered {other:?}"),
+            }),
+        }
     }
 }

@@ -109,6 +109,13 @@ impl Mailbox {
         })
     }
 
+    /// Asks for the driver's current status.
+    pub async fn status(&self) -> Result<RaftStatus, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Status { reply })?;
+        answer.await.map_err(|_| stopped())
+    }
+
     /// Delivers a raft message (dropped if the driver has stopped, like a lost packet).
     pub fn step(&self, message: Message) {
         let _ = self.queue.send(Command::Step(Box::new(message)));
@@ -223,9 +230,7 @@ impl RaftNode {
 
     /// Asks for the current status.
     pub async fn status(&self) -> Result<RaftStatus, Error> {
-        let (reply, answer) = oneshot::channel();
-        self.mailbox.send(Command::Status { reply })?;
-        answer.await.map_err(|_| stopped())
+        self.mailbox.status().await
     }
 }
 

@@ -1,10 +1,12 @@
 //! The `meta.v1.Store` service: decodes a request, checks its size, calls the
 //! [`KvBackend`], encodes the answer. Every conversion is `common_meta::rpc`'s.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use common_meta::kv::{KvBackend, KvLimits};
 use common_meta::rpc;
+use meta_proto::LEADER_HINT;
 use meta_proto::v1 as pb;
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -16,16 +18,38 @@ pub struct StoreService {
     backend: Arc<dyn KvBackend>,
     member_id: u64,
     limits: KvLimits,
+    members: Arc<BTreeMap<u64, String>>,
 }
 
 impl StoreService {
-    /// A service answering as `member_id` over `backend`, refusing requests over `limits`.
-    pub fn new(backend: Arc<dyn KvBackend>, member_id: u64, limits: KvLimits) -> Self {
+    /// A service answering as `member_id` over `backend`, refusing requests over `limits`;
+    /// `members` maps member ids to addresses for leader hints.
+    pub fn new(
+        backend: Arc<dyn KvBackend>,
+        member_id: u64,
+        limits: KvLimits,
+        members: Arc<BTreeMap<u64, String>>,
+    ) -> Self {
         StoreService {
             backend,
             member_id,
             limits,
+            members,
         }
+    }
+
+    /// The status for `err`; a not-leader answer names the leader's address in the
+    /// `x-metasrv-leader` metadata so that clients go there directly.
+    fn status(&self, err: common_meta::Error) -> Status {
+        let hint = match &err {
+            common_meta::Error::NotLeader { leader: Some(id) } => self.members.get(id).cloned(),
+            _ => None,
+        };
+        let mut status = to_status(err);
+        if let Some(addr) = hint.and_then(|a| a.parse().ok()) {
+            status.metadata_mut().insert(LEADER_HINT, addr);
+        }
+        status
     }
 
     /// Unwraps a request after checking its encoded size against `max_request_bytes`
@@ -46,8 +70,15 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
-        let req = self.admit(request)?.into();
-        let resp = self.backend.range(req).await.map_err(to_status)?;
+        let req = self.admit(request)?;
+        let serializable = req.serializable;
+        let req = req.into();
+        let resp = if serializable {
+            self.backend.range_serializable(req).await
+        } else {
+            self.backend.range(req).await
+        }
+        .map_err(|e| self.status(e))?;
         Ok(Response::new(rpc::range_response_to_pb(
             resp,
             self.member_id,
@@ -59,7 +90,7 @@ impl pb::store_server::Store for StoreService {
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
         let req = self.admit(request)?.into();
-        let resp = self.backend.put(req).await.map_err(to_status)?;
+        let resp = self.backend.put(req).await.map_err(|e| self.status(e))?;
         Ok(Response::new(rpc::put_response_to_pb(resp, self.member_id)))
     }
 
@@ -68,7 +99,11 @@ impl pb::store_server::Store for StoreService {
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
         let req = self.admit(request)?.into();
-        let resp = self.backend.delete_range(req).await.map_err(to_status)?;
+        let resp = self
+            .backend
+            .delete_range(req)
+            .await
+            .map_err(|e| self.status(e))?;
         Ok(Response::new(rpc::delete_range_response_to_pb(
             resp,
             self.member_id,
@@ -80,7 +115,11 @@ impl pb::store_server::Store for StoreService {
         request: Request<pb::BatchGetRequest>,
     ) -> Result<Response<pb::BatchGetResponse>, Status> {
         let req = self.admit(request)?.into();
-        let resp = self.backend.batch_get(req).await.map_err(to_status)?;
+        let resp = self
+            .backend
+            .batch_get(req)
+            .await
+            .map_err(|e| self.status(e))?;
         Ok(Response::new(rpc::batch_get_response_to_pb(
             resp,
             self.member_id,
@@ -92,7 +131,11 @@ impl pb::store_server::Store for StoreService {
         request: Request<pb::BatchPutRequest>,
     ) -> Result<Response<pb::BatchPutResponse>, Status> {
         let req = self.admit(request)?.into();
-        let resp = self.backend.batch_put(req).await.map_err(to_status)?;
+        let resp = self
+            .backend
+            .batch_put(req)
+            .await
+            .map_err(|e| self.status(e))?;
         Ok(Response::new(rpc::batch_put_response_to_pb(
             resp,
             self.member_id,
@@ -104,7 +147,11 @@ impl pb::store_server::Store for StoreService {
         request: Request<pb::BatchDeleteRequest>,
     ) -> Result<Response<pb::BatchDeleteResponse>, Status> {
         let req = self.admit(request)?.into();
-        let resp = self.backend.batch_delete(req).await.map_err(to_status)?;
+        let resp = self
+            .backend
+            .batch_delete(req)
+            .await
+            .map_err(|e| self.status(e))?;
         Ok(Response::new(rpc::batch_delete_response_to_pb(
             resp,
             self.member_id,
@@ -116,7 +163,11 @@ impl pb::store_server::Store for StoreService {
         request: Request<pb::CompareAndPutRequest>,
     ) -> Result<Response<pb::CompareAndPutResponse>, Status> {
         let req = self.admit(request)?.into();
-        let resp = self.backend.compare_and_put(req).await.map_err(to_status)?;
+        let resp = self
+            .backend
+            .compare_and_put(req)
+            .await
+            .map_err(|e| self.status(e))?;
         Ok(Response::new(rpc::compare_and_put_response_to_pb(
             resp,
             self.member_id,
@@ -127,8 +178,11 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
-        let req = self.admit(request)?.try_into().map_err(to_status)?;
-        let resp = self.backend.txn(req).await.map_err(to_status)?;
+        let req = self
+            .admit(request)?
+            .try_into()
+            .map_err(|e| self.status(e))?;
+        let resp = self.backend.txn(req).await.map_err(|e| self.status(e))?;
         Ok(Response::new(rpc::txn_response_to_pb(resp, self.member_id)))
     }
 }
