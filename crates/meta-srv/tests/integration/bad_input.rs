@@ -105,3 +105,54 @@ fn env_and_flags_override_the_file() {
     );
     assert!(!line.contains("grpc=127.0.0.1:1 "), "{line:?}");
 }
+
+#[test]
+fn a_data_dir_of_another_cluster_or_member_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // Created as a one-member cluster of member 1.
+    ServerProcess::start(dir.path()).terminate(EXIT_DEADLINE);
+
+    let mut command = meta_srv_command(dir.path());
+    command.args(["--initial-cluster", "1=127.0.0.1:1,2=127.0.0.1:2"]);
+    let (status, stdout, stderr) = run_bounded(command, EXIT_DEADLINE);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stdout.is_empty(), "it never listened: {stdout}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("belongs to cluster"), "{stderr}");
+
+    // The rightful owner still starts on it.
+    ServerProcess::start(dir.path()).terminate(EXIT_DEADLINE);
+
+    // Member 1 of a three-member cluster; its directory must not serve member 2.
+    let spec = "1=127.0.0.1:1,2=127.0.0.1:2,3=127.0.0.1:3";
+    let member_dir = tempfile::tempdir().unwrap();
+    let mut command = meta_srv_command(member_dir.path());
+    command.args(["--node-id", "1", "--initial-cluster", spec]);
+    ServerProcess::spawn(command).terminate(EXIT_DEADLINE);
+    let mut command = meta_srv_command(member_dir.path());
+    command.args(["--node-id", "2", "--initial-cluster", spec]);
+    let (status, _, stderr) = run_bounded(command, EXIT_DEADLINE);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("belongs to member 1, not to member 2"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_unknown_node_id_for_the_initial_cluster_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = meta_srv_command(dir.path());
+    command.args([
+        "--node-id",
+        "4",
+        "--initial-cluster",
+        "1=127.0.0.1:1,2=127.0.0.1:2",
+    ]);
+    let (status, _, stderr) = run_bounded(command, EXIT_DEADLINE);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("node_id 4 is not in initial_cluster"),
+        "{stderr}"
+    );
+}

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod bad_input;
+mod cluster_process;
 mod durability;
 mod in_process;
 mod metactl;

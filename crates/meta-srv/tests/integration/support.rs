@@ -20,7 +20,12 @@ impl ServerProcess {
     /// Starts `meta-srv start` on `data_dir` with ephemeral ports and waits until it
     /// prints its listening line.
     pub fn start(data_dir: &Path) -> ServerProcess {
-        let mut child = meta_srv_command(data_dir)
+        Self::spawn(meta_srv_command(data_dir))
+    }
+
+    /// Starts `command` (a `meta-srv start`) and waits until it prints its listening line.
+    pub fn spawn(mut command: Command) -> ServerProcess {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -81,12 +86,17 @@ impl Drop for ServerProcess {
 
 /// `meta-srv start` on `data_dir` with ephemeral ports.
 pub fn meta_srv_command(data_dir: &Path) -> Command {
+    meta_srv_command_on(data_dir, "127.0.0.1:0")
+}
+
+/// `meta-srv start` on `data_dir` with gRPC on `listen_addr` and an ephemeral HTTP port.
+pub fn meta_srv_command_on(data_dir: &Path, listen_addr: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_meta-srv"));
     command
         .arg("start")
         .arg("--data-dir")
         .arg(data_dir)
-        .args(["--listen-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--listen-addr", listen_addr, "--http-addr", "127.0.0.1:0"])
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());
     for (key, _) in std::env::vars() {

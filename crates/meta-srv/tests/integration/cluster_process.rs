@@ -1,0 +1,161 @@
+//! Three real `meta-srv` processes: the leader is killed with SIGKILL while a client
+//! writes, restarted, and every acknowledged write is then readable on every member.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common_meta::kv::{KvBackend, PutRequest, RangeRequest};
+use meta_client::{MetaClient, MetaClientOptions};
+
+use crate::support::{ServerProcess, meta_srv_command_on};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Three loopback ports that were free a moment ago (members must know each other's
+/// addresses before any of them starts, so they cannot use port 0).
+fn free_ports() -> Vec<u16> {
+    let listeners: Vec<_> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+struct ProcessCluster {
+    dirs: Vec<tempfile::TempDir>,
+    addrs: Vec<String>,
+    initial: String,
+    procs: Vec<Option<ServerProcess>>,
+}
+
+impl ProcessCluster {
+    fn start() -> ProcessCluster {
+        let addrs: Vec<String> = free_ports()
+            .into_iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let initial = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = ProcessCluster {
+            dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
+            addrs,
+            initial,
+            procs: vec![None, None, None],
+        };
+        for i in 0..3 {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let mut command = meta_srv_command_on(self.dirs[i].path(), &self.addrs[i]);
+        command
+            .args(["--node-id", &(i + 1).to_string()])
+            .args(["--initial-cluster", &self.initial]);
+        self.procs[i] = Some(ServerProcess::spawn(command));
+    }
+
+    fn client(&self, i: usize) -> MetaClient {
+        MetaClient::new(&[&self.addrs[i]], MetaClientOptions::default()).unwrap()
+    }
+
+    /// The member every live member agrees leads.
+    async fn leader(&self) -> usize {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            let mut seen = BTreeSet::new();
+            for i in (0..3).filter(|&i| self.procs[i].is_some()) {
+                match self.client(i).status().await {
+                    Ok(s) => seen.insert(s.leader_id),
+                    Err(_) => seen.insert(0),
+                };
+            }
+            if let [leader] = seen.into_iter().collect::<Vec<_>>()[..]
+                && leader != 0
+            {
+                return leader as usize - 1;
+            }
+            assert!(Instant::now() < until, "no agreed leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9_of_the_leader() {
+    let mut cluster = ProcessCluster::start();
+    let first = cluster.leader().await;
+
+    tracing::info!("--- a client writes through all three endpoints");
+    let options = MetaClientOptions {
+        deadline: Duration::from_secs(20),
+        ..MetaClientOptions::default()
+    };
+    let client = Arc::new(MetaClient::new(&cluster.addrs, options).unwrap());
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let writer = {
+        let (client, acked) = (client.clone(), acked.clone());
+        tokio::spawn(async move {
+            for i in 0..600u32 {
+                let key = format!("k/{i:04}");
+                // An error here is an unknown outcome: only successes count as acked.
+                if client.put(PutRequest::new(key.as_str(), "v")).await.is_ok() {
+                    acked.lock().unwrap().push(key);
+                }
+            }
+        })
+    };
+    let until = Instant::now() + DEADLINE;
+    while acked.lock().unwrap().len() < 150 {
+        assert!(Instant::now() < until, "writes did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    tracing::info!(
+        "--- the leader (member {}) is killed with SIGKILL",
+        first + 1
+    );
+    cluster.procs[first].take().unwrap().kill9();
+    writer.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 300,
+        "writes continued under the new leader: {}",
+        acked.len()
+    );
+
+    tracing::info!("--- it restarts; every member converges on every acked write");
+    cluster.spawn(first);
+    let leader = cluster.leader().await;
+    let commit = cluster.client(leader).status().await.unwrap().commit_index;
+    for i in 0..3 {
+        let member = cluster.client(i);
+        let until = Instant::now() + DEADLINE;
+        while member.status().await.map_or(0, |s| s.applied_index) < commit {
+            assert!(Instant::now() < until, "member {} did not catch up", i + 1);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let local = member
+            .range_serializable(RangeRequest::prefix("k/"))
+            .await
+            .unwrap();
+        let present: BTreeSet<Vec<u8>> = local.kvs.into_iter().map(|kv| kv.key).collect();
+        let missing: Vec<&String> = acked
+            .iter()
+            .filter(|k| !present.contains(k.as_bytes()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "member {} lost acked writes: {missing:?}",
+            i + 1
+        );
+    }
+}
