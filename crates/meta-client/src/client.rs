@@ -1,8 +1,8 @@
 //! [`MetaClient`]: endpoints, channels and the retry loop.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use common_meta::{Error, Result};
@@ -53,7 +53,8 @@ pub struct MetaClient {
 
 #[derive(Debug)]
 struct Inner {
-    endpoints: Vec<(String, Channel)>,
+    /// The endpoints given, plus leaders learned from hints; never shrinks.
+    endpoints: RwLock<Vec<(String, Channel)>>,
     /// Index of the endpoint that answered last; requests start there.
     current: AtomicUsize,
     options: MetaClientOptions,
@@ -86,16 +87,20 @@ impl MetaClient {
         }
         Ok(MetaClient {
             inner: Arc::new(Inner {
-                endpoints: channels,
+                endpoints: RwLock::new(channels),
                 current: AtomicUsize::new(0),
                 options,
             }),
         })
     }
 
-    /// The endpoints this client was given.
-    pub fn endpoints(&self) -> impl Iterator<Item = &str> {
-        self.inner.endpoints.iter().map(|(e, _)| e.as_str())
+    /// The endpoints this client talks to: those it was given, then leaders it learned.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.inner
+            .read_endpoints()
+            .iter()
+            .map(|(e, _)| e.clone())
+            .collect()
     }
 
     /// Runs `call` on a Store client (see [`MetaClient::with_channel`]).
@@ -120,9 +125,72 @@ impl MetaClient {
         .await
     }
 
-    /// The index of the endpoint named `addr`, if this client was given it.
+    /// Adds member `id` at `addr` as a learner (sent to the leader).
+    pub async fn add_learner(&self, id: u64, addr: &str) -> Result<pb::MembershipResponse> {
+        let req = pb::AddLearnerRequest {
+            id,
+            addr: addr.to_string(),
+        };
+        self.with_channel(|channel| {
+            let req = req.clone();
+            async move { ClusterClient::new(channel).add_learner(req).await }
+        })
+        .await
+    }
+
+    /// Makes learner `id` a voter (sent to the leader).
+    pub async fn promote_member(&self, id: u64) -> Result<pb::MembershipResponse> {
+        self.with_channel(|channel| async move {
+            ClusterClient::new(channel)
+                .promote_member(pb::MemberIdRequest { id })
+                .await
+        })
+        .await
+    }
+
+    /// Removes member `id` (sent to the leader).
+    pub async fn remove_member(&self, id: u64) -> Result<pb::MembershipResponse> {
+        self.with_channel(|channel| async move {
+            ClusterClient::new(channel)
+                .remove_member(pb::MemberIdRequest { id })
+                .await
+        })
+        .await
+    }
+
+    /// Hands leadership to voter `to`; returns once it leads.
+    pub async fn transfer_leader(&self, to: u64) -> Result<()> {
+        self.with_channel(|channel| async move {
+            ClusterClient::new(channel)
+                .transfer_leader(pb::TransferLeaderRequest { to })
+                .await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// The index of the endpoint named `addr`, adding it when a leader hint names a
+    /// member this client was not given (so a client of some members finds them all).
     fn endpoint_index(&self, addr: &str) -> Option<usize> {
-        self.inner.endpoints.iter().position(|(e, _)| e == addr)
+        if let Some(i) = self
+            .inner
+            .read_endpoints()
+            .iter()
+            .position(|(e, _)| e == addr)
+        {
+            return Some(i);
+        }
+        let channel = channel(addr, &self.inner.options).ok()?;
+        let mut endpoints = self
+            .inner
+            .endpoints
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = endpoints.iter().position(|(e, _)| e == addr) {
+            return Some(i);
+        }
+        endpoints.push((addr.to_string(), channel));
+        Some(endpoints.len() - 1)
     }
 
     /// Runs `call` against the current endpoint until it succeeds, fails otherwise, or
@@ -144,8 +212,12 @@ impl MetaClient {
         // Hints can be stale during an election; follow only a few in a row.
         let mut hint_jumps = 0;
         loop {
-            let index = inner.current.load(Ordering::Relaxed) % inner.endpoints.len();
-            let (endpoint, channel) = &inner.endpoints[index];
+            let (index, endpoint, channel, count) = {
+                let endpoints = inner.read_endpoints();
+                let index = inner.current.load(Ordering::Relaxed) % endpoints.len();
+                let (endpoint, channel) = endpoints[index].clone();
+                (index, endpoint, channel, endpoints.len())
+            };
             let status = match call(channel.clone()).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => status,
@@ -174,7 +246,7 @@ impl MetaClient {
             // Move on to the next endpoint (unless another request already did).
             let _ = inner.current.compare_exchange(
                 index,
-                (index + 1) % inner.endpoints.len(),
+                (index + 1) % count,
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             );
@@ -183,19 +255,43 @@ impl MetaClient {
                 return Err(Error::Unavailable {
                     message: format!(
                         "no endpoint of [{}] answered within {:?} ({attempt} attempts); last error from {endpoint}: {}",
-                        self.endpoints().collect::<Vec<_>>().join(", "),
+                        self.endpoints().join(", "),
                         inner.options.deadline,
                         status.message()
                     ),
                 });
             }
             // Only pause once every endpoint has been tried in this round.
-            if attempt.is_multiple_of(inner.endpoints.len()) {
+            if attempt.is_multiple_of(count) {
                 tokio::time::sleep(jittered(backoff)).await;
                 backoff = (backoff * 2).min(inner.options.max_backoff);
             }
         }
     }
+}
+
+impl Inner {
+    fn read_endpoints(&self) -> std::sync::RwLockReadGuard<'_, Vec<(String, Channel)>> {
+        // Only ever pushed to, under the write lock: a poisoned list is still whole.
+        self.endpoints
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A lazily connecting channel to `endpoint` (`host:port` or a full URI).
+fn channel(endpoint: &str, options: &MetaClientOptions) -> Result<Channel> {
+    let uri = if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| Error::invalid_argument(format!("invalid endpoint {endpoint:?}: {e}")))?
+        .connect_timeout(options.connect_timeout)
+        .timeout(options.request_timeout)
+        .tcp_nodelay(true)
+        .connect_lazy())
 }
 
 /// `base` scaled by a factor in [0.5, 1.0), so that clients that failed together do not

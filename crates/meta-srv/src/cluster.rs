@@ -82,17 +82,17 @@ impl InitialCluster {
     }
 }
 
-/// Records the identity in a new data directory, or checks it against an existing one.
-pub fn check_identity(
-    db: &sled::Db,
-    data_dir: &Path,
-    cluster_id: u64,
-    member_id: u64,
-) -> Result<()> {
-    let sled_error = |context: &str| {
-        let context = context.to_string();
-        move |source| Error::Meta(common_meta::Error::Storage { context, source })
-    };
+fn sled_error(context: &str) -> impl FnOnce(sled::Error) -> Error + '_ {
+    move |source| {
+        Error::Meta(common_meta::Error::Storage {
+            context: context.to_string(),
+            source,
+        })
+    }
+}
+
+/// The `(cluster id, member id)` stored in a data directory's database, if any.
+pub fn read_identity(db: &sled::Db) -> Result<Option<(u64, u64)>> {
     let tree = db
         .open_tree(IDENTITY_TREE)
         .map_err(sled_error("opening the identity tree"))?;
@@ -103,8 +103,22 @@ pub fn check_identity(
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map(u64::from_be_bytes))
     };
-    match (read(CLUSTER_ID)?, read(MEMBER_ID)?) {
-        (None, None) => {
+    Ok(read(CLUSTER_ID)?.zip(read(MEMBER_ID)?))
+}
+
+/// Records the identity in a new data directory, or checks it against an existing one.
+pub fn check_identity(
+    db: &sled::Db,
+    data_dir: &Path,
+    cluster_id: u64,
+    member_id: u64,
+) -> Result<()> {
+    let tree = db
+        .open_tree(IDENTITY_TREE)
+        .map_err(sled_error("opening the identity tree"))?;
+    let stored = read_identity(db)?;
+    match (stored.map(|s| s.0), stored.map(|s| s.1)) {
+        (None, _) | (_, None) => {
             tree.insert(CLUSTER_ID, &cluster_id.to_be_bytes())
                 .and_then(|_| tree.insert(MEMBER_ID, &member_id.to_be_bytes()))
                 .map_err(sled_error("writing the identity"))?;

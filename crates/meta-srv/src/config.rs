@@ -54,6 +54,8 @@ pub struct Config {
     pub initial_cluster: String,
     /// Mixed into the cluster id, so that two clusters with the same member ids differ.
     pub cluster_token: String,
+    /// Members of a running cluster to join, `HOST:PORT,...` (after `metactl member add`).
+    pub join: String,
     /// Raft timing.
     pub raft: RaftConfig,
     /// Limits on KV requests.
@@ -71,6 +73,7 @@ impl Default for Config {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 4002)),
             initial_cluster: String::new(),
             cluster_token: "metasrv".to_string(),
+            join: String::new(),
             raft: RaftConfig::default(),
             limits: LimitsConfig::default(),
             logging: LoggingConfig::default(),
@@ -183,6 +186,8 @@ pub struct Overrides {
     pub http_addr: Option<SocketAddr>,
     /// `--initial-cluster` / `METASRV_INITIAL_CLUSTER`.
     pub initial_cluster: Option<String>,
+    /// `--join` / `METASRV_JOIN`.
+    pub join: Option<String>,
 }
 
 impl Config {
@@ -236,12 +241,14 @@ impl Config {
             listen_addr,
             http_addr,
             initial_cluster,
+            join,
         } = overrides;
         config.node_id = node_id.unwrap_or(config.node_id);
         config.data_dir = data_dir.unwrap_or(config.data_dir);
         config.listen_addr = listen_addr.unwrap_or(config.listen_addr);
         config.http_addr = http_addr.unwrap_or(config.http_addr);
         config.initial_cluster = initial_cluster.unwrap_or(config.initial_cluster);
+        config.join = join.unwrap_or(config.join);
         config.validate()?;
         Ok(config)
     }
@@ -269,6 +276,12 @@ impl Config {
             )));
         }
         let cluster = self.cluster()?;
+        if !cluster.is_empty() && !self.join.trim().is_empty() {
+            return Err(ConfigError::Invalid(
+                "initial_cluster starts a new cluster and join enters a running one: give only one"
+                    .into(),
+            ));
+        }
         if !cluster.is_empty() && !cluster.members().contains_key(&self.node_id) {
             return Err(ConfigError::Invalid(format!(
                 "node_id {} is not in initial_cluster {:?}",

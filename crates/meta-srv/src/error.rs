@@ -48,6 +48,15 @@ pub enum Error {
         expected: u64,
     },
 
+    /// Joining an existing cluster failed.
+    #[error("cannot join the cluster at {endpoints}: {reason}")]
+    Join {
+        /// The endpoints given with --join.
+        endpoints: String,
+        /// Why.
+        reason: String,
+    },
+
     /// A listener could not be bound.
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind {
@@ -103,4 +112,21 @@ pub fn to_status(err: common_meta::Error) -> tonic::Status {
             tonic::Status::internal(e.to_string())
         }
     }
+}
+
+/// Like [`to_status`], but a not-leader answer names the leader's address in the
+/// `x-metasrv-leader` metadata (`meta_proto::LEADER_HINT`), so clients go there directly.
+pub fn to_status_with_hint(
+    err: common_meta::Error,
+    members: &crate::raft::members::Members,
+) -> tonic::Status {
+    let hint = match &err {
+        common_meta::Error::NotLeader { leader: Some(id) } => members.addr(*id),
+        _ => None,
+    };
+    let mut status = to_status(err);
+    if let Some(addr) = hint.and_then(|a| a.parse().ok()) {
+        status.metadata_mut().insert(meta_proto::LEADER_HINT, addr);
+    }
+    status
 }

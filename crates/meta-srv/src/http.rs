@@ -1,6 +1,5 @@
 //! The HTTP admin API (axum): `GET /health`, `GET /status`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -11,6 +10,7 @@ use common_meta::kv::SledKvStore;
 use serde::Serialize;
 
 use crate::raft::driver::Mailbox;
+use crate::raft::members::Members;
 
 /// What the handlers read.
 pub struct HttpState {
@@ -23,7 +23,7 @@ pub struct HttpState {
     /// The raft driver, for status.
     pub mailbox: Mailbox,
     /// Member ids to addresses.
-    pub members: Arc<BTreeMap<u64, String>>,
+    pub members: Arc<Members>,
 }
 
 /// The body of `GET /health`.
@@ -97,7 +97,7 @@ async fn status(
         .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let view = |id: &u64, role| MemberView {
         id: *id,
-        addr: state.members.get(id).cloned().unwrap_or_default(),
+        addr: state.members.addr(*id).unwrap_or_default(),
         role,
     };
     let members = status

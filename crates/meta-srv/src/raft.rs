@@ -8,6 +8,7 @@
 //! | `backend` | `RaftKvBackend`: propose writes, ReadIndex reads |
 //! | `transport` | the `Transport` seam and the fault-injecting `LocalRouter` |
 //! | `grpc_transport` | `GrpcTransport`: per-peer batching streams with reconnect |
+//! | `members` | member ids -> addresses, replicated with conf changes, persisted |
 //! | `slog_bridge` | raft-rs's slog records into tracing |
 //!
 //! A single member is a one-voter group on the same code path.
@@ -16,5 +17,6 @@ pub mod backend;
 pub mod driver;
 pub mod grpc_transport;
 pub mod log_store;
+pub mod members;
 pub mod slog_bridge;
 pub mod transport;

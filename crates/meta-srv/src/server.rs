@@ -6,7 +6,6 @@
 //! until the injected `shutdown` future completes. A single member is a one-voter raft
 //! group: the same code path as a cluster.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +18,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
-use crate::cluster::{InitialCluster, check_identity};
+use std::collections::BTreeMap;
+
+use meta_client::{MetaClient, MetaClientOptions};
+
+use crate::cluster::{InitialCluster, check_identity, read_identity};
 use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::error::{Error, Result};
@@ -27,6 +30,7 @@ use crate::http::{self, HttpState};
 use crate::raft::backend::RaftKvBackend;
 use crate::raft::driver::{RaftNode, RaftSettings};
 use crate::raft::grpc_transport::GrpcTransport;
+use crate::raft::members::Members;
 use crate::service::cluster::ClusterService;
 use crate::service::store::StoreService;
 
@@ -36,7 +40,7 @@ pub struct MetaSrv {
     config: Config,
     data_dir: DataDir,
     cluster_id: u64,
-    members: Arc<BTreeMap<u64, String>>,
+    members: Arc<Members>,
     store: Arc<SledKvStore>,
     node: RaftNode,
     backend: RaftKvBackend,
@@ -67,30 +71,32 @@ impl MetaSrv {
         let http = bind("HTTP", config.http_addr).await?;
         let grpc_addr = local_addr(&grpc, config.listen_addr);
 
-        let configured = config
-            .cluster()
-            .map_err(|e| Error::Meta(common_meta::Error::invalid_argument(e.to_string())))?;
-        let cluster = if configured.is_empty() {
-            InitialCluster::single(config.node_id, grpc_addr.to_string())
-        } else {
-            configured
-        };
-        let cluster_id = cluster.cluster_id(&config.cluster_token);
-        let members = Arc::new(cluster.members().clone());
-
         let db_path = data_dir.db_path();
-        let limits = KvLimits::from(config.limits);
-        let node_id = config.node_id;
-        let dir = data_dir.path().to_path_buf();
-        // Opening sled reads its files: keep it off the reactor.
-        let (db, store) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let db = sled::Config::new()
+        let db = tokio::task::spawn_blocking(move || {
+            sled::Config::new()
                 .path(&db_path)
                 .open()
-                .map_err(sled_error("opening the database"))?;
+                .map_err(sled_error("opening the database"))
+        })
+        .await
+        .map_err(|e| Error::Serve {
+            what: "store",
+            message: e.to_string(),
+        })??;
+        let node_id = config.node_id;
+        let identity = Self::identity(&config, &db, grpc_addr).await?;
+        let (cluster_id, initial, voters) = identity;
+
+        let limits = KvLimits::from(config.limits);
+        let dir = data_dir.path().to_path_buf();
+        let db_for_store = db.clone();
+        // Reading and writing the identity and opening the trees touch disk.
+        let (store, members) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let db = db_for_store;
             check_identity(&db, &dir, cluster_id, node_id)?;
             let store = SledKvStore::open_in(db.clone(), limits)?;
-            Ok((db, Arc::new(store)))
+            let members = Members::open(&db, &initial)?;
+            Ok((Arc::new(store), Arc::new(members)))
         })
         .await
         .map_err(|e| Error::Serve {
@@ -98,20 +104,26 @@ impl MetaSrv {
             message: e.to_string(),
         })??;
 
-        let transport = GrpcTransport::start(
+        let transport = GrpcTransport::new(
             cluster_id,
             node_id,
-            &members,
-            &tokio::runtime::Handle::current(),
+            members.clone(),
+            tokio::runtime::Handle::current(),
         );
         let raft = config.raft;
         let settings = RaftSettings {
             tick: Duration::from_millis(raft.tick_ms),
             election_ticks: raft.election_ticks,
             heartbeat_ticks: raft.heartbeat_ticks,
-            ..RaftSettings::new(node_id, members.keys().copied().collect())
+            ..RaftSettings::new(node_id, voters)
         };
-        let node = RaftNode::start(settings, db, store.clone(), Arc::new(transport))?;
+        let node = RaftNode::start(
+            settings,
+            db,
+            store.clone(),
+            members.clone(),
+            Arc::new(transport),
+        )?;
         let backend = RaftKvBackend::new(
             node.mailbox(),
             store.clone(),
@@ -128,6 +140,53 @@ impl MetaSrv {
             grpc,
             http,
         })
+    }
+
+    /// Works out which cluster this member belongs to: `(cluster id, initial members,
+    /// initial voters)`. A new member given `join` asks the running cluster; one that
+    /// already has an identity and joined keeps it; otherwise the id comes from the
+    /// initial cluster (or this member alone) and the token.
+    async fn identity(
+        config: &Config,
+        db: &sled::Db,
+        grpc_addr: SocketAddr,
+    ) -> Result<(u64, BTreeMap<u64, String>, Vec<u64>)> {
+        let join = config.join.trim();
+        if !join.is_empty() {
+            if let Some((cluster_id, _)) = read_identity(db)? {
+                return Ok((cluster_id, BTreeMap::new(), Vec::new()));
+            }
+            let endpoints: Vec<&str> = join.split(',').map(str::trim).collect();
+            let fail = |reason: String| Error::Join {
+                endpoints: join.to_string(),
+                reason,
+            };
+            let client = MetaClient::new(&endpoints, MetaClientOptions::default())
+                .map_err(|e| fail(e.to_string()))?;
+            let status = client.status().await.map_err(|e| fail(e.to_string()))?;
+            if !status.members.iter().any(|m| m.id == config.node_id) {
+                return Err(fail(format!(
+                    "member {} is not in the cluster; run `metactl member add {} ADDR` first",
+                    config.node_id, config.node_id
+                )));
+            }
+            let members = status.members.into_iter().map(|m| (m.id, m.addr)).collect();
+            return Ok((status.cluster_id, members, Vec::new()));
+        }
+        let configured = config
+            .cluster()
+            .map_err(|e| Error::Meta(common_meta::Error::invalid_argument(e.to_string())))?;
+        let cluster = if configured.is_empty() {
+            InitialCluster::single(config.node_id, grpc_addr.to_string())
+        } else {
+            configured
+        };
+        let voters = cluster.members().keys().copied().collect();
+        Ok((
+            cluster.cluster_id(&config.cluster_token),
+            cluster.members().clone(),
+            voters,
+        ))
     }
 
     /// The bound gRPC address (the real port when the config asked for port 0).
@@ -196,7 +255,7 @@ impl MetaSrv {
         tracing::info!(
             member_id,
             cluster_id = format!("{:016x}", self.cluster_id),
-            members = ?self.members,
+            members = ?self.members.all(),
             data_dir = %self.data_dir.path().display(),
             revision = self.store.revision(),
             "meta-srv serving"

@@ -54,6 +54,9 @@ struct StartArgs {
     /// Members of a new cluster: ID=HOST:PORT,... [default: this node alone].
     #[arg(long, env = "METASRV_INITIAL_CLUSTER", value_name = "ID=HOST:PORT,...")]
     initial_cluster: Option<String>,
+    /// Join a running cluster through these members (after `metactl member add`).
+    #[arg(long, env = "METASRV_JOIN", value_name = "HOST:PORT,...")]
+    join: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +76,7 @@ fn start(args: StartArgs) -> ExitCode {
         listen_addr: args.listen_addr,
         http_addr: args.http_addr,
         initial_cluster: args.initial_cluster,
+        join: args.join,
     };
     let config = match Config::load(args.config.as_deref(), overrides) {
         Ok(config) => config,

@@ -50,6 +50,30 @@ enum Command {
     Kv(KvCommand),
     /// This member's raft view: role, leader, term, indexes, members.
     Status,
+    /// List and change the members of the cluster.
+    #[command(subcommand)]
+    Member(MemberCommand),
+    /// Leadership.
+    #[command(subcommand)]
+    Leader(LeaderCommand),
+}
+
+#[derive(Subcommand)]
+enum MemberCommand {
+    /// List members (id, address, voter or learner).
+    List,
+    /// Add member ID at ADDR as a learner; start it afterwards with --join.
+    Add { id: u64, addr: String },
+    /// Make learner ID a voter.
+    Promote { id: u64 },
+    /// Remove member ID.
+    Remove { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum LeaderCommand {
+    /// Hand leadership to voter ID.
+    Transfer { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -124,6 +148,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let result = match cli.command {
         Command::Kv(command) => kv(&client, command, cli.output).await,
         Command::Status => status(&client, cli.output).await,
+        Command::Member(command) => member(&client, command, cli.output).await,
+        Command::Leader(LeaderCommand::Transfer { id }) => {
+            client.transfer_leader(id).await?;
+            print(
+                cli.output,
+                format!("member {id} is the leader"),
+                json!({ "leader_id": id }),
+            );
+            Ok(())
+        }
     };
     result.map_err(|Failure(m)| {
         Failure(if m.starts_with("not found") {
@@ -190,6 +224,33 @@ async fn kv(client: &MetaClient, command: KvCommand, output: Output) -> Result<(
             );
         }
     }
+    Ok(())
+}
+
+fn print_members(output: Output, members: &[meta_proto::v1::Member]) {
+    let lines: Vec<String> = members
+        .iter()
+        .map(|m| format!("{} {} {}", m.id, m.addr, m.role))
+        .collect();
+    let json: Vec<serde_json::Value> = members
+        .iter()
+        .map(|m| json!({ "id": m.id, "addr": m.addr, "role": m.role }))
+        .collect();
+    print(output, lines.join("\n"), json!({ "members": json }));
+}
+
+async fn member(
+    client: &MetaClient,
+    command: MemberCommand,
+    output: Output,
+) -> Result<(), Failure> {
+    let members = match command {
+        MemberCommand::List => client.status().await?.members,
+        MemberCommand::Add { id, addr } => client.add_learner(id, &addr).await?.members,
+        MemberCommand::Promote { id } => client.promote_member(id).await?.members,
+        MemberCommand::Remove { id } => client.remove_member(id).await?.members,
+    };
+    print_members(output, &members);
     Ok(())
 }
 

@@ -22,11 +22,14 @@ use common_meta::kv::{SledKvStore, TxnRequest, TxnResponse};
 use meta_proto::v1 as pb;
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message};
+use raft::prelude::{
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message,
+};
 use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 
 use crate::raft::log_store::LogStore;
+use crate::raft::members::Members;
 use crate::raft::slog_bridge;
 use crate::raft::transport::Transport;
 
@@ -42,6 +45,8 @@ pub struct RaftSettings {
     /// This member's id (at least 1).
     pub id: u64,
     /// The voters of a new cluster; ignored when the log already holds a configuration.
+    /// Empty for a member that joins an existing cluster (it learns the configuration
+    /// from the leader after `member add`).
     pub initial_voters: Vec<u64>,
     /// Length of one raft tick.
     pub tick: Duration,
@@ -91,8 +96,60 @@ pub enum Command {
         /// The member to become leader.
         to: u64,
     },
+    /// Change the configuration by one member (leader only).
+    ChangeMembership {
+        /// The change.
+        change: MembershipChange,
+        /// Answered with the configuration once the change is applied.
+        reply: Reply<Membership>,
+    },
     /// Stop the driver (pending requests fail as unavailable).
     Stop,
+}
+
+/// One configuration change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add a non-voting member that receives the log.
+    AddLearner {
+        /// The new member's id.
+        id: u64,
+        /// Its gRPC address.
+        addr: String,
+    },
+    /// Make a learner a voter.
+    Promote {
+        /// The learner.
+        id: u64,
+    },
+    /// Remove a member.
+    Remove {
+        /// The member.
+        id: u64,
+    },
+}
+
+/// A configuration: who votes and who only learns.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Membership {
+    /// Voting members.
+    pub voters: Vec<u64>,
+    /// Non-voting members.
+    pub learners: Vec<u64>,
+}
+
+impl From<&ConfState> for Membership {
+    fn from(conf: &ConfState) -> Self {
+        let sorted = |ids: &[u64]| {
+            let mut ids = ids.to_vec();
+            ids.sort_unstable();
+            ids
+        };
+        Membership {
+            voters: sorted(&conf.voters),
+            learners: sorted(&conf.learners),
+        }
+    }
 }
 
 /// A cloneable handle that queues commands for a driver.
@@ -156,18 +213,12 @@ impl RaftNode {
         settings: RaftSettings,
         db: sled::Db,
         store: Arc<SledKvStore>,
+        members: Arc<Members>,
         transport: Arc<dyn Transport>,
     ) -> Result<RaftNode, Error> {
         let log = LogStore::open(db).map_err(raft_error)?;
-        if log.is_empty() {
-            if settings.initial_voters.is_empty() {
-                return Err(Error::invalid_argument(
-                    "a new member needs an initial cluster (its log is empty)",
-                ));
-            }
-            let conf_state = ConfState::from((settings.initial_voters.clone(), Vec::<u64>::new()));
-            log.set_conf_state(&conf_state).map_err(raft_error)?;
-            log.flush().map_err(raft_error)?;
+        if log.is_empty() && !settings.initial_voters.is_empty() {
+            bootstrap(&log, &settings.initial_voters, &members)?;
         }
         let commit = log.hard_state().commit;
         let config = raft::Config {
@@ -200,11 +251,13 @@ impl RaftNode {
             node,
             log,
             store,
+            members,
             transport,
             inbox,
             tick: settings.tick,
             next_proposal: clock_ids,
             proposals: HashMap::new(),
+            conf_proposals: HashMap::new(),
             next_read: clock_ids,
             read_batch: Vec::new(),
             reads_by_ctx: HashMap::new(),
@@ -245,6 +298,38 @@ impl Drop for RaftNode {
     }
 }
 
+/// Writes the first entries of a new cluster: one committed `AddNode` per initial voter
+/// at term 1 (with its address as context), identical on every initial member. A member
+/// that joins later replays them from the leader and so learns the whole configuration.
+fn bootstrap(log: &LogStore, voters: &[u64], members: &Members) -> Result<(), Error> {
+    let mut entries = Vec::with_capacity(voters.len());
+    for (i, id) in voters.iter().enumerate() {
+        let mut change = ConfChange::default();
+        change.set_change_type(ConfChangeType::AddNode);
+        change.node_id = *id;
+        change.context = members.addr(*id).unwrap_or_default().into_bytes().into();
+        let mut entry = Entry::default();
+        entry.set_entry_type(EntryType::EntryConfChange);
+        entry.term = 1;
+        entry.index = i as u64 + 1;
+        entry.data = change
+            .write_to_bytes()
+            .map_err(|e| Error::invalid_argument(format!("encoding a conf change: {e}")))?
+            .into();
+        entries.push(entry);
+    }
+    log.append(&entries).map_err(raft_error)?;
+    log.set_conf_state(&ConfState::from((voters.to_vec(), Vec::<u64>::new())))
+        .map_err(raft_error)?;
+    let hard_state = raft::prelude::HardState {
+        term: 1,
+        commit: voters.len() as u64,
+        ..Default::default()
+    };
+    log.set_hard_state(&hard_state).map_err(raft_error)?;
+    log.flush().map_err(raft_error)
+}
+
 fn raft_error(e: raft::Error) -> Error {
     Error::Unavailable {
         message: format!("raft: {e}"),
@@ -276,11 +361,13 @@ struct Driver {
     node: RawNode<LogStore>,
     log: LogStore,
     store: Arc<SledKvStore>,
+    members: Arc<Members>,
     transport: Arc<dyn Transport>,
     inbox: mpsc::Receiver<Command>,
     tick: Duration,
     next_proposal: u64,
     proposals: HashMap<u64, Reply<TxnResponse>>,
+    conf_proposals: HashMap<u64, Reply<Membership>>,
     next_read: u64,
     /// Reads that arrived this turn; they share one ReadIndex.
     read_batch: Vec<Reply<u64>>,
@@ -372,7 +459,7 @@ impl Driver {
             }
             Command::Status { reply } => {
                 let raft = &self.node.raft;
-                let conf = self.log.conf_state();
+                let conf = Membership::from(&self.log.conf_state());
                 let _ = reply.send(RaftStatus {
                     id: self.id,
                     role: match raft.state {
@@ -394,9 +481,78 @@ impl Driver {
                     self.node.transfer_leader(to);
                 }
             }
+            Command::ChangeMembership { change, reply } => {
+                if !self.is_leader() {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return;
+                }
+                match self.propose_membership(change) {
+                    Ok(id) => {
+                        self.conf_proposals.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
             // Handled by the loop before dispatch.
             Command::Stop => {}
         }
+    }
+
+    /// Validates a membership change against the current configuration and proposes it;
+    /// returns the proposal id.
+    fn propose_membership(&mut self, change: MembershipChange) -> Result<u64, Error> {
+        let raft = &self.node.raft;
+        if raft.pending_conf_index > raft.raft_log.applied {
+            return Err(Error::invalid_argument(
+                "another membership change is still being applied; retry when it is done",
+            ));
+        }
+        let conf = self.log.conf_state();
+        let known = |id: &u64| conf.voters.contains(id) || conf.learners.contains(id);
+        let mut cc = ConfChange::default();
+        match &change {
+            MembershipChange::AddLearner { id, addr } => {
+                if *id == 0 || known(id) {
+                    return Err(Error::invalid_argument(format!(
+                        "member {id} already exists or is not a valid id"
+                    )));
+                }
+                cc.set_change_type(ConfChangeType::AddLearnerNode);
+                cc.node_id = *id;
+                cc.context = addr.clone().into_bytes().into();
+            }
+            MembershipChange::Promote { id } => {
+                if !conf.learners.contains(id) {
+                    return Err(Error::invalid_argument(format!(
+                        "member {id} is not a learner (add it with member add first)"
+                    )));
+                }
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.node_id = *id;
+            }
+            MembershipChange::Remove { id } => {
+                if !known(id) {
+                    return Err(Error::invalid_argument(format!("unknown member {id}")));
+                }
+                if conf.voters == [*id] {
+                    return Err(Error::invalid_argument(format!(
+                        "member {id} is the last voter; removing it would end the cluster"
+                    )));
+                }
+                cc.set_change_type(ConfChangeType::RemoveNode);
+                cc.node_id = *id;
+            }
+        }
+        let id = self.next_proposal;
+        self.next_proposal = self.next_proposal.wrapping_add(1);
+        self.node
+            .propose_conf_change(proposal_context(self.id, id), cc)
+            .map_err(|e| Error::Unavailable {
+                message: format!("membership change not accepted: {e}"),
+            })?;
+        Ok(id)
     }
 
     /// Issues one ReadIndex for every read that arrived this turn.
@@ -510,6 +666,17 @@ impl Driver {
                         .map_err(|e| Error::invalid_argument(format!("bad conf change: {e}")))?;
                     let conf = self.node.apply_conf_change(&change).map_err(raft_error)?;
                     self.log.set_conf_state(&conf).map_err(raft_error)?;
+                    match change.get_change_type() {
+                        ConfChangeType::RemoveNode => self.members.remove(change.node_id)?,
+                        _ if !change.context.is_empty() => self
+                            .members
+                            .set(change.node_id, &String::from_utf8_lossy(&change.context))?,
+                        _ => {}
+                    }
+                    tracing::info!(member = self.id, change = ?change.get_change_type(), node = change.node_id, voters = ?conf.voters, learners = ?conf.learners, "configuration changed");
+                    if let Some(reply) = owner.and_then(|id| self.conf_proposals.remove(&id)) {
+                        let _ = reply.send(Ok(Membership::from(&conf)));
+                    }
                     batch.push((entry.index, None));
                     owners.push(None);
                 }
@@ -551,6 +718,7 @@ impl Driver {
     fn fail_if_not_leader(&mut self) {
         if self.is_leader()
             || (self.proposals.is_empty()
+                && self.conf_proposals.is_empty()
                 && self.reads_by_ctx.is_empty()
                 && self.reads_by_index.is_empty())
         {
@@ -567,6 +735,9 @@ impl Driver {
 
     fn fail_everything(&mut self, error: impl Fn() -> Error) {
         for (_, reply) in self.proposals.drain() {
+            let _ = reply.send(Err(error()));
+        }
+        for (_, reply) in self.conf_proposals.drain() {
             let _ = reply.send(Err(error()));
         }
         for (_, replies) in self.reads_by_ctx.drain() {

@@ -5,7 +5,8 @@
 //! `RaftBatch`. On any error it drops what it holds (raft retransmits) and reconnects
 //! with exponential backoff. `send` never blocks the driver: a full queue drops.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use meta_proto::v1 as pb;
@@ -16,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
+use crate::raft::members::Members;
 use crate::raft::transport::Transport;
 
 /// Messages queued per peer before new ones are dropped.
@@ -25,34 +27,66 @@ const MAX_BATCH: usize = 256;
 
 /// Sends raft messages to peers over gRPC streams.
 pub struct GrpcTransport {
-    peers: HashMap<u64, mpsc::Sender<Message>>,
+    cluster_id: u64,
+    me: u64,
+    members: Arc<Members>,
+    runtime: tokio::runtime::Handle,
+    /// One queue per peer and the address its task sends to.
+    peers: Mutex<HashMap<u64, (String, mpsc::Sender<Message>)>>,
 }
 
 impl GrpcTransport {
-    /// Starts one sender task per peer in `members` other than `me`, on `runtime`.
-    pub fn start(
+    /// A transport for member `me`; a sender task per peer starts on `runtime` with the
+    /// first message to it, at the address `members` gives.
+    pub fn new(
         cluster_id: u64,
         me: u64,
-        members: &BTreeMap<u64, String>,
-        runtime: &tokio::runtime::Handle,
+        members: Arc<Members>,
+        runtime: tokio::runtime::Handle,
     ) -> GrpcTransport {
-        let mut peers = HashMap::new();
-        for (&id, addr) in members {
-            if id == me {
-                continue;
-            }
-            let (queue, messages) = mpsc::channel(PEER_QUEUE);
-            runtime.spawn(peer_loop(cluster_id, me, id, addr.clone(), messages));
-            peers.insert(id, queue);
+        GrpcTransport {
+            cluster_id,
+            me,
+            members,
+            runtime,
+            peers: Mutex::new(HashMap::new()),
         }
-        GrpcTransport { peers }
+    }
+
+    /// The queue to `peer`, (re)starting its task when the peer is new or moved.
+    fn queue(
+        &self,
+        peers: &mut HashMap<u64, (String, mpsc::Sender<Message>)>,
+        peer: u64,
+    ) -> Option<mpsc::Sender<Message>> {
+        let addr = self.members.addr(peer)?;
+        if let Some((known, queue)) = peers.get(&peer)
+            && *known == addr
+            && !queue.is_closed()
+        {
+            return Some(queue.clone());
+        }
+        let (queue, messages) = mpsc::channel(PEER_QUEUE);
+        self.runtime.spawn(peer_loop(
+            self.cluster_id,
+            self.me,
+            peer,
+            addr.clone(),
+            messages,
+        ));
+        peers.insert(peer, (addr, queue.clone()));
+        Some(queue)
     }
 }
 
 impl Transport for GrpcTransport {
     fn send(&self, messages: Vec<Message>) {
+        // Each critical section only looks up or replaces a queue: never torn.
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        // Forget removed members: dropping their queue ends their task.
+        peers.retain(|id, _| self.members.addr(*id).is_some());
         for message in messages {
-            if let Some(queue) = self.peers.get(&message.to) {
+            if let Some(queue) = self.queue(&mut peers, message.to) {
                 // Full or closed: drop, as a lossy network would; raft resends.
                 let _ = queue.try_send(message);
             }
@@ -119,11 +153,8 @@ async fn peer_loop(
                 None => return,
             }
         }
-        match call.await {
-            Ok(Err(status)) => {
-                tracing::debug!(peer, %addr, error = %status.message(), "raft stream closed")
-            }
-            Ok(Ok(_)) | Err(_) => {}
+        if let Ok(Err(status)) = call.await {
+            tracing::debug!(peer, %addr, error = %status.message(), "raft stream closed");
         }
     }
 }

@@ -1,6 +1,5 @@
 //! The `meta.v1.Cluster` service: inbound raft streams from peers, and status.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use meta_proto::v1 as pb;
@@ -8,25 +7,29 @@ use protobuf::Message as _;
 use raft::prelude::Message;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::raft::driver::Mailbox;
+use crate::raft::members::Members;
+use std::time::{Duration, Instant};
 
-/// Serves peers and status queries for one member.
+use tokio::sync::oneshot;
+
+use crate::error::to_status_with_hint;
+use crate::raft::driver::{Command, Mailbox, Membership, MembershipChange};
+
+/// How long a membership change or leader transfer may take before it fails.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves peers, status queries and membership changes for one member.
 pub struct ClusterService {
     cluster_id: u64,
     member_id: u64,
     mailbox: Mailbox,
-    members: Arc<BTreeMap<u64, String>>,
+    members: Arc<Members>,
 }
 
 impl ClusterService {
     /// A service for member `member_id` of cluster `cluster_id`, stepping inbound raft
     /// messages into `mailbox`; `members` maps ids to addresses.
-    pub fn new(
-        cluster_id: u64,
-        member_id: u64,
-        mailbox: Mailbox,
-        members: Arc<BTreeMap<u64, String>>,
-    ) -> Self {
+    pub fn new(cluster_id: u64, member_id: u64, mailbox: Mailbox, members: Arc<Members>) -> Self {
         ClusterService {
             cluster_id,
             member_id,
@@ -36,8 +39,131 @@ impl ClusterService {
     }
 }
 
+impl ClusterService {
+    fn view(&self, membership: &Membership) -> Vec<pb::Member> {
+        let member = |id: &u64, role: &str| pb::Member {
+            id: *id,
+            addr: self.members.addr(*id).unwrap_or_default(),
+            role: role.to_string(),
+        };
+        membership
+            .voters
+            .iter()
+            .map(|id| member(id, "voter"))
+            .chain(membership.learners.iter().map(|id| member(id, "learner")))
+            .collect()
+    }
+
+    async fn change(
+        &self,
+        change: MembershipChange,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.mailbox
+            .send(Command::ChangeMembership { change, reply })
+            .map_err(|e| to_status_with_hint(e, &self.members))?;
+        let membership = match tokio::time::timeout(CHANGE_TIMEOUT, answer).await {
+            Ok(Ok(result)) => result.map_err(|e| to_status_with_hint(e, &self.members))?,
+            Ok(Err(_)) => return Err(Status::unavailable("the raft driver stopped")),
+            Err(_) => {
+                return Err(Status::unavailable(format!(
+                    "the change was not applied within {CHANGE_TIMEOUT:?} (no quorum?); it may still apply"
+                )));
+            }
+        };
+        Ok(Response::new(pb::MembershipResponse {
+            header: common_meta::rpc::header(self.member_id, 0),
+            members: self.view(&membership),
+        }))
+    }
+}
+
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
+    async fn add_learner(
+        &self,
+        request: Request<pb::AddLearnerRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let req = request.into_inner();
+        if req.id == 0 {
+            return Err(Status::invalid_argument("member ids start at 1"));
+        }
+        if req.addr.parse::<std::net::SocketAddr>().is_err() && !req.addr.contains(':') {
+            return Err(Status::invalid_argument(format!(
+                "address {:?} is not HOST:PORT",
+                req.addr
+            )));
+        }
+        self.change(MembershipChange::AddLearner {
+            id: req.id,
+            addr: req.addr,
+        })
+        .await
+    }
+
+    async fn promote_member(
+        &self,
+        request: Request<pb::MemberIdRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let id = request.into_inner().id;
+        self.change(MembershipChange::Promote { id }).await
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<pb::MemberIdRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let id = request.into_inner().id;
+        self.change(MembershipChange::Remove { id }).await
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let to = request.into_inner().to;
+        let status = self
+            .mailbox
+            .status()
+            .await
+            .map_err(|e| to_status_with_hint(e, &self.members))?;
+        if status.role != "leader" {
+            let leader = (status.leader_id != 0).then_some(status.leader_id);
+            return Err(to_status_with_hint(
+                common_meta::Error::NotLeader { leader },
+                &self.members,
+            ));
+        }
+        if !status.voters.contains(&to) {
+            return Err(Status::invalid_argument(format!(
+                "member {to} is not a voter"
+            )));
+        }
+        self.mailbox
+            .send(Command::TransferLeader { to })
+            .map_err(|e| to_status_with_hint(e, &self.members))?;
+        // Wait, with a deadline, until this member sees the new leader.
+        let until = Instant::now() + CHANGE_TIMEOUT;
+        loop {
+            let now = self
+                .mailbox
+                .status()
+                .await
+                .map_err(|e| to_status_with_hint(e, &self.members))?;
+            if now.leader_id == to {
+                return Ok(Response::new(pb::TransferLeaderResponse {
+                    header: common_meta::rpc::header(self.member_id, 0),
+                }));
+            }
+            if Instant::now() >= until {
+                return Err(Status::unavailable(format!(
+                    "member {to} did not take over within {CHANGE_TIMEOUT:?} (is it caught up?)"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn raft(
         &self,
         request: Request<Streaming<pb::RaftBatch>>,
@@ -72,23 +198,10 @@ impl pb::cluster_server::Cluster for ClusterService {
             .status()
             .await
             .map_err(crate::error::to_status)?;
-        let role_of = |id: &u64| {
-            if status.learners.contains(id) {
-                "learner"
-            } else {
-                "voter"
-            }
-        };
-        let members = status
-            .voters
-            .iter()
-            .chain(&status.learners)
-            .map(|id| pb::Member {
-                id: *id,
-                addr: self.members.get(id).cloned().unwrap_or_default(),
-                role: role_of(id).to_string(),
-            })
-            .collect();
+        let members = self.view(&Membership {
+            voters: status.voters.clone(),
+            learners: status.learners.clone(),
+        });
         Ok(Response::new(pb::StatusResponse {
             header: common_meta::rpc::header(self.member_id, 0),
             cluster_id: self.cluster_id,
@@ -98,11 +211,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             term: status.term,
             commit_index: status.commit_index,
             applied_index: status.applied_index,
-            leader_addr: self
-                .members
-                .get(&status.leader_id)
-                .cloned()
-                .unwrap_or_default(),
+            leader_addr: self.members.addr(status.leader_id).unwrap_or_default(),
             members,
         }))
     }

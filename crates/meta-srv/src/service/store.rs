@@ -1,24 +1,23 @@
 //! The `meta.v1.Store` service: decodes a request, checks its size, calls the
 //! [`KvBackend`], encodes the answer. Every conversion is `common_meta::rpc`'s.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use common_meta::kv::{KvBackend, KvLimits};
 use common_meta::rpc;
-use meta_proto::LEADER_HINT;
 use meta_proto::v1 as pb;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::error::to_status;
+use crate::error::{to_status, to_status_with_hint};
+use crate::raft::members::Members;
 
 /// Serves the KV API over any backend.
 pub struct StoreService {
     backend: Arc<dyn KvBackend>,
     member_id: u64,
     limits: KvLimits,
-    members: Arc<BTreeMap<u64, String>>,
+    members: Arc<Members>,
 }
 
 impl StoreService {
@@ -28,7 +27,7 @@ impl StoreService {
         backend: Arc<dyn KvBackend>,
         member_id: u64,
         limits: KvLimits,
-        members: Arc<BTreeMap<u64, String>>,
+        members: Arc<Members>,
     ) -> Self {
         StoreService {
             backend,
@@ -38,18 +37,9 @@ impl StoreService {
         }
     }
 
-    /// The status for `err`; a not-leader answer names the leader's address in the
-    /// `x-metasrv-leader` metadata so that clients go there directly.
+    /// The status for `err`, with the leader hint for a not-leader answer.
     fn status(&self, err: common_meta::Error) -> Status {
-        let hint = match &err {
-            common_meta::Error::NotLeader { leader: Some(id) } => self.members.get(id).cloned(),
-            _ => None,
-        };
-        let mut status = to_status(err);
-        if let Some(addr) = hint.and_then(|a| a.parse().ok()) {
-            status.metadata_mut().insert(LEADER_HINT, addr);
-        }
-        status
+        to_status_with_hint(err, &self.members)
     }
 
     /// Unwraps a request after checking its encoded size against `max_request_bytes`

@@ -159,3 +159,88 @@ async fn acknowledged_writes_survive_kill_9_of_the_leader() {
         );
     }
 }
+
+fn metactl(endpoints: &[String], args: &[&str]) -> (Option<i32>, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_metactl"));
+    command
+        .arg("--endpoints")
+        .arg(endpoints.join(","))
+        .args(args)
+        .env_remove("METACTL_ENDPOINTS");
+    let (status, out, err) = crate::support::run_bounded(command, DEADLINE);
+    (status.code(), out, err)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joins_is_promoted_leads_and_another_is_removed() {
+    let mut cluster = ProcessCluster::start();
+    let leader = cluster.leader().await;
+    let client = MetaClient::new(&cluster.addrs, MetaClientOptions::default()).unwrap();
+    for i in 0..30 {
+        client
+            .put(PutRequest::new(format!("j/{i:02}"), "v"))
+            .await
+            .unwrap();
+    }
+
+    tracing::info!("--- metactl adds member 4 as a learner; it starts with --join");
+    let addr4 = format!("127.0.0.1:{}", free_ports()[0]);
+    let (code, out, err) = metactl(&cluster.addrs, &["member", "add", "4", &addr4]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(&format!("4 {addr4} learner")), "{out}");
+    let dir4 = tempfile::tempdir().unwrap();
+    let mut command = meta_srv_command_on(dir4.path(), &addr4);
+    command.args(["--node-id", "4", "--join", &cluster.addrs[leader]]);
+    let _member4 = ServerProcess::spawn(command);
+    let four = MetaClient::new(&[&addr4], MetaClientOptions::default()).unwrap();
+    let commit = cluster.client(leader).status().await.unwrap().commit_index;
+    let until = Instant::now() + DEADLINE;
+    while four.status().await.map_or(0, |s| s.applied_index) < commit {
+        assert!(Instant::now() < until, "member 4 did not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let local = four
+        .range_serializable(RangeRequest::prefix("j/"))
+        .await
+        .unwrap();
+    assert_eq!(local.count, 30, "the learner has the whole log");
+
+    tracing::info!("--- promoted, it takes over leadership");
+    let (code, out, err) = metactl(&cluster.addrs, &["member", "promote", "4"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(&format!("4 {addr4} voter")), "{out}");
+    let (code, out, err) = metactl(&cluster.addrs, &["leader", "transfer", "4"]);
+    assert_eq!(
+        (code, out.trim()),
+        (Some(0), "member 4 is the leader"),
+        "{err}"
+    );
+    assert_eq!(four.status().await.unwrap().role, "leader");
+
+    tracing::info!("--- a member is removed; writes go on through the rest");
+    let (code, out, err) = metactl(
+        &cluster.addrs,
+        &["member", "remove", "1", "--output", "json"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ids: Vec<u64> = json["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [2, 3, 4]);
+    cluster.procs[0].take().unwrap().kill9();
+    let all = vec![
+        cluster.addrs[1].clone(),
+        cluster.addrs[2].clone(),
+        addr4.clone(),
+    ];
+    let rest = MetaClient::new(&all, MetaClientOptions::default()).unwrap();
+    rest.put(PutRequest::new("j/after", "v")).await.unwrap();
+
+    let (code, _, err) = metactl(&all, &["member", "promote", "2"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("member 2 is not a learner"), "{err}");
+}

@@ -10,7 +10,10 @@ use common_meta::Error;
 use common_meta::kv::conformance;
 use common_meta::kv::{KvBackend, KvLimits, PutRequest, RangeRequest, SledKvStore};
 use meta_srv::raft::backend::RaftKvBackend;
-use meta_srv::raft::driver::{RaftNode, RaftSettings, RaftStatus};
+use meta_srv::raft::driver::{
+    Command, Membership, MembershipChange, RaftNode, RaftSettings, RaftStatus,
+};
+use meta_srv::raft::members::Members;
 use meta_srv::raft::transport::LocalRouter;
 
 /// Longest a leader election may take here: election timeouts are 1-2 s (10-20 ticks of
@@ -51,12 +54,23 @@ impl Cluster {
     }
 
     fn start(&mut self, id: u64) {
-        let db = sled::open(&self.dirs[&id]).unwrap();
+        self.start_with(id, self.voters.clone());
+    }
+
+    /// Starts member `id`; `initial_voters` is empty for a member that joins.
+    fn start_with(&mut self, id: u64, initial_voters: Vec<u64>) {
+        let dir = self
+            .dirs
+            .entry(id)
+            .or_insert_with(|| self._root.path().join(format!("m{id}")))
+            .clone();
+        let db = sled::open(&dir).unwrap();
         let store = Arc::new(SledKvStore::open_in(db.clone(), KvLimits::default()).unwrap());
         let node = RaftNode::start(
-            RaftSettings::new(id, self.voters.clone()),
+            RaftSettings::new(id, initial_voters),
             db,
             store.clone(),
+            Arc::new(Members::in_memory(BTreeMap::new())),
             self.router.clone(),
         )
         .unwrap();
@@ -322,4 +336,114 @@ async fn leadership_can_be_transferred() {
             .version,
         2
     );
+}
+
+async fn change(
+    cluster: &Cluster,
+    leader: u64,
+    change: MembershipChange,
+) -> Result<Membership, Error> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    cluster.members[&leader]
+        .node
+        .mailbox()
+        .send(Command::ChangeMembership { change, reply })
+        .unwrap();
+    tokio::time::timeout(ELECTION_BOUND, answer)
+        .await
+        .expect("membership change answered in time")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_learner_promote_and_remove() {
+    let mut cluster = Cluster::new(3);
+    let leader = cluster.leader().await;
+    for i in 0..20 {
+        put(cluster.backend(leader), &format!("m/{i:02}"), "v")
+            .await
+            .unwrap();
+    }
+
+    tracing::info!("--- member 4 joins as a learner and receives the whole log");
+    let membership = change(
+        &cluster,
+        leader,
+        MembershipChange::AddLearner {
+            id: 4,
+            addr: "a:4".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(membership.learners, [4]);
+    cluster.start_with(4, Vec::new());
+    let commit = cluster.members[&leader]
+        .node
+        .status()
+        .await
+        .unwrap()
+        .commit_index;
+    cluster.wait_applied(4, commit).await;
+    assert_eq!(
+        cluster.members[&4].node.status().await.unwrap().learners,
+        [4]
+    );
+
+    tracing::info!("--- bad changes are refused with a reason");
+    for (bad, want) in [
+        (
+            MembershipChange::AddLearner {
+                id: 4,
+                addr: "a:4".into(),
+            },
+            "already exists",
+        ),
+        (MembershipChange::Promote { id: 2 }, "is not a learner"),
+        (MembershipChange::Remove { id: 9 }, "unknown member 9"),
+    ] {
+        let err = change(&cluster, leader, bad).await.unwrap_err();
+        assert!(err.to_string().contains(want), "{err}");
+    }
+    let follower = [1, 2, 3].into_iter().find(|&id| id != leader).unwrap();
+    let err = change(&cluster, follower, MembershipChange::Promote { id: 4 })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotLeader { .. }), "{err}");
+
+    tracing::info!("--- it is promoted, then a follower is removed");
+    let membership = change(&cluster, leader, MembershipChange::Promote { id: 4 })
+        .await
+        .unwrap();
+    assert_eq!(membership.voters, [1, 2, 3, 4]);
+    let removed = follower;
+    let membership = change(&cluster, leader, MembershipChange::Remove { id: removed })
+        .await
+        .unwrap();
+    assert!(!membership.voters.contains(&removed));
+    assert_eq!(membership.voters.len(), 3);
+
+    tracing::info!("--- the removed member keeps running but cannot disrupt the cluster");
+    let term = cluster.members[&leader].node.status().await.unwrap().term;
+    // Write for longer than two maximal election timeouts (2 x 2 s).
+    let started = Instant::now();
+    let mut writes = 0;
+    while started.elapsed() < Duration::from_secs(5) {
+        put(
+            cluster.backend(leader),
+            "after-removal",
+            &writes.to_string(),
+        )
+        .await
+        .unwrap();
+        writes += 1;
+    }
+    let now = cluster.members[&leader].node.status().await.unwrap();
+    assert_eq!(
+        (now.role, now.term),
+        ("leader", term),
+        "no election was forced"
+    );
+    let err = put(cluster.backend(removed), "x", "y").await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
 }
