@@ -93,6 +93,10 @@ pub struct RaftConfig {
     pub heartbeat_ticks: usize,
     /// How long a request may wait for consensus before failing as unavailable, in ms.
     pub request_timeout_ms: u64,
+    /// Compact the log once this many applied entries are in it beyond `keep_entries`.
+    pub compact_after: u64,
+    /// Applied entries kept after a compaction for lagging members to catch up from.
+    pub keep_entries: u64,
 }
 
 impl Default for RaftConfig {
@@ -102,6 +106,8 @@ impl Default for RaftConfig {
             election_ticks: 10,
             heartbeat_ticks: 2,
             request_timeout_ms: 5000,
+            compact_after: 10_000,
+            keep_entries: 1_000,
         }
     }
 }

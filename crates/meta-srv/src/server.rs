@@ -34,6 +34,9 @@ use crate::raft::members::Members;
 use crate::service::cluster::ClusterService;
 use crate::service::store::StoreService;
 
+/// Largest raft batch a member accepts from a peer: a snapshot travels in one message.
+const MAX_RAFT_BATCH_BYTES: usize = 1024 * 1024 * 1024;
+
 /// A meta-srv whose resources are acquired, whose ports are bound and whose raft member
 /// is running.
 pub struct MetaSrv {
@@ -115,6 +118,8 @@ impl MetaSrv {
             tick: Duration::from_millis(raft.tick_ms),
             election_ticks: raft.election_ticks,
             heartbeat_ticks: raft.heartbeat_ticks,
+            compact_after: raft.compact_after,
+            keep_entries: raft.keep_entries,
             ..RaftSettings::new(node_id, voters)
         };
         let node = RaftNode::start(
@@ -229,13 +234,14 @@ impl MetaSrv {
         // service can refuse them with InvalidArgument naming max_request_bytes.
         let store = StoreServer::new(store)
             .max_decoding_message_size(limits.max_request_bytes.saturating_mul(4));
+        // Raft batches can carry a whole state-machine snapshot.
         let cluster = ClusterServer::new(ClusterService::new(
             self.cluster_id,
             member_id,
             self.node.mailbox(),
             self.members.clone(),
         ))
-        .max_decoding_message_size(limits.max_request_bytes.saturating_mul(4));
+        .max_decoding_message_size(MAX_RAFT_BATCH_BYTES);
         let grpc = tonic::transport::Server::builder()
             .add_service(store)
             .add_service(cluster)

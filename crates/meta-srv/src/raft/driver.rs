@@ -54,6 +54,11 @@ pub struct RaftSettings {
     pub election_ticks: usize,
     /// Ticks between leader heartbeats.
     pub heartbeat_ticks: usize,
+    /// Compact the log once this many applied entries are in it beyond `keep_entries`.
+    pub compact_after: u64,
+    /// Applied entries kept in the log after compaction, so a briefly lagging member
+    /// catches up from the log rather than a snapshot.
+    pub keep_entries: u64,
 }
 
 impl RaftSettings {
@@ -66,6 +71,8 @@ impl RaftSettings {
             tick: Duration::from_millis(100),
             election_ticks: 10,
             heartbeat_ticks: 2,
+            compact_after: 10_000,
+            keep_entries: 1_000,
         }
     }
 }
@@ -194,6 +201,9 @@ pub struct RaftStatus {
     pub commit_index: u64,
     /// Highest log index applied to the state machine.
     pub applied_index: u64,
+    /// Index of the first entry still in this member's log (after compaction or an
+    /// installed snapshot, greater than 1).
+    pub first_index: u64,
     /// Voting members.
     pub voters: Vec<u64>,
     /// Non-voting members.
@@ -216,7 +226,7 @@ impl RaftNode {
         members: Arc<Members>,
         transport: Arc<dyn Transport>,
     ) -> Result<RaftNode, Error> {
-        let log = LogStore::open(db).map_err(raft_error)?;
+        let log = LogStore::open(db, store.clone(), members.clone()).map_err(raft_error)?;
         if log.is_empty() && !settings.initial_voters.is_empty() {
             bootstrap(&log, &settings.initial_voters, &members)?;
         }
@@ -255,6 +265,9 @@ impl RaftNode {
             transport,
             inbox,
             tick: settings.tick,
+            compact_after: settings.compact_after,
+            keep_entries: settings.keep_entries,
+            snapshots_sent: HashMap::new(),
             next_proposal: clock_ids,
             proposals: HashMap::new(),
             conf_proposals: HashMap::new(),
@@ -365,6 +378,10 @@ struct Driver {
     transport: Arc<dyn Transport>,
     inbox: mpsc::Receiver<Command>,
     tick: Duration,
+    compact_after: u64,
+    keep_entries: u64,
+    /// Snapshots sent to followers, to report a failure if one never arrives.
+    snapshots_sent: HashMap<u64, Instant>,
     next_proposal: u64,
     proposals: HashMap<u64, Reply<TxnResponse>>,
     conf_proposals: HashMap<u64, Reply<Membership>>,
@@ -404,6 +421,7 @@ impl Driver {
                 next_tick = Instant::now() + self.tick;
             }
             self.start_reads();
+            self.check_snapshots();
             if let Err(e) = self.on_ready() {
                 // Storage failed: this member cannot go on safely. Stop answering.
                 tracing::error!(member = self.id, error = %e, "raft driver stopped on a storage error");
@@ -472,6 +490,7 @@ impl Driver {
                     term: raft.term,
                     commit_index: raft.raft_log.committed,
                     applied_index: self.store.applied_index(),
+                    first_index: self.log.first_index_now(),
                     voters: conf.voters,
                     learners: conf.learners,
                 });
@@ -576,10 +595,20 @@ impl Driver {
 
         // 1. A leader's appends may go out before its own log write (raft thesis
         //    10.2.1): followers persist them in parallel.
-        self.transport.send(ready.take_messages());
+        self.send(ready.take_messages());
 
-        // 2. Snapshots are not produced yet (the log is never compacted), so none can
-        //    arrive; see LogStore::snapshot.
+        // 2. A snapshot from the leader replaces the state machine, the members and the
+        //    log before anything else of this Ready is applied or appended.
+        if !ready.snapshot().is_empty() {
+            self.log
+                .apply_snapshot(ready.snapshot())
+                .map_err(raft_error)?;
+            tracing::info!(
+                member = self.id,
+                index = ready.snapshot().get_metadata().index,
+                "installed a snapshot from the leader"
+            );
+        }
 
         // 3. Apply what is committed: those entries are durable on a quorum already.
         self.apply(ready.take_committed_entries())?;
@@ -595,7 +624,7 @@ impl Driver {
         }
 
         // 5. Votes and append acknowledgements promise persisted state: only now.
-        self.transport.send(ready.take_persisted_messages());
+        self.send(ready.take_persisted_messages());
 
         // 6. Reads whose index raft confirmed wait for the apply to reach it.
         for state in ready.take_read_states() {
@@ -617,11 +646,63 @@ impl Driver {
         if let Some(commit) = light.commit_index() {
             self.log.set_commit(commit).map_err(raft_error)?;
         }
-        self.transport.send(light.take_messages());
+        self.send(light.take_messages());
         self.apply(light.take_committed_entries())?;
         self.node.advance_apply();
         self.answer_reads();
+        self.maybe_compact()?;
         Ok(())
+    }
+
+    /// Sends messages, remembering the snapshots among them.
+    fn send(&mut self, messages: Vec<Message>) {
+        for message in &messages {
+            if message.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+                self.snapshots_sent.insert(message.to, Instant::now());
+            }
+        }
+        self.transport.send(messages);
+    }
+
+    /// Compacts the log once enough applied entries have piled up in it.
+    fn maybe_compact(&mut self) -> Result<(), Error> {
+        let applied = self.store.applied_index();
+        let first = self.log.first_index_now();
+        if applied >= first + self.compact_after + self.keep_entries {
+            let to = applied - self.keep_entries;
+            self.log.compact(to).map_err(raft_error)?;
+            tracing::debug!(member = self.id, to, "compacted the raft log");
+        }
+        Ok(())
+    }
+
+    /// A snapshot can be lost on the way (transports drop on error). Raft waits for its
+    /// outcome before sending anything else to that member, so report a failure when
+    /// the member is still waiting long after it was sent; the leader then retries.
+    fn check_snapshots(&mut self) {
+        if self.snapshots_sent.is_empty() {
+            return;
+        }
+        let waited = self.tick * 100;
+        let mut failed = Vec::new();
+        let prs = self.node.raft.prs();
+        self.snapshots_sent.retain(|to, sent| {
+            let waiting = prs
+                .get(*to)
+                .is_some_and(|pr| pr.state == raft::ProgressState::Snapshot);
+            if waiting && sent.elapsed() > waited {
+                failed.push(*to);
+            }
+            waiting && sent.elapsed() <= waited
+        });
+        for to in failed {
+            tracing::warn!(
+                member = self.id,
+                to,
+                "snapshot not acknowledged in time; resending"
+            );
+            self.node.report_snapshot(to, raft::SnapshotStatus::Failure);
+        }
     }
 
     /// Applies committed entries to the state machine in one batch and answers the

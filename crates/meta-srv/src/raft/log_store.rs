@@ -9,6 +9,10 @@
 //! tree raft_log:  index (u64 big-endian) -> Entry
 //! ```
 //!
+//! Snapshots are not stored: [`Storage::snapshot`] copies the state machine when raft
+//! asks (on the driver thread, so nothing applies meanwhile) into an envelope of
+//! `[u32 BE length][members as JSON][SledKvStore::snapshot bytes]`.
+//!
 //! **Contract (raft-rs `Storage`, and what the driver relies on):**
 //! - `entries(low, high)` returns `[low, high)`; `low < first_index()` is
 //!   `Compacted`, `high > last_index() + 1` is `Unavailable`.
@@ -20,10 +24,14 @@
 //!   on the written state and before acknowledging any client.
 //! - Reads see writes at once (sled is read-your-writes), flushed or not.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
+use common_meta::kv::SledKvStore;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+
+use crate::raft::members::Members;
 
 const META_TREE: &str = "raft_meta";
 const LOG_TREE: &str = "raft_log";
@@ -41,6 +49,9 @@ struct Inner {
     db: sled::Db,
     meta: sled::Tree,
     log: sled::Tree,
+    /// The state machine and member map, copied into snapshots.
+    store: Arc<SledKvStore>,
+    members: Arc<Members>,
     /// Cached copies of what is on disk, so raft-rs's frequent calls are cheap.
     state: RwLock<Cached>,
 }
@@ -70,8 +81,13 @@ fn encode<M: protobuf::Message>(what: &str, message: &M) -> raft::Result<Vec<u8>
 }
 
 impl LogStore {
-    /// Opens the log in `db` (creating its trees on first use).
-    pub fn open(db: sled::Db) -> raft::Result<LogStore> {
+    /// Opens the log in `db` (creating its trees on first use); snapshots copy `store`
+    /// and `members`.
+    pub fn open(
+        db: sled::Db,
+        store: Arc<SledKvStore>,
+        members: Arc<Members>,
+    ) -> raft::Result<LogStore> {
         let meta = db
             .open_tree(META_TREE)
             .map_err(|e| other("opening tree", e))?;
@@ -100,6 +116,8 @@ impl LogStore {
                 db,
                 meta,
                 log,
+                store,
+                members,
                 state: RwLock::new(Cached {
                     hard_state,
                     conf_state,
@@ -208,6 +226,93 @@ impl LogStore {
         Ok(())
     }
 
+    /// Index of the first entry still in the log.
+    pub fn first_index_now(&self) -> u64 {
+        self.cached().snapshot.index + 1
+    }
+
+    /// Drops every entry up to and including `index` (which the state machine must have
+    /// applied), remembering its term as the compaction point. Not flushed.
+    pub fn compact(&self, index: u64) -> raft::Result<()> {
+        let cached = self.cached();
+        if index <= cached.snapshot.index {
+            return Ok(());
+        }
+        if index > cached.last_index || index > self.inner.store.applied_index() {
+            return Err(other(
+                "compact",
+                format!("index {index} is not applied or not in the log"),
+            ));
+        }
+        let mut metadata = SnapshotMetadata {
+            index,
+            term: self.term(index)?,
+            ..Default::default()
+        };
+        metadata.set_conf_state(cached.conf_state.clone());
+        let mut batch = sled::Batch::default();
+        for old in cached.snapshot.index + 1..=index {
+            batch.remove(&old.to_be_bytes());
+        }
+        self.inner
+            .meta
+            .insert(SNAPSHOT, encode("snapshot metadata", &metadata)?)
+            .map_err(|e| other("writing the compaction point", e))?;
+        self.inner
+            .log
+            .apply_batch(batch)
+            .map_err(|e| other("compacting", e))?;
+        self.update(|c| c.snapshot = metadata);
+        Ok(())
+    }
+
+    /// Installs a snapshot from the leader: state machine, members, configuration, and a
+    /// log that now starts after the snapshot. Not flushed.
+    pub fn apply_snapshot(&self, snapshot: &Snapshot) -> raft::Result<()> {
+        let data = snapshot.get_data();
+        let bad = |reason: &str| other("installing a snapshot", reason);
+        let len_bytes: [u8; 4] = data
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| bad("truncated"))?;
+        let len = u32::from_be_bytes(len_bytes) as usize;
+        let members_json = data.get(4..4 + len).ok_or_else(|| bad("truncated"))?;
+        let members: BTreeMap<u64, String> =
+            serde_json::from_slice(members_json).map_err(|e| bad(&e.to_string()))?;
+        self.inner
+            .store
+            .restore(&data[4 + len..])
+            .map_err(|e| bad(&e.to_string()))?;
+        self.inner
+            .members
+            .replace_all(members)
+            .map_err(|e| bad(&e.to_string()))?;
+        let metadata = snapshot.get_metadata().clone();
+        let cached = self.cached();
+        let mut batch = sled::Batch::default();
+        for old in cached.snapshot.index + 1..=cached.last_index {
+            batch.remove(&old.to_be_bytes());
+        }
+        self.inner
+            .log
+            .apply_batch(batch)
+            .map_err(|e| other("clearing the log", e))?;
+        self.inner
+            .meta
+            .insert(SNAPSHOT, encode("snapshot metadata", &metadata)?)
+            .map_err(|e| other("writing snapshot metadata", e))?;
+        self.set_conf_state(metadata.get_conf_state())?;
+        let mut hard_state = self.hard_state();
+        hard_state.term = hard_state.term.max(metadata.term);
+        hard_state.commit = hard_state.commit.max(metadata.index);
+        self.set_hard_state(&hard_state)?;
+        self.update(|c| {
+            c.last_index = metadata.index;
+            c.snapshot = metadata;
+        });
+        Ok(())
+    }
+
     /// Makes every write so far durable (fsync of the shared database).
     pub fn flush(&self) -> raft::Result<()> {
         self.inner
@@ -291,12 +396,30 @@ impl Storage for LogStore {
         Ok(self.cached().last_index)
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // The log is never compacted yet, so raft never needs a snapshot to catch a
-        // member up; snapshots and compaction come with their own change.
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let (kv, applied) = self
+            .inner
+            .store
+            .snapshot()
+            .map_err(|e| other("copying the state machine", e))?;
+        if applied < request_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let members = serde_json::to_vec(&self.inner.members.all())
+            .map_err(|e| other("encoding members", e))?;
+        let mut data = Vec::with_capacity(4 + members.len() + kv.len());
+        data.extend_from_slice(&(members.len() as u32).to_be_bytes());
+        data.extend_from_slice(&members);
+        data.extend_from_slice(&kv);
+        let mut snapshot = Snapshot::default();
+        snapshot.data = data.into();
+        let metadata = snapshot.mut_metadata();
+        metadata.index = applied;
+        metadata.term = self.term(applied)?;
+        metadata.set_conf_state(self.cached().conf_state);
+        Ok(snapshot)
     }
 }
 
@@ -314,7 +437,10 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path) -> LogStore {
-        LogStore::open(sled::open(dir).unwrap()).unwrap()
+        let db = sled::open(dir).unwrap();
+        let store = Arc::new(SledKvStore::open_in(db.clone(), Default::default()).unwrap());
+        let members = Arc::new(Members::in_memory(BTreeMap::new()));
+        LogStore::open(db, store, members).unwrap()
     }
 
     #[test]
@@ -365,6 +491,54 @@ mod tests {
             got.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(),
             [(2, 1), (3, 1), (4, 2)]
         );
+    }
+
+    #[test]
+    fn compaction_moves_the_first_index_and_keeps_the_boundary_term() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        log.append(&(1..=5).map(|i| entry(i, i)).collect::<Vec<_>>())
+            .unwrap();
+        // Nothing is applied yet: compaction must refuse.
+        assert!(log.compact(3).is_err());
+        log.inner
+            .store
+            .apply((1..=5).map(|i| (i, None)).collect())
+            .unwrap();
+        log.compact(3).unwrap();
+        assert_eq!(log.first_index().unwrap(), 4);
+        assert_eq!(log.term(3).unwrap(), 3, "the boundary term is kept");
+        assert!(matches!(
+            log.term(2),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        assert!(matches!(
+            log.entries(3, 5, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        assert_eq!(
+            log.entries(4, 6, None, GetEntriesContext::empty(false))
+                .unwrap()
+                .len(),
+            2
+        );
+        let snapshot = log.snapshot(5, 2).unwrap();
+        assert_eq!(
+            (snapshot.get_metadata().index, snapshot.get_metadata().term),
+            (5, 5)
+        );
+
+        // Another member installs it: its log restarts after index 5.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = open(other_dir.path());
+        other.append(&[entry(1, 1)]).unwrap();
+        other.apply_snapshot(&snapshot).unwrap();
+        assert_eq!(
+            (other.first_index().unwrap(), other.last_index().unwrap()),
+            (6, 5)
+        );
+        assert_eq!(other.hard_state().commit, 5);
+        assert_eq!(other.inner.store.applied_index(), 5);
     }
 
     #[test]

@@ -96,6 +96,23 @@ impl Members {
         Ok(())
     }
 
+    /// Replaces the whole map (installing a snapshot).
+    pub fn replace_all(&self, map: BTreeMap<u64, String>) -> Result<(), Error> {
+        if let Some(tree) = &self.tree {
+            let mut batch = sled::Batch::default();
+            for key in tree.iter().keys() {
+                batch.remove(key.map_err(storage("reading members"))?);
+            }
+            for (id, addr) in &map {
+                batch.insert(&id.to_be_bytes(), addr.as_bytes());
+            }
+            tree.apply_batch(batch)
+                .map_err(storage("replacing members"))?;
+        }
+        *self.write() = map;
+        Ok(())
+    }
+
     /// Forgets `id`.
     pub fn remove(&self, id: u64) -> Result<(), Error> {
         if let Some(tree) = &self.tree {

@@ -27,6 +27,8 @@ struct Member {
 
 struct Cluster {
     router: Arc<LocalRouter>,
+    /// `(compact_after, keep_entries)` for every member started.
+    compaction: (u64, u64),
     voters: Vec<u64>,
     dirs: BTreeMap<u64, PathBuf>,
     members: BTreeMap<u64, Member>,
@@ -35,10 +37,15 @@ struct Cluster {
 
 impl Cluster {
     fn new(size: u64) -> Cluster {
+        Self::with_compaction(size, (10_000, 1_000))
+    }
+
+    fn with_compaction(size: u64, compaction: (u64, u64)) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let voters: Vec<u64> = (1..=size).collect();
         let mut cluster = Cluster {
             router: Arc::new(LocalRouter::default()),
+            compaction,
             dirs: voters
                 .iter()
                 .map(|&id| (id, root.path().join(format!("m{id}"))))
@@ -66,8 +73,13 @@ impl Cluster {
             .clone();
         let db = sled::open(&dir).unwrap();
         let store = Arc::new(SledKvStore::open_in(db.clone(), KvLimits::default()).unwrap());
+        let settings = RaftSettings {
+            compact_after: self.compaction.0,
+            keep_entries: self.compaction.1,
+            ..RaftSettings::new(id, initial_voters)
+        };
         let node = RaftNode::start(
-            RaftSettings::new(id, initial_voters),
+            settings,
             db,
             store.clone(),
             Arc::new(Members::in_memory(BTreeMap::new())),
@@ -446,4 +458,75 @@ async fn add_learner_promote_and_remove() {
     );
     let err = put(cluster.backend(removed), "x", "y").await.unwrap_err();
     assert!(err.is_retryable(), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_and_new_members_catch_up_by_snapshot_after_compaction() {
+    let mut cluster = Cluster::with_compaction(3, (20, 5));
+    let leader = cluster.leader().await;
+    let lagging = [1, 2, 3].into_iter().find(|&id| id != leader).unwrap();
+    tracing::info!("--- member {lagging} is stopped; the others write and compact");
+    cluster.kill(lagging);
+    for i in 0..120 {
+        put(
+            cluster.backend(leader),
+            &format!("s/{i:03}"),
+            &i.to_string(),
+        )
+        .await
+        .unwrap();
+    }
+    change(
+        &cluster,
+        leader,
+        MembershipChange::AddLearner {
+            id: 4,
+            addr: "a:4".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let first = cluster.members[&leader].node.status().await.unwrap();
+    assert!(first.commit_index > 100);
+
+    tracing::info!("--- the lagging member restarts and a new learner starts empty");
+    cluster.start(lagging);
+    cluster.start_with(4, Vec::new());
+    let commit = cluster.members[&leader]
+        .node
+        .status()
+        .await
+        .unwrap()
+        .commit_index;
+    for id in [lagging, 4] {
+        cluster.wait_applied(id, commit).await;
+        let local = cluster
+            .backend(id)
+            .range_serializable(RangeRequest::prefix("s/"))
+            .await
+            .unwrap();
+        assert_eq!(local.count, 120, "member {id} has every key");
+        assert_eq!(local.kvs[119].value, b"119");
+        let status = cluster.members[&id].node.status().await.unwrap();
+        assert_eq!(
+            status.voters.len(),
+            3,
+            "member {id} learned the configuration"
+        );
+        assert_eq!(status.learners, [4]);
+        assert!(
+            status.first_index > 1,
+            "member {id} started from a snapshot: {status:?}"
+        );
+    }
+    // Both keep following the log after the snapshot.
+    put(cluster.backend(leader), "s/after", "x").await.unwrap();
+    let commit = cluster.members[&leader]
+        .node
+        .status()
+        .await
+        .unwrap()
+        .commit_index;
+    cluster.wait_applied(4, commit).await;
+    cluster.wait_applied(lagging, commit).await;
 }
