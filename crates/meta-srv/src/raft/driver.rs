@@ -321,14 +321,16 @@ fn bootstrap(log: &LogStore, voters: &[u64], members: &Members) -> Result<(), Er
         change.set_change_type(ConfChangeType::AddNode);
         change.node_id = *id;
         change.context = members.addr(*id).unwrap_or_default().into_bytes().into();
-        let mut entry = Entry::default();
-        entry.set_entry_type(EntryType::EntryConfChange);
-        entry.term = 1;
-        entry.index = i as u64 + 1;
-        entry.data = change
+        let data = change
             .write_to_bytes()
-            .map_err(|e| Error::invalid_argument(format!("encoding a conf change: {e}")))?
-            .into();
+            .map_err(|e| Error::invalid_argument(format!("encoding a conf change: {e}")))?;
+        let mut entry = Entry {
+            term: 1,
+            index: i as u64 + 1,
+            data: data.into(),
+            ..Default::default()
+        };
+        entry.set_entry_type(EntryType::EntryConfChange);
         entries.push(entry);
     }
     log.append(&entries).map_err(raft_error)?;

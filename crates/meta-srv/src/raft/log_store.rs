@@ -413,8 +413,10 @@ impl Storage for LogStore {
         data.extend_from_slice(&(members.len() as u32).to_be_bytes());
         data.extend_from_slice(&members);
         data.extend_from_slice(&kv);
-        let mut snapshot = Snapshot::default();
-        snapshot.data = data.into();
+        let mut snapshot = Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
         let metadata = snapshot.mut_metadata();
         metadata.index = applied;
         metadata.term = self.term(applied)?;
