@@ -4,6 +4,7 @@
 //! - `codegen`: regenerates `docs/config.md` from `config/meta-srv.example.toml`.
 //! - `check`: fails when a generated file is stale.
 //! - `bench kv`: a load run against a release `meta-srv`.
+//! - `fault --seeds N`: the randomized fault runs with N seeds, in release mode.
 
 mod bench;
 mod codegen;
@@ -32,6 +33,16 @@ enum Task {
     /// Benchmarks against a release build.
     #[command(subcommand)]
     Bench(bench::BenchTask),
+    /// Randomized fault runs (kill, restart, partition, delay) checked for
+    /// linearizability, in release mode.
+    Fault {
+        /// How many seeds to run.
+        #[arg(long, default_value_t = 200)]
+        seeds: u64,
+        /// The first seed (a failure prints the seed to rerun).
+        #[arg(long, default_value_t = 1)]
+        base_seed: u64,
+    },
     /// (internal) The load generator, run by `bench` from a release build of xtask.
     #[command(hide = true, subcommand)]
     BenchRun(bench::BenchTask),
@@ -49,6 +60,20 @@ fn main() -> anyhow::Result<()> {
         Task::Codegen => codegen::write_all(),
         Task::Check => codegen::check_all(),
         Task::Bench(task) => bench::launch(&task),
+        Task::Fault { seeds, base_seed } => run(Command::new("cargo")
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "meta-srv",
+                "--test",
+                "integration",
+                "fault::",
+                "--",
+                "--nocapture",
+            ])
+            .env("METASRV_FAULT_SEEDS", seeds.to_string())
+            .env("METASRV_FAULT_BASE_SEED", base_seed.to_string())),
         Task::BenchRun(task) => bench::run(task),
     }
 }

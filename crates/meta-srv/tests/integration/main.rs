@@ -6,7 +6,9 @@
 mod bad_input;
 mod cluster_process;
 mod durability;
+mod fault;
 mod in_process;
+mod linearizability;
 mod metactl;
 mod raft_cluster;
 mod support;

@@ -2,7 +2,6 @@
 //! raft backend, leader failure, partitions, restarts and leader transfer.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,38 +17,45 @@ use meta_srv::raft::transport::LocalRouter;
 
 /// Longest a leader election may take here: election timeouts are 1-2 s (10-20 ticks of
 /// 100 ms), and a pre-vote round comes first.
-const ELECTION_BOUND: Duration = Duration::from_secs(10);
+pub const ELECTION_BOUND: Duration = Duration::from_secs(10);
 
-struct Member {
-    node: RaftNode,
-    backend: RaftKvBackend,
+pub struct Member {
+    pub node: RaftNode,
+    pub backend: RaftKvBackend,
 }
 
-struct Cluster {
-    router: Arc<LocalRouter>,
+/// An in-process cluster. A killed member's driver stops and it leaves the router; its
+/// database stays open and is reused on restart (in-process, nothing is lost the way a
+/// crash loses unflushed writes: the process-level tests cover that).
+pub struct Cluster {
+    pub router: Arc<LocalRouter>,
     /// `(compact_after, keep_entries)` for every member started.
     compaction: (u64, u64),
+    tick: Duration,
     voters: Vec<u64>,
-    dirs: BTreeMap<u64, PathBuf>,
-    members: BTreeMap<u64, Member>,
+    dbs: BTreeMap<u64, sled::Db>,
+    pub members: BTreeMap<u64, Member>,
     _root: tempfile::TempDir,
 }
 
 impl Cluster {
-    fn new(size: u64) -> Cluster {
-        Self::with_compaction(size, (10_000, 1_000))
+    pub fn new(size: u64) -> Cluster {
+        Self::with_options(size, (10_000, 1_000), Duration::from_millis(100))
     }
 
     fn with_compaction(size: u64, compaction: (u64, u64)) -> Cluster {
+        Self::with_options(size, compaction, Duration::from_millis(100))
+    }
+
+    /// A cluster whose members use `tick` (elections after 10 to 20 ticks).
+    pub fn with_options(size: u64, compaction: (u64, u64), tick: Duration) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let voters: Vec<u64> = (1..=size).collect();
         let mut cluster = Cluster {
             router: Arc::new(LocalRouter::default()),
             compaction,
-            dirs: voters
-                .iter()
-                .map(|&id| (id, root.path().join(format!("m{id}"))))
-                .collect(),
+            tick,
+            dbs: BTreeMap::new(),
             voters,
             members: BTreeMap::new(),
             _root: root,
@@ -60,22 +66,23 @@ impl Cluster {
         cluster
     }
 
-    fn start(&mut self, id: u64) {
+    pub fn start(&mut self, id: u64) {
         self.start_with(id, self.voters.clone());
     }
 
     /// Starts member `id`; `initial_voters` is empty for a member that joins.
     fn start_with(&mut self, id: u64, initial_voters: Vec<u64>) {
-        let dir = self
-            .dirs
+        let dir = self._root.path().join(format!("m{id}"));
+        let db = self
+            .dbs
             .entry(id)
-            .or_insert_with(|| self._root.path().join(format!("m{id}")))
+            .or_insert_with(|| sled::open(&dir).unwrap())
             .clone();
-        let db = sled::open(&dir).unwrap();
         let store = Arc::new(SledKvStore::open_in(db.clone(), KvLimits::default()).unwrap());
         let settings = RaftSettings {
             compact_after: self.compaction.0,
             keep_entries: self.compaction.1,
+            tick: self.tick,
             ..RaftSettings::new(id, initial_voters)
         };
         let node = RaftNode::start(
@@ -87,18 +94,18 @@ impl Cluster {
         )
         .unwrap();
         self.router.register(id, node.mailbox());
-        let backend = RaftKvBackend::new(node.mailbox(), store, Duration::from_secs(5));
+        // 5 s at the default 100 ms tick: long enough for an election or two.
+        let backend = RaftKvBackend::new(node.mailbox(), store, self.tick * 50);
         self.members.insert(id, Member { node, backend });
     }
 
-    /// Stops member `id` abruptly: its driver ends and its database closes; nothing
-    /// that was not flushed survives (as with kill -9 between fsyncs).
-    fn kill(&mut self, id: u64) {
+    /// Stops member `id`: its driver ends and it leaves the router.
+    pub fn kill(&mut self, id: u64) {
         self.router.unregister(id);
         self.members.remove(&id);
     }
 
-    fn backend(&self, id: u64) -> &RaftKvBackend {
+    pub fn backend(&self, id: u64) -> &RaftKvBackend {
         &self.members[&id].backend
     }
 
@@ -138,13 +145,13 @@ impl Cluster {
         }
     }
 
-    async fn leader(&self) -> u64 {
+    pub async fn leader(&self) -> u64 {
         let live: Vec<u64> = self.members.keys().copied().collect();
         self.leader_among(&live).await
     }
 
     /// Waits until member `id` has applied at least `index`.
-    async fn wait_applied(&self, id: u64, index: u64) {
+    pub async fn wait_applied(&self, id: u64, index: u64) {
         let deadline = Instant::now() + ELECTION_BOUND;
         loop {
             let status = self.members[&id].node.status().await.unwrap();

@@ -1,0 +1,266 @@
+//! Randomized fault runs: a seeded nemesis kills, restarts, isolates, cuts and delays
+//! members of an in-process 3-member cluster while clients put, get and compare-and-put;
+//! the recorded history must be linearizable, and a final read of every key (after
+//! healing) joins it, so an acknowledged write that was lost fails the check.
+//!
+//! `METASRV_FAULT_SEEDS` sets how many seeds run (default 24); `cargo xtask fault
+//! --seeds N` runs this test in release mode with N seeds. A failure names its seed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common_meta::Error;
+use common_meta::kv::{CompareAndPutRequest, KvBackend, PutRequest};
+use meta_srv::raft::backend::RaftKvBackend;
+
+use crate::linearizability::{Call, Op, Outcome, check};
+use crate::raft_cluster::Cluster;
+
+const KEYS: u64 = 4;
+const CLIENTS: u64 = 3;
+const OPS_PER_CLIENT: u64 = 60;
+const RUN: Duration = Duration::from_millis(1500);
+const TICK: Duration = Duration::from_millis(10);
+
+/// SplitMix64: small, seedable, good enough to pick faults and operations.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+type Shared = Arc<Mutex<Cluster>>;
+
+fn backend(cluster: &Shared, id: u64) -> Option<RaftKvBackend> {
+    cluster
+        .lock()
+        .unwrap()
+        .members
+        .get(&id)
+        .map(|m| m.backend.clone())
+}
+
+fn nanos(since: Instant) -> u64 {
+    since.elapsed().as_nanos() as u64
+}
+
+async fn client(
+    cluster: Shared,
+    seed: u64,
+    id: u64,
+    leader: Arc<AtomicU64>,
+    origin: Instant,
+) -> Vec<Op> {
+    let mut rng = Rng(seed ^ (id << 32));
+    let mut history = Vec::new();
+    for n in 0..OPS_PER_CLIENT {
+        if origin.elapsed() > RUN {
+            break;
+        }
+        // Pacing (not synchronisation): spread the operations over the whole run so
+        // that they overlap the faults.
+        tokio::time::sleep(Duration::from_millis(5 + rng.below(30))).await;
+        let target = leader.load(Ordering::Relaxed);
+        let Some(backend) = backend(&cluster, target) else {
+            leader.store(rng.below(3) + 1, Ordering::Relaxed);
+            tokio::task::yield_now().await;
+            continue;
+        };
+        let key = format!("k{}", rng.below(KEYS));
+        let value = format!("c{id}-{n}");
+        let call = match rng.below(3) {
+            0 => Call::Put(value.clone()),
+            1 => Call::Get,
+            _ => Call::Cas {
+                expect: (rng.below(4) > 0)
+                    .then(|| format!("c{}-{}", rng.below(CLIENTS), rng.below(n + 1))),
+                new: value.clone(),
+            },
+        };
+        let start = nanos(origin);
+        let result = match &call {
+            Call::Put(v) => backend
+                .put(PutRequest::new(key.as_str(), v.as_str()))
+                .await
+                .map(|_| Outcome::Put),
+            Call::Get => backend
+                .get(key.as_bytes())
+                .await
+                .map(|kv| Outcome::Get(kv.map(|kv| String::from_utf8(kv.value).unwrap()))),
+            Call::Cas { expect, new } => backend
+                .compare_and_put(CompareAndPutRequest {
+                    key: key.clone().into_bytes(),
+                    expect: expect.clone().map(String::into_bytes),
+                    value: new.clone().into_bytes(),
+                })
+                .await
+                .map(|r| Outcome::Cas(r.success)),
+        };
+        let end = nanos(origin);
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                match e {
+                    Error::NotLeader { leader: Some(l) } => leader.store(l, Ordering::Relaxed),
+                    _ => leader.store(rng.below(3) + 1, Ordering::Relaxed),
+                }
+                // A read that failed did nothing; a write that failed may have happened.
+                if call == Call::Get {
+                    continue;
+                }
+                Outcome::Unknown
+            }
+        };
+        history.push(Op {
+            key,
+            call,
+            outcome,
+            start,
+            end,
+        });
+    }
+    history
+}
+
+async fn nemesis(cluster: Shared, seed: u64, origin: Instant) {
+    let mut rng = Rng(seed);
+    let mut killed: Option<u64> = None;
+    while origin.elapsed() < RUN {
+        let pause = Duration::from_millis(50 + rng.below(100));
+        tokio::time::sleep(pause).await;
+        let member = rng.below(3) + 1;
+        let mut c = cluster.lock().unwrap();
+        match rng.below(6) {
+            0 => c.router.isolate(member),
+            1 => c.router.heal(),
+            2 if killed.is_none() => {
+                c.kill(member);
+                killed = Some(member);
+            }
+            3 => {
+                if let Some(id) = killed.take() {
+                    c.start(id);
+                }
+            }
+            4 => c
+                .router
+                .delay(member, Duration::from_millis(5 + rng.below(30))),
+            _ => c.router.cut(member, rng.below(3) + 1),
+        }
+    }
+    let mut c = cluster.lock().unwrap();
+    c.router.heal();
+    if let Some(id) = killed {
+        c.start(id);
+    }
+}
+
+/// Waits until every live member names the same leader (the cluster lock is only held
+/// to collect mailboxes, never across an await).
+async fn agreed_leader(cluster: &Shared) -> u64 {
+    let until = Instant::now() + crate::raft_cluster::ELECTION_BOUND;
+    loop {
+        let mailboxes: Vec<_> = {
+            let c = cluster.lock().unwrap();
+            c.members.values().map(|m| m.node.mailbox()).collect()
+        };
+        let mut leaders = Vec::new();
+        let mut roles = Vec::new();
+        for mailbox in mailboxes {
+            if let Ok(status) = mailbox.status().await {
+                leaders.push(status.leader_id);
+                roles.push((status.id, status.role));
+            }
+        }
+        leaders.dedup();
+        if let [leader] = leaders[..]
+            && roles.contains(&(leader, "leader"))
+        {
+            return leader;
+        }
+        assert!(
+            Instant::now() < until,
+            "no agreed leader: {roles:?} {leaders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn run_seed(seed: u64) -> Result<(), String> {
+    let cluster: Shared = Arc::new(Mutex::new(Cluster::with_options(3, (200, 50), TICK)));
+    let first = agreed_leader(&cluster).await;
+    let leader = Arc::new(AtomicU64::new(first));
+    let origin = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|id| tokio::spawn(client(cluster.clone(), seed, id, leader.clone(), origin)))
+        .collect();
+    nemesis(cluster.clone(), seed, origin).await;
+    let mut history = Vec::new();
+    for c in clients {
+        history.extend(c.await.map_err(|e| e.to_string())?);
+    }
+
+    // Healed: read every key through the leader; these reads end the history.
+    let final_leader = agreed_leader(&cluster).await;
+    let backend = backend(&cluster, final_leader).ok_or("no leader backend")?;
+    for k in 0..KEYS {
+        let key = format!("k{k}");
+        let start = nanos(origin);
+        let value = backend
+            .get(key.as_bytes())
+            .await
+            .map_err(|e| format!("final read of {key}: {e}"))?
+            .map(|kv| String::from_utf8(kv.value).unwrap());
+        history.push(Op {
+            key,
+            call: Call::Get,
+            outcome: Outcome::Get(value),
+            start,
+            end: nanos(origin),
+        });
+    }
+    let acked = history
+        .iter()
+        .filter(|op| op.outcome != Outcome::Unknown)
+        .count();
+    eprintln!(
+        "seed {seed}: {} operations, {acked} acknowledged",
+        history.len()
+    );
+    if acked < 10 {
+        return Err(format!(
+            "only {acked} operations completed: the cluster made no progress"
+        ));
+    }
+    check(&history)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_faults_keep_histories_linearizable() {
+    let seeds: u64 = std::env::var("METASRV_FAULT_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(24);
+    let base: u64 = std::env::var("METASRV_FAULT_BASE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    for seed in base..base + seeds {
+        if let Err(e) = run_seed(seed).await {
+            panic!(
+                "seed {seed} failed (rerun with METASRV_FAULT_BASE_SEED={seed} METASRV_FAULT_SEEDS=1): {e}"
+            );
+        }
+    }
+}
