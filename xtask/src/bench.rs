@@ -1,8 +1,10 @@
-//! `cargo xtask bench kv`: put and get throughput and latency of one release `meta-srv`
-//! driven through `meta-client`, at several client concurrencies.
+//! `cargo xtask bench kv`: throughput and latency of release `meta-srv` clusters driven
+//! through `meta-client`, and with `--vs-etcd` an etcd cluster of the same size driven by
+//! the same load generator through `etcd-client`, side by side with ratios.
 //!
-//! `launch` builds `meta-srv` and this crate in release mode and re-runs itself as
-//! `target/release/xtask bench-run ...`, so the load generator is optimised too.
+//! `launch` builds `meta-srv` and this crate in release mode (with feature `etcd` when
+//! asked) and re-runs itself as `target/release/xtask bench-run ...`, so the load
+//! generator is optimised too.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -10,8 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use async_trait::async_trait;
 use clap::{Args, Subcommand};
-use common_meta::kv::{BatchPutRequest, KvBackend, PutRequest};
+use common_meta::kv::{BatchPutRequest, KvBackend, PutRequest, RangeRequest};
 use meta_client::{MetaClient, MetaClientOptions};
 
 use crate::{root, run as run_command};
@@ -19,7 +22,7 @@ use crate::{root, run as run_command};
 /// The benchmarks.
 #[derive(Subcommand, Clone, Debug)]
 pub enum BenchTask {
-    /// KV put and get against a single server.
+    /// KV put and get against a cluster (and etcd with --vs-etcd).
     Kv(KvArgs),
 }
 
@@ -38,24 +41,45 @@ pub struct KvArgs {
     /// Distinct 8-byte keys the load spreads over.
     #[arg(long, default_value_t = 10_000)]
     keys: usize,
+    /// Cluster size: 1 or 3 members.
+    #[arg(long, default_value_t = 1)]
+    members: usize,
+    /// Also run a same-size etcd cluster (Debian's etcd-server) with the same load.
+    #[arg(long)]
+    vs_etcd: bool,
 }
 
 impl KvArgs {
     fn to_args(&self) -> Vec<String> {
         let clients: Vec<String> = self.clients.iter().map(ToString::to_string).collect();
-        vec![
+        let mut args = vec![
             "kv".into(),
             format!("--clients={}", clients.join(",")),
             format!("--seconds={}", self.seconds),
             format!("--value-size={}", self.value_size),
             format!("--keys={}", self.keys),
-        ]
+            format!("--members={}", self.members),
+        ];
+        if self.vs_etcd {
+            args.push("--vs-etcd".into());
+        }
+        args
     }
 }
 
 /// Builds release binaries and runs the load generator from the release build.
 pub fn launch(task: &BenchTask) -> anyhow::Result<()> {
-    run_command(Command::new("cargo").args([
+    let BenchTask::Kv(args) = task;
+    if args.vs_etcd {
+        which("etcd").context(
+            "etcd is not installed: `apt-get install etcd-server` (Debian's package) and retry",
+        )?;
+        which("protoc").context(
+            "the etcd client needs protoc to build: `apt-get install protobuf-compiler` and retry",
+        )?;
+    }
+    let mut build = Command::new("cargo");
+    build.args([
         "build",
         "--release",
         "--quiet",
@@ -67,13 +91,27 @@ pub fn launch(task: &BenchTask) -> anyhow::Result<()> {
         "meta-srv",
         "--bin",
         "xtask",
-    ]))?;
-    let BenchTask::Kv(args) = task;
+    ]);
+    if args.vs_etcd {
+        build.args(["--features", "xtask/etcd"]);
+    }
+    run_command(&mut build)?;
     run_command(
         Command::new(root().join("target/release/xtask"))
             .arg("bench-run")
             .args(args.to_args()),
     )
+}
+
+fn which(program: &str) -> anyhow::Result<()> {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false);
+    if found {
+        Ok(())
+    } else {
+        bail!("{program} not found on PATH")
+    }
 }
 
 /// Runs a benchmark (called in the release build).
@@ -85,72 +123,253 @@ pub fn run(task: BenchTask) -> anyhow::Result<()> {
     runtime.block_on(kv(args))
 }
 
-/// A release `meta-srv` on a temp dir; killed on drop.
-struct Server {
-    child: Child,
-    grpc: String,
-    _dir: tempfile::TempDir,
+/// Processes killed on drop.
+struct Processes {
+    children: Vec<Child>,
+    _dirs: Vec<tempfile::TempDir>,
 }
 
-impl Server {
-    fn start() -> anyhow::Result<Server> {
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `n` loopback ports that were free a moment ago.
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()?)
+}
+
+/// A release meta-srv cluster of `members`; returns its processes and client endpoints.
+async fn start_meta(members: usize) -> anyhow::Result<(Processes, Vec<String>)> {
+    let binary = root().join("target/release/meta-srv");
+    let addrs: Vec<String> = free_ports(members)?
+        .into_iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let initial: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect();
+    let mut procs = Processes {
+        children: Vec::new(),
+        _dirs: Vec::new(),
+    };
+    for (i, addr) in addrs.iter().enumerate() {
         let dir = tempfile::tempdir()?;
-        let binary = root().join("target/release/meta-srv");
-        let mut child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        command
             .arg("start")
             .arg("--data-dir")
             .arg(dir.path())
-            .args(["--listen-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--node-id", &(i + 1).to_string()])
+            .args(["--listen-addr", addr, "--http-addr", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::null());
+        if members > 1 {
+            command.args(["--initial-cluster", &initial.join(",")]);
+        }
+        let mut child = command
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
         let stdout = child.stdout.take().context("piped stdout")?;
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
-        let Some(grpc) = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("grpc="))
-        else {
-            let _ = child.kill();
-            bail!("meta-srv did not report its address: {line:?}");
-        };
-        Ok(Server {
-            grpc: grpc.to_string(),
-            child,
-            _dir: dir,
-        })
+        procs.children.push(child);
+        procs._dirs.push(dir);
+        if !line.starts_with("meta-srv listening") {
+            bail!("meta-srv member {} did not start: {line:?}", i + 1);
+        }
+    }
+    // Ready when a write commits.
+    let client = MetaClient::new(&addrs, MetaClientOptions::default())?;
+    client.put(PutRequest::new("ready", "1")).await?;
+    Ok((procs, addrs))
+}
+
+/// A load generator's view of a system.
+#[async_trait]
+trait Target: Send + Sync {
+    async fn put(&self, key: Vec<u8>, value: Vec<u8>) -> anyhow::Result<()>;
+    async fn get(&self, key: Vec<u8>, serializable: bool) -> anyhow::Result<()>;
+}
+
+struct MetaTarget(MetaClient);
+
+#[async_trait]
+impl Target for MetaTarget {
+    async fn put(&self, key: Vec<u8>, value: Vec<u8>) -> anyhow::Result<()> {
+        self.0.put(PutRequest::new(key, value)).await?;
+        Ok(())
+    }
+
+    async fn get(&self, key: Vec<u8>, serializable: bool) -> anyhow::Result<()> {
+        let request = RangeRequest::key(key);
+        if serializable {
+            self.0.range_serializable(request).await?;
+        } else {
+            self.0.range(request).await?;
+        }
+        Ok(())
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Which system a run drives.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum System {
+    Meta,
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    Etcd,
+}
+
+async fn connect(system: System, endpoints: &[String]) -> anyhow::Result<Arc<dyn Target>> {
+    match system {
+        System::Meta => Ok(Arc::new(MetaTarget(MetaClient::new(
+            endpoints,
+            MetaClientOptions::default(),
+        )?))),
+        System::Etcd => etcd::connect(endpoints).await,
+    }
+}
+
+#[cfg(feature = "etcd")]
+mod etcd {
+    //! The etcd side: processes from Debian's etcd-server, clients from etcd-client.
+
+    use super::*;
+    use etcd_client::{Client, GetOptions};
+
+    struct EtcdTarget(Client);
+
+    #[async_trait]
+    impl Target for EtcdTarget {
+        async fn put(&self, key: Vec<u8>, value: Vec<u8>) -> anyhow::Result<()> {
+            self.0.kv_client().put(key, value, None).await?;
+            Ok(())
+        }
+
+        async fn get(&self, key: Vec<u8>, serializable: bool) -> anyhow::Result<()> {
+            let options = serializable.then(|| GetOptions::new().with_serializable());
+            self.0.kv_client().get(key, options).await?;
+            Ok(())
+        }
+    }
+
+    pub async fn connect(endpoints: &[String]) -> anyhow::Result<Arc<dyn Target>> {
+        let urls: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
+        Ok(Arc::new(EtcdTarget(Client::connect(urls, None).await?)))
+    }
+
+    /// A 3-member (or 1-member) etcd cluster on loopback, fsync on (etcd's default).
+    pub async fn start(members: usize) -> anyhow::Result<(Processes, Vec<String>)> {
+        let ports = free_ports(members * 2)?;
+        let peers: Vec<String> = (0..members)
+            .map(|i| format!("m{}=http://127.0.0.1:{}", i + 1, ports[2 * i + 1]))
+            .collect();
+        let mut procs = Processes {
+            children: Vec::new(),
+            _dirs: Vec::new(),
+        };
+        let mut endpoints = Vec::new();
+        for i in 0..members {
+            let dir = tempfile::tempdir()?;
+            let client = format!("127.0.0.1:{}", ports[2 * i]);
+            let peer = format!("http://127.0.0.1:{}", ports[2 * i + 1]);
+            let child = Command::new("etcd")
+                .args(["--name", &format!("m{}", i + 1)])
+                .arg("--data-dir")
+                .arg(dir.path())
+                .args(["--listen-client-urls", &format!("http://{client}")])
+                .args(["--advertise-client-urls", &format!("http://{client}")])
+                .args(["--listen-peer-urls", &peer])
+                .args(["--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &peers.join(",")])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "bench"])
+                .args(["--log-level", "error"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting etcd")?;
+            procs.children.push(child);
+            procs._dirs.push(dir);
+            endpoints.push(client);
+        }
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = async {
+                let target = connect(&endpoints).await?;
+                target.put(b"ready".to_vec(), b"1".to_vec()).await
+            };
+            match ready.await {
+                Ok(()) => return Ok((procs, endpoints)),
+                Err(e) if Instant::now() > until => bail!("etcd did not become ready: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+}
+
+#[cfg(not(feature = "etcd"))]
+mod etcd {
+    //! Without the `etcd` feature there is no etcd client.
+
+    use super::*;
+
+    pub async fn connect(_endpoints: &[String]) -> anyhow::Result<Arc<dyn Target>> {
+        bail!("built without the `etcd` feature; run `cargo xtask bench kv --vs-etcd`")
+    }
+
+    pub async fn start(_members: usize) -> anyhow::Result<(Processes, Vec<String>)> {
+        bail!("built without the `etcd` feature; run `cargo xtask bench kv --vs-etcd`")
     }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Op {
+enum Workload {
     Put,
     Get,
+    SerializableGet,
 }
 
-/// One run's latencies, merged over its clients.
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Put => "put",
+            Workload::Get => "get",
+            Workload::SerializableGet => "get (serializable)",
+        }
+    }
+}
+
+/// One run's merged latencies.
 struct Outcome {
-    ops: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
 }
 
 impl Outcome {
-    fn percentile(&self, p: f64) -> Duration {
+    fn ops_per_sec(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile_ms(&self, p: f64) -> f64 {
         if self.latencies.is_empty() {
-            return Duration::ZERO;
+            return 0.0;
         }
         let rank = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
-        self.latencies[rank.min(self.latencies.len() - 1)]
+        self.latencies[rank.min(self.latencies.len() - 1)].as_secs_f64() * 1e3
     }
 }
 
@@ -158,65 +377,127 @@ fn key(i: usize) -> Vec<u8> {
     format!("{i:08}").into_bytes()
 }
 
-async fn kv(args: KvArgs) -> anyhow::Result<()> {
-    let server = Server::start()?;
-    let endpoints = [server.grpc.clone()];
-    let value = vec![b'v'; args.value_size];
+async fn preload(target: &dyn Target, keys: usize, value: &[u8]) -> anyhow::Result<()> {
+    for i in 0..keys {
+        target.put(key(i), value.to_vec()).await?;
+    }
+    Ok(())
+}
 
-    // Every key exists before the first get run.
-    let loader = MetaClient::new(&endpoints, MetaClientOptions::default())?;
-    let keys: Vec<usize> = (0..args.keys).collect();
-    for chunk in keys.chunks(100) {
-        let kvs = chunk.iter().map(|&i| (key(i), value.clone())).collect();
-        loader
-            .batch_put(BatchPutRequest {
-                kvs,
-                prev_kv: false,
-            })
-            .await?;
+async fn kv(args: KvArgs) -> anyhow::Result<()> {
+    if args.members != 1 && args.members != 3 {
+        bail!("--members must be 1 or 3");
+    }
+    let value = vec![b'v'; args.value_size];
+    let mut systems = vec![System::Meta];
+    if args.vs_etcd {
+        systems.push(System::Etcd);
+    }
+    let workloads = if args.members > 1 || args.vs_etcd {
+        vec![Workload::Put, Workload::Get, Workload::SerializableGet]
+    } else {
+        vec![Workload::Put, Workload::Get]
+    };
+
+    // results[system][workload][clients]
+    let mut results = Vec::new();
+    for &system in &systems {
+        let (procs, endpoints) = match system {
+            System::Meta => start_meta(args.members).await?,
+            System::Etcd => etcd::start(args.members).await?,
+        };
+        // Every key exists before the first get run.
+        let loader = connect(system, &endpoints).await?;
+        if system == System::Meta {
+            let client = MetaClient::new(&endpoints, MetaClientOptions::default())?;
+            for chunk in (0..args.keys).collect::<Vec<_>>().chunks(100) {
+                let kvs = chunk.iter().map(|&i| (key(i), value.clone())).collect();
+                client
+                    .batch_put(BatchPutRequest {
+                        kvs,
+                        prev_kv: false,
+                    })
+                    .await?;
+            }
+        } else {
+            preload(loader.as_ref(), args.keys, &value).await?;
+        }
+        let mut per_workload = Vec::new();
+        for &workload in &workloads {
+            let mut per_clients = Vec::new();
+            for &clients in &args.clients {
+                per_clients
+                    .push(drive(system, &endpoints, clients, workload, &args, &value).await?);
+            }
+            per_workload.push(per_clients);
+        }
+        drop(procs);
+        results.push(per_workload);
     }
 
     println!(
-        "meta-srv kv benchmark: 1 member (sled, fsync before every ack), release build, {} cores",
+        "kv benchmark: {} member(s) per system on loopback, fsync on, release builds, {} cores",
+        args.members,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
         "8-byte keys over {} keys, {}-byte values, {} s per run, one connection per client",
         args.keys, args.value_size, args.seconds
     );
-    println!(
-        "{:>8} {:>4} {:>10} {:>9} {:>9}",
-        "clients", "op", "ops/s", "p50 ms", "p99 ms"
+    let mut header = format!(
+        "{:<20} {:>7} | {:>9} {:>8} {:>8}",
+        "workload", "clients", "ops/s", "p50 ms", "p99 ms"
     );
-    for &clients in &args.clients {
-        for op in [Op::Put, Op::Get] {
-            let outcome = drive(&endpoints, clients, op, &args, &value).await?;
-            println!(
-                "{:>8} {:>4} {:>10.0} {:>9.3} {:>9.3}",
+    if args.vs_etcd {
+        header.push_str(&format!(
+            " | {:>9} {:>8} {:>8} | {:>6}",
+            "etcd/s", "p50 ms", "p99 ms", "ratio"
+        ));
+    }
+    println!("{header}");
+    for (w, workload) in workloads.iter().enumerate() {
+        for (c, clients) in args.clients.iter().enumerate() {
+            let ours = &results[0][w][c];
+            let mut line = format!(
+                "{:<20} {:>7} | {:>9.0} {:>8.3} {:>8.3}",
+                workload.name(),
                 clients,
-                if op == Op::Put { "put" } else { "get" },
-                outcome.ops as f64 / outcome.elapsed.as_secs_f64(),
-                outcome.percentile(0.50).as_secs_f64() * 1e3,
-                outcome.percentile(0.99).as_secs_f64() * 1e3,
+                ours.ops_per_sec(),
+                ours.percentile_ms(0.50),
+                ours.percentile_ms(0.99)
             );
+            if let Some(theirs) = results.get(1).map(|r| &r[w][c]) {
+                line.push_str(&format!(
+                    " | {:>9.0} {:>8.3} {:>8.3} | {:>5.2}x",
+                    theirs.ops_per_sec(),
+                    theirs.percentile_ms(0.50),
+                    theirs.percentile_ms(0.99),
+                    ours.ops_per_sec() / theirs.ops_per_sec().max(f64::MIN_POSITIVE)
+                ));
+            }
+            println!("{line}");
         }
     }
     Ok(())
 }
 
 async fn drive(
+    system: System,
     endpoints: &[String],
     clients: usize,
-    op: Op,
+    workload: Workload,
     args: &KvArgs,
     value: &[u8],
 ) -> anyhow::Result<Outcome> {
     let duration = Duration::from_secs(args.seconds);
     let value = Arc::new(value.to_vec());
+    let mut targets = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        targets.push(connect(system, endpoints).await?);
+    }
     let started = Instant::now();
     let mut workers = Vec::with_capacity(clients);
-    for worker in 0..clients {
-        let client = MetaClient::new(endpoints, MetaClientOptions::default())?;
+    for (worker, target) in targets.into_iter().enumerate() {
         let value = value.clone();
         let keys = args.keys;
         workers.push(tokio::spawn(async move {
@@ -227,17 +508,14 @@ async fn drive(
                 let k = key((i * 7919) % keys);
                 i += clients;
                 let t = Instant::now();
-                match op {
-                    Op::Put => {
-                        client.put(PutRequest::new(k, value.as_slice())).await?;
-                    }
-                    Op::Get => {
-                        client.get(&k).await?;
-                    }
+                match workload {
+                    Workload::Put => target.put(k, value.to_vec()).await?,
+                    Workload::Get => target.get(k, false).await?,
+                    Workload::SerializableGet => target.get(k, true).await?,
                 }
                 latencies.push(t.elapsed());
             }
-            Ok::<_, common_meta::Error>(latencies)
+            Ok::<_, anyhow::Error>(latencies)
         }));
     }
     let mut latencies = Vec::new();
@@ -246,9 +524,5 @@ async fn drive(
     }
     let elapsed = started.elapsed();
     latencies.sort_unstable();
-    Ok(Outcome {
-        ops: latencies.len(),
-        elapsed,
-        latencies,
-    })
+    Ok(Outcome { elapsed, latencies })
 }
