@@ -138,6 +138,15 @@ async fn health_answers_with_json() {
     assert_eq!(json["status"], "ok");
     assert_eq!(json["member_id"], 1);
     assert_eq!(json["revision"], 1);
+
+    let body = http_get(&server.http, "/status").await;
+    let (head, json) = body.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let json: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(json["role"], "leader");
+    assert_eq!(json["members"][0]["id"], 1);
+    assert_eq!(json["members"][0]["role"], "voter");
+    assert_eq!(json["revision"], 1);
     server.shutdown().await;
 }
 

@@ -54,6 +54,20 @@ fn kv_commands_round_trip() {
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["count"], 3, "an empty prefix lists every key");
 
+    let (_, out, _) = metactl(ep, &["kv", "get", "app/y", "--serializable"]);
+    assert_eq!(out, "2\n", "a serializable read sees the write too on a single member");
+
+    let (code, out, _) = metactl(ep, &["status", "--output", "json"]);
+    assert_eq!(code, Some(0));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["role"], "leader");
+    assert_eq!(json["member_id"], 1);
+    assert_eq!(json["leader_id"], 1);
+    assert_eq!(json["members"][0]["addr"], ep);
+    assert!(json["applied_index"].as_u64().unwrap() >= 4);
+    let (_, out, _) = metactl(ep, &["status"]);
+    assert!(out.contains("member:   1 (leader)"), "{out}");
+
     assert_eq!(metactl(ep, &["kv", "del", "a"]).1, "1\n");
     let (code, out, err) = metactl(ep, &["kv", "get", "a"]);
     assert_eq!(
