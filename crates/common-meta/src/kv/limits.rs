@@ -30,6 +30,18 @@ impl Default for KvLimits {
 }
 
 impl KvLimits {
+    /// No limit at all: for applying already-committed replicated entries, which were
+    /// checked before they were proposed and must apply the same way on every member
+    /// whatever its configured limits.
+    pub fn unlimited() -> Self {
+        KvLimits {
+            max_key_bytes: usize::MAX,
+            max_value_bytes: usize::MAX,
+            max_txn_ops: usize::MAX,
+            max_request_bytes: usize::MAX,
+        }
+    }
+
     /// Checks a transaction (every KvBackend call is one) against these limits.
     pub fn check_txn(&self, txn: &TxnRequest) -> Result<()> {
         for (list, len) in [
@@ -102,7 +114,7 @@ impl KvLimits {
     }
 
     fn check_key(&self, key: &[u8], what: &str) -> Result<usize> {
-        if key.is_empty() {
+        if key.is_empty() && self.max_key_bytes != usize::MAX {
             return Err(Error::invalid_argument(format!("{what} must not be empty")));
         }
         if key.len() > self.max_key_bytes {

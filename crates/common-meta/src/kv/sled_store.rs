@@ -151,11 +151,22 @@ impl SledKvStore {
         self.write_group(txns.into_iter().map(Some).collect(), None)
     }
 
+    /// Checks a transaction against this store's limits, as [`SledKvStore::commit`]
+    /// would; a replicated write calls it before proposing.
+    pub fn check(&self, txn: &TxnRequest) -> Result<()> {
+        self.limits.check_txn(txn)
+    }
+
     /// Applies committed raft entries `(index, txn)` in order (a `None` txn, such as a
     /// configuration change, only advances the applied index). Entries at or below the
     /// applied index were applied before a crash and are skipped: their answer is `None`.
     /// The group, the new revision and the last index are written in one batch. Not
     /// flushed: the raft log makes the entries durable.
+    ///
+    /// Determinism: limits are not checked here (the proposer checked them with
+    /// [`SledKvStore::check`]), so every member applies an entry the same way whatever
+    /// its own configuration; a storage error fails the whole call instead of becoming
+    /// one transaction's answer.
     pub fn apply(
         &self,
         entries: Vec<(u64, Option<TxnRequest>)>,
@@ -185,6 +196,11 @@ impl SledKvStore {
         applied: Option<u64>,
     ) -> Result<Vec<Result<TxnResponse>>> {
         // Only one writer at a time (see the module doc): the state read here is stable.
+        let limits = if applied.is_some() {
+            KvLimits::unlimited()
+        } else {
+            self.limits
+        };
         let start = self.revision();
         let mut revision = start;
         let mut changes = BTreeMap::new();
@@ -201,15 +217,19 @@ impl SledKvStore {
                 base: self,
                 changes: &changes,
             };
-            answers.push(engine::execute(&view, revision, &self.limits, txn).map(
-                |(response, write)| {
+            match engine::execute(&view, revision, &limits, txn) {
+                Ok((response, write)) => {
                     if let Some(write) = write {
                         revision = write.revision;
                         changes.extend(write.changes);
                     }
-                    response
-                },
-            ));
+                    answers.push(Ok(response));
+                }
+                Err(e @ Error::InvalidArgument { .. }) => answers.push(Err(e)),
+                // A read failure is this member's problem, not the request's: never let
+                // it turn into a different outcome on one replica.
+                Err(e) => return Err(e),
+            }
         }
         if revision == start && applied.is_none() {
             return Ok(answers);
@@ -430,6 +450,24 @@ mod tests {
         let err = target.restore(&blob[..blob.len() - 1]).unwrap_err();
         assert!(err.to_string().contains("truncated"), "{err}");
         assert_eq!(target.revision(), 2, "a bad snapshot changes nothing");
+    }
+
+    #[test]
+    fn replicated_entries_apply_whatever_the_local_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = KvLimits {
+            max_key_bytes: 4,
+            ..KvLimits::default()
+        };
+        let store = SledKvStore::open(dir.path(), small).unwrap();
+        let long = put("longer-than-four");
+        assert!(store.check(&long).is_err(), "the proposer refuses it");
+        let answers = store.commit(vec![long.clone()]).unwrap();
+        assert!(answers[0].is_err(), "a single-node commit refuses it too");
+        // A member with larger limits proposed it and it committed: it must apply here.
+        let applied = store.apply(vec![(1, Some(long))]).unwrap();
+        assert!(matches!(applied[0], Some(Ok(_))), "{applied:?}");
+        assert_eq!(store.revision(), 1);
     }
 
     #[test]

@@ -82,6 +82,9 @@ impl KvBackend for RaftKvBackend {
             self.ask(|reply| Command::ReadIndex { reply }).await?;
             return self.read_local(req).await;
         }
+        // Limits are checked once, here, before the entry exists: apply does not check
+        // them, so every member applies it the same way.
+        self.store.check(&req)?;
         self.ask(|reply| Command::Propose { txn: req, reply }).await
     }
 

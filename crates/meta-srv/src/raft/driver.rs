@@ -390,8 +390,8 @@ struct Driver {
     next_read: u64,
     /// Reads that arrived this turn; they share one ReadIndex.
     read_batch: Vec<Reply<u64>>,
-    /// Reads waiting for raft to confirm their read index.
-    reads_by_ctx: HashMap<u64, Vec<Reply<u64>>>,
+    /// Reads waiting for raft to confirm their read index, with when they were issued.
+    reads_by_ctx: HashMap<u64, (Instant, Vec<Reply<u64>>)>,
     /// Reads waiting for the state machine to apply their index.
     reads_by_index: Vec<(u64, Reply<u64>)>,
 }
@@ -424,7 +424,19 @@ impl Driver {
             }
             self.start_reads();
             self.check_snapshots();
-            if let Err(e) = self.on_ready() {
+            // Advancing can produce more work (messages after a conf change, entries
+            // committed by the light ready): handle it in this turn, not the next tick.
+            let mut failed = None;
+            for _ in 0..8 {
+                if !self.node.has_ready() {
+                    break;
+                }
+                if let Err(e) = self.on_ready() {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if let Some(e) = failed {
                 // Storage failed: this member cannot go on safely. Stop answering.
                 tracing::error!(member = self.id, error = %e, "raft driver stopped on a storage error");
                 break;
@@ -557,6 +569,11 @@ impl Driver {
                 if !known(id) {
                     return Err(Error::invalid_argument(format!("unknown member {id}")));
                 }
+                if *id == self.id {
+                    return Err(Error::invalid_argument(format!(
+                        "member {id} is the leader; transfer leadership first (metactl leader transfer)"
+                    )));
+                }
                 if conf.voters == [*id] {
                     return Err(Error::invalid_argument(format!(
                         "member {id} is the last voter; removing it would end the cluster"
@@ -578,14 +595,40 @@ impl Driver {
 
     /// Issues one ReadIndex for every read that arrived this turn.
     fn start_reads(&mut self) {
-        if self.read_batch.is_empty() {
+        // A new leader ignores ReadIndex until it has committed an entry of its own term
+        // (raft-rs drops the request silently): keep the batch until then.
+        if self.read_batch.is_empty() || !self.node.raft.commit_to_current_term() {
+            self.expire_reads();
             return;
         }
         let ctx = self.next_read;
         self.next_read = self.next_read.wrapping_add(1);
         self.node.read_index(ctx.to_be_bytes().to_vec());
         let batch = std::mem::take(&mut self.read_batch);
-        self.reads_by_ctx.insert(ctx, batch);
+        self.reads_by_ctx.insert(ctx, (Instant::now(), batch));
+        self.expire_reads();
+    }
+
+    /// Fails read batches raft never confirmed (a lost heartbeat round): after a few
+    /// election timeouts nobody waits for them any more, and their slots are freed.
+    fn expire_reads(&mut self) {
+        let limit = self.tick * 60;
+        let expired: Vec<u64> = self
+            .reads_by_ctx
+            .iter()
+            .filter(|(_, (since, _))| since.elapsed() > limit)
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        for ctx in expired {
+            if let Some((_, replies)) = self.reads_by_ctx.remove(&ctx) {
+                for reply in replies {
+                    let _ = reply.send(Err(Error::Unavailable {
+                        message: "the leader could not confirm its leadership for a read"
+                            .to_string(),
+                    }));
+                }
+            }
+        }
     }
 
     /// Handles one `Ready` in the order raft-rs requires.
@@ -612,11 +655,7 @@ impl Driver {
             );
         }
 
-        // 3. Apply what is committed: those entries are durable on a quorum already.
-        self.apply(ready.take_committed_entries())?;
-
-        // 4. Persist new entries and the hard state, then fsync once for both (and for
-        //    the state machine batches of step 3, which share the database).
+        // 3. Persist new entries and the hard state, then fsync once for both.
         self.log.append(ready.entries()).map_err(raft_error)?;
         if let Some(hard_state) = ready.hs() {
             self.log.set_hard_state(hard_state).map_err(raft_error)?;
@@ -625,8 +664,12 @@ impl Driver {
             self.log.flush().map_err(raft_error)?;
         }
 
-        // 5. Votes and append acknowledgements promise persisted state: only now.
+        // 4. Votes and append acknowledgements promise persisted state: only now.
         self.send(ready.take_persisted_messages());
+
+        // 5. Apply what is committed (durable on a quorum). After step 3, so that the
+        //    state machine is never ahead of the persisted commit index.
+        self.apply(ready.take_committed_entries())?;
 
         // 6. Reads whose index raft confirmed wait for the apply to reach it.
         for state in ready.take_read_states() {
@@ -636,7 +679,7 @@ impl Driver {
                 .try_into()
                 .map(u64::from_be_bytes)
                 .ok();
-            if let Some(replies) = ctx.and_then(|ctx| self.reads_by_ctx.remove(&ctx)) {
+            if let Some((_, replies)) = ctx.and_then(|ctx| self.reads_by_ctx.remove(&ctx)) {
                 self.reads_by_index
                     .extend(replies.into_iter().map(|r| (state.index, r)));
             }
@@ -668,7 +711,12 @@ impl Driver {
 
     /// Compacts the log once enough applied entries have piled up in it.
     fn maybe_compact(&mut self) -> Result<(), Error> {
-        let applied = self.store.applied_index();
+        // Never past what raft and the persisted hard state know to be committed.
+        let applied = self
+            .store
+            .applied_index()
+            .min(self.node.raft.raft_log.applied)
+            .min(self.log.hard_state().commit);
         let first = self.log.first_index_now();
         if applied >= first + self.compact_after + self.keep_entries {
             let to = applied - self.keep_entries;
@@ -823,7 +871,7 @@ impl Driver {
         for (_, reply) in self.conf_proposals.drain() {
             let _ = reply.send(Err(error()));
         }
-        for (_, replies) in self.reads_by_ctx.drain() {
+        for (_, (_, replies)) in self.reads_by_ctx.drain() {
             for reply in replies {
                 let _ = reply.send(Err(error()));
             }

@@ -107,8 +107,16 @@ impl LogStore {
             Some(bytes) => decode("snapshot metadata", &bytes)?,
             None => SnapshotMetadata::default(),
         };
+        // Entries at or below the snapshot index can survive a crash during a snapshot
+        // install (see apply_snapshot): they are dead, and removed here.
+        let mut dead = sled::Batch::default();
+        for key in log.range(..=snapshot.index.to_be_bytes()).keys() {
+            dead.remove(key.map_err(|e| other("reading the log", e))?);
+        }
+        log.apply_batch(dead)
+            .map_err(|e| other("removing dead entries", e))?;
         let last_index = match log.last().map_err(|e| other("reading last entry", e))? {
-            Some((key, _)) => index_of(&key)?,
+            Some((key, _)) => index_of(&key)?.max(snapshot.index),
             None => snapshot.index,
         };
         Ok(LogStore {
@@ -268,6 +276,12 @@ impl LogStore {
 
     /// Installs a snapshot from the leader: state machine, members, configuration, and a
     /// log that now starts after the snapshot. Not flushed.
+    ///
+    /// Crash safety (sled recovers a prefix of writes): the state machine goes first
+    /// (one atomic batch; a crash after it only leaves the state machine ahead of a log
+    /// that replays as skipped entries), then snapshot metadata, configuration and hard
+    /// state in one batch of the meta tree, then the stale entries are removed (a crash
+    /// before that leaves entries at or below the snapshot index, which `open` ignores).
     pub fn apply_snapshot(&self, snapshot: &Snapshot) -> raft::Result<()> {
         let data = snapshot.get_data();
         let bad = |reason: &str| other("installing a snapshot", reason);
@@ -287,28 +301,35 @@ impl LogStore {
             .members
             .replace_all(members)
             .map_err(|e| bad(&e.to_string()))?;
+
         let metadata = snapshot.get_metadata().clone();
         let cached = self.cached();
-        let mut batch = sled::Batch::default();
+        let mut hard_state = cached.hard_state.clone();
+        hard_state.term = hard_state.term.max(metadata.term);
+        hard_state.commit = hard_state.commit.max(metadata.index);
+        let conf_state = metadata.get_conf_state().clone();
+        let mut meta = sled::Batch::default();
+        meta.insert(SNAPSHOT, encode("snapshot metadata", &metadata)?);
+        meta.insert(CONF_STATE, encode("conf state", &conf_state)?);
+        meta.insert(HARD_STATE, encode("hard state", &hard_state)?);
+        self.inner
+            .meta
+            .apply_batch(meta)
+            .map_err(|e| other("writing snapshot metadata", e))?;
+
+        let mut stale = sled::Batch::default();
         for old in cached.snapshot.index + 1..=cached.last_index {
-            batch.remove(&old.to_be_bytes());
+            stale.remove(&old.to_be_bytes());
         }
         self.inner
             .log
-            .apply_batch(batch)
+            .apply_batch(stale)
             .map_err(|e| other("clearing the log", e))?;
-        self.inner
-            .meta
-            .insert(SNAPSHOT, encode("snapshot metadata", &metadata)?)
-            .map_err(|e| other("writing snapshot metadata", e))?;
-        self.set_conf_state(metadata.get_conf_state())?;
-        let mut hard_state = self.hard_state();
-        hard_state.term = hard_state.term.max(metadata.term);
-        hard_state.commit = hard_state.commit.max(metadata.index);
-        self.set_hard_state(&hard_state)?;
         self.update(|c| {
             c.last_index = metadata.index;
             c.snapshot = metadata;
+            c.conf_state = conf_state;
+            c.hard_state = hard_state;
         });
         Ok(())
     }
@@ -541,6 +562,40 @@ mod tests {
         );
         assert_eq!(other.hard_state().commit, 5);
         assert_eq!(other.inner.store.applied_index(), 5);
+    }
+
+    #[test]
+    fn a_crash_inside_a_snapshot_install_leaves_a_log_that_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let store = Arc::new(SledKvStore::open_in(db.clone(), Default::default()).unwrap());
+        let members = Arc::new(Members::in_memory(BTreeMap::new()));
+        {
+            let log = LogStore::open(db.clone(), store.clone(), members.clone()).unwrap();
+            log.append(&(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>())
+                .unwrap();
+            // The metadata of a snapshot at 3 is written, the crash comes before the
+            // stale entries are removed.
+            let metadata = SnapshotMetadata {
+                index: 3,
+                term: 1,
+                ..Default::default()
+            };
+            log.inner
+                .meta
+                .insert(SNAPSHOT, encode("snapshot metadata", &metadata).unwrap())
+                .unwrap();
+        }
+        let log = LogStore::open(db, store, members).unwrap();
+        assert_eq!(
+            (log.first_index().unwrap(), log.last_index().unwrap()),
+            (4, 5)
+        );
+        assert_eq!(log.term(3).unwrap(), 1);
+        assert!(
+            log.inner.log.get(2u64.to_be_bytes()).unwrap().is_none(),
+            "dead entries removed"
+        );
     }
 
     #[test]

@@ -183,6 +183,12 @@ impl pb::cluster_server::Cluster for ClusterService {
                         batch.from
                     ))
                 })?;
+                if message.to != self.member_id {
+                    return Err(Status::failed_precondition(format!(
+                        "a raft message for member {} reached member {}: stale address?",
+                        message.to, self.member_id
+                    )));
+                }
                 self.mailbox.step(message);
             }
         }

@@ -55,7 +55,10 @@ fn kv_commands_round_trip() {
     assert_eq!(json["count"], 3, "an empty prefix lists every key");
 
     let (_, out, _) = metactl(ep, &["kv", "get", "app/y", "--serializable"]);
-    assert_eq!(out, "2\n", "a serializable read sees the write too on a single member");
+    assert_eq!(
+        out, "2\n",
+        "a serializable read sees the write too on a single member"
+    );
 
     let (code, out, _) = metactl(ep, &["status", "--output", "json"]);
     assert_eq!(code, Some(0));

@@ -237,6 +237,13 @@ async fn a_killed_leader_is_replaced_and_no_acknowledged_write_is_lost() {
     cluster.kill(first);
     let second = cluster.leader().await;
     assert_ne!(second, first);
+    // A new leader serves linearizable reads as soon as its term has a committed entry
+    // (raft drops ReadIndex before that; the driver holds reads until then).
+    let read = tokio::time::timeout(Duration::from_secs(3), cluster.backend(second).get(b"w/00"))
+        .await
+        .expect("a read right after the election is answered promptly")
+        .unwrap();
+    assert_eq!(read.unwrap().value, b"before");
     for i in 50..100 {
         put(cluster.backend(second), &format!("w/{i:02}"), "after")
             .await
@@ -420,6 +427,10 @@ async fn add_learner_promote_and_remove() {
         ),
         (MembershipChange::Promote { id: 2 }, "is not a learner"),
         (MembershipChange::Remove { id: 9 }, "unknown member 9"),
+        (
+            MembershipChange::Remove { id: leader },
+            "transfer leadership first",
+        ),
     ] {
         let err = change(&cluster, leader, bad).await.unwrap_err();
         assert!(err.to_string().contains(want), "{err}");
