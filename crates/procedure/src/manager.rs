@@ -1,0 +1,671 @@
+//! `ProcedureManager`: runs procedures, persists them after every step that asks,
+//! retries, rolls back, locks, runs children, and recovers everything unfinished.
+//!
+//! State diagram (persisted states in capitals):
+//!
+//! ```text
+//! submit -> RUNNING --step ok--> RUNNING ... --Done--> DONE
+//!              |  ^                 |
+//!   retryable  |  | after backoff   | non-retryable (or retries exhausted)
+//!              v  |                 v
+//!           Retrying        ROLLING_BACK --rollback ok--> FAILED
+//!                           (or straight to FAILED without rollback support)
+//! ```
+//!
+//! A runner that meets a state-store error stops on the spot, as if the process died:
+//! whatever it had not persisted is redone by the next manager's recovery.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Semaphore, watch};
+use tokio::task::AbortHandle;
+
+use crate::error::{Error, Result};
+use crate::lock::LockTable;
+use crate::procedure::{BoxedProcedure, Context, Loader, ProcedureWithId, Status};
+use crate::store::{
+    ChildSeed, ProcedureRecord, ProcedureState, RECORD_PREFIX, StateStore, record_key,
+};
+
+/// Settings of a [`ProcedureManager`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagerConfig {
+    /// Retries of a step that fails with a retryable error before it counts as failed.
+    pub max_retries: u32,
+    /// First pause before a retry; doubles per retry up to `max_retry_delay`, with jitter.
+    pub retry_delay: Duration,
+    /// Longest pause before a retry.
+    pub max_retry_delay: Duration,
+    /// Most root procedures running at once (children do not count: they run inside
+    /// their root's slot, so a full manager cannot deadlock on them).
+    pub max_running: usize,
+    /// How long finished records stay queryable before they are removed.
+    pub finished_ttl: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            max_retries: 10,
+            retry_delay: Duration::from_millis(100),
+            max_retry_delay: Duration::from_secs(10),
+            max_running: 256,
+            finished_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What a watcher sees of a procedure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// Its state.
+    pub state: ProcedureState,
+    /// Persisted steps.
+    pub step: u64,
+    /// Output once done.
+    pub output: Option<String>,
+    /// Error once failed.
+    pub error: Option<String>,
+}
+
+/// Follows one procedure until it finishes.
+pub struct Watcher {
+    id: String,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Watcher {
+    /// The procedure's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Waits until the procedure finishes: its output when done, its error when failed.
+    pub async fn wait(mut self) -> Result<Option<String>> {
+        let progress = self
+            .progress
+            .wait_for(|p| p.state.is_finished())
+            .await
+            .map_err(|_| Error::Stopped)?
+            .clone();
+        match progress.state {
+            ProcedureState::Done => Ok(progress.output),
+            _ => Err(Error::external(progress.error.unwrap_or_default())),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+type Finished = Result<(ProcedureState, Option<String>)>;
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+struct Inner {
+    store: Arc<dyn StateStore>,
+    config: ManagerConfig,
+    loaders: RwLock<HashMap<String, Loader>>,
+    progress: Mutex<HashMap<String, watch::Sender<Progress>>>,
+    locks: LockTable,
+    slots: Semaphore,
+    paused: watch::Sender<bool>,
+    tasks: Mutex<Vec<AbortHandle>>,
+    /// Unfinished children found at recovery (or just created), for their parent.
+    orphans: Mutex<HashMap<String, (ProcedureRecord, BoxedProcedure)>>,
+}
+
+/// Runs procedures; see the module doc. Cheap to clone.
+#[derive(Clone)]
+pub struct ProcedureManager {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is one collection update: never torn.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl ProcedureManager {
+    /// A manager over `store`; call [`ProcedureManager::start`] before submitting.
+    pub fn new(store: Arc<dyn StateStore>, config: ManagerConfig) -> Self {
+        let slots = Semaphore::new(config.max_running.max(1));
+        ProcedureManager {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                loaders: RwLock::new(HashMap::new()),
+                progress: Mutex::new(HashMap::new()),
+                locks: LockTable::default(),
+                slots,
+                paused: watch::channel(false).0,
+                tasks: Mutex::new(Vec::new()),
+                orphans: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Registers the loader that rebuilds procedures of `type_name` from their state.
+    pub fn register_loader(&self, type_name: &str, loader: Loader) -> Result<()> {
+        let mut loaders = self
+            .inner
+            .loaders
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if loaders.contains_key(type_name) {
+            return Err(Error::Duplicate(format!("loader {type_name}")));
+        }
+        loaders.insert(type_name.to_string(), loader);
+        Ok(())
+    }
+
+    /// Recovers every unfinished procedure from the store and resumes it at its last
+    /// persisted step (roots resume their children; a rollback resumes its rollback). A
+    /// record that cannot be loaded is marked failed, naming why, and the rest go on.
+    /// Also starts the removal of finished records after their TTL.
+    pub async fn start(&self) -> Result<()> {
+        let records = self.inner.store.scan_prefix(RECORD_PREFIX).await?;
+        let mut unfinished = Vec::new();
+        for (key, bytes) in records {
+            let record: ProcedureRecord = match serde_json::from_slice(&bytes) {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::error!(%key, error = %e, "undecodable procedure record; left as is");
+                    continue;
+                }
+            };
+            if record.state.is_finished() {
+                continue;
+            }
+            match self.inner.load(&record.type_name, &record.data) {
+                Ok(procedure) => unfinished.push((record, procedure)),
+                Err(reason) => {
+                    let mut record = record;
+                    let error = Error::Poisoned {
+                        id: record.id.clone(),
+                        type_name: record.type_name.clone(),
+                        reason: reason.to_string(),
+                    };
+                    tracing::error!(error = %error, "procedure cannot be recovered");
+                    record.state = ProcedureState::Failed;
+                    record.error = Some(error.to_string());
+                    self.inner.persist(&mut record).await?;
+                }
+            }
+        }
+        let unfinished_ids: Vec<String> = unfinished.iter().map(|(r, _)| r.id.clone()).collect();
+        for (record, procedure) in unfinished {
+            let owned_by_parent = record
+                .parent_id
+                .as_ref()
+                .is_some_and(|p| unfinished_ids.contains(p));
+            self.inner.track(&record);
+            if owned_by_parent {
+                lock(&self.inner.orphans).insert(record.id.clone(), (record, procedure));
+            } else {
+                tracing::info!(id = %record.id, step = record.step, "resuming procedure");
+                self.spawn_root(record, procedure);
+            }
+        }
+        self.spawn_cleaner();
+        Ok(())
+    }
+
+    /// Persists a new procedure and starts it; the watcher follows it to the end.
+    pub async fn submit(&self, procedure: ProcedureWithId) -> Result<Watcher> {
+        let ProcedureWithId { id, procedure } = procedure;
+        if lock(&self.inner.progress).contains_key(&id)
+            || self.inner.store.get(&record_key(&id)).await?.is_some()
+        {
+            return Err(Error::Duplicate(id));
+        }
+        let now = now_ms();
+        let mut record = ProcedureRecord {
+            id: id.clone(),
+            type_name: procedure.type_name().to_string(),
+            parent_id: None,
+            state: ProcedureState::Running,
+            step: 0,
+            data: procedure.dump()?,
+            children: Vec::new(),
+            error: None,
+            output: None,
+            created_ms: now,
+            updated_ms: now,
+        };
+        let progress = self.inner.track(&record);
+        self.inner.persist(&mut record).await?;
+        self.spawn_root(record, procedure);
+        Ok(Watcher { id, progress })
+    }
+
+    /// A watcher of a procedure this manager runs or recovered.
+    pub fn watch(&self, id: &str) -> Option<Watcher> {
+        lock(&self.inner.progress).get(id).map(|sender| Watcher {
+            id: id.to_string(),
+            progress: sender.subscribe(),
+        })
+    }
+
+    /// A procedure's record, with its in-memory state (e.g. retrying) when it runs here.
+    pub async fn state(&self, id: &str) -> Result<Option<ProcedureRecord>> {
+        let Some(bytes) = self.inner.store.get(&record_key(id)).await? else {
+            return Ok(None);
+        };
+        let mut record: ProcedureRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::external(format!("undecodable record of procedure {id}: {e}")))?;
+        if let Some(progress) = lock(&self.inner.progress).get(id) {
+            record.state = progress.borrow().state;
+        }
+        Ok(Some(record))
+    }
+
+    /// Every procedure the store knows, oldest first.
+    pub async fn list(&self) -> Result<Vec<ProcedureRecord>> {
+        let mut records = Vec::new();
+        for (_, bytes) in self.inner.store.scan_prefix(RECORD_PREFIX).await? {
+            if let Ok(mut record) = serde_json::from_slice::<ProcedureRecord>(&bytes) {
+                if let Some(progress) = lock(&self.inner.progress).get(&record.id) {
+                    record.state = progress.borrow().state;
+                }
+                records.push(record);
+            }
+        }
+        records.sort_by_key(|r| (r.created_ms, r.id.clone()));
+        Ok(records)
+    }
+
+    /// Stops running procedures before their next step until [`ProcedureManager::resume`].
+    pub fn pause(&self) {
+        self.inner.paused.send_replace(true);
+    }
+
+    /// Lets paused procedures go on.
+    pub fn resume(&self) {
+        self.inner.paused.send_replace(false);
+    }
+
+    /// Stops every runner at once (what was not persisted is redone by the next
+    /// manager's recovery). Used when leadership is lost, and by tests as a crash.
+    pub fn stop(&self) {
+        for task in lock(&self.inner.tasks).drain(..) {
+            task.abort();
+        }
+    }
+
+    fn spawn_root(&self, record: ProcedureRecord, procedure: BoxedProcedure) {
+        let inner = self.inner.clone();
+        let task = tokio::spawn(async move {
+            // Slots only for roots; children run inside their root's slot.
+            let Ok(_slot) = inner.slots.acquire().await else {
+                return;
+            };
+            let id = record.id.clone();
+            if let Err(e) = run(inner.clone(), record, procedure).await {
+                tracing::warn!(%id, error = %e, "procedure runner stopped");
+            }
+        });
+        lock(&self.inner.tasks).push(task.abort_handle());
+    }
+
+    fn spawn_cleaner(&self) {
+        let inner = self.inner.clone();
+        let period = (inner.config.finished_ttl / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(60));
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                if inner.remove_expired().await.is_err() {
+                    return;
+                }
+            }
+        });
+        lock(&self.inner.tasks).push(task.abort_handle());
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for task in lock(&self.tasks).drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl Inner {
+    fn load(&self, type_name: &str, data: &str) -> Result<BoxedProcedure> {
+        let loaders = self.loaders.read().unwrap_or_else(PoisonError::into_inner);
+        let loader = loaders.get(type_name).ok_or_else(|| {
+            Error::external(format!("no loader is registered for type {type_name:?}"))
+        })?;
+        loader(data)
+    }
+
+    /// Starts following a procedure; returns a receiver of its progress.
+    fn track(&self, record: &ProcedureRecord) -> watch::Receiver<Progress> {
+        let mut progress = lock(&self.progress);
+        let sender = progress
+            .entry(record.id.clone())
+            .or_insert_with(|| watch::channel(Self::progress_of(record)).0);
+        sender.subscribe()
+    }
+
+    fn progress_of(record: &ProcedureRecord) -> Progress {
+        Progress {
+            state: record.state,
+            step: record.step,
+            output: record.output.clone(),
+            error: record.error.clone(),
+        }
+    }
+
+    fn publish(&self, record: &ProcedureRecord) {
+        if let Some(sender) = lock(&self.progress).get(&record.id) {
+            sender.send_replace(Self::progress_of(record));
+        }
+    }
+
+    fn set_state(&self, id: &str, state: ProcedureState) {
+        if let Some(sender) = lock(&self.progress).get(id) {
+            sender.send_modify(|p| p.state = state);
+        }
+    }
+
+    async fn persist(&self, record: &mut ProcedureRecord) -> Result<()> {
+        record.updated_ms = now_ms();
+        let bytes = serde_json::to_vec(record)
+            .map_err(|e| Error::external(format!("encoding procedure {}: {e}", record.id)))?;
+        self.store.put(&record_key(&record.id), bytes).await?;
+        self.publish(record);
+        Ok(())
+    }
+
+    async fn wait_unpaused(&self) {
+        let mut paused = self.paused.subscribe();
+        // The sender lives as long as `self`: an error cannot happen while we run.
+        let _ = paused.wait_for(|p| !*p).await;
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self
+            .config
+            .retry_delay
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.config.max_retry_delay);
+        // Jitter in [0.5, 1.0) so retries of many procedures spread out.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        base.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0)
+    }
+
+    async fn remove_expired(&self) -> Result<()> {
+        let ttl = self.config.finished_ttl.as_millis() as u64;
+        let now = now_ms();
+        for (key, bytes) in self.store.scan_prefix(RECORD_PREFIX).await? {
+            if let Ok(record) = serde_json::from_slice::<ProcedureRecord>(&bytes)
+                && record.state.is_finished()
+                && record.updated_ms.saturating_add(ttl) <= now
+            {
+                self.store.delete(&key).await?;
+                lock(&self.progress).remove(&record.id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs one procedure to its end. Returns `Err` only when the store failed (the runner
+/// then stops as if the process died).
+fn run(
+    inner: Arc<Inner>,
+    record: ProcedureRecord,
+    procedure: BoxedProcedure,
+) -> BoxFuture<Finished> {
+    Box::pin(async move {
+        let (mut record, mut procedure) = (record, procedure);
+        let id = record.id.clone();
+        if let Err(e) = inner
+            .locks
+            .acquire(&id, record.parent_id.as_deref(), &procedure.lock_key())
+            .await
+        {
+            record.state = ProcedureState::Failed;
+            record.error = Some(e.to_string());
+            inner.persist(&mut record).await?;
+            return Ok((ProcedureState::Failed, None));
+        }
+        let outcome = drive(&inner, &mut record, &mut procedure).await;
+        inner.locks.release(&id);
+        outcome
+    })
+}
+
+async fn drive(
+    inner: &Arc<Inner>,
+    record: &mut ProcedureRecord,
+    procedure: &mut BoxedProcedure,
+) -> Finished {
+    if record.state == ProcedureState::RollingBack {
+        let cause = record.error.clone().unwrap_or_default();
+        return fail(inner, record, procedure, Error::external(cause)).await;
+    }
+    let mut attempt = 0u32;
+    loop {
+        inner.wait_unpaused().await;
+        if !record.children.is_empty() {
+            if let Err(child_failure) = run_children(inner, record).await? {
+                return fail(inner, record, procedure, child_failure).await;
+            }
+            record.children.clear();
+        }
+        let ctx = Context {
+            procedure_id: record.id.clone(),
+            attempt,
+        };
+        match procedure.execute(&ctx).await {
+            Ok(Status::Executing { persist }) => {
+                attempt = 0;
+                if persist {
+                    record.step += 1;
+                    record.data = procedure.dump()?;
+                    inner.persist(record).await?;
+                }
+            }
+            Ok(Status::Suspended {
+                subprocedures,
+                persist,
+            }) => {
+                attempt = 0;
+                let mut seeds = Vec::with_capacity(subprocedures.len());
+                let mut children = Vec::with_capacity(subprocedures.len());
+                for ProcedureWithId {
+                    id,
+                    procedure: child,
+                } in subprocedures
+                {
+                    seeds.push(ChildSeed {
+                        id: id.clone(),
+                        type_name: child.type_name().to_string(),
+                        data: child.dump()?,
+                    });
+                    children.push((id, child));
+                }
+                record.children = seeds;
+                record.step += 1;
+                if persist {
+                    record.data = procedure.dump()?;
+                }
+                // The parent (with its children's seeds) is saved before any child, so a
+                // crash never leaves children the parent does not know about.
+                inner.persist(record).await?;
+                let now = now_ms();
+                let mut orphans = lock(&inner.orphans);
+                for ((id, child), seed) in children.into_iter().zip(&record.children) {
+                    let child_record = ProcedureRecord {
+                        id: id.clone(),
+                        type_name: seed.type_name.clone(),
+                        parent_id: Some(record.id.clone()),
+                        state: ProcedureState::Running,
+                        step: 0,
+                        data: seed.data.clone(),
+                        children: Vec::new(),
+                        error: None,
+                        output: None,
+                        created_ms: now,
+                        updated_ms: now,
+                    };
+                    orphans.insert(id, (child_record, child));
+                }
+            }
+            Ok(Status::Done { output }) => {
+                record.state = ProcedureState::Done;
+                record.output = output.clone();
+                record.step += 1;
+                if let Ok(data) = procedure.dump() {
+                    record.data = data;
+                }
+                inner.persist(record).await?;
+                return Ok((ProcedureState::Done, output));
+            }
+            Err(e) if e.is_retryable() && attempt < inner.config.max_retries => {
+                attempt += 1;
+                tracing::debug!(id = %record.id, attempt, error = %e, "retrying a step");
+                inner.set_state(&record.id, ProcedureState::Retrying);
+                tokio::time::sleep(inner.backoff(attempt)).await;
+                inner.set_state(&record.id, ProcedureState::Running);
+            }
+            Err(e) => return fail(inner, record, procedure, e).await,
+        }
+    }
+}
+
+/// Runs (or finds finished) every child of a suspended parent. The outer `Err` is a
+/// store failure; the inner one the first child failure.
+async fn run_children(inner: &Arc<Inner>, parent: &ProcedureRecord) -> Result<Result<(), Error>> {
+    let mut running = Vec::new();
+    for seed in &parent.children {
+        let taken = lock(&inner.orphans).remove(&seed.id);
+        let (mut child_record, child) = match taken {
+            Some(found) => found,
+            None => {
+                if let Some(bytes) = inner.store.get(&record_key(&seed.id)).await? {
+                    let record: ProcedureRecord = serde_json::from_slice(&bytes).map_err(|e| {
+                        Error::external(format!("undecodable record of {}: {e}", seed.id))
+                    })?;
+                    if record.state == ProcedureState::Failed {
+                        return Ok(Err(Error::SubprocedureFailed {
+                            child: seed.id.clone(),
+                            message: record.error.unwrap_or_default(),
+                        }));
+                    }
+                    if record.state.is_finished() {
+                        continue;
+                    }
+                }
+                // Never saved (the crash came right after the parent's save): recreate
+                // it from the seed the parent kept.
+                let child = match inner.load(&seed.type_name, &seed.data) {
+                    Ok(child) => child,
+                    Err(e) => {
+                        return Ok(Err(Error::SubprocedureFailed {
+                            child: seed.id.clone(),
+                            message: e.to_string(),
+                        }));
+                    }
+                };
+                let now = now_ms();
+                let record = ProcedureRecord {
+                    id: seed.id.clone(),
+                    type_name: seed.type_name.clone(),
+                    parent_id: Some(parent.id.clone()),
+                    state: ProcedureState::Running,
+                    step: 0,
+                    data: seed.data.clone(),
+                    children: Vec::new(),
+                    error: None,
+                    output: None,
+                    created_ms: now,
+                    updated_ms: now,
+                };
+                (record, child)
+            }
+        };
+        inner.track(&child_record);
+        if child_record.step == 0 {
+            inner.persist(&mut child_record).await?;
+        }
+        let id = child_record.id.clone();
+        let task = tokio::spawn(run(inner.clone(), child_record, child));
+        lock(&inner.tasks).push(task.abort_handle());
+        running.push((id, task));
+    }
+    let mut failure = None;
+    for (id, task) in running {
+        match task.await {
+            Ok(Ok((ProcedureState::Done, _))) => {}
+            Ok(Ok(_)) => {
+                let message = match inner.store.get(&record_key(&id)).await? {
+                    Some(bytes) => serde_json::from_slice::<ProcedureRecord>(&bytes)
+                        .ok()
+                        .and_then(|r| r.error)
+                        .unwrap_or_default(),
+                    None => String::new(),
+                };
+                failure.get_or_insert(Error::SubprocedureFailed { child: id, message });
+            }
+            Ok(Err(e)) => return Err(e),
+            // Aborted: the manager is stopping.
+            Err(_) => return Err(Error::Stopped),
+        }
+    }
+    Ok(failure.map_or(Ok(()), Err))
+}
+
+/// A step failed for good: roll back when supported, then mark the procedure failed.
+async fn fail(
+    inner: &Arc<Inner>,
+    record: &mut ProcedureRecord,
+    procedure: &mut BoxedProcedure,
+    error: Error,
+) -> Finished {
+    let cause = error.to_string();
+    tracing::warn!(id = %record.id, error = %cause, "procedure failed");
+    record.error = Some(cause.clone());
+    if procedure.rollback_supported() {
+        if record.state != ProcedureState::RollingBack {
+            record.state = ProcedureState::RollingBack;
+            inner.persist(record).await?;
+        }
+        let mut attempt = 0u32;
+        loop {
+            let ctx = Context {
+                procedure_id: record.id.clone(),
+                attempt,
+            };
+            match procedure.rollback(&ctx).await {
+                Ok(()) => {
+                    record.error = Some(format!("{cause} (rolled back)"));
+                    break;
+                }
+                Err(e) if e.is_retryable() && attempt < inner.config.max_retries => {
+                    attempt += 1;
+                    tokio::time::sleep(inner.backoff(attempt)).await;
+                }
+                Err(e) => {
+                    record.error = Some(format!("{cause}; rollback failed: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+    record.state = ProcedureState::Failed;
+    inner.persist(record).await?;
+    Ok((ProcedureState::Failed, None))
+}
