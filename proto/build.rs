@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "proto/meta/v1/common.proto",
     "proto/meta/v1/store.proto",
     "proto/meta/v1/cluster.proto",
+    "proto/meta/v1/procedure.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

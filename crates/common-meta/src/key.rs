@@ -12,6 +12,8 @@
 //! __table_name/{catalog}/{schema}/{table}         TableNameKey
 //! __table_info/{table_id:010}                     TableInfoKey
 //! __table_route/{table_id:010}                    TableRouteKey
+//! __procedure/procedure/{id}                       procedure records (state_store.rs)
+//! __procedure_seg/{key}/{gen:016x}/{i:08}          segments of large procedure states
 //! ```
 //!
 //! Names (catalog, schema, table, sequence) are 1 to 255 bytes of UTF-8 with no `/` and

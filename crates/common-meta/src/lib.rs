@@ -23,5 +23,6 @@ pub mod error;
 pub mod key;
 pub mod kv;
 pub mod rpc;
+pub mod state_store;
 
 pub use error::{Error, Result};

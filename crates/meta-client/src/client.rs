@@ -9,6 +9,7 @@ use common_meta::{Error, Result};
 use meta_proto::LEADER_HINT;
 use meta_proto::v1 as pb;
 use meta_proto::v1::cluster_client::ClusterClient;
+use meta_proto::v1::procedure_client::ProcedureClient;
 use meta_proto::v1::store_client::StoreClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Response, Status};
@@ -167,6 +168,33 @@ impl MetaClient {
         })
         .await
         .map(drop)
+    }
+
+    /// One procedure as the leader's manager knows it.
+    pub async fn procedure(&self, id: &str) -> Result<pb::ProcedureInfo> {
+        let req = pb::QueryProcedureRequest { id: id.to_string() };
+        let resp = self
+            .with_channel(|channel| {
+                let req = req.clone();
+                async move { ProcedureClient::new(channel).query(req).await }
+            })
+            .await?;
+        resp.procedure.ok_or_else(|| Error::Remote {
+            code: "Internal".to_string(),
+            message: "a procedure query answered nothing".to_string(),
+        })
+    }
+
+    /// Every procedure the leader's manager still records, oldest first.
+    pub async fn procedures(&self) -> Result<Vec<pb::ProcedureInfo>> {
+        let resp = self
+            .with_channel(|channel| async move {
+                ProcedureClient::new(channel)
+                    .list(pb::ListProceduresRequest {})
+                    .await
+            })
+            .await?;
+        Ok(resp.procedures)
     }
 
     /// The index of the endpoint named `addr`, adding it when a leader hint names a

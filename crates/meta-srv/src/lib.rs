@@ -20,6 +20,7 @@ pub mod config;
 pub mod data_dir;
 pub mod error;
 pub mod http;
+pub mod procedure_host;
 pub mod raft;
 pub mod server;
 pub mod service;

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use common_meta::kv::{KvLimits, SledKvStore};
 use meta_proto::v1::cluster_server::ClusterServer;
+use meta_proto::v1::procedure_server::ProcedureServer;
 use meta_proto::v1::store_server::StoreServer;
+use procedure::ManagerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
@@ -27,11 +29,13 @@ use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::error::{Error, Result};
 use crate::http::{self, HttpState};
+use crate::procedure_host::ProcedureHost;
 use crate::raft::backend::RaftKvBackend;
 use crate::raft::driver::{RaftNode, RaftSettings};
 use crate::raft::grpc_transport::GrpcTransport;
 use crate::raft::members::Members;
 use crate::service::cluster::ClusterService;
+use crate::service::procedure::ProcedureService;
 use crate::service::store::StoreService;
 
 /// Largest raft batch a member accepts from a peer: a snapshot travels in one message.
@@ -47,6 +51,7 @@ pub struct MetaSrv {
     store: Arc<SledKvStore>,
     node: RaftNode,
     backend: RaftKvBackend,
+    procedures: Arc<ProcedureHost>,
     grpc: TcpListener,
     http: TcpListener,
 }
@@ -136,6 +141,15 @@ impl MetaSrv {
             store.clone(),
             Duration::from_millis(raft.request_timeout_ms),
         );
+        // No procedure types are registered yet: DDL and region migration bring them.
+        // The manager still runs on the leader, recovering whatever the store holds.
+        let procedures = Arc::new(ProcedureHost::start(
+            node.leadership(),
+            Arc::new(backend.clone()),
+            limits,
+            ManagerConfig::default(),
+            Arc::new(|_manager: &procedure::ProcedureManager| Ok(())),
+        ));
         Ok(MetaSrv {
             config,
             data_dir,
@@ -144,6 +158,7 @@ impl MetaSrv {
             store,
             node,
             backend,
+            procedures,
             grpc,
             http,
         })
@@ -211,6 +226,11 @@ impl MetaSrv {
         self.cluster_id
     }
 
+    /// The leader-only procedure manager of this member.
+    pub fn procedures(&self) -> Arc<ProcedureHost> {
+        self.procedures.clone()
+    }
+
     /// Serves gRPC and HTTP until `shutdown` completes, then drains both, stops the raft
     /// member and returns.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
@@ -244,9 +264,16 @@ impl MetaSrv {
             self.members.clone(),
         ))
         .max_decoding_message_size(MAX_RAFT_BATCH_BYTES);
+        let procedures = ProcedureServer::new(ProcedureService::new(
+            member_id,
+            self.procedures.clone(),
+            self.node.mailbox(),
+            self.members.clone(),
+        ));
         let grpc = tonic::transport::Server::builder()
             .add_service(store)
             .add_service(cluster)
+            .add_service(procedures)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
                 stopped(stop_rx.clone()),
@@ -269,6 +296,7 @@ impl MetaSrv {
             "meta-srv serving"
         );
         let (grpc, http) = tokio::join!(grpc, http);
+        drop(self.procedures);
         // Stop the driver (it joins its thread) off the reactor.
         let node = self.node;
         let _ = tokio::task::spawn_blocking(move || drop(node)).await;

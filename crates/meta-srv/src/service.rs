@@ -1,4 +1,5 @@
 //! gRPC services of `meta.v1`, thin adapters from the wire to the backends.
 
 pub mod cluster;
+pub mod procedure;
 pub mod store;

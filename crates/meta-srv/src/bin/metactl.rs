@@ -56,6 +56,17 @@ enum Command {
     /// Leadership.
     #[command(subcommand)]
     Leader(LeaderCommand),
+    /// Procedures run by the leader.
+    #[command(subcommand)]
+    Procedure(ProcedureCommand),
+}
+
+#[derive(Subcommand)]
+enum ProcedureCommand {
+    /// List procedures (id, type, state, step).
+    List,
+    /// Show one procedure: type, state, step, error, timestamps.
+    Show { id: String },
 }
 
 #[derive(Subcommand)]
@@ -149,6 +160,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Kv(command) => kv(&client, command, cli.output).await,
         Command::Status => status(&client, cli.output).await,
         Command::Member(command) => member(&client, command, cli.output).await,
+        Command::Procedure(command) => procedures(&client, command, cli.output).await,
         Command::Leader(LeaderCommand::Transfer { id }) => {
             client.transfer_leader(id).await?;
             print(
@@ -222,6 +234,58 @@ async fn kv(client: &MetaClient, command: KvCommand, output: Output) -> Result<(
                     "kvs": range.kvs.iter().map(kv_json).collect::<Vec<_>>(),
                 }),
             );
+        }
+    }
+    Ok(())
+}
+
+fn procedure_json(p: &meta_proto::v1::ProcedureInfo) -> serde_json::Value {
+    json!({
+        "id": p.id,
+        "type": p.type_name,
+        "state": p.state,
+        "step": p.step,
+        "error": p.error,
+        "output": p.output,
+        "parent_id": p.parent_id,
+        "created_ms": p.created_ms,
+        "updated_ms": p.updated_ms,
+    })
+}
+
+async fn procedures(
+    client: &MetaClient,
+    command: ProcedureCommand,
+    output: Output,
+) -> Result<(), Failure> {
+    match command {
+        ProcedureCommand::List => {
+            let list = client.procedures().await?;
+            let lines: Vec<String> = list
+                .iter()
+                .map(|p| format!("{} {} {} step {}", p.id, p.type_name, p.state, p.step))
+                .collect();
+            let json: Vec<serde_json::Value> = list.iter().map(procedure_json).collect();
+            print(output, lines.join("\n"), json!({ "procedures": json }));
+        }
+        ProcedureCommand::Show { id } => {
+            let p = client.procedure(&id).await.map_err(|e| match e {
+                common_meta::Error::Remote { code, .. } if code == "NotFound" => {
+                    Failure(format!("not found: procedure {id}"))
+                }
+                other => Failure(other.to_string()),
+            })?;
+            let text = [
+                format!("id:       {}", p.id),
+                format!("type:     {}", p.type_name),
+                format!("state:    {}", p.state),
+                format!("step:     {}", p.step),
+                format!("error:    {}", p.error),
+                format!("created:  {} ms", p.created_ms),
+                format!("updated:  {} ms", p.updated_ms),
+            ]
+            .join("\n");
+            print(output, text, procedure_json(&p));
         }
     }
     Ok(())

@@ -214,6 +214,7 @@ pub struct RaftStatus {
 pub struct RaftNode {
     mailbox: Mailbox,
     thread: Option<JoinHandle<()>>,
+    leadership: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RaftNode {
@@ -253,6 +254,7 @@ impl RaftNode {
             node.campaign().map_err(raft_error)?;
         }
         let (queue, inbox) = mpsc::channel();
+        let (leader_tx, leadership) = tokio::sync::watch::channel(false);
         let clock_ids = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
@@ -275,6 +277,7 @@ impl RaftNode {
             read_batch: Vec::new(),
             reads_by_ctx: HashMap::new(),
             reads_by_index: Vec::new(),
+            leader_tx,
         };
         let thread = std::thread::Builder::new()
             .name(format!("raft-{}", settings.id))
@@ -286,12 +289,19 @@ impl RaftNode {
         Ok(RaftNode {
             mailbox: Mailbox { queue },
             thread: Some(thread),
+            leadership,
         })
     }
 
     /// A handle to queue commands.
     pub fn mailbox(&self) -> Mailbox {
         self.mailbox.clone()
+    }
+
+    /// Whether this member leads, updated as it changes (false once the driver stops).
+    /// Leader-only work (procedures, later heartbeats and leases) follows it.
+    pub fn leadership(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.leadership.clone()
     }
 
     /// Asks for the current status.
@@ -394,6 +404,8 @@ struct Driver {
     reads_by_ctx: HashMap<u64, (Instant, Vec<Reply<u64>>)>,
     /// Reads waiting for the state machine to apply their index.
     reads_by_index: Vec<(u64, Reply<u64>)>,
+    /// Publishes whether this member leads.
+    leader_tx: tokio::sync::watch::Sender<bool>,
 }
 
 impl Driver {
@@ -442,7 +454,16 @@ impl Driver {
                 break;
             }
             self.fail_if_not_leader();
+            // Leading means: leader, and the term has a committed entry (before that a
+            // new leader cannot serve reads, so leader-only work would stall).
+            let leading = self.is_leader() && self.node.raft.commit_to_current_term();
+            self.leader_tx.send_if_modified(|was| {
+                let changed = *was != leading;
+                *was = leading;
+                changed
+            });
         }
+        self.leader_tx.send_replace(false);
         self.fail_everything(stopped);
     }
 

@@ -71,6 +71,16 @@ fn kv_commands_round_trip() {
     let (_, out, _) = metactl(ep, &["status"]);
     assert!(out.contains("member:   1 (leader)"), "{out}");
 
+    let (code, out, _) = metactl(ep, &["procedure", "list", "--output", "json"]);
+    assert_eq!(code, Some(0), "the leader runs a procedure manager");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["procedures"], serde_json::json!([]));
+    let (code, _, err) = metactl(ep, &["procedure", "show", "nope"]);
+    assert_eq!(
+        (code, err.as_str()),
+        (Some(1), "not found: procedure nope\n")
+    );
+
     assert_eq!(metactl(ep, &["kv", "del", "a"]).1, "1\n");
     let (code, out, err) = metactl(ep, &["kv", "get", "a"]);
     assert_eq!(
