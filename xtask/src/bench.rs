@@ -24,6 +24,30 @@ use crate::{root, run as run_command};
 pub enum BenchTask {
     /// KV put and get against a cluster (and etcd with --vs-etcd).
     Kv(KvArgs),
+    /// Procedures of three persisted steps on the sled and raft backends.
+    Procedure(ProcedureArgs),
+}
+
+/// Settings of `bench procedure`.
+#[derive(Args, Clone, Debug)]
+pub struct ProcedureArgs {
+    /// Procedures in flight at once; one run per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<usize>,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+}
+
+impl ProcedureArgs {
+    fn to_args(&self) -> Vec<String> {
+        let concurrency: Vec<String> = self.concurrency.iter().map(ToString::to_string).collect();
+        vec![
+            "procedure".into(),
+            format!("--concurrency={}", concurrency.join(",")),
+            format!("--seconds={}", self.seconds),
+        ]
+    }
 }
 
 /// Settings of `bench kv`.
@@ -69,7 +93,25 @@ impl KvArgs {
 
 /// Builds release binaries and runs the load generator from the release build.
 pub fn launch(task: &BenchTask) -> anyhow::Result<()> {
-    let BenchTask::Kv(args) = task;
+    let args = match task {
+        BenchTask::Kv(args) => args,
+        BenchTask::Procedure(args) => {
+            run_command(Command::new("cargo").args([
+                "build",
+                "--release",
+                "--quiet",
+                "-p",
+                "xtask",
+                "--bin",
+                "xtask",
+            ]))?;
+            return run_command(
+                Command::new(root().join("target/release/xtask"))
+                    .arg("bench-run")
+                    .args(args.to_args()),
+            );
+        }
+    };
     if args.vs_etcd {
         which("etcd").context(
             "etcd is not installed: `apt-get install etcd-server` (Debian's package) and retry",
@@ -119,8 +161,12 @@ pub fn run(task: BenchTask) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let BenchTask::Kv(args) = task;
-    runtime.block_on(kv(args))
+    match task {
+        BenchTask::Kv(args) => runtime.block_on(kv(args)),
+        BenchTask::Procedure(args) => {
+            runtime.block_on(crate::bench_procedure::run(args.concurrency, args.seconds))
+        }
+    }
 }
 
 /// Processes killed on drop.

@@ -4,9 +4,11 @@
 //! - `codegen`: regenerates `docs/config.md` from `config/meta-srv.example.toml`.
 //! - `check`: fails when a generated file is stale.
 //! - `bench kv`: a load run against a release `meta-srv`.
+//! - `bench procedure`: procedures per second on the sled and raft backends.
 //! - `fault --seeds N`: the randomized fault runs with N seeds, in release mode.
 
 mod bench;
+mod bench_procedure;
 mod codegen;
 
 use std::path::PathBuf;
