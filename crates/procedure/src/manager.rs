@@ -669,3 +669,33 @@ async fn fail(
     inner.persist(record).await?;
     Ok((ProcedureState::Failed, None))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStateStore;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let manager = ProcedureManager::new(
+            Arc::new(MemoryStateStore::default()),
+            ManagerConfig {
+                retry_delay: Duration::from_millis(100),
+                max_retry_delay: Duration::from_secs(1),
+                ..ManagerConfig::default()
+            },
+        );
+        let inner = &manager.inner;
+        for attempt in 1..=3u32 {
+            let full = Duration::from_millis(100) * (1 << attempt);
+            let got = inner.backoff(attempt);
+            assert!(got >= full / 2 && got < full, "attempt {attempt}: {got:?}");
+        }
+        for attempt in [4, 10, 40] {
+            assert!(
+                inner.backoff(attempt) < Duration::from_secs(1),
+                "capped at attempt {attempt}"
+            );
+        }
+    }
+}
