@@ -16,6 +16,7 @@
 
 pub mod cli;
 pub mod cluster;
+pub mod cluster_plane;
 pub mod config;
 pub mod data_dir;
 pub mod error;
