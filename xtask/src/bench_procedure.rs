@@ -66,7 +66,7 @@ pub async fn run(concurrency: Vec<usize>, seconds: u64) -> anyhow::Result<()> {
                     Arc::new(Members::in_memory(Default::default())),
                     Arc::new(LocalRouter::default()),
                 )?;
-                node.leadership().wait_for(|leads| *leads).await?;
+                node.leadership().wait_for(Option::is_some).await?;
                 let backend = RaftKvBackend::new(node.mailbox(), store, Duration::from_secs(10));
                 (Arc::new(backend), Some(node))
             }

@@ -3,10 +3,13 @@
 //! Layout (every procedure key lives under `__procedure/`):
 //!
 //! ```text
-//! __procedure/{key}                        header: 0x00 + value          (small values)
-//!                                          header: 0x01 + gen (u64 BE) + count (u32 BE)
-//! __procedure_seg/{key}/{gen:016x}/{i:08}  segment i of a large value
+//! __procedure/{key}                                   header: 0x00 + value (small)
+//!                                                     header: 0x01 + gen (u64 BE) + count (u32 BE)
+//! __procedure_seg/{len(key):04}/{key}/{gen:016x}/{i:08}  segment i of a large value
 //! ```
+//!
+//! The key's length in the segment prefix keeps one key's segments from ever sharing a
+//! prefix with another key's (`a` vs `a/0000000000000001`).
 //!
 //! Values larger than one KV value (the backend's `max_value_bytes`) are split into
 //! segments. A large put writes its segments under a fresh generation first and the
@@ -51,7 +54,15 @@ fn corrupt(key: &str, reason: &str) -> procedure::Error {
 
 /// Where the segments of `key`'s generation `gen` live.
 fn generation_prefix(key: &str, generation: u64) -> String {
-    format!("{SEGMENT_PREFIX}{key}/{generation:016x}/")
+    format!("{SEGMENT_PREFIX}{:04}/{key}/{generation:016x}/", key.len())
+}
+
+/// The generation a segmented header names.
+fn generation_of(header: &[u8]) -> Option<u64> {
+    match header.split_first() {
+        Some((&SEGMENTED, rest)) => rest.get(..8)?.try_into().ok().map(u64::from_be_bytes),
+        _ => None,
+    }
 }
 
 impl KvStateStore {
@@ -101,11 +112,25 @@ impl KvStateStore {
         }
     }
 
+    /// The value under `header`; if its segments vanished because a concurrent put
+    /// replaced the value, reads the new header and tries again.
+    async fn value(&self, key: &str, mut header: Vec<u8>) -> procedure::Result<Option<Vec<u8>>> {
+        for _ in 0..5 {
+            match self.assemble(key, header.clone()).await {
+                Ok(value) => return Ok(Some(value)),
+                Err(e) => match self.header(key).await? {
+                    None => return Ok(None),
+                    Some(now) if now != header => header = now,
+                    Some(_) => return Err(e),
+                },
+            }
+        }
+        Err(corrupt(key, "the value kept changing while being read"))
+    }
+
     async fn delete_generation(&self, key: &str, header: &[u8]) -> procedure::Result<()> {
-        if let Some((&SEGMENTED, rest)) = header.split_first()
-            && let Ok(bytes) = <[u8; 8]>::try_from(&rest[..8.min(rest.len())])
-        {
-            let prefix = generation_prefix(key, u64::from_be_bytes(bytes)).into_bytes();
+        if let Some(generation) = generation_of(header) {
+            let prefix = generation_prefix(key, generation).into_bytes();
             let range_end = prefix_end(&prefix);
             self.kv
                 .delete_range(DeleteRangeRequest {
@@ -131,9 +156,11 @@ impl StateStore for KvStateStore {
             header.extend_from_slice(&value);
             header
         } else {
-            let generation = SystemTime::now()
+            // Strictly newer than the generation it replaces, whatever the clock does.
+            let clock = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64);
+            let generation = clock.max(old.as_deref().and_then(generation_of).map_or(0, |g| g + 1));
             let prefix = generation_prefix(key, generation);
             let chunks: Vec<&[u8]> = value.chunks(self.segment_bytes).collect();
             for (i, chunk) in chunks.iter().enumerate() {
@@ -160,7 +187,7 @@ impl StateStore for KvStateStore {
     async fn get(&self, key: &str) -> procedure::Result<Option<Vec<u8>>> {
         match self.header(key).await? {
             None => Ok(None),
-            Some(header) => self.assemble(key, header).await.map(Some),
+            Some(header) => self.value(key, header).await,
         }
     }
 
@@ -185,8 +212,15 @@ impl StateStore for KvStateStore {
         let mut out = Vec::with_capacity(headers.kvs.len());
         for kv in headers.kvs {
             let key = String::from_utf8_lossy(&kv.key[PREFIX.len()..]).into_owned();
-            let value = self.assemble(&key, kv.value).await?;
-            out.push((key, value));
+            match self.value(&key, kv.value).await {
+                Ok(Some(value)) => out.push((key, value)),
+                Ok(None) => {}
+                // One damaged entry must not hide the others (recovery reads them all).
+                Err(e) if !e.is_retryable() => {
+                    tracing::error!(%key, error = %e, "skipping an unreadable procedure state");
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
     }
@@ -218,6 +252,24 @@ mod tests {
         assert_eq!(scanned.len(), 2, "segments are not listed as entries");
         assert_eq!(scanned[1].1, big);
 
+        // Keys that extend each other keep separate segments.
+        store
+            .put("procedure/b/0000000000000001", big.clone())
+            .await
+            .unwrap();
+        store
+            .put("procedure/b", big.iter().rev().copied().collect())
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .get("procedure/b/0000000000000001")
+                .await
+                .unwrap()
+                .unwrap(),
+            big
+        );
+        store.delete("procedure/b/0000000000000001").await.unwrap();
         // Overwriting a large value with a small one removes the old segments.
         store
             .put("procedure/b", b"now small".to_vec())

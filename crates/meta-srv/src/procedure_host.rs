@@ -2,11 +2,13 @@
 //!
 //! It follows the raft member's leadership: when this member starts leading (and its
 //! term has a committed entry), a new `ProcedureManager` over the replicated KV store
-//! recovers every unfinished procedure and runs it; when leadership is lost, the manager
-//! is stopped at once (its runners are aborted) and the next leader's manager finishes
-//! their work from the last persisted steps.
+//! recovers every unfinished procedure and runs it (retrying the recovery with backoff
+//! while the term lasts); when leadership is lost or the term changes, the manager is
+//! stopped at once, its runners awaited, and the next leader's manager finishes their
+//! work from the last persisted steps.
 
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use common_meta::kv::{KvBackend, KvLimits};
 use common_meta::state_store::KvStateStore;
@@ -31,9 +33,10 @@ fn slot(
 }
 
 impl ProcedureHost {
-    /// Follows `leadership`, running a manager over `kv` while this member leads.
+    /// Follows `leadership` (the term this member leads in), running a manager over `kv`
+    /// while this member leads, and a fresh one for every new term.
     pub fn start(
-        mut leadership: watch::Receiver<bool>,
+        mut leadership: watch::Receiver<Option<u64>>,
         kv: Arc<dyn KvBackend>,
         limits: KvLimits,
         config: ManagerConfig,
@@ -43,33 +46,46 @@ impl ProcedureHost {
         let shared = current.clone();
         let task = tokio::spawn(async move {
             loop {
-                if leadership.wait_for(|leads| *leads).await.is_err() {
+                let Ok(term) = leadership.wait_for(Option::is_some).await.map(|t| *t) else {
                     return;
-                }
-                let store = Arc::new(KvStateStore::new(kv.clone(), &limits));
-                let manager = ProcedureManager::new(store, config.clone());
-                let started = match loaders(&manager) {
-                    Ok(()) => manager.start().await,
-                    Err(e) => Err(e),
                 };
-                match started {
-                    Ok(()) => {
-                        tracing::info!("leading: procedure manager started");
-                        *slot(&shared) = Some(manager.clone());
+                let mut backoff = Duration::from_millis(50);
+                // Start (recover) the manager, retrying while this term lasts.
+                let manager = loop {
+                    if *leadership.borrow() != term {
+                        break None;
                     }
-                    Err(e) => {
-                        // Typically leadership was lost meanwhile; the loop decides.
-                        tracing::warn!(error = %e, "procedure manager did not start");
-                        manager.stop();
+                    let store = Arc::new(KvStateStore::new(kv.clone(), &limits));
+                    let manager = ProcedureManager::new(store, config.clone());
+                    let started = match loaders(&manager) {
+                        Ok(()) => manager.start().await,
+                        Err(e) => Err(e),
+                    };
+                    match started {
+                        Ok(()) => break Some(manager),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "procedure manager did not start; retrying");
+                            manager.shutdown().await;
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
                     }
+                };
+                if let Some(manager) = &manager {
+                    tracing::info!(?term, "leading: procedure manager started");
+                    *slot(&shared) = Some(manager.clone());
                 }
-                if leadership.wait_for(|leads| !*leads).await.is_err() {
-                    manager.stop();
+                // Any change (lost, or a new term) ends this manager.
+                let ended = leadership.wait_for(|now| *now != term).await.is_err();
+                *slot(&shared) = None;
+                if let Some(manager) = manager {
+                    // Wait for its runners to be gone before a next manager starts.
+                    manager.shutdown().await;
+                    tracing::info!(?term, "leadership changed: procedure manager stopped");
+                }
+                if ended {
                     return;
                 }
-                manager.stop();
-                *slot(&shared) = None;
-                tracing::info!("leadership lost: procedure manager stopped");
             }
         });
         ProcedureHost { current, task }

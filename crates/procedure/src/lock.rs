@@ -41,20 +41,21 @@ impl LockTable {
 
     /// Takes every key of `lock` for `owner`, in sorted order, waiting as needed.
     ///
-    /// A child (with `parent` set) may share keys its parent holds shared; a key whose
-    /// modes conflict with the parent's fails at once instead of waiting forever.
-    pub async fn acquire(&self, owner: &str, parent: Option<&str>, lock: &LockKey) -> Result<()> {
+    /// A subprocedure (with its `ancestors`, parent first) may share keys an ancestor
+    /// holds shared; a key whose mode conflicts with an ancestor's fails at once instead
+    /// of waiting forever for a procedure that waits for it.
+    pub async fn acquire(&self, owner: &str, ancestors: &[String], lock: &LockKey) -> Result<()> {
         for (key, mode) in lock.keys() {
             loop {
                 let released = self.released.notified();
                 {
                     let mut held = self.held();
                     let holders = held.entry(key.clone()).or_default();
-                    if let Some(parent) = parent {
-                        let parent_holds = holders.exclusive.as_deref() == Some(parent)
+                    for parent in ancestors {
+                        let parent_holds = holders.exclusive.as_deref() == Some(parent.as_str())
                             || holders.shared.iter().any(|o| o == parent);
                         let compatible = *mode == LockMode::Shared
-                            && holders.exclusive.as_deref() != Some(parent);
+                            && holders.exclusive.as_deref() != Some(parent.as_str());
                         if parent_holds && !compatible {
                             drop(held);
                             self.release(owner);
@@ -104,16 +105,16 @@ mod tests {
     async fn exclusive_waits_shared_shares() {
         let table = Arc::new(LockTable::default());
         table
-            .acquire("a", None, &LockKey::shared("k"))
+            .acquire("a", &[], &LockKey::shared("k"))
             .await
             .unwrap();
         table
-            .acquire("b", None, &LockKey::shared("k"))
+            .acquire("b", &[], &LockKey::shared("k"))
             .await
             .unwrap();
         let waiter = {
             let table = table.clone();
-            tokio::spawn(async move { table.acquire("c", None, &LockKey::exclusive("k")).await })
+            tokio::spawn(async move { table.acquire("c", &[], &LockKey::exclusive("k")).await })
         };
         tokio::task::yield_now().await;
         assert!(
@@ -130,20 +131,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_child_conflicting_with_its_parent_fails_instead_of_waiting() {
+    async fn a_descendant_conflicting_with_an_ancestor_fails_instead_of_waiting() {
         let table = LockTable::default();
         table
-            .acquire("parent", None, &LockKey::exclusive("table/1"))
+            .acquire("root", &[], &LockKey::exclusive("table/1"))
             .await
             .unwrap();
+        let chain = ["parent".to_string(), "root".to_string()];
         let err = table
-            .acquire("child", Some("parent"), &LockKey::exclusive("table/1"))
+            .acquire("grandchild", &chain, &LockKey::exclusive("table/1"))
             .await
             .unwrap_err();
         assert!(matches!(err, Error::LockConflictWithParent { .. }), "{err}");
         // Other keys are fine.
         table
-            .acquire("child", Some("parent"), &LockKey::exclusive("region/1"))
+            .acquire("grandchild", &chain, &LockKey::exclusive("region/1"))
             .await
             .unwrap();
     }

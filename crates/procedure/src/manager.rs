@@ -15,14 +15,17 @@
 //! A runner that meets a state-store error stops on the spot, as if the process died:
 //! whatever it had not persisted is redone by the next manager's recovery.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::FutureExt;
 use tokio::sync::{Semaphore, watch};
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::error::{Error, Result};
 use crate::lock::LockTable;
@@ -84,7 +87,8 @@ impl Watcher {
         &self.id
     }
 
-    /// Waits until the procedure finishes: its output when done, its error when failed.
+    /// Waits until the procedure finishes: its output when done, its error when failed,
+    /// [`Error::Stopped`] when the manager stops first.
     pub async fn wait(mut self) -> Result<Option<String>> {
         let progress = self
             .progress
@@ -116,9 +120,15 @@ struct Inner {
     locks: LockTable,
     slots: Semaphore,
     paused: watch::Sender<bool>,
+    /// Set by `stop`; checked under the `tasks` lock before anything is spawned.
+    stopped: AtomicBool,
     tasks: Mutex<Vec<AbortHandle>>,
+    /// Tasks still alive (aborted ones count until they are gone).
+    live: watch::Sender<usize>,
     /// Unfinished children found at recovery (or just created), for their parent.
     orphans: Mutex<HashMap<String, (ProcedureRecord, BoxedProcedure)>>,
+    /// Child -> parent, for the lock check against every ancestor.
+    parents: Mutex<HashMap<String, String>>,
 }
 
 /// Runs procedures; see the module doc. Cheap to clone.
@@ -132,10 +142,45 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+fn record_of(id: &str, type_name: &str, parent: Option<&str>, data: String) -> ProcedureRecord {
+    let now = now_ms();
+    ProcedureRecord {
+        id: id.to_string(),
+        type_name: type_name.to_string(),
+        parent_id: parent.map(str::to_string),
+        state: ProcedureState::Running,
+        step: 0,
+        data,
+        children: Vec::new(),
+        error: None,
+        output: None,
+        created_ms: now,
+        updated_ms: now,
+    }
+}
+
+/// Counts a task as live until it ends or is aborted.
+struct LiveGuard(Arc<Inner>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.live.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Releases a runner's locks however it ends (done, failed, aborted, panicked).
+struct LockRelease(Arc<Inner>, String);
+
+impl Drop for LockRelease {
+    fn drop(&mut self) {
+        self.0.locks.release(&self.1);
+    }
+}
+
 impl ProcedureManager {
     /// A manager over `store`; call [`ProcedureManager::start`] before submitting.
     pub fn new(store: Arc<dyn StateStore>, config: ManagerConfig) -> Self {
-        let slots = Semaphore::new(config.max_running.max(1));
+        let slots = Semaphore::new(config.max_running.clamp(1, Semaphore::MAX_PERMITS));
         ProcedureManager {
             inner: Arc::new(Inner {
                 store,
@@ -145,8 +190,11 @@ impl ProcedureManager {
                 locks: LockTable::default(),
                 slots,
                 paused: watch::channel(false).0,
+                stopped: AtomicBool::new(false),
                 tasks: Mutex::new(Vec::new()),
+                live: watch::channel(0).0,
                 orphans: Mutex::new(HashMap::new()),
+                parents: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -199,49 +247,49 @@ impl ProcedureManager {
                 }
             }
         }
-        let unfinished_ids: Vec<String> = unfinished.iter().map(|(r, _)| r.id.clone()).collect();
+        let unfinished_ids: HashSet<String> =
+            unfinished.iter().map(|(r, _)| r.id.clone()).collect();
         for (record, procedure) in unfinished {
-            let owned_by_parent = record
-                .parent_id
-                .as_ref()
-                .is_some_and(|p| unfinished_ids.contains(p));
             self.inner.track(&record);
-            if owned_by_parent {
+            let parent = record
+                .parent_id
+                .clone()
+                .filter(|p| unfinished_ids.contains(p));
+            if let Some(parent) = parent {
+                lock(&self.inner.parents).insert(record.id.clone(), parent);
                 lock(&self.inner.orphans).insert(record.id.clone(), (record, procedure));
             } else {
                 tracing::info!(id = %record.id, step = record.step, "resuming procedure");
-                self.spawn_root(record, procedure);
+                self.spawn_root(record, procedure)?;
             }
         }
-        self.spawn_cleaner();
+        self.spawn_cleaner()?;
         Ok(())
     }
 
     /// Persists a new procedure and starts it; the watcher follows it to the end.
     pub async fn submit(&self, procedure: ProcedureWithId) -> Result<Watcher> {
         let ProcedureWithId { id, procedure } = procedure;
-        if lock(&self.inner.progress).contains_key(&id)
-            || self.inner.store.get(&record_key(&id)).await?.is_some()
-        {
+        let data = procedure.dump()?;
+        let mut record = record_of(&id, procedure.type_name(), None, data);
+        // Reserve the id first, so that two submissions of one id cannot both run.
+        let progress = self.inner.reserve(&record)?;
+        let known = match self.inner.store.get(&record_key(&id)).await {
+            Ok(found) => found.is_some(),
+            Err(e) => {
+                self.inner.unreserve(&id);
+                return Err(e);
+            }
+        };
+        if known {
+            self.inner.unreserve(&id);
             return Err(Error::Duplicate(id));
         }
-        let now = now_ms();
-        let mut record = ProcedureRecord {
-            id: id.clone(),
-            type_name: procedure.type_name().to_string(),
-            parent_id: None,
-            state: ProcedureState::Running,
-            step: 0,
-            data: procedure.dump()?,
-            children: Vec::new(),
-            error: None,
-            output: None,
-            created_ms: now,
-            updated_ms: now,
-        };
-        let progress = self.inner.track(&record);
-        self.inner.persist(&mut record).await?;
-        self.spawn_root(record, procedure);
+        if let Err(e) = self.inner.persist(&mut record).await {
+            self.inner.unreserve(&id);
+            return Err(e);
+        }
+        self.spawn_root(record, procedure)?;
         Ok(Watcher { id, progress })
     }
 
@@ -291,54 +339,83 @@ impl ProcedureManager {
         self.inner.paused.send_replace(false);
     }
 
-    /// Stops every runner at once (what was not persisted is redone by the next
-    /// manager's recovery). Used when leadership is lost, and by tests as a crash.
+    /// Stops every runner at once and refuses new work; watchers end with
+    /// [`Error::Stopped`]. What was not persisted is redone by the next manager's
+    /// recovery. Used when leadership is lost, and by tests as a crash.
     pub fn stop(&self) {
-        for task in lock(&self.inner.tasks).drain(..) {
-            task.abort();
-        }
-    }
-
-    fn spawn_root(&self, record: ProcedureRecord, procedure: BoxedProcedure) {
-        let inner = self.inner.clone();
-        let task = tokio::spawn(async move {
-            // Slots only for roots; children run inside their root's slot.
-            let Ok(_slot) = inner.slots.acquire().await else {
-                return;
-            };
-            let id = record.id.clone();
-            if let Err(e) = run(inner.clone(), record, procedure).await {
-                tracing::warn!(%id, error = %e, "procedure runner stopped");
+        {
+            let mut tasks = lock(&self.inner.tasks);
+            self.inner.stopped.store(true, Ordering::SeqCst);
+            for task in tasks.drain(..) {
+                task.abort();
             }
-        });
-        lock(&self.inner.tasks).push(task.abort_handle());
+        }
+        lock(&self.inner.progress).clear();
     }
 
-    fn spawn_cleaner(&self) {
+    /// [`ProcedureManager::stop`], then waits until every runner is gone, so a new
+    /// manager on the same store never races an old runner.
+    pub async fn shutdown(&self) {
+        self.stop();
+        let mut live = self.inner.live.subscribe();
+        // The sender lives in `inner`, which we hold: this cannot fail.
+        let _ = live.wait_for(|n| *n == 0).await;
+    }
+
+    fn spawn_root(&self, record: ProcedureRecord, procedure: BoxedProcedure) -> Result<()> {
+        let inner = self.inner.clone();
+        self.inner
+            .spawn(async move {
+                // Slots only for roots; children run inside their root's slot.
+                let Ok(_slot) = inner.slots.acquire().await else {
+                    return;
+                };
+                let id = record.id.clone();
+                if let Err(e) = run(inner.clone(), record, procedure).await {
+                    tracing::warn!(%id, error = %e, "procedure runner stopped");
+                }
+            })
+            .map(drop)
+    }
+
+    fn spawn_cleaner(&self) -> Result<()> {
         let inner = self.inner.clone();
         let period = (inner.config.finished_ttl / 4)
             .clamp(Duration::from_millis(10), Duration::from_secs(60));
-        let task = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(period).await;
-                if inner.remove_expired().await.is_err() {
-                    return;
+        self.inner
+            .spawn(async move {
+                loop {
+                    tokio::time::sleep(period).await;
+                    if let Err(e) = inner.remove_expired().await {
+                        // Try again next period: a store hiccup must not end cleaning.
+                        tracing::warn!(error = %e, "removing finished procedures failed");
+                    }
                 }
-            }
-        });
-        lock(&self.inner.tasks).push(task.abort_handle());
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        for task in lock(&self.tasks).drain(..) {
-            task.abort();
-        }
+            })
+            .map(drop)
     }
 }
 
 impl Inner {
+    /// Spawns a task counted as live and abortable by `stop`, unless stopped.
+    fn spawn<T: Send + 'static>(
+        self: &Arc<Self>,
+        future: impl Future<Output = T> + Send + 'static,
+    ) -> Result<JoinHandle<T>> {
+        let mut tasks = lock(&self.tasks);
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(Error::Stopped);
+        }
+        self.live.send_modify(|n| *n += 1);
+        let guard = LiveGuard(self.clone());
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            future.await
+        });
+        tasks.push(task.abort_handle());
+        Ok(task)
+    }
+
     fn load(&self, type_name: &str, data: &str) -> Result<BoxedProcedure> {
         let loaders = self.loaders.read().unwrap_or_else(PoisonError::into_inner);
         let loader = loaders.get(type_name).ok_or_else(|| {
@@ -347,7 +424,25 @@ impl Inner {
         loader(data)
     }
 
-    /// Starts following a procedure; returns a receiver of its progress.
+    /// Claims `record.id` for a new procedure; fails if this manager already has it.
+    fn reserve(&self, record: &ProcedureRecord) -> Result<watch::Receiver<Progress>> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(Error::Stopped);
+        }
+        let mut progress = lock(&self.progress);
+        if progress.contains_key(&record.id) {
+            return Err(Error::Duplicate(record.id.clone()));
+        }
+        let (sender, receiver) = watch::channel(Self::progress_of(record));
+        progress.insert(record.id.clone(), sender);
+        Ok(receiver)
+    }
+
+    fn unreserve(&self, id: &str) {
+        lock(&self.progress).remove(id);
+    }
+
+    /// Starts following a recovered procedure; returns a receiver of its progress.
     fn track(&self, record: &ProcedureRecord) -> watch::Receiver<Progress> {
         let mut progress = lock(&self.progress);
         let sender = progress
@@ -375,6 +470,21 @@ impl Inner {
         if let Some(sender) = lock(&self.progress).get(id) {
             sender.send_modify(|p| p.state = state);
         }
+    }
+
+    /// The chain of parents of `id`, nearest first.
+    fn ancestors(&self, id: &str) -> Vec<String> {
+        let parents = lock(&self.parents);
+        let mut chain = Vec::new();
+        let mut at = id;
+        while let Some(parent) = parents.get(at) {
+            if chain.contains(parent) {
+                break;
+            }
+            chain.push(parent.clone());
+            at = parent;
+        }
+        chain
     }
 
     async fn persist(&self, record: &mut ProcedureRecord) -> Result<()> {
@@ -405,24 +515,62 @@ impl Inner {
         base.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0)
     }
 
+    /// Removes finished records older than the TTL, except children whose parent is
+    /// still unfinished (it may need their outcome after a crash).
     async fn remove_expired(&self) -> Result<()> {
         let ttl = self.config.finished_ttl.as_millis() as u64;
         let now = now_ms();
-        for (key, bytes) in self.store.scan_prefix(RECORD_PREFIX).await? {
-            if let Ok(record) = serde_json::from_slice::<ProcedureRecord>(&bytes)
-                && record.state.is_finished()
+        let records: Vec<(String, ProcedureRecord)> = self
+            .store
+            .scan_prefix(RECORD_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|(key, bytes)| {
+                serde_json::from_slice::<ProcedureRecord>(&bytes)
+                    .ok()
+                    .map(|r| (key, r))
+            })
+            .collect();
+        let unfinished: HashSet<&str> = records
+            .iter()
+            .filter(|(_, r)| !r.state.is_finished())
+            .map(|(_, r)| r.id.as_str())
+            .collect();
+        for (key, record) in &records {
+            let parent_waits = record
+                .parent_id
+                .as_deref()
+                .is_some_and(|p| unfinished.contains(p));
+            if record.state.is_finished()
+                && !parent_waits
                 && record.updated_ms.saturating_add(ttl) <= now
             {
-                self.store.delete(&key).await?;
+                self.store.delete(key).await?;
                 lock(&self.progress).remove(&record.id);
+                lock(&self.parents).remove(&record.id);
             }
         }
         Ok(())
     }
 }
 
-/// Runs one procedure to its end. Returns `Err` only when the store failed (the runner
-/// then stops as if the process died).
+/// Runs a step (or a rollback), turning a panic into a permanent error of the procedure.
+async fn guarded<T>(what: &str, step: impl Future<Output = Result<T>>) -> Result<T> {
+    match AssertUnwindSafe(step).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_string());
+            Err(Error::external(format!("{what} panicked: {message}")))
+        }
+    }
+}
+
+/// Runs one procedure to its end. Returns `Err` only when the store failed or the
+/// manager stopped (the runner then ends as if the process died).
 fn run(
     inner: Arc<Inner>,
     record: ProcedureRecord,
@@ -431,9 +579,11 @@ fn run(
     Box::pin(async move {
         let (mut record, mut procedure) = (record, procedure);
         let id = record.id.clone();
+        let ancestors = inner.ancestors(&id);
+        let _release = LockRelease(inner.clone(), id.clone());
         if let Err(e) = inner
             .locks
-            .acquire(&id, record.parent_id.as_deref(), &procedure.lock_key())
+            .acquire(&id, &ancestors, &procedure.lock_key())
             .await
         {
             record.state = ProcedureState::Failed;
@@ -441,9 +591,7 @@ fn run(
             inner.persist(&mut record).await?;
             return Ok((ProcedureState::Failed, None));
         }
-        let outcome = drive(&inner, &mut record, &mut procedure).await;
-        inner.locks.release(&id);
-        outcome
+        drive(&inner, &mut record, &mut procedure).await
     })
 }
 
@@ -469,59 +617,22 @@ async fn drive(
             procedure_id: record.id.clone(),
             attempt,
         };
-        match procedure.execute(&ctx).await {
+        match guarded("a step", procedure.execute(&ctx)).await {
             Ok(Status::Executing { persist }) => {
                 attempt = 0;
                 if persist {
+                    match procedure.dump() {
+                        Ok(data) => record.data = data,
+                        Err(e) => return fail(inner, record, procedure, e).await,
+                    }
                     record.step += 1;
-                    record.data = procedure.dump()?;
                     inner.persist(record).await?;
                 }
             }
-            Ok(Status::Suspended {
-                subprocedures,
-                persist,
-            }) => {
+            Ok(Status::Suspended { subprocedures, .. }) => {
                 attempt = 0;
-                let mut seeds = Vec::with_capacity(subprocedures.len());
-                let mut children = Vec::with_capacity(subprocedures.len());
-                for ProcedureWithId {
-                    id,
-                    procedure: child,
-                } in subprocedures
-                {
-                    seeds.push(ChildSeed {
-                        id: id.clone(),
-                        type_name: child.type_name().to_string(),
-                        data: child.dump()?,
-                    });
-                    children.push((id, child));
-                }
-                record.children = seeds;
-                record.step += 1;
-                if persist {
-                    record.data = procedure.dump()?;
-                }
-                // The parent (with its children's seeds) is saved before any child, so a
-                // crash never leaves children the parent does not know about.
-                inner.persist(record).await?;
-                let now = now_ms();
-                let mut orphans = lock(&inner.orphans);
-                for ((id, child), seed) in children.into_iter().zip(&record.children) {
-                    let child_record = ProcedureRecord {
-                        id: id.clone(),
-                        type_name: seed.type_name.clone(),
-                        parent_id: Some(record.id.clone()),
-                        state: ProcedureState::Running,
-                        step: 0,
-                        data: seed.data.clone(),
-                        children: Vec::new(),
-                        error: None,
-                        output: None,
-                        created_ms: now,
-                        updated_ms: now,
-                    };
-                    orphans.insert(id, (child_record, child));
+                if let Err(e) = suspend(inner, record, procedure, subprocedures).await? {
+                    return fail(inner, record, procedure, e).await;
                 }
             }
             Ok(Status::Done { output }) => {
@@ -546,11 +657,67 @@ async fn drive(
     }
 }
 
-/// Runs (or finds finished) every child of a suspended parent. The outer `Err` is a
-/// store failure; the inner one the first child failure.
+/// Saves a parent with its children's seeds (and always its own state, so a recovered
+/// parent never re-runs the step that created them), then registers the children.
+/// The outer `Err` is a store failure; the inner one a bad child (duplicate id,
+/// undumpable state) that fails the parent.
+async fn suspend(
+    inner: &Arc<Inner>,
+    record: &mut ProcedureRecord,
+    procedure: &mut BoxedProcedure,
+    subprocedures: Vec<ProcedureWithId>,
+) -> Result<Result<(), Error>> {
+    let mut seeds = Vec::with_capacity(subprocedures.len());
+    let mut children = Vec::with_capacity(subprocedures.len());
+    for ProcedureWithId {
+        id,
+        procedure: child,
+    } in subprocedures
+    {
+        let data = match child.dump() {
+            Ok(data) => data,
+            Err(e) => return Ok(Err(e)),
+        };
+        let child_record = record_of(&id, child.type_name(), Some(&record.id), data.clone());
+        if inner.store.get(&record_key(&id)).await?.is_some() {
+            return Ok(Err(Error::Duplicate(id)));
+        }
+        if let Err(e) = inner.reserve(&child_record) {
+            return Ok(Err(e));
+        }
+        seeds.push(ChildSeed {
+            id: id.clone(),
+            type_name: child.type_name().to_string(),
+            data,
+        });
+        children.push((child_record, child));
+    }
+    match procedure.dump() {
+        Ok(data) => record.data = data,
+        Err(e) => return Ok(Err(e)),
+    }
+    record.children = seeds;
+    record.step += 1;
+    // The parent (with its children's seeds) is saved before any child, so a crash
+    // never leaves children the parent does not know about.
+    inner.persist(record).await?;
+    let mut parents = lock(&inner.parents);
+    let mut orphans = lock(&inner.orphans);
+    for (child_record, child) in children {
+        parents.insert(child_record.id.clone(), record.id.clone());
+        orphans.insert(child_record.id.clone(), (child_record, child));
+    }
+    Ok(Ok(()))
+}
+
+/// Runs (or finds finished) every child of a suspended parent and waits for all of
+/// them. The outer `Err` is a store failure or a stop; the inner one the first child
+/// failure (the others still run to their end first).
 async fn run_children(inner: &Arc<Inner>, parent: &ProcedureRecord) -> Result<Result<(), Error>> {
     let mut running = Vec::new();
+    let mut failure: Option<Error> = None;
     for seed in &parent.children {
+        lock(&inner.parents).insert(seed.id.clone(), parent.id.clone());
         let taken = lock(&inner.orphans).remove(&seed.id);
         let (mut child_record, child) = match taken {
             Some(found) => found,
@@ -560,10 +727,11 @@ async fn run_children(inner: &Arc<Inner>, parent: &ProcedureRecord) -> Result<Re
                         Error::external(format!("undecodable record of {}: {e}", seed.id))
                     })?;
                     if record.state == ProcedureState::Failed {
-                        return Ok(Err(Error::SubprocedureFailed {
+                        failure.get_or_insert(Error::SubprocedureFailed {
                             child: seed.id.clone(),
                             message: record.error.unwrap_or_default(),
-                        }));
+                        });
+                        continue;
                     }
                     if record.state.is_finished() {
                         continue;
@@ -571,30 +739,24 @@ async fn run_children(inner: &Arc<Inner>, parent: &ProcedureRecord) -> Result<Re
                 }
                 // Never saved (the crash came right after the parent's save): recreate
                 // it from the seed the parent kept.
-                let child = match inner.load(&seed.type_name, &seed.data) {
-                    Ok(child) => child,
+                match inner.load(&seed.type_name, &seed.data) {
+                    Ok(child) => (
+                        record_of(
+                            &seed.id,
+                            &seed.type_name,
+                            Some(&parent.id),
+                            seed.data.clone(),
+                        ),
+                        child,
+                    ),
                     Err(e) => {
-                        return Ok(Err(Error::SubprocedureFailed {
+                        failure.get_or_insert(Error::SubprocedureFailed {
                             child: seed.id.clone(),
                             message: e.to_string(),
-                        }));
+                        });
+                        continue;
                     }
-                };
-                let now = now_ms();
-                let record = ProcedureRecord {
-                    id: seed.id.clone(),
-                    type_name: seed.type_name.clone(),
-                    parent_id: Some(parent.id.clone()),
-                    state: ProcedureState::Running,
-                    step: 0,
-                    data: seed.data.clone(),
-                    children: Vec::new(),
-                    error: None,
-                    output: None,
-                    created_ms: now,
-                    updated_ms: now,
-                };
-                (record, child)
+                }
             }
         };
         inner.track(&child_record);
@@ -602,11 +764,9 @@ async fn run_children(inner: &Arc<Inner>, parent: &ProcedureRecord) -> Result<Re
             inner.persist(&mut child_record).await?;
         }
         let id = child_record.id.clone();
-        let task = tokio::spawn(run(inner.clone(), child_record, child));
-        lock(&inner.tasks).push(task.abort_handle());
+        let task = inner.spawn(run(inner.clone(), child_record, child))?;
         running.push((id, task));
     }
-    let mut failure = None;
     for (id, task) in running {
         match task.await {
             Ok(Ok((ProcedureState::Done, _))) => {}
@@ -637,10 +797,14 @@ async fn fail(
 ) -> Finished {
     let cause = error.to_string();
     tracing::warn!(id = %record.id, error = %cause, "procedure failed");
-    record.error = Some(cause.clone());
     if procedure.rollback_supported() {
         if record.state != ProcedureState::RollingBack {
+            record.error = Some(cause.clone());
             record.state = ProcedureState::RollingBack;
+            // The state the rollback must undo, even steps that were not persisted.
+            if let Ok(data) = procedure.dump() {
+                record.data = data;
+            }
             inner.persist(record).await?;
         }
         let mut attempt = 0u32;
@@ -649,7 +813,7 @@ async fn fail(
                 procedure_id: record.id.clone(),
                 attempt,
             };
-            match procedure.rollback(&ctx).await {
+            match guarded("a rollback", procedure.rollback(&ctx)).await {
                 Ok(()) => {
                     record.error = Some(format!("{cause} (rolled back)"));
                     break;
@@ -664,6 +828,8 @@ async fn fail(
                 }
             }
         }
+    } else {
+        record.error = Some(cause);
     }
     record.state = ProcedureState::Failed;
     inner.persist(record).await?;

@@ -755,3 +755,148 @@ async fn duplicate_ids_are_refused() {
         .unwrap();
     assert!(matches!(err, Error::Duplicate(_)), "{err}");
 }
+
+struct Panics;
+
+#[async_trait]
+impl Procedure for Panics {
+    fn type_name(&self) -> &str {
+        "test.Panics"
+    }
+    async fn execute(&mut self, _ctx: &Context) -> Result<Status> {
+        panic!("boom");
+    }
+    fn dump(&self) -> Result<String> {
+        Ok(String::new())
+    }
+    fn lock_key(&self) -> LockKey {
+        LockKey::exclusive("shared/key")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_step_fails_its_procedure_and_frees_its_locks() {
+    let m = ProcedureManager::new(Arc::new(MemoryStateStore::default()), fast());
+    m.start().await.unwrap();
+    let w = m
+        .submit(ProcedureWithId {
+            id: "panics".into(),
+            procedure: Box::new(Panics),
+        })
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(DEADLINE, w.wait())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("a step panicked: boom"), "{err}");
+    let critical = Arc::new(Critical {
+        inside: AtomicU32::new(0),
+        max_inside: AtomicU32::new(0),
+    });
+    let next = Locked {
+        lock: LockKey::exclusive("shared/key"),
+        critical,
+        barrier: None,
+    };
+    let w = m
+        .submit(ProcedureWithId {
+            id: "after".into(),
+            procedure: Box::new(next),
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(DEADLINE, w.wait())
+        .await
+        .expect("the lock was released")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_id_already_taken_fails_the_parent() {
+    let world = Arc::new(World::default());
+    let m = manager(Arc::new(MemoryStateStore::default()), &world, fast());
+    m.start().await.unwrap();
+    // Parent "fam" suspends on children fam-a and fam-b, but a procedure fam-a exists
+    // already: the suspension is refused and the parent fails (and rolls back).
+    m.submit(steps("fam-a", 1, None, false, &world))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    let err = m
+        .submit(steps("fam", 3, None, true, &world))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    // The parent rolled back its own first step; the sibling never started.
+    assert!(
+        !world
+            .effects()
+            .iter()
+            .any(|e| e.starts_with("fam/") || e.starts_with("fam-b")),
+        "{:?}",
+        world.effects()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_watchers_and_refuses_new_work() {
+    let world = Arc::new(World::default());
+    let m = manager(Arc::new(MemoryStateStore::default()), &world, fast());
+    m.start().await.unwrap();
+    m.pause();
+    let w = m
+        .submit(steps("held", 2, None, false, &world))
+        .await
+        .unwrap();
+    m.shutdown().await;
+    let err = tokio::time::timeout(DEADLINE, w.wait())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, Error::Stopped), "{err}");
+    let err = m
+        .submit(steps("late", 1, None, false, &world))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::Stopped), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submissions_of_one_id_run_once() {
+    let world = Arc::new(World::default());
+    let m = manager(Arc::new(MemoryStateStore::default()), &world, fast());
+    m.start().await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (m, world) = (m.clone(), world.clone());
+        tasks.push(tokio::spawn(async move {
+            m.submit(steps("once", 2, None, false, &world))
+                .await
+                .map(|w| w.id().to_string())
+        }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => accepted += 1,
+            Err(e) => assert!(matches!(e, Error::Duplicate(_)), "{e}"),
+        }
+    }
+    assert_eq!(accepted, 1);
+    tokio::time::timeout(DEADLINE, m.watch("once").unwrap().wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        world.runs.lock().unwrap().values().all(|r| *r == 1),
+        "{:?}",
+        world.runs.lock().unwrap()
+    );
+}

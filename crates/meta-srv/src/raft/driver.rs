@@ -214,7 +214,7 @@ pub struct RaftStatus {
 pub struct RaftNode {
     mailbox: Mailbox,
     thread: Option<JoinHandle<()>>,
-    leadership: tokio::sync::watch::Receiver<bool>,
+    leadership: tokio::sync::watch::Receiver<Option<u64>>,
 }
 
 impl RaftNode {
@@ -254,7 +254,7 @@ impl RaftNode {
             node.campaign().map_err(raft_error)?;
         }
         let (queue, inbox) = mpsc::channel();
-        let (leader_tx, leadership) = tokio::sync::watch::channel(false);
+        let (leader_tx, leadership) = tokio::sync::watch::channel(None);
         let clock_ids = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
@@ -298,9 +298,10 @@ impl RaftNode {
         self.mailbox.clone()
     }
 
-    /// Whether this member leads, updated as it changes (false once the driver stops).
-    /// Leader-only work (procedures, later heartbeats and leases) follows it.
-    pub fn leadership(&self) -> tokio::sync::watch::Receiver<bool> {
+    /// `Some(term)` while this member leads in `term`, `None` otherwise (and once the
+    /// driver stops). Leader-only work (procedures, later heartbeats and leases) follows
+    /// it; a change of term is a new leadership even without a `None` in between.
+    pub fn leadership(&self) -> tokio::sync::watch::Receiver<Option<u64>> {
         self.leadership.clone()
     }
 
@@ -404,8 +405,8 @@ struct Driver {
     reads_by_ctx: HashMap<u64, (Instant, Vec<Reply<u64>>)>,
     /// Reads waiting for the state machine to apply their index.
     reads_by_index: Vec<(u64, Reply<u64>)>,
-    /// Publishes whether this member leads.
-    leader_tx: tokio::sync::watch::Sender<bool>,
+    /// Publishes the term this member leads in, if it leads.
+    leader_tx: tokio::sync::watch::Sender<Option<u64>>,
 }
 
 impl Driver {
@@ -456,14 +457,15 @@ impl Driver {
             self.fail_if_not_leader();
             // Leading means: leader, and the term has a committed entry (before that a
             // new leader cannot serve reads, so leader-only work would stall).
-            let leading = self.is_leader() && self.node.raft.commit_to_current_term();
+            let leading = (self.is_leader() && self.node.raft.commit_to_current_term())
+                .then_some(self.node.raft.term);
             self.leader_tx.send_if_modified(|was| {
                 let changed = *was != leading;
                 *was = leading;
                 changed
             });
         }
-        self.leader_tx.send_replace(false);
+        self.leader_tx.send_replace(None);
         self.fail_everything(stopped);
     }
 
