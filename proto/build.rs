@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "proto/meta/v1/store.proto",
     "proto/meta/v1/cluster.proto",
     "proto/meta/v1/procedure.proto",
+    "proto/meta/v1/heartbeat.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

@@ -9,6 +9,7 @@ use common_meta::{Error, Result};
 use meta_proto::LEADER_HINT;
 use meta_proto::v1 as pb;
 use meta_proto::v1::cluster_client::ClusterClient;
+use meta_proto::v1::heartbeat_client::HeartbeatClient;
 use meta_proto::v1::procedure_client::ProcedureClient;
 use meta_proto::v1::store_client::StoreClient;
 use tonic::transport::{Channel, Endpoint};
@@ -195,6 +196,18 @@ impl MetaClient {
             })
             .await?;
         Ok(resp.procedures)
+    }
+
+    /// Registered nodes with their liveness, as the leader sees them.
+    pub async fn nodes(&self) -> Result<Vec<pb::NodeView>> {
+        let resp = self
+            .with_channel(|channel| async move {
+                HeartbeatClient::new(channel)
+                    .list_nodes(pb::ListNodesRequest {})
+                    .await
+            })
+            .await?;
+        Ok(resp.nodes)
     }
 
     /// The index of the endpoint named `addr`, adding it when a leader hint names a

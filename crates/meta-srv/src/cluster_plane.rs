@@ -1,4 +1,12 @@
-//! The cluster plane (leader only): what the leader knows about the datanodes and
-//! frontends that heartbeat to it. So far: failure detection.
+//! The cluster plane (leader only): what the leader knows about the datanodes,
+//! frontends and flownodes that heartbeat to it.
+//!
+//! | module | what |
+//! | --- | --- |
+//! | `failure_detector` | phi-accrual detector per node (pure, time passed in) |
+//! | `live_nodes` | the leader's in-memory detectors and stats, rebuilt after a leader change |
+//! | `handshake` | the heartbeat chain's validation and decision, as a pure function |
 
 pub mod failure_detector;
+pub mod handshake;
+pub mod live_nodes;

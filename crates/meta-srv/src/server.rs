@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common_meta::kv::{KvLimits, SledKvStore};
+use common_meta::model::node::NodeManager;
 use meta_proto::v1::cluster_server::ClusterServer;
+use meta_proto::v1::heartbeat_server::HeartbeatServer;
 use meta_proto::v1::procedure_server::ProcedureServer;
 use meta_proto::v1::store_server::StoreServer;
 use procedure::ManagerConfig;
@@ -25,6 +27,8 @@ use std::collections::BTreeMap;
 use meta_client::{MetaClient, MetaClientOptions};
 
 use crate::cluster::{InitialCluster, check_identity, read_identity};
+use crate::cluster_plane::failure_detector::DetectorConfig;
+use crate::cluster_plane::live_nodes::LiveNodes;
 use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::error::{Error, Result};
@@ -35,8 +39,12 @@ use crate::raft::driver::{RaftNode, RaftSettings};
 use crate::raft::grpc_transport::GrpcTransport;
 use crate::raft::members::Members;
 use crate::service::cluster::ClusterService;
+use crate::service::heartbeat::HeartbeatService;
 use crate::service::procedure::ProcedureService;
 use crate::service::store::StoreService;
+
+/// The interval nodes are told to heartbeat at.
+const HEARTBEAT_INTERVAL_MS: u64 = 3_000;
 
 /// Largest raft batch a member accepts from a peer: a snapshot travels in one message.
 const MAX_RAFT_BATCH_BYTES: usize = 1024 * 1024 * 1024;
@@ -270,10 +278,30 @@ impl MetaSrv {
             self.node.mailbox(),
             self.members.clone(),
         ));
+        let live = Arc::new(LiveNodes::new(DetectorConfig::default()));
+        // A new term starts from the next heartbeats, never from an old leader's view.
+        let mut leadership = self.node.leadership();
+        let forget = live.clone();
+        tokio::spawn(async move {
+            while leadership.changed().await.is_ok() {
+                forget.clear();
+            }
+        });
+        let heartbeats = HeartbeatServer::new(HeartbeatService {
+            member_id,
+            mailbox: self.node.mailbox(),
+            members: self.members.clone(),
+            leadership: self.node.leadership(),
+            nodes: Arc::new(NodeManager::new(Arc::new(self.backend.clone()))),
+            live,
+            interval_ms: HEARTBEAT_INTERVAL_MS,
+            stop: stop_rx.clone(),
+        });
         let grpc = tonic::transport::Server::builder()
             .add_service(store)
             .add_service(cluster)
             .add_service(procedures)
+            .add_service(heartbeats)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
                 stopped(stop_rx.clone()),

@@ -1,5 +1,6 @@
 //! gRPC services of `meta.v1`, thin adapters from the wire to the backends.
 
 pub mod cluster;
+pub mod heartbeat;
 pub mod procedure;
 pub mod store;

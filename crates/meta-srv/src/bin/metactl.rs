@@ -59,6 +59,8 @@ enum Command {
     /// Procedures run by the leader.
     #[command(subcommand)]
     Procedure(ProcedureCommand),
+    /// Registered nodes: id, role, address, state, liveness, phi, last heartbeat, regions.
+    Nodes,
 }
 
 #[derive(Subcommand)]
@@ -161,6 +163,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Status => status(&client, cli.output).await,
         Command::Member(command) => member(&client, command, cli.output).await,
         Command::Procedure(command) => procedures(&client, command, cli.output).await,
+        Command::Nodes => nodes(&client, cli.output).await,
         Command::Leader(LeaderCommand::Transfer { id }) => {
             client.transfer_leader(id).await?;
             print(
@@ -236,6 +239,44 @@ async fn kv(client: &MetaClient, command: KvCommand, output: Output) -> Result<(
             );
         }
     }
+    Ok(())
+}
+
+async fn nodes(client: &MetaClient, output: Output) -> Result<(), Failure> {
+    let nodes = client.nodes().await?;
+    let age = |n: &meta_proto::v1::NodeView| {
+        n.last_heartbeat_age_ms
+            .map_or("-".to_string(), |ms| format!("{:.1}s", ms as f64 / 1000.0))
+    };
+    let mut lines = vec![format!(
+        "{:<6} {:<9} {:<22} {:<15} {:<8} {:>6} {:>7} {:>7}",
+        "id", "role", "address", "state", "liveness", "phi", "last", "regions"
+    )];
+    lines.extend(nodes.iter().map(|n| {
+        format!(
+            "{:<6} {:<9} {:<22} {:<15} {:<8} {:>6.2} {:>7} {:>7}",
+            n.node_id,
+            n.role,
+            n.addr,
+            n.state,
+            n.liveness,
+            n.phi,
+            age(n),
+            n.region_count
+        )
+    }));
+    let json: Vec<serde_json::Value> = nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "id": n.node_id, "role": n.role, "addr": n.addr, "state": n.state,
+                "liveness": n.liveness, "phi": n.phi,
+                "last_heartbeat_age_ms": n.last_heartbeat_age_ms,
+                "region_count": n.region_count, "labels": n.labels, "version": n.version,
+            })
+        })
+        .collect();
+    print(output, lines.join("\n"), json!({ "nodes": json }));
     Ok(())
 }
 

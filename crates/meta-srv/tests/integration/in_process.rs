@@ -10,15 +10,15 @@ use meta_proto::v1 as pb;
 use meta_srv::{Config, MetaSrv};
 use tokio::sync::oneshot;
 
-struct Running {
-    grpc: String,
+pub struct Running {
+    pub grpc: String,
     http: String,
     stop: oneshot::Sender<()>,
     served: tokio::task::JoinHandle<meta_srv::Result<()>>,
     _dir: tempfile::TempDir,
 }
 
-async fn start() -> Running {
+pub async fn start() -> Running {
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
         data_dir: dir.path().join("data"),
@@ -45,7 +45,7 @@ async fn start() -> Running {
 }
 
 impl Running {
-    async fn shutdown(self) {
+    pub async fn shutdown(self) {
         self.stop.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(20), self.served)
             .await

@@ -7,6 +7,7 @@ mod bad_input;
 mod cluster_process;
 mod durability;
 mod fault;
+mod heartbeat;
 mod in_process;
 mod linearizability;
 mod metactl;

@@ -1,0 +1,184 @@
+//! Heartbeat streams against an in-process server: registration, stats, listing,
+//! restart of a node, and bad streams that close only themselves.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use meta_client::{MetaClient, MetaClientOptions};
+use meta_proto::v1 as pb;
+use meta_proto::v1::heartbeat_client::HeartbeatClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+use crate::in_process::start;
+
+fn handshake(node_id: u64, role: pb::NodeRole, addr: &str) -> pb::HeartbeatRequest {
+    pb::HeartbeatRequest {
+        body: Some(pb::heartbeat_request::Body::Handshake(pb::NodeHandshake {
+            node_id,
+            role: role.into(),
+            addr: addr.to_string(),
+            version: "0.1.0".to_string(),
+            labels: HashMap::from([("zone".to_string(), "a".to_string())]),
+            start_time_ms: 1,
+        })),
+    }
+}
+
+fn stats(regions: usize) -> pb::HeartbeatRequest {
+    pb::HeartbeatRequest {
+        body: Some(pb::heartbeat_request::Body::Stats(pb::NodeStats {
+            regions: (0..regions as u64)
+                .map(|id| pb::RegionStat {
+                    region_id: id,
+                    role: "leader".into(),
+                    ..Default::default()
+                })
+                .collect(),
+        })),
+    }
+}
+
+/// Opens a heartbeat stream: a sender of requests and the stream of answers.
+async fn open(
+    grpc: &str,
+) -> (
+    mpsc::Sender<pb::HeartbeatRequest>,
+    Streaming<pb::HeartbeatResponse>,
+) {
+    let mut client = HeartbeatClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    let answers = client
+        .heartbeat(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, answers)
+}
+
+/// Opens a stream and registers with `first`, retrying (as a node would) while the
+/// fresh server has not yet published its leadership.
+async fn register(
+    grpc: &str,
+    first: pb::HeartbeatRequest,
+) -> (
+    mpsc::Sender<pb::HeartbeatRequest>,
+    Streaming<pb::HeartbeatResponse>,
+    pb::HeartbeatResponse,
+) {
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (tx, mut answers) = open(grpc).await;
+        tx.send(first.clone()).await.unwrap();
+        match answer(&mut answers).await {
+            Ok(response) => return (tx, answers, response),
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                assert!(
+                    std::time::Instant::now() < until,
+                    "never became leader: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("registration refused: {status:?}"),
+        }
+    }
+}
+
+async fn answer(
+    answers: &mut Streaming<pb::HeartbeatResponse>,
+) -> Result<pb::HeartbeatResponse, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .expect("answered in time")
+        .map(|m| m.expect("the stream is open"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_register_report_stats_and_restart() {
+    let server = start().await;
+    let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default()).unwrap();
+
+    let (tx, mut answers, first) = register(
+        &server.grpc,
+        handshake(7, pb::NodeRole::Datanode, "10.0.0.7:4001"),
+    )
+    .await;
+    assert_eq!(first.interval_ms, 3_000);
+    tx.send(stats(3)).await.unwrap();
+    answer(&mut answers).await.unwrap();
+
+    let nodes = client.nodes().await.unwrap();
+    assert_eq!(nodes.len(), 1);
+    let node = &nodes[0];
+    assert_eq!(
+        (node.node_id, node.role.as_str(), node.addr.as_str()),
+        (7, "datanode", "10.0.0.7:4001")
+    );
+    assert_eq!(
+        (
+            node.state.as_str(),
+            node.liveness.as_str(),
+            node.region_count
+        ),
+        ("joining", "alive", 3)
+    );
+    assert_eq!(node.labels["zone"], "a");
+    assert!(node.last_heartbeat_age_ms.is_some());
+
+    // The node restarts elsewhere and opens a new stream: same record, new address.
+    drop(tx);
+    let (_tx, _answers, _) = register(
+        &server.grpc,
+        handshake(7, pb::NodeRole::Datanode, "10.0.0.8:4001"),
+    )
+    .await;
+    let nodes = client.nodes().await.unwrap();
+    assert_eq!((nodes.len(), nodes[0].addr.as_str()), (1, "10.0.0.8:4001"));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_streams_are_refused_and_others_go_on() {
+    let server = start().await;
+    let (good, mut good_answers, _) =
+        register(&server.grpc, handshake(1, pb::NodeRole::Frontend, "h:1")).await;
+
+    // Each case: the first message of a new stream and what the refusal says.
+    let cases = [
+        (stats(1), "must be a handshake"),
+        (handshake(0, pb::NodeRole::Datanode, "h:2"), "no node_id"),
+        (
+            handshake(2, pb::NodeRole::Unspecified, "h:2"),
+            "unknown role",
+        ),
+        (handshake(2, pb::NodeRole::Datanode, ""), "no addr"),
+        (
+            handshake(1, pb::NodeRole::Datanode, "h:1"),
+            "registered as Frontend",
+        ),
+    ];
+    for (first, want) in cases {
+        let (tx, mut answers) = open(&server.grpc).await;
+        tx.send(first).await.unwrap();
+        let status = answer(&mut answers).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{want}: {status:?}"
+        );
+        assert!(
+            status.message().contains(want),
+            "{:?} lacks {want:?}",
+            status.message()
+        );
+    }
+
+    good.send(stats(2)).await.unwrap();
+    answer(&mut good_answers)
+        .await
+        .expect("the good stream is undisturbed");
+    server.shutdown().await;
+}
