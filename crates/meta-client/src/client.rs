@@ -210,6 +210,35 @@ impl MetaClient {
         Ok(resp.nodes)
     }
 
+    /// Moves node `id` to `state` (`active`, `draining` or `decommissioned`).
+    pub async fn set_node_state(&self, id: u64, state: &str) -> Result<pb::NodeView> {
+        let req = pb::SetNodeStateRequest {
+            node_id: id,
+            state: state.to_string(),
+        };
+        let resp = self
+            .with_channel(|channel| {
+                let req = req.clone();
+                async move { HeartbeatClient::new(channel).set_node_state(req).await }
+            })
+            .await?;
+        resp.node.ok_or_else(|| Error::Remote {
+            code: "Internal".to_string(),
+            message: "a node state change answered no node".to_string(),
+        })
+    }
+
+    /// Removes decommissioned node `id`.
+    pub async fn remove_node(&self, id: u64) -> Result<()> {
+        self.with_channel(|channel| async move {
+            HeartbeatClient::new(channel)
+                .remove_node(pb::RemoveNodeRequest { node_id: id })
+                .await
+        })
+        .await
+        .map(drop)
+    }
+
     /// The index of the endpoint named `addr`, adding it when a leader hint names a
     /// member this client was not given (so a client of some members finds them all).
     fn endpoint_index(&self, addr: &str) -> Option<usize> {

@@ -61,6 +61,21 @@ enum Command {
     Procedure(ProcedureCommand),
     /// Registered nodes: id, role, address, state, liveness, phi, last heartbeat, regions.
     Nodes,
+    /// Change a node's topology state.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Joining -> Active (or cancel a drain).
+    Activate { id: u64 },
+    /// Active -> Draining: no new work; its work is moved away.
+    Drain { id: u64 },
+    /// Draining -> Decommissioned.
+    Decommission { id: u64 },
+    /// Remove a decommissioned node.
+    Remove { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -164,6 +179,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Member(command) => member(&client, command, cli.output).await,
         Command::Procedure(command) => procedures(&client, command, cli.output).await,
         Command::Nodes => nodes(&client, cli.output).await,
+        Command::Node(command) => node(&client, command, cli.output).await,
         Command::Leader(LeaderCommand::Transfer { id }) => {
             client.transfer_leader(id).await?;
             print(
@@ -239,6 +255,30 @@ async fn kv(client: &MetaClient, command: KvCommand, output: Output) -> Result<(
             );
         }
     }
+    Ok(())
+}
+
+async fn node(client: &MetaClient, command: NodeCommand, output: Output) -> Result<(), Failure> {
+    let (id, state) = match command {
+        NodeCommand::Activate { id } => (id, "active"),
+        NodeCommand::Drain { id } => (id, "draining"),
+        NodeCommand::Decommission { id } => (id, "decommissioned"),
+        NodeCommand::Remove { id } => {
+            client.remove_node(id).await?;
+            print(
+                output,
+                format!("node {id} removed"),
+                json!({ "removed": id }),
+            );
+            return Ok(());
+        }
+    };
+    let node = client.set_node_state(id, state).await?;
+    print(
+        output,
+        format!("node {} is {}", node.node_id, node.state),
+        json!({ "id": node.node_id, "state": node.state }),
+    );
     Ok(())
 }
 

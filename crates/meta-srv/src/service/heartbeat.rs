@@ -50,6 +50,31 @@ pub struct HeartbeatService {
 }
 
 impl HeartbeatService {
+    async fn require_leader(&self) -> Result<(), Status> {
+        let leading = self.leadership.borrow().is_some();
+        if leading {
+            Ok(())
+        } else {
+            Err(Self::not_leader(&self.mailbox, &self.members, self.member_id).await)
+        }
+    }
+
+    fn view(&self, info: common_meta::model::node::NodeInfo, now: u64) -> pb::NodeView {
+        let view = self.live.view(info.id, now);
+        pb::NodeView {
+            node_id: info.id,
+            role: role_name(info.role).to_string(),
+            addr: info.addr,
+            state: state_name(info.state).to_string(),
+            liveness: view.liveness.to_string(),
+            phi: view.phi,
+            last_heartbeat_age_ms: view.last_heartbeat_age_ms,
+            region_count: view.regions as u64,
+            labels: info.labels.into_iter().collect(),
+            version: info.version,
+        }
+    }
+
     async fn not_leader(mailbox: &Mailbox, members: &Members, me: u64) -> Status {
         let leader = mailbox
             .status()
@@ -197,13 +222,52 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
         }))
     }
 
+    async fn set_node_state(
+        &self,
+        request: Request<pb::SetNodeStateRequest>,
+    ) -> Result<Response<pb::SetNodeStateResponse>, Status> {
+        self.require_leader().await?;
+        let request = request.into_inner();
+        let to = match request.state.as_str() {
+            "active" => NodeState::Active,
+            "draining" => NodeState::Draining,
+            "decommissioned" => NodeState::Decommissioned,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown node state {other:?} (active, draining or decommissioned)"
+                )));
+            }
+        };
+        let info = self
+            .nodes
+            .set_state(request.node_id, to)
+            .await
+            .map_err(|e| to_status_with_hint(e, &self.members))?;
+        Ok(Response::new(pb::SetNodeStateResponse {
+            header: common_meta::rpc::header(self.member_id, 0),
+            node: Some(self.view(info, now_ms())),
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        self.require_leader().await?;
+        self.nodes
+            .remove(request.into_inner().node_id)
+            .await
+            .map_err(|e| to_status_with_hint(e, &self.members))?;
+        Ok(Response::new(pb::RemoveNodeResponse {
+            header: common_meta::rpc::header(self.member_id, 0),
+        }))
+    }
+
     async fn list_nodes(
         &self,
         _request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        if self.leadership.borrow().is_none() {
-            return Err(Self::not_leader(&self.mailbox, &self.members, self.member_id).await);
-        }
+        self.require_leader().await?;
         let now = now_ms();
         let nodes = self
             .nodes
@@ -211,21 +275,7 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
             .await
             .map_err(|e| to_status_with_hint(e, &self.members))?
             .into_iter()
-            .map(|info| {
-                let view = self.live.view(info.id, now);
-                pb::NodeView {
-                    node_id: info.id,
-                    role: role_name(info.role).to_string(),
-                    addr: info.addr,
-                    state: state_name(info.state).to_string(),
-                    liveness: view.liveness.to_string(),
-                    phi: view.phi,
-                    last_heartbeat_age_ms: view.last_heartbeat_age_ms,
-                    region_count: view.regions as u64,
-                    labels: info.labels.into_iter().collect(),
-                    version: info.version,
-                }
-            })
+            .map(|info| self.view(info, now))
             .collect();
         Ok(Response::new(pb::ListNodesResponse {
             header: common_meta::rpc::header(self.member_id, 0),

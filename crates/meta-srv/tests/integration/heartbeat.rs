@@ -137,6 +137,23 @@ async fn nodes_register_report_stats_and_restart() {
     .await;
     let nodes = client.nodes().await.unwrap();
     assert_eq!((nodes.len(), nodes[0].addr.as_str()), (1, "10.0.0.8:4001"));
+
+    // Topology: joining -> active -> draining -> decommissioned -> removed.
+    for state in ["active", "draining", "decommissioned"] {
+        assert_eq!(client.set_node_state(7, state).await.unwrap().state, state);
+    }
+    let err = client.set_node_state(7, "active").await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot go from Decommissioned to Active"),
+        "{err}"
+    );
+    let err = client.set_node_state(7, "sleeping").await.unwrap_err();
+    assert!(err.to_string().contains("unknown node state"), "{err}");
+    client.remove_node(7).await.unwrap();
+    assert!(client.nodes().await.unwrap().is_empty());
+    let err = client.remove_node(7).await.unwrap_err();
+    assert!(err.to_string().contains("unknown node 7"), "{err}");
     server.shutdown().await;
 }
 
