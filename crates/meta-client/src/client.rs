@@ -239,6 +239,28 @@ impl MetaClient {
         .map(drop)
     }
 
+    /// Who leads, as any endpoint knows it: the leader's address (`None` while no
+    /// leader is known).
+    pub async fn ask_leader(&self) -> Result<Option<String>> {
+        let resp = self
+            .with_channel(|channel| async move {
+                HeartbeatClient::new(channel)
+                    .ask_leader(pb::AskLeaderRequest {})
+                    .await
+            })
+            .await?;
+        Ok((resp.leader_id != 0 && !resp.leader_addr.is_empty()).then_some(resp.leader_addr))
+    }
+
+    /// A channel to member `addr`, learning it as an endpoint if it is new.
+    pub(crate) fn channel_for(&self, addr: &str) -> Option<Channel> {
+        let index = self.endpoint_index(addr)?;
+        self.inner
+            .read_endpoints()
+            .get(index)
+            .map(|(_, c)| c.clone())
+    }
+
     /// The index of the endpoint named `addr`, adding it when a leader hint names a
     /// member this client was not given (so a client of some members finds them all).
     fn endpoint_index(&self, addr: &str) -> Option<usize> {

@@ -21,7 +21,9 @@
 //! **Invariant:** `meta-client` never depends on `meta-srv`.
 
 mod client;
+mod heartbeat;
 mod kv;
 mod status;
 
 pub use client::{MetaClient, MetaClientOptions};
+pub use heartbeat::{HeartbeatState, HeartbeatTask, NodeIdentity, StatsProvider};

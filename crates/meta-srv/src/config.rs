@@ -56,6 +56,8 @@ pub struct Config {
     pub cluster_token: String,
     /// Members of a running cluster to join, `HOST:PORT,...` (after `metactl member add`).
     pub join: String,
+    /// The interval datanodes and frontends are told to heartbeat at, in ms.
+    pub heartbeat_interval_ms: u64,
     /// Raft timing.
     pub raft: RaftConfig,
     /// Limits on KV requests.
@@ -74,6 +76,7 @@ impl Default for Config {
             initial_cluster: String::new(),
             cluster_token: "metasrv".to_string(),
             join: String::new(),
+            heartbeat_interval_ms: 3_000,
             raft: RaftConfig::default(),
             limits: LimitsConfig::default(),
             logging: LoggingConfig::default(),
@@ -293,6 +296,11 @@ impl Config {
                 "node_id {} is not in initial_cluster {:?}",
                 self.node_id, self.initial_cluster
             )));
+        }
+        if self.heartbeat_interval_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "heartbeat_interval_ms must be at least 1".into(),
+            ));
         }
         let r = &self.raft;
         if r.tick_ms == 0 || r.request_timeout_ms == 0 {

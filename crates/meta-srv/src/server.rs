@@ -43,9 +43,6 @@ use crate::service::heartbeat::HeartbeatService;
 use crate::service::procedure::ProcedureService;
 use crate::service::store::StoreService;
 
-/// The interval nodes are told to heartbeat at.
-const HEARTBEAT_INTERVAL_MS: u64 = 3_000;
-
 /// Largest raft batch a member accepts from a peer: a snapshot travels in one message.
 const MAX_RAFT_BATCH_BYTES: usize = 1024 * 1024 * 1024;
 
@@ -294,7 +291,7 @@ impl MetaSrv {
             leadership: self.node.leadership(),
             nodes: Arc::new(NodeManager::new(Arc::new(self.backend.clone()))),
             live,
-            interval_ms: HEARTBEAT_INTERVAL_MS,
+            interval_ms: self.config.heartbeat_interval_ms,
             stop: stop_rx.clone(),
         });
         let grpc = tonic::transport::Server::builder()

@@ -29,10 +29,16 @@ struct ProcessCluster {
     addrs: Vec<String>,
     initial: String,
     procs: Vec<Option<ServerProcess>>,
+    /// Extra settings every member starts with.
+    config: Option<std::path::PathBuf>,
 }
 
 impl ProcessCluster {
     fn start() -> ProcessCluster {
+        Self::start_with_config(None)
+    }
+
+    fn start_with_config(config: Option<&str>) -> ProcessCluster {
         let addrs: Vec<String> = free_ports()
             .into_iter()
             .map(|p| format!("127.0.0.1:{p}"))
@@ -48,7 +54,13 @@ impl ProcessCluster {
             addrs,
             initial,
             procs: vec![None, None, None],
+            config: None,
         };
+        if let Some(text) = config {
+            let path = cluster.dirs[0].path().join("extra.toml");
+            std::fs::write(&path, text).unwrap();
+            cluster.config = Some(path);
+        }
         for i in 0..3 {
             cluster.spawn(i);
         }
@@ -60,6 +72,9 @@ impl ProcessCluster {
         command
             .args(["--node-id", &(i + 1).to_string()])
             .args(["--initial-cluster", &self.initial]);
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
         self.procs[i] = Some(ServerProcess::spawn(command));
     }
 
@@ -78,8 +93,11 @@ impl ProcessCluster {
                     Err(_) => seen.insert(0),
                 };
             }
+            // Agreed, and a live member: right after a kill the others still name the
+            // dead leader for a moment.
             if let [leader] = seen.into_iter().collect::<Vec<_>>()[..]
                 && leader != 0
+                && self.procs[leader as usize - 1].is_some()
             {
                 return leader as usize - 1;
             }
@@ -243,4 +261,87 @@ async fn a_member_joins_is_promoted_leads_and_another_is_removed() {
     let (code, _, err) = metactl(&all, &["member", "promote", "2"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("member 2 is not a learner"), "{err}");
+}
+
+/// Stats of a datanode with a fixed number of regions.
+struct FixedStats(usize);
+
+#[async_trait::async_trait]
+impl meta_client::StatsProvider for FixedStats {
+    async fn stats(&self) -> meta_proto::v1::NodeStats {
+        meta_proto::v1::NodeStats {
+            regions: (0..self.0 as u64)
+                .map(|id| meta_proto::v1::RegionStat {
+                    region_id: id,
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_task_finds_the_leader_and_follows_a_new_one() {
+    let mut cluster = ProcessCluster::start_with_config(Some("heartbeat_interval_ms = 100\n"));
+    let first = cluster.leader().await;
+    let follower = (0..3).find(|&i| i != first).unwrap();
+
+    tracing::info!("--- a datanode that only knows a follower heartbeats to the leader");
+    let client =
+        MetaClient::new(&[&cluster.addrs[follower]], MetaClientOptions::default()).unwrap();
+    let identity = meta_client::NodeIdentity {
+        id: 42,
+        role: meta_proto::v1::NodeRole::Datanode,
+        addr: "10.1.1.42:4001".to_string(),
+        version: "0.1.0".to_string(),
+        labels: Default::default(),
+        start_time_ms: 1,
+    };
+    let task = meta_client::HeartbeatTask::start(client, identity, Arc::new(FixedStats(5)));
+    let mut state = task.state();
+    let leader_addr = cluster.addrs[first].clone();
+    tokio::time::timeout(
+        DEADLINE,
+        state.wait_for(|s| {
+            s.connected_to.as_deref() == Some(leader_addr.as_str()) && s.answered >= 3
+        }),
+    )
+    .await
+    .expect("beating to the leader in time")
+    .unwrap();
+    let nodes = cluster.client(first).nodes().await.unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(
+        (
+            nodes[0].node_id,
+            nodes[0].liveness.as_str(),
+            nodes[0].region_count
+        ),
+        (42, "alive", 5)
+    );
+
+    tracing::info!("--- the leader is killed; the task moves to the next leader by itself");
+    cluster.procs[first].take().unwrap().kill9();
+    let second = cluster.leader().await;
+    let second_addr = cluster.addrs[second].clone();
+    let before = state.borrow().answered;
+    tokio::time::timeout(
+        DEADLINE,
+        state.wait_for(|s| {
+            s.connected_to.as_deref() == Some(second_addr.as_str()) && s.answered >= before + 3
+        }),
+    )
+    .await
+    .expect("beating to the new leader in time")
+    .unwrap();
+    let nodes = cluster.client(second).nodes().await.unwrap();
+    assert_eq!(
+        (
+            nodes[0].node_id,
+            nodes[0].liveness.as_str(),
+            nodes[0].region_count
+        ),
+        (42, "alive", 5)
+    );
+    drop(task);
 }
