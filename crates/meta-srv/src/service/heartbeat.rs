@@ -127,9 +127,10 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
         );
         tokio::spawn(async move {
             let mut state = StreamState::default();
-            let term = *leadership.borrow_and_update();
+            // The term this stream serves, fixed by its first request: a stream opened
+            // just before this member's leadership was published is not refused for it.
+            let mut term: Option<u64> = None;
             loop {
-                // A stream lives as long as this member's leadership term and the server.
                 enum Next {
                     Request(pb::HeartbeatRequest),
                     Closed,
@@ -141,7 +142,7 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
                         Ok(Some(request)) => Next::Request(request),
                         Ok(None) | Err(_) => Next::Closed,
                     },
-                    changed = leadership.wait_for(|now| *now != term) => {
+                    changed = leadership.wait_for(|now| *now != term), if term.is_some() => {
                         drop(changed);
                         Next::TermEnded
                     }
@@ -166,13 +167,14 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
                         return;
                     }
                 };
-                let leading = leadership.borrow().is_some();
-                if !leading {
+                let now_term = *leadership.borrow();
+                if now_term.is_none() || (term.is_some() && term != now_term) {
                     let _ = out
                         .send(Err(Self::not_leader(&mailbox, &members, me).await))
                         .await;
                     return;
                 }
+                term = now_term;
                 let decision = match decide(&state, &request) {
                     Ok(decision) => decision,
                     Err(message) => {
