@@ -1,4 +1,4 @@
-//! The HTTP admin API (axum): `GET /health`, `GET /status`.
+//! The HTTP admin API (axum): `GET /health`, `GET /status`, `GET /nodes`.
 
 use std::sync::Arc;
 
@@ -9,6 +9,9 @@ use axum::{Json, Router};
 use common_meta::kv::SledKvStore;
 use serde::Serialize;
 
+use common_meta::model::node::{NodeInfo, NodeManager};
+
+use crate::cluster_plane::live_nodes::LiveNodes;
 use crate::raft::driver::Mailbox;
 use crate::raft::members::Members;
 
@@ -24,6 +27,28 @@ pub struct HttpState {
     pub mailbox: Mailbox,
     /// Member ids to addresses.
     pub members: Arc<Members>,
+    /// Durable node registrations.
+    pub nodes: Arc<NodeManager>,
+    /// The leader's in-memory liveness view.
+    pub live: Arc<LiveNodes>,
+    /// The term this member leads in, if it leads.
+    pub leadership: tokio::sync::watch::Receiver<Option<u64>>,
+}
+
+/// One node in `GET /nodes`.
+#[derive(Debug, Serialize)]
+pub struct NodeEntry {
+    /// Its registration (id, role, addr, labels, state, version, start time).
+    #[serde(flatten)]
+    pub info: NodeInfo,
+    /// `alive`, `suspect`, `failed` or `unknown`.
+    pub liveness: &'static str,
+    /// The detector's phi.
+    pub phi: f64,
+    /// ms since its last heartbeat, if heard.
+    pub last_heartbeat_age_ms: Option<u64>,
+    /// Regions in its latest stats.
+    pub region_count: usize,
 }
 
 /// The body of `GET /health`.
@@ -76,6 +101,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/status", get(status))
+        .route("/nodes", get(nodes))
         .with_state(state)
 }
 
@@ -117,4 +143,47 @@ async fn status(
         revision: state.store.revision(),
         members,
     }))
+}
+
+/// Registered nodes with their liveness (leader only: 503 naming the leader elsewhere).
+async fn nodes(
+    State(state): State<Arc<HttpState>>,
+) -> Result<Json<Vec<NodeEntry>>, (StatusCode, String)> {
+    let leading = state.leadership.borrow().is_some();
+    if !leading {
+        let leader = state
+            .mailbox
+            .status()
+            .await
+            .map(|s| s.leader_id)
+            .unwrap_or(0);
+        let addr = state.members.addr(leader).unwrap_or_default();
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not leader; ask member {leader} at {addr}"),
+        ));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let nodes = state
+        .nodes
+        .list()
+        .await
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(Json(
+        nodes
+            .into_iter()
+            .map(|info| {
+                let view = state.live.view(info.id, now);
+                NodeEntry {
+                    info,
+                    liveness: view.liveness,
+                    phi: view.phi,
+                    last_heartbeat_age_ms: view.last_heartbeat_age_ms,
+                    region_count: view.regions,
+                }
+            })
+            .collect(),
+    ))
 }

@@ -276,6 +276,7 @@ impl MetaSrv {
             self.members.clone(),
         ));
         let live = Arc::new(LiveNodes::new(DetectorConfig::default()));
+        let node_manager = Arc::new(NodeManager::new(Arc::new(self.backend.clone())));
         // A new term starts from the next heartbeats, never from an old leader's view.
         let mut leadership = self.node.leadership();
         let forget = live.clone();
@@ -289,8 +290,8 @@ impl MetaSrv {
             mailbox: self.node.mailbox(),
             members: self.members.clone(),
             leadership: self.node.leadership(),
-            nodes: Arc::new(NodeManager::new(Arc::new(self.backend.clone()))),
-            live,
+            nodes: node_manager.clone(),
+            live: live.clone(),
             interval_ms: self.config.heartbeat_interval_ms,
             stop: stop_rx.clone(),
         });
@@ -309,6 +310,9 @@ impl MetaSrv {
             store: self.store.clone(),
             mailbox: self.node.mailbox(),
             members: self.members.clone(),
+            nodes: node_manager.clone(),
+            live: live.clone(),
+            leadership: self.node.leadership(),
         }));
         let http = axum::serve(self.http, router).with_graceful_shutdown(stopped(stop_rx));
 

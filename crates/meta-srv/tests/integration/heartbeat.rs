@@ -128,6 +128,15 @@ async fn nodes_register_report_stats_and_restart() {
     assert_eq!(node.labels["zone"], "a");
     assert!(node.last_heartbeat_age_ms.is_some());
 
+    let body = crate::in_process::http_get(&server.http, "/nodes").await;
+    let (head, json) = body.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let json: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(json[0]["id"], 7);
+    assert_eq!(json[0]["role"], "datanode");
+    assert_eq!(json[0]["liveness"], "alive");
+    assert_eq!(json[0]["region_count"], 3);
+
     // The node restarts elsewhere and opens a new stream: same record, new address.
     drop(tx);
     let (_tx, _answers, _) = register(

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 
 pub struct Running {
     pub grpc: String,
-    http: String,
+    pub http: String,
     stop: oneshot::Sender<()>,
     served: tokio::task::JoinHandle<meta_srv::Result<()>>,
     _dir: tempfile::TempDir,
@@ -151,7 +151,7 @@ async fn health_answers_with_json() {
 }
 
 /// A minimal HTTP/1.1 GET, so the tests need no HTTP client crate.
-async fn http_get(addr: &str, path: &str) -> String {
+pub async fn http_get(addr: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
