@@ -43,6 +43,13 @@ pub trait StatsProvider: Send + Sync {
     async fn stats(&self) -> pb::NodeStats;
 }
 
+/// Carries out the leader's instructions on the node.
+#[async_trait]
+pub trait InstructionHandler: Send + Sync {
+    /// Does what `instruction` asks; the error text is sent back to the leader.
+    async fn handle(&self, instruction: pb::Instruction) -> Result<(), String>;
+}
+
 /// What the task has achieved so far, for the node's own health reporting and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeartbeatState {
@@ -64,9 +71,10 @@ impl HeartbeatTask {
         client: MetaClient,
         identity: NodeIdentity,
         stats: Arc<dyn StatsProvider>,
+        handler: Arc<dyn InstructionHandler>,
     ) -> Self {
         let (state_tx, state) = watch::channel(HeartbeatState::default());
-        let task = tokio::spawn(run(client, identity, stats, state_tx));
+        let task = tokio::spawn(run(client, identity, stats, handler, state_tx));
         HeartbeatTask { task, state }
     }
 
@@ -93,6 +101,7 @@ async fn run(
     client: MetaClient,
     identity: NodeIdentity,
     stats: Arc<dyn StatsProvider>,
+    handler: Arc<dyn InstructionHandler>,
     state: watch::Sender<HeartbeatState>,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -104,7 +113,17 @@ async fn run(
         };
         let answered_before = state.borrow().answered;
         let outcome = match &target {
-            Some(leader) => session(&client, leader, &identity, stats.as_ref(), &state).await,
+            Some(leader) => {
+                session(
+                    &client,
+                    leader,
+                    &identity,
+                    stats.as_ref(),
+                    handler.as_ref(),
+                    &state,
+                )
+                .await
+            }
             None => Err(None),
         };
         state.send_modify(|s| s.connected_to = None);
@@ -123,13 +142,15 @@ async fn run(
     }
 }
 
-/// One stream to `leader`: handshake, then stats at the interval. Ends with the leader
-/// hint of the error that closed it, if any.
+/// One stream to `leader`: handshake, then stats at the interval, and replies to
+/// instructions as soon as they are handled. Ends with the leader hint of the error
+/// that closed it, if any.
 async fn session(
     client: &MetaClient,
     leader: &str,
     identity: &NodeIdentity,
     stats: &dyn StatsProvider,
+    handler: &dyn InstructionHandler,
     state: &watch::Sender<HeartbeatState>,
 ) -> Result<(), Option<String>> {
     let channel = client.channel_for(leader).ok_or(None)?;
@@ -143,6 +164,7 @@ async fn session(
             labels: identity.labels.clone(),
             start_time_ms: identity.start_time_ms,
         })),
+        replies: Vec::new(),
     };
     requests.send(handshake).await.map_err(|_| None)?;
     let hint_of = |status: &tonic::Status| {
@@ -157,23 +179,58 @@ async fn session(
         .await
         .map_err(|status| hint_of(&status))?
         .into_inner();
+    let mut interval = Duration::from_secs(1);
+    let next_beat = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(next_beat);
+    let mut greeted = false;
     loop {
-        let answer = match answers.message().await {
-            Ok(Some(answer)) => answer,
-            Ok(None) => return Err(None),
-            Err(status) => {
-                tracing::debug!(node = identity.id, error = %status.message(), "heartbeat stream closed");
-                return Err(hint_of(&status));
+        let replies = tokio::select! {
+            answer = answers.message() => {
+                let answer = match answer {
+                    Ok(Some(answer)) => answer,
+                    Ok(None) => return Err(None),
+                    Err(status) => {
+                        tracing::debug!(node = identity.id, error = %status.message(), "heartbeat stream closed");
+                        return Err(hint_of(&status));
+                    }
+                };
+                state.send_modify(|s| {
+                    s.connected_to = Some(leader.to_string());
+                    s.answered += 1;
+                });
+                if answer.interval_ms > 0 {
+                    interval = Duration::from_millis(answer.interval_ms.max(10));
+                }
+                if !greeted {
+                    greeted = true;
+                    next_beat.as_mut().reset(tokio::time::Instant::now() + interval);
+                }
+                let mut replies = Vec::with_capacity(answer.mailbox.len());
+                for message in answer.mailbox {
+                    let outcome = match message.instruction {
+                        Some(instruction) => handler.handle(instruction).await,
+                        None => Err("an empty instruction".to_string()),
+                    };
+                    replies.push(pb::InstructionReply {
+                        id: message.id,
+                        ok: outcome.is_ok(),
+                        error: outcome.err().unwrap_or_default(),
+                    });
+                }
+                if replies.is_empty() {
+                    continue;
+                }
+                replies
+            }
+            () = &mut next_beat => {
+                next_beat.as_mut().reset(tokio::time::Instant::now() + interval);
+                Vec::new()
             }
         };
-        state.send_modify(|s| {
-            s.connected_to = Some(leader.to_string());
-            s.answered += 1;
-        });
-        tokio::time::sleep(Duration::from_millis(answer.interval_ms.max(10))).await;
-        let stats = pb::HeartbeatRequest {
+        let request = pb::HeartbeatRequest {
             body: Some(pb::heartbeat_request::Body::Stats(stats.stats().await)),
+            replies,
         };
-        requests.send(stats).await.map_err(|_| None)?;
+        requests.send(request).await.map_err(|_| None)?;
     }
 }

@@ -26,4 +26,6 @@ mod kv;
 mod status;
 
 pub use client::{MetaClient, MetaClientOptions};
-pub use heartbeat::{HeartbeatState, HeartbeatTask, NodeIdentity, StatsProvider};
+pub use heartbeat::{
+    HeartbeatState, HeartbeatTask, InstructionHandler, NodeIdentity, StatsProvider,
+};

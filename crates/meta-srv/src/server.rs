@@ -29,6 +29,7 @@ use meta_client::{MetaClient, MetaClientOptions};
 use crate::cluster::{InitialCluster, check_identity, read_identity};
 use crate::cluster_plane::failure_detector::DetectorConfig;
 use crate::cluster_plane::live_nodes::LiveNodes;
+use crate::cluster_plane::node_mailbox::NodeMailbox;
 use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::error::{Error, Result};
@@ -57,6 +58,7 @@ pub struct MetaSrv {
     node: RaftNode,
     backend: RaftKvBackend,
     procedures: Arc<ProcedureHost>,
+    outbox: Arc<NodeMailbox>,
     grpc: TcpListener,
     http: TcpListener,
 }
@@ -164,6 +166,7 @@ impl MetaSrv {
             node,
             backend,
             procedures,
+            outbox: Arc::new(NodeMailbox::default()),
             grpc,
             http,
         })
@@ -231,6 +234,11 @@ impl MetaSrv {
         self.cluster_id
     }
 
+    /// The mailbox to nodes heartbeating to this member (works while it leads).
+    pub fn node_mailbox(&self) -> Arc<NodeMailbox> {
+        self.outbox.clone()
+    }
+
     /// The leader-only procedure manager of this member.
     pub fn procedures(&self) -> Arc<ProcedureHost> {
         self.procedures.clone()
@@ -279,10 +287,11 @@ impl MetaSrv {
         let node_manager = Arc::new(NodeManager::new(Arc::new(self.backend.clone())));
         // A new term starts from the next heartbeats, never from an old leader's view.
         let mut leadership = self.node.leadership();
-        let forget = live.clone();
+        let (forget, outbox) = (live.clone(), self.outbox.clone());
         tokio::spawn(async move {
             while leadership.changed().await.is_ok() {
                 forget.clear();
+                outbox.clear();
             }
         });
         let heartbeats = HeartbeatServer::new(HeartbeatService {
@@ -294,6 +303,7 @@ impl MetaSrv {
             live: live.clone(),
             interval_ms: self.config.heartbeat_interval_ms,
             stop: stop_rx.clone(),
+            outbox: self.outbox.clone(),
         });
         let grpc = tonic::transport::Server::builder()
             .add_service(store)

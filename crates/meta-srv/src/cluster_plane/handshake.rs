@@ -87,6 +87,7 @@ mod tests {
                 addr: addr.to_string(),
                 ..Default::default()
             })),
+            replies: Vec::new(),
         }
     }
 
@@ -95,6 +96,7 @@ mod tests {
             body: Some(pb::heartbeat_request::Body::Stats(pb::NodeStats {
                 regions: vec![pb::RegionStat::default(); regions],
             })),
+            replies: Vec::new(),
         }
     }
 
@@ -110,7 +112,14 @@ mod tests {
             (&fresh, handshake(4, 0, "h:1"), Err("unknown role 0")),
             (&fresh, handshake(4, 9, "h:1"), Err("unknown role 9")),
             (&fresh, handshake(4, 1, ""), Err("no addr")),
-            (&fresh, pb::HeartbeatRequest { body: None }, Err("empty")),
+            (
+                &fresh,
+                pb::HeartbeatRequest {
+                    body: None,
+                    replies: Vec::new(),
+                },
+                Err("empty"),
+            ),
             (&known, stats(2), Ok("stats 4 2")),
             (
                 &known,

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::cluster_plane::handshake::{Decision, StreamState, decide};
 use crate::cluster_plane::live_nodes::LiveNodes;
+use crate::cluster_plane::node_mailbox::NodeMailbox;
 use crate::error::to_status_with_hint;
 use crate::raft::driver::Mailbox;
 use crate::raft::members::Members;
@@ -47,6 +48,8 @@ pub struct HeartbeatService {
     pub interval_ms: u64,
     /// Becomes true when the server shuts down: open streams end.
     pub stop: watch::Receiver<bool>,
+    /// Instructions to nodes, pushed over their streams.
+    pub outbox: Arc<NodeMailbox>,
 }
 
 impl HeartbeatService {
@@ -86,6 +89,125 @@ impl HeartbeatService {
     }
 }
 
+/// Serves one heartbeat stream until it ends; see the module doc for the order.
+#[allow(clippy::too_many_arguments)]
+async fn stream_loop(
+    state: &mut StreamState,
+    inbox: &mut Option<(u64, mpsc::Receiver<pb::MailboxMessage>)>,
+    requests: &mut Streaming<pb::HeartbeatRequest>,
+    out: &mpsc::Sender<Result<pb::HeartbeatResponse, Status>>,
+    mailbox: &Mailbox,
+    members: &Members,
+    leadership: &mut watch::Receiver<Option<u64>>,
+    stop: &mut watch::Receiver<bool>,
+    nodes: &NodeManager,
+    live: &LiveNodes,
+    outbox: &NodeMailbox,
+    me: u64,
+    interval_ms: u64,
+) {
+    // The term this stream serves, fixed by its first request: a stream opened
+    // just before this member's leadership was published is not refused for it.
+    let mut term: Option<u64> = None;
+    loop {
+        enum Next {
+            Request(pb::HeartbeatRequest),
+            Instruction(pb::MailboxMessage),
+            Closed,
+            TermEnded,
+            Stopping,
+        }
+        let next = tokio::select! {
+            message = requests.message() => match message {
+                Ok(Some(request)) => Next::Request(request),
+                Ok(None) | Err(_) => Next::Closed,
+            },
+            changed = leadership.wait_for(|now| *now != term), if term.is_some() => {
+                drop(changed);
+                Next::TermEnded
+            }
+            stopping = stop.wait_for(|stopping| *stopping) => {
+                drop(stopping);
+                Next::Stopping
+            }
+            Some(message) = async {
+                match inbox.as_mut() {
+                    Some((_, inbox)) => inbox.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => Next::Instruction(message),
+        };
+        let request = match next {
+            Next::Request(request) => request,
+            Next::Instruction(message) => {
+                let push = pb::HeartbeatResponse {
+                    header: common_meta::rpc::header(me, 0),
+                    interval_ms,
+                    mailbox: vec![message],
+                };
+                if out.send(Ok(push)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Next::Closed => return,
+            Next::TermEnded => {
+                let _ = out
+                    .send(Err(HeartbeatService::not_leader(mailbox, members, me).await))
+                    .await;
+                return;
+            }
+            Next::Stopping => {
+                let _ = out
+                    .send(Err(Status::unavailable("the server is shutting down")))
+                    .await;
+                return;
+            }
+        };
+        let now_term = *leadership.borrow();
+        if now_term.is_none() || (term.is_some() && term != now_term) {
+            let _ = out
+                .send(Err(HeartbeatService::not_leader(mailbox, members, me).await))
+                .await;
+            return;
+        }
+        term = now_term;
+        if let Some(id) = state.node_id {
+            for reply in &request.replies {
+                outbox.deliver(id, reply.clone());
+            }
+        }
+        let decision = match decide(state, &request) {
+            Ok(decision) => decision,
+            Err(message) => {
+                let _ = out.send(Err(Status::invalid_argument(message))).await;
+                return;
+            }
+        };
+        match decision {
+            Decision::Register(info) => {
+                let id = info.id;
+                if let Err(e) = nodes.register(info).await {
+                    let _ = out.send(Err(to_status_with_hint(e, members))).await;
+                    return;
+                }
+                state.node_id = Some(id);
+                *inbox = Some(outbox.attach(id));
+                live.beat(id, now_ms(), None);
+            }
+            Decision::Stats { node_id, regions } => live.beat(node_id, now_ms(), Some(regions)),
+        }
+        let response = pb::HeartbeatResponse {
+            header: common_meta::rpc::header(me, 0),
+            interval_ms,
+            mailbox: Vec::new(),
+        };
+        if out.send(Ok(response)).await.is_err() {
+            return;
+        }
+    }
+}
+
 fn role_name(role: NodeRole) -> &'static str {
     match role {
         NodeRole::Datanode => "datanode",
@@ -119,90 +241,34 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
             self.leadership.clone(),
             self.stop.clone(),
         );
-        let (nodes, live, me, interval_ms) = (
+        let (nodes, live, me, interval_ms, outbox) = (
             self.nodes.clone(),
             self.live.clone(),
             self.member_id,
             self.interval_ms,
+            self.outbox.clone(),
         );
         tokio::spawn(async move {
+            let mut inbox: Option<(u64, mpsc::Receiver<pb::MailboxMessage>)> = None;
             let mut state = StreamState::default();
-            // The term this stream serves, fixed by its first request: a stream opened
-            // just before this member's leadership was published is not refused for it.
-            let mut term: Option<u64> = None;
-            loop {
-                enum Next {
-                    Request(pb::HeartbeatRequest),
-                    Closed,
-                    TermEnded,
-                    Stopping,
-                }
-                let next = tokio::select! {
-                    message = requests.message() => match message {
-                        Ok(Some(request)) => Next::Request(request),
-                        Ok(None) | Err(_) => Next::Closed,
-                    },
-                    changed = leadership.wait_for(|now| *now != term), if term.is_some() => {
-                        drop(changed);
-                        Next::TermEnded
-                    }
-                    stopping = stop.wait_for(|stopping| *stopping) => {
-                        drop(stopping);
-                        Next::Stopping
-                    }
-                };
-                let request = match next {
-                    Next::Request(request) => request,
-                    Next::Closed => return,
-                    Next::TermEnded => {
-                        let _ = out
-                            .send(Err(Self::not_leader(&mailbox, &members, me).await))
-                            .await;
-                        return;
-                    }
-                    Next::Stopping => {
-                        let _ = out
-                            .send(Err(Status::unavailable("the server is shutting down")))
-                            .await;
-                        return;
-                    }
-                };
-                let now_term = *leadership.borrow();
-                if now_term.is_none() || (term.is_some() && term != now_term) {
-                    let _ = out
-                        .send(Err(Self::not_leader(&mailbox, &members, me).await))
-                        .await;
-                    return;
-                }
-                term = now_term;
-                let decision = match decide(&state, &request) {
-                    Ok(decision) => decision,
-                    Err(message) => {
-                        let _ = out.send(Err(Status::invalid_argument(message))).await;
-                        return;
-                    }
-                };
-                match decision {
-                    Decision::Register(info) => {
-                        let id = info.id;
-                        if let Err(e) = nodes.register(info).await {
-                            let _ = out.send(Err(to_status_with_hint(e, &members))).await;
-                            return;
-                        }
-                        state.node_id = Some(id);
-                        live.beat(id, now_ms(), None);
-                    }
-                    Decision::Stats { node_id, regions } => {
-                        live.beat(node_id, now_ms(), Some(regions))
-                    }
-                }
-                let response = pb::HeartbeatResponse {
-                    header: common_meta::rpc::header(me, 0),
-                    interval_ms,
-                };
-                if out.send(Ok(response)).await.is_err() {
-                    return;
-                }
+            stream_loop(
+                &mut state,
+                &mut inbox,
+                &mut requests,
+                &out,
+                &mailbox,
+                &members,
+                &mut leadership,
+                &mut stop,
+                &nodes,
+                &live,
+                &outbox,
+                me,
+                interval_ms,
+            )
+            .await;
+            if let (Some(id), Some((attachment, _))) = (state.node_id, &inbox) {
+                outbox.detach(id, *attachment);
             }
         });
         Ok(Response::new(ReceiverStream::new(responses)))

@@ -297,7 +297,12 @@ async fn a_heartbeat_task_finds_the_leader_and_follows_a_new_one() {
         labels: Default::default(),
         start_time_ms: 1,
     };
-    let task = meta_client::HeartbeatTask::start(client, identity, Arc::new(FixedStats(5)));
+    let task = meta_client::HeartbeatTask::start(
+        client,
+        identity,
+        Arc::new(FixedStats(5)),
+        Arc::new(crate::heartbeat::Recorder::default()),
+    );
     let mut state = task.state();
     let leader_addr = cluster.addrs[first].clone();
     tokio::time::timeout(

@@ -23,6 +23,7 @@ fn handshake(node_id: u64, role: pb::NodeRole, addr: &str) -> pb::HeartbeatReque
             labels: HashMap::from([("zone".to_string(), "a".to_string())]),
             start_time_ms: 1,
         })),
+        replies: Vec::new(),
     }
 }
 
@@ -37,6 +38,7 @@ fn stats(regions: usize) -> pb::HeartbeatRequest {
                 })
                 .collect(),
         })),
+        replies: Vec::new(),
     }
 }
 
@@ -206,5 +208,111 @@ async fn bad_streams_are_refused_and_others_go_on() {
     answer(&mut good_answers)
         .await
         .expect("the good stream is undisturbed");
+    server.shutdown().await;
+}
+
+/// Records instructions; refuses region 13 and is slow for region 99.
+#[derive(Default)]
+pub struct Recorder {
+    seen: std::sync::Mutex<Vec<u64>>,
+}
+
+#[async_trait::async_trait]
+impl meta_client::InstructionHandler for Recorder {
+    async fn handle(&self, instruction: pb::Instruction) -> Result<(), String> {
+        let region = match instruction.kind {
+            Some(pb::instruction::Kind::OpenRegion(r)) => r.region_id,
+            other => return Err(format!("unexpected {other:?}")),
+        };
+        self.seen.lock().unwrap().push(region);
+        match region {
+            13 => Err("region 13 is corrupt".to_string()),
+            99 => {
+                // A handler slower than the sender's deadline.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+struct NoStats;
+
+#[async_trait::async_trait]
+impl meta_client::StatsProvider for NoStats {
+    async fn stats(&self) -> pb::NodeStats {
+        pb::NodeStats::default()
+    }
+}
+
+fn open_region(region_id: u64) -> pb::Instruction {
+    pb::Instruction {
+        kind: Some(pb::instruction::Kind::OpenRegion(pb::RegionInstruction {
+            region_id,
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailbox_round_trip_refusal_timeout_and_unknown_node() {
+    let server = start().await;
+    let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default()).unwrap();
+    let recorder = std::sync::Arc::new(Recorder::default());
+    let identity = meta_client::NodeIdentity {
+        id: 42,
+        role: pb::NodeRole::Datanode,
+        addr: "10.0.0.42:4001".to_string(),
+        version: "0.1.0".to_string(),
+        labels: HashMap::new(),
+        start_time_ms: 1,
+    };
+    let task = meta_client::HeartbeatTask::start(
+        client,
+        identity,
+        std::sync::Arc::new(NoStats),
+        recorder.clone(),
+    );
+    let mut state = task.state();
+    tokio::time::timeout(Duration::from_secs(20), state.wait_for(|s| s.answered >= 1))
+        .await
+        .expect("the node connects")
+        .unwrap();
+
+    let reply = server
+        .outbox
+        .send(42, open_region(7), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(reply.ok, "{reply:?}");
+    let reply = server
+        .outbox
+        .send(42, open_region(13), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        (reply.ok, reply.error.as_str()),
+        (false, "region 13 is corrupt")
+    );
+    let err = server
+        .outbox
+        .send(42, open_region(99), Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("node 42 did not reply within"),
+        "{err}"
+    );
+    let err = server
+        .outbox
+        .send(5, open_region(1), Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("node 5 has no heartbeat stream"),
+        "{err}"
+    );
+    assert_eq!(*recorder.seen.lock().unwrap(), [7, 13, 99]);
+    drop(task);
     server.shutdown().await;
 }

@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 pub struct Running {
     pub grpc: String,
     pub http: String,
+    pub outbox: std::sync::Arc<meta_srv::cluster_plane::node_mailbox::NodeMailbox>,
     stop: oneshot::Sender<()>,
     served: tokio::task::JoinHandle<meta_srv::Result<()>>,
     _dir: tempfile::TempDir,
@@ -27,6 +28,7 @@ pub async fn start() -> Running {
         ..Config::default()
     };
     let server = MetaSrv::bind(config).await.unwrap();
+    let outbox = server.node_mailbox();
     let (grpc, http) = (
         server.grpc_addr().to_string(),
         server.http_addr().to_string(),
@@ -38,6 +40,7 @@ pub async fn start() -> Running {
     Running {
         grpc,
         http,
+        outbox,
         stop,
         served,
         _dir: dir,
