@@ -13,6 +13,19 @@ use meta_proto::v1 as pb;
 
 use crate::client::MetaClient;
 
+/// One unary Store RPC through the client's retry loop; the request is cloned per try.
+macro_rules! unary {
+    ($client:expr, $method:ident, $request:expr) => {{
+        let request = $request;
+        $client
+            .with_store(|mut store| {
+                let request = request.clone();
+                async move { store.$method(request).await }
+            })
+            .await
+    }};
+}
+
 #[async_trait]
 impl KvBackend for MetaClient {
     fn name(&self) -> &'static str {
@@ -20,103 +33,42 @@ impl KvBackend for MetaClient {
     }
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
-        let req = pb::TxnRequest::from(req);
-        self.with_store(|mut c| {
-            let req = req.clone();
-            async move { c.txn(req).await }
-        })
-        .await?
-        .try_into()
+        unary!(self, txn, pb::TxnRequest::from(req))?.try_into()
     }
 
     async fn range(&self, req: RangeRequest) -> Result<RangeResponse> {
-        let req = pb::RangeRequest::from(req);
-        let resp = self
-            .with_store(|mut c| {
-                let req = req.clone();
-                async move { c.range(req).await }
-            })
-            .await?;
-        Ok(resp.into())
+        Ok(unary!(self, range, pb::RangeRequest::from(req))?.into())
     }
 
     async fn range_serializable(&self, req: RangeRequest) -> Result<RangeResponse> {
-        let req = pb::RangeRequest {
+        let request = pb::RangeRequest {
             serializable: true,
             ..pb::RangeRequest::from(req)
         };
-        let resp = self
-            .with_store(|mut c| {
-                let req = req.clone();
-                async move { c.range(req).await }
-            })
-            .await?;
-        Ok(resp.into())
+        Ok(unary!(self, range, request)?.into())
     }
 
     async fn put(&self, req: PutRequest) -> Result<PutResponse> {
-        let req = pb::PutRequest::from(req);
-        let resp = self
-            .with_store(|mut c| {
-                let req = req.clone();
-                async move { c.put(req).await }
-            })
-            .await?;
-        Ok(resp.into())
+        Ok(unary!(self, put, pb::PutRequest::from(req))?.into())
     }
 
     async fn delete_range(&self, req: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
-        let req = pb::DeleteRangeRequest::from(req);
-        let resp = self
-            .with_store(|mut c| {
-                let req = req.clone();
-                async move { c.delete_range(req).await }
-            })
-            .await?;
-        Ok(resp.into())
+        Ok(unary!(self, delete_range, pb::DeleteRangeRequest::from(req))?.into())
     }
 
     async fn batch_get(&self, req: BatchGetRequest) -> Result<BatchGetResponse> {
-        let req = pb::BatchGetRequest::from(req);
-        let resp = self
-            .with_store(|mut c| {
-                let req = req.clone();
-                async move { c.batch_get(req).await }
-            })
-            .await?;
-        Ok(resp.into())
+        Ok(unary!(self, batch_get, pb::BatchGetRequest::from(req))?.into())
     }
 
     async fn batch_put(&self, req: BatchPutRequest) -> Result<BatchPutResponse> {
-        let req = pb::BatchPutRequest::from(req);
-        let resp = self
-            .with_store(|mut c| {
-                let req = req.clone();
-                async move { c.batch_put(req).await }
-            })
-            .await?;
-        Ok(resp.into())
+        Ok(unary!(self, batch_put, pb::BatchPutRequest::from(req))?.into())
     }
 
     async fn batch_delete(&self, req: BatchDeleteRequest) -> Result<BatchDeleteResponse> {
-        let req = pb::BatchDeleteRequest::from(req);
-        let resp = self
-            .with_store(|mut c| {
-                let req = req.clone();
-                async move { c.batch_delete(req).await }
-            })
-            .await?;
-        Ok(resp.into())
+        Ok(unary!(self, batch_delete, pb::BatchDeleteRequest::from(req))?.into())
     }
 
     async fn compare_and_put(&self, req: CompareAndPutRequest) -> Result<CompareAndPutResponse> {
-        let req = pb::CompareAndPutRequest::from(req);
-        let resp = self
-            .with_store(|mut c| {
-                let req = req.clone();
-                async move { c.compare_and_put(req).await }
-            })
-            .await?;
-        Ok(resp.into())
+        Ok(unary!(self, compare_and_put, pb::CompareAndPutRequest::from(req))?.into())
     }
 }

@@ -249,6 +249,8 @@ impl ProcedureManager {
         }
         let unfinished_ids: HashSet<String> =
             unfinished.iter().map(|(r, _)| r.id.clone()).collect();
+        // Children first: every parent must find its children when its runner starts.
+        let mut roots = Vec::new();
         for (record, procedure) in unfinished {
             self.inner.track(&record);
             let parent = record
@@ -259,9 +261,12 @@ impl ProcedureManager {
                 lock(&self.inner.parents).insert(record.id.clone(), parent);
                 lock(&self.inner.orphans).insert(record.id.clone(), (record, procedure));
             } else {
-                tracing::info!(id = %record.id, step = record.step, "resuming procedure");
-                self.spawn_root(record, procedure)?;
+                roots.push((record, procedure));
             }
+        }
+        for (record, procedure) in roots {
+            tracing::info!(id = %record.id, step = record.step, "resuming procedure");
+            self.spawn_root(record, procedure)?;
         }
         self.spawn_cleaner()?;
         Ok(())
@@ -722,40 +727,54 @@ async fn run_children(inner: &Arc<Inner>, parent: &ProcedureRecord) -> Result<Re
         let (mut child_record, child) = match taken {
             Some(found) => found,
             None => {
-                if let Some(bytes) = inner.store.get(&record_key(&seed.id)).await? {
-                    let record: ProcedureRecord = serde_json::from_slice(&bytes).map_err(|e| {
-                        Error::external(format!("undecodable record of {}: {e}", seed.id))
-                    })?;
-                    if record.state == ProcedureState::Failed {
+                let saved = match inner.store.get(&record_key(&seed.id)).await? {
+                    Some(bytes) => Some(
+                        serde_json::from_slice::<ProcedureRecord>(&bytes).map_err(|e| {
+                            Error::external(format!("undecodable record of {}: {e}", seed.id))
+                        })?,
+                    ),
+                    None => None,
+                };
+                match saved {
+                    Some(record) if record.state == ProcedureState::Failed => {
                         failure.get_or_insert(Error::SubprocedureFailed {
                             child: seed.id.clone(),
                             message: record.error.unwrap_or_default(),
                         });
                         continue;
                     }
-                    if record.state.is_finished() {
-                        continue;
-                    }
-                }
-                // Never saved (the crash came right after the parent's save): recreate
-                // it from the seed the parent kept.
-                match inner.load(&seed.type_name, &seed.data) {
-                    Ok(child) => (
-                        record_of(
-                            &seed.id,
-                            &seed.type_name,
-                            Some(&parent.id),
-                            seed.data.clone(),
+                    Some(record) if record.state.is_finished() => continue,
+                    // Saved and unfinished: resume it from its own last save.
+                    Some(record) => match inner.load(&record.type_name, &record.data) {
+                        Ok(child) => (record, child),
+                        Err(e) => {
+                            failure.get_or_insert(Error::SubprocedureFailed {
+                                child: seed.id.clone(),
+                                message: e.to_string(),
+                            });
+                            continue;
+                        }
+                    },
+                    // Never saved (the crash came right after the parent's save):
+                    // recreate it from the seed the parent kept.
+                    None => match inner.load(&seed.type_name, &seed.data) {
+                        Ok(child) => (
+                            record_of(
+                                &seed.id,
+                                &seed.type_name,
+                                Some(&parent.id),
+                                seed.data.clone(),
+                            ),
+                            child,
                         ),
-                        child,
-                    ),
-                    Err(e) => {
-                        failure.get_or_insert(Error::SubprocedureFailed {
-                            child: seed.id.clone(),
-                            message: e.to_string(),
-                        });
-                        continue;
-                    }
+                        Err(e) => {
+                            failure.get_or_insert(Error::SubprocedureFailed {
+                                child: seed.id.clone(),
+                                message: e.to_string(),
+                            });
+                            continue;
+                        }
+                    },
                 }
             }
         };
