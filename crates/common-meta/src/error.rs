@@ -79,6 +79,14 @@ pub enum Error {
         leader: Option<u64>,
     },
 
+    /// The caller did not prove who it is (a missing, invalid, expired or used join
+    /// token); asking again with the same credentials fails again.
+    #[error("unauthenticated: {message}")]
+    Unauthenticated {
+        /// What was wrong with the credentials.
+        message: String,
+    },
+
     /// A remote service answered with an error that has no better-fitting variant.
     #[error("remote error ({code}): {message}")]
     Remote {

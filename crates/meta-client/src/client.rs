@@ -239,6 +239,19 @@ impl MetaClient {
         .map(drop)
     }
 
+    /// A one-use join token for node `node_id`, valid for `ttl_ms` (the cluster must
+    /// have a secret); returns the token and when it expires (ms since the epoch).
+    pub async fn create_join_token(&self, node_id: u64, ttl_ms: u64) -> Result<(String, u64)> {
+        let resp = self
+            .with_channel(|channel| async move {
+                HeartbeatClient::new(channel)
+                    .create_join_token(pb::CreateJoinTokenRequest { node_id, ttl_ms })
+                    .await
+            })
+            .await?;
+        Ok((resp.token, resp.expires_at_ms))
+    }
+
     /// Who leads, as any endpoint knows it: the leader's address (`None` while no
     /// leader is known).
     pub async fn ask_leader(&self) -> Result<Option<String>> {

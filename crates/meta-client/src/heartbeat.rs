@@ -5,9 +5,19 @@
 //! the handshake, then the node's stats at the interval the leader answers. On any
 //! error it backs off (with jitter) and starts over; a not-leader answer names the
 //! leader, which it goes to directly.
+//!
+//! Stats: the provider always gives everything the node holds; the task sends it in
+//! full as a stream's first stats, then only the regions that changed (and those that
+//! went away) since the previous stats on that stream, so the leader's work per
+//! heartbeat follows what changed.
+//!
+//! Instructions run concurrently with the heartbeats (a slow region open does not
+//! silence the node); each reply goes back on the stream the instruction came on, or
+//! is dropped if that stream ended (the leader that asked has already failed the wait).
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use meta_proto::LEADER_HINT;
@@ -20,7 +30,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::client::MetaClient;
 
 /// Who the node is, as its handshake says.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeIdentity {
     /// Node id (at least 1).
     pub id: u64,
@@ -31,16 +41,18 @@ pub struct NodeIdentity {
     /// Its software version.
     pub version: String,
     /// Free-form labels (zone...).
-    pub labels: std::collections::HashMap<String, String>,
+    pub labels: HashMap<String, String>,
     /// When it started, ms since the Unix epoch.
     pub start_time_ms: u64,
+    /// The join token, when the cluster requires one (`metactl token create`).
+    pub join_token: String,
 }
 
 /// Supplies the node's current stats for each heartbeat.
 #[async_trait]
 pub trait StatsProvider: Send + Sync {
-    /// The stats to send now.
-    async fn stats(&self) -> pb::NodeStats;
+    /// Every region the node holds now (the task sends only what changed).
+    async fn stats(&self) -> Vec<pb::RegionStat>;
 }
 
 /// Carries out the leader's instructions on the node.
@@ -50,6 +62,9 @@ pub trait InstructionHandler: Send + Sync {
     async fn handle(&self, instruction: pb::Instruction) -> Result<(), String>;
 }
 
+/// Called with the round-trip time of each answered heartbeat.
+pub type RttObserver = Arc<dyn Fn(Duration) + Send + Sync>;
+
 /// What the task has achieved so far, for the node's own health reporting and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeartbeatState {
@@ -57,12 +72,23 @@ pub struct HeartbeatState {
     pub connected_to: Option<String>,
     /// Heartbeats the leader has answered since the task started.
     pub answered: u64,
+    /// Region stats sent since the task started (full reports count every region).
+    pub regions_sent: u64,
+    /// The last refusal the leader gave (for example a bad join token), if any.
+    pub last_error: Option<String>,
 }
 
 /// A running heartbeat task; stopped when dropped.
 pub struct HeartbeatTask {
     task: JoinHandle<()>,
     state: watch::Receiver<HeartbeatState>,
+}
+
+struct Node {
+    identity: NodeIdentity,
+    stats: Arc<dyn StatsProvider>,
+    handler: Arc<dyn InstructionHandler>,
+    on_rtt: Option<RttObserver>,
 }
 
 impl HeartbeatTask {
@@ -73,8 +99,25 @@ impl HeartbeatTask {
         stats: Arc<dyn StatsProvider>,
         handler: Arc<dyn InstructionHandler>,
     ) -> Self {
+        Self::start_observed(client, identity, stats, handler, None)
+    }
+
+    /// Like [`HeartbeatTask::start`], also reporting every heartbeat's round trip.
+    pub fn start_observed(
+        client: MetaClient,
+        identity: NodeIdentity,
+        stats: Arc<dyn StatsProvider>,
+        handler: Arc<dyn InstructionHandler>,
+        on_rtt: Option<RttObserver>,
+    ) -> Self {
         let (state_tx, state) = watch::channel(HeartbeatState::default());
-        let task = tokio::spawn(run(client, identity, stats, handler, state_tx));
+        let node = Node {
+            identity,
+            stats,
+            handler,
+            on_rtt,
+        };
+        let task = tokio::spawn(run(client, node, state_tx));
         HeartbeatTask { task, state }
     }
 
@@ -97,13 +140,7 @@ fn jitter(base: Duration) -> Duration {
     base.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0)
 }
 
-async fn run(
-    client: MetaClient,
-    identity: NodeIdentity,
-    stats: Arc<dyn StatsProvider>,
-    handler: Arc<dyn InstructionHandler>,
-    state: watch::Sender<HeartbeatState>,
-) {
+async fn run(client: MetaClient, node: Node, state: watch::Sender<HeartbeatState>) {
     let mut backoff = Duration::from_millis(100);
     let mut hint: Option<String> = None;
     loop {
@@ -113,17 +150,7 @@ async fn run(
         };
         let answered_before = state.borrow().answered;
         let outcome = match &target {
-            Some(leader) => {
-                session(
-                    &client,
-                    leader,
-                    &identity,
-                    stats.as_ref(),
-                    handler.as_ref(),
-                    &state,
-                )
-                .await
-            }
+            Some(leader) => session(&client, leader, &node, &state).await,
             None => Err(None),
         };
         state.send_modify(|s| s.connected_to = None);
@@ -142,19 +169,61 @@ async fn run(
     }
 }
 
+/// The stats to send: everything on a stream's first stats, then what changed since
+/// `sent` (which is updated to `now`).
+pub fn stats_delta(
+    sent: &mut Option<HashMap<u64, pb::RegionStat>>,
+    now: Vec<pb::RegionStat>,
+) -> pb::NodeStats {
+    match sent {
+        None => {
+            *sent = Some(now.iter().map(|r| (r.region_id, r.clone())).collect());
+            pb::NodeStats {
+                regions: now,
+                full: true,
+                removed_regions: Vec::new(),
+            }
+        }
+        Some(previous) => {
+            let mut changed = Vec::new();
+            let mut current = HashMap::with_capacity(now.len());
+            for region in now {
+                if previous.get(&region.region_id) != Some(&region) {
+                    changed.push(region.clone());
+                }
+                current.insert(region.region_id, region);
+            }
+            let mut removed: Vec<u64> = previous
+                .keys()
+                .filter(|id| !current.contains_key(id))
+                .copied()
+                .collect();
+            removed.sort_unstable();
+            *previous = current;
+            pb::NodeStats {
+                regions: changed,
+                full: false,
+                removed_regions: removed,
+            }
+        }
+    }
+}
+
 /// One stream to `leader`: handshake, then stats at the interval, and replies to
 /// instructions as soon as they are handled. Ends with the leader hint of the error
 /// that closed it, if any.
 async fn session(
     client: &MetaClient,
     leader: &str,
-    identity: &NodeIdentity,
-    stats: &dyn StatsProvider,
-    handler: &dyn InstructionHandler,
+    node: &Node,
     state: &watch::Sender<HeartbeatState>,
 ) -> Result<(), Option<String>> {
     let channel = client.channel_for(leader).ok_or(None)?;
-    let (requests, outgoing) = mpsc::channel(2);
+    let identity = &node.identity;
+    let (requests, outgoing) = mpsc::channel(4);
+    let mut seq = 1u64;
+    // Requests awaiting their answer, oldest first (answers come in order).
+    let mut in_flight: VecDeque<(u64, Instant)> = VecDeque::new();
     let handshake = pb::HeartbeatRequest {
         body: Some(pb::heartbeat_request::Body::Handshake(pb::NodeHandshake {
             node_id: identity.id,
@@ -163,9 +232,12 @@ async fn session(
             version: identity.version.clone(),
             labels: identity.labels.clone(),
             start_time_ms: identity.start_time_ms,
+            join_token: identity.join_token.clone(),
         })),
         replies: Vec::new(),
+        seq,
     };
+    in_flight.push_back((seq, Instant::now()));
     requests.send(handshake).await.map_err(|_| None)?;
     let hint_of = |status: &tonic::Status| {
         status
@@ -183,6 +255,8 @@ async fn session(
     let next_beat = tokio::time::sleep(Duration::MAX);
     tokio::pin!(next_beat);
     let mut greeted = false;
+    let mut sent: Option<HashMap<u64, pb::RegionStat>> = None;
+    let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<pb::InstructionReply>();
     loop {
         let replies = tokio::select! {
             answer = answers.message() => {
@@ -191,34 +265,56 @@ async fn session(
                     Ok(None) => return Err(None),
                     Err(status) => {
                         tracing::debug!(node = identity.id, error = %status.message(), "heartbeat stream closed");
+                        if status.code() != tonic::Code::Unavailable {
+                            state.send_modify(|s| s.last_error = Some(status.message().to_string()));
+                        }
                         return Err(hint_of(&status));
                     }
                 };
-                state.send_modify(|s| {
-                    s.connected_to = Some(leader.to_string());
-                    s.answered += 1;
-                });
+                if answer.seq != 0 {
+                    while let Some((sent_seq, at)) = in_flight.pop_front() {
+                        if sent_seq == answer.seq {
+                            if let Some(observe) = &node.on_rtt {
+                                observe(at.elapsed());
+                            }
+                            break;
+                        }
+                    }
+                    state.send_modify(|s| {
+                        s.connected_to = Some(leader.to_string());
+                        s.answered += 1;
+                        s.last_error = None;
+                    });
+                }
                 if answer.interval_ms > 0 {
                     interval = Duration::from_millis(answer.interval_ms.max(10));
                 }
                 if !greeted {
                     greeted = true;
-                    next_beat.as_mut().reset(tokio::time::Instant::now() + interval);
+                    // The first stats go at once: the leader learns the regions now.
+                    next_beat.as_mut().reset(tokio::time::Instant::now());
                 }
-                let mut replies = Vec::with_capacity(answer.mailbox.len());
                 for message in answer.mailbox {
-                    let outcome = match message.instruction {
-                        Some(instruction) => handler.handle(instruction).await,
-                        None => Err("an empty instruction".to_string()),
-                    };
-                    replies.push(pb::InstructionReply {
-                        id: message.id,
-                        ok: outcome.is_ok(),
-                        error: outcome.err().unwrap_or_default(),
+                    let (handler, replies) = (node.handler.clone(), reply_tx.clone());
+                    tokio::spawn(async move {
+                        let outcome = match message.instruction {
+                            Some(instruction) => handler.handle(instruction).await,
+                            None => Err("an empty instruction".to_string()),
+                        };
+                        // The session may have ended: the reply is then dropped.
+                        let _ = replies.send(pb::InstructionReply {
+                            id: message.id,
+                            ok: outcome.is_ok(),
+                            error: outcome.err().unwrap_or_default(),
+                        });
                     });
                 }
-                if replies.is_empty() {
-                    continue;
+                continue;
+            }
+            Some(reply) = reply_rx.recv() => {
+                let mut replies = vec![reply];
+                while let Ok(more) = reply_rx.try_recv() {
+                    replies.push(more);
                 }
                 replies
             }
@@ -227,10 +323,44 @@ async fn session(
                 Vec::new()
             }
         };
+        let stats = stats_delta(&mut sent, node.stats.stats().await);
+        let count = (stats.regions.len() + stats.removed_regions.len()) as u64;
+        seq += 1;
         let request = pb::HeartbeatRequest {
-            body: Some(pb::heartbeat_request::Body::Stats(stats.stats().await)),
+            body: Some(pb::heartbeat_request::Body::Stats(stats)),
             replies,
+            seq,
         };
+        in_flight.push_back((seq, Instant::now()));
         requests.send(request).await.map_err(|_| None)?;
+        state.send_modify(|s| s.regions_sent += count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(id: u64, bytes: u64) -> pb::RegionStat {
+        pb::RegionStat {
+            region_id: id,
+            approximate_bytes: bytes,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn deltas_carry_only_changes() {
+        let mut sent = None;
+        let first = stats_delta(&mut sent, vec![region(1, 1), region(2, 2), region(3, 3)]);
+        assert!(first.full);
+        assert_eq!(first.regions.len(), 3);
+        let same = stats_delta(&mut sent, vec![region(1, 1), region(2, 2), region(3, 3)]);
+        assert!(!same.full && same.regions.is_empty() && same.removed_regions.is_empty());
+        let changed = stats_delta(&mut sent, vec![region(1, 1), region(2, 5), region(4, 4)]);
+        assert_eq!(
+            (changed.regions, changed.removed_regions),
+            (vec![region(2, 5), region(4, 4)], vec![3])
+        );
     }
 }

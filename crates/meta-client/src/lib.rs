@@ -23,9 +23,11 @@
 mod client;
 mod heartbeat;
 mod kv;
+pub mod sim;
 mod status;
 
 pub use client::{MetaClient, MetaClientOptions};
 pub use heartbeat::{
-    HeartbeatState, HeartbeatTask, InstructionHandler, NodeIdentity, StatsProvider,
+    HeartbeatState, HeartbeatTask, InstructionHandler, NodeIdentity, RttObserver, StatsProvider,
+    stats_delta,
 };

@@ -10,6 +10,7 @@ pub fn from_status(status: &Status) -> Error {
     match status.code() {
         Code::InvalidArgument => Error::InvalidArgument { message },
         Code::Unavailable | Code::DeadlineExceeded => Error::Unavailable { message },
+        Code::Unauthenticated => Error::Unauthenticated { message },
         Code::NotFound => Error::Remote {
             code: "NotFound".to_string(),
             message,

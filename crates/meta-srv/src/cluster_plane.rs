@@ -6,9 +6,9 @@
 //! | `failure_detector` | phi-accrual detector per node (pure, time passed in) |
 //! | `live_nodes` | the leader's in-memory detectors and stats, rebuilt after a leader change |
 //! | `node_mailbox` | instructions to nodes over their streams, replies correlated by id, with deadlines |
-//! | `handshake` | the heartbeat chain's validation and decision, as a pure function |
+//! | `heartbeat_chain` | the ordered, named handlers run on every heartbeat, with their pure decisions |
 
 pub mod failure_detector;
-pub mod handshake;
+pub mod heartbeat_chain;
 pub mod live_nodes;
 pub mod node_mailbox;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use common_meta::kv::KvLimits;
 
 use crate::cluster::InitialCluster;
+use crate::cluster_plane::failure_detector::DetectorConfig;
 use serde::{Deserialize, Serialize};
 
 /// Why a configuration was refused. Rendered as one line naming the problem.
@@ -39,7 +40,7 @@ pub enum ConfigError {
 }
 
 /// The whole server configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// This member's id, unique in the cluster, at least 1.
@@ -58,6 +59,11 @@ pub struct Config {
     pub join: String,
     /// The interval datanodes and frontends are told to heartbeat at, in ms.
     pub heartbeat_interval_ms: u64,
+    /// When set (16 bytes or more), nodes need a join token made with it to register;
+    /// empty turns join tokens off.
+    pub cluster_secret: String,
+    /// Failure detection of heartbeating nodes.
+    pub failure_detector: FailureDetectorConfig,
     /// Raft timing.
     pub raft: RaftConfig,
     /// Limits on KV requests.
@@ -77,9 +83,49 @@ impl Default for Config {
             cluster_token: "metasrv".to_string(),
             join: String::new(),
             heartbeat_interval_ms: 3_000,
+            cluster_secret: String::new(),
+            failure_detector: FailureDetectorConfig::default(),
             raft: RaftConfig::default(),
             limits: LimitsConfig::default(),
             logging: LoggingConfig::default(),
+        }
+    }
+}
+
+/// `[failure_detector]`: phi-accrual tuning (GreptimeDB's defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailureDetectorConfig {
+    /// phi at or above which a node is failed (suspect from half of it).
+    pub threshold: f64,
+    /// Lower bound of the heartbeat interval's standard deviation, in ms.
+    pub min_std_dev_ms: u64,
+    /// Silence tolerated beyond the mean interval before phi rises, in ms.
+    pub acceptable_pause_ms: u64,
+    /// The interval assumed before any is observed, in ms.
+    pub first_heartbeat_estimate_ms: u64,
+}
+
+impl Default for FailureDetectorConfig {
+    fn default() -> Self {
+        let d = DetectorConfig::default();
+        FailureDetectorConfig {
+            threshold: d.threshold,
+            min_std_dev_ms: d.min_std_dev_ms as u64,
+            acceptable_pause_ms: d.acceptable_pause_ms as u64,
+            first_heartbeat_estimate_ms: d.first_interval_ms as u64,
+        }
+    }
+}
+
+impl From<FailureDetectorConfig> for DetectorConfig {
+    fn from(c: FailureDetectorConfig) -> Self {
+        DetectorConfig {
+            threshold: c.threshold,
+            min_std_dev_ms: c.min_std_dev_ms as f64,
+            acceptable_pause_ms: c.acceptable_pause_ms as f64,
+            first_interval_ms: c.first_heartbeat_estimate_ms as f64,
+            ..DetectorConfig::default()
         }
     }
 }
@@ -197,6 +243,8 @@ pub struct Overrides {
     pub initial_cluster: Option<String>,
     /// `--join` / `METASRV_JOIN`.
     pub join: Option<String>,
+    /// `--cluster-secret` / `METASRV_CLUSTER_SECRET`.
+    pub cluster_secret: Option<String>,
 }
 
 impl Config {
@@ -251,6 +299,7 @@ impl Config {
             http_addr,
             initial_cluster,
             join,
+            cluster_secret,
         } = overrides;
         config.node_id = node_id.unwrap_or(config.node_id);
         config.data_dir = data_dir.unwrap_or(config.data_dir);
@@ -258,6 +307,7 @@ impl Config {
         config.http_addr = http_addr.unwrap_or(config.http_addr);
         config.initial_cluster = initial_cluster.unwrap_or(config.initial_cluster);
         config.join = join.unwrap_or(config.join);
+        config.cluster_secret = cluster_secret.unwrap_or(config.cluster_secret);
         config.validate()?;
         Ok(config)
     }
@@ -296,6 +346,27 @@ impl Config {
                 "node_id {} is not in initial_cluster {:?}",
                 self.node_id, self.initial_cluster
             )));
+        }
+        if !self.cluster_secret.is_empty()
+            && self.cluster_secret.len() < common_meta::model::join_token::MIN_SECRET_BYTES
+        {
+            return Err(ConfigError::Invalid(format!(
+                "cluster_secret must have at least {} bytes (or be empty to turn join tokens off)",
+                common_meta::model::join_token::MIN_SECRET_BYTES
+            )));
+        }
+        let fd = &self.failure_detector;
+        if !(fd.threshold.is_finite() && fd.threshold > 0.0) {
+            return Err(ConfigError::Invalid(format!(
+                "failure_detector.threshold must be a number above 0, not {}",
+                fd.threshold
+            )));
+        }
+        if fd.min_std_dev_ms == 0 || fd.first_heartbeat_estimate_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "failure_detector.min_std_dev_ms and first_heartbeat_estimate_ms must be at least 1"
+                    .into(),
+            ));
         }
         if self.heartbeat_interval_ms == 0 {
             return Err(ConfigError::Invalid(

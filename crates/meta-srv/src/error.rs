@@ -102,6 +102,7 @@ pub fn to_status(err: common_meta::Error) -> tonic::Status {
             tonic::Status::invalid_argument(e.to_string())
         }
         E::Unavailable { message } => tonic::Status::unavailable(message),
+        E::Unauthenticated { message } => tonic::Status::unauthenticated(message),
         e @ E::NotLeader { .. } => tonic::Status::unavailable(e.to_string()),
         e @ (E::Storage { .. }
         | E::Io { .. }

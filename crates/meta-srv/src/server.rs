@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use meta_client::{MetaClient, MetaClientOptions};
 
 use crate::cluster::{InitialCluster, check_identity, read_identity};
-use crate::cluster_plane::failure_detector::DetectorConfig;
+use crate::cluster_plane::heartbeat_chain::{self, ClusterPlane};
 use crate::cluster_plane::live_nodes::LiveNodes;
 use crate::cluster_plane::node_mailbox::NodeMailbox;
 use crate::config::Config;
@@ -43,6 +43,7 @@ use crate::service::cluster::ClusterService;
 use crate::service::heartbeat::HeartbeatService;
 use crate::service::procedure::ProcedureService;
 use crate::service::store::StoreService;
+use common_meta::model::join_token::JoinTokens;
 
 /// Largest raft batch a member accepts from a peer: a snapshot travels in one message.
 const MAX_RAFT_BATCH_BYTES: usize = 1024 * 1024 * 1024;
@@ -283,27 +284,42 @@ impl MetaSrv {
             self.node.mailbox(),
             self.members.clone(),
         ));
-        let live = Arc::new(LiveNodes::new(DetectorConfig::default()));
+        let live = Arc::new(LiveNodes::new(
+            self.config.failure_detector.into(),
+            unix_ms(),
+        ));
         let node_manager = Arc::new(NodeManager::new(Arc::new(self.backend.clone())));
         // A new term starts from the next heartbeats, never from an old leader's view.
         let mut leadership = self.node.leadership();
         let (forget, outbox) = (live.clone(), self.outbox.clone());
         tokio::spawn(async move {
             while leadership.changed().await.is_ok() {
-                forget.clear();
+                forget.reset(unix_ms());
                 outbox.clear();
             }
+        });
+        let tokens = match self.config.cluster_secret.as_str() {
+            "" => None,
+            secret => Some(JoinTokens::new(
+                secret.as_bytes(),
+                Arc::new(self.backend.clone()),
+            )?),
+        };
+        let plane = Arc::new(ClusterPlane {
+            nodes: node_manager.clone(),
+            live: live.clone(),
+            outbox: self.outbox.clone(),
+            tokens,
         });
         let heartbeats = HeartbeatServer::new(HeartbeatService {
             member_id,
             mailbox: self.node.mailbox(),
             members: self.members.clone(),
             leadership: self.node.leadership(),
-            nodes: node_manager.clone(),
-            live: live.clone(),
+            plane,
+            chain: Arc::new(heartbeat_chain::chain()),
             interval_ms: self.config.heartbeat_interval_ms,
             stop: stop_rx.clone(),
-            outbox: self.outbox.clone(),
         });
         let grpc = tonic::transport::Server::builder()
             .add_service(store)
@@ -355,4 +371,11 @@ impl MetaSrv {
 fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
     // local_addr only fails on an unbound socket, which a bound listener never is.
     listener.local_addr().unwrap_or(configured)
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -135,43 +135,65 @@ impl NodeManager {
     /// decommissioned cannot come back under the same id. Returns the stored record.
     pub async fn register(&self, reported: NodeInfo) -> Result<NodeInfo> {
         loop {
-            let existing = self.load(reported.id).await?;
-            let (next, compare) = match &existing {
-                None => (
-                    NodeInfo {
-                        state: NodeState::Joining,
-                        ..reported.clone()
-                    },
-                    CompareTarget::CreateRevision(0),
-                ),
-                Some((old, _)) if old.state == NodeState::Decommissioned => {
-                    return Err(Error::invalid_argument(format!(
-                        "node {} is decommissioned; remove it before reusing its id",
-                        old.id
-                    )));
-                }
-                Some((old, _)) if old.role != reported.role => {
-                    return Err(Error::invalid_argument(format!(
-                        "node {} is registered as {:?}, not {:?}",
-                        old.id, old.role, reported.role
-                    )));
-                }
-                Some((old, revision)) => {
-                    let next = NodeInfo {
-                        state: old.state,
-                        ..reported.clone()
-                    };
-                    if next == *old {
-                        return Ok(next);
-                    }
-                    (next, CompareTarget::ModRevision(*revision))
-                }
-            };
-            if self.put_if(&next, compare).await? {
-                return Ok(next);
+            if let Some(info) = self.try_register(&reported, None).await? {
+                return Ok(info);
             }
             // Someone changed it meanwhile: read again and retry.
         }
+    }
+
+    /// One attempt of [`NodeManager::register`]; `None` when the record changed
+    /// meanwhile. `also` is a condition and a write that must go in the same
+    /// transaction (consuming a join token): it is written even when the node's
+    /// record is unchanged, and a failed condition also gives `None`.
+    pub async fn try_register(
+        &self,
+        reported: &NodeInfo,
+        also: Option<(Compare, TxnOp)>,
+    ) -> Result<Option<NodeInfo>> {
+        let existing = self.load(reported.id).await?;
+        let (next, compare) = match &existing {
+            None => (
+                NodeInfo {
+                    state: NodeState::Joining,
+                    ..reported.clone()
+                },
+                CompareTarget::CreateRevision(0),
+            ),
+            Some((old, _)) if old.state == NodeState::Decommissioned => {
+                return Err(Error::invalid_argument(format!(
+                    "node {} is decommissioned; remove it before reusing its id",
+                    old.id
+                )));
+            }
+            Some((old, _)) if old.role != reported.role => {
+                return Err(Error::invalid_argument(format!(
+                    "node {} is registered as {:?}, not {:?}",
+                    old.id, old.role, reported.role
+                )));
+            }
+            Some((old, revision)) => {
+                let next = NodeInfo {
+                    state: old.state,
+                    ..reported.clone()
+                };
+                if next == *old && also.is_none() {
+                    return Ok(Some(next));
+                }
+                (next, CompareTarget::ModRevision(*revision))
+            }
+        };
+        let key = NodeKey::new(next.id).encode();
+        let mut request = TxnRequest {
+            compare: vec![Compare::new(key.clone(), CompareOp::Equal, compare)],
+            success: vec![TxnOp::Put(PutRequest::new(key, encode(&next)?))],
+            failure: Vec::new(),
+        };
+        if let Some((compare, op)) = also {
+            request.compare.push(compare);
+            request.success.push(op);
+        }
+        Ok(self.kv.txn(request).await?.succeeded.then_some(next))
     }
 
     /// Moves node `id` to `to`, refusing transitions the diagram does not allow.

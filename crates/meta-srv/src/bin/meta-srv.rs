@@ -57,6 +57,15 @@ struct StartArgs {
     /// Join a running cluster through these members (after `metactl member add`).
     #[arg(long, env = "METASRV_JOIN", value_name = "HOST:PORT,...")]
     join: Option<String>,
+    /// Secret that join tokens are made with; nodes then need one to register. Prefer
+    /// the environment variable or the file: flags show in process listings.
+    #[arg(
+        long,
+        env = "METASRV_CLUSTER_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    cluster_secret: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -77,6 +86,7 @@ fn start(args: StartArgs) -> ExitCode {
         http_addr: args.http_addr,
         initial_cluster: args.initial_cluster,
         join: args.join,
+        cluster_secret: args.cluster_secret,
     };
     let config = match Config::load(args.config.as_deref(), overrides) {
         Ok(config) => config,

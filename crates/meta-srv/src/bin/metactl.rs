@@ -64,6 +64,22 @@ enum Command {
     /// Change a node's topology state.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Join tokens (when the cluster has a cluster_secret).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a one-use token node ID joins with (its handshake's join_token).
+    Create {
+        /// The node the token admits.
+        #[arg(long)]
+        node: u64,
+        /// How long the token can be used to join: 500ms, 30s, 10m, 2h, 7d.
+        #[arg(long, default_value = "10m", value_parser = meta_srv::cli::parse_duration)]
+        ttl: Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -180,6 +196,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Procedure(command) => procedures(&client, command, cli.output).await,
         Command::Nodes => nodes(&client, cli.output).await,
         Command::Node(command) => node(&client, command, cli.output).await,
+        Command::Token(TokenCommand::Create { node, ttl }) => {
+            let (token, expires_at_ms) = client
+                .create_join_token(node, ttl.as_millis() as u64)
+                .await?;
+            print(
+                cli.output,
+                token.clone(),
+                json!({ "node_id": node, "token": token, "expires_at_ms": expires_at_ms }),
+            );
+            Ok(())
+        }
         Command::Leader(LeaderCommand::Transfer { id }) => {
             client.transfer_leader(id).await?;
             print(

@@ -1,75 +1,164 @@
 //! `LiveNodes`: what the leader knows in memory about heartbeating nodes: a failure
-//! detector and the latest stats per node. Never persisted: a new leader rebuilds it
-//! from the next heartbeats, and until it has heard a node it calls it `unknown`
-//! rather than failed.
+//! detector and the latest region stats per node. Never persisted: a new leader
+//! rebuilds it from the next heartbeats.
+//!
+//! Until the leader has heard a registered node it calls it `unknown`, for one
+//! detection window counted from when the leadership started (as if the node had beaten
+//! then); a node still silent after that is `failed`. So a new leader neither declares
+//! healthy nodes dead nor waits forever on a node that died with the old leader.
+//!
+//! Region stats arrive full on a stream's first stats and as deltas after (see
+//! `NodeStats` in the proto): applying one costs what changed, not what the node holds.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
+use meta_proto::v1 as pb;
+
 use crate::cluster_plane::failure_detector::{DetectorConfig, Liveness, PhiAccrualDetector};
+
+/// The leader's latest knowledge of one region, kept compact (a leader may hold
+/// millions).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RegionLoad {
+    /// The node holds the region's leader replica.
+    pub leader: bool,
+    /// Approximate size in bytes.
+    pub bytes: u64,
+    /// Approximate row count.
+    pub rows: u64,
+    /// Reads per second.
+    pub read_rate: f32,
+    /// Writes per second.
+    pub write_rate: f32,
+}
+
+impl From<&pb::RegionStat> for RegionLoad {
+    fn from(stat: &pb::RegionStat) -> Self {
+        RegionLoad {
+            leader: stat.role == "leader",
+            bytes: stat.approximate_bytes,
+            rows: stat.approximate_rows,
+            read_rate: stat.read_rate as f32,
+            write_rate: stat.write_rate as f32,
+        }
+    }
+}
 
 struct Live {
     detector: PhiAccrualDetector,
-    regions: usize,
+    regions: HashMap<u64, RegionLoad>,
 }
 
 /// A node's liveness as the leader reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LiveView {
-    /// `alive`, `suspect`, `failed`, or `unknown` (not heard since this leader started).
+    /// `alive`, `suspect`, `failed`, or `unknown` (not heard since this leader started,
+    /// for less than a detection window).
     pub liveness: &'static str,
-    /// The detector's phi (0 when unknown).
+    /// The detector's phi.
     pub phi: f64,
     /// ms since the last heartbeat, when one was heard.
     pub last_heartbeat_age_ms: Option<u64>,
-    /// Regions in the latest stats.
+    /// Regions the node holds, as its stats say.
     pub regions: usize,
+}
+
+struct State {
+    /// When this leadership started, ms since the Unix epoch.
+    since_ms: u64,
+    nodes: HashMap<u64, Live>,
 }
 
 /// The leader's in-memory view of heartbeating nodes.
 pub struct LiveNodes {
     config: DetectorConfig,
-    nodes: Mutex<HashMap<u64, Live>>,
+    state: Mutex<State>,
 }
 
 impl LiveNodes {
-    /// An empty view with detectors tuned by `config`.
-    pub fn new(config: DetectorConfig) -> Self {
+    /// An empty view with detectors tuned by `config`, for a leadership that started
+    /// at `since_ms`.
+    pub fn new(config: DetectorConfig, since_ms: u64) -> Self {
         LiveNodes {
             config,
-            nodes: Mutex::new(HashMap::new()),
+            state: Mutex::new(State {
+                since_ms,
+                nodes: HashMap::new(),
+            }),
         }
     }
 
-    fn nodes(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Live>> {
-        // One entry update per critical section: never torn.
-        self.nodes.lock().unwrap_or_else(PoisonError::into_inner)
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every critical section leaves the maps consistent (no await, no early exit
+        // between related updates): a poisoned lock holds nothing torn.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a heartbeat of node `id` at `now_ms`, with its region count if it sent
-    /// stats.
-    pub fn beat(&self, id: u64, now_ms: u64, regions: Option<usize>) {
-        let mut nodes = self.nodes();
-        let live = nodes.entry(id).or_insert_with(|| Live {
-            detector: PhiAccrualDetector::new(self.config),
-            regions: 0,
+    /// Records a heartbeat of node `id` at `now_ms` (feeds its failure detector).
+    pub fn beat(&self, id: u64, now_ms: u64) {
+        let config = self.config;
+        let mut state = self.state();
+        state
+            .nodes
+            .entry(id)
+            .or_insert_with(|| Live {
+                detector: PhiAccrualDetector::new(config),
+                regions: HashMap::new(),
+            })
+            .detector
+            .heartbeat(now_ms);
+    }
+
+    /// Applies node `id`'s stats: a full report replaces what is known, a delta
+    /// updates and removes only the regions it names. Returns the regions touched.
+    pub fn apply_stats(&self, id: u64, stats: &pb::NodeStats) -> usize {
+        let config = self.config;
+        let mut state = self.state();
+        let live = state.nodes.entry(id).or_insert_with(|| Live {
+            detector: PhiAccrualDetector::new(config),
+            regions: HashMap::new(),
         });
-        live.detector.heartbeat(now_ms);
-        if let Some(regions) = regions {
-            live.regions = regions;
+        if stats.full {
+            live.regions.clear();
         }
+        for stat in &stats.regions {
+            live.regions.insert(stat.region_id, RegionLoad::from(stat));
+        }
+        for region in &stats.removed_regions {
+            live.regions.remove(region);
+        }
+        stats.regions.len() + stats.removed_regions.len()
+    }
+
+    /// What is known of region `region` on node `id`.
+    pub fn region(&self, id: u64, region: u64) -> Option<RegionLoad> {
+        self.state()
+            .nodes
+            .get(&id)
+            .and_then(|live| live.regions.get(&region).copied())
     }
 
     /// Node `id` as seen at `now_ms`.
     pub fn view(&self, id: u64, now_ms: u64) -> LiveView {
-        let nodes = self.nodes();
-        match nodes.get(&id) {
-            None => LiveView {
-                liveness: "unknown",
-                phi: 0.0,
-                last_heartbeat_age_ms: None,
-                regions: 0,
-            },
+        let state = self.state();
+        match state.nodes.get(&id) {
+            None => {
+                // Judge the silence since the leadership started, as if the node had
+                // beaten then: unknown for one detection window, failed after.
+                let mut detector = PhiAccrualDetector::new(self.config);
+                detector.heartbeat(state.since_ms);
+                let phi = detector.phi(now_ms);
+                LiveView {
+                    liveness: match detector.liveness(now_ms) {
+                        Liveness::Failed => "failed",
+                        Liveness::Alive | Liveness::Suspect => "unknown",
+                    },
+                    phi,
+                    last_heartbeat_age_ms: None,
+                    regions: 0,
+                }
+            }
             Some(live) => LiveView {
                 liveness: match live.detector.liveness(now_ms) {
                     Liveness::Alive => "alive",
@@ -81,14 +170,17 @@ impl LiveNodes {
                     .detector
                     .last_heartbeat_ms()
                     .map(|last| now_ms.saturating_sub(last)),
-                regions: live.regions,
+                regions: live.regions.len(),
             },
         }
     }
 
-    /// Forgets everything (leadership lost: the next term starts from heartbeats).
-    pub fn clear(&self) {
-        self.nodes().clear();
+    /// Forgets everything: a leadership (re)started at `since_ms`, and the next term
+    /// starts from heartbeats.
+    pub fn reset(&self, since_ms: u64) {
+        let mut state = self.state();
+        state.nodes.clear();
+        state.since_ms = since_ms;
     }
 }
 
@@ -96,26 +188,61 @@ impl LiveNodes {
 mod tests {
     use super::*;
 
+    fn region(id: u64, bytes: u64) -> pb::RegionStat {
+        pb::RegionStat {
+            region_id: id,
+            role: "leader".to_string(),
+            approximate_bytes: bytes,
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn unheard_nodes_are_unknown_and_silence_fails_heard_ones() {
-        let live = LiveNodes::new(DetectorConfig::default());
+    fn unheard_nodes_are_unknown_for_a_window_and_silence_fails_heard_ones() {
+        let live = LiveNodes::new(DetectorConfig::default(), 0);
         assert_eq!(live.view(1, 1_000).liveness, "unknown");
+        // Default window: 1 s first interval + 10 s pause, plus the std dev margin.
+        assert_eq!(live.view(1, 30_000).liveness, "failed");
         for t in (0..=10_000).step_by(1_000) {
-            live.beat(1, t, Some(3));
+            live.beat(1, t);
         }
         let now = live.view(1, 10_500);
         assert_eq!(
-            (now.liveness, now.regions, now.last_heartbeat_age_ms),
-            ("alive", 3, Some(500))
+            (now.liveness, now.last_heartbeat_age_ms),
+            ("alive", Some(500))
         );
         assert_eq!(live.view(1, 40_000).liveness, "failed");
-        live.beat(1, 40_000, None);
-        assert_eq!(
-            live.view(1, 40_100).regions,
-            3,
-            "stats are kept until new ones come"
-        );
-        live.clear();
+        live.reset(40_000);
         assert_eq!(live.view(1, 40_100).liveness, "unknown");
+        assert_eq!(live.view(1, 70_000).liveness, "failed");
+    }
+
+    #[test]
+    fn full_stats_replace_and_deltas_touch_only_what_they_name() {
+        let live = LiveNodes::new(DetectorConfig::default(), 0);
+        let full = pb::NodeStats {
+            regions: (1..=100).map(|id| region(id, 10)).collect(),
+            full: true,
+            removed_regions: Vec::new(),
+        };
+        assert_eq!(live.apply_stats(1, &full), 100);
+        assert_eq!(live.view(1, 0).regions, 100);
+        let delta = pb::NodeStats {
+            regions: vec![region(5, 99), region(101, 1)],
+            full: false,
+            removed_regions: vec![7, 8],
+        };
+        assert_eq!(live.apply_stats(1, &delta), 4);
+        assert_eq!(live.view(1, 0).regions, 99);
+        assert_eq!(live.region(1, 5).map(|r| r.bytes), Some(99));
+        assert_eq!(live.region(1, 6).map(|r| r.bytes), Some(10));
+        assert_eq!(live.region(1, 7), None);
+        let again = pb::NodeStats {
+            regions: vec![region(1, 1)],
+            full: true,
+            removed_regions: Vec::new(),
+        };
+        live.apply_stats(1, &again);
+        assert_eq!(live.view(1, 0).regions, 1, "a full report replaces");
     }
 }

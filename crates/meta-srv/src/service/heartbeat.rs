@@ -1,24 +1,25 @@
 //! The `meta.v1.Heartbeat` service: one bidirectional stream per node, answered by the
-//! leader only; `AskLeader` on any member; `ListNodes` on the leader.
+//! leader only; `AskLeader` on any member; `ListNodes`, topology changes and join
+//! tokens on the leader.
 //!
-//! Per request, in this order (why): check leader (only the leader's view counts, and
-//! a follower must send the node to the leader at once) -> `handshake::decide` (reject
-//! malformed streams before touching state) -> on a handshake, register the node through
-//! raft (the only durable write, once per stream, not per heartbeat) -> feed the failure
-//! detector and keep the stats in memory -> answer with the interval.
+//! Every request of a stream runs through the handler chain of
+//! `cluster_plane::heartbeat_chain` (check leader -> validate -> register node ->
+//! deliver replies -> feed detector -> collect stats), then is answered with the
+//! interval and the request's `seq`. Mailbox instructions are pushed between answers as
+//! soon as they are sent.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common_meta::model::node::{NodeManager, NodeRole, NodeState};
+use common_meta::model::node::{NodeRole, NodeState};
 use meta_proto::v1 as pb;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::cluster_plane::handshake::{Decision, StreamState, decide};
-use crate::cluster_plane::live_nodes::LiveNodes;
-use crate::cluster_plane::node_mailbox::NodeMailbox;
+use crate::cluster_plane::heartbeat_chain::{
+    self, ClusterPlane, HeartbeatHandler, Refusal, StreamState,
+};
 use crate::error::to_status_with_hint;
 use crate::raft::driver::Mailbox;
 use crate::raft::members::Members;
@@ -40,16 +41,14 @@ pub struct HeartbeatService {
     pub members: Arc<Members>,
     /// The term this member leads in, if it leads.
     pub leadership: watch::Receiver<Option<u64>>,
-    /// Durable node registrations.
-    pub nodes: Arc<NodeManager>,
-    /// The leader's in-memory detectors and stats.
-    pub live: Arc<LiveNodes>,
+    /// Registrations, liveness, stats, the mailbox to nodes and join tokens.
+    pub plane: Arc<ClusterPlane>,
+    /// The handler chain every request runs through.
+    pub chain: Arc<Vec<Box<dyn HeartbeatHandler>>>,
     /// The interval nodes are told to beat at.
     pub interval_ms: u64,
     /// Becomes true when the server shuts down: open streams end.
     pub stop: watch::Receiver<bool>,
-    /// Instructions to nodes, pushed over their streams.
-    pub outbox: Arc<NodeMailbox>,
 }
 
 impl HeartbeatService {
@@ -58,12 +57,12 @@ impl HeartbeatService {
         if leading {
             Ok(())
         } else {
-            Err(Self::not_leader(&self.mailbox, &self.members, self.member_id).await)
+            Err(self.shared().not_leader().await)
         }
     }
 
     fn view(&self, info: common_meta::model::node::NodeInfo, now: u64) -> pb::NodeView {
-        let view = self.live.view(info.id, now);
+        let view = self.plane.live.view(info.id, now);
         pb::NodeView {
             node_id: info.id,
             role: role_name(info.role).to_string(),
@@ -78,132 +77,146 @@ impl HeartbeatService {
         }
     }
 
-    async fn not_leader(mailbox: &Mailbox, members: &Members, me: u64) -> Status {
-        let leader = mailbox
+    fn shared(&self) -> Stream {
+        Stream {
+            me: self.member_id,
+            mailbox: self.mailbox.clone(),
+            members: self.members.clone(),
+            leadership: self.leadership.clone(),
+            stop: self.stop.clone(),
+            plane: self.plane.clone(),
+            chain: self.chain.clone(),
+            interval_ms: self.interval_ms,
+        }
+    }
+}
+
+/// What one stream's task holds.
+struct Stream {
+    me: u64,
+    mailbox: Mailbox,
+    members: Arc<Members>,
+    leadership: watch::Receiver<Option<u64>>,
+    stop: watch::Receiver<bool>,
+    plane: Arc<ClusterPlane>,
+    chain: Arc<Vec<Box<dyn HeartbeatHandler>>>,
+    interval_ms: u64,
+}
+
+impl Stream {
+    async fn not_leader(&self) -> Status {
+        let leader = self
+            .mailbox
             .status()
             .await
             .ok()
             .map(|s| s.leader_id)
-            .filter(|l| *l != 0 && *l != me);
-        to_status_with_hint(common_meta::Error::NotLeader { leader }, members)
+            .filter(|l| *l != 0 && *l != self.me);
+        to_status_with_hint(common_meta::Error::NotLeader { leader }, &self.members)
     }
-}
 
-/// Serves one heartbeat stream until it ends; see the module doc for the order.
-#[allow(clippy::too_many_arguments)]
-async fn stream_loop(
-    state: &mut StreamState,
-    inbox: &mut Option<(u64, mpsc::Receiver<pb::MailboxMessage>)>,
-    requests: &mut Streaming<pb::HeartbeatRequest>,
-    out: &mpsc::Sender<Result<pb::HeartbeatResponse, Status>>,
-    mailbox: &Mailbox,
-    members: &Members,
-    leadership: &mut watch::Receiver<Option<u64>>,
-    stop: &mut watch::Receiver<bool>,
-    nodes: &NodeManager,
-    live: &LiveNodes,
-    outbox: &NodeMailbox,
-    me: u64,
-    interval_ms: u64,
-) {
-    // The term this stream serves, fixed by its first request: a stream opened
-    // just before this member's leadership was published is not refused for it.
-    let mut term: Option<u64> = None;
-    loop {
-        enum Next {
-            Request(pb::HeartbeatRequest),
-            Instruction(pb::MailboxMessage),
-            Closed,
-            TermEnded,
-            Stopping,
+    fn answer(&self, seq: u64, mailbox: Vec<pb::MailboxMessage>) -> pb::HeartbeatResponse {
+        pb::HeartbeatResponse {
+            header: common_meta::rpc::header(self.me, 0),
+            interval_ms: self.interval_ms,
+            mailbox,
+            seq,
         }
-        let next = tokio::select! {
-            message = requests.message() => match message {
-                Ok(Some(request)) => Next::Request(request),
-                Ok(None) | Err(_) => Next::Closed,
-            },
-            changed = leadership.wait_for(|now| *now != term), if term.is_some() => {
-                drop(changed);
-                Next::TermEnded
+    }
+
+    /// Serves one stream until it ends; returns the mailbox attachment to undo.
+    async fn serve(
+        &mut self,
+        requests: &mut Streaming<pb::HeartbeatRequest>,
+        out: &mpsc::Sender<Result<pb::HeartbeatResponse, Status>>,
+    ) -> Option<(u64, u64)> {
+        let mut state = StreamState::default();
+        let mut inbox: Option<(u64, u64, mpsc::Receiver<pb::MailboxMessage>)> = None;
+        let mut leadership = self.leadership.clone();
+        let mut stop = self.stop.clone();
+        loop {
+            enum Next {
+                Request(pb::HeartbeatRequest),
+                Instruction(pb::MailboxMessage),
+                Closed,
+                TermEnded,
+                Stopping,
             }
-            stopping = stop.wait_for(|stopping| *stopping) => {
-                drop(stopping);
-                Next::Stopping
-            }
-            Some(message) = async {
-                match inbox.as_mut() {
-                    Some((_, inbox)) => inbox.recv().await,
-                    None => std::future::pending().await,
+            let term = state.term;
+            let next = tokio::select! {
+                message = requests.message() => match message {
+                    Ok(Some(request)) => Next::Request(request),
+                    Ok(None) | Err(_) => Next::Closed,
+                },
+                changed = leadership.wait_for(|now| *now != term), if term.is_some() => {
+                    drop(changed);
+                    Next::TermEnded
                 }
-            } => Next::Instruction(message),
-        };
-        let request = match next {
-            Next::Request(request) => request,
-            Next::Instruction(message) => {
-                let push = pb::HeartbeatResponse {
-                    header: common_meta::rpc::header(me, 0),
-                    interval_ms,
-                    mailbox: vec![message],
+                stopping = stop.wait_for(|stopping| *stopping) => {
+                    drop(stopping);
+                    Next::Stopping
+                }
+                Some(message) = async {
+                    match inbox.as_mut() {
+                        Some((_, _, inbox)) => inbox.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => Next::Instruction(message),
+            };
+            let attached = inbox
+                .as_ref()
+                .map(|(node, attachment, _)| (*node, *attachment));
+            let request = match next {
+                Next::Request(request) => request,
+                Next::Instruction(message) => {
+                    if out.send(Ok(self.answer(0, vec![message]))).await.is_err() {
+                        return attached;
+                    }
+                    continue;
+                }
+                Next::Closed => return attached,
+                Next::TermEnded => {
+                    let _ = out.send(Err(self.not_leader().await)).await;
+                    return attached;
+                }
+                Next::Stopping => {
+                    let _ = out
+                        .send(Err(Status::unavailable("the server is shutting down")))
+                        .await;
+                    return attached;
+                }
+            };
+            let leader_term = *leadership.borrow();
+            let input = heartbeat_chain::Request {
+                body: &request,
+                now_ms: now_ms(),
+                leader_term,
+            };
+            if let Err((handler, refusal)) =
+                heartbeat_chain::run(&self.chain, &self.plane, &mut state, &input).await
+            {
+                tracing::debug!(handler, ?refusal, node = ?state.node_id, "heartbeat refused");
+                let status = match refusal {
+                    Refusal::NotLeader => self.not_leader().await,
+                    Refusal::Invalid(message) => Status::invalid_argument(message),
+                    Refusal::Meta(e) => to_status_with_hint(e, &self.members),
                 };
-                if out.send(Ok(push)).await.is_err() {
-                    return;
-                }
-                continue;
+                let _ = out.send(Err(status)).await;
+                return attached;
             }
-            Next::Closed => return,
-            Next::TermEnded => {
-                let _ = out
-                    .send(Err(HeartbeatService::not_leader(mailbox, members, me).await))
-                    .await;
-                return;
+            if let (Some(node), None) = (state.node_id, &inbox) {
+                let (attachment, receiver) = self.plane.outbox.attach(node);
+                inbox = Some((node, attachment, receiver));
             }
-            Next::Stopping => {
-                let _ = out
-                    .send(Err(Status::unavailable("the server is shutting down")))
-                    .await;
-                return;
+            if out
+                .send(Ok(self.answer(request.seq, Vec::new())))
+                .await
+                .is_err()
+            {
+                return inbox
+                    .as_ref()
+                    .map(|(node, attachment, _)| (*node, *attachment));
             }
-        };
-        let now_term = *leadership.borrow();
-        if now_term.is_none() || (term.is_some() && term != now_term) {
-            let _ = out
-                .send(Err(HeartbeatService::not_leader(mailbox, members, me).await))
-                .await;
-            return;
-        }
-        term = now_term;
-        if let Some(id) = state.node_id {
-            for reply in &request.replies {
-                outbox.deliver(id, reply.clone());
-            }
-        }
-        let decision = match decide(state, &request) {
-            Ok(decision) => decision,
-            Err(message) => {
-                let _ = out.send(Err(Status::invalid_argument(message))).await;
-                return;
-            }
-        };
-        match decision {
-            Decision::Register(info) => {
-                let id = info.id;
-                if let Err(e) = nodes.register(info).await {
-                    let _ = out.send(Err(to_status_with_hint(e, members))).await;
-                    return;
-                }
-                state.node_id = Some(id);
-                *inbox = Some(outbox.attach(id));
-                live.beat(id, now_ms(), None);
-            }
-            Decision::Stats { node_id, regions } => live.beat(node_id, now_ms(), Some(regions)),
-        }
-        let response = pb::HeartbeatResponse {
-            header: common_meta::rpc::header(me, 0),
-            interval_ms,
-            mailbox: Vec::new(),
-        };
-        if out.send(Ok(response)).await.is_err() {
-            return;
         }
     }
 }
@@ -235,43 +248,35 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         let mut requests = request.into_inner();
         let (out, responses) = mpsc::channel(4);
-        let (mailbox, members, mut leadership, mut stop) = (
-            self.mailbox.clone(),
-            self.members.clone(),
-            self.leadership.clone(),
-            self.stop.clone(),
-        );
-        let (nodes, live, me, interval_ms, outbox) = (
-            self.nodes.clone(),
-            self.live.clone(),
-            self.member_id,
-            self.interval_ms,
-            self.outbox.clone(),
-        );
+        let mut stream = self.shared();
         tokio::spawn(async move {
-            let mut inbox: Option<(u64, mpsc::Receiver<pb::MailboxMessage>)> = None;
-            let mut state = StreamState::default();
-            stream_loop(
-                &mut state,
-                &mut inbox,
-                &mut requests,
-                &out,
-                &mailbox,
-                &members,
-                &mut leadership,
-                &mut stop,
-                &nodes,
-                &live,
-                &outbox,
-                me,
-                interval_ms,
-            )
-            .await;
-            if let (Some(id), Some((attachment, _))) = (state.node_id, &inbox) {
-                outbox.detach(id, *attachment);
+            if let Some((node, attachment)) = stream.serve(&mut requests, &out).await {
+                stream.plane.outbox.detach(node, attachment);
             }
         });
         Ok(Response::new(ReceiverStream::new(responses)))
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        self.require_leader().await?;
+        let Some(tokens) = &self.plane.tokens else {
+            return Err(Status::failed_precondition(
+                "join tokens are off: this cluster has no cluster_secret configured",
+            ));
+        };
+        let request = request.into_inner();
+        let (token, expires_at_ms) = tokens
+            .create(request.node_id, request.ttl_ms, now_ms())
+            .await
+            .map_err(|e| to_status_with_hint(e, &self.members))?;
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            header: common_meta::rpc::header(self.member_id, 0),
+            token,
+            expires_at_ms,
+        }))
     }
 
     async fn ask_leader(
@@ -307,6 +312,7 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
             }
         };
         let info = self
+            .plane
             .nodes
             .set_state(request.node_id, to)
             .await
@@ -322,7 +328,8 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
         self.require_leader().await?;
-        self.nodes
+        self.plane
+            .nodes
             .remove(request.into_inner().node_id)
             .await
             .map_err(|e| to_status_with_hint(e, &self.members))?;
@@ -338,6 +345,7 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
         self.require_leader().await?;
         let now = now_ms();
         let nodes = self
+            .plane
             .nodes
             .list()
             .await

@@ -14,7 +14,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Three loopback ports that were free a moment ago (members must know each other's
 /// addresses before any of them starts, so they cannot use port 0).
-fn free_ports() -> Vec<u16> {
+pub fn free_ports() -> Vec<u16> {
     let listeners: Vec<_> = (0..3)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
@@ -268,15 +268,13 @@ struct FixedStats(usize);
 
 #[async_trait::async_trait]
 impl meta_client::StatsProvider for FixedStats {
-    async fn stats(&self) -> meta_proto::v1::NodeStats {
-        meta_proto::v1::NodeStats {
-            regions: (0..self.0 as u64)
-                .map(|id| meta_proto::v1::RegionStat {
-                    region_id: id,
-                    ..Default::default()
-                })
-                .collect(),
-        }
+    async fn stats(&self) -> Vec<meta_proto::v1::RegionStat> {
+        (0..self.0 as u64)
+            .map(|id| meta_proto::v1::RegionStat {
+                region_id: id,
+                ..Default::default()
+            })
+            .collect()
     }
 }
 
@@ -296,6 +294,7 @@ async fn a_heartbeat_task_finds_the_leader_and_follows_a_new_one() {
         version: "0.1.0".to_string(),
         labels: Default::default(),
         start_time_ms: 1,
+        join_token: String::new(),
     };
     let task = meta_client::HeartbeatTask::start(
         client,

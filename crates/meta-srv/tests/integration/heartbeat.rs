@@ -22,23 +22,51 @@ fn handshake(node_id: u64, role: pb::NodeRole, addr: &str) -> pb::HeartbeatReque
             version: "0.1.0".to_string(),
             labels: HashMap::from([("zone".to_string(), "a".to_string())]),
             start_time_ms: 1,
+            join_token: String::new(),
         })),
         replies: Vec::new(),
+        seq: 1,
     }
 }
 
+fn with_token(mut request: pb::HeartbeatRequest, token: &str) -> pb::HeartbeatRequest {
+    if let Some(pb::heartbeat_request::Body::Handshake(h)) = &mut request.body {
+        h.join_token = token.to_string();
+    }
+    request
+}
+
+fn region(id: u64) -> pb::RegionStat {
+    pb::RegionStat {
+        region_id: id,
+        role: "leader".into(),
+        ..Default::default()
+    }
+}
+
+/// Full stats of regions 0..regions.
 fn stats(regions: usize) -> pb::HeartbeatRequest {
     pb::HeartbeatRequest {
         body: Some(pb::heartbeat_request::Body::Stats(pb::NodeStats {
-            regions: (0..regions as u64)
-                .map(|id| pb::RegionStat {
-                    region_id: id,
-                    role: "leader".into(),
-                    ..Default::default()
-                })
-                .collect(),
+            regions: (0..regions as u64).map(region).collect(),
+            full: true,
+            removed_regions: Vec::new(),
         })),
         replies: Vec::new(),
+        seq: 0,
+    }
+}
+
+/// A delta: `changed` regions new or updated, `removed` gone.
+fn delta(changed: &[u64], removed: &[u64], seq: u64) -> pb::HeartbeatRequest {
+    pb::HeartbeatRequest {
+        body: Some(pb::heartbeat_request::Body::Stats(pb::NodeStats {
+            regions: changed.iter().copied().map(region).collect(),
+            full: false,
+            removed_regions: removed.to_vec(),
+        })),
+        replies: Vec::new(),
+        seq,
     }
 }
 
@@ -130,6 +158,12 @@ async fn nodes_register_report_stats_and_restart() {
     assert_eq!(node.labels["zone"], "a");
     assert!(node.last_heartbeat_age_ms.is_some());
 
+    // A delta touches only what it names, and the answer echoes the request's seq.
+    tx.send(delta(&[3, 4], &[0], 17)).await.unwrap();
+    assert_eq!(answer(&mut answers).await.unwrap().seq, 17);
+    let nodes = client.nodes().await.unwrap();
+    assert_eq!(nodes[0].region_count, 4, "0..3 - {{0}} + {{3, 4}}");
+
     let body = crate::in_process::http_get(&server.http, "/nodes").await;
     let (head, json) = body.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
@@ -137,7 +171,7 @@ async fn nodes_register_report_stats_and_restart() {
     assert_eq!(json[0]["id"], 7);
     assert_eq!(json[0]["role"], "datanode");
     assert_eq!(json[0]["liveness"], "alive");
-    assert_eq!(json[0]["region_count"], 3);
+    assert_eq!(json[0]["region_count"], 4);
 
     // The node restarts elsewhere and opens a new stream: same record, new address.
     drop(tx);
@@ -187,6 +221,7 @@ async fn bad_streams_are_refused_and_others_go_on() {
             handshake(1, pb::NodeRole::Datanode, "h:1"),
             "registered as Frontend",
         ),
+        (pb::HeartbeatRequest::default(), "empty heartbeat request"),
     ];
     for (first, want) in cases {
         let (tx, mut answers) = open(&server.grpc).await;
@@ -203,6 +238,24 @@ async fn bad_streams_are_refused_and_others_go_on() {
             status.message()
         );
     }
+
+    // Stats that need a base the stream does not have, on a registered stream.
+    let (tx, mut answers, _) =
+        register(&server.grpc, handshake(3, pb::NodeRole::Datanode, "h:3")).await;
+    tx.send(delta(&[1], &[], 2)).await.unwrap();
+    let status = answer(&mut answers).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("first stats of a stream must be full"),
+        "{status:?}"
+    );
+
+    // Tokens are off without a cluster secret.
+    let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default()).unwrap();
+    let err = client.create_join_token(5, 60_000).await.unwrap_err();
+    assert!(err.to_string().contains("join tokens are off"), "{err}");
 
     good.send(stats(2)).await.unwrap();
     answer(&mut good_answers)
@@ -241,8 +294,8 @@ struct NoStats;
 
 #[async_trait::async_trait]
 impl meta_client::StatsProvider for NoStats {
-    async fn stats(&self) -> pb::NodeStats {
-        pb::NodeStats::default()
+    async fn stats(&self) -> Vec<pb::RegionStat> {
+        Vec::new()
     }
 }
 
@@ -266,6 +319,7 @@ async fn mailbox_round_trip_refusal_timeout_and_unknown_node() {
         version: "0.1.0".to_string(),
         labels: HashMap::new(),
         start_time_ms: 1,
+        join_token: String::new(),
     };
     let task = meta_client::HeartbeatTask::start(
         client,
@@ -314,5 +368,235 @@ async fn mailbox_round_trip_refusal_timeout_and_unknown_node() {
     );
     assert_eq!(*recorder.seen.lock().unwrap(), [7, 13, 99]);
     drop(task);
+    server.shutdown().await;
+}
+
+const SECRET: &str = "a cluster secret of enough bytes";
+
+/// Waits until the wall clock is past `at_ms` (ms since the epoch).
+async fn wait_past(at_ms: u64) {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        if now > at_ms {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the clock did not advance"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_tokens_admit_once_and_refuse_bad_expired_and_reused_ones() {
+    let server = crate::in_process::start_with(|c| c.cluster_secret = SECRET.to_string()).await;
+    let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default()).unwrap();
+    let mut token = None;
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while token.is_none() {
+        // Retried while the fresh server has not yet published its leadership.
+        match client.create_join_token(1, 600_000).await {
+            Ok((t, _)) => token = Some(t),
+            Err(e) => assert!(std::time::Instant::now() < until, "{e}"),
+        }
+    }
+    let token = token.unwrap();
+    let (good, mut good_answers, _) = register(
+        &server.grpc,
+        with_token(handshake(1, pb::NodeRole::Datanode, "h:1"), &token),
+    )
+    .await;
+
+    let (for_node_2, _) = client.create_join_token(2, 600_000).await.unwrap();
+    let (short_lived, expires) = client.create_join_token(3, 1).await.unwrap();
+    wait_past(expires).await;
+    let (spent, _) = client.create_join_token(4, 600_000).await.unwrap();
+    {
+        // Node 4 joins, is decommissioned and removed; its token is spent for good.
+        let (_tx, _answers, _) = register(
+            &server.grpc,
+            with_token(handshake(4, pb::NodeRole::Datanode, "h:4"), &spent),
+        )
+        .await;
+    }
+    for state in ["active", "draining", "decommissioned"] {
+        client.set_node_state(4, state).await.unwrap();
+    }
+    client.remove_node(4).await.unwrap();
+
+    let forged = format!("{}0", &token[..token.len() - 1]);
+    // Each case: node id, token, and what the refusal says.
+    let cases = [
+        (5, String::new(), "metactl token create --node 5"),
+        (5, "not-a-token".to_string(), "not valid for this cluster"),
+        (1, forged, "not valid for this cluster"),
+        (5, for_node_2.clone(), "is for node 2, not node 5"),
+        (3, short_lived, "expired"),
+        (4, spent, "already used"),
+    ];
+    for (node, token, want) in cases {
+        let (tx, mut answers) = open(&server.grpc).await;
+        tx.send(with_token(
+            handshake(node, pb::NodeRole::Datanode, "h:x"),
+            &token,
+        ))
+        .await
+        .unwrap();
+        let status = answer(&mut answers).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unauthenticated,
+            "{want}: {status:?}"
+        );
+        assert!(
+            status.message().contains(want),
+            "{:?} lacks {want:?}",
+            status.message()
+        );
+    }
+    let listed: Vec<u64> = client
+        .nodes()
+        .await
+        .unwrap()
+        .iter()
+        .map(|n| n.node_id)
+        .collect();
+    assert_eq!(listed, [1], "no refused node was registered");
+
+    // Node 1 restarts with the token it joined with: still admitted.
+    drop((good, good_answers));
+    let (good, mut good_answers, _) = register(
+        &server.grpc,
+        with_token(handshake(1, pb::NodeRole::Datanode, "h:1b"), &token),
+    )
+    .await;
+    good.send(stats(2)).await.unwrap();
+    answer(&mut good_answers).await.expect("node 1 beats on");
+    server.shutdown().await;
+}
+
+/// The first silence after a regular history (beats every `interval_ms`) at which the
+/// detector of `config` calls a node failed: the bound a test may hold it to.
+fn failure_bound(config: meta_srv::config::FailureDetectorConfig, interval_ms: u64) -> Duration {
+    use meta_srv::cluster_plane::failure_detector::{Liveness, PhiAccrualDetector};
+    let mut detector = PhiAccrualDetector::new(config.into());
+    for beat in 0..=100 {
+        detector.heartbeat(beat * interval_ms);
+    }
+    let last = 100 * interval_ms;
+    let silence = (0..)
+        .map(|step| step * 10)
+        .find(|silence| detector.liveness(last + silence) == Liveness::Failed)
+        .unwrap();
+    Duration::from_millis(silence)
+}
+
+async fn liveness(client: &MetaClient, node: u64) -> Option<String> {
+    let nodes = client.nodes().await.ok()?;
+    nodes
+        .into_iter()
+        .find(|n| n.node_id == node)
+        .map(|n| n.liveness)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_fails_within_the_bound_and_a_slow_one_is_only_suspect() {
+    // Beats every 100 ms; a standard deviation floor of 1 s makes the suspect band
+    // wide (phi 4..8 is about 3.7..5.3 s of silence), so scheduling noise cannot skip
+    // it. The slow node keeps silent for 4.5 s: suspect, 0.8 s short of failed.
+    let detector = meta_srv::config::FailureDetectorConfig {
+        threshold: 8.0,
+        min_std_dev_ms: 1_000,
+        acceptable_pause_ms: 0,
+        first_heartbeat_estimate_ms: 100,
+    };
+    let server = crate::in_process::start_with(|c| {
+        c.heartbeat_interval_ms = 100;
+        c.failure_detector = detector;
+    })
+    .await;
+    let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default()).unwrap();
+    let options = meta_client::sim::SimOptions {
+        nodes: 3,
+        regions_per_node: 20,
+        ..Default::default()
+    };
+    let mut sim = meta_client::sim::Simulator::start(&[server.grpc.clone()], &options)
+        .await
+        .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let nodes = client.nodes().await.unwrap_or_default();
+        if nodes.len() == 3
+            && nodes
+                .iter()
+                .all(|n| n.liveness == "alive" && n.region_count == 20)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "nodes not alive: {nodes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let the detectors learn the rhythm.
+    let beats = sim.totals().0;
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while sim.totals().0 < beats + 60 {
+        assert!(std::time::Instant::now() < until, "nodes stopped beating");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let bound = failure_bound(detector, 100);
+    let killed_at = std::time::Instant::now();
+    assert!(sim.kill(1));
+    assert!(sim.pause(2, Duration::from_millis(4_500)));
+    let mut slow_seen = std::collections::BTreeSet::new();
+    let mut killed_failed_after = None;
+    let until = killed_at + bound + Duration::from_secs(5);
+    while killed_failed_after.is_none() || killed_at.elapsed() < Duration::from_millis(5_000) {
+        assert!(
+            std::time::Instant::now() < until,
+            "node 1 not failed {:?} after its kill (bound {bound:?})",
+            killed_at.elapsed()
+        );
+        if let Some(l) = liveness(&client, 2).await {
+            slow_seen.insert(l);
+        }
+        if killed_failed_after.is_none() && liveness(&client, 1).await.as_deref() == Some("failed")
+        {
+            killed_failed_after = Some(killed_at.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let failed_after = killed_failed_after.unwrap();
+    assert!(
+        failed_after <= bound + Duration::from_millis(1_500),
+        "node 1 failed after {failed_after:?}, bound {bound:?}"
+    );
+    assert!(
+        slow_seen.contains("suspect"),
+        "the slow node was seen {slow_seen:?}"
+    );
+    assert!(
+        !slow_seen.contains("failed"),
+        "the slow node was seen {slow_seen:?}"
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while liveness(&client, 2).await.as_deref() != Some("alive") {
+        assert!(
+            std::time::Instant::now() < until,
+            "the slow node did not recover"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(liveness(&client, 3).await.as_deref(), Some("alive"));
+    drop(sim);
     server.shutdown().await;
 }

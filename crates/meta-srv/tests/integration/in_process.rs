@@ -20,13 +20,19 @@ pub struct Running {
 }
 
 pub async fn start() -> Running {
+    start_with(|_| {}).await
+}
+
+/// Starts a server on ephemeral ports after `adjust` changed its configuration.
+pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config {
+    let mut config = Config {
         data_dir: dir.path().join("data"),
         listen_addr: "127.0.0.1:0".parse().unwrap(),
         http_addr: "127.0.0.1:0".parse().unwrap(),
         ..Config::default()
     };
+    adjust(&mut config);
     let server = MetaSrv::bind(config).await.unwrap();
     let outbox = server.node_mailbox();
     let (grpc, http) = (

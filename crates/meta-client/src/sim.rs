@@ -1,0 +1,305 @@
+//! A simulator of many datanodes in one process, each a real [`HeartbeatTask`] on this
+//! crate: it handshakes, reports region stats (a fraction of them changing each beat),
+//! and answers instructions (opening, closing, upgrading and downgrading its regions).
+//! Used by tests (kill a node, make one slow) and by `cargo xtask sim` and
+//! `cargo xtask bench heartbeat`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common_meta::{Error, Result};
+use meta_proto::v1 as pb;
+
+use crate::client::{MetaClient, MetaClientOptions};
+use crate::heartbeat::{
+    HeartbeatState, HeartbeatTask, InstructionHandler, NodeIdentity, RttObserver, StatsProvider,
+};
+
+/// What to simulate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimOptions {
+    /// How many nodes.
+    pub nodes: usize,
+    /// The first node's id; the others follow.
+    pub first_node_id: u64,
+    /// Regions each node starts with.
+    pub regions_per_node: usize,
+    /// Fraction of a node's regions whose stats change between two heartbeats.
+    pub churn: f64,
+    /// Nodes sharing one connection per member (datanodes each have their own; a few
+    /// hundred streams per connection keep the simulator's sockets few).
+    pub nodes_per_connection: usize,
+    /// Node starts are spread over this long, so their heartbeats do not all fall in
+    /// the same instant.
+    pub ramp: Duration,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            nodes: 10,
+            first_node_id: 1,
+            regions_per_node: 10,
+            churn: 0.01,
+            nodes_per_connection: 100,
+            ramp: Duration::ZERO,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is a single update: never torn.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One simulated node's regions and behaviour.
+struct SimRegions {
+    regions: Mutex<BTreeMap<u64, pb::RegionStat>>,
+    churn: f64,
+    beats: AtomicU64,
+    /// Silence to keep before the next heartbeat (a slow node), taken once.
+    pause: Mutex<Option<Duration>>,
+    handled: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl StatsProvider for SimRegions {
+    async fn stats(&self) -> Vec<pb::RegionStat> {
+        let pause = lock(&self.pause).take();
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
+        let beat = self.beats.fetch_add(1, Ordering::Relaxed);
+        let mut regions = lock(&self.regions);
+        let total = regions.len();
+        let changing = ((total as f64) * self.churn).ceil() as usize;
+        if total > 0 && changing > 0 {
+            // Rotate through the regions so each changes in turn.
+            let start = (beat as usize * changing) % total;
+            let changing = changing.min(total);
+            for (i, stat) in regions.values_mut().enumerate() {
+                // Region i changes when it falls in [start, start + changing), mod total.
+                if (i + total - start) % total < changing {
+                    stat.approximate_rows += 100;
+                    stat.approximate_bytes += 4096;
+                    stat.write_rate = (beat % 50) as f64;
+                }
+            }
+        }
+        regions.values().cloned().collect()
+    }
+}
+
+#[async_trait]
+impl InstructionHandler for SimRegions {
+    async fn handle(&self, instruction: pb::Instruction) -> std::result::Result<(), String> {
+        use pb::instruction::Kind;
+        let outcome = {
+            let mut regions = lock(&self.regions);
+            match instruction.kind {
+                Some(Kind::OpenRegion(r)) => {
+                    regions.entry(r.region_id).or_insert(pb::RegionStat {
+                        region_id: r.region_id,
+                        role: "follower".to_string(),
+                        ..Default::default()
+                    });
+                    Ok(())
+                }
+                Some(Kind::CloseRegion(r)) => {
+                    regions.remove(&r.region_id);
+                    Ok(())
+                }
+                Some(Kind::UpgradeRegion(r)) | Some(Kind::DowngradeRegion(r))
+                    if !regions.contains_key(&r.region_id) =>
+                {
+                    Err(format!("region {} is not open here", r.region_id))
+                }
+                Some(Kind::UpgradeRegion(r)) => {
+                    if let Some(stat) = regions.get_mut(&r.region_id) {
+                        stat.role = "leader".to_string();
+                    }
+                    Ok(())
+                }
+                Some(Kind::DowngradeRegion(r)) => {
+                    if let Some(stat) = regions.get_mut(&r.region_id) {
+                        stat.role = "follower".to_string();
+                    }
+                    Ok(())
+                }
+                Some(Kind::InvalidateCache(_)) => Ok(()),
+                None => Err("an empty instruction".to_string()),
+            }
+        };
+        self.handled.fetch_add(1, Ordering::Relaxed);
+        outcome
+    }
+}
+
+struct SimNode {
+    id: u64,
+    regions: Arc<SimRegions>,
+    task: Option<HeartbeatTask>,
+}
+
+/// Running simulated nodes; all stop when dropped.
+pub struct Simulator {
+    nodes: Vec<SimNode>,
+    rtts: Arc<Mutex<Vec<Duration>>>,
+    handled: Arc<AtomicU64>,
+}
+
+impl Simulator {
+    /// Starts `options.nodes` nodes heartbeating to the cluster at `endpoints`.
+    pub async fn start(endpoints: &[String], options: &SimOptions) -> Result<Self> {
+        Self::start_with_tokens(endpoints, options, |_| String::new()).await
+    }
+
+    /// Like [`Simulator::start`], each node presenting `token(node_id)` as its join
+    /// token.
+    pub async fn start_with_tokens(
+        endpoints: &[String],
+        options: &SimOptions,
+        token: impl Fn(u64) -> String,
+    ) -> Result<Self> {
+        if options.nodes_per_connection == 0 {
+            return Err(Error::invalid_argument(
+                "nodes_per_connection must be at least 1",
+            ));
+        }
+        if !(0.0..=1.0).contains(&options.churn) {
+            return Err(Error::invalid_argument("churn is a fraction from 0 to 1"));
+        }
+        let rtts: Arc<Mutex<Vec<Duration>>> = Arc::default();
+        let handled = Arc::new(AtomicU64::new(0));
+        let observer: RttObserver = {
+            let rtts = rtts.clone();
+            Arc::new(move |rtt| lock(&rtts).push(rtt))
+        };
+        let started = tokio::time::Instant::now();
+        let mut client = None;
+        let mut nodes = Vec::with_capacity(options.nodes);
+        for i in 0..options.nodes {
+            if i % options.nodes_per_connection == 0 {
+                client = Some(MetaClient::new(endpoints, MetaClientOptions::default())?);
+            }
+            let Some(client) = client.clone() else {
+                unreachable!("made at i = 0")
+            };
+            let id = options.first_node_id + i as u64;
+            let regions = (0..options.regions_per_node as u64)
+                .map(|r| {
+                    let region_id = (id << 32) | r;
+                    let stat = pb::RegionStat {
+                        region_id,
+                        role: if r % 3 == 0 { "leader" } else { "follower" }.to_string(),
+                        approximate_bytes: 1 << 20,
+                        approximate_rows: 1_000,
+                        read_rate: 1.0,
+                        write_rate: 1.0,
+                    };
+                    (region_id, stat)
+                })
+                .collect();
+            let sim = Arc::new(SimRegions {
+                regions: Mutex::new(regions),
+                churn: options.churn,
+                beats: AtomicU64::new(0),
+                pause: Mutex::new(None),
+                handled: handled.clone(),
+            });
+            let identity = NodeIdentity {
+                id,
+                role: pb::NodeRole::Datanode,
+                addr: format!("sim-{id}:4001"),
+                version: "sim".to_string(),
+                labels: [("zone".to_string(), format!("z{}", id % 3))].into(),
+                start_time_ms: 1,
+                join_token: token(id),
+            };
+            if !options.ramp.is_zero() {
+                let at = started + options.ramp.mul_f64(i as f64 / options.nodes as f64);
+                tokio::time::sleep_until(at).await;
+            }
+            let task = HeartbeatTask::start_observed(
+                client,
+                identity,
+                sim.clone(),
+                sim.clone(),
+                Some(observer.clone()),
+            );
+            nodes.push(SimNode {
+                id,
+                regions: sim,
+                task: Some(task),
+            });
+        }
+        Ok(Simulator {
+            nodes,
+            rtts,
+            handled,
+        })
+    }
+
+    fn node(&self, id: u64) -> Option<&SimNode> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// Stops node `id` at once, as a crash would (its stream just ends).
+    pub fn kill(&mut self, id: u64) -> bool {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .and_then(|n| n.task.take())
+            .is_some()
+    }
+
+    /// Makes node `id` keep silent for `pause` before its next heartbeat.
+    pub fn pause(&self, id: u64, pause: Duration) -> bool {
+        self.node(id)
+            .map(|n| *lock(&n.regions.pause) = Some(pause))
+            .is_some()
+    }
+
+    /// Regions node `id` holds now.
+    pub fn regions(&self, id: u64) -> Vec<u64> {
+        self.node(id)
+            .map(|n| lock(&n.regions.regions).keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every running node's task state.
+    pub fn states(&self) -> Vec<(u64, HeartbeatState)> {
+        self.nodes
+            .iter()
+            .filter_map(|n| Some((n.id, n.task.as_ref()?.state().borrow().clone())))
+            .collect()
+    }
+
+    /// Running nodes with an open stream.
+    pub fn connected(&self) -> usize {
+        self.states()
+            .iter()
+            .filter(|(_, s)| s.connected_to.is_some())
+            .count()
+    }
+
+    /// Heartbeats answered and region stats sent, summed over the nodes.
+    pub fn totals(&self) -> (u64, u64) {
+        self.states().iter().fold((0, 0), |(a, r), (_, s)| {
+            (a + s.answered, r + s.regions_sent)
+        })
+    }
+
+    /// Instructions the nodes have handled.
+    pub fn instructions_handled(&self) -> u64 {
+        self.handled.load(Ordering::Relaxed)
+    }
+
+    /// Takes the round trips measured since the last call.
+    pub fn take_rtts(&self) -> Vec<Duration> {
+        std::mem::take(&mut *lock(&self.rtts))
+    }
+}

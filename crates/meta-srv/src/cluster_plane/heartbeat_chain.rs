@@ -1,0 +1,450 @@
+//! The heartbeat handler chain: an ordered list of named handlers run on every request
+//! of a heartbeat stream. Each handler's decision is a plain function of the stream's
+//! state and the request (tested below without a network); the handler only carries it
+//! out. The order, and why (see also meta-srv's AGENTS.md):
+//!
+//! 1. `check_leader`: only the leader's view counts, and a follower must send the node
+//!    to the leader at once. A stream is bound to the term of its first request and
+//!    ends when that term does.
+//! 2. `validate`: refuse malformed requests before touching any state (no handshake,
+//!    missing node id, unknown role, stats before the handshake, a delta before full
+//!    stats). A refusal closes this stream only.
+//! 3. `register_node` (handshakes only): check the join token if the cluster has a
+//!    secret, then register the node through raft. This is the only durable write,
+//!    once per stream, never per heartbeat.
+//! 4. `deliver_replies`: hand instruction replies to whoever waits in the mailbox.
+//! 5. `feed_detector`: the heartbeat renews the node's liveness (its lease).
+//! 6. `collect_stats`: apply the region stats (full or delta) in leader memory.
+//!
+//! Instructions do not wait for a heartbeat: the stream pushes them as soon as the
+//! mailbox has them (see `service/heartbeat.rs`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use common_meta::model::join_token::JoinTokens;
+use common_meta::model::node::{NodeInfo, NodeManager, NodeRole, NodeState};
+use meta_proto::v1 as pb;
+
+use crate::cluster_plane::live_nodes::LiveNodes;
+use crate::cluster_plane::node_mailbox::NodeMailbox;
+
+/// What a heartbeat stream has established so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamState {
+    /// The node id from the handshake, once registered.
+    pub node_id: Option<u64>,
+    /// The leadership term the stream is bound to (from its first request).
+    pub term: Option<u64>,
+    /// Full stats were received, so deltas have a base.
+    pub has_full_stats: bool,
+}
+
+/// The leader-side state every stream's chain works on.
+pub struct ClusterPlane {
+    /// Durable node registrations.
+    pub nodes: Arc<NodeManager>,
+    /// Detectors and stats in leader memory.
+    pub live: Arc<LiveNodes>,
+    /// Instructions to nodes and their replies.
+    pub outbox: Arc<NodeMailbox>,
+    /// Join tokens, when the cluster has a secret.
+    pub tokens: Option<JoinTokens>,
+}
+
+/// One request passing through the chain.
+pub struct Request<'a> {
+    /// The request.
+    pub body: &'a pb::HeartbeatRequest,
+    /// When it arrived, ms since the Unix epoch.
+    pub now_ms: u64,
+    /// The term this member leads in now, if it leads.
+    pub leader_term: Option<u64>,
+}
+
+/// Why the chain refused a request; the stream ends with it.
+#[derive(Debug)]
+pub enum Refusal {
+    /// This member does not lead (or no longer leads in the stream's term).
+    NotLeader,
+    /// The request is malformed (InvalidArgument).
+    Invalid(String),
+    /// Registering failed (bad token, decommissioned node, raft unavailable...).
+    Meta(common_meta::Error),
+}
+
+/// One named step of the chain.
+#[async_trait]
+pub trait HeartbeatHandler: Send + Sync {
+    /// The handler's name, for logs and docs.
+    fn name(&self) -> &'static str;
+    /// Carries out the handler's decision for `request` on a stream in `stream`.
+    async fn handle(
+        &self,
+        plane: &ClusterPlane,
+        stream: &mut StreamState,
+        request: &Request<'_>,
+    ) -> Result<(), Refusal>;
+}
+
+/// The chain, in the order it runs (see the module doc for why).
+pub fn chain() -> Vec<Box<dyn HeartbeatHandler>> {
+    vec![
+        Box::new(CheckLeader),
+        Box::new(Validate),
+        Box::new(RegisterNode),
+        Box::new(DeliverReplies),
+        Box::new(FeedDetector),
+        Box::new(CollectStats),
+    ]
+}
+
+/// Runs every handler of `chain` in order; stops at the first refusal, naming it.
+pub async fn run(
+    chain: &[Box<dyn HeartbeatHandler>],
+    plane: &ClusterPlane,
+    stream: &mut StreamState,
+    request: &Request<'_>,
+) -> Result<(), (&'static str, Refusal)> {
+    for handler in chain {
+        handler
+            .handle(plane, stream, request)
+            .await
+            .map_err(|refusal| (handler.name(), refusal))?;
+    }
+    Ok(())
+}
+
+/// The term a stream serves after a request: the member must lead, in the stream's
+/// term if it already has one.
+pub fn check_leader(stream_term: Option<u64>, leader_term: Option<u64>) -> Result<u64, Refusal> {
+    match (stream_term, leader_term) {
+        (_, None) => Err(Refusal::NotLeader),
+        (Some(bound), Some(now)) if bound != now => Err(Refusal::NotLeader),
+        (_, Some(now)) => Ok(now),
+    }
+}
+
+fn role(role: i32) -> Option<NodeRole> {
+    match pb::NodeRole::try_from(role) {
+        Ok(pb::NodeRole::Datanode) => Some(NodeRole::Datanode),
+        Ok(pb::NodeRole::Frontend) => Some(NodeRole::Frontend),
+        Ok(pb::NodeRole::Flownode) => Some(NodeRole::Flownode),
+        _ => None,
+    }
+}
+
+/// Checks `request` against what the stream has established; the error is the
+/// message of the InvalidArgument that ends this stream only.
+pub fn validate(stream: &StreamState, request: &pb::HeartbeatRequest) -> Result<(), String> {
+    use pb::heartbeat_request::Body;
+    match (&request.body, stream.node_id) {
+        (None, _) => Err("empty heartbeat request".to_string()),
+        (Some(Body::Handshake(_)), Some(id)) => Err(format!(
+            "node {id} already sent its handshake on this stream"
+        )),
+        (Some(Body::Handshake(h)), None) => {
+            if h.node_id == 0 {
+                Err("the handshake has no node_id (ids start at 1)".to_string())
+            } else if role(h.role).is_none() {
+                Err(format!("node {}: unknown role {}", h.node_id, h.role))
+            } else if h.addr.is_empty() {
+                Err(format!("node {}: the handshake has no addr", h.node_id))
+            } else {
+                Ok(())
+            }
+        }
+        (Some(Body::Stats(_)), None) => {
+            Err("the first message of a heartbeat stream must be a handshake".to_string())
+        }
+        (Some(Body::Stats(stats)), Some(id)) => {
+            if stats.full && !stats.removed_regions.is_empty() {
+                Err(format!("node {id}: full stats cannot remove regions"))
+            } else if !stats.full && !stream.has_full_stats {
+                Err(format!(
+                    "node {id}: the first stats of a stream must be full (every region)"
+                ))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The node a (validated) handshake describes, as it would be registered.
+pub fn node_info(handshake: &pb::NodeHandshake) -> Result<NodeInfo, Refusal> {
+    let role = role(handshake.role)
+        .ok_or_else(|| Refusal::Invalid(format!("unknown role {}", handshake.role)))?;
+    Ok(NodeInfo {
+        id: handshake.node_id,
+        role,
+        addr: handshake.addr.clone(),
+        labels: handshake
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<BTreeMap<_, _>>(),
+        state: NodeState::Joining,
+        version: handshake.version.clone(),
+        start_time_ms: handshake.start_time_ms,
+    })
+}
+
+struct CheckLeader;
+
+#[async_trait]
+impl HeartbeatHandler for CheckLeader {
+    fn name(&self) -> &'static str {
+        "check_leader"
+    }
+
+    async fn handle(
+        &self,
+        _plane: &ClusterPlane,
+        stream: &mut StreamState,
+        request: &Request<'_>,
+    ) -> Result<(), Refusal> {
+        stream.term = Some(check_leader(stream.term, request.leader_term)?);
+        Ok(())
+    }
+}
+
+struct Validate;
+
+#[async_trait]
+impl HeartbeatHandler for Validate {
+    fn name(&self) -> &'static str {
+        "validate"
+    }
+
+    async fn handle(
+        &self,
+        _plane: &ClusterPlane,
+        stream: &mut StreamState,
+        request: &Request<'_>,
+    ) -> Result<(), Refusal> {
+        validate(stream, request.body).map_err(Refusal::Invalid)
+    }
+}
+
+struct RegisterNode;
+
+#[async_trait]
+impl HeartbeatHandler for RegisterNode {
+    fn name(&self) -> &'static str {
+        "register_node"
+    }
+
+    async fn handle(
+        &self,
+        plane: &ClusterPlane,
+        stream: &mut StreamState,
+        request: &Request<'_>,
+    ) -> Result<(), Refusal> {
+        let Some(pb::heartbeat_request::Body::Handshake(handshake)) = &request.body.body else {
+            return Ok(());
+        };
+        let info = node_info(handshake)?;
+        match &plane.tokens {
+            Some(tokens) => {
+                tokens
+                    .admit(&plane.nodes, &info, &handshake.join_token, request.now_ms)
+                    .await
+            }
+            None => plane.nodes.register(info).await,
+        }
+        .map_err(Refusal::Meta)?;
+        stream.node_id = Some(handshake.node_id);
+        Ok(())
+    }
+}
+
+struct DeliverReplies;
+
+#[async_trait]
+impl HeartbeatHandler for DeliverReplies {
+    fn name(&self) -> &'static str {
+        "deliver_replies"
+    }
+
+    async fn handle(
+        &self,
+        plane: &ClusterPlane,
+        stream: &mut StreamState,
+        request: &Request<'_>,
+    ) -> Result<(), Refusal> {
+        if let Some(id) = stream.node_id {
+            for reply in &request.body.replies {
+                plane.outbox.deliver(id, reply.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+struct FeedDetector;
+
+#[async_trait]
+impl HeartbeatHandler for FeedDetector {
+    fn name(&self) -> &'static str {
+        "feed_detector"
+    }
+
+    async fn handle(
+        &self,
+        plane: &ClusterPlane,
+        stream: &mut StreamState,
+        request: &Request<'_>,
+    ) -> Result<(), Refusal> {
+        if let Some(id) = stream.node_id {
+            plane.live.beat(id, request.now_ms);
+        }
+        Ok(())
+    }
+}
+
+struct CollectStats;
+
+#[async_trait]
+impl HeartbeatHandler for CollectStats {
+    fn name(&self) -> &'static str {
+        "collect_stats"
+    }
+
+    async fn handle(
+        &self,
+        plane: &ClusterPlane,
+        stream: &mut StreamState,
+        request: &Request<'_>,
+    ) -> Result<(), Refusal> {
+        if let (Some(id), Some(pb::heartbeat_request::Body::Stats(stats))) =
+            (stream.node_id, &request.body.body)
+        {
+            plane.live.apply_stats(id, stats);
+            stream.has_full_stats |= stats.full;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handshake(node_id: u64, role: i32, addr: &str) -> pb::HeartbeatRequest {
+        pb::HeartbeatRequest {
+            body: Some(pb::heartbeat_request::Body::Handshake(pb::NodeHandshake {
+                node_id,
+                role,
+                addr: addr.to_string(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn stats(full: bool, removed: Vec<u64>) -> pb::HeartbeatRequest {
+        pb::HeartbeatRequest {
+            body: Some(pb::heartbeat_request::Body::Stats(pb::NodeStats {
+                regions: vec![pb::RegionStat::default(); 2],
+                full,
+                removed_regions: removed,
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_chain_runs_in_the_documented_order() {
+        let names: Vec<_> = chain().iter().map(|h| h.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "check_leader",
+                "validate",
+                "register_node",
+                "deliver_replies",
+                "feed_detector",
+                "collect_stats"
+            ]
+        );
+    }
+
+    #[test]
+    fn leadership_decisions() {
+        // Each case: the stream's term, the member's term now, and the term kept.
+        let cases = [
+            (None, None, None),
+            (None, Some(3), Some(3)),
+            (Some(3), Some(3), Some(3)),
+            (Some(3), Some(4), None),
+            (Some(3), None, None),
+        ];
+        for (bound, now, want) in cases {
+            assert_eq!(check_leader(bound, now).ok(), want, "{bound:?} {now:?}");
+        }
+    }
+
+    #[test]
+    fn validations() {
+        let fresh = StreamState::default();
+        let known = StreamState {
+            node_id: Some(4),
+            ..StreamState::default()
+        };
+        let based = StreamState {
+            has_full_stats: true,
+            ..known.clone()
+        };
+        // Each case: stream state, request, and Ok or a fragment of the error.
+        let cases: Vec<(&StreamState, pb::HeartbeatRequest, Result<(), &str>)> = vec![
+            (&fresh, handshake(4, 1, "h:1"), Ok(())),
+            (&fresh, stats(true, vec![]), Err("must be a handshake")),
+            (&fresh, handshake(0, 1, "h:1"), Err("no node_id")),
+            (&fresh, handshake(4, 0, "h:1"), Err("unknown role 0")),
+            (&fresh, handshake(4, 9, "h:1"), Err("unknown role 9")),
+            (&fresh, handshake(4, 1, ""), Err("no addr")),
+            (&fresh, pb::HeartbeatRequest::default(), Err("empty")),
+            (&known, stats(true, vec![]), Ok(())),
+            (
+                &known,
+                stats(false, vec![]),
+                Err("first stats of a stream must be full"),
+            ),
+            (&known, stats(true, vec![1]), Err("cannot remove")),
+            (&based, stats(false, vec![1]), Ok(())),
+            (
+                &known,
+                handshake(4, 1, "h:1"),
+                Err("already sent its handshake"),
+            ),
+        ];
+        for (state, request, want) in cases {
+            let got = validate(state, &request);
+            match (want, got) {
+                (Ok(()), Ok(())) => {}
+                (Err(w), Err(g)) => assert!(g.contains(w), "{g:?} lacks {w:?}"),
+                (w, g) => panic!("{request:?}: wanted {w:?}, got {g:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_handshake_describes_a_joining_node() {
+        let mut request = handshake(4, 2, "h:1");
+        if let Some(pb::heartbeat_request::Body::Handshake(h)) = &mut request.body {
+            h.labels.insert("zone".to_string(), "b".to_string());
+            h.version = "1.2".to_string();
+        }
+        let Some(pb::heartbeat_request::Body::Handshake(h)) = &request.body else {
+            unreachable!("built above")
+        };
+        let info = node_info(h).unwrap();
+        assert_eq!(
+            (info.id, info.role, info.state, info.addr.as_str()),
+            (4, NodeRole::Frontend, NodeState::Joining, "h:1")
+        );
+        assert_eq!(info.labels.get("zone").map(String::as_str), Some("b"));
+    }
+}
