@@ -26,6 +26,8 @@ pub enum BenchTask {
     Kv(KvArgs),
     /// Procedures of three persisted steps on the sled and raft backends.
     Procedure(ProcedureArgs),
+    /// Heartbeats of simulated datanodes to one leader.
+    Heartbeat(crate::bench_heartbeat::HeartbeatArgs),
 }
 
 /// Settings of `bench procedure`.
@@ -95,6 +97,26 @@ impl KvArgs {
 pub fn launch(task: &BenchTask) -> anyhow::Result<()> {
     let args = match task {
         BenchTask::Kv(args) => args,
+        BenchTask::Heartbeat(args) => {
+            run_command(Command::new("cargo").args([
+                "build",
+                "--release",
+                "--quiet",
+                "-p",
+                "meta-srv",
+                "-p",
+                "xtask",
+                "--bin",
+                "meta-srv",
+                "--bin",
+                "xtask",
+            ]))?;
+            return run_command(
+                Command::new(root().join("target/release/xtask"))
+                    .arg("bench-run")
+                    .args(args.to_args()),
+            );
+        }
         BenchTask::Procedure(args) => {
             run_command(Command::new("cargo").args([
                 "build",
@@ -166,13 +188,21 @@ pub fn run(task: BenchTask) -> anyhow::Result<()> {
         BenchTask::Procedure(args) => {
             runtime.block_on(crate::bench_procedure::run(args.concurrency, args.seconds))
         }
+        BenchTask::Heartbeat(args) => runtime.block_on(crate::bench_heartbeat::run(args)),
     }
 }
 
 /// Processes killed on drop.
-struct Processes {
+pub struct Processes {
     children: Vec<Child>,
     _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Processes {
+    /// The process id of the `i`th process.
+    pub fn pid(&self, i: usize) -> u32 {
+        self.children[i].id()
+    }
 }
 
 impl Drop for Processes {
@@ -197,6 +227,14 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
 
 /// A release meta-srv cluster of `members`; returns its processes and client endpoints.
 async fn start_meta(members: usize) -> anyhow::Result<(Processes, Vec<String>)> {
+    start_meta_with(members, None).await
+}
+
+/// Like [`start_meta`], every member also reading the TOML `config`.
+pub async fn start_meta_with(
+    members: usize,
+    config: Option<&str>,
+) -> anyhow::Result<(Processes, Vec<String>)> {
     let binary = root().join("target/release/meta-srv");
     let addrs: Vec<String> = free_ports(members)?
         .into_iter()
@@ -225,6 +263,11 @@ async fn start_meta(members: usize) -> anyhow::Result<(Processes, Vec<String>)> 
             .stderr(Stdio::null());
         if members > 1 {
             command.args(["--initial-cluster", &initial.join(",")]);
+        }
+        if let Some(config) = config {
+            let path = dir.path().join("bench.toml");
+            std::fs::write(&path, config)?;
+            command.arg("--config").arg(path);
         }
         let mut child = command
             .spawn()

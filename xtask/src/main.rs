@@ -5,11 +5,15 @@
 //! - `check`: fails when a generated file is stale.
 //! - `bench kv`: a load run against a release `meta-srv`.
 //! - `bench procedure`: procedures per second on the sled and raft backends.
+//! - `bench heartbeat`: heartbeats of simulated datanodes to one release leader.
+//! - `sim`: simulated datanodes against a running cluster.
 //! - `fault --seeds N`: the randomized fault runs with N seeds, in release mode.
 
 mod bench;
+mod bench_heartbeat;
 mod bench_procedure;
 mod codegen;
+mod sim;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -45,6 +49,8 @@ enum Task {
         #[arg(long, default_value_t = 1)]
         base_seed: u64,
     },
+    /// Simulated datanodes heartbeating to a running cluster, answering instructions.
+    Sim(sim::SimArgs),
     /// (internal) The load generator, run by `bench` from a release build of xtask.
     #[command(hide = true, subcommand)]
     BenchRun(bench::BenchTask),
@@ -77,6 +83,10 @@ fn main() -> anyhow::Result<()> {
             .env("METASRV_FAULT_SEEDS", seeds.to_string())
             .env("METASRV_FAULT_BASE_SEED", base_seed.to_string())),
         Task::BenchRun(task) => bench::run(task),
+        Task::Sim(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(sim::run(args)),
     }
 }
 

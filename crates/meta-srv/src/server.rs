@@ -276,6 +276,7 @@ impl MetaSrv {
             member_id,
             self.node.mailbox(),
             self.members.clone(),
+            stop_rx.clone(),
         ))
         .max_decoding_message_size(MAX_RAFT_BATCH_BYTES);
         let procedures = ProcedureServer::new(ProcedureService::new(
@@ -294,8 +295,9 @@ impl MetaSrv {
         let (forget, outbox) = (live.clone(), self.outbox.clone());
         tokio::spawn(async move {
             while leadership.changed().await.is_ok() {
+                let term = (*leadership.borrow_and_update()).unwrap_or(0);
                 forget.reset(unix_ms());
-                outbox.clear();
+                outbox.reset(term);
             }
         });
         let tokens = match self.config.cluster_secret.as_str() {

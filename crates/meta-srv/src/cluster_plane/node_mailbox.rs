@@ -4,7 +4,7 @@
 //! Each stream that completes its handshake attaches an outbox for its node (a newer
 //! stream of the same node replaces the older one). Replies ride on the node's next
 //! requests and are matched by id. Leadership changes fail everything pending: the
-//! next leader's mailbox starts empty.
+//! next leader's mailbox starts empty, with ids from a range of its own term.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -107,8 +107,11 @@ impl NodeMailbox {
         }
     }
 
-    /// Fails everything pending and detaches every stream (leadership changed).
-    pub fn clear(&self) {
+    /// Fails everything pending and detaches every stream (leadership changed); ids
+    /// given from now on start at `term << 32`, so a late reply to an older leader's
+    /// instruction can never match one of this term's.
+    pub fn reset(&self, term: u64) {
+        self.next_id.store(term << 32, Ordering::Relaxed);
         lock(&self.outboxes).clear();
         for (_, (node, waiter)) in lock(&self.pending).drain() {
             let _ = waiter.send(Err(Error::Unavailable {
@@ -189,8 +192,14 @@ mod tests {
         };
         let third = inbox.recv().await.unwrap();
         assert_eq!(third.id, late.id + 1);
-        mailbox.clear();
+        mailbox.reset(5);
         let err = waiting.await.unwrap().unwrap_err();
         assert!(err.to_string().contains("leadership changed"), "{err}");
+        let (_, mut inbox) = mailbox.attach(9);
+        let _next = {
+            let mailbox = mailbox.clone();
+            tokio::spawn(async move { mailbox.send(9, open(4), Duration::from_secs(5)).await })
+        };
+        assert_eq!(inbox.recv().await.unwrap().id, (5 << 32) + 1);
     }
 }

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::raft::members::Members;
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::error::to_status_with_hint;
 use crate::raft::driver::{Command, Mailbox, Membership, MembershipChange};
@@ -24,17 +24,26 @@ pub struct ClusterService {
     member_id: u64,
     mailbox: Mailbox,
     members: Arc<Members>,
+    /// Becomes true at shutdown: inbound raft streams end.
+    stop: watch::Receiver<bool>,
 }
 
 impl ClusterService {
     /// A service for member `member_id` of cluster `cluster_id`, stepping inbound raft
-    /// messages into `mailbox`; `members` maps ids to addresses.
-    pub fn new(cluster_id: u64, member_id: u64, mailbox: Mailbox, members: Arc<Members>) -> Self {
+    /// messages into `mailbox`; `members` maps ids to addresses; `stop` ends streams.
+    pub fn new(
+        cluster_id: u64,
+        member_id: u64,
+        mailbox: Mailbox,
+        members: Arc<Members>,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
         ClusterService {
             cluster_id,
             member_id,
             mailbox,
             members,
+            stop,
         }
     }
 }
@@ -169,7 +178,20 @@ impl pb::cluster_server::Cluster for ClusterService {
         request: Request<Streaming<pb::RaftBatch>>,
     ) -> Result<Response<pb::RaftAck>, Status> {
         let mut stream = request.into_inner();
-        while let Some(batch) = stream.message().await? {
+        let mut stop = self.stop.clone();
+        loop {
+            // A peer's stream never ends by itself: end it at shutdown, or the server's
+            // graceful stop would wait for it forever.
+            let batch = tokio::select! {
+                batch = stream.message() => match batch? {
+                    Some(batch) => batch,
+                    None => break,
+                },
+                stopping = stop.wait_for(|stopping| *stopping) => {
+                    drop(stopping);
+                    return Err(Status::unavailable("the member is shutting down"));
+                }
+            };
             if batch.cluster_id != self.cluster_id {
                 return Err(Status::failed_precondition(format!(
                     "member {} is in cluster {:016x}, but this is cluster {:016x}",
