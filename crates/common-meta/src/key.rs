@@ -14,6 +14,7 @@
 //! __table_route/{table_id:010}                    TableRouteKey
 //! __procedure/procedure/{id}                       procedure records (state_store.rs)
 //! __procedure_seg/{key}/{gen:016x}/{i:08}          segments of large procedure states
+//! __join_token/{sha256 of the token, hex}          join token records (model/join_token.rs)
 //! ```
 //!
 //! Names (catalog, schema, table, sequence) are 1 to 255 bytes of UTF-8 with no `/` and

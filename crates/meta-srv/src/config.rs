@@ -476,6 +476,22 @@ mod tests {
                 "[limits]\nmax_value_bytes = 10\nmax_request_bytes = 5",
                 "must not exceed limits.max_request_bytes",
             ),
+            (
+                "cluster_secret = \"short\"",
+                "cluster_secret must have at least 16 bytes",
+            ),
+            (
+                "[failure_detector]\nthreshold = 0.0",
+                "failure_detector.threshold must be a number above 0",
+            ),
+            (
+                "[failure_detector]\nthreshold = nan",
+                "failure_detector.threshold must be a number above 0",
+            ),
+            (
+                "[failure_detector]\nmin_std_dev_ms = 0",
+                "min_std_dev_ms and first_heartbeat_estimate_ms must be at least 1",
+            ),
         ];
         for (text, want) in cases {
             let err = Config::from_toml(text, Path::new("t.toml"))

@@ -59,7 +59,7 @@ pub struct MetaSrv {
     node: RaftNode,
     backend: RaftKvBackend,
     procedures: Arc<ProcedureHost>,
-    outbox: Arc<NodeMailbox>,
+    plane: Arc<ClusterPlane>,
     grpc: TcpListener,
     http: TcpListener,
 }
@@ -158,6 +158,19 @@ impl MetaSrv {
             ManagerConfig::default(),
             Arc::new(|_manager: &procedure::ProcedureManager| Ok(())),
         ));
+        let tokens = match config.cluster_secret.as_str() {
+            "" => None,
+            secret => Some(JoinTokens::new(
+                secret.as_bytes(),
+                Arc::new(backend.clone()),
+            )?),
+        };
+        let plane = Arc::new(ClusterPlane {
+            nodes: Arc::new(NodeManager::new(Arc::new(backend.clone()))),
+            live: Arc::new(LiveNodes::new(config.failure_detector.into(), unix_ms())),
+            outbox: Arc::new(NodeMailbox::default()),
+            tokens,
+        });
         Ok(MetaSrv {
             config,
             data_dir,
@@ -167,7 +180,7 @@ impl MetaSrv {
             node,
             backend,
             procedures,
-            outbox: Arc::new(NodeMailbox::default()),
+            plane,
             grpc,
             http,
         })
@@ -235,9 +248,10 @@ impl MetaSrv {
         self.cluster_id
     }
 
-    /// The mailbox to nodes heartbeating to this member (works while it leads).
-    pub fn node_mailbox(&self) -> Arc<NodeMailbox> {
-        self.outbox.clone()
+    /// What this member knows of heartbeating nodes, and the mailbox to them (it
+    /// answers while this member leads).
+    pub fn cluster_plane(&self) -> Arc<ClusterPlane> {
+        self.plane.clone()
     }
 
     /// The leader-only procedure manager of this member.
@@ -285,40 +299,22 @@ impl MetaSrv {
             self.node.mailbox(),
             self.members.clone(),
         ));
-        let live = Arc::new(LiveNodes::new(
-            self.config.failure_detector.into(),
-            unix_ms(),
-        ));
-        let node_manager = Arc::new(NodeManager::new(Arc::new(self.backend.clone())));
         // A new term starts from the next heartbeats, never from an old leader's view.
         let mut leadership = self.node.leadership();
-        let (forget, outbox) = (live.clone(), self.outbox.clone());
+        let plane = self.plane.clone();
         tokio::spawn(async move {
             while leadership.changed().await.is_ok() {
                 let term = (*leadership.borrow_and_update()).unwrap_or(0);
-                forget.reset(unix_ms());
-                outbox.reset(term);
+                plane.live.reset(unix_ms());
+                plane.outbox.reset(term);
             }
-        });
-        let tokens = match self.config.cluster_secret.as_str() {
-            "" => None,
-            secret => Some(JoinTokens::new(
-                secret.as_bytes(),
-                Arc::new(self.backend.clone()),
-            )?),
-        };
-        let plane = Arc::new(ClusterPlane {
-            nodes: node_manager.clone(),
-            live: live.clone(),
-            outbox: self.outbox.clone(),
-            tokens,
         });
         let heartbeats = HeartbeatServer::new(HeartbeatService {
             member_id,
             mailbox: self.node.mailbox(),
             members: self.members.clone(),
             leadership: self.node.leadership(),
-            plane,
+            plane: self.plane.clone(),
             chain: Arc::new(heartbeat_chain::chain()),
             interval_ms: self.config.heartbeat_interval_ms,
             stop: stop_rx.clone(),
@@ -338,8 +334,8 @@ impl MetaSrv {
             store: self.store.clone(),
             mailbox: self.node.mailbox(),
             members: self.members.clone(),
-            nodes: node_manager.clone(),
-            live: live.clone(),
+            nodes: self.plane.nodes.clone(),
+            live: self.plane.live.clone(),
             leadership: self.node.leadership(),
         }));
         let http = axum::serve(self.http, router).with_graceful_shutdown(stopped(stop_rx));

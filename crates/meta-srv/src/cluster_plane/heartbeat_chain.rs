@@ -53,6 +53,34 @@ pub struct ClusterPlane {
     pub tokens: Option<JoinTokens>,
 }
 
+impl ClusterPlane {
+    /// Sends `instruction` to node `node_id` and waits up to `deadline` for its reply,
+    /// refusing at once a node the failure detector calls failed (its stream may still
+    /// be open, but nothing would answer).
+    pub async fn send(
+        &self,
+        node_id: u64,
+        instruction: pb::Instruction,
+        deadline: std::time::Duration,
+    ) -> common_meta::Result<pb::InstructionReply> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let view = self.live.view(node_id, now_ms);
+        if view.liveness == "failed" {
+            return Err(common_meta::Error::Unavailable {
+                message: format!(
+                    "node {node_id} is failed (phi {:.1}, last heartbeat {} ms ago)",
+                    view.phi,
+                    view.last_heartbeat_age_ms
+                        .map_or_else(|| "never".to_string(), |ms| ms.to_string())
+                ),
+            });
+        }
+        self.outbox.send(node_id, instruction, deadline).await
+    }
+}
+
 /// One request passing through the chain.
 pub struct Request<'a> {
     /// The request.
@@ -428,6 +456,31 @@ mod tests {
                 (w, g) => panic!("{request:?}: wanted {w:?}, got {g:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_failed_node_is_refused_before_its_stream_is_tried() {
+        let kv: Arc<dyn common_meta::kv::KvBackend> =
+            Arc::new(common_meta::kv::MemoryKvBackend::default());
+        let plane = ClusterPlane {
+            nodes: Arc::new(NodeManager::new(kv)),
+            live: Arc::new(LiveNodes::new(Default::default(), 0)),
+            outbox: Arc::new(NodeMailbox::default()),
+            tokens: None,
+        };
+        // Node 3 beat once, at the epoch: long silent. Its stream is still attached.
+        plane.live.beat(3, 0);
+        let (_attachment, _inbox) = plane.outbox.attach(3);
+        let err = plane
+            .send(
+                3,
+                pb::Instruction::default(),
+                std::time::Duration::from_secs(5),
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("node 3 is failed"), "{err}");
     }
 
     #[test]

@@ -334,13 +334,13 @@ async fn mailbox_round_trip_refusal_timeout_and_unknown_node() {
         .unwrap();
 
     let reply = server
-        .outbox
+        .plane
         .send(42, open_region(7), Duration::from_secs(10))
         .await
         .unwrap();
     assert!(reply.ok, "{reply:?}");
     let reply = server
-        .outbox
+        .plane
         .send(42, open_region(13), Duration::from_secs(10))
         .await
         .unwrap();
@@ -349,7 +349,7 @@ async fn mailbox_round_trip_refusal_timeout_and_unknown_node() {
         (false, "region 13 is corrupt")
     );
     let err = server
-        .outbox
+        .plane
         .send(42, open_region(99), Duration::from_millis(200))
         .await
         .unwrap_err();
@@ -358,7 +358,7 @@ async fn mailbox_round_trip_refusal_timeout_and_unknown_node() {
         "{err}"
     );
     let err = server
-        .outbox
+        .plane
         .send(5, open_region(1), Duration::from_secs(1))
         .await
         .unwrap_err();
@@ -406,7 +406,7 @@ async fn join_tokens_admit_once_and_refuse_bad_expired_and_reused_ones() {
         }
     }
     let token = token.unwrap();
-    let (good, mut good_answers, _) = register(
+    let (good, good_answers, _) = register(
         &server.grpc,
         with_token(handshake(1, pb::NodeRole::Datanode, "h:1"), &token),
     )
@@ -526,7 +526,7 @@ async fn a_killed_node_fails_within_the_bound_and_a_slow_one_is_only_suspect() {
         regions_per_node: 20,
         ..Default::default()
     };
-    let mut sim = meta_client::sim::Simulator::start(&[server.grpc.clone()], &options)
+    let mut sim = meta_client::sim::Simulator::start(std::slice::from_ref(&server.grpc), &options)
         .await
         .unwrap();
     let until = std::time::Instant::now() + Duration::from_secs(30);
@@ -722,7 +722,7 @@ async fn a_follower_sends_nodes_to_the_leader_and_a_leader_change_fails_pending_
 
     tracing::info!("--- an instruction is pending on the node when leadership moves");
     let pending = {
-        let outbox = members[first].outbox.clone();
+        let outbox = members[first].plane.clone();
         tokio::spawn(async move {
             outbox
                 .send(42, open_region(77), Duration::from_secs(30))
@@ -768,7 +768,7 @@ async fn a_follower_sends_nodes_to_the_leader_and_a_leader_change_fails_pending_
     // dropped. The new leader's own instruction round-trips.
     handler.release.add_permits(1);
     let reply = members[second]
-        .outbox
+        .plane
         .send(42, open_region(78), Duration::from_secs(10))
         .await
         .unwrap();

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 pub struct Running {
     pub grpc: String,
     pub http: String,
-    pub outbox: std::sync::Arc<meta_srv::cluster_plane::node_mailbox::NodeMailbox>,
+    pub plane: std::sync::Arc<meta_srv::cluster_plane::heartbeat_chain::ClusterPlane>,
     stop: oneshot::Sender<()>,
     served: tokio::task::JoinHandle<meta_srv::Result<()>>,
     _dir: tempfile::TempDir,
@@ -34,7 +34,7 @@ pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Running {
     };
     adjust(&mut config);
     let server = MetaSrv::bind(config).await.unwrap();
-    let outbox = server.node_mailbox();
+    let plane = server.cluster_plane();
     let (grpc, http) = (
         server.grpc_addr().to_string(),
         server.http_addr().to_string(),
@@ -46,7 +46,7 @@ pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Running {
     Running {
         grpc,
         http,
-        outbox,
+        plane,
         stop,
         served,
         _dir: dir,

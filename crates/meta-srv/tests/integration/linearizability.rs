@@ -64,14 +64,35 @@ fn written(call: &Call) -> Option<&String> {
     }
 }
 
+/// The state an unobserved write leaves: a value no operation reads or expects. All
+/// such values are alike to every other operation, so they share one name.
+const PHANTOM: &str = "\u{0}phantom";
+
+/// Writes with an unknown outcome whose value nobody observes, grouped by what they
+/// need to take effect: `None` for a put (anything), `Some(expect)` for a
+/// compare-and-put. Only how many of a group have been called by a point matters, not
+/// which (values are interchangeable), so the search counts them instead of trying
+/// every subset: this keeps heavily faulted histories tractable, exactly.
+struct Phantoms {
+    groups: Vec<(Option<Option<String>>, Vec<u64>)>,
+}
+
+impl Phantoms {
+    /// Phantoms of group `g` called by `horizon`.
+    fn available(&self, g: usize, horizon: u64) -> usize {
+        self.groups[g].1.partition_point(|start| *start <= horizon)
+    }
+}
+
 /// Checks every key's sub-history; on failure names the key and its operations.
 ///
-/// Writes with an unknown outcome whose value nobody observed (no read returned it, no
-/// successful compare-and-put expected it) are left out: leaving one out is the same as
-/// linearizing it last, which is always allowed, and it keeps the search small. Values
-/// are unique per write, so "observed" is exact.
+/// A write with an unknown outcome whose value nobody observes (no read returns it, no
+/// compare-and-put expects it) may still explain a failed compare-and-put (the key
+/// existed, or held another value); such writes become counted "phantoms" (see
+/// [`Phantoms`]). Unknown operations may also stay unplaced: placing them last is
+/// always allowed.
 pub fn check(history: &[Op]) -> Result<(), String> {
-    let observed: std::collections::HashSet<&String> = history
+    let observed: HashSet<&String> = history
         .iter()
         .filter_map(|op| match (&op.call, &op.outcome) {
             (_, Outcome::Get(Some(value))) => Some(value),
@@ -80,72 +101,122 @@ pub fn check(history: &[Op]) -> Result<(), String> {
                     expect: Some(value),
                     ..
                 },
-                Outcome::Cas(true),
+                _,
             ) => Some(value),
             _ => None,
         })
         .collect();
-    let mut by_key: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
+    let mut by_key: BTreeMap<&str, (Vec<&Op>, Phantoms)> = BTreeMap::new();
     for op in history {
-        let unobserved_unknown = op.outcome == Outcome::Unknown
-            && written(&op.call).is_none_or(|value| !observed.contains(value));
-        if !unobserved_unknown {
-            by_key.entry(&op.key).or_default().push(op);
+        let (ops, phantoms) = by_key
+            .entry(&op.key)
+            .or_insert_with(|| (Vec::new(), Phantoms { groups: Vec::new() }));
+        let unobserved = written(&op.call).is_some_and(|value| !observed.contains(value));
+        if op.outcome == Outcome::Unknown && unobserved {
+            let guard = match &op.call {
+                Call::Cas { expect, .. } => Some(expect.clone()),
+                _ => None,
+            };
+            match phantoms.groups.iter_mut().find(|(g, _)| *g == guard) {
+                Some((_, starts)) => starts.push(op.start),
+                None => phantoms.groups.push((guard, vec![op.start])),
+            }
+        } else {
+            ops.push(op);
         }
     }
-    for (key, mut ops) in by_key {
+    for (key, (mut ops, mut phantoms)) in by_key {
         ops.sort_by_key(|op| op.start);
-        if !linearizable(&ops) {
+        for (_, starts) in &mut phantoms.groups {
+            starts.sort_unstable();
+        }
+        if !linearizable(&ops, &phantoms) {
             return Err(format!("key {key:?} is not linearizable: {ops:#?}"));
         }
     }
     Ok(())
 }
 
-fn linearizable(ops: &[&Op]) -> bool {
-    let mut done = vec![false; ops.len()];
-    let mut seen = HashSet::new();
-    search(ops, &mut done, &None, 0, &mut seen)
+fn linearizable(ops: &[&Op], phantoms: &Phantoms) -> bool {
+    let mut search = Search {
+        ops,
+        phantoms,
+        done: vec![false; ops.len()],
+        used: vec![0; phantoms.groups.len()],
+        seen: HashSet::new(),
+    };
+    search.run(&None)
 }
 
-/// Depth-first search over linearization orders, remembering (set done, state) pairs
-/// already explored.
-fn search(
-    ops: &[&Op],
-    done: &mut Vec<bool>,
-    state: &Option<String>,
-    count: usize,
-    seen: &mut HashSet<(Vec<bool>, Option<String>)>,
-) -> bool {
-    if count == ops.len() {
-        return true;
-    }
-    if !seen.insert((done.clone(), state.clone())) {
-        return false;
-    }
-    // An op may go next only if no pending op returned before it was called.
-    let horizon = ops
-        .iter()
-        .zip(done.iter())
-        .filter(|(_, d)| !**d)
-        .map(|(op, _)| op.ret())
-        .min()
-        .unwrap_or(u64::MAX);
-    for i in 0..ops.len() {
-        if done[i] || ops[i].start > horizon {
-            continue;
-        }
-        let (next, expected) = step(state, &ops[i].call);
-        if ops[i].outcome != Outcome::Unknown && ops[i].outcome != expected {
-            continue;
-        }
-        done[i] = true;
-        if search(ops, done, &next, count + 1, seen) {
+/// A depth-first search over linearization orders, remembering the (ops placed,
+/// phantoms used, state) triples already explored.
+struct Search<'a> {
+    ops: &'a [&'a Op],
+    phantoms: &'a Phantoms,
+    done: Vec<bool>,
+    used: Vec<usize>,
+    seen: HashSet<(Vec<bool>, Vec<usize>, Option<String>)>,
+}
+
+impl Search<'_> {
+    fn run(&mut self, state: &Option<String>) -> bool {
+        // Done when every operation with a known outcome is placed: the unknown rest go
+        // last.
+        if self
+            .ops
+            .iter()
+            .zip(&self.done)
+            .all(|(op, done)| *done || op.outcome == Outcome::Unknown)
+        {
             return true;
         }
-        done[i] = false;
+        if !self
+            .seen
+            .insert((self.done.clone(), self.used.clone(), state.clone()))
+        {
+            return false;
+        }
+        // An op may go next only if no pending op returned before it was called.
+        let horizon = self
+            .ops
+            .iter()
+            .zip(&self.done)
+            .filter(|(_, d)| !**d)
+            .map(|(op, _)| op.ret())
+            .min()
+            .unwrap_or(u64::MAX);
+        for i in 0..self.ops.len() {
+            if self.done[i] || self.ops[i].start > horizon {
+                continue;
+            }
+            let (next, expected) = step(state, &self.ops[i].call);
+            if self.ops[i].outcome != Outcome::Unknown && self.ops[i].outcome != expected {
+                continue;
+            }
+            self.done[i] = true;
+            if self.run(&next) {
+                return true;
+            }
+            self.done[i] = false;
+        }
+        let phantom = Some(PHANTOM.to_string());
+        if *state != phantom {
+            for g in 0..self.phantoms.groups.len() {
+                let applies = match &self.phantoms.groups[g].0 {
+                    None => true,
+                    Some(expect) => expect == state,
+                };
+                if applies && self.used[g] < self.phantoms.available(g, horizon) {
+                    self.used[g] += 1;
+                    if self.run(&phantom) {
+                        return true;
+                    }
+                    self.used[g] -= 1;
+                }
+            }
+        }
+        false
     }
-    false
 }
 
 #[cfg(test)]
@@ -207,6 +278,56 @@ mod tests {
                     get(Some("a"), 4, 5),
                 ],
                 true,
+            ),
+            (
+                "an unknown write may explain a failed CAS",
+                vec![
+                    op(Call::Put("a".into()), Outcome::Unknown, 0, 1),
+                    op(
+                        Call::Cas {
+                            expect: None,
+                            new: "b".into(),
+                        },
+                        Outcome::Cas(false),
+                        2,
+                        3,
+                    ),
+                ],
+                true,
+            ),
+            (
+                "an unknown write cannot explain a stale read",
+                vec![
+                    op(Call::Put("x".into()), Outcome::Unknown, 0, 1),
+                    put("a", 0, 1),
+                    put("b", 2, 3),
+                    get(Some("a"), 4, 5),
+                ],
+                false,
+            ),
+            (
+                "an unknown CAS takes effect only from its expected value",
+                vec![
+                    op(
+                        Call::Cas {
+                            expect: Some("z".into()),
+                            new: "n".into(),
+                        },
+                        Outcome::Unknown,
+                        0,
+                        1,
+                    ),
+                    op(
+                        Call::Cas {
+                            expect: None,
+                            new: "b".into(),
+                        },
+                        Outcome::Cas(false),
+                        2,
+                        3,
+                    ),
+                ],
+                false,
             ),
             (
                 "two successful CAS from the same value",

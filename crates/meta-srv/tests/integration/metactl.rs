@@ -118,3 +118,50 @@ fn errors_are_one_line_with_nonzero_exit() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("error: unavailable"), "{err}");
 }
+
+#[test]
+fn token_create_prints_a_token_for_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = crate::support::meta_srv_command(dir.path());
+    command.env(
+        "METASRV_CLUSTER_SECRET",
+        "a secret of at least sixteen bytes",
+    );
+    let server = ServerProcess::spawn(command);
+    let ep = server.grpc.as_str();
+
+    let (code, out, err) = metactl(ep, &["token", "create", "--node", "7", "--ttl", "10m"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.starts_with("mjt1.7."), "{out}");
+
+    let (code, out, _) = metactl(ep, &["--output", "json", "token", "create", "--node", "8"]);
+    assert_eq!(code, Some(0));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["node_id"], 8);
+    assert!(json["token"].as_str().unwrap().starts_with("mjt1.8."));
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let expires = json["expires_at_ms"].as_u64().unwrap();
+    assert!(
+        expires > now_ms && expires <= now_ms + 600_000,
+        "default ttl 10m: {expires}"
+    );
+
+    let (code, _, err) = metactl(ep, &["token", "create", "--node", "7", "--ttl", "5y"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("unknown unit"), "{err}");
+    let (code, _, err) = metactl(ep, &["token", "create", "--node", "0"]);
+    assert_eq!((code, err.lines().count()), (Some(1), 1), "{err}");
+    assert!(err.contains("node ids start at 1"), "{err}");
+    drop(server);
+
+    let plain = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(plain.path());
+    let (code, _, err) = metactl(&server.grpc, &["token", "create", "--node", "7"]);
+    assert_eq!((code, err.lines().count()), (Some(1), 1), "{err}");
+    assert!(err.contains("join tokens are off"), "{err}");
+}
