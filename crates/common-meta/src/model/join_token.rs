@@ -341,7 +341,12 @@ mod tests {
             ..fresh.clone()
         };
         // Each case: record, node registered, now, and the admission or an error fragment.
-        type Case<'a> = (Option<&'a JoinTokenRecord>, bool, u64, Result<Admission, &'a str>);
+        type Case<'a> = (
+            Option<&'a JoinTokenRecord>,
+            bool,
+            u64,
+            Result<Admission, &'a str>,
+        );
         let cases: [Case; 6] = [
             (Some(&fresh), false, 999, Ok(Admission::Consume)),
             (Some(&fresh), true, 999, Ok(Admission::Consume)),
