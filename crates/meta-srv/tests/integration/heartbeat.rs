@@ -580,6 +580,17 @@ async fn a_killed_node_fails_within_the_bound_and_a_slow_one_is_only_suspect() {
         failed_after <= bound + Duration::from_millis(1_500),
         "node 1 failed after {failed_after:?}, bound {bound:?}"
     );
+    // The killed node is gone: an instruction to it fails at once, saying why.
+    let err = server
+        .plane
+        .send(1, open_region(1), Duration::from_secs(30))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("node 1 is failed") || err.contains("node 1 has no heartbeat stream"),
+        "{err}"
+    );
     assert!(
         slow_seen.contains("suspect"),
         "the slow node was seen {slow_seen:?}"
