@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use common_meta::model::join_token::JoinTokenSigner;
 use meta_client::sim::{SimOptions, Simulator};
+use meta_client::{MetaClient, MetaClientOptions};
 
 use crate::bench_heartbeat::measure;
 
@@ -32,6 +34,15 @@ pub struct SimArgs {
     /// Seconds over which the node starts are spread.
     #[arg(long, default_value_t = 0)]
     pub ramp: u64,
+    /// The cluster secret, when the cluster requires join tokens: each node gets a
+    /// token made with it (and registered) before it starts.
+    #[arg(
+        long,
+        env = "METASRV_CLUSTER_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub cluster_secret: Option<String>,
 }
 
 /// Runs the simulator until the duration ends or Ctrl-C.
@@ -44,7 +55,25 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         ramp: Duration::from_secs(args.ramp),
         ..SimOptions::default()
     };
-    let sim = Simulator::start(&args.endpoints, &options).await?;
+    let mut tokens = std::collections::HashMap::new();
+    if let Some(secret) = &args.cluster_secret {
+        let signer = JoinTokenSigner::new(secret.as_bytes())?;
+        let client = MetaClient::new(&args.endpoints, MetaClientOptions::default())?;
+        let expires = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64
+            + 600_000;
+        for i in 0..args.nodes as u64 {
+            let id = args.first_node_id + i;
+            let token = signer.mint(id, expires)?;
+            client.register_join_token(&token).await?;
+            tokens.insert(id, token);
+        }
+    }
+    let sim = Simulator::start_with_tokens(&args.endpoints, &options, |id| {
+        tokens.get(&id).cloned().unwrap_or_default()
+    })
+    .await?;
     let started = Instant::now();
     let report = async {
         loop {

@@ -239,17 +239,20 @@ impl MetaClient {
         .map(drop)
     }
 
-    /// A one-use join token for node `node_id`, valid for `ttl_ms` (the cluster must
-    /// have a secret); returns the token and when it expires (ms since the epoch).
-    pub async fn create_join_token(&self, node_id: u64, ttl_ms: u64) -> Result<(String, u64)> {
+    /// Records `token` (made with the cluster secret, see
+    /// `common_meta::model::join_token::JoinTokenSigner`) so that its node may join
+    /// with it; returns the node it admits and when it expires (ms since the epoch).
+    pub async fn register_join_token(&self, token: &str) -> Result<(u64, u64)> {
+        let req = pb::RegisterJoinTokenRequest {
+            token: token.to_string(),
+        };
         let resp = self
-            .with_channel(|channel| async move {
-                HeartbeatClient::new(channel)
-                    .create_join_token(pb::CreateJoinTokenRequest { node_id, ttl_ms })
-                    .await
+            .with_channel(|channel| {
+                let req = req.clone();
+                async move { HeartbeatClient::new(channel).register_join_token(req).await }
             })
             .await?;
-        Ok((resp.token, resp.expires_at_ms))
+        Ok((resp.node_id, resp.expires_at_ms))
     }
 
     /// Who leads, as any endpoint knows it: the leader's address (`None` while no

@@ -24,7 +24,7 @@ use meta_proto::LEADER_HINT;
 use meta_proto::v1 as pb;
 use meta_proto::v1::heartbeat_client::HeartbeatClient;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::client::MetaClient;
@@ -141,6 +141,8 @@ fn jitter(base: Duration) -> Duration {
 }
 
 async fn run(client: MetaClient, node: Node, state: watch::Sender<HeartbeatState>) {
+    // Instruction handlers in flight: owned here, so they stop with the task.
+    let mut handlers = JoinSet::new();
     let mut backoff = Duration::from_millis(100);
     let mut hint: Option<String> = None;
     loop {
@@ -150,7 +152,7 @@ async fn run(client: MetaClient, node: Node, state: watch::Sender<HeartbeatState
         };
         let answered_before = state.borrow().answered;
         let outcome = match &target {
-            Some(leader) => session(&client, leader, &node, &state).await,
+            Some(leader) => session(&client, leader, &node, &state, &mut handlers).await,
             None => Err(None),
         };
         state.send_modify(|s| s.connected_to = None);
@@ -217,6 +219,7 @@ async fn session(
     leader: &str,
     node: &Node,
     state: &watch::Sender<HeartbeatState>,
+    handlers: &mut JoinSet<()>,
 ) -> Result<(), Option<String>> {
     let channel = client.channel_for(leader).ok_or(None)?;
     let identity = &node.identity;
@@ -294,9 +297,10 @@ async fn session(
                     // The first stats go at once: the leader learns the regions now.
                     next_beat.as_mut().reset(tokio::time::Instant::now());
                 }
+                while handlers.try_join_next().is_some() {}
                 for message in answer.mailbox {
                     let (handler, replies) = (node.handler.clone(), reply_tx.clone());
-                    tokio::spawn(async move {
+                    handlers.spawn(async move {
                         let outcome = match message.instruction {
                             Some(instruction) => handler.handle(instruction).await,
                             None => Err("an empty instruction".to_string()),

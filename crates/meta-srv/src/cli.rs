@@ -15,11 +15,20 @@ pub fn parse_or_exit<P: clap::Parser>() -> Result<P, ExitCode> {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
-        let text = e.to_string();
-        let line = text.lines().next().unwrap_or("error: invalid arguments");
-        eprintln!("{line}");
+        eprintln!("{}", one_line(&e.to_string()));
         ExitCode::from(EXIT_USAGE)
     })
+}
+
+/// The first line of a clap error, with the line after it when the first only
+/// introduces it ("the following required arguments were not provided:").
+fn one_line(text: &str) -> String {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("error: invalid arguments");
+    match (first.ends_with(':'), lines.next()) {
+        (true, Some(next)) => format!("{first} {next}"),
+        _ => first.to_string(),
+    }
 }
 
 /// Parses a duration such as `500ms`, `30s`, `10m`, `2h` or `7d` (one number, one unit).
@@ -54,6 +63,20 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clap_errors_fit_one_line() {
+        assert_eq!(
+            one_line(
+                "error: the following required arguments were not provided:\n  --x <X>\n\nUsage: y\n"
+            ),
+            "error: the following required arguments were not provided: --x <X>"
+        );
+        assert_eq!(
+            one_line("error: unexpected argument 'z'\n\nUsage"),
+            "error: unexpected argument 'z'"
+        );
+    }
 
     #[test]
     fn durations() {

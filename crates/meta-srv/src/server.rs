@@ -170,6 +170,7 @@ impl MetaSrv {
             live: Arc::new(LiveNodes::new(config.failure_detector.into(), unix_ms())),
             outbox: Arc::new(NodeMailbox::default()),
             tokens,
+            streams: Default::default(),
         });
         Ok(MetaSrv {
             config,
@@ -304,9 +305,8 @@ impl MetaSrv {
         let plane = self.plane.clone();
         tokio::spawn(async move {
             while leadership.changed().await.is_ok() {
-                let term = (*leadership.borrow_and_update()).unwrap_or(0);
-                plane.live.reset(unix_ms());
-                plane.outbox.reset(term);
+                let term = *leadership.borrow_and_update();
+                plane.leadership_changed(term, unix_ms());
             }
         });
         let heartbeats = HeartbeatServer::new(HeartbeatService {
@@ -319,7 +319,12 @@ impl MetaSrv {
             interval_ms: self.config.heartbeat_interval_ms,
             stop: stop_rx.clone(),
         });
+        // Keepalives find half-open connections (a node's machine gone without a FIN),
+        // so their streams end instead of lingering attached.
         let grpc = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .tcp_keepalive(Some(Duration::from_secs(30)))
             .add_service(store)
             .add_service(cluster)
             .add_service(procedures)

@@ -2,17 +2,20 @@
 //! cluster has a secret.
 //!
 //! A token is `mjt1.{node_id}.{expires_at_ms}.{nonce}.{mac}`, where `mac` is
-//! HMAC-SHA256 keyed by the cluster secret over everything before it, so only a holder
-//! of the secret can mint one, and a token names the one node it admits. The cluster
-//! stores only the token's SHA-256, under `__join_token/{sha256 hex}`, with its node,
-//! expiry and whether it was used. Admission rules (see [`decide`]):
+//! HMAC-SHA256 keyed by the cluster secret over everything before it. Only a holder of
+//! the secret can make one ([`JoinTokenSigner`]: `metactl token create` with the
+//! secret), and a token names the one node it admits. The cluster accepts a token only
+//! when it verifies against its own secret, and stores only the token's SHA-256, under
+//! `__join_token/{sha256 hex}`, with its node, expiry and whether it was used.
 //!
-//! - a token must verify against the secret and name the joining node;
+//! Admission rules (see [`decide`]):
+//! - a token must verify against the secret, name the joining node, and be registered;
 //! - an unused, unexpired token is consumed in the same transaction that registers the
-//!   node, so two joiners cannot both use it;
-//! - a used token still admits the node that used it while that node stays registered
-//!   (a restart or a new leader is not a new join); after the node is removed the token
-//!   is spent for good.
+//!   node (which records the token's hash), so two joiners cannot both use it;
+//! - the node it admitted may present it again while it stays registered with it (a
+//!   restart or a new leader is not a new join), also after expiry; any other use of a
+//!   used token is refused, and once the node is removed or has joined again with
+//!   another token it is spent for good.
 
 use std::sync::Arc;
 
@@ -21,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::kv::{Compare, CompareOp, CompareTarget, KvBackend, PutRequest, TxnOp};
+use crate::kv::{Compare, CompareOp, CompareTarget, KvBackend, PutRequest, TxnOp, TxnRequest};
 use crate::model::node::{NodeInfo, NodeManager};
 
 /// Version tag at the start of every token.
@@ -49,8 +52,14 @@ pub struct VerifiedToken {
     pub node_id: u64,
     /// When it expires, ms since the Unix epoch.
     pub expires_at_ms: u64,
-    /// The key of its record.
-    pub key: Vec<u8>,
+    /// Its SHA-256, hex: what the cluster stores and a node's record names.
+    pub hash: String,
+}
+
+impl VerifiedToken {
+    fn key(&self) -> Vec<u8> {
+        format!("{PREFIX}/{}", self.hash).into_bytes()
+    }
 }
 
 /// What a valid token allows.
@@ -76,45 +85,49 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-fn record_key(token: &str) -> Vec<u8> {
-    format!("{PREFIX}/{}", hex(&Sha256::digest(token.as_bytes()))).into_bytes()
-}
-
 fn unauthenticated(message: String) -> Error {
     Error::Unauthenticated { message }
 }
 
-/// Mints and checks tokens with one cluster secret.
-pub struct JoinTokens {
+/// Makes and verifies tokens with one cluster secret (no storage).
+#[derive(Clone)]
+pub struct JoinTokenSigner {
     secret: Vec<u8>,
-    kv: Arc<dyn KvBackend>,
 }
 
-impl JoinTokens {
-    /// Tokens keyed by `secret` (at least [`MIN_SECRET_BYTES`]), recorded in `kv`.
-    pub fn new(secret: &[u8], kv: Arc<dyn KvBackend>) -> Result<Self> {
+impl std::fmt::Debug for JoinTokenSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.write_str("JoinTokenSigner { .. }")
+    }
+}
+
+impl JoinTokenSigner {
+    /// A signer keyed by `secret` (at least [`MIN_SECRET_BYTES`]).
+    pub fn new(secret: &[u8]) -> Result<Self> {
         if secret.len() < MIN_SECRET_BYTES {
             return Err(Error::invalid_argument(format!(
                 "the cluster secret has {} bytes; use at least {MIN_SECRET_BYTES}",
                 secret.len()
             )));
         }
-        Ok(JoinTokens {
+        Ok(JoinTokenSigner {
             secret: secret.to_vec(),
-            kv,
         })
     }
 
     fn mac(&self, body: &str) -> Hmac<Sha256> {
-        // HMAC accepts keys of any length: new_from_slice cannot fail for it.
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
         mac.update(body.as_bytes());
         mac
     }
 
-    /// A new token for `node_id` that expires at `expires_at_ms`, and its record.
-    pub fn mint(&self, node_id: u64, expires_at_ms: u64) -> Result<(String, JoinTokenRecord)> {
+    /// A new token for `node_id` that expires at `expires_at_ms`.
+    pub fn mint(&self, node_id: u64, expires_at_ms: u64) -> Result<String> {
+        if node_id == 0 {
+            return Err(Error::invalid_argument("node ids start at 1"));
+        }
         let mut nonce = [0u8; 16];
         getrandom::fill(&mut nonce).map_err(|e| Error::Io {
             context: "drawing a join token nonce".to_string(),
@@ -122,19 +135,15 @@ impl JoinTokens {
         })?;
         let body = format!("{TAG}.{node_id}.{expires_at_ms}.{}", hex(&nonce));
         let mac = hex(&self.mac(&body).finalize().into_bytes());
-        let record = JoinTokenRecord {
-            node_id,
-            expires_at_ms,
-            used: false,
-        };
-        Ok((format!("{body}.{mac}"), record))
+        Ok(format!("{body}.{mac}"))
     }
 
-    /// Checks `token`'s form and MAC and that it names `node_id` (no storage read).
-    pub fn verify(&self, token: &str, node_id: u64) -> Result<VerifiedToken> {
+    /// Checks `token`'s form and MAC, and that it names `node_id` when one is given.
+    pub fn verify(&self, token: &str, node_id: Option<u64>) -> Result<VerifiedToken> {
+        let who = node_id.map_or_else(String::new, |id| format!("node {id}: "));
         let invalid = || {
             unauthenticated(format!(
-                "node {node_id}: the join token is not valid for this cluster"
+                "{who}the join token is not valid for this cluster (not made with its secret)"
             ))
         };
         let (body, mac) = token.rsplit_once('.').ok_or_else(invalid)?;
@@ -153,37 +162,71 @@ impl JoinTokens {
         let (Ok(id), Ok(expires_at_ms)) = (id.parse::<u64>(), expires.parse::<u64>()) else {
             return Err(invalid());
         };
-        if id != node_id {
+        if let Some(node_id) = node_id
+            && id != node_id
+        {
             return Err(unauthenticated(format!(
                 "the join token is for node {id}, not node {node_id}"
             )));
         }
         Ok(VerifiedToken {
-            node_id,
+            node_id: id,
             expires_at_ms,
-            key: record_key(token),
+            hash: hex(&Sha256::digest(token.as_bytes())),
+        })
+    }
+}
+
+/// The cluster's side of join tokens: registering the ones made with its secret and
+/// admitting nodes with them.
+pub struct JoinTokens {
+    signer: JoinTokenSigner,
+    kv: Arc<dyn KvBackend>,
+}
+
+impl JoinTokens {
+    /// Tokens checked with `secret` (at least [`MIN_SECRET_BYTES`]), recorded in `kv`.
+    pub fn new(secret: &[u8], kv: Arc<dyn KvBackend>) -> Result<Self> {
+        Ok(JoinTokens {
+            signer: JoinTokenSigner::new(secret)?,
+            kv,
         })
     }
 
-    /// Issues a token for `node_id` valid for `ttl_ms` from `now_ms` and stores its
-    /// record; returns the token and its expiry.
-    pub async fn create(&self, node_id: u64, ttl_ms: u64, now_ms: u64) -> Result<(String, u64)> {
-        if node_id == 0 {
-            return Err(Error::invalid_argument("node ids start at 1"));
+    /// Records `token` (made by a holder of the secret) so that its node may join with
+    /// it; registering the same token again changes nothing.
+    pub async fn register(&self, token: &str, now_ms: u64) -> Result<VerifiedToken> {
+        let verified = self.signer.verify(token, None)?;
+        if now_ms >= verified.expires_at_ms {
+            return Err(Error::invalid_argument(format!(
+                "the join token for node {} has already expired",
+                verified.node_id
+            )));
         }
-        if ttl_ms == 0 {
-            return Err(Error::invalid_argument("a join token needs a ttl above 0"));
-        }
-        let expires_at_ms = now_ms.saturating_add(ttl_ms);
-        let (token, record) = self.mint(node_id, expires_at_ms)?;
+        let record = JoinTokenRecord {
+            node_id: verified.node_id,
+            expires_at_ms: verified.expires_at_ms,
+            used: false,
+        };
+        let key = verified.key();
+        // Create only: a used token must never become unused again.
         self.kv
-            .put(PutRequest::new(record_key(&token), encode(&record)?))
+            .txn(TxnRequest {
+                compare: vec![Compare::new(
+                    key.clone(),
+                    CompareOp::Equal,
+                    CompareTarget::CreateRevision(0),
+                )],
+                success: vec![TxnOp::Put(PutRequest::new(key, encode(&record)?))],
+                failure: Vec::new(),
+            })
             .await?;
-        Ok((token, expires_at_ms))
+        Ok(verified)
     }
 
     /// Registers `reported` (as [`NodeManager::register`]) if `token` admits it at
-    /// `now_ms`; a first join consumes the token in the same transaction.
+    /// `now_ms`; a first join consumes the token in the same transaction, and the node's
+    /// record names the token.
     pub async fn admit(
         &self,
         nodes: &NodeManager,
@@ -198,33 +241,43 @@ impl JoinTokens {
                 reported.id
             )));
         }
-        let verified = self.verify(token, reported.id)?;
+        let verified = self.signer.verify(token, Some(reported.id))?;
+        let key = verified.key();
+        let reported = NodeInfo {
+            join_token: Some(verified.hash.clone()),
+            ..reported.clone()
+        };
         loop {
-            let stored = self.kv.get(&verified.key).await?;
+            // One snapshot of the token and the node for the decision, and the
+            // transaction compares both against it.
+            let stored = self.kv.get(&key).await?;
             let record = stored
                 .as_ref()
                 .map(|kv| decode(&kv.key, &kv.value))
                 .transpose()?;
-            let registered = nodes.get(reported.id).await?.is_some();
-            let admission = decide(record.as_ref(), &verified, registered, now_ms)?;
-            let also = match (admission, &stored) {
-                (Admission::Consume, Some(kv)) => Some((
-                    Compare::new(
-                        verified.key.clone(),
-                        CompareOp::Equal,
-                        CompareTarget::ModRevision(kv.mod_revision),
-                    ),
-                    TxnOp::Put(PutRequest::new(
-                        verified.key.clone(),
-                        encode(&JoinTokenRecord {
-                            used: true,
-                            ..verified_record(&verified)
-                        })?,
-                    )),
-                )),
-                _ => None,
+            let existing = nodes.get_with_revision(reported.id).await?;
+            let node = existing.as_ref().map(|(info, _)| info);
+            let admission = decide(record.as_ref(), &verified, node, now_ms)?;
+            let token_revision = stored.as_ref().map_or(0, |kv| kv.mod_revision);
+            let compares = vec![Compare::new(
+                key.clone(),
+                CompareOp::Equal,
+                CompareTarget::ModRevision(token_revision),
+            )];
+            let ops = match (admission, record) {
+                (Admission::Consume, Some(record)) => vec![TxnOp::Put(PutRequest::new(
+                    key.clone(),
+                    encode(&JoinTokenRecord {
+                        used: true,
+                        ..record
+                    })?,
+                ))],
+                _ => Vec::new(),
             };
-            if let Some(info) = nodes.try_register(reported, also).await? {
+            if let Some(info) = nodes
+                .register_over(existing, &reported, compares, ops)
+                .await?
+            {
                 return Ok(info);
             }
             // The node or the token changed meanwhile: decide again on fresh state.
@@ -232,33 +285,27 @@ impl JoinTokens {
     }
 }
 
-fn verified_record(token: &VerifiedToken) -> JoinTokenRecord {
-    JoinTokenRecord {
-        node_id: token.node_id,
-        expires_at_ms: token.expires_at_ms,
-        used: false,
-    }
-}
-
 /// Whether a verified token admits its node at `now_ms`, given its stored record (if
-/// any) and whether the node is registered now.
+/// any) and the node's current registration (if any).
 pub fn decide(
     record: Option<&JoinTokenRecord>,
     token: &VerifiedToken,
-    registered: bool,
+    node: Option<&NodeInfo>,
     now_ms: u64,
 ) -> Result<Admission> {
-    let node = token.node_id;
+    let id = token.node_id;
+    let admitted_by_it = node.is_some_and(|n| n.join_token.as_deref() == Some(&token.hash));
     match record {
         None => Err(unauthenticated(format!(
-            "node {node}: the join token was not issued by this cluster"
+            "node {id}: the join token is not registered with this cluster \
+             (metactl token create registers the tokens it prints)"
         ))),
-        Some(record) if record.used && registered => Ok(Admission::Return),
+        Some(record) if record.used && admitted_by_it => Ok(Admission::Return),
         Some(record) if record.used => Err(unauthenticated(format!(
-            "node {node}: the join token was already used; create a new one"
+            "node {id}: the join token was already used; create a new one"
         ))),
         Some(record) if now_ms >= record.expires_at_ms => Err(unauthenticated(format!(
-            "node {node}: the join token expired {} s ago; create a new one",
+            "node {id}: the join token expired {} s ago; create a new one",
             (now_ms - record.expires_at_ms) / 1000
         ))),
         Some(_) => Ok(Admission::Consume),
@@ -296,16 +343,18 @@ mod tests {
             state: NodeState::Joining,
             version: "1".to_string(),
             start_time_ms: 1,
+            join_token: None,
         }
     }
 
     #[test]
     fn verify_refuses_forgeries_and_other_nodes() {
-        let kv: Arc<dyn KvBackend> = Arc::new(MemoryKvBackend::default());
-        let tokens = JoinTokens::new(SECRET, kv.clone()).unwrap();
-        let (token, _) = tokens.mint(7, 1_000).unwrap();
-        assert_eq!(tokens.verify(&token, 7).unwrap().expires_at_ms, 1_000);
-        let other = JoinTokens::new(b"another secret of 16+ bytes", kv).unwrap();
+        let signer = JoinTokenSigner::new(SECRET).unwrap();
+        let token = signer.mint(7, 1_000).unwrap();
+        let verified = signer.verify(&token, Some(7)).unwrap();
+        assert_eq!((verified.node_id, verified.expires_at_ms), (7, 1_000));
+        assert_eq!(signer.verify(&token, None).unwrap(), verified);
+        let other = JoinTokenSigner::new(b"another secret of 16+ bytes").unwrap();
         let forged_expiry = token.replacen(".1000.", ".9999999.", 1);
         let cases: [(&str, u64, &str); 6] = [
             (&token, 8, "is for node 7, not node 8"),
@@ -316,12 +365,17 @@ mod tests {
             (&token[..token.len() - 2], 7, "not valid"),
         ];
         for (candidate, node, want) in cases {
-            let err = tokens.verify(candidate, node).unwrap_err().to_string();
+            let err = signer
+                .verify(candidate, Some(node))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{candidate:?}: {err}");
         }
-        let err = other.verify(&token, 7).unwrap_err().to_string();
+        let err = other.verify(&token, Some(7)).unwrap_err().to_string();
         assert!(err.contains("not valid"), "{err}");
-        assert!(JoinTokens::new(b"short", Arc::new(MemoryKvBackend::default())).is_err());
+        assert!(JoinTokenSigner::new(b"short").is_err());
+        assert!(signer.mint(0, 1).is_err());
+        assert_eq!(format!("{signer:?}"), "JoinTokenSigner { .. }");
     }
 
     #[test]
@@ -329,7 +383,7 @@ mod tests {
         let token = VerifiedToken {
             node_id: 7,
             expires_at_ms: 1_000,
-            key: Vec::new(),
+            hash: "h1".to_string(),
         };
         let fresh = JoinTokenRecord {
             node_id: 7,
@@ -340,43 +394,62 @@ mod tests {
             used: true,
             ..fresh.clone()
         };
-        // Each case: record, node registered, now, and the admission or an error fragment.
+        let with = |hash: Option<&str>| NodeInfo {
+            join_token: hash.map(str::to_string),
+            ..node(7)
+        };
+        let (by_it, by_other, plain) = (with(Some("h1")), with(Some("h2")), with(None));
+        // Each case: record, the node's registration, now, and the admission or an
+        // error fragment.
         type Case<'a> = (
             Option<&'a JoinTokenRecord>,
-            bool,
+            Option<&'a NodeInfo>,
             u64,
             Result<Admission, &'a str>,
         );
-        let cases: [Case; 6] = [
-            (Some(&fresh), false, 999, Ok(Admission::Consume)),
-            (Some(&fresh), true, 999, Ok(Admission::Consume)),
-            (Some(&fresh), false, 1_000, Err("expired")),
-            (Some(&used), true, 5_000, Ok(Admission::Return)),
-            (Some(&used), false, 10, Err("already used")),
-            (None, false, 10, Err("not issued by this cluster")),
+        let cases: [Case; 8] = [
+            (Some(&fresh), None, 999, Ok(Admission::Consume)),
+            (Some(&fresh), Some(&plain), 999, Ok(Admission::Consume)),
+            (Some(&fresh), None, 1_000, Err("expired")),
+            (Some(&used), Some(&by_it), 5_000, Ok(Admission::Return)),
+            (Some(&used), None, 10, Err("already used")),
+            (Some(&used), Some(&by_other), 10, Err("already used")),
+            (Some(&used), Some(&plain), 10, Err("already used")),
+            (None, None, 10, Err("not registered with this cluster")),
         ];
-        for (record, registered, now, want) in cases {
-            let got = decide(record, &token, registered, now);
+        for (record, node, now, want) in cases {
+            let got = decide(record, &token, node, now);
             match (want, got) {
                 (Ok(w), Ok(g)) => assert_eq!(g, w),
                 (Err(w), Err(g)) => assert!(g.to_string().contains(w), "{g}"),
-                (w, g) => panic!("{record:?} {registered} {now}: wanted {w:?}, got {g:?}"),
+                (w, g) => panic!("{record:?} {node:?} {now}: wanted {w:?}, got {g:?}"),
             }
         }
     }
 
     #[tokio::test]
-    async fn a_token_admits_once_and_then_only_its_node() {
+    async fn a_token_admits_once_and_then_only_the_node_it_admitted() {
         let kv: Arc<dyn KvBackend> = Arc::new(MemoryKvBackend::default());
         let nodes = NodeManager::new(kv.clone());
         let tokens = JoinTokens::new(SECRET, kv.clone()).unwrap();
+        let signer = JoinTokenSigner::new(SECRET).unwrap();
         let err = tokens.admit(&nodes, &node(7), "", 0).await.unwrap_err();
         assert!(
             err.to_string().contains("metactl token create --node 7"),
             "{err}"
         );
-        let (token, expires) = tokens.create(7, 60_000, 1_000).await.unwrap();
-        assert_eq!(expires, 61_000);
+        let token = signer.mint(7, 61_000).unwrap();
+        let err = tokens.admit(&nodes, &node(7), &token, 0).await.unwrap_err();
+        assert!(err.to_string().contains("not registered"), "{err}");
+        let foreign = JoinTokenSigner::new(b"not this cluster's secret").unwrap();
+        let err = tokens
+            .register(&foreign.mint(7, 61_000).unwrap(), 1_000)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not valid"), "{err}");
+        let err = tokens.register(&token, 70_000).await.unwrap_err();
+        assert!(err.to_string().contains("already expired"), "{err}");
+        tokens.register(&token, 1_000).await.unwrap();
         // Only the hash is stored.
         let stored = kv
             .range(crate::kv::RangeRequest::prefix(PREFIX))
@@ -386,18 +459,38 @@ mod tests {
         assert!(!String::from_utf8_lossy(&stored.kvs[0].value).contains(&token));
         assert!(!String::from_utf8_lossy(&stored.kvs[0].key).contains(&token));
 
-        tokens.admit(&nodes, &node(7), &token, 2_000).await.unwrap();
+        let info = tokens.admit(&nodes, &node(7), &token, 2_000).await.unwrap();
+        assert!(info.join_token.is_some());
+        // Registering it again cannot make it unused.
+        tokens.register(&token, 3_000).await.unwrap();
         // The node comes back (restart, new leader): still admitted, even after expiry.
         tokens
             .admit(&nodes, &node(7), &token, 90_000)
             .await
             .unwrap();
-        nodes.set_state(7, NodeState::Active).await.unwrap();
-        nodes.set_state(7, NodeState::Draining).await.unwrap();
-        nodes.set_state(7, NodeState::Decommissioned).await.unwrap();
+
+        // It leaves and joins again with a second token: the first is spent for good.
+        for state in [
+            NodeState::Active,
+            NodeState::Draining,
+            NodeState::Decommissioned,
+        ] {
+            nodes.set_state(7, state).await.unwrap();
+        }
         nodes.remove(7).await.unwrap();
         let err = tokens
             .admit(&nodes, &node(7), &token, 3_000)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("already used"), "{err}");
+        let second = signer.mint(7, 61_000).unwrap();
+        tokens.register(&second, 3_000).await.unwrap();
+        tokens
+            .admit(&nodes, &node(7), &second, 4_000)
+            .await
+            .unwrap();
+        let err = tokens
+            .admit(&nodes, &node(7), &token, 5_000)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("already used"), "{err}");

@@ -80,6 +80,10 @@ pub struct NodeInfo {
     /// When it (last) started, ms since the Unix epoch, as it reported.
     #[serde(default)]
     pub start_time_ms: u64,
+    /// The SHA-256 (hex) of the join token it was admitted with, when the cluster
+    /// requires tokens: only that token lets it back in while it stays registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_token: Option<String>,
 }
 
 /// Reads and changes `NodeInfo`s with compare-and-put, so concurrent changers cannot
@@ -135,23 +139,37 @@ impl NodeManager {
     /// decommissioned cannot come back under the same id. Returns the stored record.
     pub async fn register(&self, reported: NodeInfo) -> Result<NodeInfo> {
         loop {
-            if let Some(info) = self.try_register(&reported, None).await? {
+            if let Some(info) = self.try_register(&reported).await? {
                 return Ok(info);
             }
             // Someone changed it meanwhile: read again and retry.
         }
     }
 
+    /// The node with the mod revision of its record, for a later compare.
+    pub async fn get_with_revision(&self, id: u64) -> Result<Option<(NodeInfo, i64)>> {
+        self.load(id).await
+    }
+
     /// One attempt of [`NodeManager::register`]; `None` when the record changed
-    /// meanwhile. `also` is a condition and a write that must go in the same
-    /// transaction (consuming a join token): it is written even when the node's
-    /// record is unchanged, and a failed condition also gives `None`.
-    pub async fn try_register(
-        &self,
-        reported: &NodeInfo,
-        also: Option<(Compare, TxnOp)>,
-    ) -> Result<Option<NodeInfo>> {
+    /// meanwhile.
+    pub async fn try_register(&self, reported: &NodeInfo) -> Result<Option<NodeInfo>> {
         let existing = self.load(reported.id).await?;
+        self.register_over(existing, reported, Vec::new(), Vec::new())
+            .await
+    }
+
+    /// Registers `reported` over `existing` (as read by the caller, with its mod
+    /// revision), in one transaction that also requires `compares` and writes `ops`
+    /// (consuming a join token). `None` when the record or a compare changed since;
+    /// with no `ops` and nothing new to record, nothing is written.
+    pub async fn register_over(
+        &self,
+        existing: Option<(NodeInfo, i64)>,
+        reported: &NodeInfo,
+        compares: Vec<Compare>,
+        ops: Vec<TxnOp>,
+    ) -> Result<Option<NodeInfo>> {
         let (next, compare) = match &existing {
             None => (
                 NodeInfo {
@@ -177,7 +195,7 @@ impl NodeManager {
                     state: old.state,
                     ..reported.clone()
                 };
-                if next == *old && also.is_none() {
+                if next == *old && ops.is_empty() {
                     return Ok(Some(next));
                 }
                 (next, CompareTarget::ModRevision(*revision))
@@ -189,10 +207,8 @@ impl NodeManager {
             success: vec![TxnOp::Put(PutRequest::new(key, encode(&next)?))],
             failure: Vec::new(),
         };
-        if let Some((compare, op)) = also {
-            request.compare.push(compare);
-            request.success.push(op);
-        }
+        request.compare.extend(compares);
+        request.success.extend(ops);
         Ok(self.kv.txn(request).await?.succeeded.then_some(next))
     }
 
@@ -284,6 +300,7 @@ mod tests {
             state: NodeState::Active,
             version: "1.0".to_string(),
             start_time_ms: 1,
+            join_token: None,
         }
     }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use common_meta::kv::{DeleteRangeRequest, KeyValue, KvBackend, PutRequest, RangeRequest};
+use common_meta::model::join_token::JoinTokenSigner;
 use meta_client::{MetaClient, MetaClientOptions};
 use meta_srv::cli::{EXIT_FAILURE, parse_or_exit};
 use serde_json::json;
@@ -71,7 +72,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Print a one-use token node ID joins with (its handshake's join_token).
+    /// Make a one-use token node ID joins with (its handshake's join_token), register
+    /// it with the cluster, and print it. Needs the cluster secret.
     Create {
         /// The node the token admits.
         #[arg(long)]
@@ -79,6 +81,15 @@ enum TokenCommand {
         /// How long the token can be used to join: 500ms, 30s, 10m, 2h, 7d.
         #[arg(long, default_value = "10m", value_parser = meta_srv::cli::parse_duration)]
         ttl: Duration,
+        /// The cluster secret the members have. Prefer the environment variable: flags
+        /// show in process listings.
+        #[arg(
+            long,
+            env = "METASRV_CLUSTER_SECRET",
+            hide_env_values = true,
+            value_name = "SECRET"
+        )]
+        cluster_secret: String,
     },
 }
 
@@ -196,10 +207,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Procedure(command) => procedures(&client, command, cli.output).await,
         Command::Nodes => nodes(&client, cli.output).await,
         Command::Node(command) => node(&client, command, cli.output).await,
-        Command::Token(TokenCommand::Create { node, ttl }) => {
-            let (token, expires_at_ms) = client
-                .create_join_token(node, ttl.as_millis() as u64)
-                .await?;
+        Command::Token(TokenCommand::Create {
+            node,
+            ttl,
+            cluster_secret,
+        }) => {
+            let signer = JoinTokenSigner::new(cluster_secret.as_bytes())?;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let token = signer.mint(node, now_ms.saturating_add(ttl.as_millis() as u64))?;
+            let (_, expires_at_ms) = client.register_join_token(&token).await?;
             print(
                 cli.output,
                 token.clone(),

@@ -27,18 +27,23 @@ use common_meta::model::join_token::JoinTokens;
 use common_meta::model::node::{NodeInfo, NodeManager, NodeRole, NodeState};
 use meta_proto::v1 as pb;
 
-use crate::cluster_plane::live_nodes::LiveNodes;
+use crate::cluster_plane::live_nodes::{LiveNodes, Stale};
 use crate::cluster_plane::node_mailbox::NodeMailbox;
 
 /// What a heartbeat stream has established so far.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct StreamState {
+    /// This stream's number: later streams have larger ones, and a node's newest
+    /// stream is the one that counts.
+    pub stream: u64,
     /// The node id from the handshake, once registered.
     pub node_id: Option<u64>,
     /// The leadership term the stream is bound to (from its first request).
     pub term: Option<u64>,
     /// Full stats were received, so deltas have a base.
     pub has_full_stats: bool,
+    /// Instructions for the node, once it is registered and attached.
+    pub inbox: Option<tokio::sync::mpsc::Receiver<pb::MailboxMessage>>,
 }
 
 /// The leader-side state every stream's chain works on.
@@ -51,9 +56,33 @@ pub struct ClusterPlane {
     pub outbox: Arc<NodeMailbox>,
     /// Join tokens, when the cluster has a secret.
     pub tokens: Option<JoinTokens>,
+    /// The number of the last stream opened.
+    pub streams: std::sync::atomic::AtomicU64,
 }
 
 impl ClusterPlane {
+    /// The state of a stream opened now.
+    pub fn open_stream(&self) -> StreamState {
+        StreamState {
+            stream: self
+                .streams
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1,
+            ..StreamState::default()
+        }
+    }
+
+    /// Follows leadership: a new term starts empty, a lost one fails what is pending.
+    pub fn leadership_changed(&self, term: Option<u64>, now_ms: u64) {
+        match term {
+            Some(term) => {
+                self.live.advance(term, now_ms);
+                self.outbox.advance(term);
+            }
+            None => self.outbox.clear(),
+        }
+    }
+
     /// Sends `instruction` to node `node_id` and waits up to `deadline` for its reply,
     /// refusing at once a node the failure detector calls failed (its stream may still
     /// be open, but nothing would answer).
@@ -100,6 +129,17 @@ pub enum Refusal {
     Invalid(String),
     /// Registering failed (bad token, decommissioned node, raft unavailable...).
     Meta(common_meta::Error),
+    /// A newer stream of the same node took over (Aborted: the node reconnects).
+    Replaced(u64),
+}
+
+impl From<(Stale, u64)> for Refusal {
+    fn from((stale, node): (Stale, u64)) -> Self {
+        match stale {
+            Stale::Term => Refusal::NotLeader,
+            Stale::Replaced => Refusal::Replaced(node),
+        }
+    }
 }
 
 /// One named step of the chain.
@@ -216,6 +256,7 @@ pub fn node_info(handshake: &pb::NodeHandshake) -> Result<NodeInfo, Refusal> {
         state: NodeState::Joining,
         version: handshake.version.clone(),
         start_time_ms: handshake.start_time_ms,
+        join_token: None,
     })
 }
 
@@ -283,7 +324,20 @@ impl HeartbeatHandler for RegisterNode {
             None => plane.nodes.register(info).await,
         }
         .map_err(Refusal::Meta)?;
-        stream.node_id = Some(handshake.node_id);
+        // The term may have ended during the raft write: the view and the mailbox
+        // refuse a stream of an older term.
+        let (node, term) = (handshake.node_id, stream.term.unwrap_or(0));
+        plane
+            .live
+            .claim(term, node, stream.stream, request.now_ms)
+            .map_err(|stale| Refusal::from((stale, node)))?;
+        stream.inbox = Some(
+            plane
+                .outbox
+                .attach(term, node, stream.stream)
+                .ok_or(Refusal::Replaced(node))?,
+        );
+        stream.node_id = Some(node);
         Ok(())
     }
 }
@@ -326,7 +380,10 @@ impl HeartbeatHandler for FeedDetector {
         request: &Request<'_>,
     ) -> Result<(), Refusal> {
         if let Some(id) = stream.node_id {
-            plane.live.beat(id, request.now_ms);
+            plane
+                .live
+                .beat(stream.term.unwrap_or(0), id, stream.stream, request.now_ms)
+                .map_err(|stale| Refusal::from((stale, id)))?;
         }
         Ok(())
     }
@@ -349,7 +406,16 @@ impl HeartbeatHandler for CollectStats {
         if let (Some(id), Some(pb::heartbeat_request::Body::Stats(stats))) =
             (stream.node_id, &request.body.body)
         {
-            plane.live.apply_stats(id, stats);
+            plane
+                .live
+                .apply_stats(
+                    stream.term.unwrap_or(0),
+                    id,
+                    stream.stream,
+                    stats,
+                    request.now_ms,
+                )
+                .map_err(|stale| Refusal::from((stale, id)))?;
             stream.has_full_stats |= stats.full;
         }
         Ok(())
@@ -422,8 +488,9 @@ mod tests {
             ..StreamState::default()
         };
         let based = StreamState {
+            node_id: Some(4),
             has_full_stats: true,
-            ..known.clone()
+            ..StreamState::default()
         };
         // Each case: stream state, request, and Ok or a fragment of the error.
         let cases: Vec<(&StreamState, pb::HeartbeatRequest, Result<(), &str>)> = vec![
@@ -467,10 +534,12 @@ mod tests {
             live: Arc::new(LiveNodes::new(Default::default(), 0)),
             outbox: Arc::new(NodeMailbox::default()),
             tokens: None,
+            streams: Default::default(),
         };
         // Node 3 beat once, at the epoch: long silent. Its stream is still attached.
-        plane.live.beat(3, 0);
-        let (_attachment, _inbox) = plane.outbox.attach(3);
+        plane.live.claim(1, 3, 1, 0).unwrap();
+        plane.live.beat(1, 3, 1, 0).unwrap();
+        let _inbox = plane.outbox.attach(1, 3, 1).unwrap();
         let err = plane
             .send(
                 3,

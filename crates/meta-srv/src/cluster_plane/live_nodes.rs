@@ -46,8 +46,19 @@ impl From<&pb::RegionStat> for RegionLoad {
 }
 
 struct Live {
+    /// The stream whose reports count (newer streams of the node replace older ones).
+    stream: u64,
     detector: PhiAccrualDetector,
     regions: HashMap<u64, RegionLoad>,
+}
+
+/// Why a stream's report was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stale {
+    /// The leader's view belongs to a newer term than the stream's.
+    Term,
+    /// A newer stream of the node took over (or the node was forgotten).
+    Replaced,
 }
 
 /// A node's liveness as the leader reports it.
@@ -65,9 +76,35 @@ pub struct LiveView {
 }
 
 struct State {
-    /// When this leadership started, ms since the Unix epoch.
+    /// The leadership term this view belongs to.
+    term: u64,
+    /// When that leadership started, ms since the Unix epoch.
     since_ms: u64,
     nodes: HashMap<u64, Live>,
+}
+
+impl State {
+    /// Takes a report of a stream in `term`: a newer term resets the view first (in the
+    /// same critical section, so no report of the new term is lost to a late reset); an
+    /// older one is refused.
+    fn enter(&mut self, term: u64, now_ms: u64) -> Result<(), Stale> {
+        if term > self.term {
+            self.term = term;
+            self.since_ms = now_ms;
+            self.nodes.clear();
+        }
+        if term < self.term {
+            return Err(Stale::Term);
+        }
+        Ok(())
+    }
+
+    fn current(&mut self, id: u64, stream: u64) -> Result<&mut Live, Stale> {
+        match self.nodes.get_mut(&id) {
+            Some(live) if live.stream == stream => Ok(live),
+            _ => Err(Stale::Replaced),
+        }
+    }
 }
 
 /// The leader's in-memory view of heartbeating nodes.
@@ -78,11 +115,12 @@ pub struct LiveNodes {
 
 impl LiveNodes {
     /// An empty view with detectors tuned by `config`, for a leadership that started
-    /// at `since_ms`.
+    /// at `since_ms` (term 0: any term's first report resets it).
     pub fn new(config: DetectorConfig, since_ms: u64) -> Self {
         LiveNodes {
             config,
             state: Mutex::new(State {
+                term: 0,
                 since_ms,
                 nodes: HashMap::new(),
             }),
@@ -95,30 +133,54 @@ impl LiveNodes {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a heartbeat of node `id` at `now_ms` (feeds its failure detector).
-    pub fn beat(&self, id: u64, now_ms: u64) {
-        let config = self.config;
-        let mut state = self.state();
-        state
-            .nodes
-            .entry(id)
-            .or_insert_with(|| Live {
-                detector: PhiAccrualDetector::new(config),
-                regions: HashMap::new(),
-            })
-            .detector
-            .heartbeat(now_ms);
+    /// Starts term `term` at `now_ms` if it is newer than the view's (leadership won).
+    pub fn advance(&self, term: u64, now_ms: u64) {
+        let _ = self.state().enter(term, now_ms);
     }
 
-    /// Applies node `id`'s stats: a full report replaces what is known, a delta
-    /// updates and removes only the regions it names. Returns the regions touched.
-    pub fn apply_stats(&self, id: u64, stats: &pb::NodeStats) -> usize {
+    /// Makes `stream` (of term `term`) the one whose reports count for node `id`,
+    /// unless a newer stream already did. The detector's history carries over; the
+    /// regions wait for the stream's full stats.
+    pub fn claim(&self, term: u64, id: u64, stream: u64, now_ms: u64) -> Result<(), Stale> {
         let config = self.config;
         let mut state = self.state();
+        state.enter(term, now_ms)?;
         let live = state.nodes.entry(id).or_insert_with(|| Live {
+            stream,
             detector: PhiAccrualDetector::new(config),
             regions: HashMap::new(),
         });
+        if live.stream > stream {
+            return Err(Stale::Replaced);
+        }
+        if live.stream < stream {
+            live.stream = stream;
+            live.regions.clear();
+        }
+        Ok(())
+    }
+
+    /// Records a heartbeat of node `id` on `stream` at `now_ms` (feeds its detector).
+    pub fn beat(&self, term: u64, id: u64, stream: u64, now_ms: u64) -> Result<(), Stale> {
+        let mut state = self.state();
+        state.enter(term, now_ms)?;
+        state.current(id, stream)?.detector.heartbeat(now_ms);
+        Ok(())
+    }
+
+    /// Applies node `id`'s stats from `stream`: a full report replaces what is known, a
+    /// delta updates and removes only the regions it names. Returns the regions touched.
+    pub fn apply_stats(
+        &self,
+        term: u64,
+        id: u64,
+        stream: u64,
+        stats: &pb::NodeStats,
+        now_ms: u64,
+    ) -> Result<usize, Stale> {
+        let mut state = self.state();
+        state.enter(term, now_ms)?;
+        let live = state.current(id, stream)?;
         if stats.full {
             live.regions.clear();
         }
@@ -128,7 +190,12 @@ impl LiveNodes {
         for region in &stats.removed_regions {
             live.regions.remove(region);
         }
-        stats.regions.len() + stats.removed_regions.len()
+        Ok(stats.regions.len() + stats.removed_regions.len())
+    }
+
+    /// Forgets node `id` (it was removed); its open stream, if any, is refused next.
+    pub fn forget(&self, id: u64) {
+        self.state().nodes.remove(&id);
     }
 
     /// What is known of region `region` on node `id`.
@@ -142,7 +209,11 @@ impl LiveNodes {
     /// Node `id` as seen at `now_ms`.
     pub fn view(&self, id: u64, now_ms: u64) -> LiveView {
         let state = self.state();
-        match state.nodes.get(&id) {
+        let heard = state
+            .nodes
+            .get(&id)
+            .filter(|live| live.detector.last_heartbeat_ms().is_some());
+        match heard {
             None => {
                 // Judge the silence since the leadership started, as if the node had
                 // beaten then: unknown for one detection window, failed after.
@@ -174,14 +245,6 @@ impl LiveNodes {
             },
         }
     }
-
-    /// Forgets everything: a leadership (re)started at `since_ms`, and the next term
-    /// starts from heartbeats.
-    pub fn reset(&self, since_ms: u64) {
-        let mut state = self.state();
-        state.nodes.clear();
-        state.since_ms = since_ms;
-    }
 }
 
 #[cfg(test)]
@@ -197,14 +260,29 @@ mod tests {
         }
     }
 
+    fn full(ids: std::ops::RangeInclusive<u64>) -> pb::NodeStats {
+        pb::NodeStats {
+            regions: ids.map(|id| region(id, 10)).collect(),
+            full: true,
+            removed_regions: Vec::new(),
+        }
+    }
+
     #[test]
     fn unheard_nodes_are_unknown_for_a_window_and_silence_fails_heard_ones() {
         let live = LiveNodes::new(DetectorConfig::default(), 0);
+        live.advance(1, 0);
         assert_eq!(live.view(1, 1_000).liveness, "unknown");
         // Default window: 1 s first interval + 10 s pause, plus the std dev margin.
         assert_eq!(live.view(1, 30_000).liveness, "failed");
+        live.claim(1, 1, 1, 0).unwrap();
+        assert_eq!(
+            live.view(1, 1_000).liveness,
+            "unknown",
+            "claimed but never heard is judged from the leadership's start"
+        );
         for t in (0..=10_000).step_by(1_000) {
-            live.beat(1, t);
+            live.beat(1, 1, 1, t).unwrap();
         }
         let now = live.view(1, 10_500);
         assert_eq!(
@@ -212,37 +290,64 @@ mod tests {
             ("alive", Some(500))
         );
         assert_eq!(live.view(1, 40_000).liveness, "failed");
-        live.reset(40_000);
+        // A new term resets at once, even before the leadership task runs.
+        live.claim(2, 1, 5, 40_000).unwrap();
         assert_eq!(live.view(1, 40_100).liveness, "unknown");
         assert_eq!(live.view(1, 70_000).liveness, "failed");
+        assert_eq!(live.beat(1, 1, 1, 40_200), Err(Stale::Term));
+        live.advance(1, 50_000);
+        assert_eq!(
+            live.beat(2, 1, 5, 50_000),
+            Ok(()),
+            "an older advance changes nothing"
+        );
     }
 
     #[test]
     fn full_stats_replace_and_deltas_touch_only_what_they_name() {
         let live = LiveNodes::new(DetectorConfig::default(), 0);
-        let full = pb::NodeStats {
-            regions: (1..=100).map(|id| region(id, 10)).collect(),
-            full: true,
-            removed_regions: Vec::new(),
-        };
-        assert_eq!(live.apply_stats(1, &full), 100);
+        live.claim(1, 1, 1, 0).unwrap();
+        live.beat(1, 1, 1, 0).unwrap();
+        assert_eq!(live.apply_stats(1, 1, 1, &full(1..=100), 0), Ok(100));
         assert_eq!(live.view(1, 0).regions, 100);
         let delta = pb::NodeStats {
             regions: vec![region(5, 99), region(101, 1)],
             full: false,
             removed_regions: vec![7, 8],
         };
-        assert_eq!(live.apply_stats(1, &delta), 4);
+        assert_eq!(live.apply_stats(1, 1, 1, &delta, 0), Ok(4));
         assert_eq!(live.view(1, 0).regions, 99);
         assert_eq!(live.region(1, 5).map(|r| r.bytes), Some(99));
         assert_eq!(live.region(1, 6).map(|r| r.bytes), Some(10));
         assert_eq!(live.region(1, 7), None);
-        let again = pb::NodeStats {
-            regions: vec![region(1, 1)],
-            full: true,
-            removed_regions: Vec::new(),
-        };
-        live.apply_stats(1, &again);
+        live.apply_stats(1, 1, 1, &full(1..=1), 0).unwrap();
         assert_eq!(live.view(1, 0).regions, 1, "a full report replaces");
+    }
+
+    #[test]
+    fn only_the_newest_stream_of_a_node_counts() {
+        let live = LiveNodes::new(DetectorConfig::default(), 0);
+        live.claim(1, 1, 3, 0).unwrap();
+        live.beat(1, 1, 3, 0).unwrap();
+        live.apply_stats(1, 1, 3, &full(1..=10), 0).unwrap();
+        // A newer stream takes over: regions wait for its full report.
+        live.claim(1, 1, 4, 0).unwrap();
+        assert_eq!(live.view(1, 0).regions, 0);
+        let late = pb::NodeStats {
+            regions: vec![region(50, 1)],
+            full: false,
+            removed_regions: vec![1],
+        };
+        assert_eq!(live.apply_stats(1, 1, 3, &late, 0), Err(Stale::Replaced));
+        assert_eq!(live.beat(1, 1, 3, 10), Err(Stale::Replaced));
+        assert_eq!(
+            live.claim(1, 1, 3, 0),
+            Err(Stale::Replaced),
+            "no going back"
+        );
+        live.apply_stats(1, 1, 4, &full(1..=2), 0).unwrap();
+        assert_eq!(live.view(1, 0).regions, 2);
+        live.forget(1);
+        assert_eq!(live.beat(1, 1, 4, 20), Err(Stale::Replaced));
     }
 }

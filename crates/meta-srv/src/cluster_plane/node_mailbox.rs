@@ -1,13 +1,13 @@
 //! `NodeMailbox`: send an instruction to a node over its heartbeat stream and await the
 //! correlated reply with a deadline (leader only).
 //!
-//! Each stream that completes its handshake attaches an outbox for its node (a newer
-//! stream of the same node replaces the older one). Replies ride on the node's next
-//! requests and are matched by id. Leadership changes fail everything pending: the
-//! next leader's mailbox starts empty, with ids from a range of its own term.
+//! Each stream that completes its handshake attaches an outbox for its node; a newer
+//! stream of the node replaces an older one, never the reverse. Replies ride on the
+//! node's next requests and are matched by id. A new term (or the loss of leadership)
+//! fails everything pending and detaches every stream, and ids are drawn from a range
+//! of the term, so a late reply to an older leader's instruction never matches.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -15,108 +15,174 @@ use common_meta::Error;
 use meta_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 
-type Pending = HashMap<u64, (u64, oneshot::Sender<Result<pb::InstructionReply, Error>>)>;
+type Waiter = oneshot::Sender<Result<pb::InstructionReply, Error>>;
+
+/// Outboxes and waiters under one lock: a send looks up the outbox and registers its
+/// wait in one critical section, so a reset either comes first (no outbox) or fails
+/// the wait.
+#[derive(Default)]
+struct Inner {
+    /// The term the outboxes belong to.
+    term: u64,
+    next_id: u64,
+    /// Per node: the stream attached and its outbox.
+    outboxes: HashMap<u64, (u64, mpsc::Sender<pb::MailboxMessage>)>,
+    /// Per instruction id: the node it went to and who waits for the reply.
+    pending: HashMap<u64, (u64, Waiter)>,
+}
+
+impl Inner {
+    fn reset(&mut self, why: &str) {
+        self.outboxes.clear();
+        for (_, (node, waiter)) in self.pending.drain() {
+            let _ = waiter.send(Err(Error::Unavailable {
+                message: format!("{why} before node {node} replied"),
+            }));
+        }
+    }
+
+    fn enter(&mut self, term: u64) -> bool {
+        if term > self.term {
+            self.reset("leadership changed");
+            self.term = term;
+            self.next_id = term << 32;
+        }
+        term == self.term
+    }
+}
 
 /// The leader's mailbox to nodes.
 #[derive(Default)]
 pub struct NodeMailbox {
-    next_id: AtomicU64,
-    /// Per node: the attachment number of its current stream and its outbox.
-    outboxes: Mutex<HashMap<u64, (u64, mpsc::Sender<pb::MailboxMessage>)>>,
-    attachments: AtomicU64,
-    pending: Mutex<Pending>,
+    inner: Mutex<Inner>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every critical section is one map update: never torn.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+/// Instructions queued per stream before they are pushed.
+const OUTBOX_CAPACITY: usize = 64;
+
+/// Removes a pending instruction when its sender stops waiting for any reason.
+struct PendingGuard<'a> {
+    mailbox: &'a NodeMailbox,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.mailbox.lock().pending.remove(&self.id);
+    }
 }
 
 impl NodeMailbox {
-    /// Attaches node `node_id`'s stream; its instructions arrive on the receiver. The
-    /// number identifies this attachment for [`NodeMailbox::detach`].
-    pub fn attach(&self, node_id: u64) -> (u64, mpsc::Receiver<pb::MailboxMessage>) {
-        let (outbox, inbox) = mpsc::channel(64);
-        let attachment = self.attachments.fetch_add(1, Ordering::Relaxed) + 1;
-        lock(&self.outboxes).insert(node_id, (attachment, outbox));
-        (attachment, inbox)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Every critical section leaves the maps consistent: never torn.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Detaches node `node_id`'s stream if `attachment` is still the attached one (a
-    /// newer stream of the node may have replaced it).
-    pub fn detach(&self, node_id: u64, attachment: u64) {
-        let mut outboxes = lock(&self.outboxes);
-        if outboxes
+    /// Starts term `term` if it is newer (leadership won): everything older fails.
+    pub fn advance(&self, term: u64) {
+        self.lock().enter(term);
+    }
+
+    /// Fails everything pending and detaches every stream (leadership lost).
+    pub fn clear(&self) {
+        self.lock().reset("leadership changed");
+    }
+
+    /// Attaches `stream` (of term `term`) as node `node_id`'s outbox, unless a newer
+    /// stream of the node is attached or the term is over; its instructions arrive on
+    /// the receiver.
+    pub fn attach(
+        &self,
+        term: u64,
+        node_id: u64,
+        stream: u64,
+    ) -> Option<mpsc::Receiver<pb::MailboxMessage>> {
+        let mut inner = self.lock();
+        if !inner.enter(term) {
+            return None;
+        }
+        if inner
+            .outboxes
             .get(&node_id)
-            .is_some_and(|(a, _)| *a == attachment)
+            .is_some_and(|(attached, _)| *attached > stream)
         {
-            outboxes.remove(&node_id);
+            return None;
+        }
+        let (outbox, inbox) = mpsc::channel(OUTBOX_CAPACITY);
+        inner.outboxes.insert(node_id, (stream, outbox));
+        Some(inbox)
+    }
+
+    /// Detaches node `node_id`'s `stream` if it is still the attached one.
+    pub fn detach(&self, node_id: u64, stream: u64) {
+        let mut inner = self.lock();
+        if inner
+            .outboxes
+            .get(&node_id)
+            .is_some_and(|(attached, _)| *attached == stream)
+        {
+            inner.outboxes.remove(&node_id);
         }
     }
 
-    /// Sends `instruction` to node `node_id` and waits up to `deadline` for its reply.
+    /// Sends `instruction` to node `node_id` and waits up to `deadline` (queueing
+    /// included) for its reply.
     pub async fn send(
         &self,
         node_id: u64,
         instruction: pb::Instruction,
         deadline: Duration,
     ) -> Result<pb::InstructionReply, Error> {
-        let outbox = lock(&self.outboxes)
-            .get(&node_id)
-            .map(|(_, outbox)| outbox.clone())
-            .ok_or_else(|| Error::Unavailable {
-                message: format!("node {node_id} has no heartbeat stream to this leader"),
-            })?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (reply, answer) = oneshot::channel();
-        lock(&self.pending).insert(id, (node_id, reply));
+        let (id, outbox) = {
+            let mut inner = self.lock();
+            let outbox = inner
+                .outboxes
+                .get(&node_id)
+                .map(|(_, outbox)| outbox.clone())
+                .ok_or_else(|| Error::Unavailable {
+                    message: format!("node {node_id} has no heartbeat stream to this leader"),
+                })?;
+            inner.next_id += 1;
+            let id = inner.next_id;
+            inner.pending.insert(id, (node_id, reply));
+            (id, outbox)
+        };
+        let _guard = PendingGuard { mailbox: self, id };
         let message = pb::MailboxMessage {
             id,
             instruction: Some(instruction),
         };
-        if outbox.send(message).await.is_err() {
-            lock(&self.pending).remove(&id);
-            return Err(Error::Unavailable {
+        let exchange = async {
+            outbox.send(message).await.map_err(|_| Error::Unavailable {
                 message: format!("node {node_id}'s heartbeat stream closed"),
-            });
-        }
-        match tokio::time::timeout(deadline, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Error::Unavailable {
-                message: format!("the mailbox was cleared before node {node_id} replied"),
-            }),
-            Err(_) => {
-                lock(&self.pending).remove(&id);
-                Err(Error::Unavailable {
-                    message: format!("node {node_id} did not reply within {deadline:?}"),
-                })
+            })?;
+            match answer.await {
+                Ok(result) => result,
+                Err(_) => Err(Error::Unavailable {
+                    message: format!("the mailbox was cleared before node {node_id} replied"),
+                }),
             }
+        };
+        match tokio::time::timeout(deadline, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Unavailable {
+                message: format!("node {node_id} did not reply within {deadline:?}"),
+            }),
         }
     }
 
     /// Hands a reply from node `node_id` to whoever waits for it (late or unknown
     /// replies are dropped).
     pub fn deliver(&self, node_id: u64, reply: pb::InstructionReply) {
-        let mut pending = lock(&self.pending);
-        if pending
+        let mut inner = self.lock();
+        if inner
+            .pending
             .get(&reply.id)
             .is_some_and(|(node, _)| *node == node_id)
-            && let Some((_, waiter)) = pending.remove(&reply.id)
+            && let Some((_, waiter)) = inner.pending.remove(&reply.id)
         {
             let _ = waiter.send(Ok(reply));
-        }
-    }
-
-    /// Fails everything pending and detaches every stream (leadership changed); ids
-    /// given from now on start at `term << 32`, so a late reply to an older leader's
-    /// instruction can never match one of this term's.
-    pub fn reset(&self, term: u64) {
-        self.next_id.store(term << 32, Ordering::Relaxed);
-        lock(&self.outboxes).clear();
-        for (_, (node, waiter)) in lock(&self.pending).drain() {
-            let _ = waiter.send(Err(Error::Unavailable {
-                message: format!("leadership changed before node {node} replied"),
-            }));
         }
     }
 }
@@ -133,8 +199,16 @@ mod tests {
         }
     }
 
+    fn ok(id: u64) -> pb::InstructionReply {
+        pb::InstructionReply {
+            id,
+            ok: true,
+            error: String::new(),
+        }
+    }
+
     #[tokio::test]
-    async fn round_trip_timeout_unknown_node_and_clear() {
+    async fn round_trip_timeout_unknown_node_and_reset() {
         let mailbox = std::sync::Arc::new(NodeMailbox::default());
         let err = mailbox
             .send(9, open(1), Duration::from_secs(1))
@@ -145,29 +219,16 @@ mod tests {
             "{err}"
         );
 
-        let (_, mut inbox) = mailbox.attach(9);
+        let mut inbox = mailbox.attach(3, 9, 1).unwrap();
         let sender = {
             let mailbox = mailbox.clone();
             tokio::spawn(async move { mailbox.send(9, open(1), Duration::from_secs(5)).await })
         };
         let message = inbox.recv().await.unwrap();
+        assert_eq!(message.id, (3 << 32) + 1, "ids carry the term");
         // A reply from another node with the same id is not accepted.
-        mailbox.deliver(
-            8,
-            pb::InstructionReply {
-                id: message.id,
-                ok: true,
-                error: String::new(),
-            },
-        );
-        mailbox.deliver(
-            9,
-            pb::InstructionReply {
-                id: message.id,
-                ok: true,
-                error: String::new(),
-            },
-        );
+        mailbox.deliver(8, ok(message.id));
+        mailbox.deliver(9, ok(message.id));
         assert!(sender.await.unwrap().unwrap().ok);
 
         let err = mailbox
@@ -175,16 +236,13 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("did not reply within"), "{err}");
+        assert!(
+            mailbox.lock().pending.is_empty(),
+            "a timed-out wait is forgotten"
+        );
         // Its message was delivered; a reply now comes too late and is dropped.
         let late = inbox.recv().await.unwrap();
-        mailbox.deliver(
-            9,
-            pb::InstructionReply {
-                id: late.id,
-                ok: true,
-                error: String::new(),
-            },
-        );
+        mailbox.deliver(9, ok(late.id));
 
         let waiting = {
             let mailbox = mailbox.clone();
@@ -192,14 +250,49 @@ mod tests {
         };
         let third = inbox.recv().await.unwrap();
         assert_eq!(third.id, late.id + 1);
-        mailbox.reset(5);
+        mailbox.advance(5);
         let err = waiting.await.unwrap().unwrap_err();
         assert!(err.to_string().contains("leadership changed"), "{err}");
-        let (_, mut inbox) = mailbox.attach(9);
+        assert!(
+            mailbox.attach(4, 9, 7).is_none(),
+            "an older term cannot attach"
+        );
+        let mut inbox = mailbox.attach(5, 9, 2).unwrap();
         let _next = {
             let mailbox = mailbox.clone();
             tokio::spawn(async move { mailbox.send(9, open(4), Duration::from_secs(5)).await })
         };
         assert_eq!(inbox.recv().await.unwrap().id, (5 << 32) + 1);
+    }
+
+    #[tokio::test]
+    async fn newer_streams_replace_older_ones_and_a_full_outbox_times_out() {
+        let mailbox = NodeMailbox::default();
+        let older = mailbox.attach(1, 9, 1).unwrap();
+        let mut newer = mailbox.attach(1, 9, 2).unwrap();
+        assert!(
+            mailbox.attach(1, 9, 1).is_none(),
+            "no going back to an older stream"
+        );
+        mailbox.detach(9, 1);
+        drop(older);
+        // The newer stream is still attached; fill its outbox without reading it.
+        for _ in 0..64 {
+            let _ = mailbox.send(9, open(1), Duration::from_millis(1)).await;
+        }
+        let err = mailbox
+            .send(9, open(1), Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("did not reply within"), "{err}");
+        assert!(mailbox.lock().pending.is_empty());
+        assert!(newer.recv().await.is_some());
+        mailbox.detach(9, 2);
+        assert!(
+            mailbox
+                .send(9, open(1), Duration::from_secs(1))
+                .await
+                .is_err()
+        );
     }
 }

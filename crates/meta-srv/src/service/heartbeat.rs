@@ -1,6 +1,6 @@
 //! The `meta.v1.Heartbeat` service: one bidirectional stream per node, answered by the
 //! leader only; `AskLeader` on any member; `ListNodes`, topology changes and join
-//! tokens on the leader.
+//! token registration on the leader.
 //!
 //! Every request of a stream runs through the handler chain of
 //! `cluster_plane::heartbeat_chain` (check leader -> validate -> register node ->
@@ -23,6 +23,9 @@ use crate::cluster_plane::heartbeat_chain::{
 use crate::error::to_status_with_hint;
 use crate::raft::driver::Mailbox;
 use crate::raft::members::Members;
+
+/// Answers and pushes queued per stream.
+const RESPONSE_QUEUE: usize = 128;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -124,20 +127,30 @@ impl Stream {
         }
     }
 
-    /// Serves one stream until it ends; returns the mailbox attachment to undo.
+    /// Queues `response` for the node without ever waiting: a node that does not read
+    /// its answers (hung, or a half-open connection) fills the queue, and its stream
+    /// ends rather than blocking this task past a term change or shutdown.
+    fn push(
+        out: &mpsc::Sender<Result<pb::HeartbeatResponse, Status>>,
+        response: Result<pb::HeartbeatResponse, Status>,
+    ) -> bool {
+        out.try_send(response).is_ok()
+    }
+
+    /// Serves one stream until it ends.
     async fn serve(
         &mut self,
+        state: &mut StreamState,
         requests: &mut Streaming<pb::HeartbeatRequest>,
         out: &mpsc::Sender<Result<pb::HeartbeatResponse, Status>>,
-    ) -> Option<(u64, u64)> {
-        let mut state = StreamState::default();
-        let mut inbox: Option<(u64, u64, mpsc::Receiver<pb::MailboxMessage>)> = None;
+    ) {
         let mut leadership = self.leadership.clone();
         let mut stop = self.stop.clone();
         loop {
             enum Next {
                 Request(pb::HeartbeatRequest),
                 Instruction(pb::MailboxMessage),
+                Detached,
                 Closed,
                 TermEnded,
                 Stopping,
@@ -156,34 +169,38 @@ impl Stream {
                     drop(stopping);
                     Next::Stopping
                 }
-                Some(message) = async {
-                    match inbox.as_mut() {
-                        Some((_, _, inbox)) => inbox.recv().await,
+                message = async {
+                    match state.inbox.as_mut() {
+                        Some(inbox) => inbox.recv().await,
                         None => std::future::pending().await,
                     }
-                } => Next::Instruction(message),
+                } => match message {
+                    Some(message) => Next::Instruction(message),
+                    None => Next::Detached,
+                },
             };
-            let attached = inbox
-                .as_ref()
-                .map(|(node, attachment, _)| (*node, *attachment));
             let request = match next {
                 Next::Request(request) => request,
                 Next::Instruction(message) => {
-                    if out.send(Ok(self.answer(0, vec![message]))).await.is_err() {
-                        return attached;
+                    if !Self::push(out, Ok(self.answer(0, vec![message]))) {
+                        return;
                     }
                     continue;
                 }
-                Next::Closed => return attached,
+                Next::Detached => {
+                    // A newer stream of the node took the mailbox (or the term ended).
+                    let node = state.node_id.unwrap_or_default();
+                    Self::push(out, Err(replaced(node)));
+                    return;
+                }
+                Next::Closed => return,
                 Next::TermEnded => {
-                    let _ = out.send(Err(self.not_leader().await)).await;
-                    return attached;
+                    Self::push(out, Err(self.not_leader().await));
+                    return;
                 }
                 Next::Stopping => {
-                    let _ = out
-                        .send(Err(Status::unavailable("the server is shutting down")))
-                        .await;
-                    return attached;
+                    Self::push(out, Err(Status::unavailable("the server is shutting down")));
+                    return;
                 }
             };
             let leader_term = *leadership.borrow();
@@ -193,32 +210,35 @@ impl Stream {
                 leader_term,
             };
             if let Err((handler, refusal)) =
-                heartbeat_chain::run(&self.chain, &self.plane, &mut state, &input).await
+                heartbeat_chain::run(&self.chain, &self.plane, state, &input).await
             {
                 tracing::debug!(handler, ?refusal, node = ?state.node_id, "heartbeat refused");
                 let status = match refusal {
                     Refusal::NotLeader => self.not_leader().await,
                     Refusal::Invalid(message) => Status::invalid_argument(message),
                     Refusal::Meta(e) => to_status_with_hint(e, &self.members),
+                    Refusal::Replaced(node) => replaced(node),
                 };
-                let _ = out.send(Err(status)).await;
-                return attached;
+                Self::push(out, Err(status));
+                return;
             }
-            if let (Some(node), None) = (state.node_id, &inbox) {
-                let (attachment, receiver) = self.plane.outbox.attach(node);
-                inbox = Some((node, attachment, receiver));
+            // The chain awaited (a raft write): answer only while still leading in the
+            // stream's term.
+            if *leadership.borrow() != state.term {
+                Self::push(out, Err(self.not_leader().await));
+                return;
             }
-            if out
-                .send(Ok(self.answer(request.seq, Vec::new())))
-                .await
-                .is_err()
-            {
-                return inbox
-                    .as_ref()
-                    .map(|(node, attachment, _)| (*node, *attachment));
+            if !Self::push(out, Ok(self.answer(request.seq, Vec::new()))) {
+                return;
             }
         }
     }
+}
+
+fn replaced(node: u64) -> Status {
+    Status::aborted(format!(
+        "node {node}: a newer heartbeat stream of this node replaced this one"
+    ))
 }
 
 fn role_name(role: NodeRole) -> &'static str {
@@ -247,35 +267,38 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
         request: Request<Streaming<pb::HeartbeatRequest>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         let mut requests = request.into_inner();
-        let (out, responses) = mpsc::channel(4);
+        // Room for a burst of instruction pushes; a node that reads nothing fills it
+        // and loses its stream (see `Stream::push`).
+        let (out, responses) = mpsc::channel(RESPONSE_QUEUE);
         let mut stream = self.shared();
         tokio::spawn(async move {
-            if let Some((node, attachment)) = stream.serve(&mut requests, &out).await {
-                stream.plane.outbox.detach(node, attachment);
+            let mut state = stream.plane.open_stream();
+            stream.serve(&mut state, &mut requests, &out).await;
+            if let Some(node) = state.node_id {
+                stream.plane.outbox.detach(node, state.stream);
             }
         });
         Ok(Response::new(ReceiverStream::new(responses)))
     }
 
-    async fn create_join_token(
+    async fn register_join_token(
         &self,
-        request: Request<pb::CreateJoinTokenRequest>,
-    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        request: Request<pb::RegisterJoinTokenRequest>,
+    ) -> Result<Response<pb::RegisterJoinTokenResponse>, Status> {
         self.require_leader().await?;
         let Some(tokens) = &self.plane.tokens else {
             return Err(Status::failed_precondition(
                 "join tokens are off: this cluster has no cluster_secret configured",
             ));
         };
-        let request = request.into_inner();
-        let (token, expires_at_ms) = tokens
-            .create(request.node_id, request.ttl_ms, now_ms())
+        let verified = tokens
+            .register(&request.into_inner().token, now_ms())
             .await
             .map_err(|e| to_status_with_hint(e, &self.members))?;
-        Ok(Response::new(pb::CreateJoinTokenResponse {
+        Ok(Response::new(pb::RegisterJoinTokenResponse {
             header: common_meta::rpc::header(self.member_id, 0),
-            token,
-            expires_at_ms,
+            node_id: verified.node_id,
+            expires_at_ms: verified.expires_at_ms,
         }))
     }
 
@@ -328,11 +351,13 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
         self.require_leader().await?;
+        let id = request.into_inner().node_id;
         self.plane
             .nodes
-            .remove(request.into_inner().node_id)
+            .remove(id)
             .await
             .map_err(|e| to_status_with_hint(e, &self.members))?;
+        self.plane.live.forget(id);
         Ok(Response::new(pb::RemoveNodeResponse {
             header: common_meta::rpc::header(self.member_id, 0),
         }))
@@ -344,6 +369,11 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         self.require_leader().await?;
         let now = now_ms();
+        let term = *self.leadership.borrow();
+        if let Some(term) = term {
+            // Never show an older term's view (the leadership task may not have run).
+            self.plane.live.advance(term, now);
+        }
         let nodes = self
             .plane
             .nodes

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use common_meta::model::join_token::JoinTokenSigner;
 use meta_client::{MetaClient, MetaClientOptions};
 use meta_proto::v1 as pb;
 use meta_proto::v1::heartbeat_client::HeartbeatClient;
@@ -254,7 +255,11 @@ async fn bad_streams_are_refused_and_others_go_on() {
 
     // Tokens are off without a cluster secret.
     let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default()).unwrap();
-    let err = client.create_join_token(5, 60_000).await.unwrap_err();
+    let signer = JoinTokenSigner::new(SECRET.as_bytes()).unwrap();
+    let err = client
+        .register_join_token(&signer.mint(5, u64::MAX).unwrap())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("join tokens are off"), "{err}");
 
     good.send(stats(2)).await.unwrap();
@@ -373,14 +378,18 @@ async fn mailbox_round_trip_refusal_timeout_and_unknown_node() {
 
 const SECRET: &str = "a cluster secret of enough bytes";
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 /// Waits until the wall clock is past `at_ms` (ms since the epoch).
 async fn wait_past(at_ms: u64) {
     let until = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
+        let now = unix_ms();
         if now > at_ms {
             return;
         }
@@ -396,26 +405,49 @@ async fn wait_past(at_ms: u64) {
 async fn join_tokens_admit_once_and_refuse_bad_expired_and_reused_ones() {
     let server = crate::in_process::start_with(|c| c.cluster_secret = SECRET.to_string()).await;
     let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default()).unwrap();
-    let mut token = None;
-    let until = std::time::Instant::now() + Duration::from_secs(20);
-    while token.is_none() {
-        // Retried while the fresh server has not yet published its leadership.
-        match client.create_join_token(1, 600_000).await {
-            Ok((t, _)) => token = Some(t),
-            Err(e) => assert!(std::time::Instant::now() < until, "{e}"),
+    let signer = JoinTokenSigner::new(SECRET.as_bytes()).unwrap();
+    // Makes a token valid for `ttl_ms` and registers it, as `metactl token create`.
+    let create = |node: u64, ttl_ms: u64| {
+        let (signer, client) = (signer.clone(), client.clone());
+        async move {
+            let token = signer.mint(node, unix_ms() + ttl_ms).unwrap();
+            let until = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                // Retried while the fresh server has not yet published its leadership.
+                match client.register_join_token(&token).await {
+                    Ok((_, expires)) => return (token, expires),
+                    Err(e) => assert!(std::time::Instant::now() < until, "{e}"),
+                }
+            }
         }
-    }
-    let token = token.unwrap();
+    };
+    let (token, _) = create(1, 600_000).await;
     let (good, good_answers, _) = register(
         &server.grpc,
         with_token(handshake(1, pb::NodeRole::Datanode, "h:1"), &token),
     )
     .await;
 
-    let (for_node_2, _) = client.create_join_token(2, 600_000).await.unwrap();
-    let (short_lived, expires) = client.create_join_token(3, 1).await.unwrap();
+    let (for_node_2, _) = create(2, 600_000).await;
+    let (short_lived, expires) = create(3, 1_000).await;
     wait_past(expires).await;
-    let (spent, _) = client.create_join_token(4, 600_000).await.unwrap();
+    let (spent, _) = create(4, 600_000).await;
+    // Tokens not made with the cluster's secret, or already expired, are not taken.
+    let foreign = JoinTokenSigner::new(b"some other cluster's secret").unwrap();
+    let err = client
+        .register_join_token(&foreign.mint(6, unix_ms() + 600_000).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not valid for this cluster"),
+        "{err}"
+    );
+    let err = client
+        .register_join_token(&signer.mint(6, unix_ms() - 1).unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("already expired"), "{err}");
+    let unregistered = signer.mint(6, unix_ms() + 600_000).unwrap();
     {
         // Node 4 joins, is decommissioned and removed; its token is spent for good.
         let (_tx, _answers, _) = register(
@@ -436,6 +468,7 @@ async fn join_tokens_admit_once_and_refuse_bad_expired_and_reused_ones() {
         (5, "not-a-token".to_string(), "not valid for this cluster"),
         (1, forged, "not valid for this cluster"),
         (5, for_node_2.clone(), "is for node 2, not node 5"),
+        (6, unregistered, "not registered with this cluster"),
         (3, short_lived, "expired"),
         (4, spent, "already used"),
     ];

@@ -8,12 +8,23 @@ use crate::support::{ServerProcess, run_bounded};
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn metactl(endpoint: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    metactl_with(endpoint, args, &[])
+}
+
+/// `metactl` with extra environment variables.
+fn metactl_with(
+    endpoint: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_metactl"));
     command
         .arg("--endpoints")
         .arg(endpoint)
         .args(args)
-        .env_remove("METACTL_ENDPOINTS");
+        .env_remove("METACTL_ENDPOINTS")
+        .env_remove("METASRV_CLUSTER_SECRET")
+        .envs(env.iter().copied());
     let (status, out, err) = run_bounded(command, DEADLINE);
     (status.code(), out, err)
 }
@@ -122,13 +133,27 @@ fn errors_are_one_line_with_nonzero_exit() {
 #[test]
 fn token_create_prints_a_token_for_the_node() {
     let dir = tempfile::tempdir().unwrap();
+    const SECRET: &str = "a secret of at least sixteen bytes";
     let mut command = crate::support::meta_srv_command(dir.path());
-    command.env(
-        "METASRV_CLUSTER_SECRET",
-        "a secret of at least sixteen bytes",
-    );
+    command.env("METASRV_CLUSTER_SECRET", SECRET);
     let server = ServerProcess::spawn(command);
     let ep = server.grpc.as_str();
+    let with_secret = [("METASRV_CLUSTER_SECRET", SECRET)];
+    let metactl = |ep: &str, args: &[&str]| metactl_with(ep, args, &with_secret);
+
+    let (code, _, err) = metactl_with(ep, &["token", "create", "--node", "7"], &[]);
+    assert_eq!((code, err.lines().count()), (Some(2), 1), "{err}");
+    assert!(
+        err.contains("--cluster-secret"),
+        "the secret is required: {err}"
+    );
+    let (code, _, err) = metactl_with(
+        ep,
+        &["token", "create", "--node", "7"],
+        &[("METASRV_CLUSTER_SECRET", "another cluster's secret")],
+    );
+    assert_eq!((code, err.lines().count()), (Some(1), 1), "{err}");
+    assert!(err.contains("not valid for this cluster"), "{err}");
 
     let (code, out, err) = metactl(ep, &["token", "create", "--node", "7", "--ttl", "10m"]);
     assert_eq!(code, Some(0), "{err}");
