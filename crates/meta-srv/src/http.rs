@@ -9,9 +9,9 @@ use axum::{Json, Router};
 use common_meta::kv::SledKvStore;
 use serde::Serialize;
 
-use common_meta::model::node::{NodeInfo, NodeManager};
+use common_meta::model::node::NodeInfo;
 
-use crate::cluster_plane::live_nodes::LiveNodes;
+use crate::cluster_plane::heartbeat_chain::ClusterPlane;
 use crate::raft::driver::Mailbox;
 use crate::raft::members::Members;
 
@@ -27,10 +27,8 @@ pub struct HttpState {
     pub mailbox: Mailbox,
     /// Member ids to addresses.
     pub members: Arc<Members>,
-    /// Durable node registrations.
-    pub nodes: Arc<NodeManager>,
-    /// The leader's in-memory liveness view.
-    pub live: Arc<LiveNodes>,
+    /// Node registrations and the leader's liveness view.
+    pub plane: Arc<ClusterPlane>,
     /// The term this member leads in, if it leads.
     pub leadership: tokio::sync::watch::Receiver<Option<u64>>,
 }
@@ -167,6 +165,7 @@ async fn nodes(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let nodes = state
+        .plane
         .nodes
         .list()
         .await
@@ -175,7 +174,7 @@ async fn nodes(
         nodes
             .into_iter()
             .map(|info| {
-                let view = state.live.view(info.id, now);
+                let view = state.plane.view(info.id, now);
                 NodeEntry {
                     info,
                     liveness: view.liveness,

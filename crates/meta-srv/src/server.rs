@@ -171,6 +171,8 @@ impl MetaSrv {
             outbox: Arc::new(NodeMailbox::default()),
             tokens,
             streams: Default::default(),
+            leadership: node.leadership(),
+            last_term: Default::default(),
         });
         Ok(MetaSrv {
             config,
@@ -339,8 +341,7 @@ impl MetaSrv {
             store: self.store.clone(),
             mailbox: self.node.mailbox(),
             members: self.members.clone(),
-            nodes: self.plane.nodes.clone(),
-            live: self.plane.live.clone(),
+            plane: self.plane.clone(),
             leadership: self.node.leadership(),
         }));
         let http = axum::serve(self.http, router).with_graceful_shutdown(stopped(stop_rx));

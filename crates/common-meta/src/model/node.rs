@@ -162,7 +162,9 @@ impl NodeManager {
     /// Registers `reported` over `existing` (as read by the caller, with its mod
     /// revision), in one transaction that also requires `compares` and writes `ops`
     /// (consuming a join token). `None` when the record or a compare changed since;
-    /// with no `ops` and nothing new to record, nothing is written.
+    /// with no `ops` and nothing new to record, nothing is written (the compares are
+    /// still checked). A node reporting an earlier start than the registered one is
+    /// refused: it is an older incarnation.
     pub async fn register_over(
         &self,
         existing: Option<(NodeInfo, i64)>,
@@ -190,21 +192,36 @@ impl NodeManager {
                     old.id, old.role, reported.role
                 )));
             }
+            Some((old, _)) if old.start_time_ms > reported.start_time_ms => {
+                // A handshake of an older incarnation that arrives late (a dead
+                // process's stream) must not overwrite the running one's address.
+                return Err(Error::invalid_argument(format!(
+                    "node {}: a newer start of this node (at {} ms) is registered; this \
+                     one started at {} ms",
+                    old.id, old.start_time_ms, reported.start_time_ms
+                )));
+            }
             Some((old, revision)) => {
                 let next = NodeInfo {
                     state: old.state,
                     ..reported.clone()
                 };
-                if next == *old && ops.is_empty() {
+                if next == *old && ops.is_empty() && compares.is_empty() {
                     return Ok(Some(next));
                 }
                 (next, CompareTarget::ModRevision(*revision))
             }
         };
         let key = NodeKey::new(next.id).encode();
+        let unchanged = existing.as_ref().is_some_and(|(old, _)| *old == next);
         let mut request = TxnRequest {
             compare: vec![Compare::new(key.clone(), CompareOp::Equal, compare)],
-            success: vec![TxnOp::Put(PutRequest::new(key, encode(&next)?))],
+            // Nothing new to record: the transaction only checks the compares.
+            success: if unchanged && ops.is_empty() {
+                Vec::new()
+            } else {
+                vec![TxnOp::Put(PutRequest::new(key, encode(&next)?))]
+            },
             failure: Vec::new(),
         };
         request.compare.extend(compares);
@@ -337,10 +354,20 @@ mod tests {
         nodes.set_state(7, NodeState::Active).await.unwrap();
 
         // A restart with a new address keeps the topology state.
-        let again = nodes.register(node(7, "h:2")).await.unwrap();
+        let restarted = NodeInfo {
+            start_time_ms: 5,
+            ..node(7, "h:2")
+        };
+        let again = nodes.register(restarted).await.unwrap();
         assert_eq!(
             (again.addr.as_str(), again.state),
             ("h:2", NodeState::Active)
+        );
+        // A late handshake of the earlier start cannot take the address back.
+        let err = nodes.register(node(7, "h:1")).await.unwrap_err();
+        assert!(
+            err.to_string().contains("a newer start of this node"),
+            "{err}"
         );
 
         let err = nodes

@@ -58,6 +58,10 @@ pub struct ClusterPlane {
     pub tokens: Option<JoinTokens>,
     /// The number of the last stream opened.
     pub streams: std::sync::atomic::AtomicU64,
+    /// The term this member leads in, if it leads.
+    pub leadership: tokio::sync::watch::Receiver<Option<u64>>,
+    /// The last term this member led in (what a loss of leadership ends).
+    pub last_term: std::sync::atomic::AtomicU64,
 }
 
 impl ClusterPlane {
@@ -74,13 +78,25 @@ impl ClusterPlane {
 
     /// Follows leadership: a new term starts empty, a lost one fails what is pending.
     pub fn leadership_changed(&self, term: Option<u64>, now_ms: u64) {
+        use std::sync::atomic::Ordering;
         match term {
             Some(term) => {
+                self.last_term.fetch_max(term, Ordering::Relaxed);
                 self.live.advance(term, now_ms);
                 self.outbox.advance(term);
             }
-            None => self.outbox.clear(),
+            None => self.outbox.clear(self.last_term.load(Ordering::Relaxed)),
         }
+    }
+
+    /// Node `id` as this leader sees it at `now_ms` (never from an older term's view,
+    /// even before the leadership task has run).
+    pub fn view(&self, id: u64, now_ms: u64) -> crate::cluster_plane::live_nodes::LiveView {
+        let term = *self.leadership.borrow();
+        if let Some(term) = term {
+            self.live.advance(term, now_ms);
+        }
+        self.live.view(id, now_ms)
     }
 
     /// Sends `instruction` to node `node_id` and waits up to `deadline` for its reply,
@@ -95,7 +111,7 @@ impl ClusterPlane {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let view = self.live.view(node_id, now_ms);
+        let view = self.view(node_id, now_ms);
         if view.liveness == "failed" {
             return Err(common_meta::Error::Unavailable {
                 message: format!(
@@ -131,6 +147,8 @@ pub enum Refusal {
     Meta(common_meta::Error),
     /// A newer stream of the same node took over (Aborted: the node reconnects).
     Replaced(u64),
+    /// The node was removed while its stream was open (FailedPrecondition).
+    Removed(u64),
 }
 
 impl From<(Stale, u64)> for Refusal {
@@ -138,6 +156,7 @@ impl From<(Stale, u64)> for Refusal {
         match stale {
             Stale::Term => Refusal::NotLeader,
             Stale::Replaced => Refusal::Replaced(node),
+            Stale::Removed => Refusal::Removed(node),
         }
     }
 }
@@ -335,7 +354,7 @@ impl HeartbeatHandler for RegisterNode {
             plane
                 .outbox
                 .attach(term, node, stream.stream)
-                .ok_or(Refusal::Replaced(node))?,
+                .map_err(|stale| Refusal::from((stale, node)))?,
         );
         stream.node_id = Some(node);
         Ok(())
@@ -535,6 +554,8 @@ mod tests {
             outbox: Arc::new(NodeMailbox::default()),
             tokens: None,
             streams: Default::default(),
+            leadership: tokio::sync::watch::channel(Some(1)).1,
+            last_term: Default::default(),
         };
         // Node 3 beat once, at the epoch: long silent. Its stream is still attached.
         plane.live.claim(1, 3, 1, 0).unwrap();

@@ -57,8 +57,10 @@ struct Live {
 pub enum Stale {
     /// The leader's view belongs to a newer term than the stream's.
     Term,
-    /// A newer stream of the node took over (or the node was forgotten).
+    /// A newer stream of the node took over.
     Replaced,
+    /// The node was removed (forgotten) while its stream was open.
+    Removed,
 }
 
 /// A node's liveness as the leader reports it.
@@ -102,7 +104,8 @@ impl State {
     fn current(&mut self, id: u64, stream: u64) -> Result<&mut Live, Stale> {
         match self.nodes.get_mut(&id) {
             Some(live) if live.stream == stream => Ok(live),
-            _ => Err(Stale::Replaced),
+            Some(_) => Err(Stale::Replaced),
+            None => Err(Stale::Removed),
         }
     }
 }
@@ -348,6 +351,6 @@ mod tests {
         live.apply_stats(1, 1, 4, &full(1..=2), 0).unwrap();
         assert_eq!(live.view(1, 0).regions, 2);
         live.forget(1);
-        assert_eq!(live.beat(1, 1, 4, 20), Err(Stale::Replaced));
+        assert_eq!(live.beat(1, 1, 4, 20), Err(Stale::Removed));
     }
 }

@@ -15,6 +15,8 @@ use common_meta::Error;
 use meta_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::cluster_plane::live_nodes::Stale;
+
 type Waiter = oneshot::Sender<Result<pb::InstructionReply, Error>>;
 
 /// Outboxes and waiters under one lock: a send looks up the outbox and registers its
@@ -27,27 +29,48 @@ struct Inner {
     next_id: u64,
     /// Per node: the stream attached and its outbox.
     outboxes: HashMap<u64, (u64, mpsc::Sender<pb::MailboxMessage>)>,
-    /// Per instruction id: the node it went to and who waits for the reply.
-    pending: HashMap<u64, (u64, Waiter)>,
+    /// Per instruction id: the node and stream it went to, and who waits for the reply.
+    pending: HashMap<u64, (u64, u64, Waiter)>,
 }
 
 impl Inner {
     fn reset(&mut self, why: &str) {
         self.outboxes.clear();
-        for (_, (node, waiter)) in self.pending.drain() {
+        for (_, (node, _, waiter)) in self.pending.drain() {
             let _ = waiter.send(Err(Error::Unavailable {
                 message: format!("{why} before node {node} replied"),
             }));
         }
     }
 
-    fn enter(&mut self, term: u64) -> bool {
+    /// Fails what waits on `stream` of node `node`: its instructions can no longer be
+    /// answered (replies belong to the stream they came on).
+    fn fail_stream(&mut self, node: u64, stream: u64, why: &str) {
+        let ids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, (n, s, _))| *n == node && *s == stream)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some((_, _, waiter)) = self.pending.remove(&id) {
+                let _ = waiter.send(Err(Error::Unavailable {
+                    message: format!("node {node}'s heartbeat stream {why} before it replied"),
+                }));
+            }
+        }
+    }
+
+    fn enter(&mut self, term: u64) -> Result<(), Stale> {
         if term > self.term {
             self.reset("leadership changed");
             self.term = term;
             self.next_id = term << 32;
         }
-        term == self.term
+        if term < self.term {
+            return Err(Stale::Term);
+        }
+        Ok(())
     }
 }
 
@@ -80,42 +103,47 @@ impl NodeMailbox {
 
     /// Starts term `term` if it is newer (leadership won): everything older fails.
     pub fn advance(&self, term: u64) {
-        self.lock().enter(term);
+        let _ = self.lock().enter(term);
     }
 
-    /// Fails everything pending and detaches every stream (leadership lost).
-    pub fn clear(&self) {
-        self.lock().reset("leadership changed");
+    /// Fails everything pending and detaches every stream: leadership in `lost_term`
+    /// ended. A newer term's state is left alone (this call may come late).
+    pub fn clear(&self, lost_term: u64) {
+        let mut inner = self.lock();
+        if inner.term <= lost_term {
+            inner.reset("leadership changed");
+        }
     }
 
     /// Attaches `stream` (of term `term`) as node `node_id`'s outbox, unless a newer
     /// stream of the node is attached or the term is over; its instructions arrive on
-    /// the receiver.
+    /// the receiver. What waited on a replaced older stream fails.
     pub fn attach(
         &self,
         term: u64,
         node_id: u64,
         stream: u64,
-    ) -> Option<mpsc::Receiver<pb::MailboxMessage>> {
+    ) -> Result<mpsc::Receiver<pb::MailboxMessage>, Stale> {
         let mut inner = self.lock();
-        if !inner.enter(term) {
-            return None;
-        }
-        if inner
-            .outboxes
-            .get(&node_id)
-            .is_some_and(|(attached, _)| *attached > stream)
-        {
-            return None;
+        inner.enter(term)?;
+        let older = match inner.outboxes.get(&node_id) {
+            Some((attached, _)) if *attached > stream => return Err(Stale::Replaced),
+            Some((attached, _)) => Some(*attached),
+            None => None,
+        };
+        if let Some(older) = older {
+            inner.fail_stream(node_id, older, "was replaced");
         }
         let (outbox, inbox) = mpsc::channel(OUTBOX_CAPACITY);
         inner.outboxes.insert(node_id, (stream, outbox));
-        Some(inbox)
+        Ok(inbox)
     }
 
-    /// Detaches node `node_id`'s `stream` if it is still the attached one.
+    /// Detaches node `node_id`'s `stream` (it ended) if it is still the attached one,
+    /// failing what waits on it.
     pub fn detach(&self, node_id: u64, stream: u64) {
         let mut inner = self.lock();
+        inner.fail_stream(node_id, stream, "ended");
         if inner
             .outboxes
             .get(&node_id)
@@ -136,16 +164,16 @@ impl NodeMailbox {
         let (reply, answer) = oneshot::channel();
         let (id, outbox) = {
             let mut inner = self.lock();
-            let outbox = inner
+            let (stream, outbox) = inner
                 .outboxes
                 .get(&node_id)
-                .map(|(_, outbox)| outbox.clone())
+                .map(|(stream, outbox)| (*stream, outbox.clone()))
                 .ok_or_else(|| Error::Unavailable {
                     message: format!("node {node_id} has no heartbeat stream to this leader"),
                 })?;
             inner.next_id += 1;
             let id = inner.next_id;
-            inner.pending.insert(id, (node_id, reply));
+            inner.pending.insert(id, (node_id, stream, reply));
             (id, outbox)
         };
         let _guard = PendingGuard { mailbox: self, id };
@@ -179,8 +207,8 @@ impl NodeMailbox {
         if inner
             .pending
             .get(&reply.id)
-            .is_some_and(|(node, _)| *node == node_id)
-            && let Some((_, waiter)) = inner.pending.remove(&reply.id)
+            .is_some_and(|(node, _, _)| *node == node_id)
+            && let Some((_, _, waiter)) = inner.pending.remove(&reply.id)
         {
             let _ = waiter.send(Ok(reply));
         }
@@ -253,31 +281,47 @@ mod tests {
         mailbox.advance(5);
         let err = waiting.await.unwrap().unwrap_err();
         assert!(err.to_string().contains("leadership changed"), "{err}");
-        assert!(
-            mailbox.attach(4, 9, 7).is_none(),
+        assert_eq!(
+            mailbox.attach(4, 9, 7).err(),
+            Some(Stale::Term),
             "an older term cannot attach"
         );
         let mut inbox = mailbox.attach(5, 9, 2).unwrap();
+        mailbox.clear(4);
         let _next = {
             let mailbox = mailbox.clone();
             tokio::spawn(async move { mailbox.send(9, open(4), Duration::from_secs(5)).await })
         };
-        assert_eq!(inbox.recv().await.unwrap().id, (5 << 32) + 1);
+        assert_eq!(
+            inbox.recv().await.unwrap().id,
+            (5 << 32) + 1,
+            "a late clear of term 4 left term 5 alone"
+        );
+        mailbox.clear(5);
+        assert!(inbox.recv().await.is_none(), "leadership lost: detached");
     }
 
     #[tokio::test]
-    async fn newer_streams_replace_older_ones_and_a_full_outbox_times_out() {
+    async fn a_replaced_or_ended_stream_fails_its_waits_and_a_full_outbox_times_out() {
         let mailbox = NodeMailbox::default();
-        let older = mailbox.attach(1, 9, 1).unwrap();
-        let mut newer = mailbox.attach(1, 9, 2).unwrap();
-        assert!(
-            mailbox.attach(1, 9, 1).is_none(),
+        let mut older = mailbox.attach(1, 9, 1).unwrap();
+        let replace = async {
+            older.recv().await.unwrap();
+            mailbox.attach(1, 9, 2).unwrap()
+        };
+        let (result, mut newer) =
+            tokio::join!(mailbox.send(9, open(1), Duration::from_secs(30)), replace);
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("was replaced before it replied"), "{err}");
+        assert_eq!(
+            mailbox.attach(1, 9, 1).err(),
+            Some(Stale::Replaced),
             "no going back to an older stream"
         );
         mailbox.detach(9, 1);
-        drop(older);
+
         // The newer stream is still attached; fill its outbox without reading it.
-        for _ in 0..64 {
+        for _ in 0..OUTBOX_CAPACITY {
             let _ = mailbox.send(9, open(1), Duration::from_millis(1)).await;
         }
         let err = mailbox
@@ -286,8 +330,19 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("did not reply within"), "{err}");
         assert!(mailbox.lock().pending.is_empty());
-        assert!(newer.recv().await.is_some());
-        mailbox.detach(9, 2);
+
+        // Once the last instruction (region 2) is out on the stream, the stream ends.
+        let ended = async {
+            while newer
+                .recv()
+                .await
+                .is_some_and(|m| m.instruction != Some(open(2)))
+            {}
+            mailbox.detach(9, 2);
+        };
+        let (result, ()) = tokio::join!(mailbox.send(9, open(2), Duration::from_secs(30)), ended);
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("ended before it replied"), "{err}");
         assert!(
             mailbox
                 .send(9, open(1), Duration::from_secs(1))

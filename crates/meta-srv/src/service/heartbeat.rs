@@ -25,7 +25,9 @@ use crate::raft::driver::Mailbox;
 use crate::raft::members::Members;
 
 /// Answers and pushes queued per stream.
-const RESPONSE_QUEUE: usize = 128;
+const RESPONSE_QUEUE: usize = 16;
+/// Longest wait for room in a stream's answer queue before the stream ends.
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -65,7 +67,7 @@ impl HeartbeatService {
     }
 
     fn view(&self, info: common_meta::model::node::NodeInfo, now: u64) -> pb::NodeView {
-        let view = self.plane.live.view(info.id, now);
+        let view = self.plane.view(info.id, now);
         pb::NodeView {
             node_id: info.id,
             role: role_name(info.role).to_string(),
@@ -127,14 +129,25 @@ impl Stream {
         }
     }
 
-    /// Queues `response` for the node without ever waiting: a node that does not read
-    /// its answers (hung, or a half-open connection) fills the queue, and its stream
-    /// ends rather than blocking this task past a term change or shutdown.
-    fn push(
+    /// Queues `response` for the node, waiting at most [`ANSWER_WAIT`] for room: a
+    /// node that does not read its answers (hung, or a half-open connection) loses its
+    /// stream instead of pinning this task past a term change or shutdown.
+    async fn push(
+        &self,
         out: &mpsc::Sender<Result<pb::HeartbeatResponse, Status>>,
         response: Result<pb::HeartbeatResponse, Status>,
+        node: Option<u64>,
     ) -> bool {
-        out.try_send(response).is_ok()
+        match tokio::time::timeout(ANSWER_WAIT, out.send(response)).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                tracing::warn!(
+                    ?node,
+                    "a node read no heartbeat answers for {ANSWER_WAIT:?}: ending its stream"
+                );
+                false
+            }
+        }
     }
 
     /// Serves one stream until it ends.
@@ -149,13 +162,16 @@ impl Stream {
         loop {
             enum Next {
                 Request(pb::HeartbeatRequest),
-                Instruction(pb::MailboxMessage),
+                Instructions(Vec<pb::MailboxMessage>),
                 Detached,
                 Closed,
                 TermEnded,
                 Stopping,
             }
             let term = state.term;
+            // Instructions are taken only while the answer queue has room, so a slow
+            // reader pushes back on the senders (whose deadlines cover queueing).
+            let room = out.capacity() > 0;
             let next = tokio::select! {
                 message = requests.message() => match message {
                     Ok(Some(request)) => Next::Request(request),
@@ -174,32 +190,51 @@ impl Stream {
                         Some(inbox) => inbox.recv().await,
                         None => std::future::pending().await,
                     }
-                } => match message {
-                    Some(message) => Next::Instruction(message),
+                }, if room => match message {
+                    Some(first) => {
+                        // Everything already queued goes in the same push.
+                        let mut batch = vec![first];
+                        if let Some(inbox) = state.inbox.as_mut() {
+                            while let Ok(more) = inbox.try_recv() {
+                                batch.push(more);
+                            }
+                        }
+                        Next::Instructions(batch)
+                    }
                     None => Next::Detached,
                 },
             };
             let request = match next {
                 Next::Request(request) => request,
-                Next::Instruction(message) => {
-                    if !Self::push(out, Ok(self.answer(0, vec![message]))) {
+                Next::Instructions(batch) => {
+                    if !self
+                        .push(out, Ok(self.answer(0, batch)), state.node_id)
+                        .await
+                    {
                         return;
                     }
                     continue;
                 }
                 Next::Detached => {
-                    // A newer stream of the node took the mailbox (or the term ended).
-                    let node = state.node_id.unwrap_or_default();
-                    Self::push(out, Err(replaced(node)));
+                    // The mailbox let go of this stream: the term ended (say so, with
+                    // the leader), or a newer stream of the node took over.
+                    let status = if *leadership.borrow() != state.term {
+                        self.not_leader().await
+                    } else {
+                        replaced(state.node_id.unwrap_or_default())
+                    };
+                    self.push(out, Err(status), state.node_id).await;
                     return;
                 }
                 Next::Closed => return,
                 Next::TermEnded => {
-                    Self::push(out, Err(self.not_leader().await));
+                    self.push(out, Err(self.not_leader().await), state.node_id)
+                        .await;
                     return;
                 }
                 Next::Stopping => {
-                    Self::push(out, Err(Status::unavailable("the server is shutting down")));
+                    let status = Status::unavailable("the server is shutting down");
+                    self.push(out, Err(status), state.node_id).await;
                     return;
                 }
             };
@@ -218,17 +253,24 @@ impl Stream {
                     Refusal::Invalid(message) => Status::invalid_argument(message),
                     Refusal::Meta(e) => to_status_with_hint(e, &self.members),
                     Refusal::Replaced(node) => replaced(node),
+                    Refusal::Removed(node) => Status::failed_precondition(format!(
+                        "node {node} was removed from the cluster while its stream was open"
+                    )),
                 };
-                Self::push(out, Err(status));
+                self.push(out, Err(status), state.node_id).await;
                 return;
             }
             // The chain awaited (a raft write): answer only while still leading in the
             // stream's term.
             if *leadership.borrow() != state.term {
-                Self::push(out, Err(self.not_leader().await));
+                self.push(out, Err(self.not_leader().await), state.node_id)
+                    .await;
                 return;
             }
-            if !Self::push(out, Ok(self.answer(request.seq, Vec::new()))) {
+            if !self
+                .push(out, Ok(self.answer(request.seq, Vec::new())), state.node_id)
+                .await
+            {
                 return;
             }
         }
@@ -267,8 +309,8 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
         request: Request<Streaming<pb::HeartbeatRequest>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         let mut requests = request.into_inner();
-        // Room for a burst of instruction pushes; a node that reads nothing fills it
-        // and loses its stream (see `Stream::push`).
+        // A node that reads nothing fills this queue and loses its stream (see
+        // `Stream::push`).
         let (out, responses) = mpsc::channel(RESPONSE_QUEUE);
         let mut stream = self.shared();
         tokio::spawn(async move {
@@ -369,11 +411,6 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         self.require_leader().await?;
         let now = now_ms();
-        let term = *self.leadership.borrow();
-        if let Some(term) = term {
-            // Never show an older term's view (the leadership task may not have run).
-            self.plane.live.advance(term, now);
-        }
         let nodes = self
             .plane
             .nodes

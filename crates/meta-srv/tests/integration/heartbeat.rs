@@ -175,14 +175,18 @@ async fn nodes_register_report_stats_and_restart() {
     assert_eq!(json[0]["region_count"], 4);
 
     // The node restarts elsewhere and opens a new stream: same record, new address.
-    drop(tx);
-    let (_tx, _answers, _) = register(
+    // The old stream (its process gone, its connection not yet) is ended as replaced.
+    let (new_tx, mut new_answers, _) = register(
         &server.grpc,
         handshake(7, pb::NodeRole::Datanode, "10.0.0.8:4001"),
     )
     .await;
     let nodes = client.nodes().await.unwrap();
     assert_eq!((nodes.len(), nodes[0].addr.as_str()), (1, "10.0.0.8:4001"));
+    let _ = tx.send(delta(&[9], &[], 18)).await;
+    let status = answer(&mut answers).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    assert!(status.message().contains("replaced"), "{status:?}");
 
     // Topology: joining -> active -> draining -> decommissioned -> removed.
     for state in ["active", "draining", "decommissioned"] {
@@ -198,6 +202,14 @@ async fn nodes_register_report_stats_and_restart() {
     assert!(err.to_string().contains("unknown node state"), "{err}");
     client.remove_node(7).await.unwrap();
     assert!(client.nodes().await.unwrap().is_empty());
+    // Its stream was still open: the next heartbeat is told why it is refused.
+    new_tx.send(stats(1)).await.unwrap();
+    let status = answer(&mut new_answers).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("node 7 was removed"),
+        "{status:?}"
+    );
     let err = client.remove_node(7).await.unwrap_err();
     assert!(err.to_string().contains("unknown node 7"), "{err}");
     server.shutdown().await;
