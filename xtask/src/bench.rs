@@ -95,46 +95,13 @@ impl KvArgs {
 
 /// Builds release binaries and runs the load generator from the release build.
 pub fn launch(task: &BenchTask) -> anyhow::Result<()> {
-    let args = match task {
-        BenchTask::Kv(args) => args,
-        BenchTask::Heartbeat(args) => {
-            run_command(Command::new("cargo").args([
-                "build",
-                "--release",
-                "--quiet",
-                "-p",
-                "meta-srv",
-                "-p",
-                "xtask",
-                "--bin",
-                "meta-srv",
-                "--bin",
-                "xtask",
-            ]))?;
-            return run_command(
-                Command::new(root().join("target/release/xtask"))
-                    .arg("bench-run")
-                    .args(args.to_args()),
-            );
-        }
-        BenchTask::Procedure(args) => {
-            run_command(Command::new("cargo").args([
-                "build",
-                "--release",
-                "--quiet",
-                "-p",
-                "xtask",
-                "--bin",
-                "xtask",
-            ]))?;
-            return run_command(
-                Command::new(root().join("target/release/xtask"))
-                    .arg("bench-run")
-                    .args(args.to_args()),
-            );
-        }
+    // (arguments for bench-run, whether a release meta-srv is needed, the etcd side)
+    let (args, server, etcd) = match task {
+        BenchTask::Kv(args) => (args.to_args(), true, args.vs_etcd),
+        BenchTask::Heartbeat(args) => (args.to_args(), true, false),
+        BenchTask::Procedure(args) => (args.to_args(), false, false),
     };
-    if args.vs_etcd {
+    if etcd {
         which("etcd").context(
             "etcd is not installed: `apt-get install etcd-server` (Debian's package) and retry",
         )?;
@@ -148,22 +115,21 @@ pub fn launch(task: &BenchTask) -> anyhow::Result<()> {
         "--release",
         "--quiet",
         "-p",
-        "meta-srv",
-        "-p",
         "xtask",
-        "--bin",
-        "meta-srv",
         "--bin",
         "xtask",
     ]);
-    if args.vs_etcd {
+    if server {
+        build.args(["-p", "meta-srv", "--bin", "meta-srv"]);
+    }
+    if etcd {
         build.args(["--features", "xtask/etcd"]);
     }
     run_command(&mut build)?;
     run_command(
         Command::new(root().join("target/release/xtask"))
             .arg("bench-run")
-            .args(args.to_args()),
+            .args(args),
     )
 }
 

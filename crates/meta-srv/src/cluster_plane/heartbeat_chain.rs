@@ -279,102 +279,73 @@ pub fn node_info(handshake: &pb::NodeHandshake) -> Result<NodeInfo, Refusal> {
     })
 }
 
-struct CheckLeader;
+/// Declares a handler: a unit struct, its name and its `handle` body.
+macro_rules! handler {
+    ($ty:ident, $name:literal, |$plane:ident, $stream:ident, $request:ident| $body:block) => {
+        struct $ty;
 
-#[async_trait]
-impl HeartbeatHandler for CheckLeader {
-    fn name(&self) -> &'static str {
-        "check_leader"
-    }
-
-    async fn handle(
-        &self,
-        _plane: &ClusterPlane,
-        stream: &mut StreamState,
-        request: &Request<'_>,
-    ) -> Result<(), Refusal> {
-        stream.term = Some(check_leader(stream.term, request.leader_term)?);
-        Ok(())
-    }
-}
-
-struct Validate;
-
-#[async_trait]
-impl HeartbeatHandler for Validate {
-    fn name(&self) -> &'static str {
-        "validate"
-    }
-
-    async fn handle(
-        &self,
-        _plane: &ClusterPlane,
-        stream: &mut StreamState,
-        request: &Request<'_>,
-    ) -> Result<(), Refusal> {
-        validate(stream, request.body).map_err(Refusal::Invalid)
-    }
-}
-
-struct RegisterNode;
-
-#[async_trait]
-impl HeartbeatHandler for RegisterNode {
-    fn name(&self) -> &'static str {
-        "register_node"
-    }
-
-    async fn handle(
-        &self,
-        plane: &ClusterPlane,
-        stream: &mut StreamState,
-        request: &Request<'_>,
-    ) -> Result<(), Refusal> {
-        let Some(pb::heartbeat_request::Body::Handshake(handshake)) = &request.body.body else {
-            return Ok(());
-        };
-        let info = node_info(handshake)?;
-        match &plane.tokens {
-            Some(tokens) => {
-                tokens
-                    .admit(&plane.nodes, &info, &handshake.join_token, request.now_ms)
-                    .await
+        #[async_trait]
+        impl HeartbeatHandler for $ty {
+            fn name(&self) -> &'static str {
+                $name
             }
-            None => plane.nodes.register(info).await,
+
+            async fn handle(
+                &self,
+                $plane: &ClusterPlane,
+                $stream: &mut StreamState,
+                $request: &Request<'_>,
+            ) -> Result<(), Refusal> {
+                $body
+            }
         }
-        .map_err(Refusal::Meta)?;
-        // The term may have ended during the raft write: the view and the mailbox
-        // refuse a stream of an older term.
-        let (node, term) = (handshake.node_id, stream.term.unwrap_or(0));
-        plane
-            .live
-            .claim(term, node, stream.stream, request.now_ms)
-            .map_err(|stale| Refusal::from((stale, node)))?;
-        stream.inbox = Some(
-            plane
-                .outbox
-                .attach(term, node, stream.stream)
-                .map_err(|stale| Refusal::from((stale, node)))?,
-        );
-        stream.node_id = Some(node);
-        Ok(())
-    }
+    };
 }
 
-struct DeliverReplies;
+handler!(CheckLeader, "check_leader", |_plane, stream, request| {
+    stream.term = Some(check_leader(stream.term, request.leader_term)?);
+    Ok(())
+});
 
-#[async_trait]
-impl HeartbeatHandler for DeliverReplies {
-    fn name(&self) -> &'static str {
-        "deliver_replies"
+handler!(Validate, "validate", |_plane, stream, request| {
+    validate(stream, request.body).map_err(Refusal::Invalid)
+});
+
+handler!(RegisterNode, "register_node", |plane, stream, request| {
+    let Some(pb::heartbeat_request::Body::Handshake(handshake)) = &request.body.body else {
+        return Ok(());
+    };
+    let info = node_info(handshake)?;
+    match &plane.tokens {
+        Some(tokens) => {
+            tokens
+                .admit(&plane.nodes, &info, &handshake.join_token, request.now_ms)
+                .await
+        }
+        None => plane.nodes.register(info).await,
     }
+    .map_err(Refusal::Meta)?;
+    // The term may have ended during the raft write: the view and the mailbox
+    // refuse a stream of an older term.
+    let (node, term) = (handshake.node_id, stream.term.unwrap_or(0));
+    plane
+        .live
+        .claim(term, node, stream.stream, request.now_ms)
+        .map_err(|stale| Refusal::from((stale, node)))?;
+    stream.inbox = Some(
+        plane
+            .outbox
+            .attach(term, node, stream.stream)
+            .map_err(|stale| Refusal::from((stale, node)))?,
+    );
+    stream.node_id = Some(node);
+    Ok(())
+});
 
-    async fn handle(
-        &self,
-        plane: &ClusterPlane,
-        stream: &mut StreamState,
-        request: &Request<'_>,
-    ) -> Result<(), Refusal> {
+handler!(
+    DeliverReplies,
+    "deliver_replies",
+    |plane, stream, request| {
         if let Some(id) = stream.node_id {
             for reply in &request.body.replies {
                 plane.outbox.deliver(id, reply.clone());
@@ -382,64 +353,36 @@ impl HeartbeatHandler for DeliverReplies {
         }
         Ok(())
     }
-}
+);
 
-struct FeedDetector;
-
-#[async_trait]
-impl HeartbeatHandler for FeedDetector {
-    fn name(&self) -> &'static str {
-        "feed_detector"
+handler!(FeedDetector, "feed_detector", |plane, stream, request| {
+    if let Some(id) = stream.node_id {
+        plane
+            .live
+            .beat(stream.term.unwrap_or(0), id, stream.stream, request.now_ms)
+            .map_err(|stale| Refusal::from((stale, id)))?;
     }
+    Ok(())
+});
 
-    async fn handle(
-        &self,
-        plane: &ClusterPlane,
-        stream: &mut StreamState,
-        request: &Request<'_>,
-    ) -> Result<(), Refusal> {
-        if let Some(id) = stream.node_id {
-            plane
-                .live
-                .beat(stream.term.unwrap_or(0), id, stream.stream, request.now_ms)
-                .map_err(|stale| Refusal::from((stale, id)))?;
-        }
-        Ok(())
+handler!(CollectStats, "collect_stats", |plane, stream, request| {
+    if let (Some(id), Some(pb::heartbeat_request::Body::Stats(stats))) =
+        (stream.node_id, &request.body.body)
+    {
+        plane
+            .live
+            .apply_stats(
+                stream.term.unwrap_or(0),
+                id,
+                stream.stream,
+                stats,
+                request.now_ms,
+            )
+            .map_err(|stale| Refusal::from((stale, id)))?;
+        stream.has_full_stats |= stats.full;
     }
-}
-
-struct CollectStats;
-
-#[async_trait]
-impl HeartbeatHandler for CollectStats {
-    fn name(&self) -> &'static str {
-        "collect_stats"
-    }
-
-    async fn handle(
-        &self,
-        plane: &ClusterPlane,
-        stream: &mut StreamState,
-        request: &Request<'_>,
-    ) -> Result<(), Refusal> {
-        if let (Some(id), Some(pb::heartbeat_request::Body::Stats(stats))) =
-            (stream.node_id, &request.body.body)
-        {
-            plane
-                .live
-                .apply_stats(
-                    stream.term.unwrap_or(0),
-                    id,
-                    stream.stream,
-                    stats,
-                    request.now_ms,
-                )
-                .map_err(|stale| Refusal::from((stale, id)))?;
-            stream.has_full_stats |= stats.full;
-        }
-        Ok(())
-    }
-}
+    Ok(())
+});
 
 #[cfg(test)]
 mod tests {
