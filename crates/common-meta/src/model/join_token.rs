@@ -16,6 +16,8 @@
 //!   restart or a new leader is not a new join), also after expiry; any other use of a
 //!   used token is refused, and once the node is removed or has joined again with
 //!   another token it is spent for good.
+//!
+//! Records of tokens that expired unused are deleted when later tokens are registered.
 
 use std::sync::Arc;
 
@@ -24,13 +26,18 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::kv::{Compare, CompareOp, CompareTarget, KvBackend, PutRequest, TxnOp, TxnRequest};
+use crate::kv::{
+    Compare, CompareOp, CompareTarget, DeleteRangeRequest, KvBackend, PutRequest, RangeRequest,
+    TxnOp, TxnRequest,
+};
 use crate::model::node::{NodeInfo, NodeManager};
 
 /// Version tag at the start of every token.
 const TAG: &str = "mjt1";
 /// Where token records live.
 const PREFIX: &str = "__join_token";
+/// Most expired records deleted by one token registration.
+const SWEEP_BATCH: usize = 64;
 /// Shortest cluster secret accepted, bytes.
 pub const MIN_SECRET_BYTES: usize = 16;
 
@@ -221,7 +228,36 @@ impl JoinTokens {
                 failure: Vec::new(),
             })
             .await?;
+        self.sweep(now_ms).await?;
         Ok(verified)
+    }
+
+    /// Deletes the records of tokens that expired unused (at most [`SWEEP_BATCH`] per
+    /// call), so they do not pile up. Used tokens stay: a node's record names its own.
+    async fn sweep(&self, now_ms: u64) -> Result<()> {
+        let records = self
+            .kv
+            .range(RangeRequest::prefix(format!("{PREFIX}/")))
+            .await?;
+        let expired = records.kvs.iter().filter(|kv| {
+            decode(&kv.key, &kv.value)
+                .is_ok_and(|record| !record.used && record.expires_at_ms <= now_ms)
+        });
+        for kv in expired.take(SWEEP_BATCH) {
+            // Only if still as read: a record consumed meanwhile is kept.
+            self.kv
+                .txn(TxnRequest {
+                    compare: vec![Compare::new(
+                        kv.key.clone(),
+                        CompareOp::Equal,
+                        CompareTarget::ModRevision(kv.mod_revision),
+                    )],
+                    success: vec![TxnOp::DeleteRange(DeleteRangeRequest::key(kv.key.clone()))],
+                    failure: Vec::new(),
+                })
+                .await?;
+        }
+        Ok(())
     }
 
     /// Registers `reported` (as [`NodeManager::register`]) if `token` admits it at
@@ -485,6 +521,31 @@ mod tests {
         assert!(err.to_string().contains("already used"), "{err}");
         let second = signer.mint(7, 61_000).unwrap();
         tokens.register(&second, 3_000).await.unwrap();
+        // Tokens that expire unused are swept when later ones are registered.
+        let unused = signer.mint(8, 5_000).unwrap();
+        tokens.register(&unused, 3_000).await.unwrap();
+        let count = |kv: Arc<dyn KvBackend>| async move {
+            kv.range(crate::kv::RangeRequest::prefix(PREFIX))
+                .await
+                .unwrap()
+                .kvs
+                .len()
+        };
+        assert_eq!(count(kv.clone()).await, 3);
+        tokens
+            .register(&signer.mint(9, 99_000).unwrap(), 6_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            count(kv.clone()).await,
+            3,
+            "8's swept; 7's used first and unexpired second, and 9's remain"
+        );
+        let err = tokens
+            .admit(&nodes, &node(8), &unused, 7_000)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not registered"), "{err}");
         tokens
             .admit(&nodes, &node(7), &second, 4_000)
             .await
