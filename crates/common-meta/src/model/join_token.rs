@@ -17,7 +17,8 @@
 //!   used token is refused, and once the node is removed or has joined again with
 //!   another token it is spent for good.
 //!
-//! Records of tokens that expired unused are deleted when later tokens are registered.
+//! Records of tokens that expired unused are deleted a day after their expiry, when
+//! later tokens are registered.
 
 use std::sync::Arc;
 
@@ -38,6 +39,9 @@ const TAG: &str = "mjt1";
 const PREFIX: &str = "__join_token";
 /// Most expired records deleted by one token registration.
 const SWEEP_BATCH: usize = 64;
+/// How long after its expiry an unused token's record is kept, so that a late joiner
+/// is told "expired" rather than "not registered".
+const KEEP_EXPIRED_MS: u64 = 24 * 3_600_000;
 /// Shortest cluster secret accepted, bytes.
 pub const MIN_SECRET_BYTES: usize = 16;
 
@@ -232,16 +236,18 @@ impl JoinTokens {
         Ok(verified)
     }
 
-    /// Deletes the records of tokens that expired unused (at most [`SWEEP_BATCH`] per
-    /// call), so they do not pile up. Used tokens stay: a node's record names its own.
+    /// Deletes the records of tokens that expired unused more than [`KEEP_EXPIRED_MS`]
+    /// ago (at most [`SWEEP_BATCH`] per call), so they do not pile up. Used tokens stay:
+    /// a node's record names its own.
     async fn sweep(&self, now_ms: u64) -> Result<()> {
         let records = self
             .kv
             .range(RangeRequest::prefix(format!("{PREFIX}/")))
             .await?;
         let expired = records.kvs.iter().filter(|kv| {
-            decode(&kv.key, &kv.value)
-                .is_ok_and(|record| !record.used && record.expires_at_ms <= now_ms)
+            decode(&kv.key, &kv.value).is_ok_and(|record| {
+                !record.used && record.expires_at_ms.saturating_add(KEEP_EXPIRED_MS) <= now_ms
+            })
         });
         for kv in expired.take(SWEEP_BATCH) {
             // Only if still as read: a record consumed meanwhile is kept.
@@ -536,10 +542,16 @@ mod tests {
             .register(&signer.mint(9, 99_000).unwrap(), 6_000)
             .await
             .unwrap();
+        assert_eq!(count(kv.clone()).await, 4, "8's expired a moment ago: kept");
+        let later = 5_000 + KEEP_EXPIRED_MS;
+        tokens
+            .register(&signer.mint(10, later + 99_000).unwrap(), later)
+            .await
+            .unwrap();
         assert_eq!(
             count(kv.clone()).await,
-            3,
-            "8's swept; 7's used first and unexpired second, and 9's remain"
+            4,
+            "8's swept; 7's used first and recently expired second, 9's and 10's remain"
         );
         let err = tokens
             .admit(&nodes, &node(8), &unused, 7_000)
