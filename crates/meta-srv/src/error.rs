@@ -131,3 +131,19 @@ pub fn to_status_with_hint(
     }
     status
 }
+
+/// The not-leader status member `me` answers with, naming the leader it knows (if
+/// any) in the `x-metasrv-leader` metadata.
+pub async fn not_leader(
+    mailbox: &crate::raft::driver::Mailbox,
+    members: &crate::raft::members::Members,
+    me: u64,
+) -> tonic::Status {
+    let leader = mailbox
+        .status()
+        .await
+        .ok()
+        .map(|s| s.leader_id)
+        .filter(|l| *l != 0 && *l != me);
+    to_status_with_hint(common_meta::Error::NotLeader { leader }, members)
+}

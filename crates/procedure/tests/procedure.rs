@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,7 +31,8 @@ struct CrashingStore {
     inner: Arc<MemoryStateStore>,
     puts_left: AtomicI64,
     mode: Crash,
-    crashed: AtomicBool,
+    /// Becomes true at the crash (a watch, so tests await it instead of polling).
+    crashed: tokio::sync::watch::Sender<bool>,
     puts: AtomicUsize,
 }
 
@@ -41,7 +42,7 @@ impl CrashingStore {
             inner,
             puts_left: AtomicI64::new(crash_at),
             mode,
-            crashed: AtomicBool::new(false),
+            crashed: tokio::sync::watch::Sender::new(false),
             puts: AtomicUsize::new(0),
         }
     }
@@ -58,12 +59,12 @@ impl CrashingStore {
 #[async_trait]
 impl StateStore for CrashingStore {
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<()> {
-        if self.crashed.load(Ordering::SeqCst) {
+        if *self.crashed.borrow() {
             return Err(Self::dead(key));
         }
         self.puts.fetch_add(1, Ordering::SeqCst);
         if self.puts_left.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.crashed.store(true, Ordering::SeqCst);
+            self.crashed.send_replace(true);
             if self.mode == Crash::AfterWrite {
                 self.inner.put(key, value).await?;
             }
@@ -73,21 +74,21 @@ impl StateStore for CrashingStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        if self.crashed.load(Ordering::SeqCst) {
+        if *self.crashed.borrow() {
             return Err(Self::dead(key));
         }
         self.inner.get(key).await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        if self.crashed.load(Ordering::SeqCst) {
+        if *self.crashed.borrow() {
             return Err(Self::dead(key));
         }
         self.inner.delete(key).await
     }
 
     async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        if self.crashed.load(Ordering::SeqCst) {
+        if *self.crashed.borrow() {
             return Err(Self::dead(prefix));
         }
         self.inner.scan_prefix(prefix).await
@@ -250,11 +251,11 @@ fn steps(
 
 /// Waits (with a deadline) until the store has crashed.
 async fn crashed(store: &CrashingStore) {
-    let until = std::time::Instant::now() + DEADLINE;
-    while !store.crashed.load(Ordering::SeqCst) {
-        assert!(std::time::Instant::now() < until, "the store never crashed");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let mut crashed = store.crashed.subscribe();
+    tokio::time::timeout(DEADLINE, crashed.wait_for(|c| *c))
+        .await
+        .expect("the store crashed in time")
+        .expect("the store is alive while the test runs");
 }
 
 /// Runs `make` once without a crash to count the puts, then once per (put, mode) with
@@ -299,7 +300,7 @@ async fn crash_at_every_put(
                 }
             }
             assert!(
-                store.crashed.load(Ordering::SeqCst),
+                *store.crashed.borrow(),
                 "crash {crash_at} {mode:?} happened"
             );
             first.stop();

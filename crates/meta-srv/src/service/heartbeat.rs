@@ -110,14 +110,7 @@ struct Stream {
 
 impl Stream {
     async fn not_leader(&self) -> Status {
-        let leader = self
-            .mailbox
-            .status()
-            .await
-            .ok()
-            .map(|s| s.leader_id)
-            .filter(|l| *l != 0 && *l != self.me);
-        to_status_with_hint(common_meta::Error::NotLeader { leader }, &self.members)
+        crate::error::not_leader(&self.mailbox, &self.members, self.me).await
     }
 
     fn answer(&self, seq: u64, mailbox: Vec<pb::MailboxMessage>) -> pb::HeartbeatResponse {

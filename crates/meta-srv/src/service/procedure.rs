@@ -6,7 +6,6 @@ use meta_proto::v1 as pb;
 use procedure::{ProcedureRecord, ProcedureState};
 use tonic::{Request, Response, Status};
 
-use crate::error::to_status_with_hint;
 use crate::procedure_host::ProcedureHost;
 use crate::raft::driver::Mailbox;
 use crate::raft::members::Members;
@@ -39,17 +38,7 @@ impl ProcedureService {
         if let Some(manager) = self.host.manager() {
             return Ok(manager);
         }
-        let leader = self
-            .mailbox
-            .status()
-            .await
-            .ok()
-            .map(|s| s.leader_id)
-            .filter(|l| *l != 0 && *l != self.member_id);
-        Err(to_status_with_hint(
-            common_meta::Error::NotLeader { leader },
-            &self.members,
-        ))
+        Err(crate::error::not_leader(&self.mailbox, &self.members, self.member_id).await)
     }
 }
 

@@ -3,12 +3,12 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common_meta::kv::{KvBackend, PutRequest, RangeRequest};
 use meta_client::{MetaClient, MetaClientOptions};
 
-use crate::support::{ServerProcess, meta_srv_command_on};
+use crate::support::{ServerProcess, check, meta_srv_command_on, wait_until};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -84,8 +84,7 @@ impl ProcessCluster {
 
     /// The member every live member agrees leads.
     async fn leader(&self) -> usize {
-        let until = Instant::now() + DEADLINE;
-        loop {
+        wait_until(DEADLINE, || async {
             let mut seen = BTreeSet::new();
             for i in (0..3).filter(|&i| self.procs[i].is_some()) {
                 match self.client(i).status().await {
@@ -95,15 +94,25 @@ impl ProcessCluster {
             }
             // Agreed, and a live member: right after a kill the others still name the
             // dead leader for a moment.
-            if let [leader] = seen.into_iter().collect::<Vec<_>>()[..]
-                && leader != 0
-                && self.procs[leader as usize - 1].is_some()
-            {
-                return leader as usize - 1;
+            match seen.iter().copied().collect::<Vec<_>>()[..] {
+                [leader] if leader != 0 && self.procs[leader as usize - 1].is_some() => {
+                    Ok(leader as usize - 1)
+                }
+                _ => Err(format!("no agreed leader: {seen:?}")),
             }
-            assert!(Instant::now() < until, "no agreed leader");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
+    }
+
+    /// Waits until the member `client` talks to (member `name`) has applied `index`.
+    async fn wait_applied(&self, client: &MetaClient, name: &str, index: u64) {
+        wait_until(DEADLINE, || async {
+            let applied = client.status().await.map_or(0, |s| s.applied_index);
+            check(applied >= index, || {
+                format!("member {name} is at {applied}, not {index}")
+            })
+        })
+        .await;
     }
 }
 
@@ -131,11 +140,13 @@ async fn acknowledged_writes_survive_kill_9_of_the_leader() {
             }
         })
     };
-    let until = Instant::now() + DEADLINE;
-    while acked.lock().unwrap().len() < 150 {
-        assert!(Instant::now() < until, "writes did not start");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(DEADLINE, || async {
+        let acked = acked.lock().unwrap().len();
+        check(acked >= 150, || {
+            format!("writes did not start: {acked} acked")
+        })
+    })
+    .await;
 
     tracing::info!(
         "--- the leader (member {}) is killed with SIGKILL",
@@ -156,11 +167,9 @@ async fn acknowledged_writes_survive_kill_9_of_the_leader() {
     let commit = cluster.client(leader).status().await.unwrap().commit_index;
     for i in 0..3 {
         let member = cluster.client(i);
-        let until = Instant::now() + DEADLINE;
-        while member.status().await.map_or(0, |s| s.applied_index) < commit {
-            assert!(Instant::now() < until, "member {} did not catch up", i + 1);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        cluster
+            .wait_applied(&member, &(i + 1).to_string(), commit)
+            .await;
         let local = member
             .range_serializable(RangeRequest::prefix("k/"))
             .await
@@ -212,11 +221,7 @@ async fn a_member_joins_is_promoted_leads_and_another_is_removed() {
     let _member4 = ServerProcess::spawn(command);
     let four = MetaClient::new(&[&addr4], MetaClientOptions::default()).unwrap();
     let commit = cluster.client(leader).status().await.unwrap().commit_index;
-    let until = Instant::now() + DEADLINE;
-    while four.status().await.map_or(0, |s| s.applied_index) < commit {
-        assert!(Instant::now() < until, "member 4 did not catch up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    cluster.wait_applied(&four, "4", commit).await;
     let local = four
         .range_serializable(RangeRequest::prefix("j/"))
         .await

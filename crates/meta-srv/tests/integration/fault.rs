@@ -16,6 +16,7 @@ use meta_srv::raft::backend::RaftKvBackend;
 
 use crate::linearizability::{Call, Op, Outcome, check};
 use crate::raft_cluster::Cluster;
+use crate::support::wait_until;
 
 const KEYS: u64 = 4;
 const CLIENTS: u64 = 3;
@@ -169,8 +170,7 @@ async fn nemesis(cluster: Shared, seed: u64, origin: Instant) {
 /// Waits until every live member names the same leader (the cluster lock is only held
 /// to collect mailboxes, never across an await).
 async fn agreed_leader(cluster: &Shared) -> u64 {
-    let until = Instant::now() + crate::raft_cluster::ELECTION_BOUND;
-    loop {
+    wait_until(crate::raft_cluster::ELECTION_BOUND, || async {
         let mailboxes: Vec<_> = {
             let c = cluster.lock().unwrap();
             c.members.values().map(|m| m.node.mailbox()).collect()
@@ -184,17 +184,12 @@ async fn agreed_leader(cluster: &Shared) -> u64 {
             }
         }
         leaders.dedup();
-        if let [leader] = leaders[..]
-            && roles.contains(&(leader, "leader"))
-        {
-            return leader;
+        match leaders[..] {
+            [leader] if roles.contains(&(leader, "leader")) => Ok(leader),
+            _ => Err(format!("no agreed leader: {roles:?} {leaders:?}")),
         }
-        assert!(
-            Instant::now() < until,
-            "no agreed leader: {roles:?} {leaders:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
 }
 
 async fn run_seed(seed: u64) -> Result<(), String> {

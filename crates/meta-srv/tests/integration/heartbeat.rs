@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
 use crate::in_process::start;
+use crate::support::{check, wait_until};
 
 fn handshake(node_id: u64, role: pb::NodeRole, addr: &str) -> pb::HeartbeatRequest {
     pb::HeartbeatRequest {
@@ -100,22 +101,18 @@ async fn register(
     Streaming<pb::HeartbeatResponse>,
     pb::HeartbeatResponse,
 ) {
-    let until = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    wait_until(Duration::from_secs(20), || async {
         let (tx, mut answers) = open(grpc).await;
         tx.send(first.clone()).await.unwrap();
         match answer(&mut answers).await {
-            Ok(response) => return (tx, answers, response),
+            Ok(response) => Ok((tx, answers, response)),
             Err(status) if status.code() == tonic::Code::Unavailable => {
-                assert!(
-                    std::time::Instant::now() < until,
-                    "never became leader: {status:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                Err(format!("never became leader: {status:?}"))
             }
             Err(status) => panic!("registration refused: {status:?}"),
         }
-    }
+    })
+    .await
 }
 
 async fn answer(
@@ -399,18 +396,12 @@ fn unix_ms() -> u64 {
 
 /// Waits until the wall clock is past `at_ms` (ms since the epoch).
 async fn wait_past(at_ms: u64) {
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = unix_ms();
-        if now > at_ms {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < until,
-            "the clock did not advance"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until(Duration::from_secs(10), || async {
+        check(unix_ms() > at_ms, || {
+            "the clock did not advance".to_string()
+        })
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,14 +414,15 @@ async fn join_tokens_admit_once_and_refuse_bad_expired_and_reused_ones() {
         let (signer, client) = (signer.clone(), client.clone());
         async move {
             let token = signer.mint(node, unix_ms() + ttl_ms).unwrap();
-            let until = std::time::Instant::now() + Duration::from_secs(20);
-            loop {
-                // Retried while the fresh server has not yet published its leadership.
-                match client.register_join_token(&token).await {
-                    Ok((_, expires)) => return (token, expires),
-                    Err(e) => assert!(std::time::Instant::now() < until, "{e}"),
-                }
-            }
+            // Retried while the fresh server has not yet published its leadership.
+            let (_, expires) = wait_until(Duration::from_secs(20), || async {
+                client
+                    .register_join_token(&token)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+            (token, expires)
         }
     };
     let (token, _) = create(1, 600_000).await;
@@ -576,53 +568,51 @@ async fn a_killed_node_fails_within_the_bound_and_a_slow_one_is_only_suspect() {
     let mut sim = meta_client::sim::Simulator::start(std::slice::from_ref(&server.grpc), &options)
         .await
         .unwrap();
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    wait_until(Duration::from_secs(30), || async {
         let nodes = client.nodes().await.unwrap_or_default();
-        if nodes.len() == 3
+        let all_alive = nodes.len() == 3
             && nodes
                 .iter()
-                .all(|n| n.liveness == "alive" && n.region_count == 20)
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < until,
-            "nodes not alive: {nodes:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+                .all(|n| n.liveness == "alive" && n.region_count == 20);
+        check(all_alive, || format!("nodes not alive: {nodes:?}"))
+    })
+    .await;
     // Let the detectors learn the rhythm.
     let beats = sim.totals().0;
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    while sim.totals().0 < beats + 60 {
-        assert!(std::time::Instant::now() < until, "nodes stopped beating");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(Duration::from_secs(30), || async {
+        check(sim.totals().0 >= beats + 60, || {
+            "nodes stopped beating".to_string()
+        })
+    })
+    .await;
 
     let bound = failure_bound(detector, 100);
     let killed_at = std::time::Instant::now();
     assert!(sim.kill(1));
     assert!(sim.pause(2, Duration::from_millis(4_500)));
-    let mut slow_seen = std::collections::BTreeSet::new();
-    let mut killed_failed_after = None;
-    let until = killed_at + bound + Duration::from_secs(5);
-    while killed_failed_after.is_none() || killed_at.elapsed() < Duration::from_millis(5_000) {
-        assert!(
-            std::time::Instant::now() < until,
-            "node 1 not failed {:?} after its kill (bound {bound:?})",
-            killed_at.elapsed()
-        );
+    // Watch both until node 1 is failed and the slow node's pause is surely over.
+    let slow_seen = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    let killed_failed_after = std::cell::Cell::new(None);
+    wait_until(bound + Duration::from_secs(5), || async {
         if let Some(l) = liveness(&client, 2).await {
-            slow_seen.insert(l);
+            slow_seen.borrow_mut().insert(l);
         }
-        if killed_failed_after.is_none() && liveness(&client, 1).await.as_deref() == Some("failed")
+        if killed_failed_after.get().is_none()
+            && liveness(&client, 1).await.as_deref() == Some("failed")
         {
-            killed_failed_after = Some(killed_at.elapsed());
+            killed_failed_after.set(Some(killed_at.elapsed()));
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let failed_after = killed_failed_after.unwrap();
+        let watched = killed_at.elapsed() >= Duration::from_millis(5_000);
+        check(killed_failed_after.get().is_some() && watched, || {
+            format!(
+                "node 1 not failed {:?} after its kill (bound {bound:?})",
+                killed_at.elapsed()
+            )
+        })
+    })
+    .await;
+    let slow_seen = slow_seen.into_inner();
+    let failed_after = killed_failed_after.get().unwrap();
     assert!(
         failed_after <= bound + Duration::from_millis(1_500),
         "node 1 failed after {failed_after:?}, bound {bound:?}"
@@ -646,14 +636,13 @@ async fn a_killed_node_fails_within_the_bound_and_a_slow_one_is_only_suspect() {
         !slow_seen.contains("failed"),
         "the slow node was seen {slow_seen:?}"
     );
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    while liveness(&client, 2).await.as_deref() != Some("alive") {
-        assert!(
-            std::time::Instant::now() < until,
-            "the slow node did not recover"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(Duration::from_secs(10), || async {
+        let now = liveness(&client, 2).await;
+        check(now.as_deref() == Some("alive"), || {
+            format!("the slow node did not recover: {now:?}")
+        })
+    })
+    .await;
     assert_eq!(liveness(&client, 3).await.as_deref(), Some("alive"));
     drop(sim);
     server.shutdown().await;
@@ -686,21 +675,18 @@ async fn start_three() -> Vec<crate::in_process::Running> {
 
 /// The index of the member all agree leads.
 async fn leader_of(members: &[crate::in_process::Running]) -> usize {
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    wait_until(Duration::from_secs(30), || async {
         let mut seen = std::collections::BTreeSet::new();
         for m in members {
             let client = MetaClient::new(&[&m.grpc], MetaClientOptions::default()).unwrap();
             seen.insert(client.status().await.map_or(0, |s| s.leader_id));
         }
-        if let [leader] = seen.into_iter().collect::<Vec<_>>()[..]
-            && leader != 0
-        {
-            return leader as usize - 1;
+        match seen.iter().copied().collect::<Vec<_>>()[..] {
+            [leader] if leader != 0 => Ok(leader as usize - 1),
+            _ => Err(format!("no agreed leader: {seen:?}")),
         }
-        assert!(std::time::Instant::now() < until, "no agreed leader");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 /// Opens region 77 only when released; everything else at once.

@@ -15,6 +15,8 @@ use meta_srv::raft::driver::{
 use meta_srv::raft::members::Members;
 use meta_srv::raft::transport::LocalRouter;
 
+use crate::support::{check, wait_until};
+
 /// Longest a leader election may take here: election timeouts are 1-2 s (10-20 ticks of
 /// 100 ms), and a pre-vote round comes first.
 pub const ELECTION_BOUND: Duration = Duration::from_secs(10);
@@ -119,8 +121,7 @@ impl Cluster {
 
     /// Waits until the live members among `among` agree on one leader among them.
     async fn leader_among(&self, among: &[u64]) -> u64 {
-        let deadline = Instant::now() + ELECTION_BOUND;
-        loop {
+        wait_until(ELECTION_BOUND, || async {
             let statuses: Vec<RaftStatus> = self
                 .statuses()
                 .await
@@ -132,17 +133,12 @@ impl Cluster {
                 .filter(|s| s.role == "leader")
                 .map(|s| s.id)
                 .collect();
-            if let [leader] = leaders[..]
-                && statuses.iter().all(|s| s.leader_id == leader)
-            {
-                return leader;
+            match leaders[..] {
+                [leader] if statuses.iter().all(|s| s.leader_id == leader) => Ok(leader),
+                _ => Err(format!("no agreed leader: {statuses:?}")),
             }
-            assert!(
-                Instant::now() < deadline,
-                "no agreed leader within {ELECTION_BOUND:?}: {statuses:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     pub async fn leader(&self) -> u64 {
@@ -152,18 +148,13 @@ impl Cluster {
 
     /// Waits until member `id` has applied at least `index`.
     pub async fn wait_applied(&self, id: u64, index: u64) {
-        let deadline = Instant::now() + ELECTION_BOUND;
-        loop {
+        wait_until(ELECTION_BOUND, || async {
             let status = self.members[&id].node.status().await.unwrap();
-            if status.applied_index >= index {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "member {id} stuck at {status:?}, want {index}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            check(status.applied_index >= index, || {
+                format!("member {id} stuck at {status:?}, want {index}")
+            })
+        })
+        .await;
     }
 }
 
@@ -343,14 +334,13 @@ async fn leadership_can_be_transferred() {
         .mailbox()
         .send(meta_srv::raft::driver::Command::TransferLeader { to: target })
         .unwrap();
-    let deadline = Instant::now() + ELECTION_BOUND;
-    while cluster.leader().await != target {
-        assert!(
-            Instant::now() < deadline,
-            "leadership did not move to {target}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(ELECTION_BOUND, || async {
+        let leader = cluster.leader().await;
+        check(leader == target, || {
+            format!("leadership did not move to {target}: {leader} leads")
+        })
+    })
+    .await;
     put(cluster.backend(target), "t", "2").await.unwrap();
     assert_eq!(
         cluster
@@ -645,17 +635,12 @@ mod procedures {
         hosts: &BTreeMap<u64, ProcedureHost>,
         leader: u64,
     ) -> ProcedureManager {
-        let until = Instant::now() + ELECTION_BOUND;
-        loop {
-            if let Some(manager) = hosts[&leader].manager() {
-                return manager;
-            }
-            assert!(
-                Instant::now() < until,
-                "member {leader} runs no procedure manager"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until(ELECTION_BOUND, || async {
+            hosts[&leader]
+                .manager()
+                .ok_or_else(|| format!("member {leader} runs no procedure manager"))
+        })
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -689,14 +674,13 @@ mod procedures {
             })
             .await
             .unwrap();
-        let until = Instant::now() + ELECTION_BOUND;
-        while manager.state("effects").await.unwrap().unwrap().step < 2 {
-            assert!(
-                Instant::now() < until,
-                "the first two steps did not persist"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until(ELECTION_BOUND, || async {
+            let step = manager.state("effects").await.unwrap().unwrap().step;
+            check(step >= 2, || {
+                format!("the first two steps did not persist: step {step}")
+            })
+        })
+        .await;
 
         tracing::info!("--- the leader dies; the gate opens; the next leader finishes it");
         hosts.remove(&first);

@@ -151,3 +151,29 @@ pub fn run_bounded(mut command: Command, deadline: Duration) -> (ExitStatus, Str
         err_reader.join().expect("stderr reader"),
     )
 }
+
+/// How often [`wait_until`] probes.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Probes until `probe` answers `Ok`, and returns that; fails the test with the last
+/// `Err` (what is still missing) once `deadline` has passed. The one place the async
+/// tests wait on a condition.
+pub async fn wait_until<T, F, Fut>(deadline: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(why) => assert!(Instant::now() < until, "not within {deadline:?}: {why}"),
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// `Ok(())` when `holds`, else `Err(why)`: the probe of a plain condition.
+pub fn check(holds: bool, why: impl FnOnce() -> String) -> Result<(), String> {
+    if holds { Ok(()) } else { Err(why()) }
+}
