@@ -278,7 +278,7 @@ async fn bad_streams_are_refused_and_others_go_on() {
     server.shutdown().await;
 }
 
-/// Records instructions; refuses region 13 and is slow for region 99.
+/// Records instructions; refuses region 13 and never answers for region 99.
 #[derive(Default)]
 pub struct Recorder {
     seen: std::sync::Mutex<Vec<u64>>,
@@ -294,11 +294,9 @@ impl meta_client::InstructionHandler for Recorder {
         self.seen.lock().unwrap().push(region);
         match region {
             13 => Err("region 13 is corrupt".to_string()),
-            99 => {
-                // A handler slower than the sender's deadline.
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                Ok(())
-            }
+            // A handler that never finishes: the sender's deadline must end the wait
+            // (the task aborts it when it stops).
+            99 => std::future::pending().await,
             _ => Ok(()),
         }
     }
