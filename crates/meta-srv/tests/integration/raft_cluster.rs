@@ -146,6 +146,11 @@ impl Cluster {
         self.leader_among(&live).await
     }
 
+    /// Member `id`'s commit index now.
+    pub async fn commit_index(&self, id: u64) -> u64 {
+        self.members[&id].node.status().await.unwrap().commit_index
+    }
+
     /// Waits until member `id` has applied at least `index`.
     pub async fn wait_applied(&self, id: u64, index: u64) {
         wait_until(ELECTION_BOUND, || async {
@@ -155,6 +160,20 @@ impl Cluster {
             })
         })
         .await;
+    }
+}
+
+/// Writes `{prefix}{i:03}` = `value(i)` for each `i` of `range`, all acknowledged.
+async fn put_many(
+    backend: &RaftKvBackend,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    value: impl Fn(usize) -> String,
+) {
+    for i in range {
+        put(backend, &format!("{prefix}{i:03}"), &value(i))
+            .await
+            .unwrap();
     }
 }
 
@@ -218,11 +237,7 @@ async fn followers_refuse_with_the_leader_hint() {
 async fn a_killed_leader_is_replaced_and_no_acknowledged_write_is_lost() {
     let mut cluster = Cluster::new(3);
     let first = cluster.leader().await;
-    for i in 0..50 {
-        put(cluster.backend(first), &format!("w/{i:02}"), "before")
-            .await
-            .unwrap();
-    }
+    put_many(cluster.backend(first), "w/", 0..50, |_| "before".into()).await;
 
     tracing::info!("--- the leader is killed");
     cluster.kill(first);
@@ -230,16 +245,15 @@ async fn a_killed_leader_is_replaced_and_no_acknowledged_write_is_lost() {
     assert_ne!(second, first);
     // A new leader serves linearizable reads as soon as its term has a committed entry
     // (raft drops ReadIndex before that; the driver holds reads until then).
-    let read = tokio::time::timeout(Duration::from_secs(3), cluster.backend(second).get(b"w/00"))
-        .await
-        .expect("a read right after the election is answered promptly")
-        .unwrap();
+    let read = tokio::time::timeout(
+        Duration::from_secs(3),
+        cluster.backend(second).get(b"w/000"),
+    )
+    .await
+    .expect("a read right after the election is answered promptly")
+    .unwrap();
     assert_eq!(read.unwrap().value, b"before");
-    for i in 50..100 {
-        put(cluster.backend(second), &format!("w/{i:02}"), "after")
-            .await
-            .unwrap();
-    }
+    put_many(cluster.backend(second), "w/", 50..100, |_| "after".into()).await;
 
     tracing::info!("--- it restarts and catches up from its log and the leader");
     cluster.start(first);
@@ -249,12 +263,7 @@ async fn a_killed_leader_is_replaced_and_no_acknowledged_write_is_lost() {
         .await
         .unwrap();
     assert_eq!(all.count, 100, "every acknowledged write is there");
-    let commit = cluster.members[&second]
-        .node
-        .status()
-        .await
-        .unwrap()
-        .commit_index;
+    let commit = cluster.commit_index(second).await;
     cluster.wait_applied(first, commit).await;
     let local = cluster
         .backend(first)
@@ -307,12 +316,7 @@ async fn a_minority_cannot_commit_or_read_and_heals() {
         .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
         .collect();
     assert_eq!(keys, ["p/0", "p/1"], "the minority's write never happened");
-    let commit = cluster.members[&leader]
-        .node
-        .status()
-        .await
-        .unwrap()
-        .commit_index;
+    let commit = cluster.commit_index(leader).await;
     cluster.wait_applied(old, commit).await;
 }
 
@@ -322,12 +326,7 @@ async fn leadership_can_be_transferred() {
     let old = cluster.leader().await;
     put(cluster.backend(old), "t", "1").await.unwrap();
     let target = [1, 2, 3].into_iter().find(|&id| id != old).unwrap();
-    let commit = cluster.members[&old]
-        .node
-        .status()
-        .await
-        .unwrap()
-        .commit_index;
+    let commit = cluster.commit_index(old).await;
     cluster.wait_applied(target, commit).await;
     cluster.members[&old]
         .node
@@ -375,11 +374,7 @@ async fn change(
 async fn add_learner_promote_and_remove() {
     let mut cluster = Cluster::new(3);
     let leader = cluster.leader().await;
-    for i in 0..20 {
-        put(cluster.backend(leader), &format!("m/{i:02}"), "v")
-            .await
-            .unwrap();
-    }
+    put_many(cluster.backend(leader), "m/", 0..20, |_| "v".into()).await;
 
     tracing::info!("--- member 4 joins as a learner and receives the whole log");
     let membership = change(
@@ -394,12 +389,7 @@ async fn add_learner_promote_and_remove() {
     .unwrap();
     assert_eq!(membership.learners, [4]);
     cluster.start_with(4, Vec::new());
-    let commit = cluster.members[&leader]
-        .node
-        .status()
-        .await
-        .unwrap()
-        .commit_index;
+    let commit = cluster.commit_index(leader).await;
     cluster.wait_applied(4, commit).await;
     assert_eq!(
         cluster.members[&4].node.status().await.unwrap().learners,
@@ -475,15 +465,7 @@ async fn lagging_and_new_members_catch_up_by_snapshot_after_compaction() {
     let lagging = [1, 2, 3].into_iter().find(|&id| id != leader).unwrap();
     tracing::info!("--- member {lagging} is stopped; the others write and compact");
     cluster.kill(lagging);
-    for i in 0..120 {
-        put(
-            cluster.backend(leader),
-            &format!("s/{i:03}"),
-            &i.to_string(),
-        )
-        .await
-        .unwrap();
-    }
+    put_many(cluster.backend(leader), "s/", 0..120, |i| i.to_string()).await;
     change(
         &cluster,
         leader,
@@ -500,12 +482,7 @@ async fn lagging_and_new_members_catch_up_by_snapshot_after_compaction() {
     tracing::info!("--- the lagging member restarts and a new learner starts empty");
     cluster.start(lagging);
     cluster.start_with(4, Vec::new());
-    let commit = cluster.members[&leader]
-        .node
-        .status()
-        .await
-        .unwrap()
-        .commit_index;
+    let commit = cluster.commit_index(leader).await;
     for id in [lagging, 4] {
         cluster.wait_applied(id, commit).await;
         let local = cluster
@@ -529,12 +506,7 @@ async fn lagging_and_new_members_catch_up_by_snapshot_after_compaction() {
     }
     // Both keep following the log after the snapshot.
     put(cluster.backend(leader), "s/after", "x").await.unwrap();
-    let commit = cluster.members[&leader]
-        .node
-        .status()
-        .await
-        .unwrap()
-        .commit_index;
+    let commit = cluster.commit_index(leader).await;
     cluster.wait_applied(4, commit).await;
     cluster.wait_applied(lagging, commit).await;
 }
