@@ -249,6 +249,15 @@ fn steps(
     }
 }
 
+/// Submits `procedure` (which must be accepted) and waits, with a deadline, for how it
+/// ends.
+async fn finish(m: &ProcedureManager, procedure: ProcedureWithId) -> Result<Option<String>> {
+    let watcher = m.submit(procedure).await.expect("submitted");
+    tokio::time::timeout(DEADLINE, watcher.wait())
+        .await
+        .expect("the procedure finished in time")
+}
+
 /// Waits (with a deadline) until the store has crashed.
 async fn crashed(store: &CrashingStore) {
     let mut crashed = store.crashed.subscribe();
@@ -274,7 +283,7 @@ async fn crash_at_every_put(
     let m = manager(clean_store.clone(), &world, fast());
     m.start().await.unwrap();
     let id = make(&world).id.clone();
-    let out = m.submit(make(&world)).await.unwrap().wait().await;
+    let out = finish(&m, make(&world)).await;
     let state = if out.is_ok() {
         ProcedureState::Done
     } else {
@@ -743,10 +752,7 @@ async fn duplicate_ids_are_refused() {
     let world = Arc::new(World::default());
     let m = manager(Arc::new(MemoryStateStore::default()), &world, fast());
     m.start().await.unwrap();
-    m.submit(steps("d", 1, None, false, &world))
-        .await
-        .unwrap()
-        .wait()
+    finish(&m, steps("d", 1, None, false, &world))
         .await
         .unwrap();
     let err = m
@@ -820,17 +826,10 @@ async fn a_child_id_already_taken_fails_the_parent() {
     m.start().await.unwrap();
     // Parent "fam" suspends on children fam-a and fam-b, but a procedure fam-a exists
     // already: the suspension is refused and the parent fails (and rolls back).
-    m.submit(steps("fam-a", 1, None, false, &world))
-        .await
-        .unwrap()
-        .wait()
+    finish(&m, steps("fam-a", 1, None, false, &world))
         .await
         .unwrap();
-    let err = m
-        .submit(steps("fam", 3, None, true, &world))
-        .await
-        .unwrap()
-        .wait()
+    let err = finish(&m, steps("fam", 3, None, true, &world))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err}");
