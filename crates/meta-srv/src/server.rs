@@ -40,7 +40,7 @@ use crate::raft::driver::{RaftNode, RaftSettings};
 use crate::raft::grpc_transport::GrpcTransport;
 use crate::raft::members::Members;
 use crate::service::cluster::ClusterService;
-use crate::service::heartbeat::HeartbeatService;
+use crate::service::heartbeat::{HeartbeatApi, HeartbeatService};
 use crate::service::procedure::ProcedureService;
 use crate::service::store::StoreService;
 use common_meta::model::join_token::JoinTokens;
@@ -311,16 +311,16 @@ impl MetaSrv {
                 plane.leadership_changed(term, unix_ms());
             }
         });
-        let heartbeats = HeartbeatServer::new(HeartbeatService {
+        let heartbeats = HeartbeatServer::new(HeartbeatApi::from(HeartbeatService {
             member_id,
             mailbox: self.node.mailbox(),
             members: self.members.clone(),
             leadership: self.node.leadership(),
             plane: self.plane.clone(),
-            chain: Arc::new(heartbeat_chain::chain()),
+            chain: heartbeat_chain::chain(),
             interval_ms: self.config.heartbeat_interval_ms,
             stop: stop_rx.clone(),
-        });
+        }));
         // Keepalives find half-open connections (a node's machine gone without a FIN),
         // so their streams end instead of lingering attached.
         let grpc = tonic::transport::Server::builder()

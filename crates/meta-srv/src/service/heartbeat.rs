@@ -36,7 +36,7 @@ fn now_ms() -> u64 {
 }
 
 /// Serves heartbeats for one member; built with a struct literal (every part is a
-/// shared handle of the running server).
+/// shared handle of the running server) and served as a [`HeartbeatApi`].
 pub struct HeartbeatService {
     /// This member.
     pub member_id: u64,
@@ -49,7 +49,7 @@ pub struct HeartbeatService {
     /// Registrations, liveness, stats, the mailbox to nodes and join tokens.
     pub plane: Arc<ClusterPlane>,
     /// The handler chain every request runs through.
-    pub chain: Arc<Vec<Box<dyn HeartbeatHandler>>>,
+    pub chain: Vec<Box<dyn HeartbeatHandler>>,
     /// The interval nodes are told to beat at.
     pub interval_ms: u64,
     /// Becomes true when the server shuts down: open streams end.
@@ -62,7 +62,7 @@ impl HeartbeatService {
         if leading {
             Ok(())
         } else {
-            Err(self.shared().not_leader().await)
+            Err(self.not_leader().await)
         }
     }
 
@@ -82,40 +82,13 @@ impl HeartbeatService {
         }
     }
 
-    fn shared(&self) -> Stream {
-        Stream {
-            me: self.member_id,
-            mailbox: self.mailbox.clone(),
-            members: self.members.clone(),
-            leadership: self.leadership.clone(),
-            stop: self.stop.clone(),
-            plane: self.plane.clone(),
-            chain: self.chain.clone(),
-            interval_ms: self.interval_ms,
-        }
-    }
-}
-
-/// What one stream's task holds.
-struct Stream {
-    me: u64,
-    mailbox: Mailbox,
-    members: Arc<Members>,
-    leadership: watch::Receiver<Option<u64>>,
-    stop: watch::Receiver<bool>,
-    plane: Arc<ClusterPlane>,
-    chain: Arc<Vec<Box<dyn HeartbeatHandler>>>,
-    interval_ms: u64,
-}
-
-impl Stream {
     async fn not_leader(&self) -> Status {
-        crate::error::not_leader(&self.mailbox, &self.members, self.me).await
+        crate::error::not_leader(&self.mailbox, &self.members, self.member_id).await
     }
 
     fn answer(&self, seq: u64, mailbox: Vec<pb::MailboxMessage>) -> pb::HeartbeatResponse {
         pb::HeartbeatResponse {
-            header: common_meta::rpc::header(self.me, 0),
+            header: common_meta::rpc::header(self.member_id, 0),
             interval_ms: self.interval_ms,
             mailbox,
             seq,
@@ -145,7 +118,7 @@ impl Stream {
 
     /// Serves one stream until it ends.
     async fn serve(
-        &mut self,
+        &self,
         state: &mut StreamState,
         requests: &mut Streaming<pb::HeartbeatRequest>,
         out: &mpsc::Sender<Result<pb::HeartbeatResponse, Status>>,
@@ -293,8 +266,25 @@ fn state_name(state: NodeState) -> &'static str {
     }
 }
 
+/// The gRPC face of a [`HeartbeatService`]: streams run as tasks that share it.
+pub struct HeartbeatApi(Arc<HeartbeatService>);
+
+impl From<HeartbeatService> for HeartbeatApi {
+    fn from(service: HeartbeatService) -> Self {
+        HeartbeatApi(Arc::new(service))
+    }
+}
+
+impl std::ops::Deref for HeartbeatApi {
+    type Target = HeartbeatService;
+
+    fn deref(&self) -> &HeartbeatService {
+        &self.0
+    }
+}
+
 #[tonic::async_trait]
-impl pb::heartbeat_server::Heartbeat for HeartbeatService {
+impl pb::heartbeat_server::Heartbeat for HeartbeatApi {
     type HeartbeatStream = ReceiverStream<Result<pb::HeartbeatResponse, Status>>;
 
     async fn heartbeat(
@@ -303,9 +293,9 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatService {
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         let mut requests = request.into_inner();
         // A node that reads nothing fills this queue and loses its stream (see
-        // `Stream::push`).
+        // `HeartbeatService::push`).
         let (out, responses) = mpsc::channel(RESPONSE_QUEUE);
-        let mut stream = self.shared();
+        let stream = self.0.clone();
         tokio::spawn(async move {
             let mut state = stream.plane.open_stream();
             stream.serve(&mut state, &mut requests, &out).await;
