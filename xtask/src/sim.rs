@@ -59,10 +59,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     if let Some(secret) = &args.cluster_secret {
         let signer = JoinTokenSigner::new(secret.as_bytes())?;
         let client = MetaClient::new(&args.endpoints, MetaClientOptions::default())?;
-        let expires = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis() as u64
-            + 600_000;
+        let expires = common_meta::time::unix_ms() + 600_000;
         for i in 0..args.nodes as u64 {
             let id = args.first_node_id + i;
             let token = signer.mint(id, expires)?;

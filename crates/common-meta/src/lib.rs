@@ -25,5 +25,6 @@ pub mod kv;
 pub mod model;
 pub mod rpc;
 pub mod state_store;
+pub mod time;
 
 pub use error::{Error, Result};

@@ -404,7 +404,7 @@ fn channel(endpoint: &str, options: &MetaClientOptions) -> Result<Channel> {
 
 /// `base` scaled by a factor in [0.5, 1.0), so that clients that failed together do not
 /// retry together.
-fn jittered(base: Duration) -> Duration {
+pub(crate) fn jittered(base: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::client::MetaClient;
+use crate::client::{MetaClient, jittered};
 
 /// Who the node is, as its handshake says.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -133,13 +133,6 @@ impl Drop for HeartbeatTask {
     }
 }
 
-fn jitter(base: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    base.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0)
-}
-
 async fn run(client: MetaClient, node: Node, state: watch::Sender<HeartbeatState>) {
     // Instruction handlers in flight: owned here, so they stop with the task.
     let mut handlers = JoinSet::new();
@@ -164,7 +157,7 @@ async fn run(client: MetaClient, node: Node, state: watch::Sender<HeartbeatState
             // The stream ended naming who leads now: go there at once.
             Err(Some(leader)) if Some(&leader) != target.as_ref() => hint = Some(leader),
             _ => {
-                tokio::time::sleep(jitter(backoff)).await;
+                tokio::time::sleep(jittered(backoff)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }

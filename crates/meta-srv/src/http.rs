@@ -161,9 +161,7 @@ async fn nodes(
             format!("not leader; ask member {leader} at {addr}"),
         ));
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = common_meta::time::unix_ms();
     let nodes = state
         .plane
         .nodes

@@ -44,6 +44,7 @@ use crate::service::heartbeat::{HeartbeatApi, HeartbeatService};
 use crate::service::procedure::ProcedureService;
 use crate::service::store::StoreService;
 use common_meta::model::join_token::JoinTokens;
+use common_meta::time::unix_ms;
 
 /// Largest raft batch a member accepts from a peer: a snapshot travels in one message.
 const MAX_RAFT_BATCH_BYTES: usize = 1024 * 1024 * 1024;
@@ -375,11 +376,4 @@ impl MetaSrv {
 fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
     // local_addr only fails on an unbound socket, which a bound listener never is.
     listener.local_addr().unwrap_or(configured)
-}
-
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -213,10 +213,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             cluster_secret,
         }) => {
             let signer = JoinTokenSigner::new(cluster_secret.as_bytes())?;
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            let token = signer.mint(node, now_ms.saturating_add(ttl.as_millis() as u64))?;
+            let expires = common_meta::time::unix_ms().saturating_add(ttl.as_millis() as u64);
+            let token = signer.mint(node, expires)?;
             let (_, expires_at_ms) = client.register_join_token(&token).await?;
             print(
                 cli.output,

@@ -108,10 +108,7 @@ impl ClusterPlane {
         instruction: pb::Instruction,
         deadline: std::time::Duration,
     ) -> common_meta::Result<pb::InstructionReply> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let view = self.view(node_id, now_ms);
+        let view = self.view(node_id, common_meta::time::unix_ms());
         if view.liveness == "failed" {
             return Err(common_meta::Error::Unavailable {
                 message: format!(

@@ -9,9 +9,9 @@
 //! soon as they are sent.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use common_meta::model::node::{NodeRole, NodeState};
+use common_meta::time::unix_ms;
 use meta_proto::v1 as pb;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -28,12 +28,6 @@ use crate::raft::members::Members;
 const RESPONSE_QUEUE: usize = 16;
 /// Longest wait for room in a stream's answer queue before the stream ends.
 const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Serves heartbeats for one member; built with a struct literal (every part is a
 /// shared handle of the running server) and served as a [`HeartbeatApi`].
@@ -207,7 +201,7 @@ impl HeartbeatService {
             let leader_term = *leadership.borrow();
             let input = heartbeat_chain::Request {
                 body: &request,
-                now_ms: now_ms(),
+                now_ms: unix_ms(),
                 leader_term,
             };
             if let Err((handler, refusal)) =
@@ -317,7 +311,7 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatApi {
             ));
         };
         let verified = tokens
-            .register(&request.into_inner().token, now_ms())
+            .register(&request.into_inner().token, unix_ms())
             .await
             .map_err(|e| to_status_with_hint(e, &self.members))?;
         Ok(Response::new(pb::RegisterJoinTokenResponse {
@@ -367,7 +361,7 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatApi {
             .map_err(|e| to_status_with_hint(e, &self.members))?;
         Ok(Response::new(pb::SetNodeStateResponse {
             header: common_meta::rpc::header(self.member_id, 0),
-            node: Some(self.view(info, now_ms())),
+            node: Some(self.view(info, unix_ms())),
         }))
     }
 
@@ -393,7 +387,7 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatApi {
         _request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         self.require_leader().await?;
-        let now = now_ms();
+        let now = unix_ms();
         let nodes = self
             .plane
             .nodes

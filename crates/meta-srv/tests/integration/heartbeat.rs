@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common_meta::model::join_token::JoinTokenSigner;
+use common_meta::time::unix_ms;
 use meta_client::{MetaClient, MetaClientOptions};
 use meta_proto::v1 as pb;
 use meta_proto::v1::heartbeat_client::HeartbeatClient;
@@ -384,13 +385,6 @@ async fn mailbox_round_trip_refusal_timeout_and_unknown_node() {
 }
 
 const SECRET: &str = "a cluster secret of enough bytes";
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// Waits until the wall clock is past `at_ms` (ms since the epoch).
 async fn wait_past(at_ms: u64) {

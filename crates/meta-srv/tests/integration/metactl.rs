@@ -165,10 +165,7 @@ fn token_create_prints_a_token_for_the_node() {
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["node_id"], 8);
     assert!(json["token"].as_str().unwrap().starts_with("mjt1.8."));
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let now_ms = common_meta::time::unix_ms();
     let expires = json["expires_at_ms"].as_u64().unwrap();
     assert!(
         expires > now_ms && expires <= now_ms + 600_000,
