@@ -6,7 +6,7 @@
 //!
 //! ```
 //! use meta_proto::v1::{KeyValue, PutRequest};
-//! let put = PutRequest { key: b"a".to_vec(), value: b"1".to_vec(), prev_kv: false };
+//! let put = PutRequest { key: b"a".to_vec(), value: b"1".to_vec(), ..Default::default() };
 //! assert_eq!(put.key, b"a");
 //! let _ = KeyValue::default();
 //! ```
@@ -14,6 +14,20 @@
 /// gRPC metadata key under which a member that is not the leader names the leader's
 /// address (`host:port`) in an `UNAVAILABLE` answer; clients go there directly.
 pub const LEADER_HINT: &str = "x-metasrv-leader";
+
+/// gRPC metadata key by which a server says what became of a failed request's write:
+/// [`OUTCOME_NOT_APPLIED`], [`OUTCOME_UNKNOWN`] or [`OUTCOME_SESSION_EXPIRED`].
+pub const OUTCOME: &str = "x-metasrv-outcome";
+
+/// Nothing was proposed (not the leader, or the member cannot serve): send it again.
+pub const OUTCOME_NOT_APPLIED: &str = "not-applied";
+
+/// The write was proposed and may or may not be applied: send it again only with the
+/// same session and seq.
+pub const OUTCOME_UNKNOWN: &str = "unknown";
+
+/// The write named a session that is not open; it was not applied.
+pub const OUTCOME_SESSION_EXPIRED: &str = "session-expired";
 
 /// Generated messages and services of package `meta.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -79,6 +79,23 @@ pub enum Error {
         leader: Option<u64>,
     },
 
+    /// A write was proposed but its fate is not known: it may or may not have been
+    /// applied (leadership was lost while it waited, or the wait timed out). Sending it
+    /// again is safe only within the same client session and seq.
+    #[error("outcome unknown: {message}")]
+    OutcomeUnknown {
+        /// What happened, and what the caller can do.
+        message: String,
+    },
+
+    /// A write named a client session that is not open (expired, closed, or never
+    /// opened); the write was not applied.
+    #[error("session {id} is not open (expired or closed); the write was not applied")]
+    SessionExpired {
+        /// The session named.
+        id: u64,
+    },
+
     /// The caller did not prove who it is (a missing, invalid, expired or used join
     /// token); asking again with the same credentials fails again.
     #[error("unauthenticated: {message}")]
@@ -121,9 +138,24 @@ impl Error {
         }
     }
 
-    /// True when the same request may succeed if sent again later (the client and the
-    /// procedure manager use this hint).
+    /// True when the same request may succeed if sent again later and nothing of it was
+    /// applied, so sending it again cannot apply it twice (the client and the procedure
+    /// manager use this hint). An [`Error::OutcomeUnknown`] is not: see
+    /// [`Error::is_outcome_unknown`].
     pub fn is_retryable(&self) -> bool {
         matches!(self, Error::Unavailable { .. } | Error::NotLeader { .. })
+    }
+
+    /// True when a write may or may not have been applied: an idempotent write (a put of
+    /// a fixed value) may be sent again; any other needs a client session.
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(self, Error::OutcomeUnknown { .. })
+    }
+
+    /// Builds an [`Error::OutcomeUnknown`].
+    pub fn outcome_unknown(message: impl Into<String>) -> Self {
+        Error::OutcomeUnknown {
+            message: message.into(),
+        }
     }
 }

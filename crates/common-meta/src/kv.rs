@@ -9,6 +9,7 @@
 //! Every call is a transaction underneath: the provided methods build a [`TxnRequest`]
 //! and call [`KvBackend::txn`], so a backend implements one method to be complete.
 
+mod command;
 mod engine;
 mod limits;
 mod memory;
@@ -21,10 +22,11 @@ pub mod conformance;
 
 use async_trait::async_trait;
 
+pub use command::{Applied, Command, SessionRef};
 pub use limits::KvLimits;
 pub use memory::MemoryKvBackend;
 pub use sled_backend::{MAX_GROUP, SledKvBackend};
-pub use sled_store::SledKvStore;
+pub use sled_store::{MAX_UNACKED_ANSWERS, SledKvStore};
 pub use types::{
     BatchDeleteRequest, BatchDeleteResponse, BatchGetRequest, BatchGetResponse, BatchPutRequest,
     BatchPutResponse, Compare, CompareAndPutRequest, CompareAndPutResponse, CompareOp,

@@ -115,6 +115,7 @@ impl From<kv::PutRequest> for pb::PutRequest {
             key: r.key,
             value: r.value,
             prev_kv: r.prev_kv,
+            session: None,
         }
     }
 }
@@ -152,6 +153,7 @@ impl From<kv::DeleteRangeRequest> for pb::DeleteRangeRequest {
             key: r.key,
             range_end: r.range_end,
             prev_kv: r.prev_kv,
+            session: None,
         }
     }
 }
@@ -228,6 +230,7 @@ impl From<kv::BatchPutRequest> for pb::BatchPutRequest {
                 .map(|(key, value)| pb::KeyValuePair { key, value })
                 .collect(),
             prev_kv: r.prev_kv,
+            session: None,
         }
     }
 }
@@ -263,6 +266,7 @@ impl From<kv::BatchDeleteRequest> for pb::BatchDeleteRequest {
         pb::BatchDeleteRequest {
             keys: r.keys,
             prev_kv: r.prev_kv,
+            session: None,
         }
     }
 }
@@ -305,6 +309,7 @@ impl From<kv::CompareAndPutRequest> for pb::CompareAndPutRequest {
             key: r.key,
             expect: r.expect,
             value: r.value,
+            session: None,
         }
     }
 }
@@ -442,6 +447,7 @@ impl From<kv::TxnRequest> for pb::TxnRequest {
             compare: r.compare.into_iter().map(Into::into).collect(),
             success: r.success.into_iter().map(Into::into).collect(),
             failure: r.failure.into_iter().map(Into::into).collect(),
+            session: None,
         }
     }
 }

@@ -15,7 +15,25 @@ use meta_proto::v1::store_client::StoreClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Response, Status};
 
-use crate::status::{from_status, is_retryable};
+use crate::status::{Outcome, from_status, outcome_of};
+
+/// Which failures a request is sent again after, by what they may have done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// A read, or a write named by a client session (whose retry cannot apply it
+    /// twice): every transient failure is retried.
+    Transient,
+    /// A write without a session: retried only when the server said nothing was
+    /// applied; any other failure is reported as an unknown outcome.
+    NotApplied,
+}
+
+/// A request that failed for good, and whether any attempt of it may have applied.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) error: Error,
+    pub(crate) maybe_applied: bool,
+}
 
 /// How a [`MetaClient`] connects and retries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +48,10 @@ pub struct MetaClientOptions {
     pub initial_backoff: Duration,
     /// Longest pause between attempts.
     pub max_backoff: Duration,
+    /// TTL of the client session that makes writes exactly-once (opened at the first
+    /// write, kept alive every third of it). `None`: writes run without a session, and
+    /// one whose outcome is unknown is reported so instead of being sent again.
+    pub session_ttl: Option<Duration>,
 }
 
 impl Default for MetaClientOptions {
@@ -40,12 +62,13 @@ impl Default for MetaClientOptions {
             deadline: Duration::from_secs(10),
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(1),
+            session_ttl: Some(Duration::from_secs(60)),
         }
     }
 }
 
 /// Largest response the client accepts (a range of many large values can be big).
-const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+pub(crate) const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 
 /// A client of a Metasrv cluster, cheap to clone.
 #[derive(Clone, Debug)]
@@ -54,12 +77,14 @@ pub struct MetaClient {
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(crate) struct Inner {
     /// The endpoints given, plus leaders learned from hints; never shrinks.
     endpoints: RwLock<Vec<(String, Channel)>>,
     /// Index of the endpoint that answered last; requests start there.
     current: AtomicUsize,
     options: MetaClientOptions,
+    /// The client session of exactly-once writes, once opened.
+    pub(crate) session: crate::session::SessionSlot,
 }
 
 impl MetaClient {
@@ -92,6 +117,7 @@ impl MetaClient {
                 endpoints: RwLock::new(channels),
                 current: AtomicUsize::new(0),
                 options,
+                session: Default::default(),
             }),
         })
     }
@@ -302,13 +328,29 @@ impl MetaClient {
     }
 
     /// Runs `call` against the current endpoint until it succeeds, fails otherwise, or
-    /// the deadline passes. On "unavailable" it moves to the leader the answer names
-    /// (`x-metasrv-leader`) when it knows that endpoint, else to the next endpoint, and
-    /// backs off after each full round.
-    ///
-    /// Retrying a write whose connection broke mid-flight may apply it twice; puts are
-    /// idempotent in value, and compare-and-put reports the state it found.
+    /// the deadline passes, retrying every transient failure (see
+    /// [`MetaClient::with_retry`]). For reads and requests whose retry is harmless.
     pub(crate) async fn with_channel<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        self.with_retry(Retry::Transient, call)
+            .await
+            .map_err(|failure| failure.error)
+    }
+
+    /// Runs `call` against the current endpoint until it succeeds, fails for good, or
+    /// the deadline passes. A failure is sent again as `retry` allows (see [`Retry`]):
+    /// on "not leader" it moves to the leader the answer names (`x-metasrv-leader`)
+    /// when it knows that endpoint, else to the next endpoint, and backs off after each
+    /// full round. The failure says whether any attempt may have applied a write: a
+    /// deadline reached after such an attempt is an outcome unknown, not "unavailable".
+    pub(crate) async fn with_retry<T, F, Fut>(
+        &self,
+        retry: Retry,
+        call: F,
+    ) -> std::result::Result<T, Failure>
     where
         F: Fn(Channel) -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
@@ -317,6 +359,7 @@ impl MetaClient {
         let started = Instant::now();
         let mut backoff = inner.options.initial_backoff;
         let mut attempt = 0usize;
+        let mut maybe_applied = false;
         // Hints can be stale during an election; follow only a few in a row.
         let mut hint_jumps = 0;
         loop {
@@ -330,8 +373,25 @@ impl MetaClient {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => status,
             };
-            if !is_retryable(&status) {
-                return Err(from_status(&status));
+            let outcome = outcome_of(&status);
+            match outcome {
+                Outcome::Final => {
+                    return Err(Failure {
+                        error: from_status(&status),
+                        maybe_applied,
+                    });
+                }
+                Outcome::Unknown if retry == Retry::NotApplied => {
+                    return Err(Failure {
+                        error: Error::outcome_unknown(format!(
+                            "{endpoint} failed after the write was sent ({}); it may or may not have been applied",
+                            status.message()
+                        )),
+                        maybe_applied: true,
+                    });
+                }
+                Outcome::Unknown => maybe_applied = true,
+                Outcome::NotApplied => {}
             }
             attempt += 1;
             tracing::debug!(%endpoint, attempt, error = %status.message(), "endpoint unavailable");
@@ -360,13 +420,15 @@ impl MetaClient {
             );
             let elapsed = started.elapsed();
             if elapsed + backoff >= inner.options.deadline {
-                return Err(Error::Unavailable {
-                    message: format!(
-                        "no endpoint of [{}] answered within {:?} ({attempt} attempts); last error from {endpoint}: {}",
-                        self.endpoints().join(", "),
-                        inner.options.deadline,
-                        status.message()
-                    ),
+                let message = format!(
+                    "no endpoint of [{}] answered within {:?} ({attempt} attempts); last error from {endpoint}: {}",
+                    self.endpoints().join(", "),
+                    inner.options.deadline,
+                    status.message()
+                );
+                return Err(Failure {
+                    error: Error::Unavailable { message },
+                    maybe_applied,
                 });
             }
             // Only pause once every endpoint has been tried in this round.
@@ -375,6 +437,26 @@ impl MetaClient {
                 backoff = (backoff * 2).min(inner.options.max_backoff);
             }
         }
+    }
+
+    /// The shared state of this client and its clones.
+    pub(crate) fn inner_ref(&self) -> &Inner {
+        &self.inner
+    }
+
+    /// The options this client was made with.
+    pub(crate) fn options(&self) -> &MetaClientOptions {
+        &self.inner.options
+    }
+
+    /// A weak handle, for background tasks that must not keep the client alive.
+    pub(crate) fn downgrade(&self) -> std::sync::Weak<Inner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    /// The client behind a weak handle, while it lives.
+    pub(crate) fn upgrade(inner: &std::sync::Weak<Inner>) -> Option<MetaClient> {
+        inner.upgrade().map(|inner| MetaClient { inner })
     }
 }
 

@@ -1,5 +1,6 @@
-//! `KvBackend` over the `meta.v1.Store` service: each call uses its own RPC, and every
-//! conversion is `common_meta::rpc`'s.
+//! `KvBackend` over the `meta.v1.Store` service: each call uses its own RPC, every write
+//! runs in the client's session (exactly-once), and every conversion is
+//! `common_meta::rpc`'s.
 
 use async_trait::async_trait;
 use common_meta::Result;
@@ -26,6 +27,21 @@ macro_rules! unary {
     }};
 }
 
+/// One write Store RPC, exactly-once in the client's session (see `session.rs`); the
+/// request is cloned per try and carries the session reference of that try.
+macro_rules! write {
+    ($client:expr, $method:ident, $request:expr) => {{
+        let request = $request;
+        $client
+            .write(|mut store, session| {
+                let mut request = request.clone();
+                request.session = session;
+                async move { store.$method(request).await }
+            })
+            .await
+    }};
+}
+
 #[async_trait]
 impl KvBackend for MetaClient {
     fn name(&self) -> &'static str {
@@ -33,7 +49,10 @@ impl KvBackend for MetaClient {
     }
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
-        unary!(self, txn, pb::TxnRequest::from(req))?.try_into()
+        if req.is_read_only() {
+            return unary!(self, txn, pb::TxnRequest::from(req))?.try_into();
+        }
+        write!(self, txn, pb::TxnRequest::from(req))?.try_into()
     }
 
     async fn range(&self, req: RangeRequest) -> Result<RangeResponse> {
@@ -49,11 +68,11 @@ impl KvBackend for MetaClient {
     }
 
     async fn put(&self, req: PutRequest) -> Result<PutResponse> {
-        Ok(unary!(self, put, pb::PutRequest::from(req))?.into())
+        Ok(write!(self, put, pb::PutRequest::from(req))?.into())
     }
 
     async fn delete_range(&self, req: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
-        Ok(unary!(self, delete_range, pb::DeleteRangeRequest::from(req))?.into())
+        Ok(write!(self, delete_range, pb::DeleteRangeRequest::from(req))?.into())
     }
 
     async fn batch_get(&self, req: BatchGetRequest) -> Result<BatchGetResponse> {
@@ -61,14 +80,14 @@ impl KvBackend for MetaClient {
     }
 
     async fn batch_put(&self, req: BatchPutRequest) -> Result<BatchPutResponse> {
-        Ok(unary!(self, batch_put, pb::BatchPutRequest::from(req))?.into())
+        Ok(write!(self, batch_put, pb::BatchPutRequest::from(req))?.into())
     }
 
     async fn batch_delete(&self, req: BatchDeleteRequest) -> Result<BatchDeleteResponse> {
-        Ok(unary!(self, batch_delete, pb::BatchDeleteRequest::from(req))?.into())
+        Ok(write!(self, batch_delete, pb::BatchDeleteRequest::from(req))?.into())
     }
 
     async fn compare_and_put(&self, req: CompareAndPutRequest) -> Result<CompareAndPutResponse> {
-        Ok(unary!(self, compare_and_put, pb::CompareAndPutRequest::from(req))?.into())
+        Ok(write!(self, compare_and_put, pb::CompareAndPutRequest::from(req))?.into())
     }
 }

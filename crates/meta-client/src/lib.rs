@@ -23,6 +23,7 @@
 mod client;
 mod heartbeat;
 mod kv;
+mod session;
 pub mod sim;
 mod status;
 

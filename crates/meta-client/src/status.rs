@@ -1,28 +1,136 @@
 //! Maps a gRPC status from the server back to a `common_meta::Error` (the inverse of
-//! `meta_srv::error::to_status`).
+//! `meta_srv::error::to_status`), and tells what a failed request may have done.
 
 use common_meta::Error;
+use meta_proto::{OUTCOME, OUTCOME_NOT_APPLIED, OUTCOME_SESSION_EXPIRED, OUTCOME_UNKNOWN};
 use tonic::{Code, Status};
 
 /// The error a caller sees for `status`.
 pub fn from_status(status: &Status) -> Error {
     let message = status.message().to_string();
-    match status.code() {
-        Code::InvalidArgument => Error::InvalidArgument { message },
-        Code::Unavailable | Code::DeadlineExceeded => Error::Unavailable { message },
-        Code::Unauthenticated => Error::Unauthenticated { message },
-        Code::NotFound => Error::Remote {
-            code: "NotFound".to_string(),
-            message,
+    match (status.code(), marker(status)) {
+        (_, Some(OUTCOME_UNKNOWN)) => Error::OutcomeUnknown {
+            message: message
+                .strip_prefix("outcome unknown: ")
+                .unwrap_or(&message)
+                .to_string(),
         },
-        code => Error::Remote {
+        (_, Some(OUTCOME_SESSION_EXPIRED)) => Error::SessionExpired {
+            id: session_of(&message).unwrap_or(0),
+        },
+        (Code::InvalidArgument, _) => Error::InvalidArgument { message },
+        (Code::Unavailable | Code::DeadlineExceeded, _) => Error::Unavailable { message },
+        (Code::Unauthenticated, _) => Error::Unauthenticated { message },
+        (code, _) => Error::Remote {
             code: format!("{code:?}"),
             message,
         },
     }
 }
 
-/// True when another endpoint (or a later attempt) may succeed.
-pub fn is_retryable(status: &Status) -> bool {
-    matches!(status.code(), Code::Unavailable)
+/// What a failed request may have done, by its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The server said nothing was applied: send it again, anywhere.
+    NotApplied,
+    /// It may have been applied (the server said so, or the failure came from the
+    /// connection after the request may have left): only a session makes a retry safe.
+    Unknown,
+    /// An answer that sending again would not change (invalid argument, session
+    /// expired, internal error).
+    Final,
+}
+
+/// Classifies a failed request's status.
+pub(crate) fn outcome_of(status: &Status) -> Outcome {
+    match marker(status) {
+        Some(OUTCOME_NOT_APPLIED) => Outcome::NotApplied,
+        Some(OUTCOME_UNKNOWN) => Outcome::Unknown,
+        Some(_) => Outcome::Final,
+        // No marker: the failure is the transport's (a refused or broken connection, a
+        // client-side timeout), not the server's answer.
+        None => match status.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+                Outcome::Unknown
+            }
+            _ => Outcome::Final,
+        },
+    }
+}
+
+fn marker(status: &Status) -> Option<&str> {
+    status.metadata().get(OUTCOME).and_then(|v| v.to_str().ok())
+}
+
+/// The session id in a "session N is not open" message.
+fn session_of(message: &str) -> Option<u64> {
+    message
+        .strip_prefix("session ")?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marked(code: Code, message: &str, outcome: &'static str) -> Status {
+        let mut status = Status::new(code, message);
+        status.metadata_mut().insert(
+            OUTCOME,
+            tonic::metadata::MetadataValue::from_static(outcome),
+        );
+        status
+    }
+
+    #[test]
+    fn outcomes_follow_the_server_marker_then_the_code() {
+        let cases = [
+            (
+                marked(Code::Unavailable, "not leader", OUTCOME_NOT_APPLIED),
+                Outcome::NotApplied,
+            ),
+            (
+                marked(
+                    Code::DeadlineExceeded,
+                    "outcome unknown: x",
+                    OUTCOME_UNKNOWN,
+                ),
+                Outcome::Unknown,
+            ),
+            (
+                marked(
+                    Code::FailedPrecondition,
+                    "session 7 is not open",
+                    OUTCOME_SESSION_EXPIRED,
+                ),
+                Outcome::Final,
+            ),
+            (Status::unavailable("tcp connect error"), Outcome::Unknown),
+            (Status::cancelled("Timeout expired"), Outcome::Unknown),
+            (Status::invalid_argument("bad"), Outcome::Final),
+        ];
+        for (status, outcome) in cases {
+            assert_eq!(outcome_of(&status), outcome, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn errors_keep_what_the_server_said() {
+        let err = from_status(&marked(
+            Code::DeadlineExceeded,
+            "outcome unknown: leadership moved",
+            OUTCOME_UNKNOWN,
+        ));
+        assert!(err.is_outcome_unknown(), "{err}");
+        assert_eq!(err.to_string(), "outcome unknown: leadership moved");
+        let err = from_status(&marked(
+            Code::FailedPrecondition,
+            "session 42 is not open (expired or closed); the write was not applied",
+            OUTCOME_SESSION_EXPIRED,
+        ));
+        assert!(matches!(err, Error::SessionExpired { id: 42 }), "{err}");
+    }
 }

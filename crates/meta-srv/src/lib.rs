@@ -25,6 +25,7 @@ pub mod procedure_host;
 pub mod raft;
 pub mod server;
 pub mod service;
+pub mod session_keeper;
 
 pub use config::Config;
 pub use error::{Error, Result};

@@ -43,6 +43,7 @@ use crate::service::cluster::ClusterService;
 use crate::service::heartbeat::{HeartbeatApi, HeartbeatService};
 use crate::service::procedure::ProcedureService;
 use crate::service::store::StoreService;
+use crate::session_keeper::SessionKeeper;
 use common_meta::model::join_token::JoinTokens;
 use common_meta::time::unix_ms;
 
@@ -278,8 +279,19 @@ impl MetaSrv {
 
         let limits = KvLimits::from(self.config.limits);
         let member_id = self.config.node_id;
+        let sessions = Arc::new(SessionKeeper::new(
+            self.backend.clone(),
+            self.node.leadership(),
+        ));
+        {
+            let sessions = sessions.clone();
+            let stop = stop_rx.clone();
+            tokio::spawn(async move { sessions.run(stop).await });
+        }
         let store = StoreService::new(
-            Arc::new(self.backend.clone()),
+            self.backend.clone(),
+            sessions,
+            self.node.mailbox(),
             member_id,
             limits,
             self.members.clone(),

@@ -8,7 +8,15 @@
 //! 0x00 "revision"  -> store revision, i64 big-endian
 //! 0x00 "applied"   -> index of the last applied raft entry, u64 big-endian (raft only)
 //! 0x01 {user key}  -> Entry: create_revision, mod_revision, version (i64 BE each), value
+//! 0x02 {id u64 BE}  -> meta.v1.SessionRecord of an open client session (raft only)
 //! ```
+//!
+//! Client sessions make writes exactly-once: a [`Command::Txn`] naming a session whose
+//! answer for that seq is kept is answered with it and applies nothing; otherwise it
+//! applies and its answer is kept, in the same batch as its data, until the client
+//! acknowledges it (`SessionRef::acked`). A write naming a session that is not open is
+//! refused ([`Error::SessionExpired`]). Every decision depends only on the store and the
+//! command, never on a clock, so every member decides alike.
 //!
 //! **Contract:** [`SledKvStore::apply`] and [`SledKvStore::commit`] write a group of
 //! transactions, the new revision and (for raft) the applied index in one batch: after a
@@ -23,7 +31,11 @@ use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 
+use meta_proto::v1 as pb;
+use prost::Message as _;
+
 use crate::error::{Error, Result};
+use crate::kv::command::{Applied, Command, SessionRef};
 use crate::kv::engine::{self, Entry, Layered, ReadView, ScanItem};
 use crate::kv::limits::KvLimits;
 use crate::kv::types::{TxnRequest, TxnResponse};
@@ -31,11 +43,18 @@ use crate::kv::types::{TxnRequest, TxnResponse};
 const TREE: &str = "kv";
 const META_PREFIX: u8 = 0x00;
 const DATA_PREFIX: u8 = 0x01;
+const SESSION_PREFIX: u8 = 0x02;
 const REVISION_KEY: &[u8] = b"\x00revision";
 const APPLIED_KEY: &[u8] = b"\x00applied";
 
-// The meta keys sort before every data key, so data scans never meet them.
-const _: () = assert!(META_PREFIX < DATA_PREFIX);
+// The meta keys sort before every data key and the session records after them, so data
+// scans (which end at DATA_PREFIX + 1) never meet either.
+const _: () = assert!(META_PREFIX < DATA_PREFIX && DATA_PREFIX + 1 == SESSION_PREFIX);
+
+/// Most answers one session keeps unacknowledged; a write beyond it is refused until the
+/// client acknowledges some (a client that never acknowledges must not grow a record
+/// without bound).
+pub const MAX_UNACKED_ANSWERS: usize = 4096;
 
 /// The KV state machine's storage on sled; see the module doc for its contract.
 #[derive(Debug)]
@@ -54,6 +73,12 @@ fn data_key(key: &[u8]) -> Vec<u8> {
     out.push(DATA_PREFIX);
     out.extend_from_slice(key);
     out
+}
+
+fn session_key(id: u64) -> [u8; 9] {
+    let mut key = [SESSION_PREFIX; 9];
+    key[1..].copy_from_slice(&id.to_be_bytes());
+    key
 }
 
 fn storage_error(context: &str) -> impl FnOnce(sled::Error) -> Error + '_ {
@@ -148,7 +173,21 @@ impl SledKvStore {
     /// The outer `Err` is a storage failure of the batch: nothing of the group was
     /// written. An inner `Err` is that transaction's own refusal (limits, bad request).
     pub fn commit(&self, txns: Vec<TxnRequest>) -> Result<Vec<Result<TxnResponse>>> {
-        self.write_group(txns.into_iter().map(Some).collect(), None)
+        let commands = txns
+            .into_iter()
+            .map(|txn| (0, Command::Txn { txn, session: None }))
+            .collect();
+        Ok(self
+            .write_group(commands, None)?
+            .into_iter()
+            .map(|answer| match answer? {
+                Applied::Txn(response) => Ok(response),
+                other => Err(Error::Remote {
+                    code: "Internal".to_string(),
+                    message: format!("a transaction was answered {other:?}"),
+                }),
+            })
+            .collect())
     }
 
     /// Checks a transaction against this store's limits, as [`SledKvStore::commit`]
@@ -157,8 +196,7 @@ impl SledKvStore {
         self.limits.check_txn(txn)
     }
 
-    /// Applies committed raft entries `(index, txn)` in order (a `None` txn, such as a
-    /// configuration change, only advances the applied index). Entries at or below the
+    /// Applies committed raft entries `(index, command)` in order. Entries at or below the
     /// applied index were applied before a crash and are skipped: their answer is `None`.
     /// The group, the new revision and the last index are written in one batch. Not
     /// flushed: the raft log makes the entries durable.
@@ -166,19 +204,16 @@ impl SledKvStore {
     /// Determinism: limits are not checked here (the proposer checked them with
     /// [`SledKvStore::check`]), so every member applies an entry the same way whatever
     /// its own configuration; a storage error fails the whole call instead of becoming
-    /// one transaction's answer.
-    pub fn apply(
-        &self,
-        entries: Vec<(u64, Option<TxnRequest>)>,
-    ) -> Result<Vec<Option<Result<TxnResponse>>>> {
+    /// one command's answer.
+    pub fn apply(&self, entries: Vec<(u64, Command)>) -> Result<Vec<Option<Result<Applied>>>> {
         let applied = self.applied_index();
         let last = entries.iter().map(|(i, _)| *i).max().unwrap_or(applied);
         let mut skipped = Vec::with_capacity(entries.len());
         let mut fresh = Vec::with_capacity(entries.len());
-        for (index, txn) in entries {
+        for (index, command) in entries {
             skipped.push(index <= applied);
             if index > applied {
-                fresh.push(txn);
+                fresh.push((index, command));
             }
         }
         let mut answers = self
@@ -190,11 +225,46 @@ impl SledKvStore {
             .collect())
     }
 
+    /// Every open session with its TTL, by id.
+    pub fn sessions(&self) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([SESSION_PREFIX]) {
+            let (key, value) = item.map_err(storage_error("listing sessions"))?;
+            let id = <[u8; 8]>::try_from(&key[1..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| Error::Corrupted {
+                    location: format!("tree {TREE} session key {key:?}"),
+                    reason: "not 8 bytes of id".to_string(),
+                })?;
+            out.push((id, decode_session(id, &value)?.ttl_ms));
+        }
+        Ok(out)
+    }
+
+    /// The TTL of session `id` if it is open.
+    pub fn session_ttl(&self, id: u64) -> Result<Option<u64>> {
+        Ok(self.load_session(id)?.map(|record| record.ttl_ms))
+    }
+
+    fn load_session(&self, id: u64) -> Result<Option<pb::SessionRecord>> {
+        match self
+            .tree
+            .get(session_key(id))
+            .map_err(storage_error("reading a session"))?
+        {
+            None => Ok(None),
+            Some(bytes) => decode_session(id, &bytes).map(Some),
+        }
+    }
+
+    /// Executes a group of commands (`(entry index, command)`; the index is 0 outside
+    /// raft) and writes all their changes, the new revision and, for raft, the applied
+    /// index in one batch.
     fn write_group(
         &self,
-        txns: Vec<Option<TxnRequest>>,
+        commands: Vec<(u64, Command)>,
         applied: Option<u64>,
-    ) -> Result<Vec<Result<TxnResponse>>> {
+    ) -> Result<Vec<Result<Applied>>> {
         // Only one writer at a time (see the module doc): the state read here is stable.
         let limits = if applied.is_some() {
             KvLimits::unlimited()
@@ -202,36 +272,24 @@ impl SledKvStore {
             self.limits
         };
         let start = self.revision();
-        let mut revision = start;
-        let mut changes = BTreeMap::new();
-        let mut answers = Vec::with_capacity(txns.len());
-        for txn in txns {
-            let Some(txn) = txn else {
-                answers.push(Ok(TxnResponse {
-                    revision,
-                    ..Default::default()
-                }));
-                continue;
-            };
-            let view = Layered {
-                base: self,
-                changes: &changes,
-            };
-            match engine::execute(&view, revision, &limits, txn) {
-                Ok((response, write)) => {
-                    if let Some(write) = write {
-                        revision = write.revision;
-                        changes.extend(write.changes);
-                    }
-                    answers.push(Ok(response));
-                }
-                Err(e @ Error::InvalidArgument { .. }) => answers.push(Err(e)),
-                // A read failure is this member's problem, not the request's: never let
-                // it turn into a different outcome on one replica.
-                Err(e) => return Err(e),
-            }
+        let mut group = Group {
+            store: self,
+            limits,
+            revision: start,
+            changes: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+        };
+        let mut answers = Vec::with_capacity(commands.len());
+        for (index, command) in commands {
+            answers.push(group.run(index, command)?);
         }
-        if revision == start && applied.is_none() {
+        let Group {
+            revision,
+            changes,
+            sessions,
+            ..
+        } = group;
+        if revision == start && applied.is_none() && sessions.is_empty() {
             return Ok(answers);
         }
         let mut batch = sled::Batch::default();
@@ -239,6 +297,12 @@ impl SledKvStore {
             match change {
                 Some(entry) => batch.insert(data_key(&key), entry.encode()),
                 None => batch.remove(data_key(&key)),
+            }
+        }
+        for (id, record) in sessions {
+            match record {
+                Some(record) => batch.insert(&session_key(id), record.encode_to_vec()),
+                None => batch.remove(&session_key(id)),
             }
         }
         batch.insert(REVISION_KEY, &revision.to_be_bytes());
@@ -349,6 +413,147 @@ impl SledKvStore {
     }
 }
 
+fn decode_session(id: u64, bytes: &[u8]) -> Result<pb::SessionRecord> {
+    pb::SessionRecord::decode(bytes).map_err(|e| Error::Corrupted {
+        location: format!("tree {TREE} session {id}"),
+        reason: e.to_string(),
+    })
+}
+
+/// The changes of one write group as they accumulate: each command sees those before it.
+struct Group<'a> {
+    store: &'a SledKvStore,
+    limits: KvLimits,
+    revision: i64,
+    changes: BTreeMap<Vec<u8>, Option<Entry>>,
+    /// Session records written (`None`: removed) by the group.
+    sessions: BTreeMap<u64, Option<pb::SessionRecord>>,
+}
+
+impl Group<'_> {
+    /// Runs one command. The outer `Err` is a storage failure (the whole group fails);
+    /// the inner one is the command's own refusal, decided alike on every member.
+    fn run(&mut self, index: u64, command: Command) -> Result<Result<Applied>> {
+        match command {
+            Command::Noop => Ok(Ok(Applied::Done)),
+            Command::Txn { txn, session: None } => self.txn(txn),
+            Command::Txn {
+                txn,
+                session: Some(session),
+            } => self.session_txn(txn, session),
+            Command::OpenSession { ttl_ms } => {
+                if index == 0 {
+                    return Ok(Err(Error::invalid_argument(
+                        "sessions exist only in a replicated store",
+                    )));
+                }
+                let record = pb::SessionRecord {
+                    ttl_ms,
+                    ..Default::default()
+                };
+                self.sessions.insert(index, Some(record));
+                Ok(Ok(Applied::SessionOpened { id: index, ttl_ms }))
+            }
+            Command::CloseSessions { ids } => {
+                for id in ids {
+                    self.sessions.insert(id, None);
+                }
+                Ok(Ok(Applied::Done))
+            }
+        }
+    }
+
+    fn txn(&mut self, txn: TxnRequest) -> Result<Result<Applied>> {
+        let view = Layered {
+            base: self.store,
+            changes: &self.changes,
+        };
+        match engine::execute(&view, self.revision, &self.limits, txn) {
+            Ok((response, write)) => {
+                if let Some(write) = write {
+                    self.revision = write.revision;
+                    self.changes.extend(write.changes);
+                }
+                Ok(Ok(Applied::Txn(response)))
+            }
+            Err(e @ Error::InvalidArgument { .. }) => Ok(Err(e)),
+            // A read failure is this member's problem, not the request's: never let it
+            // turn into a different outcome on one replica.
+            Err(e) => Err(e),
+        }
+    }
+
+    fn session_txn(&mut self, txn: TxnRequest, session: SessionRef) -> Result<Result<Applied>> {
+        if let Err(e) = session.validate() {
+            return Ok(Err(e));
+        }
+        let record = match self.sessions.get(&session.id) {
+            Some(record) => record.clone(),
+            None => self.store.load_session(session.id)?,
+        };
+        let Some(mut record) = record else {
+            return Ok(Err(Error::SessionExpired { id: session.id }));
+        };
+        // Forget what the client says it holds, whatever this command's fate.
+        record.acked = record.acked.max(session.acked);
+        let acked = record.acked;
+        record.answers.retain(|a| a.seq >= acked);
+        let answer = if let Some(kept) = record.answers.iter().find(|a| a.seq == session.seq) {
+            kept_answer(kept)
+        } else if session.seq < record.acked {
+            Err(Error::invalid_argument(format!(
+                "write {} of session {} is below the acknowledged mark {}: its answer was already received and forgotten",
+                session.seq, session.id, record.acked
+            )))
+        } else if record.answers.len() >= MAX_UNACKED_ANSWERS {
+            Err(Error::invalid_argument(format!(
+                "session {} holds {MAX_UNACKED_ANSWERS} unacknowledged answers; acknowledge answered writes (SessionRef.acked) before sending more",
+                session.id
+            )))
+        } else {
+            let answer = self.txn(txn)?;
+            let outcome = match &answer {
+                Ok(Applied::Txn(response)) => pb::session_answer::Outcome::Response(
+                    crate::rpc::txn_response_to_pb(response.clone(), 0),
+                ),
+                Ok(other) => {
+                    return Err(Error::Remote {
+                        code: "Internal".to_string(),
+                        message: format!("a transaction was answered {other:?}"),
+                    });
+                }
+                Err(e) => pb::session_answer::Outcome::Refused(e.to_string()),
+            };
+            record.answers.push(pb::SessionAnswer {
+                seq: session.seq,
+                outcome: Some(outcome),
+            });
+            answer
+        };
+        self.sessions.insert(session.id, Some(record));
+        Ok(answer)
+    }
+}
+
+/// The answer a session kept for a write, as it was first given.
+fn kept_answer(kept: &pb::SessionAnswer) -> Result<Applied> {
+    match &kept.outcome {
+        Some(pb::session_answer::Outcome::Response(response)) => {
+            Ok(Applied::Txn(response.clone().try_into()?))
+        }
+        Some(pb::session_answer::Outcome::Refused(message)) => Err(Error::InvalidArgument {
+            message: message
+                .strip_prefix("invalid argument: ")
+                .unwrap_or(message)
+                .to_string(),
+        }),
+        None => Err(Error::Corrupted {
+            location: format!("a session answer for write {}", kept.seq),
+            reason: "no outcome".to_string(),
+        }),
+    }
+}
+
 impl ReadView for SledKvStore {
     fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
         let stored = data_key(key);
@@ -381,6 +586,116 @@ mod tests {
     use super::*;
     use crate::kv::types::{PutRequest, TxnOp};
 
+    fn write(txn: TxnRequest) -> Command {
+        Command::Txn { txn, session: None }
+    }
+
+    fn txn_answer(answer: &Option<Result<Applied>>) -> TxnResponse {
+        match answer {
+            Some(Ok(Applied::Txn(response))) => response.clone(),
+            other => panic!("not a txn answer: {other:?}"),
+        }
+    }
+
+    fn in_session(txn: TxnRequest, id: u64, seq: u64, acked: u64) -> Command {
+        Command::Txn {
+            txn,
+            session: Some(SessionRef { id, seq, acked }),
+        }
+    }
+
+    /// Creates `k` only if it does not exist: a retry that applied again would fail.
+    fn create(key: &str) -> TxnRequest {
+        TxnRequest {
+            compare: vec![crate::kv::Compare::new(
+                key.as_bytes().to_vec(),
+                crate::kv::CompareOp::Equal,
+                crate::kv::CompareTarget::Version(0),
+            )],
+            ..put(key)
+        }
+    }
+
+    #[test]
+    fn a_retried_session_write_gets_its_first_answer_and_applies_once() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+            let opened = store
+                .apply(vec![(1, Command::OpenSession { ttl_ms: 5_000 })])
+                .unwrap();
+            assert_eq!(
+                opened[0].as_ref().unwrap().as_ref().unwrap(),
+                &Applied::SessionOpened {
+                    id: 1,
+                    ttl_ms: 5_000
+                }
+            );
+            assert_eq!(store.sessions().unwrap(), [(1, 5_000)]);
+            let first = store
+                .apply(vec![(2, in_session(create("k"), 1, 1, 1))])
+                .unwrap();
+            let first = txn_answer(&first[0]);
+            assert!(first.succeeded);
+            // The reply was lost; the client sends the same write again.
+            let again = store
+                .apply(vec![(3, in_session(create("k"), 1, 1, 1))])
+                .unwrap();
+            assert_eq!(
+                txn_answer(&again[0]),
+                first,
+                "the first answer, not a failed compare"
+            );
+            assert_eq!(store.revision(), 1, "applied once");
+            // The next write acknowledges the first, whose answer is then forgotten.
+            let second = store
+                .apply(vec![(4, in_session(put("j"), 1, 2, 2))])
+                .unwrap();
+            assert_eq!(txn_answer(&second[0]).revision, 2);
+            let stale = store
+                .apply(vec![(5, in_session(create("k"), 1, 1, 1))])
+                .unwrap();
+            let err = stale[0].as_ref().unwrap().as_ref().unwrap_err();
+            assert!(
+                err.to_string().contains("below the acknowledged mark 2"),
+                "{err}"
+            );
+            store.flush().unwrap();
+        }
+        // Kept answers survive a restart: they are in the same batches as the data.
+        let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+        let again = store
+            .apply(vec![(6, in_session(put("j"), 1, 2, 2))])
+            .unwrap();
+        assert_eq!(txn_answer(&again[0]).revision, 2);
+        assert_eq!(store.revision(), 2);
+        // A closed session refuses writes, which then change nothing.
+        let closed = store
+            .apply(vec![
+                (7, Command::CloseSessions { ids: vec![1] }),
+                (8, in_session(put("x"), 1, 3, 3)),
+                (9, in_session(put("x"), 0, 1, 1)),
+            ])
+            .unwrap();
+        assert!(
+            matches!(closed[1], Some(Err(Error::SessionExpired { id: 1 }))),
+            "{closed:?}"
+        );
+        assert!(matches!(
+            closed[2],
+            Some(Err(Error::InvalidArgument { .. }))
+        ));
+        assert_eq!(store.revision(), 2);
+        assert!(store.sessions().unwrap().is_empty());
+        // Sessions need the replicated store: a local commit cannot open one.
+        assert!(
+            store
+                .write_group(vec![(0, Command::OpenSession { ttl_ms: 1 })], None)
+                .unwrap()[0]
+                .is_err()
+        );
+    }
+
     fn put(key: &str) -> TxnRequest {
         TxnRequest {
             success: vec![TxnOp::Put(PutRequest::new(key.as_bytes(), b"v".to_vec()))],
@@ -394,7 +709,11 @@ mod tests {
         {
             let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
             let answers = store
-                .apply(vec![(1, Some(put("a"))), (2, None), (3, Some(put("b")))])
+                .apply(vec![
+                    (1, write(put("a"))),
+                    (2, Command::Noop),
+                    (3, write(put("b"))),
+                ])
                 .unwrap();
             assert!(answers.iter().all(|a| matches!(a, Some(Ok(_)))));
             assert_eq!((store.applied_index(), store.revision()), (3, 2));
@@ -404,10 +723,14 @@ mod tests {
         assert_eq!((store.applied_index(), store.revision()), (3, 2));
         // A crash before the driver learned of the apply replays 2..=4: only 4 is new.
         let answers = store
-            .apply(vec![(2, None), (3, Some(put("b"))), (4, Some(put("c")))])
+            .apply(vec![
+                (2, Command::Noop),
+                (3, write(put("b"))),
+                (4, write(put("c"))),
+            ])
             .unwrap();
         assert!(answers[0].is_none() && answers[1].is_none());
-        assert_eq!(answers[2].as_ref().unwrap().as_ref().unwrap().revision, 3);
+        assert_eq!(txn_answer(&answers[2]).revision, 3);
         let b = engine::execute(
             &store,
             store.revision(),
@@ -430,7 +753,11 @@ mod tests {
         let source_dir = tempfile::tempdir().unwrap();
         let source = SledKvStore::open(source_dir.path(), KvLimits::default()).unwrap();
         source
-            .apply(vec![(1, Some(put("a"))), (2, Some(put("b"))), (3, None)])
+            .apply(vec![
+                (1, write(put("a"))),
+                (2, write(put("b"))),
+                (3, Command::Noop),
+            ])
             .unwrap();
         let (blob, applied) = source.snapshot().unwrap();
         assert_eq!(applied, 3);
@@ -465,7 +792,7 @@ mod tests {
         let answers = store.commit(vec![long.clone()]).unwrap();
         assert!(answers[0].is_err(), "a single-node commit refuses it too");
         // A member with larger limits proposed it and it committed: it must apply here.
-        let applied = store.apply(vec![(1, Some(long))]).unwrap();
+        let applied = store.apply(vec![(1, write(long))]).unwrap();
         assert!(matches!(applied[0], Some(Ok(_))), "{applied:?}");
         assert_eq!(store.revision(), 1);
     }

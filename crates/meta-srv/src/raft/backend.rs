@@ -1,6 +1,7 @@
 //! `RaftKvBackend`: the [`KvBackend`] of a raft member. Writes are proposed and answered
 //! once applied; reads are linearizable through a batched ReadIndex, then served from
-//! the local state machine.
+//! the local state machine. Client sessions (exactly-once writes) are opened, used and
+//! closed here too; the leader's `SessionKeeper` decides when they expire.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common_meta::Error;
 use common_meta::kv::{
-    KvBackend, RangeRequest, RangeResponse, SledKvStore, TxnOp, TxnOpResponse, TxnRequest,
-    TxnResponse,
+    Applied, KvBackend, RangeRequest, RangeResponse, SessionRef, SledKvStore, TxnOp, TxnOpResponse,
+    TxnRequest, TxnResponse,
 };
 use tokio::sync::oneshot;
 
@@ -23,9 +24,17 @@ pub struct RaftKvBackend {
     timeout: Duration,
 }
 
+/// Whether a request can have changed anything, which decides what a lost answer means.
+#[derive(Clone, Copy)]
+enum Kind {
+    Read,
+    Write,
+}
+
 impl RaftKvBackend {
     /// A backend over the driver behind `mailbox` and its state machine `store`;
-    /// requests not answered within `timeout` fail as unavailable.
+    /// requests not answered within `timeout` fail (reads as unavailable, writes as
+    /// outcome unknown).
     pub fn new(mailbox: Mailbox, store: Arc<SledKvStore>, timeout: Duration) -> Self {
         RaftKvBackend {
             mailbox,
@@ -39,24 +48,91 @@ impl RaftKvBackend {
         self.store.revision()
     }
 
+    /// The local state machine.
+    pub fn store(&self) -> &Arc<SledKvStore> {
+        &self.store
+    }
+
     async fn ask<T>(
         &self,
+        kind: Kind,
         command: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
     ) -> Result<T, Error> {
         let (reply, answer) = oneshot::channel();
+        // A refused send proposed nothing: the driver has stopped.
         self.mailbox.send(command(reply))?;
+        let lost = |why: String| match kind {
+            Kind::Read => Error::Unavailable { message: why },
+            Kind::Write => {
+                Error::outcome_unknown(format!("{why}; the write may or may not have been applied"))
+            }
+        };
         match tokio::time::timeout(self.timeout, answer).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Error::Unavailable {
-                message: "the raft driver stopped before answering".to_string(),
-            }),
-            Err(_) => Err(Error::Unavailable {
-                message: format!(
-                    "no answer within {:?} (no quorum?); a write may or may not have been applied",
-                    self.timeout
-                ),
-            }),
+            Ok(Err(_)) => Err(lost("the raft driver stopped before answering".to_string())),
+            // Dropping `answer` here tells the driver, which then no longer proposes the
+            // write if it is still queued.
+            Err(_) => Err(lost(format!(
+                "no answer within {:?} (no quorum?)",
+                self.timeout
+            ))),
         }
+    }
+
+    /// Replicates `command` and returns what applying it answered.
+    async fn propose(&self, command: common_meta::kv::Command) -> Result<Applied, Error> {
+        self.ask(Kind::Write, |reply| Command::Propose { command, reply })
+            .await
+    }
+
+    /// Runs a write transaction as write `session.seq` of a client session: a retry of a
+    /// write already applied gets its first answer and changes nothing.
+    pub async fn txn_in_session(
+        &self,
+        req: TxnRequest,
+        session: Option<SessionRef>,
+    ) -> Result<TxnResponse, Error> {
+        if req.is_read_only() {
+            return self.txn(req).await;
+        }
+        if let Some(session) = &session {
+            session.validate()?;
+        }
+        // Limits are checked once, here, before the entry exists: apply does not check
+        // them, so every member applies it the same way.
+        self.store.check(&req)?;
+        match self
+            .propose(common_meta::kv::Command::Txn { txn: req, session })
+            .await?
+        {
+            Applied::Txn(response) => Ok(response),
+            other => Err(unexpected("a transaction", &other)),
+        }
+    }
+
+    /// Opens a client session living `ttl_ms` without keep-alives; returns its id.
+    pub async fn open_session(&self, ttl_ms: u64) -> Result<u64, Error> {
+        match self
+            .propose(common_meta::kv::Command::OpenSession { ttl_ms })
+            .await?
+        {
+            Applied::SessionOpened { id, .. } => Ok(id),
+            other => Err(unexpected("opening a session", &other)),
+        }
+    }
+
+    /// Ends sessions (their answers are forgotten; later writes in them are refused).
+    pub async fn close_sessions(&self, ids: Vec<u64>) -> Result<(), Error> {
+        self.propose(common_meta::kv::Command::CloseSessions { ids })
+            .await
+            .map(drop)
+    }
+
+    /// Waits until a linearizable read may be served from the local state machine.
+    pub async fn read_barrier(&self) -> Result<(), Error> {
+        self.ask(Kind::Read, |reply| Command::ReadIndex { reply })
+            .await
+            .map(drop)
     }
 
     /// Serves a read from the local state machine without a consensus round trip: it may
@@ -70,6 +146,13 @@ impl RaftKvBackend {
     }
 }
 
+fn unexpected(what: &str, answer: &Applied) -> Error {
+    Error::Remote {
+        code: "Internal".to_string(),
+        message: format!("{what} was answered {answer:?}"),
+    }
+}
+
 #[async_trait]
 impl KvBackend for RaftKvBackend {
     fn name(&self) -> &'static str {
@@ -79,13 +162,10 @@ impl KvBackend for RaftKvBackend {
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, Error> {
         if req.is_read_only() {
             // Linearizable: confirm leadership and wait until the read index is applied.
-            self.ask(|reply| Command::ReadIndex { reply }).await?;
+            self.read_barrier().await?;
             return self.read_local(req).await;
         }
-        // Limits are checked once, here, before the entry exists: apply does not check
-        // them, so every member applies it the same way.
-        self.store.check(&req)?;
-        self.ask(|reply| Command::Propose { txn: req, reply }).await
+        self.txn_in_session(req, None).await
     }
 
     async fn range_serializable(&self, req: RangeRequest) -> Result<RangeResponse, Error> {
@@ -101,5 +181,26 @@ impl KvBackend for RaftKvBackend {
                 message: format!("a local range answered {other:?}"),
             }),
         }
+    }
+}
+
+/// The [`KvBackend`] of one client write: every transaction it runs is write
+/// `session` of that client's session, so the provided methods (put, compare-and-put,
+/// ...) all become exactly-once.
+pub struct SessionWrite<'a> {
+    /// The member's backend.
+    pub backend: &'a RaftKvBackend,
+    /// The session and seq, if the client named one.
+    pub session: Option<SessionRef>,
+}
+
+#[async_trait]
+impl KvBackend for SessionWrite<'_> {
+    fn name(&self) -> &'static str {
+        "raft-session"
+    }
+
+    async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, Error> {
+        self.backend.txn_in_session(req, self.session).await
     }
 }

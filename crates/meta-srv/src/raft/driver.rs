@@ -18,9 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common_meta::Error;
-use common_meta::kv::{SledKvStore, TxnRequest, TxnResponse};
-use meta_proto::v1 as pb;
-use prost::Message as _;
+use common_meta::kv::{self, Applied, SledKvStore};
 use protobuf::Message as _;
 use raft::prelude::{
     ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message,
@@ -79,12 +77,12 @@ impl RaftSettings {
 
 /// What the driver can be asked.
 pub enum Command {
-    /// Replicate and apply a write.
+    /// Replicate and apply a change of the state machine.
     Propose {
-        /// The transaction.
-        txn: TxnRequest,
+        /// The change.
+        command: kv::Command,
         /// Answered with the applied result.
-        reply: Reply<TxnResponse>,
+        reply: Reply<Applied>,
     },
     /// Wait until a linearizable read may be served locally.
     ReadIndex {
@@ -396,7 +394,7 @@ struct Driver {
     /// Snapshots sent to followers, to report a failure if one never arrives.
     snapshots_sent: HashMap<u64, Instant>,
     next_proposal: u64,
-    proposals: HashMap<u64, Reply<TxnResponse>>,
+    proposals: HashMap<u64, Reply<Applied>>,
     conf_proposals: HashMap<u64, Reply<Membership>>,
     next_read: u64,
     /// Reads that arrived this turn; they share one ReadIndex.
@@ -466,7 +464,10 @@ impl Driver {
             });
         }
         self.leader_tx.send_replace(None);
-        self.fail_everything(stopped);
+        self.fail_everything(
+            || Error::outcome_unknown("the raft driver stopped after the write was queued; it may or may not have been applied"),
+            stopped,
+        );
     }
 
     fn is_leader(&self) -> bool {
@@ -488,14 +489,19 @@ impl Driver {
                     tracing::debug!(member = self.id, error = %e, "dropped a raft message");
                 }
             }
-            Command::Propose { txn, reply } => {
+            Command::Propose { command, reply } => {
+                if reply.is_closed() {
+                    // The caller gave up (its deadline passed while this waited in the
+                    // queue): proposing now would apply a write reported as failed.
+                    return;
+                }
                 if !self.is_leader() {
                     let _ = reply.send(Err(self.not_leader()));
                     return;
                 }
                 let id = self.next_proposal;
                 self.next_proposal = self.next_proposal.wrapping_add(1);
-                let data = pb::TxnRequest::from(txn).encode_to_vec();
+                let data = command.encode();
                 match self.node.propose(proposal_context(self.id, id), data) {
                     Ok(()) => {
                         self.proposals.insert(id, reply);
@@ -791,30 +797,20 @@ impl Driver {
                 .filter(|(member, _)| *member == self.id)
                 .map(|(_, proposal)| proposal);
             match entry.get_entry_type() {
-                EntryType::EntryNormal if entry.data.is_empty() => {
-                    // The no-op a new leader appends.
-                    batch.push((entry.index, None));
-                    owners.push(None);
-                }
-                EntryType::EntryNormal => {
-                    let txn = pb::TxnRequest::decode(entry.data.as_ref())
-                        .map_err(|e| Error::invalid_argument(format!("undecodable entry: {e}")))
-                        .and_then(TxnRequest::try_from);
-                    match txn {
-                        Ok(txn) => {
-                            batch.push((entry.index, Some(txn)));
-                            owners.push(owner);
-                        }
-                        Err(e) => {
-                            // Deterministic on every member: the entry changes nothing.
-                            batch.push((entry.index, None));
-                            owners.push(None);
-                            if let Some(reply) = owner.and_then(|id| self.proposals.remove(&id)) {
-                                let _ = reply.send(Err(e));
-                            }
+                EntryType::EntryNormal => match kv::Command::decode(&entry.data) {
+                    Ok(command) => {
+                        batch.push((entry.index, command));
+                        owners.push(owner);
+                    }
+                    Err(e) => {
+                        // Deterministic on every member: the entry changes nothing.
+                        batch.push((entry.index, kv::Command::Noop));
+                        owners.push(None);
+                        if let Some(reply) = owner.and_then(|id| self.proposals.remove(&id)) {
+                            let _ = reply.send(Err(e));
                         }
                     }
-                }
+                },
                 EntryType::EntryConfChange => {
                     let change = ConfChange::parse_from_bytes(&entry.data)
                         .map_err(|e| Error::invalid_argument(format!("bad conf change: {e}")))?;
@@ -831,7 +827,7 @@ impl Driver {
                     if let Some(reply) = owner.and_then(|id| self.conf_proposals.remove(&id)) {
                         let _ = reply.send(Ok(Membership::from(&conf)));
                     }
-                    batch.push((entry.index, None));
+                    batch.push((entry.index, kv::Command::Noop));
                     owners.push(None);
                 }
                 EntryType::EntryConfChangeV2 => {
@@ -839,7 +835,7 @@ impl Driver {
                         .map_err(|e| Error::invalid_argument(format!("bad conf change: {e}")))?;
                     let conf = self.node.apply_conf_change(&change).map_err(raft_error)?;
                     self.log.set_conf_state(&conf).map_err(raft_error)?;
-                    batch.push((entry.index, None));
+                    batch.push((entry.index, kv::Command::Noop));
                     owners.push(None);
                 }
             }
@@ -867,43 +863,57 @@ impl Driver {
         }
     }
 
-    /// A member that is no longer leader fails what it was waiting for: proposals may
-    /// or may not commit under the next leader, reads must be retried there.
+    /// A member that is no longer leader fails what it was waiting for at once:
+    /// proposals may or may not commit under the next leader (outcome unknown); reads,
+    /// including those queued before this term's first commit, were never served and
+    /// go to the leader (not leader, with its id).
     fn fail_if_not_leader(&mut self) {
         if self.is_leader()
             || (self.proposals.is_empty()
                 && self.conf_proposals.is_empty()
+                && self.read_batch.is_empty()
                 && self.reads_by_ctx.is_empty()
                 && self.reads_by_index.is_empty())
         {
             return;
         }
         let leader = self.node.raft.leader_id;
-        self.fail_everything(|| Error::Unavailable {
-            message: format!(
-                "leadership moved{} before the request finished; a write may or may not have been applied",
-                if leader != 0 { format!(" to member {leader}") } else { String::new() }
-            ),
-        });
+        let me = self.id;
+        let moved = if leader != 0 && leader != me {
+            format!(" to member {leader}")
+        } else {
+            String::new()
+        };
+        self.fail_everything(
+            || {
+                Error::outcome_unknown(format!(
+                    "leadership moved{moved} after the write was proposed; it may or may not have been applied"
+                ))
+            },
+            || Error::NotLeader {
+                leader: (leader != 0 && leader != me).then_some(leader),
+            },
+        );
     }
 
-    fn fail_everything(&mut self, error: impl Fn() -> Error) {
+    /// Fails every waiter: writes with `write_error`, reads with `read_error`.
+    fn fail_everything(&mut self, write_error: impl Fn() -> Error, read_error: impl Fn() -> Error) {
         for (_, reply) in self.proposals.drain() {
-            let _ = reply.send(Err(error()));
+            let _ = reply.send(Err(write_error()));
         }
         for (_, reply) in self.conf_proposals.drain() {
-            let _ = reply.send(Err(error()));
+            let _ = reply.send(Err(write_error()));
         }
         for (_, (_, replies)) in self.reads_by_ctx.drain() {
             for reply in replies {
-                let _ = reply.send(Err(error()));
+                let _ = reply.send(Err(read_error()));
             }
         }
         for (_, reply) in self.reads_by_index.drain(..) {
-            let _ = reply.send(Err(error()));
+            let _ = reply.send(Err(read_error()));
         }
         for reply in self.read_batch.drain(..) {
-            let _ = reply.send(Err(error()));
+            let _ = reply.send(Err(read_error()));
         }
     }
 }

@@ -386,12 +386,21 @@ impl Storage for LogStore {
         if high > c.last_index + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let mut entries = Vec::with_capacity((high - low) as usize);
+        // Stop reading at `max_size` (always at least one entry, as raft-rs's
+        // `limit_size`): a lagging follower is sent one message's worth per call, and the
+        // leader must not decode its whole backlog each time (it did, once per read
+        // round's heartbeat, and stalled every client while a restarted member caught up).
+        let max_size = max_size.into().unwrap_or(u64::MAX);
+        let mut entries = Vec::new();
+        let mut size = 0u64;
         for item in self.inner.log.range(low.to_be_bytes()..high.to_be_bytes()) {
             let (_, bytes) = item.map_err(|e| other("reading entries", e))?;
+            size = size.saturating_add(bytes.len() as u64);
+            if !entries.is_empty() && size > max_size {
+                break;
+            }
             entries.push(decode("entry", &bytes)?);
         }
-        raft::util::limit_size(&mut entries, max_size.into());
         Ok(entries)
     }
 
@@ -526,7 +535,11 @@ mod tests {
         assert!(log.compact(3).is_err());
         log.inner
             .store
-            .apply((1..=5).map(|i| (i, None)).collect())
+            .apply(
+                (1..=5)
+                    .map(|i| (i, common_meta::kv::Command::Noop))
+                    .collect(),
+            )
             .unwrap();
         log.compact(3).unwrap();
         assert_eq!(log.first_index().unwrap(), 4);

@@ -1,36 +1,48 @@
 //! The `meta.v1.Store` service: decodes a request, checks its size, calls the
-//! [`KvBackend`], encodes the answer. Every conversion is `common_meta::rpc`'s.
+//! [`KvBackend`], encodes the answer. Every conversion is `common_meta::rpc`'s. A write
+//! that names a client session runs through [`SessionWrite`], so it is exactly-once;
+//! sessions are opened, kept alive and closed through the leader's [`SessionKeeper`].
 
 use std::sync::Arc;
 
-use common_meta::kv::{KvBackend, KvLimits};
+use common_meta::kv::{KvBackend, KvLimits, SessionRef};
 use common_meta::rpc;
 use meta_proto::v1 as pb;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::error::{to_status, to_status_with_hint};
+use crate::error::{not_leader, to_status, to_status_with_hint};
+use crate::raft::backend::{RaftKvBackend, SessionWrite};
+use crate::raft::driver::Mailbox;
 use crate::raft::members::Members;
+use crate::session_keeper::SessionKeeper;
 
-/// Serves the KV API over any backend.
+/// Serves the KV API of a raft member.
 pub struct StoreService {
-    backend: Arc<dyn KvBackend>,
+    backend: RaftKvBackend,
+    sessions: Arc<SessionKeeper>,
+    mailbox: Mailbox,
     member_id: u64,
     limits: KvLimits,
     members: Arc<Members>,
 }
 
 impl StoreService {
-    /// A service answering as `member_id` over `backend`, refusing requests over `limits`;
-    /// `members` maps member ids to addresses for leader hints.
+    /// A service answering as `member_id` over `backend` (whose driver is behind
+    /// `mailbox`) and the leader's `sessions`, refusing requests over `limits`; `members`
+    /// maps member ids to addresses for leader hints.
     pub fn new(
-        backend: Arc<dyn KvBackend>,
+        backend: RaftKvBackend,
+        sessions: Arc<SessionKeeper>,
+        mailbox: Mailbox,
         member_id: u64,
         limits: KvLimits,
         members: Arc<Members>,
     ) -> Self {
         StoreService {
             backend,
+            sessions,
+            mailbox,
             member_id,
             limits,
             members,
@@ -38,8 +50,21 @@ impl StoreService {
     }
 
     /// The status for `err`, with the leader hint for a not-leader answer.
-    fn status(&self, err: common_meta::Error) -> Status {
+    async fn status(&self, err: common_meta::Error) -> Status {
+        if let common_meta::Error::NotLeader { leader: None } = err {
+            // The session keeper knows only that this member does not lead: ask the
+            // driver whom it follows.
+            return not_leader(&self.mailbox, &self.members, self.member_id).await;
+        }
         to_status_with_hint(err, &self.members)
+    }
+
+    /// The backend a write runs on: exactly-once within the session it names, if any.
+    fn write(&self, session: Option<pb::SessionRef>) -> SessionWrite<'_> {
+        SessionWrite {
+            backend: &self.backend,
+            session: session.map(SessionRef::from),
+        }
     }
 
     /// Unwraps a request after checking its encoded size against `max_request_bytes`
@@ -63,12 +88,14 @@ impl pb::store_server::Store for StoreService {
         let req = self.admit(request)?;
         let serializable = req.serializable;
         let req = req.into();
-        let resp = if serializable {
+        let resp = match if serializable {
             self.backend.range_serializable(req).await
         } else {
             self.backend.range(req).await
-        }
-        .map_err(|e| self.status(e))?;
+        } {
+            Ok(resp) => resp,
+            Err(e) => return Err(self.status(e).await),
+        };
         Ok(Response::new(rpc::range_response_to_pb(
             resp,
             self.member_id,
@@ -79,8 +106,12 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        let req = self.admit(request)?.into();
-        let resp = self.backend.put(req).await.map_err(|e| self.status(e))?;
+        let mut req = self.admit(request)?;
+        let backend = self.write(req.session.take());
+        let resp = match backend.put(req.into()).await {
+            Ok(resp) => resp,
+            Err(e) => return Err(self.status(e).await),
+        };
         Ok(Response::new(rpc::put_response_to_pb(resp, self.member_id)))
     }
 
@@ -88,12 +119,12 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
-        let req = self.admit(request)?.into();
-        let resp = self
-            .backend
-            .delete_range(req)
-            .await
-            .map_err(|e| self.status(e))?;
+        let mut req = self.admit(request)?;
+        let backend = self.write(req.session.take());
+        let resp = match backend.delete_range(req.into()).await {
+            Ok(resp) => resp,
+            Err(e) => return Err(self.status(e).await),
+        };
         Ok(Response::new(rpc::delete_range_response_to_pb(
             resp,
             self.member_id,
@@ -105,11 +136,10 @@ impl pb::store_server::Store for StoreService {
         request: Request<pb::BatchGetRequest>,
     ) -> Result<Response<pb::BatchGetResponse>, Status> {
         let req = self.admit(request)?.into();
-        let resp = self
-            .backend
-            .batch_get(req)
-            .await
-            .map_err(|e| self.status(e))?;
+        let resp = match self.backend.batch_get(req).await {
+            Ok(resp) => resp,
+            Err(e) => return Err(self.status(e).await),
+        };
         Ok(Response::new(rpc::batch_get_response_to_pb(
             resp,
             self.member_id,
@@ -120,12 +150,12 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::BatchPutRequest>,
     ) -> Result<Response<pb::BatchPutResponse>, Status> {
-        let req = self.admit(request)?.into();
-        let resp = self
-            .backend
-            .batch_put(req)
-            .await
-            .map_err(|e| self.status(e))?;
+        let mut req = self.admit(request)?;
+        let backend = self.write(req.session.take());
+        let resp = match backend.batch_put(req.into()).await {
+            Ok(resp) => resp,
+            Err(e) => return Err(self.status(e).await),
+        };
         Ok(Response::new(rpc::batch_put_response_to_pb(
             resp,
             self.member_id,
@@ -136,12 +166,12 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::BatchDeleteRequest>,
     ) -> Result<Response<pb::BatchDeleteResponse>, Status> {
-        let req = self.admit(request)?.into();
-        let resp = self
-            .backend
-            .batch_delete(req)
-            .await
-            .map_err(|e| self.status(e))?;
+        let mut req = self.admit(request)?;
+        let backend = self.write(req.session.take());
+        let resp = match backend.batch_delete(req.into()).await {
+            Ok(resp) => resp,
+            Err(e) => return Err(self.status(e).await),
+        };
         Ok(Response::new(rpc::batch_delete_response_to_pb(
             resp,
             self.member_id,
@@ -152,12 +182,12 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::CompareAndPutRequest>,
     ) -> Result<Response<pb::CompareAndPutResponse>, Status> {
-        let req = self.admit(request)?.into();
-        let resp = self
-            .backend
-            .compare_and_put(req)
-            .await
-            .map_err(|e| self.status(e))?;
+        let mut req = self.admit(request)?;
+        let backend = self.write(req.session.take());
+        let resp = match backend.compare_and_put(req.into()).await {
+            Ok(resp) => resp,
+            Err(e) => return Err(self.status(e).await),
+        };
         Ok(Response::new(rpc::compare_and_put_response_to_pb(
             resp,
             self.member_id,
@@ -168,11 +198,57 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
-        let req = self
-            .admit(request)?
-            .try_into()
-            .map_err(|e| self.status(e))?;
-        let resp = self.backend.txn(req).await.map_err(|e| self.status(e))?;
+        let mut req = self.admit(request)?;
+        let backend = self.write(req.session.take());
+        let req = req.try_into().map_err(to_status)?;
+        let resp = match backend.txn(req).await {
+            Ok(resp) => resp,
+            Err(e) => return Err(self.status(e).await),
+        };
         Ok(Response::new(rpc::txn_response_to_pb(resp, self.member_id)))
+    }
+
+    async fn open_session(
+        &self,
+        request: Request<pb::OpenSessionRequest>,
+    ) -> Result<Response<pb::OpenSessionResponse>, Status> {
+        let req = request.into_inner();
+        let (id, ttl) = match self.sessions.open(req.ttl_ms).await {
+            Ok(opened) => opened,
+            Err(e) => return Err(self.status(e).await),
+        };
+        Ok(Response::new(pb::OpenSessionResponse {
+            header: rpc::header(self.member_id, self.backend.local_revision()),
+            id,
+            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    async fn keep_alive_session(
+        &self,
+        request: Request<pb::KeepAliveSessionRequest>,
+    ) -> Result<Response<pb::KeepAliveSessionResponse>, Status> {
+        let id = request.into_inner().id;
+        let ttl = match self.sessions.keep_alive(id) {
+            Ok(ttl) => ttl,
+            Err(e) => return Err(self.status(e).await),
+        };
+        Ok(Response::new(pb::KeepAliveSessionResponse {
+            header: rpc::header(self.member_id, self.backend.local_revision()),
+            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    async fn close_session(
+        &self,
+        request: Request<pb::CloseSessionRequest>,
+    ) -> Result<Response<pb::CloseSessionResponse>, Status> {
+        let id = request.into_inner().id;
+        if let Err(e) = self.sessions.close(id).await {
+            return Err(self.status(e).await);
+        }
+        Ok(Response::new(pb::CloseSessionResponse {
+            header: rpc::header(self.member_id, self.backend.local_revision()),
+        }))
     }
 }

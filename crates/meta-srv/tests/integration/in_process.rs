@@ -108,7 +108,7 @@ async fn oversized_wire_request_is_invalid_argument_naming_the_limit() {
     let status = raw
         .batch_put(pb::BatchPutRequest {
             kvs,
-            prev_kv: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
