@@ -6,6 +6,7 @@
 mod bad_input;
 mod cluster_process;
 mod durability;
+mod exactly_once;
 mod fault;
 mod heartbeat;
 mod in_process;

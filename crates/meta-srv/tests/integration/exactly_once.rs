@@ -1,0 +1,305 @@
+//! Exactly-once writes through meta-client: a reply lost after the write committed is
+//! retried by the client, and the retry gets the first answer instead of applying
+//! again. The reply is lost by a proxy between client and server that swallows the
+//! server's bytes on demand and then breaks the connection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common_meta::kv::{
+    Compare, CompareAndPutRequest, CompareOp, CompareTarget, KvBackend, PutRequest, TxnOp,
+    TxnRequest,
+};
+use meta_client::{MetaClient, MetaClientOptions};
+use meta_proto::v1 as pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::in_process::start;
+use crate::support::{check, wait_until};
+
+/// A TCP proxy to one upstream that can swallow replies and break connections.
+struct ReplyDropper {
+    addr: String,
+    swallow: Arc<AtomicBool>,
+    cut: watch::Sender<u64>,
+}
+
+impl ReplyDropper {
+    async fn start(upstream: String) -> ReplyDropper {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let swallow = Arc::new(AtomicBool::new(false));
+        let (cut, cuts) = watch::channel(0u64);
+        let flag = swallow.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                tokio::spawn(relay(client, server, flag.clone(), cuts.clone()));
+            }
+        });
+        ReplyDropper { addr, swallow, cut }
+    }
+
+    /// From now on the server's bytes are swallowed on every connection.
+    fn swallow_replies(&self) {
+        self.swallow.store(true, Ordering::SeqCst);
+    }
+
+    /// Breaks every open connection and lets later ones through untouched.
+    fn cut_and_heal(&self) {
+        self.swallow.store(false, Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    swallow: Arc<AtomicBool>,
+    mut cuts: watch::Receiver<u64>,
+) {
+    cuts.mark_unchanged();
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let up = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = server_read.read(&mut buf).await {
+            if swallow.load(Ordering::SeqCst) {
+                continue;
+            }
+            if client_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    // Whichever ends first ends the connection: a cut drops both sockets.
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+        _ = cuts.changed() => {}
+    }
+}
+
+fn client(endpoint: &str, session_ttl: Option<Duration>) -> MetaClient {
+    let options = MetaClientOptions {
+        session_ttl,
+        deadline: Duration::from_secs(20),
+        request_timeout: Duration::from_secs(20),
+        ..MetaClientOptions::default()
+    };
+    MetaClient::new(&[endpoint], options).unwrap()
+}
+
+/// Waits until `key` holds `value`, read directly from the server.
+async fn committed(direct: &MetaClient, key: &str, value: &str) -> i64 {
+    wait_until(Duration::from_secs(10), || async {
+        let got = direct
+            .get(key.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let kv = got.ok_or("not written yet")?;
+        check(kv.value == value.as_bytes(), || "another value".into())?;
+        Ok(kv.mod_revision)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cas_whose_reply_was_lost_succeeds_once() {
+    let server = start().await;
+    let proxy = ReplyDropper::start(server.grpc.clone()).await;
+    let direct = client(&server.grpc, None);
+    let through = client(&proxy.addr, Some(Duration::from_secs(30)));
+    // Open the session and the connection before replies are lost.
+    through
+        .put(PutRequest::new(b"warm".to_vec(), b"up".to_vec()))
+        .await
+        .unwrap();
+    assert!(through.session_id().await.is_some());
+
+    tracing::info!("--- the CAS commits, its reply is lost, the client retries");
+    proxy.swallow_replies();
+    let cas = {
+        let through = through.clone();
+        tokio::spawn(async move {
+            through
+                .compare_and_put(CompareAndPutRequest {
+                    key: b"cas".to_vec(),
+                    expect: None,
+                    value: b"mine".to_vec(),
+                })
+                .await
+        })
+    };
+    let revision = committed(&direct, "cas", "mine").await;
+    proxy.cut_and_heal();
+    let answer = tokio::time::timeout(Duration::from_secs(30), cas)
+        .await
+        .expect("the client's retry is answered")
+        .unwrap()
+        .expect("the retried CAS succeeds");
+    assert!(
+        answer.success,
+        "the first answer, not its own write's failed compare"
+    );
+    let now = direct.get(b"cas").await.unwrap().unwrap();
+    assert_eq!(
+        (now.mod_revision, now.version),
+        (revision, 1),
+        "applied once"
+    );
+    let store_revision = direct
+        .range(common_meta::kv::RangeRequest::key(b"none".to_vec()))
+        .await
+        .unwrap()
+        .revision;
+    assert_eq!(store_revision, revision, "the revision moved once");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_txn_without_compares_whose_reply_was_lost_applies_once() {
+    let server = start().await;
+    let proxy = ReplyDropper::start(server.grpc.clone()).await;
+    let direct = client(&server.grpc, None);
+    let through = client(&proxy.addr, Some(Duration::from_secs(30)));
+    through
+        .put(PutRequest::new(b"warm".to_vec(), b"up".to_vec()))
+        .await
+        .unwrap();
+
+    proxy.swallow_replies();
+    let txn = TxnRequest {
+        success: vec![
+            TxnOp::Put(PutRequest::new(b"t/a".to_vec(), b"1".to_vec())),
+            TxnOp::Put(PutRequest::new(b"t/b".to_vec(), b"1".to_vec())),
+        ],
+        ..Default::default()
+    };
+    let sent = {
+        let through = through.clone();
+        tokio::spawn(async move { through.txn(txn).await })
+    };
+    let revision = committed(&direct, "t/b", "1").await;
+    proxy.cut_and_heal();
+    let answer = tokio::time::timeout(Duration::from_secs(30), sent)
+        .await
+        .expect("answered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.revision, revision, "the first answer's revision");
+    let now = direct.get(b"t/a").await.unwrap().unwrap();
+    assert_eq!((now.mod_revision, now.version), (revision, 1));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_session_a_lost_reply_is_reported_as_unknown_not_retried() {
+    let server = start().await;
+    let proxy = ReplyDropper::start(server.grpc.clone()).await;
+    let direct = client(&server.grpc, None);
+    let through = client(&proxy.addr, None);
+    through
+        .put(PutRequest::new(b"warm".to_vec(), b"up".to_vec()))
+        .await
+        .unwrap();
+    assert!(through.session_id().await.is_none());
+
+    proxy.swallow_replies();
+    let txn = TxnRequest {
+        compare: vec![Compare::new(
+            b"plain".to_vec(),
+            CompareOp::Equal,
+            CompareTarget::Version(0),
+        )],
+        success: vec![TxnOp::Put(PutRequest::new(
+            b"plain".to_vec(),
+            b"1".to_vec(),
+        ))],
+        ..Default::default()
+    };
+    let sent = {
+        let through = through.clone();
+        tokio::spawn(async move { through.txn(txn).await })
+    };
+    committed(&direct, "plain", "1").await;
+    proxy.cut_and_heal();
+    let err = tokio::time::timeout(Duration::from_secs(30), sent)
+        .await
+        .expect("answered")
+        .unwrap()
+        .unwrap_err();
+    assert!(err.is_outcome_unknown(), "{err}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_refuse_bad_references_and_expire_when_closed() {
+    let server = start().await;
+    let mut raw = pb::store_client::StoreClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    // A raw client does not retry: wait until the member leads.
+    let opened = wait_until(Duration::from_secs(10), || {
+        let mut raw = raw.clone();
+        async move {
+            raw.open_session(pb::OpenSessionRequest { ttl_ms: 1 })
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| s.message().to_string())
+        }
+    })
+    .await;
+    assert_eq!(opened.ttl_ms, 5_000, "clamped to the shortest TTL");
+    let put = |seq, acked| pb::PutRequest {
+        key: b"s".to_vec(),
+        value: b"v".to_vec(),
+        session: Some(pb::SessionRef {
+            id: opened.id,
+            seq,
+            acked,
+        }),
+        ..Default::default()
+    };
+    let status = raw.put(put(0, 0)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("invalid session reference"));
+    let first = raw.put(put(1, 1)).await.unwrap().into_inner();
+    let again = raw.put(put(1, 1)).await.unwrap().into_inner();
+    assert_eq!(
+        first.header, again.header,
+        "the retry is answered as the first"
+    );
+
+    raw.keep_alive_session(pb::KeepAliveSessionRequest { id: opened.id })
+        .await
+        .unwrap();
+    raw.close_session(pb::CloseSessionRequest { id: opened.id })
+        .await
+        .unwrap();
+    let status = raw.put(put(2, 2)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        status.metadata().get(meta_proto::OUTCOME).unwrap(),
+        meta_proto::OUTCOME_SESSION_EXPIRED
+    );
+    let status = raw
+        .keep_alive_session(pb::KeepAliveSessionRequest { id: opened.id })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    server.shutdown().await;
+}
