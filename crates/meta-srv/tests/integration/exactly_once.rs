@@ -1,97 +1,19 @@
 //! Exactly-once writes through meta-client: a reply lost after the write committed is
 //! retried by the client, and the retry gets the first answer instead of applying
-//! again. The reply is lost by a proxy between client and server that swallows the
-//! server's bytes on demand and then breaks the connection.
+//! again. The reply is lost by a `Front` proxy between client and server that swallows
+//! the server's bytes on demand and then breaks the connection.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::front::Front;
+use crate::in_process::start;
+use crate::support::{check, wait_until};
 use common_meta::kv::{
     Compare, CompareAndPutRequest, CompareOp, CompareTarget, KvBackend, PutRequest, TxnOp,
     TxnRequest,
 };
 use meta_client::{MetaClient, MetaClientOptions};
 use meta_proto::v1 as pb;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-
-use crate::in_process::start;
-use crate::support::{check, wait_until};
-
-/// A TCP proxy to one upstream that can swallow replies and break connections.
-struct ReplyDropper {
-    addr: String,
-    swallow: Arc<AtomicBool>,
-    cut: watch::Sender<u64>,
-}
-
-impl ReplyDropper {
-    async fn start(upstream: String) -> ReplyDropper {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let swallow = Arc::new(AtomicBool::new(false));
-        let (cut, cuts) = watch::channel(0u64);
-        let flag = swallow.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(&upstream).await else {
-                    continue;
-                };
-                tokio::spawn(relay(client, server, flag.clone(), cuts.clone()));
-            }
-        });
-        ReplyDropper { addr, swallow, cut }
-    }
-
-    /// From now on the server's bytes are swallowed on every connection.
-    fn swallow_replies(&self) {
-        self.swallow.store(true, Ordering::SeqCst);
-    }
-
-    /// Breaks every open connection and lets later ones through untouched.
-    fn cut_and_heal(&self) {
-        self.swallow.store(false, Ordering::SeqCst);
-        self.cut.send_modify(|n| *n += 1);
-    }
-}
-
-async fn relay(
-    client: TcpStream,
-    server: TcpStream,
-    swallow: Arc<AtomicBool>,
-    mut cuts: watch::Receiver<u64>,
-) {
-    cuts.mark_unchanged();
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
-    let up = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n @ 1..) = client_read.read(&mut buf).await {
-            if server_write.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-        }
-    };
-    let down = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n @ 1..) = server_read.read(&mut buf).await {
-            if swallow.load(Ordering::SeqCst) {
-                continue;
-            }
-            if client_write.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-        }
-    };
-    // Whichever ends first ends the connection: a cut drops both sockets.
-    tokio::select! {
-        _ = up => {}
-        _ = down => {}
-        _ = cuts.changed() => {}
-    }
-}
 
 fn client(endpoint: &str, session_ttl: Option<Duration>) -> MetaClient {
     let options = MetaClientOptions {
@@ -120,7 +42,8 @@ async fn committed(direct: &MetaClient, key: &str, value: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cas_whose_reply_was_lost_succeeds_once() {
     let server = start().await;
-    let proxy = ReplyDropper::start(server.grpc.clone()).await;
+    let proxy = Front::start();
+    proxy.point_to(Some(server.grpc.clone()));
     let direct = client(&server.grpc, None);
     let through = client(&proxy.addr, Some(Duration::from_secs(30)));
     // Open the session and the connection before replies are lost.
@@ -173,7 +96,8 @@ async fn a_cas_whose_reply_was_lost_succeeds_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_txn_without_compares_whose_reply_was_lost_applies_once() {
     let server = start().await;
-    let proxy = ReplyDropper::start(server.grpc.clone()).await;
+    let proxy = Front::start();
+    proxy.point_to(Some(server.grpc.clone()));
     let direct = client(&server.grpc, None);
     let through = client(&proxy.addr, Some(Duration::from_secs(30)));
     through
@@ -209,7 +133,8 @@ async fn a_txn_without_compares_whose_reply_was_lost_applies_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_session_a_lost_reply_is_reported_as_unknown_not_retried() {
     let server = start().await;
-    let proxy = ReplyDropper::start(server.grpc.clone()).await;
+    let proxy = Front::start();
+    proxy.point_to(Some(server.grpc.clone()));
     let direct = client(&server.grpc, None);
     let through = client(&proxy.addr, None);
     through

@@ -3,8 +3,14 @@
 //! the recorded history must be linearizable, and a final read of every key (after
 //! healing) joins it, so an acknowledged write that was lost fails the check.
 //!
-//! `METASRV_FAULT_SEEDS` sets how many seeds run (default 24); `cargo xtask fault
-//! --seeds N` runs this test in release mode with N seeds. A failure names its seed.
+//! Two kinds of run: clients on the members' `RaftKvBackend`s (they follow the leader
+//! themselves), and clients through `MetaClient` over gRPC to every member's Store
+//! service (sessions on, CAS-heavy), where a write is retried across lost replies and
+//! leader changes: any retry that applied twice or answered wrongly breaks the history.
+//!
+//! `METASRV_FAULT_SEEDS` sets how many seeds each kind runs (default 24 and 12);
+//! `cargo xtask fault --seeds N` runs both in release mode with N seeds. A failure
+//! names its seed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use common_meta::Error;
 use common_meta::kv::{CompareAndPutRequest, KvBackend, PutRequest};
+use meta_client::{MetaClient, MetaClientOptions};
 use meta_srv::raft::backend::RaftKvBackend;
 
 use crate::linearizability::{Call, Op, Outcome, check};
@@ -43,6 +50,15 @@ impl Rng {
 
 type Shared = Arc<Mutex<Cluster>>;
 
+/// How the clients of a run reach the cluster.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Via {
+    /// Each member's `RaftKvBackend`, following the leader by hand.
+    Backends,
+    /// `MetaClient` over gRPC to every member (sessions on).
+    MetaClient,
+}
+
 fn backend(cluster: &Shared, id: u64) -> Option<RaftKvBackend> {
     cluster
         .lock()
@@ -62,9 +78,24 @@ async fn client(
     id: u64,
     leader: Arc<AtomicU64>,
     origin: Instant,
+    via: Via,
 ) -> Vec<Op> {
     let mut rng = Rng(seed ^ (id << 32));
     let mut history = Vec::new();
+    // The value this client last saw per key (`None`: absent).
+    let mut seen: std::collections::HashMap<String, Option<String>> = Default::default();
+    let remote = (via == Via::MetaClient).then(|| {
+        let endpoints = cluster.lock().unwrap().endpoints();
+        let options = MetaClientOptions {
+            deadline: Duration::from_secs(6),
+            // Short, so that a swallowed reply is retried within the run.
+            request_timeout: Duration::from_millis(300),
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(200),
+            ..MetaClientOptions::default()
+        };
+        MetaClient::new(&endpoints, options).unwrap()
+    });
     for n in 0..OPS_PER_CLIENT {
         if origin.elapsed() > RUN {
             break;
@@ -72,17 +103,32 @@ async fn client(
         // Pacing (not synchronisation): spread the operations over the whole run so
         // that they overlap the faults.
         tokio::time::sleep(Duration::from_millis(5 + rng.below(30))).await;
-        let target = leader.load(Ordering::Relaxed);
-        let Some(backend) = backend(&cluster, target) else {
-            leader.store(rng.below(3) + 1, Ordering::Relaxed);
-            tokio::task::yield_now().await;
-            continue;
+        let backend: Arc<dyn KvBackend> = match &remote {
+            Some(client) => Arc::new(client.clone()),
+            None => {
+                let target = leader.load(Ordering::Relaxed);
+                let Some(backend) = backend(&cluster, target) else {
+                    leader.store(rng.below(3) + 1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                    continue;
+                };
+                Arc::new(backend)
+            }
         };
         let key = format!("k{}", rng.below(KEYS));
         let value = format!("c{id}-{n}");
-        let call = match rng.below(3) {
+        // Through the client, three in five calls are compare-and-puts: the writes a
+        // double apply or a wrong retried answer shows up in.
+        let kinds = if remote.is_some() { 5 } else { 3 };
+        let call = match rng.below(kinds) {
             0 => Call::Put(value.clone()),
             1 => Call::Get,
+            // Through the client, a read-modify-write: expect what this client last saw
+            // (so most succeed, and a retry applied twice would fail its compare).
+            _ if remote.is_some() && rng.below(4) > 0 => Call::Cas {
+                expect: seen.get(&key).cloned().flatten(),
+                new: value.clone(),
+            },
             _ => Call::Cas {
                 expect: (rng.below(4) > 0)
                     .then(|| format!("c{}-{}", rng.below(CLIENTS), rng.below(n + 1))),
@@ -123,6 +169,15 @@ async fn client(
                 Outcome::Unknown
             }
         };
+        match (&call, &outcome) {
+            (Call::Put(v), Outcome::Put) | (Call::Cas { new: v, .. }, Outcome::Cas(true)) => {
+                seen.insert(key.clone(), Some(v.clone()));
+            }
+            (_, Outcome::Get(v)) => {
+                seen.insert(key.clone(), v.clone());
+            }
+            _ => {}
+        }
         history.push(Op {
             key,
             call,
@@ -134,15 +189,32 @@ async fn client(
     history
 }
 
-async fn nemesis(cluster: Shared, seed: u64, origin: Instant) {
+async fn nemesis(cluster: Shared, seed: u64, origin: Instant, via: Via) {
     let mut rng = Rng(seed);
     let mut killed: Option<u64> = None;
+    // Through the client, two more faults: a member's replies are swallowed (its writes
+    // commit, their answers are lost), then its connections break and the clients retry.
+    let kinds = if via == Via::MetaClient { 9 } else { 6 };
     while origin.elapsed() < RUN {
         let pause = Duration::from_millis(50 + rng.below(100));
         tokio::time::sleep(pause).await;
         let member = rng.below(3) + 1;
         let mut c = cluster.lock().unwrap();
-        match rng.below(6) {
+        match rng.below(kinds) {
+            6 | 8 => {
+                // The leader's, where writes commit: their answers are lost.
+                let leading = c
+                    .members
+                    .iter()
+                    .find(|(_, m)| m.node.leadership().borrow().is_some())
+                    .map_or(member, |(id, _)| *id);
+                c.front(leading).unwrap().swallow_replies();
+            }
+            7 => {
+                for id in 1..=3 {
+                    c.front(id).unwrap().cut_and_heal();
+                }
+            }
             0 => c.router.isolate(member),
             1 => c.router.heal(),
             2 if killed.is_none() => {
@@ -162,6 +234,11 @@ async fn nemesis(cluster: Shared, seed: u64, origin: Instant) {
     }
     let mut c = cluster.lock().unwrap();
     c.router.heal();
+    for id in 1..=3 {
+        if let Some(front) = c.front(id) {
+            front.cut_and_heal();
+        }
+    }
     if let Some(id) = killed {
         c.start(id);
     }
@@ -192,15 +269,28 @@ async fn agreed_leader(cluster: &Shared) -> u64 {
     .await
 }
 
-async fn run_seed(seed: u64) -> Result<(), String> {
-    let cluster: Shared = Arc::new(Mutex::new(Cluster::with_options(3, (200, 50), TICK)));
+async fn run_seed(seed: u64, via: Via) -> Result<(), String> {
+    let cluster = match via {
+        Via::Backends => Cluster::with_options(3, (200, 50), TICK),
+        Via::MetaClient => Cluster::serving(3, (200, 50), TICK),
+    };
+    let cluster: Shared = Arc::new(Mutex::new(cluster));
     let first = agreed_leader(&cluster).await;
     let leader = Arc::new(AtomicU64::new(first));
     let origin = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|id| tokio::spawn(client(cluster.clone(), seed, id, leader.clone(), origin)))
+        .map(|id| {
+            tokio::spawn(client(
+                cluster.clone(),
+                seed,
+                id,
+                leader.clone(),
+                origin,
+                via,
+            ))
+        })
         .collect();
-    nemesis(cluster.clone(), seed, origin).await;
+    nemesis(cluster.clone(), seed, origin, via).await;
     let mut history = Vec::new();
     for c in clients {
         history.extend(c.await.map_err(|e| e.to_string())?);
@@ -230,7 +320,7 @@ async fn run_seed(seed: u64) -> Result<(), String> {
         .filter(|op| op.outcome != Outcome::Unknown)
         .count();
     eprintln!(
-        "seed {seed}: {} operations, {acked} acknowledged",
+        "seed {seed} ({via:?}): {} operations, {acked} acknowledged",
         history.len()
     );
     if acked < 10 {
@@ -241,21 +331,31 @@ async fn run_seed(seed: u64) -> Result<(), String> {
     check(&history)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn randomized_faults_keep_histories_linearizable() {
+/// Runs `default` seeds (or `METASRV_FAULT_SEEDS`) from `METASRV_FAULT_BASE_SEED`.
+async fn run_seeds(via: Via, default: u64) {
     let seeds: u64 = std::env::var("METASRV_FAULT_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(24);
+        .unwrap_or(default);
     let base: u64 = std::env::var("METASRV_FAULT_BASE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     for seed in base..base + seeds {
-        if let Err(e) = run_seed(seed).await {
+        if let Err(e) = run_seed(seed, via).await {
             panic!(
-                "seed {seed} failed (rerun with METASRV_FAULT_BASE_SEED={seed} METASRV_FAULT_SEEDS=1): {e}"
+                "seed {seed} ({via:?}) failed (rerun with METASRV_FAULT_BASE_SEED={seed} METASRV_FAULT_SEEDS=1): {e}"
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_faults_keep_histories_linearizable() {
+    run_seeds(Via::Backends, 24).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_faults_through_meta_client_keep_histories_linearizable() {
+    run_seeds(Via::MetaClient, 12).await;
 }

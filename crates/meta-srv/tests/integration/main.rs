@@ -8,6 +8,7 @@ mod cluster_process;
 mod durability;
 mod exactly_once;
 mod fault;
+mod front;
 mod heartbeat;
 mod in_process;
 mod linearizability;

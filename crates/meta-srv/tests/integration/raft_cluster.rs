@@ -14,7 +14,10 @@ use meta_srv::raft::driver::{
 };
 use meta_srv::raft::members::Members;
 use meta_srv::raft::transport::LocalRouter;
+use meta_srv::service::store::StoreService;
+use meta_srv::session_keeper::SessionKeeper;
 
+use crate::front::Front;
 use crate::support::{check, wait_until};
 
 /// Longest a leader election may take here: election timeouts are 1-2 s (10-20 ticks of
@@ -37,7 +40,17 @@ pub struct Cluster {
     voters: Vec<u64>,
     dbs: BTreeMap<u64, sled::Db>,
     pub members: BTreeMap<u64, Member>,
+    /// Members' Store services, when clients reach them through meta-client.
+    serving: Option<Serving>,
     _root: tempfile::TempDir,
+}
+
+/// Each member's `meta.v1.Store` service (a new server per incarnation) behind a
+/// [`Front`] whose address stays the same across restarts.
+struct Serving {
+    fronts: BTreeMap<u64, Front>,
+    members: Arc<Members>,
+    stops: BTreeMap<u64, tokio::sync::watch::Sender<bool>>,
 }
 
 impl Cluster {
@@ -60,12 +73,53 @@ impl Cluster {
             dbs: BTreeMap::new(),
             voters,
             members: BTreeMap::new(),
+            serving: None,
             _root: root,
         };
         for id in cluster.voters.clone() {
             cluster.start(id);
         }
         cluster
+    }
+
+    /// A cluster like [`Cluster::with_options`] whose members also serve the Store API
+    /// (sessions included), each behind a stable address: see [`Cluster::endpoints`].
+    /// Must be called inside a tokio runtime.
+    pub fn serving(size: u64, compaction: (u64, u64), tick: Duration) -> Cluster {
+        let fronts: BTreeMap<u64, Front> = (1..=size).map(|id| (id, Front::start())).collect();
+        let addrs = fronts.iter().map(|(id, f)| (*id, f.addr.clone())).collect();
+        let mut cluster = Cluster {
+            router: Arc::new(LocalRouter::default()),
+            compaction,
+            tick,
+            dbs: BTreeMap::new(),
+            voters: (1..=size).collect(),
+            members: BTreeMap::new(),
+            serving: Some(Serving {
+                fronts,
+                members: Arc::new(Members::in_memory(addrs)),
+                stops: BTreeMap::new(),
+            }),
+            _root: tempfile::tempdir().unwrap(),
+        };
+        for id in cluster.voters.clone() {
+            cluster.start(id);
+        }
+        cluster
+    }
+
+    /// The members' stable Store addresses (empty unless made by [`Cluster::serving`]).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.serving
+            .iter()
+            .flat_map(|s| s.fronts.values().map(|f| f.addr.clone()))
+            .collect()
+    }
+
+    /// The proxy in front of member `id`'s Store service (clusters made by
+    /// [`Cluster::serving`] only).
+    pub fn front(&self, id: u64) -> Option<&Front> {
+        self.serving.as_ref().and_then(|s| s.fronts.get(&id))
     }
 
     pub fn start(&mut self, id: u64) {
@@ -98,13 +152,26 @@ impl Cluster {
         self.router.register(id, node.mailbox());
         // 5 s at the default 100 ms tick: long enough for an election or two.
         let backend = RaftKvBackend::new(node.mailbox(), store, self.tick * 50);
+        if let Some(serving) = &mut self.serving {
+            let (addr, stop) = serve_store(id, &node, backend.clone(), serving.members.clone());
+            serving.fronts[&id].point_to(Some(addr));
+            serving.stops.insert(id, stop);
+        }
         self.members.insert(id, Member { node, backend });
     }
 
-    /// Stops member `id`: its driver ends and it leaves the router.
+    /// Stops member `id`: its driver ends and it leaves the router; its Store service
+    /// stops and its clients' connections break.
     pub fn kill(&mut self, id: u64) {
         self.router.unregister(id);
         self.members.remove(&id);
+        if let Some(serving) = &mut self.serving {
+            serving.fronts[&id].point_to(None);
+            serving.fronts[&id].cut_and_heal();
+            if let Some(stop) = serving.stops.remove(&id) {
+                let _ = stop.send(true);
+            }
+        }
     }
 
     pub fn backend(&self, id: u64) -> &RaftKvBackend {
@@ -161,6 +228,46 @@ impl Cluster {
         })
         .await;
     }
+}
+
+/// Serves member `id`'s Store API on an ephemeral port until the returned sender says
+/// stop; returns the address.
+fn serve_store(
+    id: u64,
+    node: &RaftNode,
+    backend: RaftKvBackend,
+    members: Arc<Members>,
+) -> (String, tokio::sync::watch::Sender<bool>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let keeper = Arc::new(SessionKeeper::new(backend.clone(), node.leadership()));
+    let sweeper = keeper.clone();
+    let sweep_until = stopped.clone();
+    tokio::spawn(async move { sweeper.run(sweep_until).await });
+    let mut until = stopped;
+    let service = StoreService::new(
+        backend,
+        keeper,
+        node.mailbox(),
+        id,
+        KvLimits::default(),
+        members,
+    );
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(meta_proto::v1::store_server::StoreServer::new(service))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async move {
+                    let _ = until.wait_for(|s| *s).await;
+                },
+            )
+            .await;
+    });
+    (addr, stop)
 }
 
 /// Writes `{prefix}{i:03}` = `value(i)` for each `i` of `range`, all acknowledged.
