@@ -127,12 +127,16 @@ impl Error {
     }
 
     /// A copy of a storage error for each writer of a group that failed together.
-    /// Only storage errors are shared that way; anything else becomes its message.
+    /// Storage errors and unknown outcomes are shared that way; anything else becomes its
+    /// message.
     pub(crate) fn clone_for_group(&self) -> Self {
         match self {
             Error::Storage { context, source } => Error::Storage {
                 context: context.clone(),
                 source: source.clone(),
+            },
+            Error::OutcomeUnknown { message } => Error::OutcomeUnknown {
+                message: message.clone(),
             },
             other => Error::TaskJoin(other.to_string()),
         }

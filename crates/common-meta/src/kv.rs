@@ -267,6 +267,45 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_fsync_stops_the_sled_backend_until_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let backend = SledKvBackend::open(dir.path(), KvLimits::default()).unwrap();
+            backend
+                .put(PutRequest::new(b"acked".to_vec(), b"1".to_vec()))
+                .await
+                .unwrap();
+            backend.fail_next_flush();
+            let err = backend
+                .put(PutRequest::new(b"unsure".to_vec(), b"2".to_vec()))
+                .await
+                .unwrap_err();
+            assert!(err.is_outcome_unknown(), "{err}");
+            // Poisoned: neither the unsure write nor anything else is served any more.
+            for err in [
+                backend.get(b"unsure").await.unwrap_err(),
+                backend
+                    .put(PutRequest::new(b"later".to_vec(), b"3".to_vec()))
+                    .await
+                    .unwrap_err(),
+            ] {
+                assert!(
+                    err.to_string().contains("stopped after failing to persist"),
+                    "{err}"
+                );
+                assert!(matches!(err, Error::Unavailable { .. }), "{err}");
+            }
+        }
+        let backend = SledKvBackend::open(dir.path(), KvLimits::default()).unwrap();
+        assert_eq!(
+            backend.get(b"acked").await.unwrap().unwrap().value,
+            b"1",
+            "acknowledged writes survive"
+        );
+        assert!(backend.get(b"later").await.unwrap().is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sled_backend_keeps_data_and_revision_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let written = {

@@ -83,6 +83,16 @@ pub enum Error {
     #[error(transparent)]
     Meta(#[from] common_meta::Error),
 
+    /// The raft member failed (a storage error, an fsync failure, a panic) and the
+    /// server stopped rather than answer from state it cannot trust or persist.
+    #[error(
+        "the member failed and stopped: {reason}; check the data directory's disk, then restart"
+    )]
+    Failed {
+        /// What failed.
+        reason: String,
+    },
+
     /// A server task failed.
     #[error("{what} server failed: {message}")]
     Serve {

@@ -17,6 +17,8 @@ use crate::raft::members::Members;
 
 /// What the handlers read.
 pub struct HttpState {
+    /// The raft driver's failure, once it has failed.
+    pub failure: tokio::sync::watch::Receiver<Option<String>>,
     /// This member's id.
     pub member_id: u64,
     /// The cluster's id.
@@ -52,12 +54,15 @@ pub struct NodeEntry {
 /// The body of `GET /health`.
 #[derive(Debug, Serialize)]
 pub struct Health {
-    /// Always `"ok"` when the server answers.
+    /// `"ok"`, or `"failed"` once the member cannot go on.
     pub status: &'static str,
     /// This member's id.
     pub member_id: u64,
     /// The local store revision.
     pub revision: i64,
+    /// Why the member failed, when it has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One member in `GET /status`.
@@ -103,12 +108,24 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .with_state(state)
 }
 
-async fn health(State(state): State<Arc<HttpState>>) -> Json<Health> {
-    Json(Health {
-        status: "ok",
-        member_id: state.member_id,
-        revision: state.store.revision(),
-    })
+/// 200 while the member works; 503 with the reason once it has failed (it is then
+/// about to exit: a load balancer or supervisor must not keep sending it work).
+async fn health(State(state): State<Arc<HttpState>>) -> (StatusCode, Json<Health>) {
+    let failure = state.failure.borrow().clone();
+    let code = if failure.is_some() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (
+        code,
+        Json(Health {
+            status: if failure.is_some() { "failed" } else { "ok" },
+            member_id: state.member_id,
+            revision: state.store.revision(),
+            reason: failure,
+        }),
+    )
 }
 
 async fn status(

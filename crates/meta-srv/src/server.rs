@@ -259,6 +259,11 @@ impl MetaSrv {
         self.plane.clone()
     }
 
+    /// The queue of this member's raft driver (status, and fault injection in tests).
+    pub fn raft_mailbox(&self) -> crate::raft::driver::Mailbox {
+        self.node.mailbox()
+    }
+
     /// The leader-only procedure manager of this member.
     pub fn procedures(&self) -> Arc<ProcedureHost> {
         self.procedures.clone()
@@ -268,9 +273,20 @@ impl MetaSrv {
     /// member and returns.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_tx = Arc::new(stop_tx);
+        let on_shutdown = stop_tx.clone();
         tokio::spawn(async move {
             shutdown.await;
-            let _ = stop_tx.send(true);
+            let _ = on_shutdown.send(true);
+        });
+        // Fail-stop: a driver that failed (storage, panic) stops the whole server, which
+        // then returns the failure (the binary exits non-zero).
+        let mut failure = self.node.failure();
+        let on_failure = stop_tx.clone();
+        tokio::spawn(async move {
+            if failure.wait_for(Option::is_some).await.is_ok() {
+                let _ = on_failure.send(true);
+            }
         });
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             // An error means the sender is gone, which also means stop.
@@ -349,6 +365,7 @@ impl MetaSrv {
                 stopped(stop_rx.clone()),
             );
         let router = http::router(Arc::new(HttpState {
+            failure: self.node.failure(),
             member_id,
             cluster_id: self.cluster_id,
             store: self.store.clone(),
@@ -368,6 +385,20 @@ impl MetaSrv {
             "meta-srv serving"
         );
         let (grpc, http) = tokio::join!(grpc, http);
+        let failed = self.node.failure().borrow().clone();
+        if let Some(reason) = failed {
+            // Leave the storage as it is: sled flushes when its last handle drops, and a
+            // flush on a full or broken disk waits forever. The caller exits.
+            std::mem::forget((
+                self.node,
+                self.store,
+                self.backend,
+                self.plane,
+                self.procedures,
+                self.members,
+            ));
+            return Err(Error::Failed { reason });
+        }
         drop(self.procedures);
         // Stop the driver (it joins its thread) off the reactor.
         let node = self.node;

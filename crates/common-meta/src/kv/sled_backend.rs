@@ -10,11 +10,17 @@
 //! **Durability contract:** a write is acknowledged only after the flush of a batch that
 //! contains it returned. A concurrent reader may observe a group whose flush is still in
 //! progress; none of its writers has been acknowledged yet. If the batch or the flush
-//! fails, every writer of the group gets the error.
+//! fails, every writer of the group gets the error (an unknown outcome when the flush
+//! failed: the group may or may not be on disk).
+//!
+//! **Fail-stop:** after a failed batch or flush the backend is poisoned: what sled holds
+//! in memory may be ahead of the disk, so it answers nothing more (reads included, so
+//! that no one sees a write reported failed) and every later call fails as unavailable
+//! with the reason. Reopening the directory recovers what is on disk.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
@@ -33,6 +39,47 @@ pub const MAX_GROUP: usize = 1024;
 pub struct SledKvBackend {
     store: Arc<SledKvStore>,
     writer: Arc<Writer>,
+    health: Arc<Health>,
+}
+
+/// Whether the backend may still answer; see "Fail-stop" in the module doc.
+#[derive(Debug, Default)]
+struct Health {
+    poisoned: OnceLock<String>,
+    /// Fault injection: the next flush fails.
+    #[cfg(any(test, feature = "testing"))]
+    fail_next_flush: std::sync::atomic::AtomicBool,
+}
+
+impl Health {
+    fn check(&self) -> Result<()> {
+        match self.poisoned.get() {
+            None => Ok(()),
+            Some(reason) => Err(Error::Unavailable {
+                message: format!(
+                    "the store stopped after failing to persist ({reason}); reopen it to recover what is on disk"
+                ),
+            }),
+        }
+    }
+
+    fn poison(&self, reason: &Error) {
+        let _ = self.poisoned.set(reason.to_string());
+    }
+
+    fn flush(&self, store: &SledKvStore) -> Result<()> {
+        #[cfg(any(test, feature = "testing"))]
+        if self
+            .fail_next_flush
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(Error::Io {
+                context: "flushing writes to disk (injected)".to_string(),
+                source: std::io::Error::other("injected fsync failure"),
+            });
+        }
+        store.flush()
+    }
 }
 
 /// One transaction waiting for the committer, and where its answer goes.
@@ -69,9 +116,11 @@ impl SledKvBackend {
         let store = Arc::new(SledKvStore::open(path, limits)?);
         let (queue, jobs) = mpsc::channel();
         let committer = Arc::clone(&store);
+        let health = Arc::new(Health::default());
+        let committer_health = Arc::clone(&health);
         let thread = std::thread::Builder::new()
             .name("sled-committer".to_string())
-            .spawn(move || commit_loop(&committer, &jobs))
+            .spawn(move || commit_loop(&committer, &committer_health, &jobs))
             .map_err(|source| Error::Io {
                 context: "starting the sled committer thread".to_string(),
                 source,
@@ -82,7 +131,16 @@ impl SledKvBackend {
                 queue: Some(queue),
                 thread: Some(thread),
             }),
+            health,
         })
+    }
+
+    /// Makes the next flush fail as a broken disk's fsync would (fault-injection tests).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn fail_next_flush(&self) {
+        self.health
+            .fail_next_flush
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The current store revision.
@@ -92,7 +150,7 @@ impl SledKvBackend {
 }
 
 /// The committer thread: groups queued writes, one batch and one fsync per group.
-fn commit_loop(store: &SledKvStore, jobs: &mpsc::Receiver<WriteJob>) {
+fn commit_loop(store: &SledKvStore, health: &Health, jobs: &mpsc::Receiver<WriteJob>) {
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -103,9 +161,18 @@ fn commit_loop(store: &SledKvStore, jobs: &mpsc::Receiver<WriteJob>) {
         }
         let (txns, replies): (Vec<_>, Vec<_>) =
             group.into_iter().map(|job| (job.txn, job.reply)).unzip();
-        let committed = store
-            .commit(txns)
-            .and_then(|answers| store.flush().map(|()| answers));
+        if let Err(e) = health.check() {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone_for_group()));
+            }
+            continue;
+        }
+        let committed = match store.commit(txns) {
+            Ok(answers) => health.flush(store).map(|()| answers).map_err(|e| {
+                Error::outcome_unknown(format!("{e}; the write may or may not be on disk"))
+            }),
+            Err(e) => Err(e),
+        };
         match committed {
             Ok(answers) => {
                 for (reply, answer) in replies.into_iter().zip(answers) {
@@ -114,7 +181,8 @@ fn commit_loop(store: &SledKvStore, jobs: &mpsc::Receiver<WriteJob>) {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "committing a write group failed");
+                tracing::error!(error = %e, "persisting a write group failed; the store stops answering");
+                health.poison(&e);
                 for reply in replies {
                     let _ = reply.send(Err(e.clone_for_group()));
                 }
@@ -130,6 +198,7 @@ impl KvBackend for SledKvBackend {
     }
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
+        self.health.check()?;
         if req.is_read_only() {
             // Inline: a read never fsyncs and sled serves it from its page cache; the
             // blocking pool's hand-off costs more than the rare cold read it would hide.

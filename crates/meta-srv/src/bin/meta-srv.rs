@@ -123,7 +123,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         server.http_addr()
     )?;
     stdout.flush()?;
-    server.serve(shutdown_signal()).await?;
+    match server.serve(shutdown_signal()).await {
+        Err(e @ meta_srv::Error::Failed { .. }) => {
+            // Fail-stop: exit now. Dropping the runtime and the database would wait on
+            // blocked storage work, and flush a store that can no longer be trusted.
+            eprintln!("error: {e}");
+            std::process::exit(i32::from(EXIT_FAILURE));
+        }
+        other => other?,
+    }
     Ok(())
 }
 

@@ -108,8 +108,19 @@ pub enum Command {
         /// Answered with the configuration once the change is applied.
         reply: Reply<Membership>,
     },
+    /// Make the driver fail as a broken disk or a bug would (fault-injection tests).
+    InjectFault(Fault),
     /// Stop the driver (pending requests fail as unavailable).
     Stop,
+}
+
+/// A failure the driver can be made to suffer, to test that a member fails stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The log store's next write fails (as on a full or broken disk).
+    StorageError,
+    /// The driver thread panics (as a raft-rs `fatal!` or a bug would).
+    Panic,
 }
 
 /// One configuration change.
@@ -213,6 +224,7 @@ pub struct RaftNode {
     mailbox: Mailbox,
     thread: Option<JoinHandle<()>>,
     leadership: tokio::sync::watch::Receiver<Option<u64>>,
+    failure: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 impl RaftNode {
@@ -253,6 +265,8 @@ impl RaftNode {
         }
         let (queue, inbox) = mpsc::channel();
         let (leader_tx, leadership) = tokio::sync::watch::channel(None);
+        let leader_tx = Arc::new(leader_tx);
+        let (failure_tx, failure) = tokio::sync::watch::channel(None);
         let clock_ids = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
@@ -275,11 +289,36 @@ impl RaftNode {
             read_batch: Vec::new(),
             reads_by_ctx: HashMap::new(),
             reads_by_index: Vec::new(),
-            leader_tx,
+            leader_tx: leader_tx.clone(),
+            injected: None,
         };
         let thread = std::thread::Builder::new()
             .name(format!("raft-{}", settings.id))
-            .spawn(move || driver.run())
+            .spawn(move || {
+                // Fail-stop: a storage error ends `run` with its reason, a panic (a bug,
+                // or raft-rs's `fatal!`) unwinds to here. Either way this member must not
+                // look alive: nobody leads here any more, and the failure is published
+                // for the server to exit on. Waiters of a panicked driver see their
+                // answer channels dropped (an unknown outcome for writes).
+                let id = driver.id;
+                let reason =
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| driver.run())) {
+                        Ok(reason) => reason,
+                        Err(panic) => Some(format!(
+                            "the raft driver panicked: {}",
+                            panic
+                                .downcast_ref::<&str>()
+                                .map(|s| (*s).to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "(no message)".to_string())
+                        )),
+                    };
+                leader_tx.send_replace(None);
+                if let Some(reason) = reason {
+                    tracing::error!(member = id, %reason, "raft member failed and stops");
+                    failure_tx.send_replace(Some(reason));
+                }
+            })
             .map_err(|source| Error::Io {
                 context: "starting the raft driver thread".to_string(),
                 source,
@@ -288,6 +327,7 @@ impl RaftNode {
             mailbox: Mailbox { queue },
             thread: Some(thread),
             leadership,
+            failure,
         })
     }
 
@@ -306,6 +346,12 @@ impl RaftNode {
     /// Asks for the current status.
     pub async fn status(&self) -> Result<RaftStatus, Error> {
         self.mailbox.status().await
+    }
+
+    /// `Some(reason)` once the driver has failed (a storage error or a panic): the member
+    /// cannot go on and its process must stop. Stays `None` through a clean stop.
+    pub fn failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.failure.clone()
     }
 }
 
@@ -404,11 +450,14 @@ struct Driver {
     /// Reads waiting for the state machine to apply their index.
     reads_by_index: Vec<(u64, Reply<u64>)>,
     /// Publishes the term this member leads in, if it leads.
-    leader_tx: tokio::sync::watch::Sender<Option<u64>>,
+    leader_tx: Arc<tokio::sync::watch::Sender<Option<u64>>>,
+    /// A fault to suffer at the next chance (fault-injection tests).
+    injected: Option<Fault>,
 }
 
 impl Driver {
-    fn run(mut self) {
+    /// Runs until stopped (`None`) or until this member cannot go on (`Some(reason)`).
+    fn run(mut self) -> Option<String> {
         let mut next_tick = Instant::now() + self.tick;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
@@ -447,10 +496,22 @@ impl Driver {
                     break;
                 }
             }
+            if self.injected == Some(Fault::StorageError) {
+                failed = Some(Error::Unavailable {
+                    message: "injected storage failure".to_string(),
+                });
+            }
             if let Some(e) = failed {
-                // Storage failed: this member cannot go on safely. Stop answering.
-                tracing::error!(member = self.id, error = %e, "raft driver stopped on a storage error");
-                break;
+                // Storage failed: what is on disk is unknown, so this member cannot go
+                // on safely. Stop answering; the server exits on the published failure.
+                self.leader_tx.send_replace(None);
+                self.fail_everything(
+                    || Error::outcome_unknown("the member failed to persist after the write was queued; it may or may not have been applied"),
+                    || Error::Unavailable {
+                        message: "the member failed to persist and stopped".to_string(),
+                    },
+                );
+                return Some(format!("storage failed: {e}"));
             }
             self.fail_if_not_leader();
             // Leading means: leader, and the term has a committed entry (before that a
@@ -468,6 +529,7 @@ impl Driver {
             || Error::outcome_unknown("the raft driver stopped after the write was queued; it may or may not have been applied"),
             stopped,
         );
+        None
     }
 
     fn is_leader(&self) -> bool {
@@ -557,6 +619,8 @@ impl Driver {
                     }
                 }
             }
+            Command::InjectFault(Fault::Panic) => panic!("injected panic"),
+            Command::InjectFault(fault) => self.injected = Some(fault),
             // Handled by the loop before dispatch.
             Command::Stop => {}
         }

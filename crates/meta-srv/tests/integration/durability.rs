@@ -1,4 +1,5 @@
-//! Acknowledged writes survive `kill -9` of the real binary.
+//! Acknowledged writes survive `kill -9` of the real binary, and a full disk stops it
+//! (fail-stop) without losing any.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -6,7 +7,7 @@ use std::time::Duration;
 use common_meta::kv::{KvBackend, PutRequest, RangeRequest};
 use meta_client::{MetaClient, MetaClientOptions};
 
-use crate::support::ServerProcess;
+use crate::support::{ServerProcess, run_bounded};
 
 const KEYS: usize = 1000;
 const WRITERS: usize = 16;
@@ -62,4 +63,114 @@ async fn acknowledged_writes_survive_kill_9() {
     tracing::info!("--- SIGTERM stops it cleanly");
     let status = server.terminate(Duration::from_secs(20));
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+}
+
+/// A small tmpfs mounted for one test, unmounted (lazily, so a process still holding
+/// it cannot block that) when dropped.
+struct SmallDisk {
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::create_dir(&path).unwrap();
+        let mut mount = std::process::Command::new("mount");
+        mount
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size}"))
+            .arg("tmpfs")
+            .arg(&path);
+        let (status, _, err) = run_bounded(mount, Duration::from_secs(10));
+        assert!(
+            status.success(),
+            "this test mounts a small tmpfs and needs root: {err}"
+        );
+        SmallDisk { path, _dir: dir }
+    }
+
+    fn resize(&self, size: &str) {
+        let mut remount = std::process::Command::new("mount");
+        remount
+            .args(["-o"])
+            .arg(format!("remount,size={size}"))
+            .arg(&self.path);
+        let (status, _, err) = run_bounded(remount, Duration::from_secs(10));
+        assert!(status.success(), "remount: {err}");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_the_member_and_loses_no_acknowledged_write() {
+    let disk = SmallDisk::mount("8m");
+    let data = disk.path.join("data");
+    let server = ServerProcess::start(&data);
+    let options = MetaClientOptions {
+        deadline: Duration::from_secs(5),
+        ..MetaClientOptions::default()
+    };
+    let client = MetaClient::new(&[&server.grpc], options.clone()).unwrap();
+
+    tracing::info!("--- puts fill the disk until the member fails");
+    let value = vec![b'x'; 64 * 1024];
+    let mut acked = Vec::new();
+    let mut failure = None;
+    for i in 0..1000 {
+        let key = format!("full/{i:04}");
+        match client
+            .put(PutRequest::new(key.clone(), value.clone()))
+            .await
+        {
+            Ok(_) => acked.push(key),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let failure = failure.expect("8 MiB fill up before 64 MiB were written");
+    assert!(acked.len() > 5, "some writes fit: {}", acked.len());
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .expect("a member that cannot persist exits by itself");
+    assert!(
+        !status.success(),
+        "it exits non-zero: {status:?} (after: {failure})"
+    );
+
+    tracing::info!("--- with room again, every acknowledged write is there");
+    disk.resize("256m");
+    let server = ServerProcess::start(&data);
+    let client = MetaClient::new(&[&server.grpc], options).unwrap();
+    let all = client
+        .range(RangeRequest {
+            keys_only: true,
+            ..RangeRequest::prefix("full/")
+        })
+        .await
+        .unwrap();
+    let present: Vec<String> = all
+        .kvs
+        .iter()
+        .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
+        .collect();
+    for key in &acked {
+        assert!(present.contains(key), "acknowledged {key} was lost");
+    }
+    client
+        .put(PutRequest::new("full/after", "ok"))
+        .await
+        .expect("writes go on once there is room");
+    drop(server);
 }

@@ -64,6 +64,47 @@ impl Running {
     }
 }
 
+/// Starts a server, writes once, makes its driver suffer `fault`, and returns how
+/// `serve` ended.
+async fn serve_until_fault(fault: meta_srv::raft::driver::Fault) -> meta_srv::Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: dir.path().join("data"),
+        listen_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    let server = MetaSrv::bind(config).await.unwrap();
+    let mailbox = server.raft_mailbox();
+    let grpc = server.grpc_addr().to_string();
+    let served = tokio::spawn(server.serve(std::future::pending()));
+    let client = MetaClient::new(&[&grpc], MetaClientOptions::default()).unwrap();
+    client
+        .put(PutRequest::new(b"before".to_vec(), b"1".to_vec()))
+        .await
+        .unwrap();
+    mailbox
+        .send(meta_srv::raft::driver::Command::InjectFault(fault))
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), served)
+        .await
+        .expect("a failed member stops serving by itself")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_failure_or_a_panic_stops_the_server_with_its_reason() {
+    use meta_srv::raft::driver::Fault;
+    for (fault, reason) in [
+        (Fault::StorageError, "injected storage failure"),
+        (Fault::Panic, "panicked: injected panic"),
+    ] {
+        let err = serve_until_fault(fault).await.unwrap_err();
+        assert!(matches!(err, meta_srv::Error::Failed { .. }), "{err}");
+        assert!(err.to_string().contains(reason), "{err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_backend_passes_conformance() {
     let server = start().await;

@@ -10,7 +10,7 @@ use common_meta::kv::conformance;
 use common_meta::kv::{KvBackend, KvLimits, PutRequest, RangeRequest, SledKvStore};
 use meta_srv::raft::backend::RaftKvBackend;
 use meta_srv::raft::driver::{
-    Command, Membership, MembershipChange, RaftNode, RaftSettings, RaftStatus,
+    Command, Fault, Membership, MembershipChange, RaftNode, RaftSettings, RaftStatus,
 };
 use meta_srv::raft::members::Members;
 use meta_srv::raft::transport::LocalRouter;
@@ -289,6 +289,79 @@ async fn put(backend: &RaftKvBackend, key: &str, value: &str) -> Result<i64, Err
         .put(PutRequest::new(key, value))
         .await
         .map(|r| r.revision)
+}
+
+/// Waits until member `id`'s driver has published its failure; returns the reason.
+async fn failed(cluster: &Cluster, id: u64) -> String {
+    let mut failure = cluster.members[&id].node.failure();
+    tokio::time::timeout(ELECTION_BOUND, failure.wait_for(Option::is_some))
+        .await
+        .expect("the member fails within the bound")
+        .expect("a failed driver publishes its failure")
+        .clone()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_storage_fails_stops_and_the_others_go_on() {
+    let mut cluster = Cluster::new(3);
+    let old = cluster.leader().await;
+    put(cluster.backend(old), "f/0", "x").await.unwrap();
+
+    tracing::info!("--- the leader's storage fails");
+    cluster.members[&old]
+        .node
+        .mailbox()
+        .send(Command::InjectFault(Fault::StorageError))
+        .unwrap();
+    let reason = failed(&cluster, old).await;
+    assert!(reason.contains("injected storage failure"), "{reason}");
+    assert_eq!(
+        *cluster.members[&old].node.leadership().borrow(),
+        None,
+        "a failed member never claims to lead"
+    );
+    let err = put(cluster.backend(old), "f/1", "y").await.unwrap_err();
+    assert!(
+        err.is_retryable(),
+        "nothing is proposed by a failed member: {err}"
+    );
+    assert!(
+        cluster.members[&old].node.status().await.is_err(),
+        "it answers nothing"
+    );
+
+    tracing::info!("--- the others elect a leader and take writes");
+    cluster.kill(old);
+    let new = cluster.leader().await;
+    assert_ne!(new, old);
+    put(cluster.backend(new), "f/2", "z").await.unwrap();
+    assert_eq!(
+        cluster
+            .backend(new)
+            .get(b"f/0")
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+        b"x"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_driver_panics_stops_and_the_others_go_on() {
+    let cluster = Cluster::new(3);
+    let leader = cluster.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.members[&follower]
+        .node
+        .mailbox()
+        .send(Command::InjectFault(Fault::Panic))
+        .unwrap();
+    let reason = failed(&cluster, follower).await;
+    assert!(reason.contains("panicked: injected panic"), "{reason}");
+    // Two of three remain: a quorum.
+    put(cluster.backend(leader), "p/after", "ok").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

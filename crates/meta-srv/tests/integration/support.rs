@@ -66,6 +66,12 @@ impl ServerProcess {
         self.child.wait().expect("reap meta-srv");
     }
 
+    /// Waits for the process to exit by itself within `deadline` (`None`: it did not,
+    /// and was killed).
+    pub fn wait_exit(mut self, deadline: Duration) -> Option<ExitStatus> {
+        wait_exit(&mut self.child, deadline)
+    }
+
     /// SIGTERM, then wait for a clean exit within `deadline`.
     pub fn terminate(mut self, deadline: Duration) -> ExitStatus {
         let status = Command::new("kill")
