@@ -113,7 +113,7 @@ impl MetaSrv {
             let db = db_for_store;
             check_identity(&db, &dir, cluster_id, node_id)?;
             let store = SledKvStore::open_in(db.clone(), limits)?;
-            let members = Members::open(&db, &initial)?;
+            let members = Members::open(&store, &db, &initial)?;
             // A joiner must not come back knowing its identity but not its peers.
             db.flush().map_err(sled_error("flushing the member map"))?;
             Ok((Arc::new(store), Arc::new(members)))

@@ -9,6 +9,9 @@
 //! 0x00 "applied"   -> index of the last applied raft entry, u64 big-endian (raft only)
 //! 0x01 {user key}  -> Entry: create_revision, mod_revision, version (i64 BE each), value
 //! 0x02 {id u64 BE}  -> meta.v1.SessionRecord of an open client session (raft only)
+//! 0x03 {name}       -> a system value the replication layer keeps with the state
+//!                      machine (its configuration, member addresses, boot counter);
+//!                      opaque here
 //! ```
 //!
 //! Client sessions make writes exactly-once: a [`Command::Txn`] naming a session whose
@@ -19,9 +22,10 @@
 //! command, never on a clock, so every member decides alike.
 //!
 //! **Contract:** [`SledKvStore::apply`] and [`SledKvStore::commit`] write a group of
-//! transactions, the new revision and (for raft) the applied index in one batch: after a
-//! crash either the whole group or none of it is there, so a replayed raft entry is
-//! recognised by its index and skipped. Neither flushes: durability is the caller's
+//! transactions, the new revision, the sessions and system values they change and (for
+//! raft) the applied index in one batch: after a crash either the whole group or none
+//! of it is there, so a replayed raft entry is recognised by its index and skipped, and
+//! a configuration change is never replayed onto a configuration that already holds it. Neither flushes: durability is the caller's
 //! ([`SledKvStore::flush`] for a single node, the raft log for a replicated one).
 //! Only one thread may write at a time (the committer, or the raft driver); readers may
 //! run concurrently and see either all or none of a group.
@@ -44,12 +48,27 @@ const TREE: &str = "kv";
 const META_PREFIX: u8 = 0x00;
 const DATA_PREFIX: u8 = 0x01;
 const SESSION_PREFIX: u8 = 0x02;
+const SYSTEM_PREFIX: u8 = 0x03;
+
+/// A change of a system value: `(name, Some(value))` sets it, `(name, None)` removes it.
+pub type SystemWrite = (Vec<u8>, Option<Vec<u8>>);
+
+fn system_key(name: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(name.len() + 1);
+    key.push(SYSTEM_PREFIX);
+    key.extend_from_slice(name);
+    key
+}
 const REVISION_KEY: &[u8] = b"\x00revision";
 const APPLIED_KEY: &[u8] = b"\x00applied";
 
 // The meta keys sort before every data key and the session records after them, so data
 // scans (which end at DATA_PREFIX + 1) never meet either.
-const _: () = assert!(META_PREFIX < DATA_PREFIX && DATA_PREFIX + 1 == SESSION_PREFIX);
+const _: () = assert!(
+    META_PREFIX < DATA_PREFIX
+        && DATA_PREFIX + 1 == SESSION_PREFIX
+        && SESSION_PREFIX < SYSTEM_PREFIX
+);
 
 /// Most answers one session keeps unacknowledged; a write beyond it is refused until the
 /// client acknowledges some (a client that never acknowledges must not grow a record
@@ -178,7 +197,7 @@ impl SledKvStore {
             .map(|txn| (0, Command::Txn { txn, session: None }))
             .collect();
         Ok(self
-            .write_group(commands, None)?
+            .write_group(commands, Vec::new(), None)?
             .into_iter()
             .map(|answer| match answer? {
                 Applied::Txn(response) => Ok(response),
@@ -206,6 +225,17 @@ impl SledKvStore {
     /// its own configuration; a storage error fails the whole call instead of becoming
     /// one command's answer.
     pub fn apply(&self, entries: Vec<(u64, Command)>) -> Result<Vec<Option<Result<Applied>>>> {
+        self.apply_with(entries, Vec::new())
+    }
+
+    /// [`SledKvStore::apply`], also writing `system` changes in the same batch (the
+    /// replication layer's configuration as of the last entry), unless every entry was
+    /// applied before (then they were written with it).
+    pub fn apply_with(
+        &self,
+        entries: Vec<(u64, Command)>,
+        system: Vec<SystemWrite>,
+    ) -> Result<Vec<Option<Result<Applied>>>> {
         let applied = self.applied_index();
         let last = entries.iter().map(|(i, _)| *i).max().unwrap_or(applied);
         let mut skipped = Vec::with_capacity(entries.len());
@@ -216,13 +246,49 @@ impl SledKvStore {
                 fresh.push((index, command));
             }
         }
+        let system = if last > applied { system } else { Vec::new() };
         let mut answers = self
-            .write_group(fresh, (last > applied).then_some(last))?
+            .write_group(fresh, system, (last > applied).then_some(last))?
             .into_iter();
         Ok(skipped
             .into_iter()
             .map(|skip| if skip { None } else { answers.next() })
             .collect())
+    }
+
+    /// The system value `name`, if set.
+    pub fn system(&self, name: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .tree
+            .get(system_key(name))
+            .map_err(storage_error("reading a system value"))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Every system value whose name starts with `prefix`, as `(name, value)`.
+    pub fn system_scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(system_key(prefix)) {
+            let (key, value) = item.map_err(storage_error("reading system values"))?;
+            out.push((key[1..].to_vec(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Writes system values in one batch, outside any apply (bootstrap, migrations, the
+    /// boot counter). Not flushed.
+    pub fn write_system(&self, writes: Vec<SystemWrite>) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (name, value) in writes {
+            match value {
+                Some(value) => batch.insert(system_key(&name), value),
+                None => batch.remove(system_key(&name)),
+            }
+        }
+        let _guard = self.lock.write().unwrap_or_else(PoisonError::into_inner);
+        self.tree
+            .apply_batch(batch)
+            .map_err(storage_error("writing system values"))
     }
 
     /// Every open session with its TTL, by id.
@@ -263,6 +329,7 @@ impl SledKvStore {
     fn write_group(
         &self,
         commands: Vec<(u64, Command)>,
+        system: Vec<SystemWrite>,
         applied: Option<u64>,
     ) -> Result<Vec<Result<Applied>>> {
         // Only one writer at a time (see the module doc): the state read here is stable.
@@ -289,7 +356,7 @@ impl SledKvStore {
             sessions,
             ..
         } = group;
-        if revision == start && applied.is_none() && sessions.is_empty() {
+        if revision == start && applied.is_none() && sessions.is_empty() && system.is_empty() {
             return Ok(answers);
         }
         let mut batch = sled::Batch::default();
@@ -303,6 +370,12 @@ impl SledKvStore {
             match record {
                 Some(record) => batch.insert(&session_key(id), record.encode_to_vec()),
                 None => batch.remove(&session_key(id)),
+            }
+        }
+        for (name, value) in system {
+            match value {
+                Some(value) => batch.insert(system_key(&name), value),
+                None => batch.remove(system_key(&name)),
             }
         }
         batch.insert(REVISION_KEY, &revision.to_be_bytes());
@@ -690,7 +763,11 @@ mod tests {
         // Sessions need the replicated store: a local commit cannot open one.
         assert!(
             store
-                .write_group(vec![(0, Command::OpenSession { ttl_ms: 1 })], None)
+                .write_group(
+                    vec![(0, Command::OpenSession { ttl_ms: 1 })],
+                    Vec::new(),
+                    None
+                )
                 .unwrap()[0]
                 .is_err()
         );

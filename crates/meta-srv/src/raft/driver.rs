@@ -267,9 +267,9 @@ impl RaftNode {
         let (leader_tx, leadership) = tokio::sync::watch::channel(None);
         let leader_tx = Arc::new(leader_tx);
         let (failure_tx, failure) = tokio::sync::watch::channel(None);
-        let clock_ids = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
+        // Ids of this run's proposals and reads: the boot count in the high half, so no
+        // id repeats across restarts (whatever the clock does).
+        let first_id = log.next_boot().map_err(raft_error)? << 32;
         let driver = Driver {
             id: settings.id,
             node,
@@ -282,10 +282,10 @@ impl RaftNode {
             compact_after: settings.compact_after,
             keep_entries: settings.keep_entries,
             snapshots_sent: HashMap::new(),
-            next_proposal: clock_ids,
+            next_proposal: first_id,
             proposals: HashMap::new(),
             conf_proposals: HashMap::new(),
-            next_read: clock_ids,
+            next_read: first_id,
             read_batch: Vec::new(),
             reads_by_ctx: HashMap::new(),
             reads_by_index: Vec::new(),
@@ -856,6 +856,11 @@ impl Driver {
         }
         let mut batch = Vec::with_capacity(entries.len());
         let mut owners = Vec::with_capacity(entries.len());
+        // Configuration changes among the entries: written with them, cached after.
+        let mut system = Vec::new();
+        let mut new_conf = None;
+        let mut member_changes = Vec::new();
+        let mut conf_answers = Vec::new();
         for entry in entries {
             let owner = parse_context(&entry.context)
                 .filter(|(member, _)| *member == self.id)
@@ -879,32 +884,51 @@ impl Driver {
                     let change = ConfChange::parse_from_bytes(&entry.data)
                         .map_err(|e| Error::invalid_argument(format!("bad conf change: {e}")))?;
                     let conf = self.node.apply_conf_change(&change).map_err(raft_error)?;
-                    self.log.set_conf_state(&conf).map_err(raft_error)?;
-                    match change.get_change_type() {
-                        ConfChangeType::RemoveNode => self.members.remove(change.node_id)?,
-                        _ if !change.context.is_empty() => self
-                            .members
-                            .set(change.node_id, &String::from_utf8_lossy(&change.context))?,
-                        _ => {}
+                    let addr = match change.get_change_type() {
+                        ConfChangeType::RemoveNode => Some(None),
+                        _ if !change.context.is_empty() => {
+                            Some(Some(String::from_utf8_lossy(&change.context).into_owned()))
+                        }
+                        _ => None,
+                    };
+                    if let Some(addr) = addr {
+                        system.push(Members::writes_for(change.node_id, addr.as_deref()));
+                        member_changes.push((change.node_id, addr));
                     }
                     tracing::info!(member = self.id, change = ?change.get_change_type(), node = change.node_id, voters = ?conf.voters, learners = ?conf.learners, "configuration changed");
-                    if let Some(reply) = owner.and_then(|id| self.conf_proposals.remove(&id)) {
-                        let _ = reply.send(Ok(Membership::from(&conf)));
+                    if let Some(id) = owner {
+                        conf_answers.push((id, Membership::from(&conf)));
                     }
+                    new_conf = Some(conf);
                     batch.push((entry.index, kv::Command::Noop));
                     owners.push(None);
                 }
                 EntryType::EntryConfChangeV2 => {
                     let change = ConfChangeV2::parse_from_bytes(&entry.data)
                         .map_err(|e| Error::invalid_argument(format!("bad conf change: {e}")))?;
-                    let conf = self.node.apply_conf_change(&change).map_err(raft_error)?;
-                    self.log.set_conf_state(&conf).map_err(raft_error)?;
+                    new_conf = Some(self.node.apply_conf_change(&change).map_err(raft_error)?);
                     batch.push((entry.index, kv::Command::Noop));
                     owners.push(None);
                 }
             }
         }
-        let answers = self.store.apply(batch)?;
+        // One atomic batch: the data, the sessions, the configuration, the member map
+        // and the applied index move together (see log_store.rs).
+        if let Some(conf) = &new_conf {
+            system.push(LogStore::conf_state_write(conf).map_err(raft_error)?);
+        }
+        let answers = self.store.apply_with(batch, system)?;
+        if let Some(conf) = new_conf {
+            self.log.conf_state_changed(conf);
+        }
+        for (id, addr) in member_changes {
+            self.members.changed(id, addr.as_deref());
+        }
+        for (id, membership) in conf_answers {
+            if let Some(reply) = self.conf_proposals.remove(&id) {
+                let _ = reply.send(Ok(membership));
+            }
+        }
         for (owner, answer) in owners.into_iter().zip(answers) {
             if let (Some(id), Some(answer)) = (owner, answer)
                 && let Some(reply) = self.proposals.remove(&id)

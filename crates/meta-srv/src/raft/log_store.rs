@@ -4,10 +4,18 @@
 //!
 //! ```text
 //! tree raft_meta: "hard_state" -> HardState   (rust-protobuf encoding)
-//!                 "conf_state" -> ConfState
 //!                 "snapshot"   -> SnapshotMetadata of the last compaction point
+//!                 "boot"       -> u64 BE, how many times this member has started
 //! tree raft_log:  index (u64 big-endian) -> Entry
+//! state machine system value "conf_state" -> ConfState (see below)
 //! ```
+//!
+//! The configuration is not the log's: it is the state machine's, as of its applied
+//! index. The driver writes it (and the member addresses) in the same atomic batch as
+//! the entries it applies (`SledKvStore::apply_with`), so after a crash the
+//! configuration, the members, the data, the sessions and the applied index all stand
+//! at the same entry, and a replayed configuration change meets the configuration it
+//! was made for. (The first data format kept it in `raft_meta`; `open` moves it.)
 //!
 //! Snapshots are not stored: [`Storage::snapshot`] copies the state machine when raft
 //! asks (on the driver thread, so nothing applies meanwhile) into an envelope of
@@ -27,7 +35,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use common_meta::kv::SledKvStore;
+use common_meta::kv::{SledKvStore, SystemWrite};
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
@@ -38,6 +46,7 @@ const LOG_TREE: &str = "raft_log";
 const HARD_STATE: &[u8] = b"hard_state";
 const CONF_STATE: &[u8] = b"conf_state";
 const SNAPSHOT: &[u8] = b"snapshot";
+const BOOT: &[u8] = b"boot";
 
 /// Raft log storage; cheap to clone (the driver and raft-rs share one).
 #[derive(Clone)]
@@ -99,9 +108,25 @@ impl LogStore {
             Some(bytes) => decode("hard state", &bytes)?,
             None => HardState::default(),
         };
-        let conf_state = match read(CONF_STATE)? {
+        let conf_state = match store
+            .system(CONF_STATE)
+            .map_err(|e| other("reading the configuration", e))?
+        {
             Some(bytes) => decode("conf state", &bytes)?,
-            None => ConfState::default(),
+            None => match read(CONF_STATE)? {
+                Some(bytes) => {
+                    tracing::info!(
+                        "data format migration: the configuration moves into the state machine"
+                    );
+                    store
+                        .write_system(vec![(CONF_STATE.to_vec(), Some(bytes.to_vec()))])
+                        .map_err(|e| other("migrating the configuration", e))?;
+                    meta.remove(CONF_STATE)
+                        .map_err(|e| other("migrating the configuration", e))?;
+                    decode("conf state", &bytes)?
+                }
+                None => ConfState::default(),
+            },
         };
         let snapshot = match read(SNAPSHOT)? {
             Some(bytes) => decode("snapshot metadata", &bytes)?,
@@ -223,15 +248,50 @@ impl LogStore {
         self.set_hard_state(&hard_state)
     }
 
-    /// Stores the configuration.
+    /// Stores the configuration on its own (bootstrap; applied changes go through
+    /// [`LogStore::conf_state_write`] instead).
     pub fn set_conf_state(&self, conf_state: &ConfState) -> raft::Result<()> {
         self.inner
-            .meta
-            .insert(CONF_STATE, encode("conf state", conf_state)?)
+            .store
+            .write_system(vec![Self::conf_state_write(conf_state)?])
             .map_err(|e| other("writing conf state", e))?;
-        let conf_state = conf_state.clone();
-        self.update(|c| c.conf_state = conf_state);
+        self.conf_state_changed(conf_state.clone());
         Ok(())
+    }
+
+    /// The system write that records `conf_state`, for the batch of the entry that
+    /// changed it; then call [`LogStore::conf_state_changed`].
+    pub fn conf_state_write(conf_state: &ConfState) -> raft::Result<SystemWrite> {
+        Ok((CONF_STATE.to_vec(), Some(encode("conf state", conf_state)?)))
+    }
+
+    /// Updates the cached configuration once its write is persisted.
+    pub fn conf_state_changed(&self, conf_state: ConfState) {
+        self.update(|c| c.conf_state = conf_state);
+    }
+
+    /// Counts a start of this member and returns the new count (flushed before it
+    /// returns): proposal ids are made from it, so an entry proposed before a restart
+    /// never answers a proposal made after it, whatever the clock does.
+    pub fn next_boot(&self) -> raft::Result<u64> {
+        let previous = match self
+            .inner
+            .meta
+            .get(BOOT)
+            .map_err(|e| other("reading the boot counter", e))?
+        {
+            Some(bytes) => <[u8; 8]>::try_from(bytes.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| other("reading the boot counter", "not 8 bytes"))?,
+            None => 0,
+        };
+        let boot = previous + 1;
+        self.inner
+            .meta
+            .insert(BOOT, &boot.to_be_bytes())
+            .map_err(|e| other("writing the boot counter", e))?;
+        self.flush()?;
+        Ok(boot)
     }
 
     /// Index of the first entry still in the log.
@@ -278,9 +338,10 @@ impl LogStore {
     /// log that now starts after the snapshot. Not flushed.
     ///
     /// Crash safety (sled recovers a prefix of writes): the state machine goes first
-    /// (one atomic batch; a crash after it only leaves the state machine ahead of a log
-    /// that replays as skipped entries), then snapshot metadata, configuration and hard
-    /// state in one batch of the meta tree, then the stale entries are removed (a crash
+    /// (one atomic batch, with the configuration and member map it holds; a crash after
+    /// it only leaves the state machine ahead of a log that replays as skipped entries),
+    /// then snapshot metadata and hard state in one batch of the meta tree, then the
+    /// stale entries are removed (a crash
     /// before that leaves entries at or below the snapshot index, which `open` ignores).
     pub fn apply_snapshot(&self, snapshot: &Snapshot) -> raft::Result<()> {
         let data = snapshot.get_data();
@@ -297,10 +358,8 @@ impl LogStore {
             .store
             .restore(&data[4 + len..])
             .map_err(|e| bad(&e.to_string()))?;
-        self.inner
-            .members
-            .replace_all(members)
-            .map_err(|e| bad(&e.to_string()))?;
+        // The store brought the persisted member map and configuration with it.
+        self.inner.members.replace_all(members);
 
         let metadata = snapshot.get_metadata().clone();
         let cached = self.cached();
@@ -310,7 +369,6 @@ impl LogStore {
         let conf_state = metadata.get_conf_state().clone();
         let mut meta = sled::Batch::default();
         meta.insert(SNAPSHOT, encode("snapshot metadata", &metadata)?);
-        meta.insert(CONF_STATE, encode("conf state", &conf_state)?);
         meta.insert(HARD_STATE, encode("hard state", &hard_state)?);
         self.inner
             .meta

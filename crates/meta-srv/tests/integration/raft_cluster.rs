@@ -291,6 +291,109 @@ async fn put(backend: &RaftKvBackend, key: &str, value: &str) -> Result<i64, Err
         .map(|r| r.revision)
 }
 
+/// A log of one member (id 1) of three: the three initial voters, then member 3 removed
+/// and added back as a learner at a new address (entries 4 and 5), all committed. The
+/// state machine has applied up to 3 (a crash before the apply of 4 and 5) or, when
+/// `applied_all`, up to 5 (a crash just after it).
+fn crashed_around_a_conf_change(dir: &std::path::Path, applied_all: bool) {
+    use meta_srv::raft::log_store::LogStore;
+    use protobuf::Message as _;
+    use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState};
+
+    let db = sled::open(dir).unwrap();
+    let store = Arc::new(SledKvStore::open_in(db.clone(), KvLimits::default()).unwrap());
+    let addrs: BTreeMap<u64, String> = (1..=3).map(|i| (i, format!("a:{i}"))).collect();
+    let members = Arc::new(Members::open(&store, &db, &addrs).unwrap());
+    let log = LogStore::open(db.clone(), store.clone(), members).unwrap();
+    let change = |index: u64, kind: ConfChangeType, node: u64, addr: &str| {
+        let mut cc = ConfChange::default();
+        cc.set_change_type(kind);
+        cc.node_id = node;
+        cc.context = addr.as_bytes().to_vec().into();
+        let mut entry = Entry {
+            term: 1,
+            index,
+            data: cc.write_to_bytes().unwrap().into(),
+            ..Default::default()
+        };
+        entry.set_entry_type(EntryType::EntryConfChange);
+        entry
+    };
+    let mut entries: Vec<Entry> = (1..=3)
+        .map(|i| change(i, ConfChangeType::AddNode, i, &format!("a:{i}")))
+        .collect();
+    entries.push(change(4, ConfChangeType::RemoveNode, 3, ""));
+    entries.push(change(5, ConfChangeType::AddLearnerNode, 3, "a:3bis"));
+    log.append(&entries).unwrap();
+    log.set_hard_state(&HardState {
+        term: 1,
+        commit: 5,
+        ..Default::default()
+    })
+    .unwrap();
+    let before = ConfState::from((vec![1, 2, 3], Vec::<u64>::new()));
+    let noops = |range: std::ops::RangeInclusive<u64>| {
+        range
+            .map(|i| (i, common_meta::kv::Command::Noop))
+            .collect::<Vec<_>>()
+    };
+    store
+        .apply_with(
+            noops(1..=3),
+            vec![LogStore::conf_state_write(&before).unwrap()],
+        )
+        .unwrap();
+    if applied_all {
+        // What the driver writes for entries 4 and 5: one batch.
+        let after = ConfState::from((vec![1, 2], vec![3]));
+        store
+            .apply_with(
+                noops(4..=5),
+                vec![
+                    LogStore::conf_state_write(&after).unwrap(),
+                    Members::writes_for(3, Some("a:3bis")),
+                ],
+            )
+            .unwrap();
+    }
+    log.flush().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_around_a_conf_change_apply_restarts_and_converges() {
+    for applied_all in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        crashed_around_a_conf_change(dir.path(), applied_all);
+        tracing::info!(applied_all, "--- the member restarts on that state");
+        let db = sled::open(dir.path()).unwrap();
+        let store = Arc::new(SledKvStore::open_in(db.clone(), KvLimits::default()).unwrap());
+        let members = Arc::new(Members::open(&store, &db, &BTreeMap::new()).unwrap());
+        let node = RaftNode::start(
+            RaftSettings::new(1, Vec::new()),
+            db,
+            store,
+            members.clone(),
+            Arc::new(LocalRouter::default()),
+        )
+        .unwrap();
+        let status = wait_until(ELECTION_BOUND, || async {
+            let status = node.status().await.map_err(|e| e.to_string())?;
+            check(status.applied_index >= 5, || {
+                format!("replaying: {status:?}")
+            })?;
+            Ok(status)
+        })
+        .await;
+        assert_eq!(
+            (status.voters, status.learners),
+            (vec![1, 2], vec![3]),
+            "each change applied once (applied_all: {applied_all})"
+        );
+        assert_eq!(members.addr(3).as_deref(), Some("a:3bis"));
+        assert_eq!(*node.failure().borrow(), None, "no crash loop");
+    }
+}
+
 /// Waits until member `id`'s driver has published its failure; returns the reason.
 async fn failed(cluster: &Cluster, id: u64) -> String {
     let mut failure = cluster.members[&id].node.failure();
