@@ -124,12 +124,12 @@ impl MetaSrv {
             message: e.to_string(),
         })??;
 
-        let transport = GrpcTransport::new(
+        let transport = Arc::new(GrpcTransport::new(
             cluster_id,
             node_id,
             members.clone(),
             tokio::runtime::Handle::current(),
-        );
+        ));
         let raft = config.raft;
         let settings = RaftSettings {
             tick: Duration::from_millis(raft.tick_ms),
@@ -144,8 +144,9 @@ impl MetaSrv {
             db,
             store.clone(),
             members.clone(),
-            Arc::new(transport),
+            transport.clone(),
         )?;
+        transport.report_to(node.mailbox());
         let backend = RaftKvBackend::new(
             node.mailbox(),
             store.clone(),

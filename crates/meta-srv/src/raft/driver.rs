@@ -108,6 +108,18 @@ pub enum Command {
         /// Answered with the configuration once the change is applied.
         reply: Reply<Membership>,
     },
+    /// The transport lost its connection to `peer` (raft probes it from now on).
+    Unreachable {
+        /// The member.
+        peer: u64,
+    },
+    /// A snapshot sent to `peer` arrived (`delivered`) or was lost.
+    SnapshotSent {
+        /// The member.
+        peer: u64,
+        /// Whether the peer received it.
+        delivered: bool,
+    },
     /// Make the driver fail as a broken disk or a bug would (fault-injection tests).
     InjectFault(Fault),
     /// Stop the driver (pending requests fail as unavailable).
@@ -618,6 +630,16 @@ impl Driver {
                         let _ = reply.send(Err(e));
                     }
                 }
+            }
+            Command::Unreachable { peer } => self.node.report_unreachable(peer),
+            Command::SnapshotSent { peer, delivered } => {
+                self.snapshots_sent.remove(&peer);
+                let status = if delivered {
+                    raft::SnapshotStatus::Finish
+                } else {
+                    raft::SnapshotStatus::Failure
+                };
+                self.node.report_snapshot(peer, status);
             }
             Command::InjectFault(Fault::Panic) => panic!("injected panic"),
             Command::InjectFault(fault) => self.injected = Some(fault),

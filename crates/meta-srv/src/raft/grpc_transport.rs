@@ -4,21 +4,34 @@
 //! keeps one client stream open, and packs every message already queued into one
 //! `RaftBatch`. On any error it drops what it holds (raft retransmits) and reconnects
 //! with exponential backoff. `send` never blocks the driver: a full queue drops.
+//!
+//! A dead peer is found, not waited for: HTTP/2 keepalives end a half-open connection
+//! within seconds, and a stream that accepts nothing for [`STALL`] is dropped. Each
+//! failed connection or stream is reported to the driver (`report_unreachable`: raft
+//! then probes that peer instead of streaming to it). A snapshot travels on a call of
+//! its own whose end is its outcome, reported to the driver (`report_snapshot`), so the
+//! leader retries a lost snapshot at once instead of after a timeout.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use meta_proto::v1 as pb;
 use meta_proto::v1::cluster_client::ClusterClient;
 use protobuf::Message as _;
-use raft::prelude::Message;
+use raft::prelude::{Message, MessageType};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
+use crate::raft::driver::{Command, Mailbox};
 use crate::raft::members::Members;
 use crate::raft::transport::Transport;
+
+/// A stream that accepts no batch for this long is taken for dead and reopened.
+pub const STALL: Duration = Duration::from_secs(5);
+/// Longest a snapshot may take to reach a peer.
+const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(300);
 
 /// Messages queued per peer before new ones are dropped.
 const PEER_QUEUE: usize = 4096;
@@ -33,6 +46,8 @@ pub struct GrpcTransport {
     runtime: tokio::runtime::Handle,
     /// One queue per peer and the address its task sends to.
     peers: Mutex<HashMap<u64, (String, mpsc::Sender<Message>)>>,
+    /// The driver, told of unreachable peers and snapshot outcomes once attached.
+    reports: Arc<OnceLock<Mailbox>>,
 }
 
 impl GrpcTransport {
@@ -50,7 +65,14 @@ impl GrpcTransport {
             members,
             runtime,
             peers: Mutex::new(HashMap::new()),
+            reports: Arc::default(),
         }
+    }
+
+    /// Reports peer failures and snapshot outcomes to the driver behind `mailbox` (set
+    /// once the driver has started; reports before that are dropped).
+    pub fn report_to(&self, mailbox: Mailbox) {
+        let _ = self.reports.set(mailbox);
     }
 
     /// The queue to `peer`, (re)starting its task when the peer is new or moved.
@@ -68,10 +90,13 @@ impl GrpcTransport {
         }
         let (queue, messages) = mpsc::channel(PEER_QUEUE);
         self.runtime.spawn(peer_loop(
-            self.cluster_id,
-            self.me,
-            peer,
-            addr.clone(),
+            Peer {
+                cluster_id: self.cluster_id,
+                me: self.me,
+                id: peer,
+                addr: addr.clone(),
+                reports: self.reports.clone(),
+            },
             messages,
         ));
         peers.insert(peer, (addr, queue.clone()));
@@ -105,20 +130,57 @@ fn batch(cluster_id: u64, from: u64, messages: Vec<Message>) -> pb::RaftBatch {
     }
 }
 
-async fn peer_loop(
+/// Who a peer task sends to, and where it reports.
+struct Peer {
     cluster_id: u64,
     me: u64,
-    peer: u64,
+    id: u64,
     addr: String,
-    mut messages: mpsc::Receiver<Message>,
-) {
-    let Ok(endpoint) = Endpoint::from_shared(format!("http://{addr}")) else {
-        tracing::error!(peer, %addr, "invalid peer address; messages to it are dropped");
+    reports: Arc<OnceLock<Mailbox>>,
+}
+
+impl Peer {
+    fn report(&self, command: Command) {
+        if let Some(mailbox) = self.reports.get() {
+            let _ = mailbox.send(command);
+        }
+    }
+
+    fn unreachable(&self) {
+        self.report(Command::Unreachable { peer: self.id });
+    }
+
+    /// Sends one snapshot on a call of its own; its end is the outcome.
+    async fn send_snapshot(&self, channel: tonic::transport::Channel, snapshot: Message) {
+        let batch = batch(self.cluster_id, self.me, vec![snapshot]);
+        let mut client = ClusterClient::new(channel);
+        let call = client.raft(tokio_stream::iter([batch]));
+        let delivered = matches!(
+            tokio::time::timeout(SNAPSHOT_DEADLINE, call).await,
+            Ok(Ok(_))
+        );
+        if !delivered {
+            tracing::warn!(peer = self.id, addr = %self.addr, "a snapshot did not reach the peer; the leader sends it again");
+        }
+        self.report(Command::SnapshotSent {
+            peer: self.id,
+            delivered,
+        });
+    }
+}
+
+async fn peer_loop(peer: Peer, mut messages: mpsc::Receiver<Message>) {
+    let Ok(endpoint) = Endpoint::from_shared(format!("http://{}", peer.addr)) else {
+        tracing::error!(peer = peer.id, addr = %peer.addr, "invalid peer address; messages to it are dropped");
         return;
     };
     let endpoint = endpoint
         .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .tcp_keepalive(Some(Duration::from_secs(10)))
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true);
     let mut backoff = Duration::from_millis(50);
     // The first message of a connection is taken before connecting: no idle
     // connections to peers nobody talks to.
@@ -126,7 +188,8 @@ async fn peer_loop(
         let channel = match endpoint.connect().await {
             Ok(channel) => channel,
             Err(e) => {
-                tracing::debug!(peer, %addr, error = %e, "cannot reach peer");
+                tracing::debug!(peer = peer.id, addr = %peer.addr, error = %e, "cannot reach peer");
+                peer.unreachable();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
@@ -134,7 +197,7 @@ async fn peer_loop(
         };
         backoff = Duration::from_millis(50);
         let (stream, batches) = mpsc::channel(64);
-        let mut client = ClusterClient::new(channel);
+        let mut client = ClusterClient::new(channel.clone());
         let call = tokio::spawn(async move { client.raft(ReceiverStream::new(batches)).await });
         let mut pending = vec![first];
         loop {
@@ -144,17 +207,32 @@ async fn peer_loop(
                     Err(_) => break,
                 }
             }
-            let outgoing = batch(cluster_id, me, std::mem::take(&mut pending));
-            if stream.send(outgoing).await.is_err() {
-                break;
+            let (snapshots, rest): (Vec<Message>, Vec<Message>) = std::mem::take(&mut pending)
+                .into_iter()
+                .partition(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+            for snapshot in snapshots {
+                peer.send_snapshot(channel.clone(), snapshot).await;
+            }
+            if !rest.is_empty() {
+                let outgoing = batch(peer.cluster_id, peer.me, rest);
+                match tokio::time::timeout(STALL, stream.send(outgoing)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        tracing::warn!(peer = peer.id, addr = %peer.addr, "raft stream to the peer stalled; reconnecting");
+                        break;
+                    }
+                }
             }
             match messages.recv().await {
                 Some(message) => pending.push(message),
                 None => return,
             }
         }
-        if let Ok(Err(status)) = call.await {
-            tracing::debug!(peer, %addr, error = %status.message(), "raft stream closed");
+        peer.unreachable();
+        call.abort();
+        if let Ok(Ok(Err(status))) = tokio::time::timeout(Duration::from_millis(100), call).await {
+            tracing::debug!(peer = peer.id, addr = %peer.addr, error = %status.message(), "raft stream closed");
         }
     }
 }

@@ -239,6 +239,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             term: status.term,
             commit_index: status.commit_index,
             applied_index: status.applied_index,
+            first_index: status.first_index,
             leader_addr: self.members.addr(status.leader_id).unwrap_or_default(),
             members,
         }))

@@ -187,6 +187,130 @@ async fn acknowledged_writes_survive_kill_9_of_the_leader() {
     }
 }
 
+/// The longest a raft election timeout lasts with the default settings (10 ticks of
+/// 100 ms, randomised up to twice that).
+const ELECTION_TIMEOUT_MAX: Duration = Duration::from_secs(2);
+
+/// How a restarted follower catches up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CatchUp {
+    /// From the leader's log (it kept every entry the follower missed).
+    Log,
+    /// By a snapshot (the leader compacted past the follower's last entry).
+    Snapshot,
+}
+
+/// A follower is killed, `writes` more keys are written, and it restarts while clients
+/// read (and write a little): nobody waits longer than an election timeout, the leader
+/// keeps its term, and the follower ends with every write.
+async fn restart_a_follower_under_reads(catch_up: CatchUp, writes: u32) {
+    let config = match catch_up {
+        CatchUp::Log => None,
+        CatchUp::Snapshot => Some("[raft]\ncompact_after = 200\nkeep_entries = 20\n"),
+    };
+    let mut cluster = ProcessCluster::start_with_config(config);
+    let leader = cluster.leader().await;
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let client = Arc::new(MetaClient::new(&cluster.addrs, MetaClientOptions::default()).unwrap());
+    for i in 0..20 {
+        client
+            .put(PutRequest::new(format!("r/{i:04}"), "v"))
+            .await
+            .unwrap();
+    }
+
+    tracing::info!("--- a follower is killed; the others write on past the compaction point");
+    cluster.procs[follower].take().unwrap().kill9();
+    for i in 20..writes {
+        client
+            .put(PutRequest::new(format!("r/{i:04}"), "v"))
+            .await
+            .unwrap();
+    }
+    let before = cluster.client(leader).status().await.unwrap();
+
+    tracing::info!("--- under a read-heavy load, the follower restarts and catches up");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut last = std::time::Instant::now();
+            let mut longest = Duration::ZERO;
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let done = if n.is_multiple_of(10) {
+                    client
+                        .put(PutRequest::new(format!("w/{n}"), "v"))
+                        .await
+                        .map(drop)
+                } else {
+                    client
+                        .get(format!("r/{:04}", n % u64::from(writes)).as_bytes())
+                        .await
+                        .map(drop)
+                };
+                if done.is_ok() {
+                    longest = longest.max(last.elapsed());
+                    last = std::time::Instant::now();
+                }
+            }
+            (longest.max(last.elapsed()), n)
+        })
+    };
+    cluster.spawn(follower);
+    let member = cluster.client(follower);
+    let commit = cluster.client(leader).status().await.unwrap().commit_index;
+    cluster
+        .wait_applied(&member, &(follower + 1).to_string(), commit)
+        .await;
+    // Keep the load on a little after the catch-up, when the stall used to come.
+    let settle = std::time::Instant::now() + ELECTION_TIMEOUT_MAX;
+    wait_until(DEADLINE, || async {
+        check(std::time::Instant::now() >= settle, || "settling".into())
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (longest, ops) = load.await.unwrap();
+
+    let after = cluster.client(leader).status().await.unwrap();
+    assert_eq!(
+        (after.leader_id, after.term),
+        (before.leader_id, before.term),
+        "no leader change"
+    );
+    assert!(
+        longest < ELECTION_TIMEOUT_MAX,
+        "no client waited longer than an election timeout: {longest:?} over {ops} operations"
+    );
+    let status = member.status().await.unwrap();
+    assert_eq!(
+        status.first_index > 20,
+        catch_up == CatchUp::Snapshot,
+        "a snapshot was installed only when needed: {status:?}"
+    );
+    let local = member
+        .range_serializable(RangeRequest::prefix("r/"))
+        .await
+        .unwrap();
+    assert_eq!(
+        local.count,
+        i64::from(writes),
+        "the follower has every write"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_restarted_under_reads_catches_up_from_the_log_without_stalling_anyone() {
+    // Thousands of entries behind: the leader must not read them all per heartbeat.
+    restart_a_follower_under_reads(CatchUp::Log, 3000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_restarted_under_reads_catches_up_by_snapshot_without_stalling_anyone() {
+    restart_a_follower_under_reads(CatchUp::Snapshot, 600).await;
+}
+
 fn metactl(endpoints: &[String], args: &[&str]) -> (Option<i32>, String, String) {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_metactl"));
     command
