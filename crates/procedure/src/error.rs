@@ -45,14 +45,38 @@ pub enum Error {
         reason: String,
     },
 
-    /// A child procedure wants a lock its parent does not hold but conflicts with one the
-    /// parent holds (it would wait for its own parent forever).
+    /// A child procedure wants a key in a mode stronger than its ancestor holds it
+    /// (exclusive under a shared lock): it could wait for another root sharing the key.
     #[error("procedure {child} needs lock {key:?}, which conflicts with its parent {parent}")]
     LockConflictWithParent {
         /// The child.
         child: String,
         /// The parent.
         parent: String,
+        /// The lock key.
+        key: String,
+    },
+
+    /// A procedure's state could not be saved within the retry budget.
+    #[error("procedure {id} could not be saved after {attempts} attempts: {message}")]
+    PersistFailed {
+        /// The procedure.
+        id: String,
+        /// How many times saving was tried.
+        attempts: u32,
+        /// The last store error.
+        message: String,
+    },
+
+    /// A subprocedure asked for a key none of its ancestors holds. Children only take
+    /// keys within their ancestors' locks: a child that took a new key could wait for
+    /// another root that waits for it (a deadlock).
+    #[error(
+        "procedure {child} needs lock {key:?}, which none of its ancestors holds; a subprocedure may only lock keys its root procedure locked"
+    )]
+    LockOutsideAncestors {
+        /// The child.
+        child: String,
         /// The lock key.
         key: String,
     },

@@ -1,4 +1,14 @@
 //! Key locks held by running procedures: shared or exclusive, taken in sorted order.
+//!
+//! **No deadlock between procedure trees.** A root procedure takes its keys in one
+//! sorted order and waits for nothing else while taking them. A subprocedure takes only
+//! keys within its ancestors' locks (the rule chosen over "lock the whole tree up
+//! front", since children are only known when their parent suspends): a key an
+//! ancestor holds exclusively may be taken in any mode, one an ancestor holds shared
+//! only shared; any other key fails at once ([`Error::LockOutsideAncestors`],
+//! [`Error::LockConflictWithParent`]). So a child waits only for other descendants of
+//! its own root (siblings contending for the same key, each in sorted order), never
+//! for another root, and no cycle of waits can cross two trees.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -10,8 +20,12 @@ use crate::procedure::{LockKey, LockMode};
 
 #[derive(Default)]
 struct Holders {
+    /// The root holding the key exclusively.
     exclusive: Option<String>,
+    /// Roots holding it shared.
     shared: Vec<String>,
+    /// Subprocedures holding it within an ancestor's lock, and how.
+    nested: Vec<(String, LockMode)>,
 }
 
 impl Holders {
@@ -23,6 +37,31 @@ impl Holders {
                     && self.shared.iter().all(|o| o == owner)
             }
         }
+    }
+
+    /// How the nearest of `ancestors` holding the key holds it.
+    fn held_by<'a>(&self, ancestors: &'a [String]) -> Option<(&'a str, LockMode)> {
+        ancestors.iter().find_map(|a| {
+            if self.exclusive.as_deref() == Some(a.as_str()) {
+                Some((a.as_str(), LockMode::Exclusive))
+            } else if self.shared.iter().any(|o| o == a) {
+                Some((a.as_str(), LockMode::Shared))
+            } else {
+                self.nested
+                    .iter()
+                    .find(|(o, _)| o == a)
+                    .map(|(_, mode)| (a.as_str(), *mode))
+            }
+        })
+    }
+
+    /// Whether a subprocedure may take the key now: no other descendant (outside its own
+    /// ancestors) holds it in a conflicting mode.
+    fn nested_can_take(&self, owner: &str, ancestors: &[String], mode: LockMode) -> bool {
+        self.nested
+            .iter()
+            .filter(|(o, _)| o != owner && !ancestors.contains(o))
+            .all(|(_, held)| mode == LockMode::Shared && *held == LockMode::Shared)
     }
 }
 
@@ -41,9 +80,9 @@ impl LockTable {
 
     /// Takes every key of `lock` for `owner`, in sorted order, waiting as needed.
     ///
-    /// A subprocedure (with its `ancestors`, parent first) may share keys an ancestor
-    /// holds shared; a key whose mode conflicts with an ancestor's fails at once instead
-    /// of waiting forever for a procedure that waits for it.
+    /// A subprocedure (with its `ancestors`, parent first) takes keys only within its
+    /// ancestors' locks (see the module doc); any other key fails at once, and what it
+    /// took so far is released.
     pub async fn acquire(&self, owner: &str, ancestors: &[String], lock: &LockKey) -> Result<()> {
         for (key, mode) in lock.keys() {
             loop {
@@ -51,27 +90,46 @@ impl LockTable {
                 {
                     let mut held = self.held();
                     let holders = held.entry(key.clone()).or_default();
-                    for parent in ancestors {
-                        let parent_holds = holders.exclusive.as_deref() == Some(parent.as_str())
-                            || holders.shared.iter().any(|o| o == parent);
-                        let compatible = *mode == LockMode::Shared
-                            && holders.exclusive.as_deref() != Some(parent.as_str());
-                        if parent_holds && !compatible {
+                    if ancestors.is_empty() {
+                        if holders.can_take(owner, *mode) {
+                            match mode {
+                                LockMode::Shared => holders.shared.push(owner.to_string()),
+                                LockMode::Exclusive => {
+                                    holders.exclusive = Some(owner.to_string());
+                                }
+                            }
+                            break;
+                        }
+                    } else {
+                        let refusal = match holders.held_by(ancestors) {
+                            None => Some(Error::LockOutsideAncestors {
+                                child: owner.to_string(),
+                                key: key.clone(),
+                            }),
+                            Some((parent, LockMode::Shared)) if *mode == LockMode::Exclusive => {
+                                Some(Error::LockConflictWithParent {
+                                    child: owner.to_string(),
+                                    parent: parent.to_string(),
+                                    key: key.clone(),
+                                })
+                            }
+                            Some(_) => None,
+                        };
+                        if let Some(refusal) = refusal {
+                            if holders.exclusive.is_none()
+                                && holders.shared.is_empty()
+                                && holders.nested.is_empty()
+                            {
+                                held.remove(key);
+                            }
                             drop(held);
                             self.release(owner);
-                            return Err(Error::LockConflictWithParent {
-                                child: owner.to_string(),
-                                parent: parent.to_string(),
-                                key: key.clone(),
-                            });
+                            return Err(refusal);
                         }
-                    }
-                    if holders.can_take(owner, *mode) {
-                        match mode {
-                            LockMode::Shared => holders.shared.push(owner.to_string()),
-                            LockMode::Exclusive => holders.exclusive = Some(owner.to_string()),
+                        if holders.nested_can_take(owner, ancestors, *mode) {
+                            holders.nested.push((owner.to_string(), *mode));
+                            break;
                         }
-                        break;
                     }
                 }
                 released.await;
@@ -88,7 +146,8 @@ impl LockTable {
                 holders.exclusive = None;
             }
             holders.shared.retain(|o| o != owner);
-            holders.exclusive.is_some() || !holders.shared.is_empty()
+            holders.nested.retain(|(o, _)| o != owner);
+            holders.exclusive.is_some() || !holders.shared.is_empty() || !holders.nested.is_empty()
         });
         drop(held);
         self.released.notify_waiters();
@@ -131,22 +190,80 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_descendant_conflicting_with_an_ancestor_fails_instead_of_waiting() {
-        let table = LockTable::default();
+    async fn descendants_lock_only_within_their_ancestors_locks() {
+        let table = Arc::new(LockTable::default());
         table
             .acquire("root", &[], &LockKey::exclusive("table/1"))
             .await
             .unwrap();
+        table
+            .acquire("other", &[], &LockKey::shared("catalog"))
+            .await
+            .unwrap();
         let chain = ["parent".to_string(), "root".to_string()];
-        let err = table
+        // Within the root's exclusive lock: granted, in any mode.
+        table
             .acquire("grandchild", &chain, &LockKey::exclusive("table/1"))
+            .await
+            .unwrap();
+        // A sibling waits for it (descendants of one root serialise among themselves).
+        let sibling = {
+            let table = table.clone();
+            let chain = chain.clone();
+            tokio::spawn(async move {
+                table
+                    .acquire("sibling", &chain, &LockKey::shared("table/1"))
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(!sibling.is_finished(), "the sibling waits");
+        table.release("grandchild");
+        tokio::time::timeout(Duration::from_secs(5), sibling)
+            .await
+            .expect("granted once released")
+            .unwrap()
+            .unwrap();
+        // A key no ancestor holds fails at once (it could wait for another root).
+        let err = table
+            .acquire("grandchild", &chain, &LockKey::exclusive("region/1"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::LockOutsideAncestors { .. }), "{err}");
+        // Exclusive under a shared ancestor fails at once too.
+        let err = table
+            .acquire(
+                "child-of-other",
+                &["other".to_string()],
+                &LockKey::exclusive("catalog"),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, Error::LockConflictWithParent { .. }), "{err}");
-        // Other keys are fine.
+    }
+
+    #[tokio::test]
+    async fn children_of_two_roots_cannot_deadlock() {
+        // Root a holds k1, root b holds k2; each child wants the other's key. Under the
+        // rule both fail at once instead of waiting for each other forever.
+        let table = LockTable::default();
         table
-            .acquire("grandchild", &chain, &LockKey::exclusive("region/1"))
+            .acquire("a", &[], &LockKey::exclusive("k1"))
             .await
             .unwrap();
+        table
+            .acquire("b", &[], &LockKey::exclusive("k2"))
+            .await
+            .unwrap();
+        for (child, root, key) in [("a1", "a", "k2"), ("b1", "b", "k1")] {
+            let err = tokio::time::timeout(
+                Duration::from_secs(5),
+                table.acquire(child, &[root.to_string()], &LockKey::exclusive(key)),
+            )
+            .await
+            .expect("no wait")
+            .unwrap_err();
+            assert!(matches!(err, Error::LockOutsideAncestors { .. }), "{err}");
+        }
     }
 }

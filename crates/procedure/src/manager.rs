@@ -12,8 +12,13 @@
 //!                           (or straight to FAILED without rollback support)
 //! ```
 //!
-//! A runner that meets a state-store error stops on the spot, as if the process died:
-//! whatever it had not persisted is redone by the next manager's recovery.
+//! **A procedure is never abandoned.** Saving its state is retried with backoff (up to
+//! `max_persist_retries`) while it keeps its locks. If the store stays unwritable, the
+//! procedure is failed visibly in this manager (state Failed with the reason; its
+//! watchers, and those of its ancestors, are answered) but keeps its locks until the
+//! manager stops: its last saved state is still unfinished in the store, and only the
+//! next manager's recovery (a restart, a new leader) decides its fate. Nothing else may
+//! take its keys over half-done state meanwhile.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -48,6 +53,9 @@ pub struct ManagerConfig {
     pub max_running: usize,
     /// How long finished records stay queryable before they are removed.
     pub finished_ttl: Duration,
+    /// Attempts to save a procedure's state (with the retry backoff) before it is failed
+    /// visibly and parked with its locks (see the module doc).
+    pub max_persist_retries: u32,
 }
 
 impl Default for ManagerConfig {
@@ -58,6 +66,7 @@ impl Default for ManagerConfig {
             max_retry_delay: Duration::from_secs(10),
             max_running: 256,
             finished_ttl: Duration::from_secs(3600),
+            max_persist_retries: 20,
         }
     }
 }
@@ -290,7 +299,7 @@ impl ProcedureManager {
             self.inner.unreserve(&id);
             return Err(Error::Duplicate(id));
         }
-        if let Err(e) = self.inner.persist(&mut record).await {
+        if let Err(e) = self.inner.persist_once(&mut record).await {
             self.inner.unreserve(&id);
             return Err(e);
         }
@@ -492,7 +501,34 @@ impl Inner {
         chain
     }
 
+    /// Saves `record`, retrying a failing store with backoff; after the retry budget it
+    /// returns [`Error::PersistFailed`]. A stopped manager ends the retries at once.
     async fn persist(&self, record: &mut ProcedureRecord) -> Result<()> {
+        let mut attempt = 0u32;
+        loop {
+            match self.persist_once(record).await {
+                Ok(()) => return Ok(()),
+                Err(Error::Stopped) => return Err(Error::Stopped),
+                Err(e) if attempt >= self.config.max_persist_retries => {
+                    return Err(Error::PersistFailed {
+                        id: record.id.clone(),
+                        attempts: attempt + 1,
+                        message: e.to_string(),
+                    });
+                }
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(id = %record.id, attempt, error = %e, "saving a procedure failed; retrying");
+                    tokio::time::sleep(self.backoff(attempt)).await;
+                    if self.stopped.load(Ordering::SeqCst) {
+                        return Err(Error::Stopped);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn persist_once(&self, record: &mut ProcedureRecord) -> Result<()> {
         record.updated_ms = now_ms();
         let bytes = serde_json::to_vec(record)
             .map_err(|e| Error::external(format!("encoding procedure {}: {e}", record.id)))?;
@@ -596,8 +632,33 @@ fn run(
             inner.persist(&mut record).await?;
             return Ok((ProcedureState::Failed, None));
         }
-        drive(&inner, &mut record, &mut procedure).await
+        match drive(&inner, &mut record, &mut procedure).await {
+            Err(e @ Error::PersistFailed { .. }) => {
+                park(&inner, &id, &e).await;
+                Err(e)
+            }
+            other => other,
+        }
     })
+}
+
+/// A procedure whose state cannot be saved: failed visibly (its watchers and its
+/// ancestors' are answered), and parked with its locks until the manager stops.
+async fn park(inner: &Arc<Inner>, id: &str, error: &Error) {
+    let reason = format!(
+        "{error}; its locks are kept until the next recovery (a restart or a new leader) resumes it"
+    );
+    tracing::error!(%id, error = %reason, "procedure cannot be saved");
+    for failed in std::iter::once(id.to_string()).chain(inner.ancestors(id)) {
+        if let Some(sender) = lock(&inner.progress).get(&failed) {
+            sender.send_modify(|p| {
+                p.state = ProcedureState::Failed;
+                p.error = Some(reason.clone());
+            });
+        }
+    }
+    // Holding `_release` (in the caller) keeps the locks; `stop` aborts this task.
+    std::future::pending::<()>().await;
 }
 
 async fn drive(
