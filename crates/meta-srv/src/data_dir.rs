@@ -3,10 +3,23 @@
 //! Layout:
 //!
 //! ```text
-//! {data_dir}/LOCK   lock file, held with an exclusive OS file lock while running;
-//!                   holds the owner's pid for the error message of a second server
-//! {data_dir}/db/    the sled database: raft log, KV state machine, cluster identity
+//! {data_dir}/LOCK    lock file, held with an exclusive OS file lock while running;
+//!                    holds the owner's pid for the error message of a second server
+//! {data_dir}/FORMAT  the data format version, as decimal text (see below)
+//! {data_dir}/db/     the sled database: raft log, KV state machine, cluster identity
 //! ```
+//!
+//! **Format versions.** [`FORMAT_VERSION`] is the layout this binary writes. A directory
+//! without `FORMAT` but with a database is of format 1 (before versions were recorded);
+//! an older format is opened and migrated as it is read (each migration is logged, see
+//! `LogStore::open` and `Members::open`), and `FORMAT` is rewritten once the migrated
+//! database is flushed ([`DataDir::record_format`]). A newer format is refused before
+//! the database is opened: an older binary must never write over data it does not know.
+//!
+//! | format | what changed |
+//! | --- | --- |
+//! | 1 | first format |
+//! | 2 | entries carry `meta.v1.RaftCommand` (client sessions); the configuration and the member map are system values of the state machine, written with each apply; a boot counter in `raft_meta` |
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -14,11 +27,19 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// The data format this binary writes (see the module doc).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest data format this binary opens.
+pub const OLDEST_FORMAT: u32 = 1;
+
 /// An open, locked data directory. The lock is released when this is dropped (or the
 /// process dies, so a kill -9 never leaves a stale lock behind).
 #[derive(Debug)]
 pub struct DataDir {
     path: PathBuf,
+    /// The format found on open (`None`: a new directory).
+    format: Option<u32>,
     _lock: File,
 }
 
@@ -64,10 +85,66 @@ impl DataDir {
             .and_then(|()| lock.rewind())
             .and_then(|()| write!(lock, "{}", std::process::id()))
             .map_err(io(format!("writing lock file {}", lock_path.display())))?;
+        let format = read_format(path)?;
+        if let Some(found) = format
+            && !(OLDEST_FORMAT..=FORMAT_VERSION).contains(&found)
+        {
+            return Err(Error::Format {
+                path: path.to_path_buf(),
+                found,
+                reason: if found > FORMAT_VERSION {
+                    format!(
+                        "newer than this binary writes ({FORMAT_VERSION}); run a newer meta-srv"
+                    )
+                } else {
+                    format!("older than this binary opens ({OLDEST_FORMAT})")
+                },
+            });
+        }
+        if let Some(found) = format
+            && found < FORMAT_VERSION
+        {
+            tracing::info!(
+                data_dir = %path.display(),
+                from = found,
+                to = FORMAT_VERSION,
+                "data format migration starts: the directory is upgraded as it is opened"
+            );
+        }
         Ok(DataDir {
             path: path.to_path_buf(),
+            format,
             _lock: lock,
         })
+    }
+
+    /// The format the directory had when opened (`None`: it was new).
+    pub fn format(&self) -> Option<u32> {
+        self.format
+    }
+
+    /// Records [`FORMAT_VERSION`] (written to a temporary file, fsynced, renamed): call
+    /// once the database is open, migrated and flushed.
+    pub fn record_format(&self) -> Result<()> {
+        if self.format == Some(FORMAT_VERSION) {
+            return Ok(());
+        }
+        let io = |context: &str| {
+            let context = format!("{context} {}", self.path.join("FORMAT").display());
+            move |source| Error::Io { context, source }
+        };
+        let temporary = self.path.join("FORMAT.tmp");
+        let mut file = File::create(&temporary).map_err(io("writing"))?;
+        writeln!(file, "{FORMAT_VERSION}").map_err(io("writing"))?;
+        file.sync_all().map_err(io("syncing"))?;
+        std::fs::rename(&temporary, self.path.join("FORMAT")).map_err(io("renaming to"))?;
+        File::open(&self.path)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io("syncing the directory of"))?;
+        if let Some(from) = self.format {
+            tracing::info!(data_dir = %self.path.display(), from, to = FORMAT_VERSION, "data format migration done");
+        }
+        Ok(())
     }
 
     /// The directory.
@@ -78,6 +155,29 @@ impl DataDir {
     /// Where the sled database (raft log, KV state, identity) lives.
     pub fn db_path(&self) -> PathBuf {
         self.path.join("db")
+    }
+}
+
+/// The format of the directory at `path`: from `FORMAT`, else 1 when a database exists
+/// (format 1 recorded none), else `None` (a new directory).
+fn read_format(path: &Path) -> Result<Option<u32>> {
+    let file = path.join("FORMAT");
+    match std::fs::read_to_string(&file) {
+        Ok(text) => text.trim().parse().map(Some).map_err(|_| Error::Format {
+            path: path.to_path_buf(),
+            found: 0,
+            reason: format!(
+                "{} does not hold a version number: {text:?}",
+                file.display()
+            ),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(path.join("db").exists().then_some(1))
+        }
+        Err(source) => Err(Error::Io {
+            context: format!("reading {}", file.display()),
+            source,
+        }),
     }
 }
 
@@ -98,5 +198,45 @@ mod tests {
         );
         drop(first);
         DataDir::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn formats_are_recorded_migrated_and_refused_when_too_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = DataDir::open(dir.path()).unwrap();
+        assert_eq!(new.format(), None);
+        new.record_format().unwrap();
+        drop(new);
+        assert_eq!(
+            DataDir::open(dir.path()).unwrap().format(),
+            Some(FORMAT_VERSION)
+        );
+
+        // Format 1 recorded nothing: a database without FORMAT.
+        let old = tempfile::tempdir().unwrap();
+        std::fs::create_dir(old.path().join("db")).unwrap();
+        let opened = DataDir::open(old.path()).unwrap();
+        assert_eq!(opened.format(), Some(1));
+        opened.record_format().unwrap();
+        drop(opened);
+        assert_eq!(
+            std::fs::read_to_string(old.path().join("FORMAT"))
+                .unwrap()
+                .trim(),
+            FORMAT_VERSION.to_string()
+        );
+
+        for (text, want) in [
+            (
+                "99\n",
+                "data format 99, which is newer than this binary writes",
+            ),
+            ("0", "data format 0, which is older than this binary opens"),
+            ("two", "does not hold a version number"),
+        ] {
+            std::fs::write(dir.path().join("FORMAT"), text).unwrap();
+            let err = DataDir::open(dir.path()).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
     }
 }

@@ -48,6 +48,17 @@ pub enum Error {
         expected: u64,
     },
 
+    /// The data directory's format cannot be opened by this binary.
+    #[error("data directory {} has data format {found}, which is {reason}", path.display())]
+    Format {
+        /// The directory.
+        path: PathBuf,
+        /// The format found (0 when unreadable).
+        found: u32,
+        /// Why it cannot be opened.
+        reason: String,
+    },
+
     /// Joining an existing cluster failed.
     #[error("cannot join the cluster at {endpoints}: {reason}")]
     Join {

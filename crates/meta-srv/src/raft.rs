@@ -10,6 +10,7 @@
 //! | `grpc_transport` | `GrpcTransport`: per-peer batching streams with reconnect |
 //! | `members` | member ids -> addresses, replicated with conf changes, persisted |
 //! | `slog_bridge` | raft-rs's slog records into tracing |
+//! | `versions` | peers' data format versions and the cluster version |
 //!
 //! A single member is a one-voter group on the same code path.
 
@@ -20,3 +21,4 @@ pub mod log_store;
 pub mod members;
 pub mod slog_bridge;
 pub mod transport;
+pub mod versions;

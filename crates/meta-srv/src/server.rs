@@ -39,6 +39,7 @@ use crate::raft::backend::RaftKvBackend;
 use crate::raft::driver::{RaftNode, RaftSettings};
 use crate::raft::grpc_transport::GrpcTransport;
 use crate::raft::members::Members;
+use crate::raft::versions::PeerVersions;
 use crate::service::cluster::ClusterService;
 use crate::service::heartbeat::{HeartbeatApi, HeartbeatService};
 use crate::service::procedure::ProcedureService;
@@ -147,6 +148,9 @@ impl MetaSrv {
             transport.clone(),
         )?;
         transport.report_to(node.mailbox());
+        // Opening the log migrated an older format and started the node flushed it:
+        // only now may the directory say it holds the current format.
+        data_dir.record_format()?;
         let backend = RaftKvBackend::new(
             node.mailbox(),
             store.clone(),
@@ -323,6 +327,7 @@ impl MetaSrv {
             member_id,
             self.node.mailbox(),
             self.members.clone(),
+            Arc::new(PeerVersions::default()),
             stop_rx.clone(),
         ))
         .max_decoding_message_size(MAX_RAFT_BATCH_BYTES);

@@ -463,6 +463,11 @@ async fn status(client: &MetaClient, output: Output) -> Result<(), Failure> {
         format!("term:     {}", s.term),
         format!("commit:   {}", s.commit_index),
         format!("applied:  {}", s.applied_index),
+        format!("first:    {}", s.first_index),
+        format!(
+            "format:   {} (cluster runs at {})",
+            s.version, s.cluster_version
+        ),
         "members:".to_string(),
     ];
     lines.extend(
@@ -482,6 +487,9 @@ async fn status(client: &MetaClient, output: Output) -> Result<(), Failure> {
             "term": s.term,
             "commit_index": s.commit_index,
             "applied_index": s.applied_index,
+            "first_index": s.first_index,
+            "version": s.version,
+            "cluster_version": s.cluster_version,
             "members": members,
         }),
     );

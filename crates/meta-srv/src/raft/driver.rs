@@ -37,6 +37,61 @@ pub type Reply<T> = oneshot::Sender<Result<T, Error>>;
 /// Most commands drained into one loop turn.
 const MAX_DRAIN: usize = 4096;
 
+/// When the driver entered its storage work, for the watchdog (0: not in it).
+struct StorageWatch {
+    origin: Instant,
+    busy_since_ms: std::sync::atomic::AtomicU64,
+    /// Set when the driver thread ends: the watchdog ends too.
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl StorageWatch {
+    fn enter(&self) {
+        let now = self.origin.elapsed().as_millis() as u64;
+        self.busy_since_ms
+            .store(now.max(1), std::sync::atomic::Ordering::Release);
+    }
+
+    fn leave(&self) {
+        self.busy_since_ms
+            .store(0, std::sync::atomic::Ordering::Release);
+    }
+
+    /// How long the current storage work has lasted, if any.
+    fn busy_for(&self) -> Option<Duration> {
+        match self
+            .busy_since_ms
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            0 => None,
+            since => Some(
+                self.origin
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(since)),
+            ),
+        }
+    }
+}
+
+/// Publishes the member's failure once (the first reason wins) and that it leads no
+/// more.
+fn publish_failure(
+    member: u64,
+    reason: String,
+    leader: &tokio::sync::watch::Sender<Option<u64>>,
+    failure: &tokio::sync::watch::Sender<Option<String>>,
+) {
+    leader.send_replace(None);
+    failure.send_if_modified(|current| {
+        if current.is_some() {
+            return false;
+        }
+        tracing::error!(member, %reason, "raft member failed and stops");
+        *current = Some(reason);
+        true
+    });
+}
+
 /// Settings of one member's raft node.
 #[derive(Debug, Clone)]
 pub struct RaftSettings {
@@ -57,6 +112,10 @@ pub struct RaftSettings {
     /// Applied entries kept in the log after compaction, so a briefly lagging member
     /// catches up from the log rather than a snapshot.
     pub keep_entries: u64,
+    /// Storage work (an fsync, a batch) that has not returned after this long is taken
+    /// for a broken disk and fails the member: sled can wait forever on a full one
+    /// instead of failing.
+    pub storage_stall: Duration,
 }
 
 impl RaftSettings {
@@ -71,6 +130,7 @@ impl RaftSettings {
             heartbeat_ticks: 2,
             compact_after: 10_000,
             keep_entries: 1_000,
+            storage_stall: Duration::from_secs(20),
         }
     }
 }
@@ -133,6 +193,8 @@ pub enum Fault {
     StorageError,
     /// The driver thread panics (as a raft-rs `fatal!` or a bug would).
     Panic,
+    /// The next storage work blocks this long (as on a disk that stopped answering).
+    Stall(Duration),
 }
 
 /// One configuration change.
@@ -279,6 +341,12 @@ impl RaftNode {
         let (leader_tx, leadership) = tokio::sync::watch::channel(None);
         let leader_tx = Arc::new(leader_tx);
         let (failure_tx, failure) = tokio::sync::watch::channel(None);
+        let failure_tx = Arc::new(failure_tx);
+        let storage = Arc::new(StorageWatch {
+            origin: Instant::now(),
+            busy_since_ms: Default::default(),
+            done: Default::default(),
+        });
         // Ids of this run's proposals and reads: the boot count in the high half, so no
         // id repeats across restarts (whatever the clock does).
         let first_id = log.next_boot().map_err(raft_error)? << 32;
@@ -303,7 +371,16 @@ impl RaftNode {
             reads_by_index: Vec::new(),
             leader_tx: leader_tx.clone(),
             injected: None,
+            storage: storage.clone(),
+            failure: failure_tx.clone(),
         };
+        spawn_watchdog(
+            settings.id,
+            settings.storage_stall,
+            storage.clone(),
+            leader_tx.clone(),
+            failure_tx.clone(),
+        )?;
         let thread = std::thread::Builder::new()
             .name(format!("raft-{}", settings.id))
             .spawn(move || {
@@ -325,10 +402,12 @@ impl RaftNode {
                                 .unwrap_or_else(|| "(no message)".to_string())
                         )),
                     };
+                storage
+                    .done
+                    .store(true, std::sync::atomic::Ordering::Release);
                 leader_tx.send_replace(None);
                 if let Some(reason) = reason {
-                    tracing::error!(member = id, %reason, "raft member failed and stops");
-                    failure_tx.send_replace(Some(reason));
+                    publish_failure(id, reason, &leader_tx, &failure_tx);
                 }
             })
             .map_err(|source| Error::Io {
@@ -412,6 +491,40 @@ fn bootstrap(log: &LogStore, voters: &[u64], members: &Members) -> Result<(), Er
     log.flush().map_err(raft_error)
 }
 
+/// Watches the driver's storage work: one that has not returned after `stall` fails the
+/// member (the driver thread is stuck and cannot).
+fn spawn_watchdog(
+    member: u64,
+    stall: Duration,
+    storage: Arc<StorageWatch>,
+    leader: Arc<tokio::sync::watch::Sender<Option<u64>>>,
+    failure: Arc<tokio::sync::watch::Sender<Option<String>>>,
+) -> Result<(), Error> {
+    std::thread::Builder::new()
+        .name(format!("raft-watchdog-{member}"))
+        .spawn(move || {
+            while !storage.done.load(std::sync::atomic::Ordering::Acquire) {
+                // A periodic check on its own thread, not a synchronisation.
+                std::thread::sleep(Duration::from_millis(250));
+                if let Some(stuck) = storage.busy_for()
+                    && stuck >= stall
+                {
+                    let reason = format!(
+                        "storage has not completed a write for {}s (a full or broken disk?)",
+                        stuck.as_secs()
+                    );
+                    publish_failure(member, reason, &leader, &failure);
+                    return;
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|source| Error::Io {
+            context: "starting the raft watchdog thread".to_string(),
+            source,
+        })
+}
+
 fn raft_error(e: raft::Error) -> Error {
     Error::Unavailable {
         message: format!("raft: {e}"),
@@ -465,6 +578,10 @@ struct Driver {
     leader_tx: Arc<tokio::sync::watch::Sender<Option<u64>>>,
     /// A fault to suffer at the next chance (fault-injection tests).
     injected: Option<Fault>,
+    /// Marks the storage work of each turn for the watchdog.
+    storage: Arc<StorageWatch>,
+    /// The member's failure, as published (by the watchdog, while this thread was stuck).
+    failure: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
 
 impl Driver {
@@ -499,6 +616,11 @@ impl Driver {
             // Advancing can produce more work (messages after a conf change, entries
             // committed by the light ready): handle it in this turn, not the next tick.
             let mut failed = None;
+            self.storage.enter();
+            if let Some(Fault::Stall(blocked)) = self.injected {
+                self.injected = None;
+                std::thread::sleep(blocked);
+            }
             for _ in 0..8 {
                 if !self.node.has_ready() {
                     break;
@@ -507,6 +629,12 @@ impl Driver {
                     failed = Some(e);
                     break;
                 }
+            }
+            self.storage.leave();
+            if let Some(reason) = self.failure.borrow().clone() {
+                // The watchdog gave up on this member while its storage was stuck.
+                self.leader_tx.send_replace(None);
+                return Some(reason);
             }
             if self.injected == Some(Fault::StorageError) {
                 failed = Some(Error::Unavailable {

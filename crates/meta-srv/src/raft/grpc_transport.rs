@@ -123,6 +123,7 @@ fn batch(cluster_id: u64, from: u64, messages: Vec<Message>) -> pb::RaftBatch {
     pb::RaftBatch {
         cluster_id,
         from,
+        version: crate::data_dir::FORMAT_VERSION,
         messages: messages
             .iter()
             .filter_map(|m| m.write_to_bytes().ok())

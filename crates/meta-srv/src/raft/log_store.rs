@@ -48,6 +48,9 @@ const CONF_STATE: &[u8] = b"conf_state";
 const SNAPSHOT: &[u8] = b"snapshot";
 const BOOT: &[u8] = b"boot";
 
+/// Most entries one `Storage::entries` call returns (see there).
+pub const MAX_ENTRIES_PER_READ: usize = 256;
+
 /// Raft log storage; cheap to clone (the driver and raft-rs share one).
 #[derive(Clone)]
 pub struct LogStore {
@@ -445,16 +448,18 @@ impl Storage for LogStore {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         // Stop reading at `max_size` (always at least one entry, as raft-rs's
-        // `limit_size`): a lagging follower is sent one message's worth per call, and the
-        // leader must not decode its whole backlog each time (it did, once per read
-        // round's heartbeat, and stalled every client while a restarted member caught up).
+        // `limit_size`) and at MAX_ENTRIES_PER_READ: raft-rs asks again for a lagging
+        // follower at every heartbeat response while it probes (and every linearizable
+        // read round sends heartbeats), so one call must stay cheap. Decoding a whole
+        // backlog per call stalled every client while a restarted member caught up.
+        // Returning fewer entries than asked is allowed: raft sends what it got.
         let max_size = max_size.into().unwrap_or(u64::MAX);
         let mut entries = Vec::new();
         let mut size = 0u64;
         for item in self.inner.log.range(low.to_be_bytes()..high.to_be_bytes()) {
             let (_, bytes) = item.map_err(|e| other("reading entries", e))?;
             size = size.saturating_add(bytes.len() as u64);
-            if !entries.is_empty() && size > max_size {
+            if !entries.is_empty() && (size > max_size || entries.len() >= MAX_ENTRIES_PER_READ) {
                 break;
             }
             entries.push(decode("entry", &bytes)?);

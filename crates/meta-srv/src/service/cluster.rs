@@ -8,6 +8,7 @@ use raft::prelude::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::raft::members::Members;
+use crate::raft::versions::PeerVersions;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
@@ -24,6 +25,8 @@ pub struct ClusterService {
     member_id: u64,
     mailbox: Mailbox,
     members: Arc<Members>,
+    /// Peers' data format versions, from their batches.
+    versions: Arc<PeerVersions>,
     /// Becomes true at shutdown: inbound raft streams end.
     stop: watch::Receiver<bool>,
 }
@@ -36,9 +39,11 @@ impl ClusterService {
         member_id: u64,
         mailbox: Mailbox,
         members: Arc<Members>,
+        versions: Arc<PeerVersions>,
         stop: watch::Receiver<bool>,
     ) -> Self {
         ClusterService {
+            versions,
             cluster_id,
             member_id,
             mailbox,
@@ -198,6 +203,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                     batch.from, batch.cluster_id, self.cluster_id
                 )));
             }
+            self.versions.record(batch.from, batch.version);
             for bytes in batch.messages {
                 let message = Message::parse_from_bytes(&bytes).map_err(|e| {
                     Status::invalid_argument(format!(
@@ -240,6 +246,10 @@ impl pb::cluster_server::Cluster for ClusterService {
             commit_index: status.commit_index,
             applied_index: status.applied_index,
             first_index: status.first_index,
+            version: crate::data_dir::FORMAT_VERSION,
+            cluster_version: self
+                .versions
+                .cluster_version(self.member_id, &status.voters),
             leader_addr: self.members.addr(status.leader_id).unwrap_or_default(),
             members,
         }))

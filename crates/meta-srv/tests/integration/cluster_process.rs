@@ -279,6 +279,14 @@ async fn restart_a_follower_under_reads(catch_up: CatchUp, writes: u32) {
         (before.leader_id, before.term),
         "no leader change"
     );
+    assert_eq!(
+        (after.version, after.cluster_version),
+        (
+            meta_srv::data_dir::FORMAT_VERSION,
+            meta_srv::data_dir::FORMAT_VERSION
+        ),
+        "every voter said its version in its raft batches"
+    );
     assert!(
         longest < ELECTION_TIMEOUT_MAX,
         "no client waited longer than an election timeout: {longest:?} over {ops} operations"

@@ -142,7 +142,7 @@ async fn a_full_disk_stops_the_member_and_loses_no_acknowledged_write() {
     let failure = failure.expect("8 MiB fill up before 64 MiB were written");
     assert!(acked.len() > 5, "some writes fit: {}", acked.len());
     let status = server
-        .wait_exit(Duration::from_secs(30))
+        .wait_exit(Duration::from_secs(60))
         .expect("a member that cannot persist exits by itself");
     assert!(
         !status.success(),
@@ -173,4 +173,106 @@ async fn a_full_disk_stops_the_member_and_loses_no_acknowledged_write() {
         .await
         .expect("writes go on once there is room");
     drop(server);
+}
+
+/// Turns a current-format data directory of one stopped member into the first format:
+/// the configuration back in `raft_meta`, the members in their own tree, no boot
+/// counter, no `FORMAT`; and appends a committed, unapplied first-format entry (a bare
+/// `TxnRequest` putting `legacy` = `1`), which the next start must replay.
+fn downgrade_to_format_1(data_dir: &std::path::Path) {
+    use prost::Message as _;
+    use protobuf::Message as _;
+
+    let db = sled::open(data_dir.join("db")).unwrap();
+    let kv = db.open_tree("kv").unwrap();
+    let meta = db.open_tree("raft_meta").unwrap();
+    let log = db.open_tree("raft_log").unwrap();
+    let members = db.open_tree("members").unwrap();
+    let system = |name: &[u8]| [&[0x03u8][..], name].concat();
+    let conf = kv
+        .remove(system(b"conf_state"))
+        .unwrap()
+        .expect("a format-2 conf state");
+    meta.insert("conf_state", conf).unwrap();
+    for item in kv.scan_prefix(system(b"member/")) {
+        let (key, addr) = item.unwrap();
+        members.insert(&key[key.len() - 8..], addr).unwrap();
+        kv.remove(key).unwrap();
+    }
+    meta.remove("boot").unwrap();
+    let (last, _) = log.last().unwrap().unwrap();
+    let last = u64::from_be_bytes(last.as_ref().try_into().unwrap());
+    let mut hard_state =
+        raft::prelude::HardState::parse_from_bytes(&meta.get("hard_state").unwrap().unwrap())
+            .unwrap();
+    let put = meta_proto::v1::TxnRequest {
+        success: vec![meta_proto::v1::TxnOp {
+            op: Some(meta_proto::v1::txn_op::Op::Put(
+                meta_proto::v1::PutRequest {
+                    key: b"legacy".to_vec(),
+                    value: b"1".to_vec(),
+                    ..Default::default()
+                },
+            )),
+        }],
+        ..Default::default()
+    };
+    let entry = raft::prelude::Entry {
+        term: hard_state.term,
+        index: last + 1,
+        data: put.encode_to_vec().into(),
+        ..Default::default()
+    };
+    log.insert((last + 1).to_be_bytes(), entry.write_to_bytes().unwrap())
+        .unwrap();
+    hard_state.commit = last + 1;
+    meta.insert("hard_state", hard_state.write_to_bytes().unwrap())
+        .unwrap();
+    db.flush().unwrap();
+    std::fs::remove_file(data_dir.join("FORMAT")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_format_directory_opens_and_a_newer_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default()).unwrap();
+    client.put(PutRequest::new("old/key", "v")).await.unwrap();
+    let status = server.terminate(Duration::from_secs(20));
+    assert!(status.success());
+
+    tracing::info!("--- the directory is turned into the first format, then opened");
+    downgrade_to_format_1(dir.path());
+    let server = ServerProcess::start(dir.path());
+    let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default()).unwrap();
+    for (key, value) in [("old/key", "v"), ("legacy", "1")] {
+        let got = client.get(key.as_bytes()).await.unwrap();
+        assert_eq!(
+            got.map(|kv| kv.value),
+            Some(value.as_bytes().to_vec()),
+            "{key}"
+        );
+    }
+    let raft = client.status().await.unwrap();
+    assert_eq!(raft.members.len(), 1, "members migrated: {raft:?}");
+    client.put(PutRequest::new("new/key", "w")).await.unwrap();
+    assert!(server.terminate(Duration::from_secs(20)).success());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("FORMAT"))
+            .unwrap()
+            .trim(),
+        meta_srv::data_dir::FORMAT_VERSION.to_string()
+    );
+
+    tracing::info!("--- a directory of a newer format is refused, untouched");
+    std::fs::write(dir.path().join("FORMAT"), "999\n").unwrap();
+    let (status, _, err) = crate::support::run_bounded(
+        crate::support::meta_srv_command(dir.path()),
+        Duration::from_secs(30),
+    );
+    assert!(!status.success());
+    assert!(
+        err.contains("has data format 999, which is newer than this binary writes"),
+        "{err}"
+    );
 }

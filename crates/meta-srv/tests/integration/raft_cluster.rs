@@ -139,6 +139,7 @@ impl Cluster {
             compact_after: self.compaction.0,
             keep_entries: self.compaction.1,
             tick: self.tick,
+            storage_stall: Duration::from_secs(5),
             ..RaftSettings::new(id, initial_voters)
         };
         let node = RaftNode::start(
@@ -449,6 +450,28 @@ async fn a_member_whose_storage_fails_stops_and_the_others_go_on() {
             .value,
         b"x"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_storage_hangs_is_failed_by_its_watchdog() {
+    let mut cluster = Cluster::new(3);
+    let leader = cluster.leader().await;
+    let stuck = (1..=3).find(|id| *id != leader).unwrap();
+    tracing::info!("--- a follower's disk stops answering for longer than the stall bound");
+    // Member settings use a 5 s bound (see Cluster::start_with).
+    cluster.members[&stuck]
+        .node
+        .mailbox()
+        .send(Command::InjectFault(Fault::Stall(Duration::from_secs(7))))
+        .unwrap();
+    let reason = failed(&cluster, stuck).await;
+    assert!(
+        reason.contains("storage has not completed a write for 5s"),
+        "{reason}"
+    );
+    put(cluster.backend(leader), "s/after", "ok").await.unwrap();
+    // Its driver, back from the stall, stops instead of going on.
+    cluster.kill(stuck);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
