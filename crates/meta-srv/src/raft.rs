@@ -4,7 +4,9 @@
 //! | module | what |
 //! | --- | --- |
 //! | `log_store` | raft-rs `Storage` on sled; contract in its doc |
-//! | `driver` | the thread that owns the `RawNode`: group commit, `on_ready` order, reads |
+//! | `driver` | the thread that owns the `RawNode`: `on_ready` order, proposals, reads, fail-stop |
+//! | `persist` | the log writer thread: group-commit fsync of the driver's writes (async ready) |
+//! | `apply` | the apply thread: committed entries applied in batches, proposers answered |
 //! | `backend` | `RaftKvBackend`: propose writes, ReadIndex reads |
 //! | `transport` | the `Transport` seam and the fault-injecting `LocalRouter` |
 //! | `grpc_transport` | `GrpcTransport`: per-peer batching streams with reconnect |
@@ -14,11 +16,13 @@
 //!
 //! A single member is a one-voter group on the same code path.
 
+pub mod apply;
 pub mod backend;
 pub mod driver;
 pub mod grpc_transport;
 pub mod log_store;
 pub mod members;
+pub mod persist;
 pub mod slog_bridge;
 pub mod transport;
 pub mod versions;

@@ -1,9 +1,22 @@
-//! The raft driver: one thread owns the `RawNode`, the log and the state machine.
+//! The raft driver: one thread owns the `RawNode`; two more make its work durable and
+//! apply it, so the three overlap (raft-rs asynchronous ready):
 //!
-//! Each loop turn waits for a command or the next tick, drains every command already
-//! queued (proposals, inbound messages, read requests), ticks when due, and handles one
-//! `Ready`. So all proposals of a turn share one log append and one fsync (group commit).
-//! The thread does blocking sled work on purpose: it is not a tokio worker.
+//! - the **driver** (this thread) steps messages, proposes, ticks, and turns each
+//!   `Ready` into work: a leader's messages are sent at once; committed entries go to
+//!   the apply thread (`apply.rs`); new entries and the hard state are written into
+//!   sled (visible to raft-rs at once) and the Ready's number goes to the log writer;
+//! - the **log writer** (`persist.rs`) fsyncs once for every Ready queued meanwhile
+//!   (group commit) and reports the highest number persisted; only then does the driver
+//!   tell raft-rs (`on_persist_ready`) and send the messages that promise durability
+//!   (votes, append acknowledgements);
+//! - the **apply thread** applies committed entries in batches, answers their
+//!   proposers and reports the applied index, which the driver gives raft-rs
+//!   (`advance_apply_to`) and reads wait for.
+//!
+//! Every loop turn waits for a command or the next tick, drains every command already
+//! queued (proposals, inbound messages, read requests, reports of the two threads),
+//! ticks when due, and handles the Readies. The threads do blocking sled work on
+//! purpose: none is a tokio worker.
 //!
 //! Proposals are answered from the state machine when their entry is applied, matched by
 //! the proposal id in the entry's context (ids start from the clock at start-up, so an
@@ -26,8 +39,10 @@ use raft::prelude::{
 use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 
+use crate::raft::apply::{Applier, ApplyJob};
 use crate::raft::log_store::LogStore;
 use crate::raft::members::Members;
+use crate::raft::persist::{Persister, Written};
 use crate::raft::slog_bridge;
 use crate::raft::transport::Transport;
 
@@ -37,22 +52,42 @@ pub type Reply<T> = oneshot::Sender<Result<T, Error>>;
 /// Most commands drained into one loop turn.
 const MAX_DRAIN: usize = 4096;
 
-/// When the driver entered its storage work, for the watchdog (0: not in it).
-struct StorageWatch {
+/// Most client requests (proposals, reads) queued for the driver; beyond it a request
+/// is refused at once as unavailable (nothing proposed) instead of growing the queue.
+pub const MAX_BACKLOG: usize = 16_384;
+
+/// Bytes of proposed, uncommitted entries a leader holds before it refuses proposals
+/// (raft-rs `max_uncommitted_size`): back-pressure when followers or the disk lag.
+const MAX_UNCOMMITTED_BYTES: u64 = 64 * 1024 * 1024;
+
+/// When a thread entered its storage work, for the watchdog (0: not in it).
+pub(crate) struct StorageWatch {
     origin: Instant,
     busy_since_ms: std::sync::atomic::AtomicU64,
     /// Set when the driver thread ends: the watchdog ends too.
     done: std::sync::atomic::AtomicBool,
 }
 
+impl Default for StorageWatch {
+    fn default() -> Self {
+        StorageWatch {
+            origin: Instant::now(),
+            busy_since_ms: Default::default(),
+            done: Default::default(),
+        }
+    }
+}
+
 impl StorageWatch {
-    fn enter(&self) {
+    /// Marks the start of storage work.
+    pub(crate) fn enter(&self) {
         let now = self.origin.elapsed().as_millis() as u64;
         self.busy_since_ms
             .store(now.max(1), std::sync::atomic::Ordering::Release);
     }
 
-    fn leave(&self) {
+    /// Marks its end.
+    pub(crate) fn leave(&self) {
         self.busy_since_ms
             .store(0, std::sync::atomic::Ordering::Release);
     }
@@ -168,6 +203,26 @@ pub enum Command {
         /// Answered with the configuration once the change is applied.
         reply: Reply<Membership>,
     },
+    /// The log writer made every Ready up to `number` durable.
+    Persisted {
+        /// The highest Ready number persisted.
+        number: u64,
+    },
+    /// The log writer could not make the log durable.
+    PersistFailed {
+        /// What failed.
+        reason: String,
+    },
+    /// The apply thread applied every entry up to `index`.
+    Applied {
+        /// The applied index.
+        index: u64,
+    },
+    /// The apply thread could not write the state machine.
+    ApplyFailed {
+        /// What failed.
+        reason: String,
+    },
     /// The transport lost its connection to `peer` (raft probes it from now on).
     Unreachable {
         /// The member.
@@ -246,13 +301,34 @@ impl From<&ConfState> for Membership {
 #[derive(Clone)]
 pub struct Mailbox {
     queue: mpsc::Sender<Command>,
+    /// Client requests queued and not yet taken by the driver.
+    backlog: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Mailbox {
-    /// Queues `command`; fails when the driver has stopped.
+    /// Queues `command`; fails when the driver has stopped, or (for a proposal or a
+    /// read) when [`MAX_BACKLOG`] client requests already wait.
     pub fn send(&self, command: Command) -> Result<(), Error> {
-        self.queue.send(command).map_err(|_| Error::Unavailable {
-            message: "the raft driver has stopped".to_string(),
+        use std::sync::atomic::Ordering;
+        let client = matches!(command, Command::Propose { .. } | Command::ReadIndex { .. });
+        if client {
+            let queued = self.backlog.fetch_add(1, Ordering::AcqRel);
+            if queued >= MAX_BACKLOG {
+                self.backlog.fetch_sub(1, Ordering::AcqRel);
+                return Err(Error::Unavailable {
+                    message: format!(
+                        "the member is overloaded ({queued} requests queued); retry later"
+                    ),
+                });
+            }
+        }
+        self.queue.send(command).map_err(|_| {
+            if client {
+                self.backlog.fetch_sub(1, Ordering::AcqRel);
+            }
+            Error::Unavailable {
+                message: "the raft driver has stopped".to_string(),
+            }
         })
     }
 
@@ -325,6 +401,7 @@ impl RaftNode {
             applied: store.applied_index().min(commit),
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
+            max_uncommitted_size: MAX_UNCOMMITTED_BYTES,
             check_quorum: true,
             pre_vote: true,
             ..Default::default()
@@ -338,15 +415,23 @@ impl RaftNode {
             node.campaign().map_err(raft_error)?;
         }
         let (queue, inbox) = mpsc::channel();
+        let mailbox = Mailbox {
+            queue,
+            backlog: Arc::default(),
+        };
         let (leader_tx, leadership) = tokio::sync::watch::channel(None);
         let leader_tx = Arc::new(leader_tx);
         let (failure_tx, failure) = tokio::sync::watch::channel(None);
         let failure_tx = Arc::new(failure_tx);
-        let storage = Arc::new(StorageWatch {
-            origin: Instant::now(),
-            busy_since_ms: Default::default(),
-            done: Default::default(),
-        });
+        let storage = Arc::new(StorageWatch::default());
+        let writer_storage = Arc::new(StorageWatch::default());
+        let persister = Persister::start(
+            settings.id,
+            log.clone(),
+            mailbox.clone(),
+            writer_storage.clone(),
+        )?;
+        let applier = Applier::start(settings.id, store.clone(), mailbox.clone())?;
         // Ids of this run's proposals and reads: the boot count in the high half, so no
         // id repeats across restarts (whatever the clock does).
         let first_id = log.next_boot().map_err(raft_error)? << 32;
@@ -358,6 +443,11 @@ impl RaftNode {
             members,
             transport,
             inbox,
+            backlog: mailbox.backlog.clone(),
+            persister: Some(persister),
+            applier: Some(applier),
+            written: std::collections::VecDeque::new(),
+            fatal: None,
             tick: settings.tick,
             compact_after: settings.compact_after,
             keep_entries: settings.keep_entries,
@@ -377,7 +467,7 @@ impl RaftNode {
         spawn_watchdog(
             settings.id,
             settings.storage_stall,
-            storage.clone(),
+            vec![storage.clone(), writer_storage],
             leader_tx.clone(),
             failure_tx.clone(),
         )?;
@@ -415,7 +505,7 @@ impl RaftNode {
                 source,
             })?;
         Ok(RaftNode {
-            mailbox: Mailbox { queue },
+            mailbox,
             thread: Some(thread),
             leadership,
             failure,
@@ -496,17 +586,17 @@ fn bootstrap(log: &LogStore, voters: &[u64], members: &Members) -> Result<(), Er
 fn spawn_watchdog(
     member: u64,
     stall: Duration,
-    storage: Arc<StorageWatch>,
+    watched: Vec<Arc<StorageWatch>>,
     leader: Arc<tokio::sync::watch::Sender<Option<u64>>>,
     failure: Arc<tokio::sync::watch::Sender<Option<String>>>,
 ) -> Result<(), Error> {
     std::thread::Builder::new()
         .name(format!("raft-watchdog-{member}"))
         .spawn(move || {
-            while !storage.done.load(std::sync::atomic::Ordering::Acquire) {
+            while !watched[0].done.load(std::sync::atomic::Ordering::Acquire) {
                 // A periodic check on its own thread, not a synchronisation.
                 std::thread::sleep(Duration::from_millis(250));
-                if let Some(stuck) = storage.busy_for()
+                if let Some(stuck) = watched.iter().filter_map(|w| w.busy_for()).max()
                     && stuck >= stall
                 {
                     let reason = format!(
@@ -551,6 +641,15 @@ fn parse_context(ctx: &[u8]) -> Option<(u64, u64)> {
     Some((u64::from_be_bytes(member), u64::from_be_bytes(proposal)))
 }
 
+/// A Ready written into sled and waiting for the log writer's fsync.
+struct Pending {
+    number: u64,
+    /// Messages that promise what this Ready wrote is durable.
+    messages: Vec<Message>,
+    /// The index of a snapshot this Ready installed.
+    snapshot: Option<u64>,
+}
+
 struct Driver {
     id: u64,
     node: RawNode<LogStore>,
@@ -559,6 +658,16 @@ struct Driver {
     members: Arc<Members>,
     transport: Arc<dyn Transport>,
     inbox: mpsc::Receiver<Command>,
+    /// Client requests queued in `inbox` (see `Mailbox::send`).
+    backlog: Arc<std::sync::atomic::AtomicUsize>,
+    /// The log writer (always `Some` while running; taken to stop it).
+    persister: Option<Persister>,
+    /// The apply thread (always `Some` while running; taken to stop it).
+    applier: Option<Applier>,
+    /// Readies written and not yet reported durable, oldest first.
+    written: std::collections::VecDeque<Pending>,
+    /// Set when the log writer or the apply thread failed: the member stops.
+    fatal: Option<String>,
     tick: Duration,
     compact_after: u64,
     keep_entries: u64,
@@ -631,15 +740,20 @@ impl Driver {
                 }
             }
             self.storage.leave();
-            if let Some(reason) = self.failure.borrow().clone() {
+            let watchdog = self.failure.borrow().clone();
+            if let Some(reason) = watchdog {
                 // The watchdog gave up on this member while its storage was stuck.
                 self.leader_tx.send_replace(None);
+                self.abandon_threads();
                 return Some(reason);
             }
             if self.injected == Some(Fault::StorageError) {
                 failed = Some(Error::Unavailable {
                     message: "injected storage failure".to_string(),
                 });
+            }
+            if let Some(reason) = self.fatal.take() {
+                failed = Some(Error::Unavailable { message: reason });
             }
             if let Some(e) = failed {
                 // Storage failed: what is on disk is unknown, so this member cannot go
@@ -651,6 +765,7 @@ impl Driver {
                         message: "the member failed to persist and stopped".to_string(),
                     },
                 );
+                self.abandon_threads();
                 return Some(format!("storage failed: {e}"));
             }
             self.fail_if_not_leader();
@@ -669,7 +784,17 @@ impl Driver {
             || Error::outcome_unknown("the raft driver stopped after the write was queued; it may or may not have been applied"),
             stopped,
         );
+        // A clean stop: the writer syncs and the apply thread applies what they hold.
+        drop(self.persister.take());
+        drop(self.applier.take());
         None
+    }
+
+    /// After a storage failure: the writer and the apply thread may be stuck in sled,
+    /// so they are not waited for (the process is about to exit).
+    fn abandon_threads(&mut self) {
+        std::mem::forget(self.persister.take());
+        std::mem::forget(self.applier.take());
     }
 
     fn is_leader(&self) -> bool {
@@ -684,7 +809,16 @@ impl Driver {
     }
 
     fn handle(&mut self, command: Command) {
+        if matches!(command, Command::Propose { .. } | Command::ReadIndex { .. }) {
+            self.backlog
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
         match command {
+            Command::Persisted { number } => self.persisted(number),
+            Command::Applied { index } => self.advance_applied(index),
+            Command::PersistFailed { reason } | Command::ApplyFailed { reason } => {
+                self.fatal.get_or_insert(reason);
+            }
             Command::Step(message) => {
                 // Messages from removed or unknown members are refused by raft: drop them.
                 if let Err(e) = self.node.step(*message) {
@@ -707,6 +841,14 @@ impl Driver {
                 match self.node.propose(proposal_context(self.id, id), data) {
                     Ok(()) => {
                         self.proposals.insert(id, reply);
+                    }
+                    Err(raft::Error::ProposalDropped) if self.is_leader() => {
+                        // Too much is proposed and not yet committed (followers or the
+                        // disk lag): back-pressure, nothing was proposed.
+                        let _ = reply.send(Err(Error::Unavailable {
+                            message: "too many writes are waiting to commit; retry later"
+                                .to_string(),
+                        }));
                     }
                     Err(_) => {
                         let _ = reply.send(Err(self.not_leader()));
@@ -874,47 +1016,53 @@ impl Driver {
         }
     }
 
-    /// Handles one `Ready` in the order raft-rs requires.
+    /// Handles one `Ready`, in this order (raft-rs asynchronous ready):
+    ///
+    /// 1. a leader's messages go out at once: followers persist its appends while it
+    ///    writes its own (raft thesis 10.2.1);
+    /// 2. a snapshot replaces the state machine, the members and the log, after the
+    ///    apply thread has applied everything handed to it before;
+    /// 3. committed entries go to the apply thread (raft-rs hands out only entries this
+    ///    member has persisted, and committed means durable on a quorum); entries that
+    ///    change the configuration are applied here instead (see `apply.rs`);
+    /// 4. reads whose index raft confirmed wait for the apply to reach it;
+    /// 5. new entries and the hard state are written into sled, where raft-rs reads them
+    ///    at once; the log writer makes them durable, and the messages that promise
+    ///    durability (votes, append acknowledgements) wait for it (`persisted`);
+    /// 6. raft-rs is told the Ready was handed off (`advance_append_async`).
+    ///
+    /// The state machine may run ahead of the durable commit index (never of the
+    /// durable log): a restart then starts raft at `min(applied, commit)` and the store
+    /// skips what it already applied.
     fn on_ready(&mut self) -> Result<(), Error> {
         if !self.node.has_ready() {
             return Ok(());
         }
         let mut ready = self.node.ready();
 
-        // 1. A leader's appends may go out before its own log write (raft thesis
-        //    10.2.1): followers persist them in parallel.
+        // 1.
         self.send(ready.take_messages());
 
-        // 2. A snapshot from the leader replaces the state machine, the members and the
-        //    log before anything else of this Ready is applied or appended.
+        // 2.
+        let mut snapshot = None;
         if !ready.snapshot().is_empty() {
+            self.applier()?.drain()?;
             self.log
                 .apply_snapshot(ready.snapshot())
                 .map_err(raft_error)?;
+            let index = ready.snapshot().get_metadata().index;
             tracing::info!(
                 member = self.id,
-                index = ready.snapshot().get_metadata().index,
+                index,
                 "installed a snapshot from the leader"
             );
+            snapshot = Some(index);
         }
 
-        // 3. Persist new entries and the hard state, then fsync once for both.
-        self.log.append(ready.entries()).map_err(raft_error)?;
-        if let Some(hard_state) = ready.hs() {
-            self.log.set_hard_state(hard_state).map_err(raft_error)?;
-        }
-        if ready.must_sync() {
-            self.log.flush().map_err(raft_error)?;
-        }
+        // 3.
+        self.hand_to_apply(ready.take_committed_entries())?;
 
-        // 4. Votes and append acknowledgements promise persisted state: only now.
-        self.send(ready.take_persisted_messages());
-
-        // 5. Apply what is committed (durable on a quorum). After step 3, so that the
-        //    state machine is never ahead of the persisted commit index.
-        self.apply(ready.take_committed_entries())?;
-
-        // 6. Reads whose index raft confirmed wait for the apply to reach it.
+        // 4.
         for state in ready.take_read_states() {
             let ctx = state
                 .request_ctx
@@ -928,18 +1076,87 @@ impl Driver {
             }
         }
 
-        // 7. Advance: the light ready carries a new commit index, more messages and more
-        //    committed entries.
-        let mut light = self.node.advance(ready);
-        if let Some(commit) = light.commit_index() {
-            self.log.set_commit(commit).map_err(raft_error)?;
+        // 5.
+        self.log.append(ready.entries()).map_err(raft_error)?;
+        if let Some(hard_state) = ready.hs() {
+            self.log.set_hard_state(hard_state).map_err(raft_error)?;
         }
-        self.send(light.take_messages());
-        self.apply(light.take_committed_entries())?;
-        self.node.advance_apply();
+        let number = ready.number();
+        self.written.push_back(Pending {
+            number,
+            messages: ready.take_persisted_messages(),
+            snapshot,
+        });
+        self.persister()?.persist(Written {
+            number,
+            must_sync: ready.must_sync() || snapshot.is_some(),
+        })?;
+
+        // 6.
+        self.node.advance_append_async(ready);
         self.answer_reads();
         self.maybe_compact()?;
         Ok(())
+    }
+
+    /// The log writer reported every Ready up to `number` durable: tell raft-rs, send
+    /// what waited for it.
+    fn persisted(&mut self, number: u64) {
+        self.node.on_persist_ready(number);
+        while self.written.front().is_some_and(|p| p.number <= number) {
+            let Some(pending) = self.written.pop_front() else {
+                break;
+            };
+            self.send(pending.messages);
+            if let Some(index) = pending.snapshot {
+                self.advance_applied(index);
+            }
+        }
+    }
+
+    /// Gives raft-rs the applied index (never backwards: a late report of the apply
+    /// thread can follow a snapshot) and answers the reads it serves.
+    fn advance_applied(&mut self, index: u64) {
+        if index > self.node.raft.raft_log.applied {
+            self.node.advance_apply_to(index);
+        }
+        self.answer_reads();
+    }
+
+    /// Hands committed entries to the apply thread with the replies of the ones this
+    /// member proposed; a batch that changes the configuration is applied here, after
+    /// the apply thread has caught up.
+    fn hand_to_apply(&mut self, entries: Vec<Entry>) -> Result<(), Error> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        if entries
+            .iter()
+            .any(|e| e.get_entry_type() != EntryType::EntryNormal)
+        {
+            self.applier()?.drain()?;
+            self.apply(entries)?;
+            let applied = self.store.applied_index();
+            self.advance_applied(applied);
+            return Ok(());
+        }
+        let replies = entries
+            .iter()
+            .map(|entry| {
+                parse_context(&entry.context)
+                    .filter(|(member, _)| *member == self.id)
+                    .and_then(|(_, proposal)| self.proposals.remove(&proposal))
+            })
+            .collect();
+        self.applier()?.apply(ApplyJob { entries, replies })
+    }
+
+    fn applier(&self) -> Result<&Applier, Error> {
+        self.applier.as_ref().ok_or_else(stopped)
+    }
+
+    fn persister(&self) -> Result<&Persister, Error> {
+        self.persister.as_ref().ok_or_else(stopped)
     }
 
     /// Sends messages, remembering the snapshots among them.
