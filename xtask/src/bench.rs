@@ -428,6 +428,25 @@ impl Outcome {
     }
 }
 
+/// The floor of a durable write here: 4 KiB appended to a file in the temporary
+/// directory (where the members' data directories are) and fsynced, 200 times; the p50
+/// and p99 in milliseconds.
+fn append_fsync_ms() -> anyhow::Result<(f64, f64)> {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir()?;
+    let mut file = std::fs::File::create(dir.path().join("probe"))?;
+    let block = vec![0u8; 4096];
+    let mut times = Vec::with_capacity(200);
+    for _ in 0..200 {
+        let t = Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[100], times[198]))
+}
+
 fn key(i: usize) -> Vec<u8> {
     format!("{i:08}").into_bytes()
 }
@@ -494,6 +513,11 @@ async fn kv(args: KvArgs) -> anyhow::Result<()> {
         "kv benchmark: {} member(s) per system on loopback, fsync on, release builds, {} cores",
         args.members,
         std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let fsync = append_fsync_ms()?;
+    println!(
+        "disk: one 4 KiB append + fsync where the data directories live: p50 {:.3} ms, p99 {:.3} ms (200 runs)",
+        fsync.0, fsync.1
     );
     println!(
         "8-byte keys over {} keys, {}-byte values, {} s per run, one connection per client",
