@@ -1176,7 +1176,7 @@ impl Driver {
             .store
             .applied_index()
             .min(self.node.raft.raft_log.applied)
-            .min(self.log.hard_state().commit);
+            .min(self.log.commit());
         let first = self.log.first_index_now();
         if applied >= first + self.compact_after + self.keep_entries {
             let to = applied - self.keep_entries;

@@ -66,6 +66,79 @@ struct Inner {
     members: Arc<Members>,
     /// Cached copies of what is on disk, so raft-rs's frequent calls are cheap.
     state: RwLock<Cached>,
+    /// The newest entries, decoded: raft-rs reads back every entry it commits and the
+    /// terms of recent ones (with asynchronous ready nothing stays in its own memory),
+    /// and a restarted follower's catch-up reads recent entries again and again.
+    recent: RwLock<Recent>,
+}
+
+/// Most entries and bytes of data [`Recent`] keeps.
+const RECENT_ENTRIES: usize = 8192;
+const RECENT_BYTES: usize = 32 * 1024 * 1024;
+
+/// A contiguous run of the newest entries of the log (possibly empty).
+#[derive(Default)]
+struct Recent {
+    entries: std::collections::VecDeque<Entry>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|e| e.index)
+    }
+
+    fn get(&self, index: u64) -> Option<&Entry> {
+        let first = self.first_index()?;
+        self.entries
+            .get(usize::try_from(index.checked_sub(first)?).ok()?)
+    }
+
+    /// Adds `entries` (which replace every kept entry at or after the first of them).
+    fn append(&mut self, entries: &[Entry]) {
+        let Some(first) = entries.first() else {
+            return;
+        };
+        while self.entries.back().is_some_and(|e| e.index >= first.index) {
+            if let Some(old) = self.entries.pop_back() {
+                self.bytes -= old.data.len();
+            }
+        }
+        if self
+            .entries
+            .back()
+            .is_some_and(|e| e.index + 1 != first.index)
+        {
+            // Not contiguous (cannot happen after LogStore::append's checks): restart.
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        for entry in entries {
+            self.bytes += entry.data.len();
+            self.entries.push_back(entry.clone());
+        }
+        while self.entries.len() > RECENT_ENTRIES
+            || (self.bytes > RECENT_BYTES && self.entries.len() > 1)
+        {
+            if let Some(old) = self.entries.pop_front() {
+                self.bytes -= old.data.len();
+            }
+        }
+    }
+
+    /// Forgets entries at or below `index`.
+    fn compact(&mut self, index: u64) {
+        while self.entries.front().is_some_and(|e| e.index <= index) {
+            if let Some(old) = self.entries.pop_front() {
+                self.bytes -= old.data.len();
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
 }
 
 #[derive(Clone, Default)]
@@ -160,6 +233,7 @@ impl LogStore {
                     snapshot,
                     last_index,
                 }),
+                recent: RwLock::default(),
             }),
         })
     }
@@ -172,6 +246,32 @@ impl LogStore {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Reads the cache without copying all of it (raft-rs calls these often).
+    fn read<T>(&self, read: impl FnOnce(&Cached) -> T) -> T {
+        read(
+            &self
+                .inner
+                .state
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    fn recent(&self) -> std::sync::RwLockReadGuard<'_, Recent> {
+        // Written only by whole-entry pushes and pops: a poisoned lock is still whole.
+        self.inner
+            .recent
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn recent_mut(&self) -> std::sync::RwLockWriteGuard<'_, Recent> {
+        self.inner
+            .recent
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn update(&self, change: impl FnOnce(&mut Cached)) {
@@ -192,12 +292,17 @@ impl LogStore {
 
     /// The persisted hard state.
     pub fn hard_state(&self) -> HardState {
-        self.cached().hard_state
+        self.read(|c| c.hard_state.clone())
+    }
+
+    /// The commit index of the hard state written so far.
+    pub fn commit(&self) -> u64 {
+        self.read(|c| c.hard_state.commit)
     }
 
     /// The persisted configuration.
     pub fn conf_state(&self) -> ConfState {
-        self.cached().conf_state
+        self.read(|c| c.conf_state.clone())
     }
 
     /// Appends `entries`, first removing every stored entry at or after `entries[0].index`.
@@ -230,6 +335,7 @@ impl LogStore {
             .map_err(|e| other("appending entries", e))?;
         let last = entries[entries.len() - 1].index;
         self.update(|c| c.last_index = last);
+        self.recent_mut().append(entries);
         Ok(())
     }
 
@@ -299,7 +405,7 @@ impl LogStore {
 
     /// Index of the first entry still in the log.
     pub fn first_index_now(&self) -> u64 {
-        self.cached().snapshot.index + 1
+        self.read(|c| c.snapshot.index + 1)
     }
 
     /// Drops every entry up to and including `index` (which the state machine must have
@@ -333,6 +439,7 @@ impl LogStore {
             .log
             .apply_batch(batch)
             .map_err(|e| other("compacting", e))?;
+        self.recent_mut().compact(index);
         self.update(|c| c.snapshot = metadata);
         Ok(())
     }
@@ -386,6 +493,7 @@ impl LogStore {
             .log
             .apply_batch(stale)
             .map_err(|e| other("clearing the log", e))?;
+        self.recent_mut().clear();
         self.update(|c| {
             c.last_index = metadata.index;
             c.snapshot = metadata;
@@ -440,11 +548,11 @@ impl Storage for LogStore {
         max_size: impl Into<Option<u64>>,
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        let c = self.cached();
-        if low <= c.snapshot.index {
+        let (snapshot_index, last_index) = self.read(|c| (c.snapshot.index, c.last_index));
+        if low <= snapshot_index {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        if high > c.last_index + 1 {
+        if high > last_index + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         // Stop reading at `max_size` (always at least one entry, as raft-rs's
@@ -456,6 +564,26 @@ impl Storage for LogStore {
         let max_size = max_size.into().unwrap_or(u64::MAX);
         let mut entries = Vec::new();
         let mut size = 0u64;
+        {
+            let recent = self.recent();
+            if recent.first_index().is_some_and(|first| first <= low) {
+                for index in low..high {
+                    let Some(entry) = recent.get(index) else {
+                        break;
+                    };
+                    size = size.saturating_add(u64::from(protobuf::Message::compute_size(entry)));
+                    if !entries.is_empty()
+                        && (size > max_size || entries.len() >= MAX_ENTRIES_PER_READ)
+                    {
+                        break;
+                    }
+                    entries.push(entry.clone());
+                }
+                if !entries.is_empty() {
+                    return Ok(entries);
+                }
+            }
+        }
         for item in self.inner.log.range(low.to_be_bytes()..high.to_be_bytes()) {
             let (_, bytes) = item.map_err(|e| other("reading entries", e))?;
             size = size.saturating_add(bytes.len() as u64);
@@ -468,25 +596,29 @@ impl Storage for LogStore {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        let c = self.cached();
-        if idx == c.snapshot.index {
-            return Ok(c.snapshot.term);
+        let (snapshot_index, snapshot_term, last_index) =
+            self.read(|c| (c.snapshot.index, c.snapshot.term, c.last_index));
+        if idx == snapshot_index {
+            return Ok(snapshot_term);
         }
-        if idx < c.snapshot.index {
+        if idx < snapshot_index {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        if idx > c.last_index {
+        if idx > last_index {
             return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        if let Some(entry) = self.recent().get(idx) {
+            return Ok(entry.term);
         }
         Ok(self.entry(idx)?.term)
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        Ok(self.cached().snapshot.index + 1)
+        Ok(self.read(|c| c.snapshot.index + 1))
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        Ok(self.cached().last_index)
+        Ok(self.read(|c| c.last_index))
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
@@ -672,6 +804,63 @@ mod tests {
             log.inner.log.get(2u64.to_be_bytes()).unwrap().is_none(),
             "dead entries removed"
         );
+    }
+
+    #[test]
+    fn recent_entries_answer_like_the_disk_through_truncation_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        log.append(&(1..=50).map(|i| entry(i, 1)).collect::<Vec<_>>())
+            .unwrap();
+        // A new leader overwrites from 40.
+        log.append(&(40..=45).map(|i| entry(i, 2)).collect::<Vec<_>>())
+            .unwrap();
+        let fresh = open_again(&log);
+        for (low, high) in [(1, 46), (30, 46), (44, 46), (45, 46)] {
+            let cached = log
+                .entries(low, high, None, GetEntriesContext::empty(false))
+                .unwrap();
+            let disk = fresh
+                .entries(low, high, None, GetEntriesContext::empty(false))
+                .unwrap();
+            assert_eq!(cached, disk, "[{low}, {high})");
+        }
+        for i in [1, 39, 40, 45] {
+            assert_eq!(log.term(i).unwrap(), fresh.term(i).unwrap(), "term of {i}");
+        }
+        assert!(matches!(
+            log.term(46),
+            Err(raft::Error::Store(StorageError::Unavailable))
+        ));
+        log.inner
+            .store
+            .apply(
+                (1..=45)
+                    .map(|i| (i, common_meta::kv::Command::Noop))
+                    .collect(),
+            )
+            .unwrap();
+        log.compact(42).unwrap();
+        assert!(matches!(
+            log.entries(40, 46, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        assert_eq!(
+            log.entries(43, 46, None, GetEntriesContext::empty(false))
+                .unwrap()
+                .len(),
+            3
+        );
+    }
+
+    /// A second store over the same database, with nothing cached: it reads the disk.
+    fn open_again(log: &LogStore) -> LogStore {
+        LogStore::open(
+            log.inner.db.clone(),
+            log.inner.store.clone(),
+            log.inner.members.clone(),
+        )
+        .unwrap()
     }
 
     #[test]
