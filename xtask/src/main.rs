@@ -8,11 +8,13 @@
 //! - `bench heartbeat`: heartbeats of simulated datanodes to one release leader.
 //! - `sim`: simulated datanodes against a running cluster.
 //! - `fault --seeds N`: the randomized fault runs with N seeds, in release mode.
+//! - `fuzz TARGET --seconds N`: a fuzz target of `fuzz/` (or `all`), N seconds each.
 
 mod bench;
 mod bench_heartbeat;
 mod bench_procedure;
 mod codegen;
+mod fuzz;
 mod sim;
 
 use std::path::PathBuf;
@@ -49,6 +51,14 @@ enum Task {
         #[arg(long, default_value_t = 1)]
         base_seed: u64,
     },
+    /// Run a fuzz target (or `all`) with cargo-fuzz on the nightly toolchain.
+    Fuzz {
+        /// typed_keys, raft_entry, procedure_record, txn_differential, or all.
+        target: String,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Simulated datanodes heartbeating to a running cluster, answering instructions.
     Sim(sim::SimArgs),
     /// (internal) The load generator, run by `bench` from a release build of xtask.
@@ -83,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             .env("METASRV_FAULT_SEEDS", seeds.to_string())
             .env("METASRV_FAULT_BASE_SEED", base_seed.to_string())),
         Task::BenchRun(task) => bench::run(task),
+        Task::Fuzz { target, seconds } => fuzz::run(&target, seconds),
         Task::Sim(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

@@ -22,7 +22,7 @@ pub mod conformance;
 
 use async_trait::async_trait;
 
-pub use command::{Applied, Command, SessionRef};
+pub use command::{Applied, Command, SessionRef, parse_context, proposal_context};
 pub use limits::KvLimits;
 pub use memory::MemoryKvBackend;
 pub use sled_backend::{MAX_GROUP, SledKvBackend};

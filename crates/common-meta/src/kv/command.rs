@@ -16,6 +16,23 @@ use crate::kv::types::{TxnRequest, TxnResponse};
 /// The first byte of a current-format entry payload.
 const FORMAT_COMMAND: u8 = 0x00;
 
+/// An entry's context: 16 bytes naming the proposing member and its proposal id, by
+/// which the proposer finds the caller to answer when the entry is applied.
+pub fn proposal_context(member: u64, proposal: u64) -> Vec<u8> {
+    let mut ctx = Vec::with_capacity(16);
+    ctx.extend_from_slice(&member.to_be_bytes());
+    ctx.extend_from_slice(&proposal.to_be_bytes());
+    ctx
+}
+
+/// The proposing member and proposal id of an entry context ([`proposal_context`]);
+/// `None` for anything shorter (the no-op of a new leader has none).
+pub fn parse_context(ctx: &[u8]) -> Option<(u64, u64)> {
+    let member: [u8; 8] = ctx.get(..8)?.try_into().ok()?;
+    let proposal: [u8; 8] = ctx.get(8..16)?.try_into().ok()?;
+    Some((u64::from_be_bytes(member), u64::from_be_bytes(proposal)))
+}
+
 /// Names a write as the `seq`-th of client session `id`, so that a retry is answered
 /// with the first outcome instead of being applied again (exactly-once writes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,6 +239,16 @@ mod tests {
             Command::decode(&[0x00]),
             Err(Error::InvalidArgument { .. })
         ));
+    }
+
+    #[test]
+    fn proposal_context_round_trips_and_rejects_short_input() {
+        assert_eq!(
+            parse_context(&proposal_context(3, u64::MAX)),
+            Some((3, u64::MAX))
+        );
+        assert_eq!(parse_context(b"short"), None);
+        assert_eq!(parse_context(&[]), None);
     }
 
     #[test]

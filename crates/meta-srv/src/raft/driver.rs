@@ -31,7 +31,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common_meta::Error;
-use common_meta::kv::{self, Applied, SledKvStore};
+use common_meta::kv::{self, Applied, SledKvStore, parse_context, proposal_context};
 use protobuf::Message as _;
 use raft::prelude::{
     ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message,
@@ -625,20 +625,6 @@ fn stopped() -> Error {
     Error::Unavailable {
         message: "the raft driver has stopped".to_string(),
     }
-}
-
-/// 16 bytes of entry context: the proposing member and its proposal id.
-fn proposal_context(member: u64, proposal: u64) -> Vec<u8> {
-    let mut ctx = Vec::with_capacity(16);
-    ctx.extend_from_slice(&member.to_be_bytes());
-    ctx.extend_from_slice(&proposal.to_be_bytes());
-    ctx
-}
-
-fn parse_context(ctx: &[u8]) -> Option<(u64, u64)> {
-    let member: [u8; 8] = ctx.get(..8)?.try_into().ok()?;
-    let proposal: [u8; 8] = ctx.get(8..16)?.try_into().ok()?;
-    Some((u64::from_be_bytes(member), u64::from_be_bytes(proposal)))
 }
 
 /// A Ready written into sled and waiting for the log writer's fsync.
@@ -1370,20 +1356,5 @@ impl Driver {
         for reply in self.read_batch.drain(..) {
             let _ = reply.send(Err(read_error()));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proposal_context_round_trips_and_rejects_short_input() {
-        assert_eq!(
-            parse_context(&proposal_context(3, u64::MAX)),
-            Some((3, u64::MAX))
-        );
-        assert_eq!(parse_context(b"short"), None);
-        assert_eq!(parse_context(&[]), None);
     }
 }
