@@ -67,7 +67,7 @@ pub async fn run(concurrency: Vec<usize>, seconds: u64) -> anyhow::Result<()> {
                     Arc::new(LocalRouter::default()),
                 )?;
                 node.leadership().wait_for(Option::is_some).await?;
-                let backend = RaftKvBackend::new(node.mailbox(), store, Duration::from_secs(10));
+                let backend = RaftKvBackend::new(node.driver(), store, Duration::from_secs(10));
                 (Arc::new(backend), Some(node))
             }
         };

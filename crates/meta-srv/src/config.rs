@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use common_meta::kv::KvLimits;
 
-use crate::cluster::InitialCluster;
 use crate::cluster_plane::failure_detector::DetectorConfig;
+use crate::identity::InitialCluster;
 use serde::{Deserialize, Serialize};
 
 /// Why a configuration was refused. Rendered as one line naming the problem.

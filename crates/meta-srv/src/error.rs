@@ -182,11 +182,11 @@ pub fn to_status_with_hint(
 /// The not-leader status member `me` answers with, naming the leader it knows (if
 /// any) in the `x-metasrv-leader` metadata.
 pub async fn not_leader(
-    mailbox: &crate::raft::driver::Mailbox,
+    driver: &crate::raft::driver::DriverHandle,
     members: &crate::raft::members::Members,
     me: u64,
 ) -> tonic::Status {
-    let leader = mailbox
+    let leader = driver
         .status()
         .await
         .ok()

@@ -12,7 +12,7 @@ use serde::Serialize;
 use common_meta::model::node::NodeInfo;
 
 use crate::cluster_plane::heartbeat_chain::ClusterPlane;
-use crate::raft::driver::Mailbox;
+use crate::raft::driver::DriverHandle;
 use crate::raft::members::Members;
 
 /// What the handlers read.
@@ -26,7 +26,7 @@ pub struct HttpState {
     /// The local state machine, for its revision.
     pub store: Arc<SledKvStore>,
     /// The raft driver, for status.
-    pub mailbox: Mailbox,
+    pub driver: DriverHandle,
     /// Member ids to addresses.
     pub members: Arc<Members>,
     /// Node registrations and the leader's liveness view.
@@ -132,7 +132,7 @@ async fn status(
     State(state): State<Arc<HttpState>>,
 ) -> Result<Json<StatusView>, (StatusCode, String)> {
     let status = state
-        .mailbox
+        .driver
         .status()
         .await
         .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
@@ -167,7 +167,7 @@ async fn nodes(
     let leading = state.leadership.borrow().is_some();
     if !leading {
         let leader = state
-            .mailbox
+            .driver
             .status()
             .await
             .map(|s| s.leader_id)

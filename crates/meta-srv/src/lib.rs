@@ -15,12 +15,12 @@
 //! **Invariant:** requests reach storage only through `common_meta::kv::KvBackend`.
 
 pub mod cli;
-pub mod cluster;
 pub mod cluster_plane;
 pub mod config;
 pub mod data_dir;
 pub mod error;
 pub mod http;
+pub mod identity;
 pub mod procedure_host;
 pub mod raft;
 pub mod server;

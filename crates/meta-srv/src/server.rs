@@ -26,7 +26,6 @@ use std::collections::BTreeMap;
 
 use meta_client::{MetaClient, MetaClientOptions};
 
-use crate::cluster::{InitialCluster, check_identity, read_identity};
 use crate::cluster_plane::heartbeat_chain::{self, ClusterPlane};
 use crate::cluster_plane::live_nodes::LiveNodes;
 use crate::cluster_plane::node_mailbox::NodeMailbox;
@@ -34,6 +33,7 @@ use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::error::{Error, Result};
 use crate::http::{self, HttpState};
+use crate::identity::{InitialCluster, check_identity, read_identity};
 use crate::procedure_host::ProcedureHost;
 use crate::raft::backend::RaftKvBackend;
 use crate::raft::driver::{RaftNode, RaftSettings};
@@ -147,12 +147,12 @@ impl MetaSrv {
             members.clone(),
             transport.clone(),
         )?;
-        transport.report_to(node.mailbox());
+        transport.report_to(node.driver());
         // Opening the log migrated an older format and started the node flushed it:
         // only now may the directory say it holds the current format.
         data_dir.record_format()?;
         let backend = RaftKvBackend::new(
-            node.mailbox(),
+            node.driver(),
             store.clone(),
             Duration::from_millis(raft.request_timeout_ms),
         );
@@ -265,8 +265,8 @@ impl MetaSrv {
     }
 
     /// The queue of this member's raft driver (status, and fault injection in tests).
-    pub fn raft_mailbox(&self) -> crate::raft::driver::Mailbox {
-        self.node.mailbox()
+    pub fn raft_driver(&self) -> crate::raft::driver::DriverHandle {
+        self.node.driver()
     }
 
     /// The leader-only procedure manager of this member.
@@ -312,7 +312,7 @@ impl MetaSrv {
         let store = StoreService::new(
             self.backend.clone(),
             sessions,
-            self.node.mailbox(),
+            self.node.driver(),
             member_id,
             limits,
             self.members.clone(),
@@ -325,7 +325,7 @@ impl MetaSrv {
         let cluster = ClusterServer::new(ClusterService::new(
             self.cluster_id,
             member_id,
-            self.node.mailbox(),
+            self.node.driver(),
             self.members.clone(),
             Arc::new(PeerVersions::default()),
             stop_rx.clone(),
@@ -334,7 +334,7 @@ impl MetaSrv {
         let procedures = ProcedureServer::new(ProcedureService::new(
             member_id,
             self.procedures.clone(),
-            self.node.mailbox(),
+            self.node.driver(),
             self.members.clone(),
         ));
         // A new term starts from the next heartbeats, never from an old leader's view.
@@ -348,7 +348,7 @@ impl MetaSrv {
         });
         let heartbeats = HeartbeatServer::new(HeartbeatApi::from(HeartbeatService {
             member_id,
-            mailbox: self.node.mailbox(),
+            driver: self.node.driver(),
             members: self.members.clone(),
             leadership: self.node.leadership(),
             plane: self.plane.clone(),
@@ -375,7 +375,7 @@ impl MetaSrv {
             member_id,
             cluster_id: self.cluster_id,
             store: self.store.clone(),
-            mailbox: self.node.mailbox(),
+            driver: self.node.driver(),
             members: self.members.clone(),
             plane: self.plane.clone(),
             leadership: self.node.leadership(),

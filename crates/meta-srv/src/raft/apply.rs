@@ -21,7 +21,7 @@ use common_meta::Error;
 use common_meta::kv::{self, Applied, SledKvStore};
 use raft::prelude::Entry;
 
-use crate::raft::driver::{Command, Mailbox, Reply};
+use crate::raft::driver::{Command, DriverHandle, Reply};
 
 /// Committed entries to apply, each with the reply of its proposer if it was proposed
 /// here.
@@ -46,7 +46,7 @@ pub struct Applier {
 
 impl Applier {
     /// Starts the thread for member `id`; it applies to `store` and reports to `driver`.
-    pub fn start(id: u64, store: Arc<SledKvStore>, driver: Mailbox) -> Result<Applier, Error> {
+    pub fn start(id: u64, store: Arc<SledKvStore>, driver: DriverHandle) -> Result<Applier, Error> {
         let (queue, jobs) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("raft-apply-{id}"))
@@ -96,7 +96,7 @@ fn stopped() -> Error {
     }
 }
 
-fn apply_loop(store: &SledKvStore, jobs: &mpsc::Receiver<Message>, driver: &Mailbox) {
+fn apply_loop(store: &SledKvStore, jobs: &mpsc::Receiver<Message>, driver: &DriverHandle) {
     while let Ok(first) = jobs.recv() {
         let mut batch = Vec::new();
         let mut drained = Vec::new();

@@ -14,12 +14,12 @@ use common_meta::kv::{
 };
 use tokio::sync::oneshot;
 
-use crate::raft::driver::{Command, Mailbox};
+use crate::raft::driver::{Command, DriverHandle};
 
 /// A member's KV backend over its raft driver and state machine.
 #[derive(Clone)]
 pub struct RaftKvBackend {
-    mailbox: Mailbox,
+    driver: DriverHandle,
     store: Arc<SledKvStore>,
     timeout: Duration,
 }
@@ -32,12 +32,12 @@ enum Kind {
 }
 
 impl RaftKvBackend {
-    /// A backend over the driver behind `mailbox` and its state machine `store`;
+    /// A backend over the driver behind `driver` and its state machine `store`;
     /// requests not answered within `timeout` fail (reads as unavailable, writes as
     /// outcome unknown).
-    pub fn new(mailbox: Mailbox, store: Arc<SledKvStore>, timeout: Duration) -> Self {
+    pub fn new(driver: DriverHandle, store: Arc<SledKvStore>, timeout: Duration) -> Self {
         RaftKvBackend {
-            mailbox,
+            driver,
             store,
             timeout,
         }
@@ -60,7 +60,7 @@ impl RaftKvBackend {
     ) -> Result<T, Error> {
         let (reply, answer) = oneshot::channel();
         // A refused send proposed nothing: the driver has stopped.
-        self.mailbox.send(command(reply))?;
+        self.driver.send(command(reply))?;
         let lost = |why: String| match kind {
             Kind::Read => Error::Unavailable { message: why },
             Kind::Write => {

@@ -299,13 +299,13 @@ impl From<&ConfState> for Membership {
 
 /// A cloneable handle that queues commands for a driver.
 #[derive(Clone)]
-pub struct Mailbox {
+pub struct DriverHandle {
     queue: mpsc::Sender<Command>,
     /// Client requests queued and not yet taken by the driver.
     backlog: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-impl Mailbox {
+impl DriverHandle {
     /// Queues `command`; fails when the driver has stopped, or (for a proposal or a
     /// read) when [`MAX_BACKLOG`] client requests already wait.
     pub fn send(&self, command: Command) -> Result<(), Error> {
@@ -371,7 +371,7 @@ pub struct RaftStatus {
 
 /// A running driver thread; dropping it stops the driver and waits for the thread.
 pub struct RaftNode {
-    mailbox: Mailbox,
+    handle: DriverHandle,
     thread: Option<JoinHandle<()>>,
     leadership: tokio::sync::watch::Receiver<Option<u64>>,
     failure: tokio::sync::watch::Receiver<Option<String>>,
@@ -415,7 +415,7 @@ impl RaftNode {
             node.campaign().map_err(raft_error)?;
         }
         let (queue, inbox) = mpsc::channel();
-        let mailbox = Mailbox {
+        let handle = DriverHandle {
             queue,
             backlog: Arc::default(),
         };
@@ -428,10 +428,10 @@ impl RaftNode {
         let persister = Persister::start(
             settings.id,
             log.clone(),
-            mailbox.clone(),
+            handle.clone(),
             writer_storage.clone(),
         )?;
-        let applier = Applier::start(settings.id, store.clone(), mailbox.clone())?;
+        let applier = Applier::start(settings.id, store.clone(), handle.clone())?;
         // Ids of this run's proposals and reads: the boot count in the high half, so no
         // id repeats across restarts (whatever the clock does).
         let first_id = log.next_boot().map_err(raft_error)? << 32;
@@ -443,7 +443,7 @@ impl RaftNode {
             members,
             transport,
             inbox,
-            backlog: mailbox.backlog.clone(),
+            backlog: handle.backlog.clone(),
             persister: Some(persister),
             applier: Some(applier),
             written: std::collections::VecDeque::new(),
@@ -505,7 +505,7 @@ impl RaftNode {
                 source,
             })?;
         Ok(RaftNode {
-            mailbox,
+            handle,
             thread: Some(thread),
             leadership,
             failure,
@@ -513,8 +513,8 @@ impl RaftNode {
     }
 
     /// A handle to queue commands.
-    pub fn mailbox(&self) -> Mailbox {
-        self.mailbox.clone()
+    pub fn driver(&self) -> DriverHandle {
+        self.handle.clone()
     }
 
     /// `Some(term)` while this member leads in `term`, `None` otherwise (and once the
@@ -526,7 +526,7 @@ impl RaftNode {
 
     /// Asks for the current status.
     pub async fn status(&self) -> Result<RaftStatus, Error> {
-        self.mailbox.status().await
+        self.handle.status().await
     }
 
     /// `Some(reason)` once the driver has failed (a storage error or a panic): the member
@@ -538,9 +538,9 @@ impl RaftNode {
 
 impl Drop for RaftNode {
     fn drop(&mut self) {
-        // Mailbox clones may live on (in a router): stop explicitly rather than waiting
+        // Handle clones may live on (in a router): stop explicitly rather than waiting
         // for every sender to go. A driver that already stopped has nothing to join for.
-        let _ = self.mailbox.send(Command::Stop);
+        let _ = self.handle.send(Command::Stop);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -644,7 +644,7 @@ struct Driver {
     members: Arc<Members>,
     transport: Arc<dyn Transport>,
     inbox: mpsc::Receiver<Command>,
-    /// Client requests queued in `inbox` (see `Mailbox::send`).
+    /// Client requests queued in `inbox` (see `DriverHandle::send`).
     backlog: Arc<std::sync::atomic::AtomicUsize>,
     /// The log writer (always `Some` while running; taken to stop it).
     persister: Option<Persister>,

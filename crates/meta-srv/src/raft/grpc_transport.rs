@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
-use crate::raft::driver::{Command, Mailbox};
+use crate::raft::driver::{Command, DriverHandle};
 use crate::raft::members::Members;
 use crate::raft::transport::Transport;
 
@@ -47,7 +47,7 @@ pub struct GrpcTransport {
     /// One queue per peer and the address its task sends to.
     peers: Mutex<HashMap<u64, (String, mpsc::Sender<Message>)>>,
     /// The driver, told of unreachable peers and snapshot outcomes once attached.
-    reports: Arc<OnceLock<Mailbox>>,
+    reports: Arc<OnceLock<DriverHandle>>,
 }
 
 impl GrpcTransport {
@@ -69,10 +69,10 @@ impl GrpcTransport {
         }
     }
 
-    /// Reports peer failures and snapshot outcomes to the driver behind `mailbox` (set
+    /// Reports peer failures and snapshot outcomes to the driver behind `driver` (set
     /// once the driver has started; reports before that are dropped).
-    pub fn report_to(&self, mailbox: Mailbox) {
-        let _ = self.reports.set(mailbox);
+    pub fn report_to(&self, driver: DriverHandle) {
+        let _ = self.reports.set(driver);
     }
 
     /// The queue to `peer`, (re)starting its task when the peer is new or moved.
@@ -137,13 +137,13 @@ struct Peer {
     me: u64,
     id: u64,
     addr: String,
-    reports: Arc<OnceLock<Mailbox>>,
+    reports: Arc<OnceLock<DriverHandle>>,
 }
 
 impl Peer {
     fn report(&self, command: Command) {
-        if let Some(mailbox) = self.reports.get() {
-            let _ = mailbox.send(command);
+        if let Some(driver) = self.reports.get() {
+            let _ = driver.send(command);
         }
     }
 

@@ -17,7 +17,7 @@ use common_meta::Error;
 
 use std::sync::Arc;
 
-use crate::raft::driver::{Command, Mailbox, StorageWatch};
+use crate::raft::driver::{Command, DriverHandle, StorageWatch};
 use crate::raft::log_store::LogStore;
 
 /// One Ready written by the driver, to be made durable.
@@ -42,7 +42,7 @@ impl Persister {
     pub(crate) fn start(
         id: u64,
         log: LogStore,
-        driver: Mailbox,
+        driver: DriverHandle,
         watch: Arc<StorageWatch>,
     ) -> Result<Persister, Error> {
         let (queue, written) = mpsc::channel();
@@ -82,7 +82,7 @@ impl Drop for Persister {
 fn persist_loop(
     log: &LogStore,
     written: &mpsc::Receiver<Written>,
-    driver: &Mailbox,
+    driver: &DriverHandle,
     watch: &StorageWatch,
 ) {
     while let Ok(first) = written.recv() {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use raft::prelude::Message;
 
-use crate::raft::driver::Mailbox;
+use crate::raft::driver::DriverHandle;
 
 /// Sends raft messages to other members. Must not block: a message that cannot be
 /// delivered is dropped (raft retransmits).
@@ -20,7 +20,7 @@ pub trait Transport: Send + Sync + 'static {
     fn send(&self, messages: Vec<Message>);
 }
 
-/// An in-process router between members' mailboxes, with fault injection.
+/// An in-process router between members' drivers, with fault injection.
 #[derive(Default)]
 pub struct LocalRouter {
     state: Mutex<RouterState>,
@@ -28,7 +28,7 @@ pub struct LocalRouter {
 
 #[derive(Default)]
 struct RouterState {
-    mailboxes: HashMap<u64, Mailbox>,
+    drivers: HashMap<u64, DriverHandle>,
     isolated: HashSet<u64>,
     /// Directed links (from, to) whose messages are dropped.
     cut: HashSet<(u64, u64)>,
@@ -44,7 +44,7 @@ struct RouterState {
 struct Delayed {
     at: Instant,
     seq: u64,
-    mailbox: Mailbox,
+    driver: DriverHandle,
     message: Message,
 }
 
@@ -74,7 +74,7 @@ fn delayer(queue: mpsc::Receiver<Delayed>) {
             }
             heap.pop();
             if let Some(item) = held.remove(&seq) {
-                item.mailbox.step(item.message);
+                item.driver.step(item.message);
             }
         }
     }
@@ -87,13 +87,13 @@ impl LocalRouter {
     }
 
     /// Connects member `id`.
-    pub fn register(&self, id: u64, mailbox: Mailbox) {
-        self.state().mailboxes.insert(id, mailbox);
+    pub fn register(&self, id: u64, driver: DriverHandle) {
+        self.state().drivers.insert(id, driver);
     }
 
     /// Disconnects member `id` (it was stopped or killed).
     pub fn unregister(&self, id: u64) {
-        self.state().mailboxes.remove(&id);
+        self.state().drivers.remove(&id);
     }
 
     /// Drops every message to or from `id` until [`LocalRouter::heal`].
@@ -131,11 +131,11 @@ impl Transport for LocalRouter {
             {
                 continue;
             }
-            let Some(mailbox) = state.mailboxes.get(&to).cloned() else {
+            let Some(driver) = state.drivers.get(&to).cloned() else {
                 continue;
             };
             match state.delays.get(&to).copied() {
-                None => mailbox.step(message),
+                None => driver.step(message),
                 Some(delay) => {
                     state.next_seq += 1;
                     let seq = state.next_seq;
@@ -147,7 +147,7 @@ impl Transport for LocalRouter {
                     let _ = delayer.send(Delayed {
                         at: Instant::now() + delay,
                         seq,
-                        mailbox,
+                        driver,
                         message,
                     });
                 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::to_status_with_hint;
-use crate::raft::driver::{Command, Mailbox, Membership, MembershipChange};
+use crate::raft::driver::{Command, DriverHandle, Membership, MembershipChange};
 
 /// How long a membership change or leader transfer may take before it fails.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,7 +23,7 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ClusterService {
     cluster_id: u64,
     member_id: u64,
-    mailbox: Mailbox,
+    driver: DriverHandle,
     members: Arc<Members>,
     /// Peers' data format versions, from their batches.
     versions: Arc<PeerVersions>,
@@ -33,11 +33,11 @@ pub struct ClusterService {
 
 impl ClusterService {
     /// A service for member `member_id` of cluster `cluster_id`, stepping inbound raft
-    /// messages into `mailbox`; `members` maps ids to addresses; `stop` ends streams.
+    /// messages into `driver`; `members` maps ids to addresses; `stop` ends streams.
     pub fn new(
         cluster_id: u64,
         member_id: u64,
-        mailbox: Mailbox,
+        driver: DriverHandle,
         members: Arc<Members>,
         versions: Arc<PeerVersions>,
         stop: watch::Receiver<bool>,
@@ -46,7 +46,7 @@ impl ClusterService {
             versions,
             cluster_id,
             member_id,
-            mailbox,
+            driver,
             members,
             stop,
         }
@@ -73,7 +73,7 @@ impl ClusterService {
         change: MembershipChange,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
         let (reply, answer) = oneshot::channel();
-        self.mailbox
+        self.driver
             .send(Command::ChangeMembership { change, reply })
             .map_err(|e| to_status_with_hint(e, &self.members))?;
         let membership = match tokio::time::timeout(CHANGE_TIMEOUT, answer).await {
@@ -137,7 +137,7 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         let to = request.into_inner().to;
         let status = self
-            .mailbox
+            .driver
             .status()
             .await
             .map_err(|e| to_status_with_hint(e, &self.members))?;
@@ -153,14 +153,14 @@ impl pb::cluster_server::Cluster for ClusterService {
                 "member {to} is not a voter"
             )));
         }
-        self.mailbox
+        self.driver
             .send(Command::TransferLeader { to })
             .map_err(|e| to_status_with_hint(e, &self.members))?;
         // Wait, with a deadline, until this member sees the new leader.
         let until = Instant::now() + CHANGE_TIMEOUT;
         loop {
             let now = self
-                .mailbox
+                .driver
                 .status()
                 .await
                 .map_err(|e| to_status_with_hint(e, &self.members))?;
@@ -217,7 +217,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                         message.to, self.member_id
                     )));
                 }
-                self.mailbox.step(message);
+                self.driver.step(message);
             }
         }
         Ok(Response::new(pb::RaftAck {}))
@@ -228,7 +228,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let status = self
-            .mailbox
+            .driver
             .status()
             .await
             .map_err(crate::error::to_status)?;

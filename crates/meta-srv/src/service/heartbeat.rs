@@ -21,7 +21,7 @@ use crate::cluster_plane::heartbeat_chain::{
     self, ClusterPlane, HeartbeatHandler, Refusal, StreamState,
 };
 use crate::error::to_status_with_hint;
-use crate::raft::driver::Mailbox;
+use crate::raft::driver::DriverHandle;
 use crate::raft::members::Members;
 
 /// Answers and pushes queued per stream.
@@ -35,7 +35,7 @@ pub struct HeartbeatService {
     /// This member.
     pub member_id: u64,
     /// The raft driver, for status and leader hints.
-    pub mailbox: Mailbox,
+    pub driver: DriverHandle,
     /// Member ids to addresses.
     pub members: Arc<Members>,
     /// The term this member leads in, if it leads.
@@ -77,7 +77,7 @@ impl HeartbeatService {
     }
 
     async fn not_leader(&self) -> Status {
-        crate::error::not_leader(&self.mailbox, &self.members, self.member_id).await
+        crate::error::not_leader(&self.driver, &self.members, self.member_id).await
     }
 
     fn answer(&self, seq: u64, mailbox: Vec<pb::MailboxMessage>) -> pb::HeartbeatResponse {
@@ -326,7 +326,7 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatApi {
         _request: Request<pb::AskLeaderRequest>,
     ) -> Result<Response<pb::AskLeaderResponse>, Status> {
         let status = self
-            .mailbox
+            .driver
             .status()
             .await
             .map_err(|e| to_status_with_hint(e, &self.members))?;

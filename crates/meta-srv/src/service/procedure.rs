@@ -7,14 +7,14 @@ use procedure::{ProcedureRecord, ProcedureState};
 use tonic::{Request, Response, Status};
 
 use crate::procedure_host::ProcedureHost;
-use crate::raft::driver::Mailbox;
+use crate::raft::driver::DriverHandle;
 use crate::raft::members::Members;
 
 /// Serves procedure queries from the leader's manager.
 pub struct ProcedureService {
     member_id: u64,
     host: Arc<ProcedureHost>,
-    mailbox: Mailbox,
+    driver: DriverHandle,
     members: Arc<Members>,
 }
 
@@ -23,13 +23,13 @@ impl ProcedureService {
     pub fn new(
         member_id: u64,
         host: Arc<ProcedureHost>,
-        mailbox: Mailbox,
+        driver: DriverHandle,
         members: Arc<Members>,
     ) -> Self {
         ProcedureService {
             member_id,
             host,
-            mailbox,
+            driver,
             members,
         }
     }
@@ -38,7 +38,7 @@ impl ProcedureService {
         if let Some(manager) = self.host.manager() {
             return Ok(manager);
         }
-        Err(crate::error::not_leader(&self.mailbox, &self.members, self.member_id).await)
+        Err(crate::error::not_leader(&self.driver, &self.members, self.member_id).await)
     }
 }
 

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::{not_leader, to_status, to_status_with_hint};
 use crate::raft::backend::{RaftKvBackend, SessionWrite};
-use crate::raft::driver::Mailbox;
+use crate::raft::driver::DriverHandle;
 use crate::raft::members::Members;
 use crate::session_keeper::SessionKeeper;
 
@@ -21,7 +21,7 @@ use crate::session_keeper::SessionKeeper;
 pub struct StoreService {
     backend: RaftKvBackend,
     sessions: Arc<SessionKeeper>,
-    mailbox: Mailbox,
+    driver: DriverHandle,
     member_id: u64,
     limits: KvLimits,
     members: Arc<Members>,
@@ -29,12 +29,12 @@ pub struct StoreService {
 
 impl StoreService {
     /// A service answering as `member_id` over `backend` (whose driver is behind
-    /// `mailbox`) and the leader's `sessions`, refusing requests over `limits`; `members`
+    /// `driver`) and the leader's `sessions`, refusing requests over `limits`; `members`
     /// maps member ids to addresses for leader hints.
     pub fn new(
         backend: RaftKvBackend,
         sessions: Arc<SessionKeeper>,
-        mailbox: Mailbox,
+        driver: DriverHandle,
         member_id: u64,
         limits: KvLimits,
         members: Arc<Members>,
@@ -42,7 +42,7 @@ impl StoreService {
         StoreService {
             backend,
             sessions,
-            mailbox,
+            driver,
             member_id,
             limits,
             members,
@@ -54,7 +54,7 @@ impl StoreService {
         if let common_meta::Error::NotLeader { leader: None } = err {
             // The session keeper knows only that this member does not lead: ask the
             // driver whom it follows.
-            return not_leader(&self.mailbox, &self.members, self.member_id).await;
+            return not_leader(&self.driver, &self.members, self.member_id).await;
         }
         to_status_with_hint(err, &self.members)
     }

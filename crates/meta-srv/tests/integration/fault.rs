@@ -245,17 +245,17 @@ async fn nemesis(cluster: Shared, seed: u64, origin: Instant, via: Via) {
 }
 
 /// Waits until every live member names the same leader (the cluster lock is only held
-/// to collect mailboxes, never across an await).
+/// to collect drivers, never across an await).
 async fn agreed_leader(cluster: &Shared) -> u64 {
     wait_until(crate::raft_cluster::ELECTION_BOUND, || async {
-        let mailboxes: Vec<_> = {
+        let drivers: Vec<_> = {
             let c = cluster.lock().unwrap();
-            c.members.values().map(|m| m.node.mailbox()).collect()
+            c.members.values().map(|m| m.node.driver()).collect()
         };
         let mut leaders = Vec::new();
         let mut roles = Vec::new();
-        for mailbox in mailboxes {
-            if let Ok(status) = mailbox.status().await {
+        for driver in drivers {
+            if let Ok(status) = driver.status().await {
                 leaders.push(status.leader_id);
                 roles.push((status.id, status.role));
             }

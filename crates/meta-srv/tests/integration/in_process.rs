@@ -75,7 +75,7 @@ async fn serve_until_fault(fault: meta_srv::raft::driver::Fault) -> meta_srv::Re
         ..Config::default()
     };
     let server = MetaSrv::bind(config).await.unwrap();
-    let mailbox = server.raft_mailbox();
+    let driver = server.raft_driver();
     let grpc = server.grpc_addr().to_string();
     let served = tokio::spawn(server.serve(std::future::pending()));
     let client = MetaClient::new(&[&grpc], MetaClientOptions::default()).unwrap();
@@ -83,7 +83,7 @@ async fn serve_until_fault(fault: meta_srv::raft::driver::Fault) -> meta_srv::Re
         .put(PutRequest::new(b"before".to_vec(), b"1".to_vec()))
         .await
         .unwrap();
-    mailbox
+    driver
         .send(meta_srv::raft::driver::Command::InjectFault(fault))
         .unwrap();
     tokio::time::timeout(Duration::from_secs(20), served)

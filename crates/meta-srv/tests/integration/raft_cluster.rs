@@ -150,9 +150,9 @@ impl Cluster {
             self.router.clone(),
         )
         .unwrap();
-        self.router.register(id, node.mailbox());
+        self.router.register(id, node.driver());
         // 5 s at the default 100 ms tick: long enough for an election or two.
-        let backend = RaftKvBackend::new(node.mailbox(), store, self.tick * 50);
+        let backend = RaftKvBackend::new(node.driver(), store, self.tick * 50);
         if let Some(serving) = &mut self.serving {
             let (addr, stop) = serve_store(id, &node, backend.clone(), serving.members.clone());
             serving.fronts[&id].point_to(Some(addr));
@@ -252,7 +252,7 @@ fn serve_store(
     let service = StoreService::new(
         backend,
         keeper,
-        node.mailbox(),
+        node.driver(),
         id,
         KvLimits::default(),
         members,
@@ -415,7 +415,7 @@ async fn a_member_whose_storage_fails_stops_and_the_others_go_on() {
     tracing::info!("--- the leader's storage fails");
     cluster.members[&old]
         .node
-        .mailbox()
+        .driver()
         .send(Command::InjectFault(Fault::StorageError))
         .unwrap();
     let reason = failed(&cluster, old).await;
@@ -461,7 +461,7 @@ async fn a_member_whose_storage_hangs_is_failed_by_its_watchdog() {
     // Member settings use a 5 s bound (see Cluster::start_with).
     cluster.members[&stuck]
         .node
-        .mailbox()
+        .driver()
         .send(Command::InjectFault(Fault::Stall(Duration::from_secs(7))))
         .unwrap();
     let reason = failed(&cluster, stuck).await;
@@ -481,7 +481,7 @@ async fn a_member_whose_driver_panics_stops_and_the_others_go_on() {
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     cluster.members[&follower]
         .node
-        .mailbox()
+        .driver()
         .send(Command::InjectFault(Fault::Panic))
         .unwrap();
     let reason = failed(&cluster, follower).await;
@@ -641,7 +641,7 @@ async fn leadership_can_be_transferred() {
     cluster.wait_applied(target, commit).await;
     cluster.members[&old]
         .node
-        .mailbox()
+        .driver()
         .send(meta_srv::raft::driver::Command::TransferLeader { to: target })
         .unwrap();
     wait_until(ELECTION_BOUND, || async {
@@ -672,7 +672,7 @@ async fn change(
     let (reply, answer) = tokio::sync::oneshot::channel();
     cluster.members[&leader]
         .node
-        .mailbox()
+        .driver()
         .send(Command::ChangeMembership { change, reply })
         .unwrap();
     tokio::time::timeout(ELECTION_BOUND, answer)
