@@ -9,6 +9,61 @@ use meta_proto::v1 as pb;
 use crate::error::{Error, Result};
 use crate::kv;
 
+impl From<crate::model::node::NodeRole> for pb::NodeRole {
+    fn from(role: crate::model::node::NodeRole) -> Self {
+        use crate::model::node::NodeRole as R;
+        match role {
+            R::Datanode => pb::NodeRole::Datanode,
+            R::Frontend => pb::NodeRole::Frontend,
+            R::Flownode => pb::NodeRole::Flownode,
+        }
+    }
+}
+
+impl TryFrom<pb::NodeRole> for crate::model::node::NodeRole {
+    type Error = Error;
+
+    fn try_from(role: pb::NodeRole) -> Result<Self> {
+        use crate::model::node::NodeRole as R;
+        match role {
+            pb::NodeRole::Datanode => Ok(R::Datanode),
+            pb::NodeRole::Frontend => Ok(R::Frontend),
+            pb::NodeRole::Flownode => Ok(R::Flownode),
+            pb::NodeRole::Unspecified => Err(Error::invalid_argument("node role unspecified")),
+        }
+    }
+}
+
+impl From<crate::model::node::NodeState> for pb::NodeState {
+    fn from(state: crate::model::node::NodeState) -> Self {
+        use crate::model::node::NodeState as S;
+        match state {
+            S::Joining => pb::NodeState::Joining,
+            S::Active => pb::NodeState::Active,
+            S::Draining => pb::NodeState::Draining,
+            S::Decommissioned => pb::NodeState::Decommissioned,
+        }
+    }
+}
+
+impl TryFrom<i32> for crate::model::node::NodeState {
+    type Error = Error;
+
+    /// A wire node state; an unknown or unspecified one is an invalid argument.
+    fn try_from(state: i32) -> Result<Self> {
+        use crate::model::node::NodeState as S;
+        match pb::NodeState::try_from(state) {
+            Ok(pb::NodeState::Joining) => Ok(S::Joining),
+            Ok(pb::NodeState::Active) => Ok(S::Active),
+            Ok(pb::NodeState::Draining) => Ok(S::Draining),
+            Ok(pb::NodeState::Decommissioned) => Ok(S::Decommissioned),
+            _ => Err(Error::invalid_argument(format!(
+                "unknown node state {state} (active, draining or decommissioned)"
+            ))),
+        }
+    }
+}
+
 /// The response header for a store at `revision`, served by `member_id`.
 pub fn header(member_id: u64, revision: i64) -> Option<pb::ResponseHeader> {
     Some(pb::ResponseHeader {

@@ -236,16 +236,15 @@ impl MetaClient {
         Ok(resp.nodes)
     }
 
-    /// Moves node `id` to `state` (`active`, `draining` or `decommissioned`).
-    pub async fn set_node_state(&self, id: u64, state: &str) -> Result<pb::NodeView> {
+    /// Moves node `id` to `state` (active, draining or decommissioned).
+    pub async fn set_node_state(&self, id: u64, state: pb::NodeState) -> Result<pb::NodeView> {
         let req = pb::SetNodeStateRequest {
             node_id: id,
-            state: state.to_string(),
+            state: state.into(),
         };
         let resp = self
-            .with_channel(|channel| {
-                let req = req.clone();
-                async move { HeartbeatClient::new(channel).set_node_state(req).await }
+            .with_channel(|channel| async move {
+                HeartbeatClient::new(channel).set_node_state(req).await
             })
             .await?;
         resp.node.ok_or_else(|| Error::Remote {

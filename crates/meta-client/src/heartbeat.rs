@@ -172,7 +172,7 @@ pub fn stats_delta(
 ) -> pb::NodeStats {
     match sent {
         None => {
-            *sent = Some(now.iter().map(|r| (r.region_id, r.clone())).collect());
+            *sent = Some(now.iter().map(|r| (r.region_id, *r)).collect());
             pb::NodeStats {
                 regions: now,
                 full: true,
@@ -184,7 +184,7 @@ pub fn stats_delta(
             let mut current = HashMap::with_capacity(now.len());
             for region in now {
                 if previous.get(&region.region_id) != Some(&region) {
-                    changed.push(region.clone());
+                    changed.push(region);
                 }
                 current.insert(region.region_id, region);
             }

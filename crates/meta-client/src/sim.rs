@@ -103,7 +103,7 @@ impl InstructionHandler for SimRegions {
                 Some(Kind::OpenRegion(r)) => {
                     regions.entry(r.region_id).or_insert(pb::RegionStat {
                         region_id: r.region_id,
-                        role: "follower".to_string(),
+                        role: pb::RegionRole::Follower.into(),
                         ..Default::default()
                     });
                     Ok(())
@@ -119,13 +119,13 @@ impl InstructionHandler for SimRegions {
                 }
                 Some(Kind::UpgradeRegion(r)) => {
                     if let Some(stat) = regions.get_mut(&r.region_id) {
-                        stat.role = "leader".to_string();
+                        stat.role = pb::RegionRole::Leader.into();
                     }
                     Ok(())
                 }
                 Some(Kind::DowngradeRegion(r)) => {
                     if let Some(stat) = regions.get_mut(&r.region_id) {
-                        stat.role = "follower".to_string();
+                        stat.role = pb::RegionRole::Follower.into();
                     }
                     Ok(())
                 }
@@ -194,7 +194,12 @@ impl Simulator {
                     let region_id = (id << 32) | r;
                     let stat = pb::RegionStat {
                         region_id,
-                        role: if r % 3 == 0 { "leader" } else { "follower" }.to_string(),
+                        role: if r % 3 == 0 {
+                            pb::RegionRole::Leader
+                        } else {
+                            pb::RegionRole::Follower
+                        }
+                        .into(),
                         approximate_bytes: 1 << 20,
                         approximate_rows: 1_000,
                         read_rate: 1.0,

@@ -192,7 +192,7 @@ async fn nodes(
                 let view = state.plane.view(info.id, now);
                 NodeEntry {
                     info,
-                    liveness: view.liveness,
+                    liveness: crate::cluster_plane::live_nodes::liveness_name(view.liveness),
                     phi: view.phi,
                     last_heartbeat_age_ms: view.last_heartbeat_age_ms,
                     region_count: view.regions,

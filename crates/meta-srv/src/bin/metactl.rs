@@ -302,10 +302,11 @@ async fn kv(client: &MetaClient, command: KvCommand, output: Output) -> Result<(
 }
 
 async fn node(client: &MetaClient, command: NodeCommand, output: Output) -> Result<(), Failure> {
+    use meta_proto::v1::NodeState;
     let (id, state) = match command {
-        NodeCommand::Activate { id } => (id, "active"),
-        NodeCommand::Drain { id } => (id, "draining"),
-        NodeCommand::Decommission { id } => (id, "decommissioned"),
+        NodeCommand::Activate { id } => (id, NodeState::Active),
+        NodeCommand::Drain { id } => (id, NodeState::Draining),
+        NodeCommand::Decommission { id } => (id, NodeState::Decommissioned),
         NodeCommand::Remove { id } => {
             client.remove_node(id).await?;
             print(
@@ -319,10 +320,34 @@ async fn node(client: &MetaClient, command: NodeCommand, output: Output) -> Resu
     let node = client.set_node_state(id, state).await?;
     print(
         output,
-        format!("node {} is {}", node.node_id, node.state),
-        json!({ "id": node.node_id, "state": node.state }),
+        format!("node {} is {}", node.node_id, state_name(node.state)),
+        json!({ "id": node.node_id, "state": state_name(node.state) }),
     );
     Ok(())
+}
+
+/// How people read a wire enum: its proto name without the enum's prefix, lower case
+/// (`NODE_STATE_ACTIVE` -> `active`); an unknown number shows as it is.
+fn wire_name(name: Option<&str>, prefix: &str, raw: i32) -> String {
+    name.map_or_else(
+        || raw.to_string(),
+        |n| n.strip_prefix(prefix).unwrap_or(n).to_ascii_lowercase(),
+    )
+}
+
+fn role_name(raw: i32) -> String {
+    let name = meta_proto::v1::NodeRole::try_from(raw).ok();
+    wire_name(name.as_ref().map(|n| n.as_str_name()), "NODE_ROLE_", raw)
+}
+
+fn state_name(raw: i32) -> String {
+    let name = meta_proto::v1::NodeState::try_from(raw).ok();
+    wire_name(name.as_ref().map(|n| n.as_str_name()), "NODE_STATE_", raw)
+}
+
+fn liveness_name(raw: i32) -> String {
+    let name = meta_proto::v1::Liveness::try_from(raw).ok();
+    wire_name(name.as_ref().map(|n| n.as_str_name()), "LIVENESS_", raw)
 }
 
 async fn nodes(client: &MetaClient, output: Output) -> Result<(), Failure> {
@@ -339,10 +364,10 @@ async fn nodes(client: &MetaClient, output: Output) -> Result<(), Failure> {
         format!(
             "{:<6} {:<9} {:<22} {:<15} {:<8} {:>6.2} {:>7} {:>7}",
             n.node_id,
-            n.role,
+            role_name(n.role),
             n.addr,
-            n.state,
-            n.liveness,
+            state_name(n.state),
+            liveness_name(n.liveness),
             n.phi,
             age(n),
             n.region_count
@@ -352,8 +377,8 @@ async fn nodes(client: &MetaClient, output: Output) -> Result<(), Failure> {
         .iter()
         .map(|n| {
             json!({
-                "id": n.node_id, "role": n.role, "addr": n.addr, "state": n.state,
-                "liveness": n.liveness, "phi": n.phi,
+                "id": n.node_id, "role": role_name(n.role), "addr": n.addr,
+                "state": state_name(n.state), "liveness": liveness_name(n.liveness), "phi": n.phi,
                 "last_heartbeat_age_ms": n.last_heartbeat_age_ms,
                 "region_count": n.region_count, "labels": n.labels, "version": n.version,
             })

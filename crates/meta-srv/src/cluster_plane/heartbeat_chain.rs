@@ -109,7 +109,7 @@ impl ClusterPlane {
         deadline: std::time::Duration,
     ) -> common_meta::Result<pb::InstructionReply> {
         let view = self.view(node_id, common_meta::time::unix_ms());
-        if view.liveness == "failed" {
+        if view.liveness == pb::Liveness::Failed {
             return Err(common_meta::Error::Unavailable {
                 message: format!(
                     "node {node_id} is failed (phi {:.1}, last heartbeat {} ms ago)",

@@ -36,7 +36,7 @@ pub struct RegionLoad {
 impl From<&pb::RegionStat> for RegionLoad {
     fn from(stat: &pb::RegionStat) -> Self {
         RegionLoad {
-            leader: stat.role == "leader",
+            leader: stat.role == i32::from(pb::RegionRole::Leader),
             bytes: stat.approximate_bytes,
             rows: stat.approximate_rows,
             read_rate: stat.read_rate as f32,
@@ -63,12 +63,22 @@ pub enum Stale {
     Removed,
 }
 
+/// How people read a liveness (metactl, `GET /nodes`).
+pub fn liveness_name(liveness: pb::Liveness) -> &'static str {
+    match liveness {
+        pb::Liveness::Alive => "alive",
+        pb::Liveness::Suspect => "suspect",
+        pb::Liveness::Failed => "failed",
+        pb::Liveness::Unknown | pb::Liveness::Unspecified => "unknown",
+    }
+}
+
 /// A node's liveness as the leader reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LiveView {
-    /// `alive`, `suspect`, `failed`, or `unknown` (not heard since this leader started,
-    /// for less than a detection window).
-    pub liveness: &'static str,
+    /// Alive, suspect, failed, or unknown (not heard since this leader started, for
+    /// less than a detection window).
+    pub liveness: pb::Liveness,
     /// The detector's phi.
     pub phi: f64,
     /// ms since the last heartbeat, when one was heard.
@@ -225,8 +235,8 @@ impl LiveNodes {
                 let phi = detector.phi(now_ms);
                 LiveView {
                     liveness: match detector.liveness(now_ms) {
-                        Liveness::Failed => "failed",
-                        Liveness::Alive | Liveness::Suspect => "unknown",
+                        Liveness::Failed => pb::Liveness::Failed,
+                        Liveness::Alive | Liveness::Suspect => pb::Liveness::Unknown,
                     },
                     phi,
                     last_heartbeat_age_ms: None,
@@ -235,9 +245,9 @@ impl LiveNodes {
             }
             Some(live) => LiveView {
                 liveness: match live.detector.liveness(now_ms) {
-                    Liveness::Alive => "alive",
-                    Liveness::Suspect => "suspect",
-                    Liveness::Failed => "failed",
+                    Liveness::Alive => pb::Liveness::Alive,
+                    Liveness::Suspect => pb::Liveness::Suspect,
+                    Liveness::Failed => pb::Liveness::Failed,
                 },
                 phi: live.detector.phi(now_ms),
                 last_heartbeat_age_ms: live
@@ -257,7 +267,7 @@ mod tests {
     fn region(id: u64, bytes: u64) -> pb::RegionStat {
         pb::RegionStat {
             region_id: id,
-            role: "leader".to_string(),
+            role: pb::RegionRole::Leader.into(),
             approximate_bytes: bytes,
             ..Default::default()
         }
@@ -275,13 +285,13 @@ mod tests {
     fn unheard_nodes_are_unknown_for_a_window_and_silence_fails_heard_ones() {
         let live = LiveNodes::new(DetectorConfig::default(), 0);
         live.advance(1, 0);
-        assert_eq!(live.view(1, 1_000).liveness, "unknown");
+        assert_eq!(live.view(1, 1_000).liveness, pb::Liveness::Unknown);
         // Default window: 1 s first interval + 10 s pause, plus the std dev margin.
-        assert_eq!(live.view(1, 30_000).liveness, "failed");
+        assert_eq!(live.view(1, 30_000).liveness, pb::Liveness::Failed);
         live.claim(1, 1, 1, 0).unwrap();
         assert_eq!(
             live.view(1, 1_000).liveness,
-            "unknown",
+            pb::Liveness::Unknown,
             "claimed but never heard is judged from the leadership's start"
         );
         for t in (0..=10_000).step_by(1_000) {
@@ -290,13 +300,13 @@ mod tests {
         let now = live.view(1, 10_500);
         assert_eq!(
             (now.liveness, now.last_heartbeat_age_ms),
-            ("alive", Some(500))
+            (pb::Liveness::Alive, Some(500))
         );
-        assert_eq!(live.view(1, 40_000).liveness, "failed");
+        assert_eq!(live.view(1, 40_000).liveness, pb::Liveness::Failed);
         // A new term resets at once, even before the leadership task runs.
         live.claim(2, 1, 5, 40_000).unwrap();
-        assert_eq!(live.view(1, 40_100).liveness, "unknown");
-        assert_eq!(live.view(1, 70_000).liveness, "failed");
+        assert_eq!(live.view(1, 40_100).liveness, pb::Liveness::Unknown);
+        assert_eq!(live.view(1, 70_000).liveness, pb::Liveness::Failed);
         assert_eq!(live.beat(1, 1, 1, 40_200), Err(Stale::Term));
         live.advance(1, 50_000);
         assert_eq!(

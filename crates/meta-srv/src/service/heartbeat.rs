@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use common_meta::model::node::{NodeRole, NodeState};
+use common_meta::model::node::NodeState;
 use common_meta::time::unix_ms;
 use meta_proto::v1 as pb;
 use tokio::sync::{mpsc, watch};
@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::cluster_plane::heartbeat_chain::{
     self, ClusterPlane, HeartbeatHandler, Refusal, StreamState,
 };
-use crate::error::to_status_with_hint;
+use crate::error::{to_status, to_status_with_hint};
 use crate::raft::driver::DriverHandle;
 use crate::raft::members::Members;
 
@@ -64,10 +64,10 @@ impl HeartbeatService {
         let view = self.plane.view(info.id, now);
         pb::NodeView {
             node_id: info.id,
-            role: role_name(info.role).to_string(),
+            role: pb::NodeRole::from(info.role).into(),
             addr: info.addr,
-            state: state_name(info.state).to_string(),
-            liveness: view.liveness.to_string(),
+            state: pb::NodeState::from(info.state).into(),
+            liveness: view.liveness.into(),
             phi: view.phi,
             last_heartbeat_age_ms: view.last_heartbeat_age_ms,
             region_count: view.regions as u64,
@@ -243,23 +243,6 @@ fn replaced(node: u64) -> Status {
     ))
 }
 
-fn role_name(role: NodeRole) -> &'static str {
-    match role {
-        NodeRole::Datanode => "datanode",
-        NodeRole::Frontend => "frontend",
-        NodeRole::Flownode => "flownode",
-    }
-}
-
-fn state_name(state: NodeState) -> &'static str {
-    match state {
-        NodeState::Joining => "joining",
-        NodeState::Active => "active",
-        NodeState::Draining => "draining",
-        NodeState::Decommissioned => "decommissioned",
-    }
-}
-
 /// The gRPC face of a [`HeartbeatService`]: streams run as tasks that share it.
 pub struct HeartbeatApi(Arc<HeartbeatService>);
 
@@ -343,16 +326,12 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatApi {
     ) -> Result<Response<pb::SetNodeStateResponse>, Status> {
         self.require_leader().await?;
         let request = request.into_inner();
-        let to = match request.state.as_str() {
-            "active" => NodeState::Active,
-            "draining" => NodeState::Draining,
-            "decommissioned" => NodeState::Decommissioned,
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "unknown node state {other:?} (active, draining or decommissioned)"
-                )));
-            }
-        };
+        let to = NodeState::try_from(request.state).map_err(to_status)?;
+        if to == NodeState::Joining {
+            return Err(Status::invalid_argument(
+                "a node cannot be moved back to joining (active, draining or decommissioned)",
+            ));
+        }
         let info = self
             .plane
             .nodes

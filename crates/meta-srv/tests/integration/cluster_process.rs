@@ -453,12 +453,8 @@ async fn a_heartbeat_task_finds_the_leader_and_follows_a_new_one() {
     let nodes = cluster.client(first).nodes().await.unwrap();
     assert_eq!(nodes.len(), 1);
     assert_eq!(
-        (
-            nodes[0].node_id,
-            nodes[0].liveness.as_str(),
-            nodes[0].region_count
-        ),
-        (42, "alive", 5)
+        (nodes[0].node_id, nodes[0].liveness(), nodes[0].region_count),
+        (42, meta_proto::v1::Liveness::Alive, 5)
     );
 
     tracing::info!("--- the leader is killed; the task moves to the next leader by itself");
@@ -477,12 +473,8 @@ async fn a_heartbeat_task_finds_the_leader_and_follows_a_new_one() {
     .unwrap();
     let nodes = cluster.client(second).nodes().await.unwrap();
     assert_eq!(
-        (
-            nodes[0].node_id,
-            nodes[0].liveness.as_str(),
-            nodes[0].region_count
-        ),
-        (42, "alive", 5)
+        (nodes[0].node_id, nodes[0].liveness(), nodes[0].region_count),
+        (42, meta_proto::v1::Liveness::Alive, 5)
     );
     drop(task);
 }

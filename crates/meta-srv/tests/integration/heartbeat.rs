@@ -42,7 +42,7 @@ fn with_token(mut request: pb::HeartbeatRequest, token: &str) -> pb::HeartbeatRe
 fn region(id: u64) -> pb::RegionStat {
     pb::RegionStat {
         region_id: id,
-        role: "leader".into(),
+        role: pb::RegionRole::Leader.into(),
         ..Default::default()
     }
 }
@@ -143,16 +143,12 @@ async fn nodes_register_report_stats_and_restart() {
     assert_eq!(nodes.len(), 1);
     let node = &nodes[0];
     assert_eq!(
-        (node.node_id, node.role.as_str(), node.addr.as_str()),
-        (7, "datanode", "10.0.0.7:4001")
+        (node.node_id, node.role(), node.addr.as_str()),
+        (7, pb::NodeRole::Datanode, "10.0.0.7:4001")
     );
     assert_eq!(
-        (
-            node.state.as_str(),
-            node.liveness.as_str(),
-            node.region_count
-        ),
-        ("joining", "alive", 3)
+        (node.state(), node.liveness(), node.region_count),
+        (pb::NodeState::Joining, pb::Liveness::Alive, 3)
     );
     assert_eq!(node.labels["zone"], "a");
     assert!(node.last_heartbeat_age_ms.is_some());
@@ -187,17 +183,49 @@ async fn nodes_register_report_stats_and_restart() {
     assert!(status.message().contains("replaced"), "{status:?}");
 
     // Topology: joining -> active -> draining -> decommissioned -> removed.
-    for state in ["active", "draining", "decommissioned"] {
-        assert_eq!(client.set_node_state(7, state).await.unwrap().state, state);
+    for state in [
+        pb::NodeState::Active,
+        pb::NodeState::Draining,
+        pb::NodeState::Decommissioned,
+    ] {
+        assert_eq!(
+            client.set_node_state(7, state).await.unwrap().state(),
+            state
+        );
     }
-    let err = client.set_node_state(7, "active").await.unwrap_err();
+    let err = client
+        .set_node_state(7, pb::NodeState::Active)
+        .await
+        .unwrap_err();
     assert!(
         err.to_string()
             .contains("cannot go from Decommissioned to Active"),
         "{err}"
     );
-    let err = client.set_node_state(7, "sleeping").await.unwrap_err();
-    assert!(err.to_string().contains("unknown node state"), "{err}");
+    let err = client
+        .set_node_state(7, pb::NodeState::Joining)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("cannot be moved back to joining"),
+        "{err}"
+    );
+    // A number no state has (a newer or broken client) is refused by name.
+    let mut raw = pb::heartbeat_client::HeartbeatClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    let status = raw
+        .set_node_state(pb::SetNodeStateRequest {
+            node_id: 7,
+            state: 99,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("unknown node state 99"),
+        "{status:?}"
+    );
     client.remove_node(7).await.unwrap();
     assert!(client.nodes().await.unwrap().is_empty());
     // Its stream was still open: the next heartbeat is told why it is refused.
@@ -452,7 +480,11 @@ async fn join_tokens_admit_once_and_refuse_bad_expired_and_reused_ones() {
         )
         .await;
     }
-    for state in ["active", "draining", "decommissioned"] {
+    for state in [
+        pb::NodeState::Active,
+        pb::NodeState::Draining,
+        pb::NodeState::Decommissioned,
+    ] {
         client.set_node_state(4, state).await.unwrap();
     }
     client.remove_node(4).await.unwrap();
@@ -529,10 +561,10 @@ fn failure_bound(config: meta_srv::config::FailureDetectorConfig, interval_ms: u
 
 async fn liveness(client: &MetaClient, node: u64) -> Option<String> {
     let nodes = client.nodes().await.ok()?;
-    nodes
-        .into_iter()
-        .find(|n| n.node_id == node)
-        .map(|n| n.liveness)
+    nodes.into_iter().find(|n| n.node_id == node).map(|n| {
+        let name = n.liveness().as_str_name();
+        name.trim_start_matches("LIVENESS_").to_ascii_lowercase()
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -565,7 +597,7 @@ async fn a_killed_node_fails_within_the_bound_and_a_slow_one_is_only_suspect() {
         let all_alive = nodes.len() == 3
             && nodes
                 .iter()
-                .all(|n| n.liveness == "alive" && n.region_count == 20);
+                .all(|n| n.liveness() == pb::Liveness::Alive && n.region_count == 20);
         check(all_alive, || format!("nodes not alive: {nodes:?}"))
     })
     .await;
@@ -799,8 +831,8 @@ async fn a_follower_sends_nodes_to_the_leader_and_a_leader_change_fails_pending_
     let new_leader = MetaClient::new(&[&second_addr], MetaClientOptions::default()).unwrap();
     let nodes = new_leader.nodes().await.unwrap();
     assert_eq!(
-        (nodes[0].node_id, nodes[0].liveness.as_str()),
-        (42, "alive")
+        (nodes[0].node_id, nodes[0].liveness()),
+        (42, pb::Liveness::Alive)
     );
 
     // The old instruction finishes now; its reply belongs to the old stream and is
