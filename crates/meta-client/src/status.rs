@@ -36,23 +36,29 @@ pub(crate) enum Outcome {
     /// It may have been applied (the server said so, or the failure came from the
     /// connection after the request may have left): only a session makes a retry safe.
     Unknown,
-    /// An answer that sending again would not change (invalid argument, session
-    /// expired, internal error).
+    /// A definite answer of the server that sending again would not change (invalid
+    /// argument, session expired).
     Final,
 }
 
-/// Classifies a failed request's status.
+/// Classifies a failed request's status: by the server's marker when there is one
+/// (every KV answer has it). Without it, a definite answer of a service (not found,
+/// invalid argument, a failed precondition) is final, and anything the connection can
+/// produce (refused, reset, timed out on the client, an internal error of a proxy or of
+/// HTTP/2) may have happened after the request left: unknown.
 pub(crate) fn outcome_of(status: &Status) -> Outcome {
     match marker(status) {
-        Some(OUTCOME_NOT_APPLIED) => Outcome::NotApplied,
+        Some(OUTCOME_NOT_APPLIED) if status.code() == Code::Unavailable => Outcome::NotApplied,
         Some(OUTCOME_UNKNOWN) => Outcome::Unknown,
         Some(_) => Outcome::Final,
-        // No marker: the failure is the transport's (a refused or broken connection, a
-        // client-side timeout), not the server's answer.
         None => match status.code() {
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-                Outcome::Unknown
-            }
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Unknown
+            | Code::Internal
+            | Code::DataLoss
+            | Code::ResourceExhausted => Outcome::Unknown,
             _ => Outcome::Final,
         },
     }
@@ -108,9 +114,16 @@ mod tests {
                 ),
                 Outcome::Final,
             ),
+            (
+                marked(Code::InvalidArgument, "bad", OUTCOME_NOT_APPLIED),
+                Outcome::Final,
+            ),
             (Status::unavailable("tcp connect error"), Outcome::Unknown),
             (Status::cancelled("Timeout expired"), Outcome::Unknown),
-            (Status::invalid_argument("bad"), Outcome::Final),
+            (
+                Status::internal("h2 protocol error: stream reset"),
+                Outcome::Unknown,
+            ),
         ];
         for (status, outcome) in cases {
             assert_eq!(outcome_of(&status), outcome, "{status:?}");

@@ -115,50 +115,56 @@ pub enum Error {
 }
 
 /// Maps a `common-meta` error to the gRPC status a client sees. What became of a write
-/// travels in the `x-metasrv-outcome` metadata (see `store.proto`): `not-applied` for
-/// not-leader and unavailable answers (nothing was proposed), `unknown` for an outcome
-/// unknown (DEADLINE_EXCEEDED, as gRPC defines it: the operation may have completed),
-/// `session-expired` for a write in a session that is not open (FAILED_PRECONDITION).
+/// travels in the `x-metasrv-outcome` metadata of every error (see `store.proto`):
+/// `not-applied` for refusals and not-leader/unavailable answers (nothing was proposed,
+/// or it was refused), `unknown` for an outcome unknown (DEADLINE_EXCEEDED, as gRPC
+/// defines it: the operation may have completed) and for this member's own failures
+/// (INTERNAL), `session-expired` for a write in a session that is not open
+/// (FAILED_PRECONDITION).
 pub fn to_status(err: common_meta::Error) -> tonic::Status {
     use common_meta::Error as E;
     use meta_proto::{OUTCOME_NOT_APPLIED, OUTCOME_SESSION_EXPIRED, OUTCOME_UNKNOWN};
+    // Every answer says what became of the write, so a client never has to guess from
+    // the code: a status without the marker came from the connection, not from here.
     let (mut status, outcome) = match err {
-        E::InvalidArgument { message } => (tonic::Status::invalid_argument(message), None),
-        e @ (E::KeyDecode { .. } | E::InvalidName { .. }) => {
-            (tonic::Status::invalid_argument(e.to_string()), None)
-        }
-        E::Unavailable { message } => (
-            tonic::Status::unavailable(message),
-            Some(OUTCOME_NOT_APPLIED),
+        E::InvalidArgument { message } => (
+            tonic::Status::invalid_argument(message),
+            OUTCOME_NOT_APPLIED,
         ),
-        E::Unauthenticated { message } => (tonic::Status::unauthenticated(message), None),
+        e @ (E::KeyDecode { .. } | E::InvalidName { .. }) => (
+            tonic::Status::invalid_argument(e.to_string()),
+            OUTCOME_NOT_APPLIED,
+        ),
+        E::Unavailable { message } => (tonic::Status::unavailable(message), OUTCOME_NOT_APPLIED),
+        E::Unauthenticated { message } => {
+            (tonic::Status::unauthenticated(message), OUTCOME_NOT_APPLIED)
+        }
         e @ E::NotLeader { .. } => (
             tonic::Status::unavailable(e.to_string()),
-            Some(OUTCOME_NOT_APPLIED),
+            OUTCOME_NOT_APPLIED,
         ),
         e @ E::OutcomeUnknown { .. } => (
             tonic::Status::deadline_exceeded(e.to_string()),
-            Some(OUTCOME_UNKNOWN),
+            OUTCOME_UNKNOWN,
         ),
         e @ E::SessionExpired { .. } => (
             tonic::Status::failed_precondition(e.to_string()),
-            Some(OUTCOME_SESSION_EXPIRED),
+            OUTCOME_SESSION_EXPIRED,
         ),
+        // A failure of this member while serving: what it did to a write is not known.
         e @ (E::Storage { .. }
         | E::Io { .. }
         | E::Corrupted { .. }
         | E::TaskJoin(_)
         | E::Remote { .. }) => {
             tracing::error!(error = %e, "request failed");
-            (tonic::Status::internal(e.to_string()), None)
+            (tonic::Status::internal(e.to_string()), OUTCOME_UNKNOWN)
         }
     };
-    if let Some(outcome) = outcome {
-        status.metadata_mut().insert(
-            meta_proto::OUTCOME,
-            tonic::metadata::MetadataValue::from_static(outcome),
-        );
-    }
+    status.metadata_mut().insert(
+        meta_proto::OUTCOME,
+        tonic::metadata::MetadataValue::from_static(outcome),
+    );
     status
 }
 

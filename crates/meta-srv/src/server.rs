@@ -92,8 +92,12 @@ impl MetaSrv {
 
         let db_path = data_dir.db_path();
         let db = tokio::task::spawn_blocking(move || {
+            // No background flusher: it only logs a failed sync, and a later flush can
+            // then succeed over lost pages. Every sync goes through the raft log writer,
+            // which fails stop.
             sled::Config::new()
                 .path(&db_path)
+                .flush_every_ms(None)
                 .open()
                 .map_err(sled_error("opening the database"))
         })
@@ -262,6 +266,11 @@ impl MetaSrv {
     /// answers while this member leads).
     pub fn cluster_plane(&self) -> Arc<ClusterPlane> {
         self.plane.clone()
+    }
+
+    /// `Some(reason)` once this member has failed (see `RaftNode::failure`).
+    pub fn failure(&self) -> watch::Receiver<Option<String>> {
+        self.node.failure()
     }
 
     /// The queue of this member's raft driver (status, and fault injection in tests).

@@ -93,15 +93,16 @@ impl SessionKeeper {
     }
 
     /// Renews session `id` for another TTL (leader only); refuses one that is not open.
-    pub fn keep_alive(&self, id: u64) -> Result<Duration, Error> {
+    pub async fn keep_alive(&self, id: u64) -> Result<Duration, Error> {
         let term = self.term()?;
-        // The leader's state machine holds every session a client was told of: the
-        // open was answered only after it applied here.
-        let ttl_ms = self
-            .backend
-            .store()
-            .session_ttl(id)?
-            .ok_or(Error::SessionExpired { id })?;
+        let mut ttl_ms = self.backend.store().session_ttl(id)?;
+        if ttl_ms.is_none() {
+            // A new leader's state machine may lag its log: only once it has applied
+            // everything committed is an absent session surely closed.
+            self.backend.read_barrier().await?;
+            ttl_ms = self.backend.store().session_ttl(id)?;
+        }
+        let ttl_ms = ttl_ms.ok_or(Error::SessionExpired { id })?;
         let ttl = Duration::from_millis(ttl_ms);
         self.with_deadlines(term, |d| d.by_session.insert(id, Instant::now() + ttl));
         Ok(ttl)

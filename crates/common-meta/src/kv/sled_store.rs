@@ -111,8 +111,11 @@ impl SledKvStore {
     /// Opens (or creates) a sled database in directory `path` holding only this store.
     pub fn open(path: impl AsRef<Path>, limits: KvLimits) -> Result<Self> {
         let path = path.as_ref();
+        // No background flusher: it only logs a failed sync (a later flush may then
+        // succeed over lost pages); the caller's flushes, which fail stop, do the syncing.
         let db = sled::Config::new()
             .path(path)
+            .flush_every_ms(None)
             .open()
             .map_err(|source| Error::Storage {
                 context: format!("opening sled database at {}", path.display()),

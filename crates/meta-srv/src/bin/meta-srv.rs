@@ -113,6 +113,9 @@ fn start(args: StartArgs) -> ExitCode {
     }
 }
 
+/// How long `serve` has to stop by itself after a failure before the process exits.
+const FAIL_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 async fn run(config: Config) -> anyhow::Result<()> {
     let server = MetaSrv::bind(config).await?;
     let mut stdout = std::io::stdout();
@@ -123,6 +126,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
         server.http_addr()
     )?;
     stdout.flush()?;
+    // Fail-stop, whatever state the runtime is in: a member whose storage failed may
+    // have tokio workers stuck behind it, so a plain thread makes sure the process ends
+    // shortly after the failure even if `serve` cannot return.
+    let failure = server.failure();
+    std::thread::Builder::new()
+        .name("fail-stop".to_string())
+        .spawn(move || {
+            loop {
+                // A periodic look at a flag on its own thread, not a synchronisation.
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                if let Some(reason) = failure.borrow().clone() {
+                    std::thread::sleep(FAIL_STOP_GRACE);
+                    eprintln!("error: the member failed and stops: {reason}");
+                    std::process::exit(i32::from(EXIT_FAILURE));
+                }
+            }
+        })
+        .context("starting the fail-stop thread")?;
     match server.serve(shutdown_signal()).await {
         Err(e @ meta_srv::Error::Failed { .. }) => {
             // Fail-stop: exit now. Dropping the runtime and the database would wait on

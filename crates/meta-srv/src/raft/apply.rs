@@ -21,7 +21,7 @@ use common_meta::Error;
 use common_meta::kv::{self, Applied, SledKvStore};
 use raft::prelude::Entry;
 
-use crate::raft::driver::{Command, DriverHandle, Reply};
+use crate::raft::driver::{Command, DriverHandle, Reply, StorageWatch};
 
 /// Committed entries to apply, each with the reply of its proposer if it was proposed
 /// here.
@@ -45,12 +45,18 @@ pub struct Applier {
 }
 
 impl Applier {
-    /// Starts the thread for member `id`; it applies to `store` and reports to `driver`.
-    pub fn start(id: u64, store: Arc<SledKvStore>, driver: DriverHandle) -> Result<Applier, Error> {
+    /// Starts the thread for member `id`; it applies to `store`, reports to `driver`
+    /// and marks each batch in `watch` for the storage watchdog.
+    pub(crate) fn start(
+        id: u64,
+        store: Arc<SledKvStore>,
+        driver: DriverHandle,
+        watch: Arc<StorageWatch>,
+    ) -> Result<Applier, Error> {
         let (queue, jobs) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("raft-apply-{id}"))
-            .spawn(move || apply_loop(&store, &jobs, &driver))
+            .spawn(move || apply_loop(&store, &jobs, &driver, &watch))
             .map_err(|source| Error::Io {
                 context: "starting the raft apply thread".to_string(),
                 source,
@@ -96,7 +102,12 @@ fn stopped() -> Error {
     }
 }
 
-fn apply_loop(store: &SledKvStore, jobs: &mpsc::Receiver<Message>, driver: &DriverHandle) {
+fn apply_loop(
+    store: &SledKvStore,
+    jobs: &mpsc::Receiver<Message>,
+    driver: &DriverHandle,
+    watch: &StorageWatch,
+) {
     while let Ok(first) = jobs.recv() {
         let mut batch = Vec::new();
         let mut drained = Vec::new();
@@ -114,7 +125,10 @@ fn apply_loop(store: &SledKvStore, jobs: &mpsc::Receiver<Message>, driver: &Driv
             next = jobs.try_recv().ok();
         }
         if !batch.is_empty() {
-            match apply(store, batch) {
+            watch.enter();
+            let applied = apply(store, batch);
+            watch.leave();
+            match applied {
                 Ok(applied) => {
                     let _ = driver.send(Command::Applied { index: applied });
                 }

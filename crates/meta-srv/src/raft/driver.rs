@@ -431,7 +431,13 @@ impl RaftNode {
             handle.clone(),
             writer_storage.clone(),
         )?;
-        let applier = Applier::start(settings.id, store.clone(), handle.clone())?;
+        let apply_storage = Arc::new(StorageWatch::default());
+        let applier = Applier::start(
+            settings.id,
+            store.clone(),
+            handle.clone(),
+            apply_storage.clone(),
+        )?;
         // Ids of this run's proposals and reads: the boot count in the high half, so no
         // id repeats across restarts (whatever the clock does).
         let first_id = log.next_boot().map_err(raft_error)? << 32;
@@ -467,7 +473,7 @@ impl RaftNode {
         spawn_watchdog(
             settings.id,
             settings.storage_stall,
-            vec![storage.clone(), writer_storage],
+            vec![storage.clone(), writer_storage, apply_storage],
             leader_tx.clone(),
             failure_tx.clone(),
         )?;
@@ -1032,10 +1038,16 @@ impl Driver {
         // 2.
         let mut snapshot = None;
         if !ready.snapshot().is_empty() {
-            self.applier()?.drain()?;
-            self.log
-                .apply_snapshot(ready.snapshot())
-                .map_err(raft_error)?;
+            // Draining and rewriting the whole store may take long for a large snapshot:
+            // that is work, not a stuck disk, so the watchdog does not time it.
+            self.storage.leave();
+            let installed = self.applier()?.drain().and_then(|()| {
+                self.log
+                    .apply_snapshot(ready.snapshot())
+                    .map_err(raft_error)
+            });
+            self.storage.enter();
+            installed?;
             let index = ready.snapshot().get_metadata().index;
             tracing::info!(
                 member = self.id,

@@ -229,7 +229,7 @@ impl pb::store_server::Store for StoreService {
         request: Request<pb::KeepAliveSessionRequest>,
     ) -> Result<Response<pb::KeepAliveSessionResponse>, Status> {
         let id = request.into_inner().id;
-        let ttl = match self.sessions.keep_alive(id) {
+        let ttl = match self.sessions.keep_alive(id).await {
             Ok(ttl) => ttl,
             Err(e) => return Err(self.status(e).await),
         };
