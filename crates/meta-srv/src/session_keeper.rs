@@ -42,6 +42,8 @@ struct Deadlines {
     /// The term these deadlines were set in; a new term starts afresh.
     term: u64,
     by_session: HashMap<u64, Instant>,
+    /// Sessions whose close is being proposed: a keep-alive for them is too late.
+    closing: std::collections::HashSet<u64>,
 }
 
 /// The TTL granted for `asked_ms` (0 = the default), within the bounds.
@@ -76,7 +78,7 @@ impl SessionKeeper {
         if deadlines.term != term {
             *deadlines = Deadlines {
                 term,
-                by_session: HashMap::new(),
+                ..Deadlines::default()
             };
         }
         change(&mut deadlines)
@@ -104,7 +106,18 @@ impl SessionKeeper {
         }
         let ttl_ms = ttl_ms.ok_or(Error::SessionExpired { id })?;
         let ttl = Duration::from_millis(ttl_ms);
-        self.with_deadlines(term, |d| d.by_session.insert(id, Instant::now() + ttl));
+        let closing = self.with_deadlines(term, |d| {
+            if d.closing.contains(&id) {
+                return true;
+            }
+            d.by_session.insert(id, Instant::now() + ttl);
+            false
+        });
+        if closing {
+            // Its deadline passed and its close is on the way: renewing it now would
+            // tell the client a session lives that is about to end.
+            return Err(Error::SessionExpired { id });
+        }
         Ok(ttl)
     }
 
@@ -149,24 +162,30 @@ impl SessionKeeper {
                 seen.insert(*id, deadline);
             }
             d.by_session = seen;
-            d.by_session
+            let expired: Vec<u64> = d
+                .by_session
                 .iter()
                 .filter(|(_, deadline)| **deadline <= now)
                 .map(|(id, _)| *id)
                 .take(MAX_CLOSE_BATCH)
-                .collect()
+                .collect();
+            d.closing.extend(expired.iter().copied());
+            expired
         });
         if expired.is_empty() {
             return Ok(());
         }
         tracing::info!(sessions = ?expired, "client sessions expired");
-        self.backend.close_sessions(expired.clone()).await?;
+        let closed = self.backend.close_sessions(expired.clone()).await;
         self.with_deadlines(term, |d| {
             for id in &expired {
-                d.by_session.remove(id);
+                d.closing.remove(id);
+                if closed.is_ok() {
+                    d.by_session.remove(id);
+                }
             }
         });
-        Ok(())
+        closed
     }
 }
 
