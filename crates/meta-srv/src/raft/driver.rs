@@ -438,9 +438,17 @@ impl RaftNode {
             handle.clone(),
             apply_storage.clone(),
         )?;
-        // Ids of this run's proposals and reads: the boot count in the high half, so no
-        // id repeats across restarts (whatever the clock does).
-        let first_id = log.next_boot().map_err(raft_error)? << 32;
+        // Ids of this run's proposals and reads: a random 16-bit incarnation and the boot
+        // count (16 bits) in the high half, so no id repeats across restarts (whatever
+        // the clock does), nor, but by a 1 in 65,536 chance, when a wiped data directory
+        // rejoins under a reused member id and its boot count starts again.
+        let mut incarnation = [0u8; 2];
+        getrandom::fill(&mut incarnation).map_err(|e| Error::Io {
+            context: "drawing the member's incarnation".to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let boot = log.next_boot().map_err(raft_error)?;
+        let first_id = (u64::from(u16::from_be_bytes(incarnation)) << 48) | ((boot & 0xffff) << 32);
         let driver = Driver {
             id: settings.id,
             node,
