@@ -73,6 +73,9 @@ pub struct KvArgs {
     /// Also run a same-size etcd cluster (Debian's etcd-server) with the same load.
     #[arg(long)]
     vs_etcd: bool,
+    /// Write without client sessions (not exactly-once), to measure what they cost.
+    #[arg(long)]
+    no_sessions: bool,
 }
 
 impl KvArgs {
@@ -88,6 +91,9 @@ impl KvArgs {
         ];
         if self.vs_etcd {
             args.push("--vs-etcd".into());
+        }
+        if self.no_sessions {
+            args.push("--no-sessions".into());
         }
         args
     }
@@ -288,12 +294,21 @@ enum System {
     Etcd,
 }
 
-async fn connect(system: System, endpoints: &[String]) -> anyhow::Result<Arc<dyn Target>> {
+async fn connect(
+    system: System,
+    endpoints: &[String],
+    args: &KvArgs,
+) -> anyhow::Result<Arc<dyn Target>> {
+    let options = MetaClientOptions {
+        session_ttl: if args.no_sessions {
+            None
+        } else {
+            MetaClientOptions::default().session_ttl
+        },
+        ..MetaClientOptions::default()
+    };
     match system {
-        System::Meta => Ok(Arc::new(MetaTarget(MetaClient::new(
-            endpoints,
-            MetaClientOptions::default(),
-        )?))),
+        System::Meta => Ok(Arc::new(MetaTarget(MetaClient::new(endpoints, options)?))),
         System::Etcd => etcd::connect(endpoints).await,
     }
 }
@@ -481,7 +496,7 @@ async fn kv(args: KvArgs) -> anyhow::Result<()> {
             System::Etcd => etcd::start(args.members).await?,
         };
         // Every key exists before the first get run.
-        let loader = connect(system, &endpoints).await?;
+        let loader = connect(system, &endpoints, &args).await?;
         if system == System::Meta {
             let client = MetaClient::new(&endpoints, MetaClientOptions::default())?;
             for chunk in (0..args.keys).collect::<Vec<_>>().chunks(100) {
@@ -520,8 +535,15 @@ async fn kv(args: KvArgs) -> anyhow::Result<()> {
         fsync.0, fsync.1
     );
     println!(
-        "8-byte keys over {} keys, {}-byte values, {} s per run, one connection per client",
-        args.keys, args.value_size, args.seconds
+        "8-byte keys over {} keys, {}-byte values, {} s per run, one connection per client; meta-client writes {}",
+        args.keys,
+        args.value_size,
+        args.seconds,
+        if args.no_sessions {
+            "without sessions"
+        } else {
+            "in client sessions (exactly-once)"
+        }
     );
     let mut header = format!(
         "{:<20} {:>7} | {:>9} {:>8} {:>8}",
@@ -572,7 +594,7 @@ async fn drive(
     let value = Arc::new(value.to_vec());
     let mut targets = Vec::with_capacity(clients);
     for _ in 0..clients {
-        targets.push(connect(system, endpoints).await?);
+        targets.push(connect(system, endpoints, args).await?);
     }
     let started = Instant::now();
     let mut workers = Vec::with_capacity(clients);
