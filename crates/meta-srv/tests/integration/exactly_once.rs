@@ -39,19 +39,32 @@ async fn committed(direct: &MetaClient, key: &str, value: &str) -> i64 {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cas_whose_reply_was_lost_succeeds_once() {
+/// A server, a proxy in front of it, a client straight to the server and one through
+/// the proxy (with sessions at `session_ttl`), whose connection (and session) is open
+/// before any reply is lost.
+async fn lossy_setup(
+    session_ttl: Option<Duration>,
+) -> (crate::in_process::Running, Front, MetaClient, MetaClient) {
     let server = start().await;
     let proxy = Front::start();
     proxy.point_to(Some(server.grpc.clone()));
     let direct = client(&server.grpc, None);
-    let through = client(&proxy.addr, Some(Duration::from_secs(30)));
-    // Open the session and the connection before replies are lost.
+    let through = client(&proxy.addr, session_ttl);
     through
         .put(PutRequest::new(b"warm".to_vec(), b"up".to_vec()))
         .await
         .unwrap();
-    assert!(through.session_id().await.is_some());
+    assert_eq!(
+        through.session_id().await.is_some(),
+        session_ttl.is_some(),
+        "a session exactly when asked for"
+    );
+    (server, proxy, direct, through)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cas_whose_reply_was_lost_succeeds_once() {
+    let (server, proxy, direct, through) = lossy_setup(Some(Duration::from_secs(30))).await;
 
     tracing::info!("--- the CAS commits, its reply is lost, the client retries");
     proxy.swallow_replies();
@@ -95,15 +108,7 @@ async fn a_cas_whose_reply_was_lost_succeeds_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_txn_without_compares_whose_reply_was_lost_applies_once() {
-    let server = start().await;
-    let proxy = Front::start();
-    proxy.point_to(Some(server.grpc.clone()));
-    let direct = client(&server.grpc, None);
-    let through = client(&proxy.addr, Some(Duration::from_secs(30)));
-    through
-        .put(PutRequest::new(b"warm".to_vec(), b"up".to_vec()))
-        .await
-        .unwrap();
+    let (server, proxy, direct, through) = lossy_setup(Some(Duration::from_secs(30))).await;
 
     proxy.swallow_replies();
     let txn = TxnRequest {
@@ -132,16 +137,7 @@ async fn a_txn_without_compares_whose_reply_was_lost_applies_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_session_a_lost_reply_is_reported_as_unknown_not_retried() {
-    let server = start().await;
-    let proxy = Front::start();
-    proxy.point_to(Some(server.grpc.clone()));
-    let direct = client(&server.grpc, None);
-    let through = client(&proxy.addr, None);
-    through
-        .put(PutRequest::new(b"warm".to_vec(), b"up".to_vec()))
-        .await
-        .unwrap();
-    assert!(through.session_id().await.is_none());
+    let (server, proxy, direct, through) = lossy_setup(None).await;
 
     proxy.swallow_replies();
     let txn = TxnRequest {
