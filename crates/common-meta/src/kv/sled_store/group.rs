@@ -1,0 +1,155 @@
+//! One write group as it executes: each command sees the writes of those before it, and
+//! the exactly-once decisions of client sessions (see the parent module's doc).
+
+use std::collections::BTreeMap;
+
+use meta_proto::v1 as pb;
+use prost::Message as _;
+
+use super::{MAX_UNACKED_ANSWERS, SledKvStore, TREE};
+use crate::error::{Error, Result};
+use crate::kv::command::{Applied, Command, SessionRef};
+use crate::kv::engine::{self, Entry, Layered};
+use crate::kv::limits::KvLimits;
+use crate::kv::types::TxnRequest;
+
+pub(super) fn decode_session(id: u64, bytes: &[u8]) -> Result<pb::SessionRecord> {
+    pb::SessionRecord::decode(bytes).map_err(|e| Error::Corrupted {
+        location: format!("tree {TREE} session {id}"),
+        reason: e.to_string(),
+    })
+}
+
+/// The changes of one write group as they accumulate: each command sees those before it.
+pub(super) struct Group<'a> {
+    pub(super) store: &'a SledKvStore,
+    pub(super) limits: KvLimits,
+    pub(super) revision: i64,
+    pub(super) changes: BTreeMap<Vec<u8>, Option<Entry>>,
+    /// Session records written (`None`: removed) by the group.
+    pub(super) sessions: BTreeMap<u64, Option<pb::SessionRecord>>,
+}
+
+impl Group<'_> {
+    /// Runs one command. The outer `Err` is a storage failure (the whole group fails);
+    /// the inner one is the command's own refusal, decided alike on every member.
+    pub(super) fn run(&mut self, index: u64, command: Command) -> Result<Result<Applied>> {
+        match command {
+            Command::Noop => Ok(Ok(Applied::Done)),
+            Command::Txn { txn, session: None } => self.txn(txn),
+            Command::Txn {
+                txn,
+                session: Some(session),
+            } => self.session_txn(txn, session),
+            Command::OpenSession { ttl_ms } => {
+                if index == 0 {
+                    return Ok(Err(Error::invalid_argument(
+                        "sessions exist only in a replicated store",
+                    )));
+                }
+                let record = pb::SessionRecord {
+                    ttl_ms,
+                    ..Default::default()
+                };
+                self.sessions.insert(index, Some(record));
+                Ok(Ok(Applied::SessionOpened { id: index, ttl_ms }))
+            }
+            Command::CloseSessions { ids } => {
+                for id in ids {
+                    self.sessions.insert(id, None);
+                }
+                Ok(Ok(Applied::Done))
+            }
+        }
+    }
+
+    fn txn(&mut self, txn: TxnRequest) -> Result<Result<Applied>> {
+        let view = Layered {
+            base: self.store,
+            changes: &self.changes,
+        };
+        match engine::execute(&view, self.revision, &self.limits, txn) {
+            Ok((response, write)) => {
+                if let Some(write) = write {
+                    self.revision = write.revision;
+                    self.changes.extend(write.changes);
+                }
+                Ok(Ok(Applied::Txn(response)))
+            }
+            Err(e @ Error::InvalidArgument { .. }) => Ok(Err(e)),
+            // A read failure is this member's problem, not the request's: never let it
+            // turn into a different outcome on one replica.
+            Err(e) => Err(e),
+        }
+    }
+
+    fn session_txn(&mut self, txn: TxnRequest, session: SessionRef) -> Result<Result<Applied>> {
+        if let Err(e) = session.validate() {
+            return Ok(Err(e));
+        }
+        let record = match self.sessions.get(&session.id) {
+            Some(record) => record.clone(),
+            None => self.store.load_session(session.id)?,
+        };
+        let Some(mut record) = record else {
+            return Ok(Err(Error::SessionExpired { id: session.id }));
+        };
+        // Forget what the client says it holds, whatever this command's fate.
+        record.acked = record.acked.max(session.acked);
+        let acked = record.acked;
+        record.answers.retain(|a| a.seq >= acked);
+        let answer = if let Some(kept) = record.answers.iter().find(|a| a.seq == session.seq) {
+            kept_answer(kept)
+        } else if session.seq < record.acked {
+            Err(Error::invalid_argument(format!(
+                "write {} of session {} is below the acknowledged mark {}: its answer was already received and forgotten",
+                session.seq, session.id, record.acked
+            )))
+        } else if record.answers.len() >= MAX_UNACKED_ANSWERS {
+            Err(Error::invalid_argument(format!(
+                "session {} holds {MAX_UNACKED_ANSWERS} unacknowledged answers; acknowledge answered writes (SessionRef.acked) before sending more",
+                session.id
+            )))
+        } else {
+            let answer = self.txn(txn)?;
+            let outcome = match &answer {
+                Ok(Applied::Txn(response)) => pb::session_answer::Outcome::Response(
+                    crate::rpc::txn_response_to_pb(response.clone(), 0),
+                ),
+                Ok(other) => {
+                    return Err(Error::Remote {
+                        code: "Internal".to_string(),
+                        message: format!("a transaction was answered {other:?}"),
+                    });
+                }
+                Err(e) => pb::session_answer::Outcome::Refused(e.to_string()),
+            };
+            record.answers.push(pb::SessionAnswer {
+                seq: session.seq,
+                outcome: Some(outcome),
+            });
+            answer
+        };
+        self.sessions.insert(session.id, Some(record));
+        Ok(answer)
+    }
+}
+
+/// The answer a session kept for a write, as it was first given.
+fn kept_answer(kept: &pb::SessionAnswer) -> Result<Applied> {
+    match &kept.outcome {
+        Some(pb::session_answer::Outcome::Response(response)) => {
+            Ok(Applied::Txn(response.clone().try_into()?))
+        }
+        Some(pb::session_answer::Outcome::Refused(message)) => Err(Error::InvalidArgument {
+            message: message
+                .strip_prefix("invalid argument: ")
+                .unwrap_or(message)
+                .to_string(),
+        }),
+        None => Err(Error::Corrupted {
+            location: format!("a session answer for write {}", kept.seq),
+            reason: "no outcome".to_string(),
+        }),
+    }
+}

@@ -1,0 +1,235 @@
+//! `SledKvStore` against its contract: replay, snapshots, limits, exactly-once sessions.
+
+use super::*;
+use crate::kv::command::SessionRef;
+use crate::kv::types::{PutRequest, TxnOp};
+
+fn write(txn: TxnRequest) -> Command {
+    Command::Txn { txn, session: None }
+}
+
+fn txn_answer(answer: &Option<Result<Applied>>) -> TxnResponse {
+    match answer {
+        Some(Ok(Applied::Txn(response))) => response.clone(),
+        other => panic!("not a txn answer: {other:?}"),
+    }
+}
+
+fn in_session(txn: TxnRequest, id: u64, seq: u64, acked: u64) -> Command {
+    Command::Txn {
+        txn,
+        session: Some(SessionRef { id, seq, acked }),
+    }
+}
+
+/// Creates `k` only if it does not exist: a retry that applied again would fail.
+fn create(key: &str) -> TxnRequest {
+    TxnRequest {
+        compare: vec![crate::kv::Compare::new(
+            key.as_bytes().to_vec(),
+            crate::kv::CompareOp::Equal,
+            crate::kv::CompareTarget::Version(0),
+        )],
+        ..put(key)
+    }
+}
+
+#[test]
+fn a_retried_session_write_gets_its_first_answer_and_applies_once() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+        let opened = store
+            .apply(vec![(1, Command::OpenSession { ttl_ms: 5_000 })])
+            .unwrap();
+        assert_eq!(
+            opened[0].as_ref().unwrap().as_ref().unwrap(),
+            &Applied::SessionOpened {
+                id: 1,
+                ttl_ms: 5_000
+            }
+        );
+        assert_eq!(store.sessions().unwrap(), [(1, 5_000)]);
+        let first = store
+            .apply(vec![(2, in_session(create("k"), 1, 1, 1))])
+            .unwrap();
+        let first = txn_answer(&first[0]);
+        assert!(first.succeeded);
+        // The reply was lost; the client sends the same write again.
+        let again = store
+            .apply(vec![(3, in_session(create("k"), 1, 1, 1))])
+            .unwrap();
+        assert_eq!(
+            txn_answer(&again[0]),
+            first,
+            "the first answer, not a failed compare"
+        );
+        assert_eq!(store.revision(), 1, "applied once");
+        // The next write acknowledges the first, whose answer is then forgotten.
+        let second = store
+            .apply(vec![(4, in_session(put("j"), 1, 2, 2))])
+            .unwrap();
+        assert_eq!(txn_answer(&second[0]).revision, 2);
+        let stale = store
+            .apply(vec![(5, in_session(create("k"), 1, 1, 1))])
+            .unwrap();
+        let err = stale[0].as_ref().unwrap().as_ref().unwrap_err();
+        assert!(
+            err.to_string().contains("below the acknowledged mark 2"),
+            "{err}"
+        );
+        store.flush().unwrap();
+    }
+    // Kept answers survive a restart: they are in the same batches as the data.
+    let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+    let again = store
+        .apply(vec![(6, in_session(put("j"), 1, 2, 2))])
+        .unwrap();
+    assert_eq!(txn_answer(&again[0]).revision, 2);
+    assert_eq!(store.revision(), 2);
+    // A closed session refuses writes, which then change nothing.
+    let closed = store
+        .apply(vec![
+            (7, Command::CloseSessions { ids: vec![1] }),
+            (8, in_session(put("x"), 1, 3, 3)),
+            (9, in_session(put("x"), 0, 1, 1)),
+        ])
+        .unwrap();
+    assert!(
+        matches!(closed[1], Some(Err(Error::SessionExpired { id: 1 }))),
+        "{closed:?}"
+    );
+    assert!(matches!(
+        closed[2],
+        Some(Err(Error::InvalidArgument { .. }))
+    ));
+    assert_eq!(store.revision(), 2);
+    assert!(store.sessions().unwrap().is_empty());
+    // Sessions need the replicated store: a local commit cannot open one.
+    assert!(
+        store
+            .write_group(
+                vec![(0, Command::OpenSession { ttl_ms: 1 })],
+                Vec::new(),
+                None
+            )
+            .unwrap()[0]
+            .is_err()
+    );
+}
+
+fn put(key: &str) -> TxnRequest {
+    TxnRequest {
+        success: vec![TxnOp::Put(PutRequest::new(key.as_bytes(), b"v".to_vec()))],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn replayed_entries_are_skipped_and_the_applied_index_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+        let answers = store
+            .apply(vec![
+                (1, write(put("a"))),
+                (2, Command::Noop),
+                (3, write(put("b"))),
+            ])
+            .unwrap();
+        assert!(answers.iter().all(|a| matches!(a, Some(Ok(_)))));
+        assert_eq!((store.applied_index(), store.revision()), (3, 2));
+        store.flush().unwrap();
+    }
+    let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+    assert_eq!((store.applied_index(), store.revision()), (3, 2));
+    // A crash before the driver learned of the apply replays 2..=4: only 4 is new.
+    let answers = store
+        .apply(vec![
+            (2, Command::Noop),
+            (3, write(put("b"))),
+            (4, write(put("c"))),
+        ])
+        .unwrap();
+    assert!(answers[0].is_none() && answers[1].is_none());
+    assert_eq!(txn_answer(&answers[2]).revision, 3);
+    let b = engine::execute(
+        &store,
+        store.revision(),
+        &KvLimits::default(),
+        TxnRequest {
+            success: vec![TxnOp::Range(crate::kv::RangeRequest::key(b"b".to_vec()))],
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .0;
+    match &b.responses[0] {
+        crate::kv::TxnOpResponse::Range(r) => assert_eq!(r.kvs[0].version, 1, "b applied once"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn snapshot_restores_data_revision_and_applied_index_exactly() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let source = SledKvStore::open(source_dir.path(), KvLimits::default()).unwrap();
+    source
+        .apply(vec![
+            (1, write(put("a"))),
+            (2, write(put("b"))),
+            (3, Command::Noop),
+        ])
+        .unwrap();
+    let (blob, applied) = source.snapshot().unwrap();
+    assert_eq!(applied, 3);
+
+    let target_dir = tempfile::tempdir().unwrap();
+    let target = SledKvStore::open(target_dir.path(), KvLimits::default()).unwrap();
+    target.commit(vec![put("stale")]).unwrap();
+    target.restore(&blob).unwrap();
+    assert_eq!((target.revision(), target.applied_index()), (2, 3));
+    let keys: Vec<Vec<u8>> = target
+        .scan(b"\0", None)
+        .map(|item| item.unwrap().0)
+        .collect();
+    assert_eq!(keys, [b"a".to_vec(), b"b".to_vec()], "stale keys are gone");
+    assert_eq!(target.snapshot().unwrap().0, blob);
+
+    let err = target.restore(&blob[..blob.len() - 1]).unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+    assert_eq!(target.revision(), 2, "a bad snapshot changes nothing");
+}
+
+#[test]
+fn replicated_entries_apply_whatever_the_local_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = KvLimits {
+        max_key_bytes: 4,
+        ..KvLimits::default()
+    };
+    let store = SledKvStore::open(dir.path(), small).unwrap();
+    let long = put("longer-than-four");
+    assert!(store.check(&long).is_err(), "the proposer refuses it");
+    let answers = store.commit(vec![long.clone()]).unwrap();
+    assert!(answers[0].is_err(), "a single-node commit refuses it too");
+    // A member with larger limits proposed it and it committed: it must apply here.
+    let applied = store.apply(vec![(1, write(long))]).unwrap();
+    assert!(matches!(applied[0], Some(Ok(_))), "{applied:?}");
+    assert_eq!(store.revision(), 1);
+}
+
+#[test]
+fn a_refused_transaction_in_a_group_is_answered_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+    let answers = store.commit(vec![put("a"), put(""), put("b")]).unwrap();
+    assert!(answers[0].is_ok() && answers[2].is_ok());
+    assert!(matches!(answers[1], Err(Error::InvalidArgument { .. })));
+    assert_eq!(store.revision(), 2);
+    let err = store.read(put("x")).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("read was given a transaction that writes")
+    );
+}

@@ -1,0 +1,246 @@
+//! What the driver can be asked and what it answers: settings, commands, faults,
+//! membership changes, status, and the handle that queues commands.
+
+use super::*;
+
+/// Settings of one member's raft node.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    /// This member's id (at least 1).
+    pub id: u64,
+    /// The voters of a new cluster; ignored when the log already holds a configuration.
+    /// Empty for a member that joins an existing cluster (it learns the configuration
+    /// from the leader after `member add`).
+    pub initial_voters: Vec<u64>,
+    /// Length of one raft tick.
+    pub tick: Duration,
+    /// Ticks without a leader before a follower campaigns (randomised up to twice that).
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Compact the log once this many applied entries are in it beyond `keep_entries`.
+    pub compact_after: u64,
+    /// Applied entries kept in the log after compaction, so a briefly lagging member
+    /// catches up from the log rather than a snapshot.
+    pub keep_entries: u64,
+    /// Storage work (an fsync, a batch) that has not returned after this long is taken
+    /// for a broken disk and fails the member: sled can wait forever on a full one
+    /// instead of failing.
+    pub storage_stall: Duration,
+}
+
+impl RaftSettings {
+    /// Defaults for member `id` of a cluster of `initial_voters`: 100 ms ticks, election
+    /// after 1-2 s, heartbeats every 200 ms (etcd's defaults are 100 ms / 1 s).
+    pub fn new(id: u64, initial_voters: Vec<u64>) -> Self {
+        RaftSettings {
+            id,
+            initial_voters,
+            tick: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            compact_after: 10_000,
+            keep_entries: 1_000,
+            storage_stall: Duration::from_secs(20),
+        }
+    }
+}
+
+/// What the driver can be asked.
+pub enum Command {
+    /// Replicate and apply a change of the state machine.
+    Propose {
+        /// The change.
+        command: kv::Command,
+        /// Answered with the applied result.
+        reply: Reply<Applied>,
+    },
+    /// Wait until a linearizable read may be served locally.
+    ReadIndex {
+        /// Answered with the read index once it is applied.
+        reply: Reply<u64>,
+    },
+    /// A raft message from another member.
+    Step(Box<Message>),
+    /// Report this member's raft status.
+    Status {
+        /// The answer.
+        reply: oneshot::Sender<RaftStatus>,
+    },
+    /// Ask the leader to hand leadership to `to`.
+    TransferLeader {
+        /// The member to become leader.
+        to: u64,
+    },
+    /// Change the configuration by one member (leader only).
+    ChangeMembership {
+        /// The change.
+        change: MembershipChange,
+        /// Answered with the configuration once the change is applied.
+        reply: Reply<Membership>,
+    },
+    /// The log writer made every Ready up to `number` durable.
+    Persisted {
+        /// The highest Ready number persisted.
+        number: u64,
+    },
+    /// The log writer could not make the log durable.
+    PersistFailed {
+        /// What failed.
+        reason: String,
+    },
+    /// The apply thread applied every entry up to `index`.
+    Applied {
+        /// The applied index.
+        index: u64,
+    },
+    /// The apply thread could not write the state machine.
+    ApplyFailed {
+        /// What failed.
+        reason: String,
+    },
+    /// The transport lost its connection to `peer` (raft probes it from now on).
+    Unreachable {
+        /// The member.
+        peer: u64,
+    },
+    /// A snapshot sent to `peer` arrived (`delivered`) or was lost.
+    SnapshotSent {
+        /// The member.
+        peer: u64,
+        /// Whether the peer received it.
+        delivered: bool,
+    },
+    /// Make the driver fail as a broken disk or a bug would (fault-injection tests).
+    InjectFault(Fault),
+    /// Stop the driver (pending requests fail as unavailable).
+    Stop,
+}
+
+/// A failure the driver can be made to suffer, to test that a member fails stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The log store's next write fails (as on a full or broken disk).
+    StorageError,
+    /// The driver thread panics (as a raft-rs `fatal!` or a bug would).
+    Panic,
+    /// The next storage work blocks this long (as on a disk that stopped answering).
+    Stall(Duration),
+}
+
+/// One configuration change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add a non-voting member that receives the log.
+    AddLearner {
+        /// The new member's id.
+        id: u64,
+        /// Its gRPC address.
+        addr: String,
+    },
+    /// Make a learner a voter.
+    Promote {
+        /// The learner.
+        id: u64,
+    },
+    /// Remove a member.
+    Remove {
+        /// The member.
+        id: u64,
+    },
+}
+
+/// A configuration: who votes and who only learns.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Membership {
+    /// Voting members.
+    pub voters: Vec<u64>,
+    /// Non-voting members.
+    pub learners: Vec<u64>,
+}
+
+impl From<&ConfState> for Membership {
+    fn from(conf: &ConfState) -> Self {
+        let sorted = |ids: &[u64]| {
+            let mut ids = ids.to_vec();
+            ids.sort_unstable();
+            ids
+        };
+        Membership {
+            voters: sorted(&conf.voters),
+            learners: sorted(&conf.learners),
+        }
+    }
+}
+
+/// A cloneable handle that queues commands for a driver.
+#[derive(Clone)]
+pub struct DriverHandle {
+    pub(super) queue: mpsc::Sender<Command>,
+    /// Client requests queued and not yet taken by the driver.
+    pub(super) backlog: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl DriverHandle {
+    /// Queues `command`; fails when the driver has stopped, or (for a proposal or a
+    /// read) when [`MAX_BACKLOG`] client requests already wait.
+    pub fn send(&self, command: Command) -> Result<(), Error> {
+        use std::sync::atomic::Ordering;
+        let client = matches!(command, Command::Propose { .. } | Command::ReadIndex { .. });
+        if client {
+            let queued = self.backlog.fetch_add(1, Ordering::AcqRel);
+            if queued >= MAX_BACKLOG {
+                self.backlog.fetch_sub(1, Ordering::AcqRel);
+                return Err(Error::Unavailable {
+                    message: format!(
+                        "the member is overloaded ({queued} requests queued); retry later"
+                    ),
+                });
+            }
+        }
+        self.queue.send(command).map_err(|_| {
+            if client {
+                self.backlog.fetch_sub(1, Ordering::AcqRel);
+            }
+            Error::Unavailable {
+                message: "the raft driver has stopped".to_string(),
+            }
+        })
+    }
+
+    /// Asks for the driver's current status.
+    pub async fn status(&self) -> Result<RaftStatus, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Status { reply })?;
+        answer.await.map_err(|_| stopped())
+    }
+
+    /// Delivers a raft message (dropped if the driver has stopped, like a lost packet).
+    pub fn step(&self, message: Message) {
+        let _ = self.queue.send(Command::Step(Box::new(message)));
+    }
+}
+
+/// A member's raft role and progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftStatus {
+    /// This member.
+    pub id: u64,
+    /// `leader`, `candidate`, `pre-candidate` or `follower`.
+    pub role: &'static str,
+    /// The leader this member knows of (0 for none).
+    pub leader_id: u64,
+    /// Current term.
+    pub term: u64,
+    /// Highest log index known committed.
+    pub commit_index: u64,
+    /// Highest log index applied to the state machine.
+    pub applied_index: u64,
+    /// Index of the first entry still in this member's log (after compaction or an
+    /// installed snapshot, greater than 1).
+    pub first_index: u64,
+    /// Voting members.
+    pub voters: Vec<u64>,
+    /// Non-voting members.
+    pub learners: Vec<u64>,
+}
