@@ -14,4 +14,5 @@ mod in_process;
 mod linearizability;
 mod metactl;
 mod raft_cluster;
+mod raft_faults;
 mod support;
