@@ -34,10 +34,16 @@ use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::error::{Error, Result};
 use crate::lock::LockTable;
+
+mod children;
+mod failure;
+
 use crate::procedure::{BoxedProcedure, Context, Loader, ProcedureWithId, Status};
 use crate::store::{
     ChildSeed, ProcedureRecord, ProcedureState, RECORD_PREFIX, StateStore, record_key,
 };
+use children::{run_children, suspend};
+use failure::{fail, park};
 
 /// Settings of a [`ProcedureManager`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -642,25 +648,6 @@ fn run(
     })
 }
 
-/// A procedure whose state cannot be saved: failed visibly (its watchers and its
-/// ancestors' are answered), and parked with its locks until the manager stops.
-async fn park(inner: &Arc<Inner>, id: &str, error: &Error) {
-    let reason = format!(
-        "{error}; its locks are kept until the next recovery (a restart or a new leader) resumes it"
-    );
-    tracing::error!(%id, error = %reason, "procedure cannot be saved");
-    for failed in std::iter::once(id.to_string()).chain(inner.ancestors(id)) {
-        if let Some(sender) = lock(&inner.progress).get(&failed) {
-            sender.send_modify(|p| {
-                p.state = ProcedureState::Failed;
-                p.error = Some(reason.clone());
-            });
-        }
-    }
-    // Holding `_release` (in the caller) keeps the locks; `stop` aborts this task.
-    std::future::pending::<()>().await;
-}
-
 async fn drive(
     inner: &Arc<Inner>,
     record: &mut ProcedureRecord,
@@ -721,199 +708,6 @@ async fn drive(
             Err(e) => return fail(inner, record, procedure, e).await,
         }
     }
-}
-
-/// Saves a parent with its children's seeds (and always its own state, so a recovered
-/// parent never re-runs the step that created them), then registers the children.
-/// The outer `Err` is a store failure; the inner one a bad child (duplicate id,
-/// undumpable state) that fails the parent.
-async fn suspend(
-    inner: &Arc<Inner>,
-    record: &mut ProcedureRecord,
-    procedure: &mut BoxedProcedure,
-    subprocedures: Vec<ProcedureWithId>,
-) -> Result<Result<(), Error>> {
-    let mut seeds = Vec::with_capacity(subprocedures.len());
-    let mut children = Vec::with_capacity(subprocedures.len());
-    for ProcedureWithId {
-        id,
-        procedure: child,
-    } in subprocedures
-    {
-        let data = match child.dump() {
-            Ok(data) => data,
-            Err(e) => return Ok(Err(e)),
-        };
-        let child_record = record_of(&id, child.type_name(), Some(&record.id), data.clone());
-        if inner.store.get(&record_key(&id)).await?.is_some() {
-            return Ok(Err(Error::Duplicate(id)));
-        }
-        if let Err(e) = inner.reserve(&child_record) {
-            return Ok(Err(e));
-        }
-        seeds.push(ChildSeed {
-            id: id.clone(),
-            type_name: child.type_name().to_string(),
-            data,
-        });
-        children.push((child_record, child));
-    }
-    match procedure.dump() {
-        Ok(data) => record.data = data,
-        Err(e) => return Ok(Err(e)),
-    }
-    record.children = seeds;
-    record.step += 1;
-    // The parent (with its children's seeds) is saved before any child, so a crash
-    // never leaves children the parent does not know about.
-    inner.persist(record).await?;
-    let mut parents = lock(&inner.parents);
-    let mut orphans = lock(&inner.orphans);
-    for (child_record, child) in children {
-        parents.insert(child_record.id.clone(), record.id.clone());
-        orphans.insert(child_record.id.clone(), (child_record, child));
-    }
-    Ok(Ok(()))
-}
-
-/// Runs (or finds finished) every child of a suspended parent and waits for all of
-/// them. The outer `Err` is a store failure or a stop; the inner one the first child
-/// failure (the others still run to their end first).
-async fn run_children(inner: &Arc<Inner>, parent: &ProcedureRecord) -> Result<Result<(), Error>> {
-    let mut running = Vec::new();
-    let mut failure: Option<Error> = None;
-    for seed in &parent.children {
-        lock(&inner.parents).insert(seed.id.clone(), parent.id.clone());
-        let taken = lock(&inner.orphans).remove(&seed.id);
-        let (mut child_record, child) = match taken {
-            Some(found) => found,
-            None => {
-                let saved = match inner.store.get(&record_key(&seed.id)).await? {
-                    Some(bytes) => Some(
-                        serde_json::from_slice::<ProcedureRecord>(&bytes).map_err(|e| {
-                            Error::external(format!("undecodable record of {}: {e}", seed.id))
-                        })?,
-                    ),
-                    None => None,
-                };
-                match saved {
-                    Some(record) if record.state == ProcedureState::Failed => {
-                        failure.get_or_insert(Error::SubprocedureFailed {
-                            child: seed.id.clone(),
-                            message: record.error.unwrap_or_default(),
-                        });
-                        continue;
-                    }
-                    Some(record) if record.state.is_finished() => continue,
-                    // Saved and unfinished: resume it from its own last save.
-                    Some(record) => match inner.load(&record.type_name, &record.data) {
-                        Ok(child) => (record, child),
-                        Err(e) => {
-                            failure.get_or_insert(Error::SubprocedureFailed {
-                                child: seed.id.clone(),
-                                message: e.to_string(),
-                            });
-                            continue;
-                        }
-                    },
-                    // Never saved (the crash came right after the parent's save):
-                    // recreate it from the seed the parent kept.
-                    None => match inner.load(&seed.type_name, &seed.data) {
-                        Ok(child) => (
-                            record_of(
-                                &seed.id,
-                                &seed.type_name,
-                                Some(&parent.id),
-                                seed.data.clone(),
-                            ),
-                            child,
-                        ),
-                        Err(e) => {
-                            failure.get_or_insert(Error::SubprocedureFailed {
-                                child: seed.id.clone(),
-                                message: e.to_string(),
-                            });
-                            continue;
-                        }
-                    },
-                }
-            }
-        };
-        inner.track(&child_record);
-        if child_record.step == 0 {
-            inner.persist(&mut child_record).await?;
-        }
-        let id = child_record.id.clone();
-        let task = inner.spawn(run(inner.clone(), child_record, child))?;
-        running.push((id, task));
-    }
-    for (id, task) in running {
-        match task.await {
-            Ok(Ok((ProcedureState::Done, _))) => {}
-            Ok(Ok(_)) => {
-                let message = match inner.store.get(&record_key(&id)).await? {
-                    Some(bytes) => serde_json::from_slice::<ProcedureRecord>(&bytes)
-                        .ok()
-                        .and_then(|r| r.error)
-                        .unwrap_or_default(),
-                    None => String::new(),
-                };
-                failure.get_or_insert(Error::SubprocedureFailed { child: id, message });
-            }
-            Ok(Err(e)) => return Err(e),
-            // Aborted: the manager is stopping.
-            Err(_) => return Err(Error::Stopped),
-        }
-    }
-    Ok(failure.map_or(Ok(()), Err))
-}
-
-/// A step failed for good: roll back when supported, then mark the procedure failed.
-async fn fail(
-    inner: &Arc<Inner>,
-    record: &mut ProcedureRecord,
-    procedure: &mut BoxedProcedure,
-    error: Error,
-) -> Finished {
-    let cause = error.to_string();
-    tracing::warn!(id = %record.id, error = %cause, "procedure failed");
-    if procedure.rollback_supported() {
-        if record.state != ProcedureState::RollingBack {
-            record.error = Some(cause.clone());
-            record.state = ProcedureState::RollingBack;
-            // The state the rollback must undo, even steps that were not persisted.
-            if let Ok(data) = procedure.dump() {
-                record.data = data;
-            }
-            inner.persist(record).await?;
-        }
-        let mut attempt = 0u32;
-        loop {
-            let ctx = Context {
-                procedure_id: record.id.clone(),
-                attempt,
-            };
-            match guarded("a rollback", procedure.rollback(&ctx)).await {
-                Ok(()) => {
-                    record.error = Some(format!("{cause} (rolled back)"));
-                    break;
-                }
-                Err(e) if e.is_retryable() && attempt < inner.config.max_retries => {
-                    attempt += 1;
-                    tokio::time::sleep(inner.backoff(attempt)).await;
-                }
-                Err(e) => {
-                    record.error = Some(format!("{cause}; rollback failed: {e}"));
-                    break;
-                }
-            }
-        }
-    } else {
-        record.error = Some(cause);
-    }
-    record.state = ProcedureState::Failed;
-    inner.persist(record).await?;
-    Ok((ProcedureState::Failed, None))
 }
 
 #[cfg(test)]
