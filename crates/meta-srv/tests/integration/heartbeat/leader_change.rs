@@ -1,0 +1,183 @@
+//! Three in-process members: a follower sends nodes to the leader, and a leader change
+//! fails the instructions still pending while the next leader's go through.
+
+use super::*;
+
+/// Three in-process members on loopback ports.
+async fn start_three() -> Vec<crate::in_process::Running> {
+    let ports = crate::cluster_process::free_ports();
+    let initial = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut members = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let initial = initial.clone();
+        members.push(
+            crate::in_process::start_with(move |c| {
+                c.node_id = i as u64 + 1;
+                c.listen_addr = format!("127.0.0.1:{port}").parse().unwrap();
+                c.initial_cluster = initial;
+                c.heartbeat_interval_ms = 100;
+            })
+            .await,
+        );
+    }
+    members
+}
+
+/// The index of the member all agree leads.
+async fn leader_of(members: &[crate::in_process::Running]) -> usize {
+    wait_until(Duration::from_secs(30), || async {
+        let mut seen = std::collections::BTreeSet::new();
+        for m in members {
+            let client = MetaClient::new(&[&m.grpc], MetaClientOptions::default()).unwrap();
+            seen.insert(client.status().await.map_or(0, |s| s.leader_id));
+        }
+        match seen.iter().copied().collect::<Vec<_>>()[..] {
+            [leader] if leader != 0 => Ok(leader as usize - 1),
+            _ => Err(format!("no agreed leader: {seen:?}")),
+        }
+    })
+    .await
+}
+
+/// Opens region 77 only when released; everything else at once.
+struct Gated {
+    started: tokio::sync::mpsc::UnboundedSender<u64>,
+    release: tokio::sync::Semaphore,
+}
+
+#[async_trait::async_trait]
+impl meta_client::InstructionHandler for Gated {
+    async fn handle(&self, instruction: pb::Instruction) -> Result<(), String> {
+        let Some(pb::instruction::Kind::OpenRegion(r)) = instruction.kind else {
+            return Err("unexpected".to_string());
+        };
+        let _ = self.started.send(r.region_id);
+        if r.region_id == 77 {
+            let _permit = self.release.acquire().await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_sends_nodes_to_the_leader_and_a_leader_change_fails_pending_instructions() {
+    let members = start_three().await;
+    let first = leader_of(&members).await;
+    let follower = (0..3).find(|&i| i != first).unwrap();
+
+    tracing::info!("--- a follower refuses a stream, naming the leader");
+    let (tx, mut answers) = open(&members[follower].grpc).await;
+    tx.send(handshake(42, pb::NodeRole::Datanode, "h:42"))
+        .await
+        .unwrap();
+    let status = answer(&mut answers).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("not leader"), "{status:?}");
+    assert_eq!(
+        status
+            .metadata()
+            .get(meta_proto::LEADER_HINT)
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        members[first].grpc
+    );
+
+    tracing::info!("--- a task that knows only the follower beats to the leader");
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let handler = std::sync::Arc::new(Gated {
+        started: started_tx,
+        release: tokio::sync::Semaphore::new(0),
+    });
+    let client = MetaClient::new(&[&members[follower].grpc], MetaClientOptions::default()).unwrap();
+    let identity = meta_client::NodeIdentity {
+        id: 42,
+        role: pb::NodeRole::Datanode,
+        addr: "h:42".to_string(),
+        ..Default::default()
+    };
+    let task = meta_client::HeartbeatTask::start(
+        client,
+        identity,
+        std::sync::Arc::new(NoStats),
+        handler.clone(),
+    );
+    let mut state = task.state();
+    let leader_addr = members[first].grpc.clone();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        state.wait_for(|s| {
+            s.connected_to.as_deref() == Some(leader_addr.as_str()) && s.answered >= 2
+        }),
+    )
+    .await
+    .expect("beating to the leader")
+    .unwrap();
+
+    tracing::info!("--- an instruction is pending on the node when leadership moves");
+    let pending = {
+        let outbox = members[first].plane.clone();
+        tokio::spawn(async move {
+            outbox
+                .send(42, open_region(77), Duration::from_secs(30))
+                .await
+        })
+    };
+    assert_eq!(started.recv().await, Some(77));
+    let admin = MetaClient::new(&[&members[first].grpc], MetaClientOptions::default()).unwrap();
+    admin.transfer_leader(follower as u64 + 1).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(30), pending)
+        .await
+        .expect("the pending send ends")
+        .unwrap()
+        .unwrap_err();
+    // Whichever comes first: the mailbox reset, or the end of the node's stream
+    // (which the term change also causes).
+    let err = err.to_string();
+    assert!(
+        err.contains("leadership changed before node 42 replied")
+            || err.contains("node 42's heartbeat stream ended before it replied"),
+        "{err}"
+    );
+
+    tracing::info!("--- the node follows the new leader, which does not call it failed");
+    let second = leader_of(&members).await;
+    assert_eq!(second, follower);
+    let second_addr = members[second].grpc.clone();
+    let before = state.borrow().answered;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        state.wait_for(|s| {
+            s.connected_to.as_deref() == Some(second_addr.as_str()) && s.answered >= before + 2
+        }),
+    )
+    .await
+    .expect("beating to the new leader")
+    .unwrap();
+    let new_leader = MetaClient::new(&[&second_addr], MetaClientOptions::default()).unwrap();
+    let nodes = new_leader.nodes().await.unwrap();
+    assert_eq!(
+        (nodes[0].node_id, nodes[0].liveness()),
+        (42, pb::Liveness::Alive)
+    );
+
+    // The old instruction finishes now; its reply belongs to the old stream and is
+    // dropped. The new leader's own instruction round-trips.
+    handler.release.add_permits(1);
+    let reply = members[second]
+        .plane
+        .send(42, open_region(78), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(reply.ok, "{reply:?}");
+    assert!(reply.id >> 32 > 0, "ids carry the term: {}", reply.id);
+    drop(task);
+    for member in members {
+        member.shutdown().await;
+    }
+}
