@@ -346,8 +346,10 @@ fn state_name(raw: i32) -> String {
 }
 
 fn liveness_name(raw: i32) -> String {
-    let name = meta_proto::v1::Liveness::try_from(raw).ok();
-    wire_name(name.as_ref().map(|n| n.as_str_name()), "LIVENESS_", raw)
+    meta_proto::v1::Liveness::try_from(raw).map_or_else(
+        |_| raw.to_string(),
+        |l| meta_srv::cluster_plane::live_nodes::liveness_name(l).to_string(),
+    )
 }
 
 async fn nodes(client: &MetaClient, output: Output) -> Result<(), Failure> {
