@@ -26,7 +26,7 @@ pub use command::{Applied, Command, SessionRef, parse_context, proposal_context}
 pub use limits::KvLimits;
 pub use memory::MemoryKvBackend;
 pub use sled_backend::{MAX_GROUP, SledKvBackend};
-pub use sled_store::{MAX_UNACKED_ANSWERS, SledKvStore, SystemWrite};
+pub use sled_store::{MAX_UNACKED_ANSWERS, SledKvStore, StoreCopy, SystemWrite};
 pub use types::{
     BatchDeleteRequest, BatchDeleteResponse, BatchGetRequest, BatchGetResponse, BatchPutRequest,
     BatchPutResponse, Compare, CompareAndPutRequest, CompareAndPutResponse, CompareOp,

@@ -7,6 +7,9 @@
 //!                    holds the owner's pid for the error message of a second server
 //! {data_dir}/FORMAT  the data format version, as decimal text (see below)
 //! {data_dir}/db/     the sled database: raft log, KV state machine, cluster identity
+//! {data_dir}/snapshots/   snapshot files: exports this member sends, and
+//!                    incoming/ the ones it receives (emptied at start; see
+//!                    raft/snapshot.rs)
 //! ```
 //!
 //! **Format versions.** [`FORMAT_VERSION`] is the layout this binary writes. A directory
@@ -20,6 +23,7 @@
 //! | --- | --- |
 //! | 1 | first format |
 //! | 2 | entries carry `meta.v1.RaftCommand` (client sessions); the configuration and the member map are system values of the state machine, written with each apply; a boot counter in `raft_meta` |
+//! | 3 | no change on disk; members stream snapshots as files (`Cluster/InstallSnapshot`), used towards peers of format 3 or later |
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -28,7 +32,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// The data format this binary writes (see the module doc).
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The oldest data format this binary opens.
 pub const OLDEST_FORMAT: u32 = 1;
@@ -155,6 +159,11 @@ impl DataDir {
     /// Where the sled database (raft log, KV state, identity) lives.
     pub fn db_path(&self) -> PathBuf {
         self.path.join("db")
+    }
+
+    /// Where snapshot files are built and received.
+    pub fn snapshot_path(&self) -> PathBuf {
+        self.path.join("snapshots")
     }
 }
 

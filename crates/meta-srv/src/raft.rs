@@ -11,6 +11,7 @@
 //! | `transport` | the `Transport` seam and the fault-injecting `LocalRouter` |
 //! | `grpc_transport` | `GrpcTransport`: per-peer batching streams with reconnect |
 //! | `members` | member ids -> addresses, replicated with conf changes, persisted |
+//! | `snapshot` | snapshots as files: exports built off the driver thread, streamed in chunks, resumed after a break |
 //! | `slog_bridge` | raft-rs's slog records into tracing |
 //! | `versions` | peers' data format versions and the cluster version |
 //!
@@ -24,5 +25,6 @@ pub mod log_store;
 pub mod members;
 pub mod persist;
 pub mod slog_bridge;
+pub mod snapshot;
 pub mod transport;
 pub mod versions;

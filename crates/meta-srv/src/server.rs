@@ -39,6 +39,7 @@ use crate::raft::backend::RaftKvBackend;
 use crate::raft::driver::{RaftNode, RaftSettings};
 use crate::raft::grpc_transport::GrpcTransport;
 use crate::raft::members::Members;
+use crate::raft::snapshot::{STREAMED_SNAPSHOTS, SnapshotFiles};
 use crate::raft::versions::PeerVersions;
 use crate::service::cluster::ClusterService;
 use crate::service::heartbeat::{HeartbeatApi, HeartbeatService};
@@ -59,6 +60,9 @@ pub struct MetaSrv {
     cluster_id: u64,
     members: Arc<Members>,
     store: Arc<SledKvStore>,
+    /// Peers' data format versions, from their raft batches.
+    versions: Arc<PeerVersions>,
+    snapshots: Arc<SnapshotFiles>,
     node: RaftNode,
     backend: RaftKvBackend,
     procedures: Arc<ProcedureHost>,
@@ -135,8 +139,23 @@ impl MetaSrv {
             members.clone(),
             tokio::runtime::Handle::current(),
         ));
+        let versions = Arc::new(PeerVersions::default());
+        let snapshots = {
+            let (dir, store, versions) =
+                (data_dir.snapshot_path(), store.clone(), versions.clone());
+            let streams_to = move |to| versions.of(to) >= STREAMED_SNAPSHOTS;
+            Arc::new(
+                tokio::task::spawn_blocking(move || SnapshotFiles::open(&dir, store, streams_to))
+                    .await
+                    .map_err(|e| Error::Serve {
+                        what: "snapshots",
+                        message: e.to_string(),
+                    })??,
+            )
+        };
         let raft = config.raft;
         let settings = RaftSettings {
+            snapshot_files: Some(snapshots.clone()),
             tick: Duration::from_millis(raft.tick_ms),
             election_ticks: raft.election_ticks,
             heartbeat_ticks: raft.heartbeat_ticks,
@@ -191,6 +210,8 @@ impl MetaSrv {
             cluster_id,
             members,
             store,
+            versions,
+            snapshots,
             node,
             backend,
             procedures,
@@ -250,6 +271,11 @@ impl MetaSrv {
     /// The bound gRPC address (the real port when the config asked for port 0).
     pub fn grpc_addr(&self) -> SocketAddr {
         local_addr(&self.grpc, self.config.listen_addr)
+    }
+
+    /// This member's snapshot files: what it has received, for status and tests.
+    pub fn snapshot_files(&self) -> Arc<SnapshotFiles> {
+        self.snapshots.clone()
     }
 
     /// The bound HTTP address.
@@ -336,8 +362,9 @@ impl MetaSrv {
             member_id,
             self.node.driver(),
             self.members.clone(),
-            Arc::new(PeerVersions::default()),
+            self.versions.clone(),
             stop_rx.clone(),
+            Some(self.snapshots.clone()),
         ))
         .max_decoding_message_size(MAX_RAFT_BATCH_BYTES);
         let procedures = ProcedureServer::new(ProcedureService::new(

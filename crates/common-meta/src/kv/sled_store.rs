@@ -44,8 +44,10 @@ use crate::kv::engine::{self, Entry, ReadView, ScanItem};
 use crate::kv::limits::KvLimits;
 use crate::kv::types::{TxnRequest, TxnResponse};
 
+mod copy;
 mod group;
 
+pub use copy::StoreCopy;
 use group::{Group, decode_session};
 
 const TREE: &str = "kv";
@@ -400,78 +402,6 @@ impl SledKvStore {
             self.applied.store(applied, Ordering::Release);
         }
         Ok(answers)
-    }
-
-    /// A consistent copy of the whole store (data, revision, applied index) and the
-    /// applied index it reflects, for a raft snapshot. Blocks writers while it copies.
-    ///
-    /// Format: a sequence of `[u32 BE key length][key][u32 BE value length][value]` of
-    /// the raw tree entries. It is sent between members of one version: not a format
-    /// to keep on disk across upgrades.
-    pub fn snapshot(&self) -> Result<(Vec<u8>, u64)> {
-        let _guard = self.lock.read().unwrap_or_else(PoisonError::into_inner);
-        let mut out = Vec::new();
-        for item in self.tree.iter() {
-            let (key, value) = item.map_err(storage_error("copying the store"))?;
-            for part in [key.as_ref(), value.as_ref()] {
-                let len = u32::try_from(part.len()).map_err(|_| Error::Corrupted {
-                    location: format!("tree {TREE}"),
-                    reason: "an entry over 4 GiB".to_string(),
-                })?;
-                out.extend_from_slice(&len.to_be_bytes());
-                out.extend_from_slice(part);
-            }
-        }
-        Ok((out, self.applied_index()))
-    }
-
-    /// Replaces the whole store with a [`SledKvStore::snapshot`] copy, in one atomic
-    /// batch (a crash leaves the old state or the new one, never a mix). Not flushed.
-    pub fn restore(&self, snapshot: &[u8]) -> Result<()> {
-        let bad = |reason: &str| Error::Corrupted {
-            location: "a received snapshot".to_string(),
-            reason: reason.to_string(),
-        };
-        let mut entries = Vec::new();
-        let mut rest = snapshot;
-        while !rest.is_empty() {
-            let mut parts = [Vec::new(), Vec::new()];
-            for part in &mut parts {
-                let len_bytes: [u8; 4] = rest
-                    .get(..4)
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| bad("truncated length"))?;
-                let len = u32::from_be_bytes(len_bytes) as usize;
-                let body = rest.get(4..4 + len).ok_or_else(|| bad("truncated entry"))?;
-                *part = body.to_vec();
-                rest = &rest[4 + len..];
-            }
-            let [key, value] = parts;
-            entries.push((key, value));
-        }
-        let read_meta = |name: &[u8]| -> u64 {
-            entries
-                .iter()
-                .find(|(k, _)| k.as_slice() == name)
-                .and_then(|(_, v)| <[u8; 8]>::try_from(v.as_slice()).ok())
-                .map_or(0, u64::from_be_bytes)
-        };
-        let revision = read_meta(REVISION_KEY) as i64;
-        let applied = read_meta(APPLIED_KEY);
-        let _guard = self.lock.write().unwrap_or_else(PoisonError::into_inner);
-        let mut batch = sled::Batch::default();
-        for item in self.tree.iter().keys() {
-            batch.remove(item.map_err(storage_error("reading keys to replace"))?);
-        }
-        for (key, value) in entries {
-            batch.insert(key, value);
-        }
-        self.tree
-            .apply_batch(batch)
-            .map_err(storage_error("installing a snapshot"))?;
-        self.revision.store(revision, Ordering::Release);
-        self.applied.store(applied, Ordering::Release);
-        Ok(())
     }
 
     /// Makes everything written so far durable (fsync).

@@ -73,6 +73,10 @@ pub const MAX_BACKLOG: usize = 16_384;
 /// (raft-rs `max_uncommitted_size`): back-pressure when followers or the disk lag.
 const MAX_UNCOMMITTED_BYTES: u64 = 64 * 1024 * 1024;
 
+/// Most entries the log keeps beyond `keep_entries` for a follower being sent a
+/// snapshot (see `maybe_compact`).
+const MAX_KEPT_FOR_SNAPSHOT: u64 = 1_000_000;
+
 fn raft_error(e: raft::Error) -> Error {
     Error::Unavailable {
         message: format!("raft: {e}"),
@@ -354,6 +358,11 @@ impl Driver {
                     raft::SnapshotStatus::Failure
                 };
                 self.node.report_snapshot(peer, status);
+            }
+            Command::SnapshotMoving { peer } => {
+                if let Some(sent) = self.snapshots_sent.get_mut(&peer) {
+                    *sent = Instant::now();
+                }
             }
             Command::InjectFault(Fault::Panic) => panic!("injected panic"),
             Command::InjectFault(fault) => self.injected = Some(fault),

@@ -10,7 +10,8 @@
 //! failed connection or stream is reported to the driver (`report_unreachable`: raft
 //! then probes that peer instead of streaming to it). A snapshot travels on a call of
 //! its own whose end is its outcome, reported to the driver (`report_snapshot`), so the
-//! leader retries a lost snapshot at once instead of after a timeout.
+//! leader retries a lost snapshot at once instead of after a timeout. A snapshot file
+//! (see `snapshot.rs`) is streamed in chunks from where the peer's copy of it ends.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -20,18 +21,22 @@ use meta_proto::v1 as pb;
 use meta_proto::v1::cluster_client::ClusterClient;
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use crate::raft::driver::{Command, DriverHandle};
 use crate::raft::members::Members;
+use crate::raft::snapshot::FileRef;
 use crate::raft::transport::Transport;
 
 /// A stream that accepts no batch for this long is taken for dead and reopened.
 pub const STALL: Duration = Duration::from_secs(5);
 /// Longest a snapshot may take to reach a peer.
 const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(300);
+/// Bytes of a snapshot file per chunk.
+const SNAPSHOT_CHUNK: usize = 1024 * 1024;
 
 /// Messages queued per peer before new ones are dropped.
 const PEER_QUEUE: usize = 4096;
@@ -151,22 +156,136 @@ impl Peer {
         self.report(Command::Unreachable { peer: self.id });
     }
 
-    /// Sends one snapshot on a call of its own; its end is the outcome.
+    /// Sends one snapshot on a call of its own (inline) or a stream of chunks (a file);
+    /// its end is the outcome.
     async fn send_snapshot(&self, channel: tonic::transport::Channel, snapshot: Message) {
-        let batch = batch(self.cluster_id, self.me, vec![snapshot]);
-        let mut client = ClusterClient::new(channel);
-        let call = client.raft(tokio_stream::iter([batch]));
-        let delivered = matches!(
-            tokio::time::timeout(SNAPSHOT_DEADLINE, call).await,
-            Ok(Ok(_))
-        );
-        if !delivered {
-            tracing::warn!(peer = self.id, addr = %self.addr, "a snapshot did not reach the peer; the leader sends it again");
+        let sent = match FileRef::decode(snapshot.get_snapshot().get_data()) {
+            Some(file) => tokio::time::timeout(
+                SNAPSHOT_DEADLINE,
+                self.stream_snapshot(channel, snapshot, file),
+            )
+            .await
+            .map_err(|_| format!("not delivered within {SNAPSHOT_DEADLINE:?}"))
+            .and_then(|sent| sent),
+            None => {
+                let batch = batch(self.cluster_id, self.me, vec![snapshot]);
+                let mut client = ClusterClient::new(channel);
+                match tokio::time::timeout(
+                    SNAPSHOT_DEADLINE,
+                    client.raft(tokio_stream::iter([batch])),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(status)) => Err(status.message().to_string()),
+                    Err(_) => Err(format!("not delivered within {SNAPSHOT_DEADLINE:?}")),
+                }
+            }
+        };
+        let delivered = sent.is_ok();
+        if let Err(e) = sent {
+            tracing::warn!(peer = self.id, addr = %self.addr, error = %e, "a snapshot did not reach the peer; the leader sends it again");
         }
         self.report(Command::SnapshotSent {
             peer: self.id,
             delivered,
         });
+    }
+}
+
+impl Peer {
+    /// Streams a snapshot file in chunks from where the peer's copy of it ends.
+    async fn stream_snapshot(
+        &self,
+        channel: tonic::transport::Channel,
+        mut snapshot: Message,
+        file: FileRef,
+    ) -> Result<(), String> {
+        let mut client = ClusterClient::new(channel);
+        let metadata = snapshot.get_snapshot().get_metadata();
+        let offset = client
+            .snapshot_offset(pb::SnapshotOffsetRequest {
+                cluster_id: self.cluster_id,
+                from: self.me,
+                index: metadata.index,
+                term: metadata.term,
+                size: file.size,
+                crc32: file.crc32,
+            })
+            .await
+            .map_err(|status| status.message().to_string())?
+            .into_inner()
+            .offset;
+        if offset > 0 {
+            tracing::info!(
+                peer = self.id,
+                offset,
+                size = file.size,
+                "resuming a snapshot stream"
+            );
+        }
+        let mut input = tokio::fs::File::open(&file.path)
+            .await
+            .map_err(|e| format!("opening {}: {e}", file.path.display()))?;
+        input
+            .seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| format!("reading {}: {e}", file.path.display()))?;
+        snapshot.mut_snapshot().clear_data();
+        let header = snapshot
+            .write_to_bytes()
+            .map_err(|e| format!("encoding the snapshot message: {e}"))?;
+        let (chunks, outgoing) = mpsc::channel(4);
+        let (cluster_id, me, size, crc32) = (self.cluster_id, self.me, file.size, file.crc32);
+        let reports = self.reports.clone();
+        let peer = self.id;
+        // Reads ahead while the call sends; ends when the call stops taking chunks.
+        let reader = tokio::spawn(async move {
+            let mut header = Some(header);
+            let mut sent = offset;
+            let mut last_report = tokio::time::Instant::now();
+            loop {
+                let mut data = vec![0u8; SNAPSHOT_CHUNK];
+                let n = match input.read(&mut data).await {
+                    Ok(n) => n,
+                    Err(e) => return Err(format!("reading the snapshot file: {e}")),
+                };
+                if n == 0 && header.is_none() {
+                    return Ok(());
+                }
+                data.truncate(n);
+                sent += n as u64;
+                let chunk = pb::SnapshotChunk {
+                    cluster_id,
+                    from: me,
+                    message: header.take().unwrap_or_default(),
+                    size,
+                    crc32,
+                    offset,
+                    data,
+                };
+                if chunks.send(chunk).await.is_err() {
+                    return Ok(());
+                }
+                // A snapshot still moving is not lost: keep the driver from resending.
+                if last_report.elapsed() >= Duration::from_secs(1) {
+                    last_report = tokio::time::Instant::now();
+                    if let Some(driver) = reports.get() {
+                        let _ = driver.send(Command::SnapshotMoving { peer });
+                    }
+                }
+                if n == 0 || sent >= size {
+                    return Ok(());
+                }
+            }
+        });
+        let answer = client
+            .install_snapshot(ReceiverStream::new(outgoing))
+            .await
+            .map_err(|status| status.message().to_string());
+        let read = reader.await.map_err(|e| e.to_string())?;
+        answer?;
+        read
     }
 }
 

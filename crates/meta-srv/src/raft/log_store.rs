@@ -17,9 +17,10 @@
 //! at the same entry, and a replayed configuration change meets the configuration it
 //! was made for. (The first data format kept it in `raft_meta`; `open` moves it.)
 //!
-//! Snapshots are not stored: [`Storage::snapshot`] copies the state machine when raft
-//! asks (on the driver thread, so nothing applies meanwhile) into an envelope of
-//! `[u32 BE length][members as JSON][SledKvStore::snapshot bytes]`.
+//! Snapshots are not kept: [`Storage::snapshot`] copies the state machine when raft
+//! asks, either inline (on the driver thread, so nothing applies meanwhile) or, once
+//! [`LogStore::use_snapshot_files`] was called, as a file built on a thread of its own
+//! for the peers that take files (`snapshot.rs`, which also defines the bytes).
 //!
 //! **Contract (raft-rs `Storage`, and what the driver relies on):**
 //! - `entries(low, high)` returns `[low, high)`; `low < first_index()` is
@@ -32,14 +33,14 @@
 //!   on the written state and before acknowledging any client.
 //! - Reads see writes at once (sled is read-your-writes), flushed or not.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use common_meta::kv::{SledKvStore, SystemWrite};
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
 use crate::raft::members::Members;
+use crate::raft::snapshot::{FileRef, SnapshotFiles, read_envelope, write_envelope};
 
 mod recent;
 
@@ -74,6 +75,8 @@ struct Inner {
     /// terms of recent ones (with asynchronous ready nothing stays in its own memory),
     /// and a restarted follower's catch-up reads recent entries again and again.
     recent: RwLock<Recent>,
+    /// Where snapshots are built and received as files, when they are.
+    files: OnceLock<Arc<SnapshotFiles>>,
 }
 
 #[derive(Clone, Default)]
@@ -169,6 +172,7 @@ impl LogStore {
                     last_index,
                 }),
                 recent: RwLock::default(),
+                files: OnceLock::new(),
             }),
         })
     }
@@ -217,6 +221,23 @@ impl LogStore {
                 .write()
                 .unwrap_or_else(PoisonError::into_inner),
         );
+    }
+
+    /// From now on, snapshots for the members `files` streams to are built and sent as
+    /// files (see `snapshot.rs`); set once, at start.
+    pub fn use_snapshot_files(&self, files: Arc<SnapshotFiles>) {
+        let _ = self.inner.files.set(files);
+    }
+
+    /// The index of a snapshot file lately given to raft-rs, whose following entries
+    /// the log should keep (see `SnapshotFiles::in_use`).
+    pub fn snapshot_in_use(&self) -> Option<u64> {
+        self.inner.files.get().and_then(|files| files.in_use())
+    }
+
+    /// The name of the system value that holds the configuration.
+    pub fn conf_state_name() -> &'static [u8] {
+        CONF_STATE
     }
 
     /// True when this member has never been initialised (no conf state, no log).
@@ -390,19 +411,23 @@ impl LogStore {
     /// before that leaves entries at or below the snapshot index, which `open` ignores).
     pub fn apply_snapshot(&self, snapshot: &Snapshot) -> raft::Result<()> {
         let data = snapshot.get_data();
-        let bad = |reason: &str| other("installing a snapshot", reason);
-        let len_bytes: [u8; 4] = data
-            .get(..4)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| bad("truncated"))?;
-        let len = u32::from_be_bytes(len_bytes) as usize;
-        let members_json = data.get(4..4 + len).ok_or_else(|| bad("truncated"))?;
-        let members: BTreeMap<u64, String> =
-            serde_json::from_slice(members_json).map_err(|e| bad(&e.to_string()))?;
-        self.inner
-            .store
-            .restore(&data[4 + len..])
-            .map_err(|e| bad(&e.to_string()))?;
+        let installing = |e: common_meta::Error| other("installing a snapshot", e);
+        let members = match FileRef::decode(data) {
+            Some(file) => {
+                let opened = std::fs::File::open(&file.path).map_err(|e| {
+                    other(
+                        "installing a snapshot",
+                        format!("{}: {e}", file.path.display()),
+                    )
+                })?;
+                let mut input = std::io::BufReader::with_capacity(1 << 20, opened);
+                let members = read_envelope(&mut input, &self.inner.store).map_err(installing)?;
+                // Received for this install only: the leader sends a new one if needed.
+                let _ = std::fs::remove_file(&file.path);
+                members
+            }
+            None => read_envelope(&mut &data[..], &self.inner.store).map_err(installing)?,
+        };
         // The store brought the persisted member map and configuration with it.
         self.inner.members.replace_all(members);
 
@@ -556,23 +581,28 @@ impl Storage for LogStore {
         Ok(self.read(|c| c.last_index))
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let (kv, applied) = self
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        if let Some(files) = self.inner.files.get()
+            && files.streams_to(to)
+        {
+            return files.snapshot(self, request_index);
+        }
+        // Inline: copied here, on the driver thread, so nothing applies meanwhile and
+        // the cached configuration is the copy's.
+        let copy = self
             .inner
             .store
-            .snapshot()
+            .copy()
             .map_err(|e| other("copying the state machine", e))?;
+        let applied = copy.applied();
         if applied < request_index {
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
         }
-        let members = serde_json::to_vec(&self.inner.members.all())
-            .map_err(|e| other("encoding members", e))?;
-        let mut data = Vec::with_capacity(4 + members.len() + kv.len());
-        data.extend_from_slice(&(members.len() as u32).to_be_bytes());
-        data.extend_from_slice(&members);
-        data.extend_from_slice(&kv);
+        let mut data = Vec::new();
+        write_envelope(&mut data, &self.inner.members.all(), &copy)
+            .map_err(|e| other("copying the state machine", e))?;
         let mut snapshot = Snapshot {
             data: data.into(),
             ..Default::default()

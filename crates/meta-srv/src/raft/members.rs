@@ -45,16 +45,8 @@ impl Members {
         db: &sled::Db,
         initial: &BTreeMap<u64, String>,
     ) -> Result<Members, Error> {
-        let mut map = BTreeMap::new();
-        for (key, value) in store.system_scan(MEMBER_PREFIX)? {
-            let id = <[u8; 8]>::try_from(&key[MEMBER_PREFIX.len()..])
-                .map(u64::from_be_bytes)
-                .map_err(|_| Error::Corrupted {
-                    location: "system values".to_string(),
-                    reason: format!("bad member key {key:?}"),
-                })?;
-            map.insert(id, String::from_utf8_lossy(&value).into_owned());
-        }
+        let persisted = store.system_scan(MEMBER_PREFIX)?;
+        let mut map = Self::parse(persisted.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))?;
         if map.is_empty() {
             map = legacy(db)?;
             if map.is_empty() {
@@ -69,6 +61,31 @@ impl Members {
             )?;
         }
         Ok(Members::in_memory(map))
+    }
+
+    /// The map held by system values `(name, value)` under the member prefix (as
+    /// `SledKvStore::system_scan` or a store copy lists them).
+    pub fn parse<'a>(
+        values: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<BTreeMap<u64, String>, Error> {
+        let mut map = BTreeMap::new();
+        for (key, value) in values {
+            let id = key
+                .strip_prefix(MEMBER_PREFIX)
+                .and_then(|id| <[u8; 8]>::try_from(id).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| Error::Corrupted {
+                    location: "system values".to_string(),
+                    reason: format!("bad member key {key:?}"),
+                })?;
+            map.insert(id, String::from_utf8_lossy(value).into_owned());
+        }
+        Ok(map)
+    }
+
+    /// The system-value prefix of member addresses (for [`Members::parse`]).
+    pub fn prefix() -> &'static [u8] {
+        MEMBER_PREFIX
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, String>> {

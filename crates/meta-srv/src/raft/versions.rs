@@ -28,6 +28,17 @@ impl PeerVersions {
         }
     }
 
+    /// The version member `id` runs, as its batches said ([`OLDEST_FORMAT`] when it has
+    /// said nothing yet).
+    pub fn of(&self, id: u64) -> u32 {
+        self.by_member
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .copied()
+            .unwrap_or(OLDEST_FORMAT)
+    }
+
     /// The cluster version for `voters` as member `me` (which runs [`FORMAT_VERSION`])
     /// knows them: a voter not heard from counts as [`OLDEST_FORMAT`].
     pub fn cluster_version(&self, me: u64, voters: &[u64]) -> u32 {

@@ -4,10 +4,11 @@ use std::sync::Arc;
 
 use meta_proto::v1 as pb;
 use protobuf::Message as _;
-use raft::prelude::Message;
+use raft::prelude::{Message, MessageType};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::raft::members::Members;
+use crate::raft::snapshot::{FileRef, SnapshotFiles};
 use crate::raft::versions::PeerVersions;
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,9 @@ pub struct ClusterService {
     versions: Arc<PeerVersions>,
     /// Becomes true at shutdown: inbound raft streams end.
     stop: watch::Receiver<bool>,
+    /// Where streamed snapshots are received (`None`: this member takes only inline
+    /// snapshots).
+    snapshots: Option<Arc<SnapshotFiles>>,
 }
 
 impl ClusterService {
@@ -41,8 +45,10 @@ impl ClusterService {
         members: Arc<Members>,
         versions: Arc<PeerVersions>,
         stop: watch::Receiver<bool>,
+        snapshots: Option<Arc<SnapshotFiles>>,
     ) -> Self {
         ClusterService {
+            snapshots,
             versions,
             cluster_id,
             member_id,
@@ -54,6 +60,22 @@ impl ClusterService {
 }
 
 impl ClusterService {
+    fn check_cluster(&self, cluster_id: u64, from: u64) -> Result<(), Status> {
+        if cluster_id == self.cluster_id {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "member {from} is in cluster {cluster_id:016x}, but this is cluster {:016x}",
+            self.cluster_id
+        )))
+    }
+
+    fn snapshot_files(&self) -> Result<&SnapshotFiles, Status> {
+        self.snapshots
+            .as_deref()
+            .ok_or_else(|| Status::unimplemented("this member takes only inline snapshots"))
+    }
+
     fn view(&self, membership: &Membership) -> Vec<pb::Member> {
         let member = |id: &u64, role: &str| pb::Member {
             id: *id,
@@ -197,12 +219,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                     return Err(Status::unavailable("the member is shutting down"));
                 }
             };
-            if batch.cluster_id != self.cluster_id {
-                return Err(Status::failed_precondition(format!(
-                    "member {} is in cluster {:016x}, but this is cluster {:016x}",
-                    batch.from, batch.cluster_id, self.cluster_id
-                )));
-            }
+            self.check_cluster(batch.cluster_id, batch.from)?;
             self.versions.record(batch.from, batch.version);
             for bytes in batch.messages {
                 let message = Message::parse_from_bytes(&bytes).map_err(|e| {
@@ -217,10 +234,46 @@ impl pb::cluster_server::Cluster for ClusterService {
                         message.to, self.member_id
                     )));
                 }
+                if message.get_msg_type() == MessageType::MsgSnapshot
+                    && FileRef::decode(message.get_snapshot().get_data()).is_some()
+                {
+                    // A member reads only snapshot files it wrote (see snapshot.rs).
+                    tracing::warn!(
+                        from = batch.from,
+                        "dropped a snapshot naming a file from the network"
+                    );
+                    continue;
+                }
                 self.driver.step(message);
             }
         }
         Ok(Response::new(pb::RaftAck {}))
+    }
+
+    async fn snapshot_offset(
+        &self,
+        request: Request<pb::SnapshotOffsetRequest>,
+    ) -> Result<Response<pb::SnapshotOffsetResponse>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(request.cluster_id, request.from)?;
+        let offset = self.snapshot_files()?.offset(&request).await?;
+        Ok(Response::new(pb::SnapshotOffsetResponse { offset }))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::SnapshotAck>, Status> {
+        let message = self
+            .snapshot_files()?
+            .receive(
+                |cluster_id, from| self.check_cluster(cluster_id, from),
+                self.member_id,
+                request.into_inner(),
+            )
+            .await?;
+        self.driver.step(message);
+        Ok(Response::new(pb::SnapshotAck {}))
     }
 
     async fn status(

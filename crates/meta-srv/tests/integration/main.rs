@@ -15,4 +15,5 @@ mod linearizability;
 mod metactl;
 mod raft_cluster;
 mod raft_faults;
+mod snapshot_stream;
 mod support;

@@ -202,6 +202,53 @@ fn snapshot_restores_data_revision_and_applied_index_exactly() {
 }
 
 #[test]
+fn a_copy_stands_still_while_the_store_moves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+    store
+        .write_system(vec![
+            (b"conf".to_vec(), Some(b"c1".to_vec())),
+            (b"member/1".to_vec(), Some(b"a:1".to_vec())),
+            (b"member/2".to_vec(), Some(b"b:2".to_vec())),
+        ])
+        .unwrap();
+    store.apply(vec![(1, write(put("a")))]).unwrap();
+    let copy = store.copy().unwrap();
+    store
+        .apply_with(
+            vec![(2, write(put("b")))],
+            vec![(b"conf".to_vec(), Some(b"c2".to_vec()))],
+        )
+        .unwrap();
+
+    assert_eq!(copy.applied(), 1);
+    assert_eq!(copy.system(b"conf"), Some(&b"c1"[..]), "as of the copy");
+    assert_eq!(copy.system(b"missing"), None);
+    let members: Vec<(&[u8], &[u8])> = copy.system_scan(b"member/").collect();
+    assert_eq!(
+        members,
+        [
+            (&b"member/1"[..], &b"a:1"[..]),
+            (&b"member/2"[..], &b"b:2"[..])
+        ]
+    );
+    let mut bytes = Vec::new();
+    let written = copy.write_to(&mut bytes).unwrap();
+    assert_eq!(written, bytes.len() as u64);
+
+    let target_dir = tempfile::tempdir().unwrap();
+    let target = SledKvStore::open(target_dir.path(), KvLimits::default()).unwrap();
+    target.restore_from(&mut &bytes[..]).unwrap();
+    assert_eq!(target.applied_index(), 1);
+    assert_eq!(target.system(b"conf").unwrap(), Some(b"c1".to_vec()));
+    assert!(
+        target.get(b"b").unwrap().is_none(),
+        "written after the copy"
+    );
+    assert!(target.get(b"a").unwrap().is_some());
+}
+
+#[test]
 fn replicated_entries_apply_whatever_the_local_limits() {
     let dir = tempfile::tempdir().unwrap();
     let small = KvLimits {

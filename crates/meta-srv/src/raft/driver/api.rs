@@ -27,6 +27,9 @@ pub struct RaftSettings {
     /// for a broken disk and fails the member: sled can wait forever on a full one
     /// instead of failing.
     pub storage_stall: Duration,
+    /// Where snapshots are built and received as files (`None`: every snapshot is
+    /// inline, built on the driver thread; see `snapshot.rs`).
+    pub snapshot_files: Option<Arc<crate::raft::snapshot::SnapshotFiles>>,
 }
 
 impl RaftSettings {
@@ -42,6 +45,7 @@ impl RaftSettings {
             compact_after: 10_000,
             keep_entries: 1_000,
             storage_stall: Duration::from_secs(20),
+            snapshot_files: None,
         }
     }
 }
@@ -110,6 +114,11 @@ pub enum Command {
         peer: u64,
         /// Whether the peer received it.
         delivered: bool,
+    },
+    /// A snapshot to `peer` is still being streamed (it is not lost).
+    SnapshotMoving {
+        /// The member.
+        peer: u64,
     },
     /// Make the driver fail as a broken disk or a bug would (fault-injection tests).
     InjectFault(Fault),

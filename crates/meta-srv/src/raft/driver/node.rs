@@ -22,6 +22,9 @@ impl RaftNode {
         transport: Arc<dyn Transport>,
     ) -> Result<RaftNode, Error> {
         let log = LogStore::open(db, store.clone(), members.clone()).map_err(raft_error)?;
+        if let Some(files) = &settings.snapshot_files {
+            log.use_snapshot_files(files.clone());
+        }
         if log.is_empty() && !settings.initial_voters.is_empty() {
             bootstrap(&log, &settings.initial_voters, &members)?;
         }

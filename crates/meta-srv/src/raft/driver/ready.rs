@@ -164,7 +164,26 @@ impl Driver {
             .min(self.log.commit());
         let first = self.log.first_index_now();
         if applied >= first + self.compact_after + self.keep_entries {
-            let to = applied - self.keep_entries;
+            let mut to = applied - self.keep_entries;
+            // A follower installing a snapshot goes on from the entries after it: keep
+            // them while it is sent, unless it takes so long that the log would grow
+            // without bound (it then gets a newer snapshot).
+            let sending = self
+                .node
+                .raft
+                .prs()
+                .iter()
+                .filter(|(_, pr)| pr.state == raft::ProgressState::Snapshot)
+                .map(|(_, pr)| pr.pending_snapshot)
+                .chain(self.log.snapshot_in_use())
+                .min();
+            if let Some(index) = sending {
+                let bound = applied.saturating_sub(MAX_KEPT_FOR_SNAPSHOT);
+                to = to.min(index.max(bound));
+            }
+            if to < first {
+                return Ok(());
+            }
             self.log.compact(to).map_err(raft_error)?;
             tracing::debug!(member = self.id, to, "compacted the raft log");
         }

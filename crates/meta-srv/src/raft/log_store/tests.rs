@@ -1,5 +1,7 @@
 //! `LogStore` against raft-rs's `Storage` contract, crash points and the entry cache.
 
+use std::collections::BTreeMap;
+
 use super::*;
 
 fn entry(index: u64, term: u64) -> Entry {
