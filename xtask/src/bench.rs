@@ -76,6 +76,9 @@ pub struct KvArgs {
     /// Write without client sessions (not exactly-once), to measure what they cost.
     #[arg(long)]
     no_sessions: bool,
+    /// Run only the put workload (profiling the write path).
+    #[arg(long)]
+    puts_only: bool,
 }
 
 impl KvArgs {
@@ -94,6 +97,9 @@ impl KvArgs {
         }
         if self.no_sessions {
             args.push("--no-sessions".into());
+        }
+        if self.puts_only {
+            args.push("--puts-only".into());
         }
         args
     }
@@ -482,7 +488,9 @@ async fn kv(args: KvArgs) -> anyhow::Result<()> {
     if args.vs_etcd {
         systems.push(System::Etcd);
     }
-    let workloads = if args.members > 1 || args.vs_etcd {
+    let workloads = if args.puts_only {
+        vec![Workload::Put]
+    } else if args.members > 1 || args.vs_etcd {
         vec![Workload::Put, Workload::Get, Workload::SerializableGet]
     } else {
         vec![Workload::Put, Workload::Get]

@@ -117,11 +117,13 @@ impl MetaSrv {
         let limits = KvLimits::from(config.limits);
         let dir = data_dir.path().to_path_buf();
         let db_for_store = db.clone();
+        let db_dir = data_dir.db_path();
         // Reading and writing the identity and opening the trees touch disk.
         let (store, members) = tokio::task::spawn_blocking(move || -> Result<_> {
             let db = db_for_store;
             check_identity(&db, &dir, cluster_id, node_id)?;
             let store = SledKvStore::open_in(db.clone(), limits)?;
+            store.sync_filesystem_of(&db_dir)?;
             let members = Members::open(&store, &db, &initial)?;
             // A joiner must not come back knowing its identity but not its peers.
             db.flush().map_err(sled_error("flushing the member map"))?;

@@ -33,7 +33,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{OnceLock, PoisonError, RwLock};
 
 use meta_proto::v1 as pb;
 use prost::Message as _;
@@ -91,6 +91,8 @@ pub struct SledKvStore {
     revision: AtomicI64,
     applied: AtomicU64,
     limits: KvLimits,
+    /// The database's directory, whose filesystem [`SledKvStore::flush`] syncs.
+    durable: OnceLock<std::fs::File>,
 }
 
 fn data_key(key: &[u8]) -> Vec<u8> {
@@ -127,7 +129,20 @@ impl SledKvStore {
                 context: format!("opening sled database at {}", path.display()),
                 source,
             })?;
-        Self::open_in(db, limits)
+        let store = Self::open_in(db, limits)?;
+        store.sync_filesystem_of(path)?;
+        Ok(store)
+    }
+
+    /// From now on [`SledKvStore::flush`] also syncs the filesystem of `dir` (the
+    /// database's directory); see there.
+    pub fn sync_filesystem_of(&self, dir: &Path) -> Result<()> {
+        let handle = std::fs::File::open(dir).map_err(|source| Error::Io {
+            context: format!("opening {}", dir.display()),
+            source,
+        })?;
+        let _ = self.durable.set(handle);
+        Ok(())
     }
 
     /// Opens (or creates) the store inside an open database that other trees share (the
@@ -161,6 +176,7 @@ impl SledKvStore {
             revision: AtomicI64::new(revision),
             applied: AtomicU64::new(applied),
             limits,
+            durable: OnceLock::new(),
         })
     }
 
@@ -404,12 +420,24 @@ impl SledKvStore {
         Ok(answers)
     }
 
-    /// Makes everything written so far durable (fsync).
+    /// Makes everything written so far durable: sled's flush, then a `syncfs` of the
+    /// database's filesystem (once [`SledKvStore::sync_filesystem_of`] named it).
+    ///
+    /// sled's flush alone survives a crash of the process, not a power loss: on Linux it
+    /// ends in `sync_file_range`, which neither flushes the device's write cache nor the
+    /// file's metadata, and it never syncs the files it keeps large values in (blobs).
+    /// `syncfs` does all three.
     pub fn flush(&self) -> Result<()> {
         self.db
             .flush()
-            .map(drop)
-            .map_err(storage_error("flushing writes to disk"))
+            .map_err(storage_error("flushing writes to disk"))?;
+        if let Some(dir) = self.durable.get() {
+            rustix::fs::syncfs(dir).map_err(|errno| Error::Io {
+                context: "syncing the database's filesystem".to_string(),
+                source: errno.into(),
+            })?;
+        }
+        Ok(())
     }
 
     fn decode(&self, stored_key: &[u8], bytes: &[u8]) -> Result<Entry> {

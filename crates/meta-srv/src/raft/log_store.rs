@@ -63,7 +63,6 @@ pub struct LogStore {
 }
 
 struct Inner {
-    db: sled::Db,
     meta: sled::Tree,
     log: sled::Tree,
     /// The state machine and member map, copied into snapshots.
@@ -160,7 +159,6 @@ impl LogStore {
         };
         Ok(LogStore {
             inner: Arc::new(Inner {
-                db,
                 meta,
                 log,
                 store,
@@ -463,13 +461,11 @@ impl LogStore {
         Ok(())
     }
 
-    /// Makes every write so far durable (fsync of the shared database).
+    /// Makes every write so far durable (the shared database, synced).
     pub fn flush(&self) -> raft::Result<()> {
-        self.inner
-            .db
-            .flush()
-            .map(drop)
-            .map_err(|e| other("flushing", e))
+        // The log and the state machine share the database: the store's flush is the
+        // database's, made durable (see `SledKvStore::flush`).
+        self.inner.store.flush().map_err(|e| other("flushing", e))
     }
 
     fn entry(&self, index: u64) -> raft::Result<Entry> {

@@ -206,7 +206,7 @@ fn recent_entries_answer_like_the_disk_through_truncation_and_compaction() {
 /// A second store over the same database, with nothing cached: it reads the disk.
 fn open_again(log: &LogStore) -> LogStore {
     LogStore::open(
-        log.inner.db.clone(),
+        log.inner.store.db().clone(),
         log.inner.store.clone(),
         log.inner.members.clone(),
     )
