@@ -9,11 +9,15 @@
 //! and serves the reads waiting for it. A storage error stops the thread and is
 //! reported (`Command::ApplyFailed`): the member then fails stop.
 //!
+//! When the thread is idle the driver applies a job itself ([`Applier::idle`],
+//! [`apply_jobs`]): under a light load a thread hand-off costs more than the apply.
+//!
 //! Entries that change the configuration are not sent here: the driver drains this
 //! thread ([`Applier::drain`]) and applies them itself, since raft-rs must learn the new
 //! configuration on its own thread and the configuration is written in the same batch.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -42,6 +46,8 @@ enum Message {
 pub struct Applier {
     queue: Option<mpsc::Sender<Message>>,
     thread: Option<JoinHandle<()>>,
+    /// Jobs queued and not yet applied.
+    queued: Arc<AtomicUsize>,
 }
 
 impl Applier {
@@ -54,9 +60,11 @@ impl Applier {
         watch: Arc<StorageWatch>,
     ) -> Result<Applier, Error> {
         let (queue, jobs) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let taken = queued.clone();
         let thread = std::thread::Builder::new()
             .name(format!("raft-apply-{id}"))
-            .spawn(move || apply_loop(&store, &jobs, &driver, &watch))
+            .spawn(move || apply_loop(&store, &jobs, &driver, &watch, &taken))
             .map_err(|source| Error::Io {
                 context: "starting the raft apply thread".to_string(),
                 source,
@@ -64,15 +72,23 @@ impl Applier {
         Ok(Applier {
             queue: Some(queue),
             thread: Some(thread),
+            queued,
         })
     }
 
     /// Queues a job. Fails only when the thread has stopped (after a storage error).
     pub fn apply(&self, job: ApplyJob) -> Result<(), Error> {
+        self.queued.fetch_add(1, Ordering::AcqRel);
         self.queue
             .as_ref()
             .and_then(|q| q.send(Message::Job(job)).ok())
             .ok_or_else(stopped)
+    }
+
+    /// True when every job queued so far is applied: the caller may then apply the
+    /// next one itself ([`apply_jobs`]) and spare a thread hand-off.
+    pub fn idle(&self) -> bool {
+        self.queued.load(Ordering::Acquire) == 0
     }
 
     /// Waits until every job queued so far is applied (before the driver applies a
@@ -107,6 +123,7 @@ fn apply_loop(
     jobs: &mpsc::Receiver<Message>,
     driver: &DriverHandle,
     watch: &StorageWatch,
+    queued: &AtomicUsize,
 ) {
     while let Ok(first) = jobs.recv() {
         let mut batch = Vec::new();
@@ -125,9 +142,11 @@ fn apply_loop(
             next = jobs.try_recv().ok();
         }
         if !batch.is_empty() {
+            let taken = batch.len();
             watch.enter();
-            let applied = apply(store, batch);
+            let applied = apply_jobs(store, batch);
             watch.leave();
+            queued.fetch_sub(taken, Ordering::AcqRel);
             match applied {
                 Ok(applied) => {
                     let _ = driver.send(Command::Applied { index: applied });
@@ -147,7 +166,7 @@ fn apply_loop(
 }
 
 /// Applies the jobs in one batch and answers their proposers; returns the applied index.
-fn apply(store: &SledKvStore, jobs: Vec<ApplyJob>) -> Result<u64, Error> {
+pub fn apply_jobs(store: &SledKvStore, jobs: Vec<ApplyJob>) -> Result<u64, Error> {
     let mut batch = Vec::new();
     let mut replies = Vec::new();
     for job in jobs {

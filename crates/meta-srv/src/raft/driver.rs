@@ -39,7 +39,7 @@ use raft::prelude::{
 use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 
-use crate::raft::apply::{Applier, ApplyJob};
+use crate::raft::apply::{Applier, ApplyJob, apply_jobs};
 use crate::raft::log_store::LogStore;
 use crate::raft::members::Members;
 use crate::raft::persist::{Persister, Written};
