@@ -122,6 +122,8 @@ struct Driver {
     /// Snapshots sent to followers, to report a failure if one never arrives.
     snapshots_sent: HashMap<u64, Instant>,
     next_proposal: u64,
+    /// Writes that arrived this turn: proposed together (`propose_all`).
+    propose_batch: Vec<(u64, Entry, Reply<Applied>)>,
     proposals: HashMap<u64, Reply<Applied>>,
     conf_proposals: HashMap<u64, Reply<Membership>>,
     next_read: u64,
@@ -168,6 +170,7 @@ impl Driver {
                 self.node.tick();
                 next_tick = Instant::now() + self.tick;
             }
+            self.propose_all();
             self.start_reads();
             self.check_snapshots();
             // Advancing can produce more work (messages after a conf change, entries
@@ -285,23 +288,12 @@ impl Driver {
                 }
                 let id = self.next_proposal;
                 self.next_proposal = self.next_proposal.wrapping_add(1);
-                let data = command.encode();
-                match self.node.propose(proposal_context(self.id, id), data) {
-                    Ok(()) => {
-                        self.proposals.insert(id, reply);
-                    }
-                    Err(raft::Error::ProposalDropped) if self.is_leader() => {
-                        // Too much is proposed and not yet committed (followers or the
-                        // disk lag): back-pressure, nothing was proposed.
-                        let _ = reply.send(Err(Error::Unavailable {
-                            message: "too many writes are waiting to commit; retry later"
-                                .to_string(),
-                        }));
-                    }
-                    Err(_) => {
-                        let _ = reply.send(Err(self.not_leader()));
-                    }
-                }
+                let entry = Entry {
+                    data: command.encode().into(),
+                    context: proposal_context(self.id, id).into(),
+                    ..Default::default()
+                };
+                self.propose_batch.push((id, entry, reply));
             }
             Command::ReadIndex { reply } => {
                 if self.is_leader() {
@@ -373,6 +365,50 @@ impl Driver {
 
     /// Validates a membership change against the current configuration and proposes it;
     /// returns the proposal id.
+    /// Proposes every write that arrived this turn as one raft proposal: one append,
+    /// and one message per follower, instead of one of each per write.
+    fn propose_all(&mut self) {
+        if self.propose_batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.propose_batch);
+        if !self.is_leader() {
+            // Stepped down this turn: a follower would forward them to the leader.
+            for (_, _, reply) in batch {
+                let _ = reply.send(Err(self.not_leader()));
+            }
+            return;
+        }
+        let mut message = Message::default();
+        message.set_msg_type(raft::prelude::MessageType::MsgPropose);
+        message.from = self.id;
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for (id, entry, reply) in batch {
+            entries.push(entry);
+            replies.push((id, reply));
+        }
+        message.set_entries(entries.into());
+        // What `RawNode::propose` does for one entry, for all of them.
+        match self.node.raft.step(message) {
+            Ok(()) => self.proposals.extend(replies),
+            Err(raft::Error::ProposalDropped) if self.is_leader() => {
+                // Too much is proposed and not yet committed (followers or the disk
+                // lag): back-pressure, nothing was proposed.
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(Error::Unavailable {
+                        message: "too many writes are waiting to commit; retry later".to_string(),
+                    }));
+                }
+            }
+            Err(_) => {
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(self.not_leader()));
+                }
+            }
+        }
+    }
+
     fn propose_membership(&mut self, change: MembershipChange) -> Result<u64, Error> {
         let raft = &self.node.raft;
         if raft.pending_conf_index > raft.raft_log.applied {

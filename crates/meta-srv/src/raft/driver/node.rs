@@ -104,6 +104,7 @@ impl RaftNode {
             keep_entries: settings.keep_entries,
             snapshots_sent: HashMap::new(),
             next_proposal: first_id,
+            propose_batch: Vec::new(),
             proposals: HashMap::new(),
             conf_proposals: HashMap::new(),
             next_read: first_id,
