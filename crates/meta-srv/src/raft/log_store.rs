@@ -6,7 +6,7 @@
 //! tree raft_meta: "hard_state" -> HardState   (rust-protobuf encoding)
 //!                 "snapshot"   -> SnapshotMetadata of the last compaction point
 //!                 "boot"       -> u64 BE, how many times this member has started
-//! tree raft_log:  index (u64 big-endian) -> Entry
+//! tree raft_runs: the entries, one key per run of consecutive entries (`runs.rs`)
 //! state machine system value "conf_state" -> ConfState (see below)
 //! ```
 //!
@@ -43,11 +43,12 @@ use crate::raft::members::Members;
 use crate::raft::snapshot::{FileRef, SnapshotFiles, read_envelope, write_envelope};
 
 mod recent;
+mod runs;
 
 use recent::Recent;
+use runs::Runs;
 
 const META_TREE: &str = "raft_meta";
-const LOG_TREE: &str = "raft_log";
 const HARD_STATE: &[u8] = b"hard_state";
 const CONF_STATE: &[u8] = b"conf_state";
 const SNAPSHOT: &[u8] = b"snapshot";
@@ -64,7 +65,7 @@ pub struct LogStore {
 
 struct Inner {
     meta: sled::Tree,
-    log: sled::Tree,
+    runs: Runs,
     /// The state machine and member map, copied into snapshots.
     store: Arc<SledKvStore>,
     members: Arc<Members>,
@@ -113,9 +114,6 @@ impl LogStore {
         let meta = db
             .open_tree(META_TREE)
             .map_err(|e| other("opening tree", e))?;
-        let log = db
-            .open_tree(LOG_TREE)
-            .map_err(|e| other("opening tree", e))?;
         let read = |key: &[u8]| meta.get(key).map_err(|e| other("reading metadata", e));
         let hard_state = match read(HARD_STATE)? {
             Some(bytes) => decode("hard state", &bytes)?,
@@ -147,20 +145,11 @@ impl LogStore {
         };
         // Entries at or below the snapshot index can survive a crash during a snapshot
         // install (see apply_snapshot): they are dead, and removed here.
-        let mut dead = sled::Batch::default();
-        for key in log.range(..=snapshot.index.to_be_bytes()).keys() {
-            dead.remove(key.map_err(|e| other("reading the log", e))?);
-        }
-        log.apply_batch(dead)
-            .map_err(|e| other("removing dead entries", e))?;
-        let last_index = match log.last().map_err(|e| other("reading last entry", e))? {
-            Some((key, _)) => index_of(&key)?.max(snapshot.index),
-            None => snapshot.index,
-        };
+        let (runs, last_index) = Runs::open(&db, snapshot.index)?;
         Ok(LogStore {
             inner: Arc::new(Inner {
                 meta,
-                log,
+                runs,
                 store,
                 members,
                 state: RwLock::new(Cached {
@@ -276,17 +265,7 @@ impl LogStore {
                 ),
             ));
         }
-        let mut batch = sled::Batch::default();
-        for stale in first.index..=cached.last_index {
-            batch.remove(&stale.to_be_bytes());
-        }
-        for entry in entries {
-            batch.insert(&entry.index.to_be_bytes(), encode("entry", entry)?);
-        }
-        self.inner
-            .log
-            .apply_batch(batch)
-            .map_err(|e| other("appending entries", e))?;
+        self.inner.runs.append(entries)?;
         let last = entries[entries.len() - 1].index;
         self.update(|c| c.last_index = last);
         self.recent_mut().append(entries);
@@ -381,18 +360,11 @@ impl LogStore {
             ..Default::default()
         };
         metadata.set_conf_state(cached.conf_state.clone());
-        let mut batch = sled::Batch::default();
-        for old in cached.snapshot.index + 1..=index {
-            batch.remove(&old.to_be_bytes());
-        }
         self.inner
             .meta
             .insert(SNAPSHOT, encode("snapshot metadata", &metadata)?)
             .map_err(|e| other("writing the compaction point", e))?;
-        self.inner
-            .log
-            .apply_batch(batch)
-            .map_err(|e| other("compacting", e))?;
+        self.inner.runs.remove_through(index)?;
         self.recent_mut().compact(index);
         self.update(|c| c.snapshot = metadata);
         Ok(())
@@ -443,14 +415,7 @@ impl LogStore {
             .apply_batch(meta)
             .map_err(|e| other("writing snapshot metadata", e))?;
 
-        let mut stale = sled::Batch::default();
-        for old in cached.snapshot.index + 1..=cached.last_index {
-            stale.remove(&old.to_be_bytes());
-        }
-        self.inner
-            .log
-            .apply_batch(stale)
-            .map_err(|e| other("clearing the log", e))?;
+        self.inner.runs.clear()?;
         self.recent_mut().clear();
         self.update(|c| {
             c.last_index = metadata.index;
@@ -469,23 +434,8 @@ impl LogStore {
     }
 
     fn entry(&self, index: u64) -> raft::Result<Entry> {
-        match self
-            .inner
-            .log
-            .get(index.to_be_bytes())
-            .map_err(|e| other("reading an entry", e))?
-        {
-            Some(bytes) => decode("entry", &bytes),
-            None => Err(raft::Error::Store(StorageError::Unavailable)),
-        }
+        self.inner.runs.entry(index)
     }
-}
-
-fn index_of(key: &[u8]) -> raft::Result<u64> {
-    let bytes: [u8; 8] = key
-        .try_into()
-        .map_err(|_| other("reading the log", format!("bad index key {key:?}")))?;
-    Ok(u64::from_be_bytes(bytes))
 }
 
 impl Storage for LogStore {
@@ -540,15 +490,11 @@ impl Storage for LogStore {
                 }
             }
         }
-        for item in self.inner.log.range(low.to_be_bytes()..high.to_be_bytes()) {
-            let (_, bytes) = item.map_err(|e| other("reading entries", e))?;
-            size = size.saturating_add(bytes.len() as u64);
-            if !entries.is_empty() && (size > max_size || entries.len() >= MAX_ENTRIES_PER_READ) {
-                break;
-            }
-            entries.push(decode("entry", &bytes)?);
-        }
-        Ok(entries)
+        let mut size = 0u64;
+        self.inner.runs.read(low, high, |kept, entry| {
+            size = size.saturating_add(u64::from(protobuf::Message::compute_size(entry)));
+            size <= max_size && kept.len() < MAX_ENTRIES_PER_READ
+        })
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {

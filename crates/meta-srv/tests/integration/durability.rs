@@ -176,8 +176,8 @@ async fn a_full_disk_stops_the_member_and_loses_no_acknowledged_write() {
 }
 
 /// Turns a current-format data directory of one stopped member into the first format:
-/// the configuration back in `raft_meta`, the members in their own tree, no boot
-/// counter, no `FORMAT`; and appends a committed, unapplied first-format entry (a bare
+/// the log one key per entry, the configuration back in `raft_meta`, the members in
+/// their own tree, no boot counter, no `FORMAT`; and appends a committed, unapplied first-format entry (a bare
 /// `TxnRequest` putting `legacy` = `1`), which the next start must replay.
 fn downgrade_to_format_1(data_dir: &std::path::Path) {
     use prost::Message as _;
@@ -186,7 +186,22 @@ fn downgrade_to_format_1(data_dir: &std::path::Path) {
     let db = sled::open(data_dir.join("db")).unwrap();
     let kv = db.open_tree("kv").unwrap();
     let meta = db.open_tree("raft_meta").unwrap();
+    // Runs of entries (format 4) back to one key per entry: `[u64 BE last]` then
+    // `[u32 BE length][Entry]` for each entry of a run.
     let log = db.open_tree("raft_log").unwrap();
+    let runs = db.open_tree("raft_runs").unwrap();
+    for item in runs.iter() {
+        let (_, run) = item.unwrap();
+        let mut rest = &run[8..];
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            let entry = raft::prelude::Entry::parse_from_bytes(&rest[4..4 + len]).unwrap();
+            log.insert(entry.index.to_be_bytes(), &rest[4..4 + len])
+                .unwrap();
+            rest = &rest[4 + len..];
+        }
+    }
+    db.drop_tree("raft_runs").unwrap();
     let members = db.open_tree("members").unwrap();
     let system = |name: &[u8]| [&[0x03u8][..], name].concat();
     let conf = kv
