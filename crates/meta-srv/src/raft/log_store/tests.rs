@@ -238,3 +238,59 @@ fn contract_errors() {
         .unwrap();
     assert_eq!(one.len(), 1);
 }
+
+#[test]
+fn snapshots_go_as_files_only_to_the_members_that_take_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(&dir.path().join("db"));
+    log.append(&(1..=3).map(|i| entry(i, 1)).collect::<Vec<_>>())
+        .unwrap();
+    log.set_conf_state(&ConfState::from((vec![1, 2, 3], vec![])))
+        .unwrap();
+    log.inner
+        .store
+        .apply(
+            (1..=3)
+                .map(|i| (i, common_meta::kv::Command::Noop))
+                .collect(),
+        )
+        .unwrap();
+    // Member 2 runs a format that streams snapshot files; member 3 does not.
+    let files = Arc::new(
+        SnapshotFiles::open(
+            &dir.path().join("snapshots"),
+            log.inner.store.clone(),
+            |to| to == 2,
+        )
+        .unwrap(),
+    );
+    log.use_snapshot_files(files);
+
+    let inline = log.snapshot(0, 3).unwrap();
+    assert!(FileRef::decode(inline.get_data()).is_none(), "inline for 3");
+    assert_eq!(inline.get_metadata().index, 3);
+
+    // For member 2 an export is built off this thread; raft-rs asks until it is there.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let streamed = loop {
+        match log.snapshot(0, 2) {
+            Ok(snapshot) => break snapshot,
+            Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)) => {
+                assert!(std::time::Instant::now() < deadline, "no export built");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let file = FileRef::decode(streamed.get_data()).expect("a file for 2");
+    assert_eq!(streamed.get_metadata().index, 3);
+    assert_eq!(streamed.get_metadata().get_conf_state().voters, [1, 2, 3]);
+    let bytes = std::fs::read(&file.path).unwrap();
+    assert_eq!(bytes.len() as u64, file.size);
+    assert_eq!(crc32fast::hash(&bytes), file.crc32);
+    assert_eq!(
+        bytes,
+        inline.get_data().to_vec(),
+        "the same envelope either way"
+    );
+}
