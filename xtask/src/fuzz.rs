@@ -15,6 +15,8 @@ pub const TARGETS: &[&str] = &[
     "raft_entry",
     "procedure_record",
     "txn_differential",
+    "log_run",
+    "store_copy",
 ];
 
 /// Runs `target` (or every target for `all`) for `seconds` each.

@@ -47,6 +47,7 @@ mod runs;
 
 use recent::Recent;
 use runs::Runs;
+pub use runs::{decode_run, encode_run};
 
 const META_TREE: &str = "raft_meta";
 const HARD_STATE: &[u8] = b"hard_state";

@@ -54,6 +54,9 @@ const EXPORT_IN_USE: Duration = Duration::from_secs(60);
 /// The first data format whose members stream snapshots as files.
 pub const STREAMED_SNAPSHOTS: u32 = 3;
 
+/// Longest member map a snapshot may hold, as JSON (checked before allocating).
+const MAX_MEMBERS_JSON: usize = 16 * 1024 * 1024;
+
 /// Starts the data of a snapshot message that refers to a file. Four zero bytes can
 /// never start an inline snapshot, whose first word is the (non-zero) length of the
 /// members' JSON.
@@ -131,7 +134,11 @@ pub fn read_envelope(
     input
         .read_exact(&mut len)
         .map_err(|e| bad(format!("truncated: {e}")))?;
-    let mut json = vec![0u8; u32::from_be_bytes(len) as usize];
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_MEMBERS_JSON {
+        return Err(bad(format!("a member map of {len} bytes")));
+    }
+    let mut json = vec![0u8; len];
     input
         .read_exact(&mut json)
         .map_err(|e| bad(format!("truncated: {e}")))?;

@@ -85,6 +85,17 @@ fn read_or_end(input: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
     Ok(true)
 }
 
+/// Reads `len` bytes, allocating as they arrive: a length from the network is not
+/// trusted to allocate up to 4 GiB before the bytes are there.
+fn read_exactly(input: &mut impl Read, len: u32) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    input.take(u64::from(len)).read_to_end(&mut out)?;
+    if out.len() != len as usize {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(out)
+}
+
 impl SledKvStore {
     /// A consistent copy of the whole store; see [`StoreCopy`].
     pub fn copy(&self) -> Result<StoreCopy> {
@@ -131,14 +142,10 @@ impl SledKvStore {
                 Ok(false) => break,
                 Err(e) => return Err(bad(format!("truncated length: {e}"))),
             }
-            let mut key = vec![0u8; u32::from_be_bytes(len) as usize];
-            input
-                .read_exact(&mut key)
-                .and_then(|()| input.read_exact(&mut len))
+            let key = read_exactly(input, u32::from_be_bytes(len))
+                .and_then(|key| input.read_exact(&mut len).map(|()| key))
                 .map_err(|e| bad(format!("truncated entry: {e}")))?;
-            let mut value = vec![0u8; u32::from_be_bytes(len) as usize];
-            input
-                .read_exact(&mut value)
+            let value = read_exactly(input, u32::from_be_bytes(len))
                 .map_err(|e| bad(format!("truncated entry: {e}")))?;
             if entries.last().is_some_and(|(last, _)| *last >= key) {
                 return Err(bad("entries out of key order".to_string()));

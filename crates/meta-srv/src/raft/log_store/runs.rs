@@ -36,7 +36,8 @@ pub(super) struct Runs {
     map: RwLock<BTreeMap<u64, u64>>,
 }
 
-fn encode_run(entries: &[Entry]) -> raft::Result<Vec<u8>> {
+/// The stored bytes of a run of `entries` (consecutive; see the module doc).
+pub fn encode_run(entries: &[Entry]) -> raft::Result<Vec<u8>> {
     let last = entries.last().map_or(0, |e| e.index);
     let mut out = Vec::with_capacity(8 + entries.len() * 64);
     out.extend_from_slice(&last.to_be_bytes());
@@ -56,7 +57,8 @@ fn run_last(bytes: &[u8]) -> raft::Result<u64> {
         .ok_or_else(|| other("reading the log", "a run without its header"))
 }
 
-fn decode_run(bytes: &[u8]) -> raft::Result<Vec<Entry>> {
+/// The entries of a run's stored bytes; an error for bytes that are not a run.
+pub fn decode_run(bytes: &[u8]) -> raft::Result<Vec<Entry>> {
     let mut rest = bytes
         .get(8..)
         .ok_or_else(|| other("reading the log", "a run without its header"))?;
