@@ -36,13 +36,16 @@ use crate::error::{Error, Result};
 use crate::lock::LockTable;
 
 mod children;
+mod execute;
 mod failure;
+mod persist;
 
 use crate::procedure::{BoxedProcedure, Context, Loader, ProcedureWithId, Status};
 use crate::store::{
     ChildSeed, ProcedureRecord, ProcedureState, RECORD_PREFIX, StateStore, record_key,
 };
 use children::{run_children, suspend};
+use execute::{guarded, run};
 use failure::{fail, park};
 
 /// Settings of a [`ProcedureManager`].
@@ -507,59 +510,10 @@ impl Inner {
         chain
     }
 
-    /// Saves `record`, retrying a failing store with backoff; after the retry budget it
-    /// returns [`Error::PersistFailed`]. A stopped manager ends the retries at once.
-    async fn persist(&self, record: &mut ProcedureRecord) -> Result<()> {
-        let mut attempt = 0u32;
-        loop {
-            match self.persist_once(record).await {
-                Ok(()) => return Ok(()),
-                Err(Error::Stopped) => return Err(Error::Stopped),
-                Err(e) if attempt >= self.config.max_persist_retries => {
-                    return Err(Error::PersistFailed {
-                        id: record.id.clone(),
-                        attempts: attempt + 1,
-                        message: e.to_string(),
-                    });
-                }
-                Err(e) => {
-                    attempt += 1;
-                    tracing::warn!(id = %record.id, attempt, error = %e, "saving a procedure failed; retrying");
-                    tokio::time::sleep(self.backoff(attempt)).await;
-                    if self.stopped.load(Ordering::SeqCst) {
-                        return Err(Error::Stopped);
-                    }
-                }
-            }
-        }
-    }
-
-    async fn persist_once(&self, record: &mut ProcedureRecord) -> Result<()> {
-        record.updated_ms = now_ms();
-        let bytes = serde_json::to_vec(record)
-            .map_err(|e| Error::external(format!("encoding procedure {}: {e}", record.id)))?;
-        self.store.put(&record_key(&record.id), bytes).await?;
-        self.publish(record);
-        Ok(())
-    }
-
     async fn wait_unpaused(&self) {
         let mut paused = self.paused.subscribe();
         // The sender lives as long as `self`: an error cannot happen while we run.
         let _ = paused.wait_for(|p| !*p).await;
-    }
-
-    fn backoff(&self, attempt: u32) -> Duration {
-        let base = self
-            .config
-            .retry_delay
-            .saturating_mul(1u32 << attempt.min(16))
-            .min(self.config.max_retry_delay);
-        // Jitter in [0.5, 1.0) so retries of many procedures spread out.
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        base.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0)
     }
 
     /// Removes finished records older than the TTL, except children whose parent is
@@ -598,144 +552,5 @@ impl Inner {
             }
         }
         Ok(())
-    }
-}
-
-/// Runs a step (or a rollback), turning a panic into a permanent error of the procedure.
-async fn guarded<T>(what: &str, step: impl Future<Output = Result<T>>) -> Result<T> {
-    match AssertUnwindSafe(step).catch_unwind().await {
-        Ok(result) => result,
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".to_string());
-            Err(Error::external(format!("{what} panicked: {message}")))
-        }
-    }
-}
-
-/// Runs one procedure to its end. Returns `Err` only when the store failed or the
-/// manager stopped (the runner then ends as if the process died).
-fn run(
-    inner: Arc<Inner>,
-    record: ProcedureRecord,
-    procedure: BoxedProcedure,
-) -> BoxFuture<Finished> {
-    Box::pin(async move {
-        let (mut record, mut procedure) = (record, procedure);
-        let id = record.id.clone();
-        let ancestors = inner.ancestors(&id);
-        let _release = LockRelease(inner.clone(), id.clone());
-        if let Err(e) = inner
-            .locks
-            .acquire(&id, &ancestors, &procedure.lock_key())
-            .await
-        {
-            record.state = ProcedureState::Failed;
-            record.error = Some(e.to_string());
-            inner.persist(&mut record).await?;
-            return Ok((ProcedureState::Failed, None));
-        }
-        match drive(&inner, &mut record, &mut procedure).await {
-            Err(e @ Error::PersistFailed { .. }) => {
-                park(&inner, &id, &e).await;
-                Err(e)
-            }
-            other => other,
-        }
-    })
-}
-
-async fn drive(
-    inner: &Arc<Inner>,
-    record: &mut ProcedureRecord,
-    procedure: &mut BoxedProcedure,
-) -> Finished {
-    if record.state == ProcedureState::RollingBack {
-        let cause = record.error.clone().unwrap_or_default();
-        return fail(inner, record, procedure, Error::external(cause)).await;
-    }
-    let mut attempt = 0u32;
-    loop {
-        inner.wait_unpaused().await;
-        if !record.children.is_empty() {
-            if let Err(child_failure) = run_children(inner, record).await? {
-                return fail(inner, record, procedure, child_failure).await;
-            }
-            record.children.clear();
-        }
-        let ctx = Context {
-            procedure_id: record.id.clone(),
-            attempt,
-        };
-        match guarded("a step", procedure.execute(&ctx)).await {
-            Ok(Status::Executing { persist }) => {
-                attempt = 0;
-                if persist {
-                    match procedure.dump() {
-                        Ok(data) => record.data = data,
-                        Err(e) => return fail(inner, record, procedure, e).await,
-                    }
-                    record.step += 1;
-                    inner.persist(record).await?;
-                }
-            }
-            Ok(Status::Suspended { subprocedures, .. }) => {
-                attempt = 0;
-                if let Err(e) = suspend(inner, record, procedure, subprocedures).await? {
-                    return fail(inner, record, procedure, e).await;
-                }
-            }
-            Ok(Status::Done { output }) => {
-                record.state = ProcedureState::Done;
-                record.output = output.clone();
-                record.step += 1;
-                if let Ok(data) = procedure.dump() {
-                    record.data = data;
-                }
-                inner.persist(record).await?;
-                return Ok((ProcedureState::Done, output));
-            }
-            Err(e) if e.is_retryable() && attempt < inner.config.max_retries => {
-                attempt += 1;
-                tracing::debug!(id = %record.id, attempt, error = %e, "retrying a step");
-                inner.set_state(&record.id, ProcedureState::Retrying);
-                tokio::time::sleep(inner.backoff(attempt)).await;
-                inner.set_state(&record.id, ProcedureState::Running);
-            }
-            Err(e) => return fail(inner, record, procedure, e).await,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::MemoryStateStore;
-
-    #[test]
-    fn backoff_doubles_with_jitter_and_is_capped() {
-        let manager = ProcedureManager::new(
-            Arc::new(MemoryStateStore::default()),
-            ManagerConfig {
-                retry_delay: Duration::from_millis(100),
-                max_retry_delay: Duration::from_secs(1),
-                ..ManagerConfig::default()
-            },
-        );
-        let inner = &manager.inner;
-        for attempt in 1..=3u32 {
-            let full = Duration::from_millis(100) * (1 << attempt);
-            let got = inner.backoff(attempt);
-            assert!(got >= full / 2 && got < full, "attempt {attempt}: {got:?}");
-        }
-        for attempt in [4, 10, 40] {
-            assert!(
-                inner.backoff(attempt) < Duration::from_secs(1),
-                "capped at attempt {attempt}"
-            );
-        }
     }
 }

@@ -20,6 +20,8 @@ struct FlakyStore {
     inner: MemoryStateStore,
     /// Puts still to fail (`u32::MAX`: forever).
     failing: AtomicU32,
+    /// Puts still to let through before failing forever (`u32::MAX`: no such limit).
+    passing: AtomicU32,
     failed: AtomicU32,
 }
 
@@ -28,14 +30,29 @@ impl FlakyStore {
         FlakyStore {
             inner: MemoryStateStore::default(),
             failing: AtomicU32::new(failing),
+            passing: AtomicU32::new(u32::MAX),
             failed: AtomicU32::new(0),
         }
+    }
+
+    /// A store that takes `passing` puts, then fails every one.
+    fn failing_after(passing: u32) -> Self {
+        let store = Self::new(0);
+        store.passing.store(passing, Ordering::SeqCst);
+        store
     }
 }
 
 #[async_trait]
 impl StateStore for FlakyStore {
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<()> {
+        let passing = self.passing.load(Ordering::SeqCst);
+        if passing == 0 {
+            self.failing.store(u32::MAX, Ordering::SeqCst);
+            self.passing.store(u32::MAX, Ordering::SeqCst);
+        } else if passing != u32::MAX {
+            self.passing.fetch_sub(1, Ordering::SeqCst);
+        }
         let left = self.failing.load(Ordering::SeqCst);
         if left > 0 {
             if left != u32::MAX {
@@ -140,7 +157,8 @@ async fn a_save_that_fails_for_a_while_is_retried_and_the_procedure_finishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_procedure_that_cannot_be_saved_fails_visibly_and_keeps_its_locks() {
-    let store = Arc::new(FlakyStore::new(0));
+    // The submission's record is saved; nothing after it.
+    let store = Arc::new(FlakyStore::failing_after(1));
     let m = ProcedureManager::new(
         store.clone(),
         ManagerConfig {
@@ -156,7 +174,6 @@ async fn a_procedure_that_cannot_be_saved_fails_visibly_and_keeps_its_locks() {
         })
         .await
         .unwrap();
-    store.failing.store(u32::MAX, Ordering::SeqCst);
     let err = tokio::time::timeout(DEADLINE, w.wait())
         .await
         .expect("the watcher is answered")
@@ -215,10 +232,19 @@ async fn a_procedure_that_cannot_be_saved_fails_visibly_and_keeps_its_locks() {
     )
     .unwrap();
     m.start().await.unwrap();
+    // Recovered procedures may finish before a watcher could be taken: read the store.
+    let until = std::time::Instant::now() + DEADLINE;
     for id in ["stuck", "next"] {
-        tokio::time::timeout(DEADLINE, m.watch(id).unwrap().wait())
-            .await
-            .expect("recovered and finished")
-            .unwrap();
+        loop {
+            let state = m.state(id).await.unwrap().map(|r| r.state);
+            if state == Some(ProcedureState::Done) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "{id} not recovered and finished: {state:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
