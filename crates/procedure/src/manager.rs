@@ -332,7 +332,16 @@ impl ProcedureManager {
         let mut record: ProcedureRecord = serde_json::from_slice(&bytes)
             .map_err(|e| Error::external(format!("undecodable record of procedure {id}: {e}")))?;
         if let Some(progress) = lock(&self.inner.progress).get(id) {
-            record.state = progress.borrow().state;
+            // The in-memory progress is published right after each save: unless the
+            // store is already a save ahead, it is the newer view, taken whole (a state
+            // from one and an output from the other could read "done, no output").
+            let progress = progress.borrow();
+            if progress.step >= record.step {
+                record.state = progress.state;
+                record.step = progress.step;
+                record.output.clone_from(&progress.output);
+                record.error.clone_from(&progress.error);
+            }
         }
         Ok(Some(record))
     }

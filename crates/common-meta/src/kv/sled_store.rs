@@ -93,6 +93,8 @@ pub struct SledKvStore {
     limits: KvLimits,
     /// The database's directory, whose filesystem [`SledKvStore::flush`] syncs.
     durable: OnceLock<std::fs::File>,
+    /// How many [`SledKvStore::copy`] calls are gathering the store (writers wait).
+    copying: std::sync::atomic::AtomicUsize,
 }
 
 fn data_key(key: &[u8]) -> Vec<u8> {
@@ -177,6 +179,7 @@ impl SledKvStore {
             applied: AtomicU64::new(applied),
             limits,
             durable: OnceLock::new(),
+            copying: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 

@@ -193,6 +193,15 @@ impl Peer {
     }
 }
 
+/// A task that ends when this is dropped (the call it serves ended or was cancelled).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl Peer {
     /// Streams a snapshot file in chunks from where the peer's copy of it ends.
     async fn stream_snapshot(
@@ -237,13 +246,24 @@ impl Peer {
             .map_err(|e| format!("encoding the snapshot message: {e}"))?;
         let (chunks, outgoing) = mpsc::channel(4);
         let (cluster_id, me, size, crc32) = (self.cluster_id, self.me, file.size, file.crc32);
-        let reports = self.reports.clone();
-        let peer = self.id;
+        // A snapshot still moving is not lost: keep the driver from resending it for as
+        // long as the call lasts (chunks, the receiver's check, its queue).
+        let _moving = {
+            let (reports, peer) = (self.reports.clone(), self.id);
+            AbortOnDrop(tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    every.tick().await;
+                    if let Some(driver) = reports.get() {
+                        let _ = driver.send(Command::SnapshotMoving { peer });
+                    }
+                }
+            }))
+        };
         // Reads ahead while the call sends; ends when the call stops taking chunks.
         let reader = tokio::spawn(async move {
             let mut header = Some(header);
             let mut sent = offset;
-            let mut last_report = tokio::time::Instant::now();
             loop {
                 let mut data = vec![0u8; SNAPSHOT_CHUNK];
                 let n = match input.read(&mut data).await {
@@ -266,13 +286,6 @@ impl Peer {
                 };
                 if chunks.send(chunk).await.is_err() {
                     return Ok(());
-                }
-                // A snapshot still moving is not lost: keep the driver from resending.
-                if last_report.elapsed() >= Duration::from_secs(1) {
-                    last_report = tokio::time::Instant::now();
-                    if let Some(driver) = reports.get() {
-                        let _ = driver.send(Command::SnapshotMoving { peer });
-                    }
                 }
                 if n == 0 || sent >= size {
                     return Ok(());

@@ -395,6 +395,9 @@ impl LogStore {
                 let members = read_envelope(&mut input, &self.inner.store).map_err(installing)?;
                 // Received for this install only: the leader sends a new one if needed.
                 let _ = std::fs::remove_file(&file.path);
+                if let Some(files) = self.inner.files.get() {
+                    files.installed(snapshot.get_metadata().index);
+                }
                 members
             }
             None => read_envelope(&mut &data[..], &self.inner.store).map_err(installing)?,

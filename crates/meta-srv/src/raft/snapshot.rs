@@ -31,6 +31,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -76,12 +77,12 @@ pub struct FileRef {
 impl FileRef {
     /// The snapshot data that refers to this file.
     pub fn encode(&self) -> Vec<u8> {
-        let path = self.path.to_string_lossy();
+        let path = self.path.as_os_str().as_bytes();
         let mut out = Vec::with_capacity(FILE_MAGIC.len() + 12 + path.len());
         out.extend_from_slice(FILE_MAGIC);
         out.extend_from_slice(&self.size.to_be_bytes());
         out.extend_from_slice(&self.crc32.to_be_bytes());
-        out.extend_from_slice(path.as_bytes());
+        out.extend_from_slice(path);
         out
     }
 
@@ -90,7 +91,7 @@ impl FileRef {
         let rest = data.strip_prefix(FILE_MAGIC)?;
         let size = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
         let crc32 = u32::from_be_bytes(rest.get(8..12)?.try_into().ok()?);
-        let path = std::str::from_utf8(rest.get(12..)?).ok()?;
+        let path = std::ffi::OsStr::from_bytes(rest.get(12..)?);
         Some(FileRef {
             path: PathBuf::from(path),
             size,
@@ -176,6 +177,8 @@ impl std::fmt::Debug for SnapshotFiles {
 struct Exports {
     ready: Option<Export>,
     building: bool,
+    /// The index of the copy an export being written holds.
+    copied: Option<u64>,
     /// When the ready export was built or last given to raft-rs.
     used: Option<Instant>,
 }
@@ -229,6 +232,25 @@ impl SnapshotFiles {
         })
     }
 
+    /// Removes the received snapshot files at or below `index` (one was installed;
+    /// raft-rs may have ignored others, which are older).
+    pub fn installed(&self, index: u64) {
+        let Ok(dir) = std::fs::read_dir(self.dir.join("incoming")) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let at = name
+                .strip_suffix(".snap")
+                .and_then(|stem| stem.rsplit('-').next())
+                .and_then(|i| i.parse::<u64>().ok());
+            if at.is_some_and(|at| at <= index) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
     /// Whether member `to` takes snapshots as files.
     pub fn streams_to(&self, to: u64) -> bool {
         (self.streams_to)(to)
@@ -244,11 +266,12 @@ impl SnapshotFiles {
     /// goes on from the log.
     pub fn in_use(&self) -> Option<u64> {
         let exports = self.exports();
-        let export = exports.ready.as_ref()?;
-        exports
-            .used
-            .is_some_and(|at| at.elapsed() < EXPORT_IN_USE)
-            .then_some(export.index)
+        let ready = exports
+            .ready
+            .as_ref()
+            .filter(|_| exports.used.is_some_and(|at| at.elapsed() < EXPORT_IN_USE))
+            .map(|export| export.index);
+        ready.into_iter().chain(exports.copied).min()
     }
 
     /// raft-rs's request for a snapshot of at least `request_index`: the export if one
@@ -296,6 +319,7 @@ impl SnapshotFiles {
         let built = self.export(log);
         let mut exports = self.exports();
         exports.building = false;
+        exports.copied = None;
         match built {
             Ok(export) => {
                 tracing::info!(
@@ -319,18 +343,23 @@ impl SnapshotFiles {
     fn export(&self, log: &LogStore) -> Result<Export, Error> {
         let copy = self.store.copy()?;
         let index = copy.applied();
+        // From now on the log keeps what follows the copy (see `in_use`).
+        self.exports().copied = Some(index);
         let term = log.term(index).map_err(|e| Error::Unavailable {
             message: format!("the term of entry {index}: {e}"),
         })?;
         let conf_state = copy
             .system(LogStore::conf_state_name())
-            .map(ConfState::parse_from_bytes)
-            .transpose()
-            .map_err(|e| Error::Corrupted {
+            .ok_or_else(|| Error::Corrupted {
                 location: "the stored configuration".to_string(),
-                reason: e.to_string(),
-            })?
-            .unwrap_or_default();
+                reason: "the store holds none".to_string(),
+            })
+            .and_then(|bytes| {
+                ConfState::parse_from_bytes(bytes).map_err(|e| Error::Corrupted {
+                    location: "the stored configuration".to_string(),
+                    reason: e.to_string(),
+                })
+            })?;
         let members = Members::parse(copy.system_scan(Members::prefix()))?;
         let path = self.dir.join(format!("export-{index}.snap"));
         let partial = self.dir.join(format!("export-{index}.tmp"));
@@ -353,28 +382,41 @@ impl SnapshotFiles {
     }
 }
 
-/// A writer that counts and checksums what passes through it.
-struct Checksummed<W> {
-    inner: W,
+/// Bytes of a snapshot file written between two syncs of it: the raft log's flush
+/// syncs the whole filesystem (`SledKvStore::flush`), which must not meet hundreds of
+/// megabytes of dirty snapshot pages.
+pub const SYNC_EVERY: u64 = 8 * 1024 * 1024;
+
+/// A file writer that counts and checksums what passes through it, and syncs the file
+/// every [`SYNC_EVERY`] bytes.
+struct Checksummed {
+    inner: std::fs::File,
     hasher: crc32fast::Hasher,
     len: u64,
+    unsynced: u64,
 }
 
-impl<W> Checksummed<W> {
-    fn new(inner: W) -> Self {
+impl Checksummed {
+    fn new(inner: std::fs::File) -> Self {
         Checksummed {
             inner,
             hasher: crc32fast::Hasher::new(),
             len: 0,
+            unsynced: 0,
         }
     }
 }
 
-impl<W: Write> Write for Checksummed<W> {
+impl Write for Checksummed {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.len += n as u64;
+        self.unsynced += n as u64;
+        if self.unsynced >= SYNC_EVERY {
+            self.inner.sync_data()?;
+            self.unsynced = 0;
+        }
         Ok(n)
     }
 
@@ -413,5 +455,29 @@ mod tests {
         inline.extend_from_slice(b"{}");
         assert_eq!(FileRef::decode(&inline), None);
         assert_eq!(FileRef::decode(&FILE_MAGIC[..]), None, "truncated");
+    }
+}
+
+#[cfg(test)]
+mod files_tests {
+    use super::*;
+
+    #[test]
+    fn an_install_removes_the_received_files_it_makes_obsolete() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let store = Arc::new(SledKvStore::open_in(db, Default::default()).unwrap());
+        let files = SnapshotFiles::open(&dir.path().join("snapshots"), store, |_| true).unwrap();
+        let incoming = dir.path().join("snapshots/incoming");
+        for name in ["1-2-40.snap", "1-2-50.snap", "1-3-60.snap", "1-3-70.part"] {
+            std::fs::write(incoming.join(name), b"x").unwrap();
+        }
+        files.installed(50);
+        let mut left: Vec<String> = std::fs::read_dir(&incoming)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["1-3-60.snap", "1-3-70.part"]);
     }
 }

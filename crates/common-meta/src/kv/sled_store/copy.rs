@@ -99,16 +99,26 @@ fn read_exactly(input: &mut impl Read, len: u32) -> io::Result<Vec<u8>> {
 impl SledKvStore {
     /// A consistent copy of the whole store; see [`StoreCopy`].
     pub fn copy(&self) -> Result<StoreCopy> {
-        let _guard = self.lock.read().unwrap_or_else(PoisonError::into_inner);
-        let entries = self
-            .tree
-            .iter()
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(storage_error("copying the store"))?;
-        Ok(StoreCopy {
-            entries,
-            applied: self.applied_index(),
-        })
+        self.copying.fetch_add(1, Ordering::AcqRel);
+        let copied = {
+            let _guard = self.lock.read().unwrap_or_else(PoisonError::into_inner);
+            self.tree
+                .iter()
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(storage_error("copying the store"))
+                .map(|entries| StoreCopy {
+                    entries,
+                    applied: self.applied_index(),
+                })
+        };
+        self.copying.fetch_sub(1, Ordering::AcqRel);
+        copied
+    }
+
+    /// Whether a [`SledKvStore::copy`] is gathering the store now (a write would wait
+    /// for it).
+    pub fn copying(&self) -> bool {
+        self.copying.load(Ordering::Acquire) > 0
     }
 
     /// A consistent copy of the whole store in the stream format (see the module doc),

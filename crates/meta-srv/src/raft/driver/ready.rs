@@ -123,7 +123,12 @@ impl Driver {
     /// Gives raft-rs the applied index (never backwards: a late report of the apply
     /// thread can follow a snapshot) and answers the reads it serves.
     pub(super) fn advance_applied(&mut self, index: u64) {
-        if index > self.node.raft.raft_log.applied {
+        // The store may be ahead of what raft-rs knows committed and persisted (after a
+        // restart it skips entries it already holds): raft-rs refuses (panics on) an
+        // applied index past either, so it learns only what it can take.
+        let log = &self.node.raft.raft_log;
+        let index = index.min(log.committed).min(log.persisted);
+        if index > log.applied {
             self.node.advance_apply_to(index);
         }
         self.answer_reads();
@@ -156,7 +161,9 @@ impl Driver {
             .collect();
         let job = ApplyJob { entries, replies };
         let applier = self.applier()?;
-        if applier.idle() {
+        // Not while a snapshot export gathers the store: the apply would wait for it
+        // here, on the thread that ticks and sends heartbeats.
+        if applier.idle() && !self.store.copying() {
             // Nothing queued before it: applying here spares a hand-off and the order
             // stays the log's.
             let applied = apply_jobs(&self.store, vec![job])?;

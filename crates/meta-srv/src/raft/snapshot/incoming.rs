@@ -10,7 +10,7 @@ use raft::prelude::{Message, MessageType};
 use tokio::io::AsyncWriteExt;
 use tonic::{Status, Streaming};
 
-use super::{FileRef, SnapshotFiles, file_crc};
+use super::{FileRef, SYNC_EVERY, SnapshotFiles, file_crc};
 
 impl SnapshotFiles {
     /// The partial file of the snapshot `(index, term)` from member `from`.
@@ -29,10 +29,14 @@ impl SnapshotFiles {
         if have > 0 && have <= request.size {
             return Ok(have);
         }
+        // Partial files of other snapshots from this sender: it has moved on. Whole
+        // ones (`.snap`) may be waiting for raft to install them: not touched.
         let prefix = format!("{}-", request.from);
         if let Ok(mut dir) = tokio::fs::read_dir(self.dir.join("incoming")).await {
             while let Ok(Some(entry)) = dir.next_entry().await {
-                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(&prefix) && name.ends_with(".part") {
                     let _ = tokio::fs::remove_file(entry.path()).await;
                 }
             }
@@ -87,6 +91,7 @@ impl SnapshotFiles {
             .await
             .map_err(|e| Status::internal(format!("opening {}: {e}", part.display())))?;
         let mut len = have;
+        let mut unsynced = 0u64;
         let mut chunk = Some(first.data);
         while len < first.size {
             let data = match chunk.take() {
@@ -108,6 +113,14 @@ impl SnapshotFiles {
                 .await
                 .map_err(|e| Status::internal(format!("writing {}: {e}", part.display())))?;
             len += data.len() as u64;
+            unsynced += data.len() as u64;
+            if unsynced >= SYNC_EVERY {
+                // Bounds the dirty pages the raft log's filesystem sync meets.
+                file.sync_data()
+                    .await
+                    .map_err(|e| Status::internal(format!("writing {}: {e}", part.display())))?;
+                unsynced = 0;
+            }
             self.received
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
         }
