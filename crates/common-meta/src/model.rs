@@ -3,3 +3,4 @@
 
 pub mod join_token;
 pub mod node;
+pub mod table;
