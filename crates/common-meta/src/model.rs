@@ -3,4 +3,5 @@
 
 pub mod join_token;
 pub mod node;
+pub mod sequence;
 pub mod table;

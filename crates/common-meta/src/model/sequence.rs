@@ -1,0 +1,219 @@
+//! Id sequences: `__seq/{name}` holds the next id no one has reserved yet (decimal
+//! text). An allocator reserves a batch of ids with one compare-and-put of that mark
+//! and hands them out from memory, so most allocations cost no write.
+//!
+//! Ids are unique whatever happens (a reservation is a committed compare-and-put), and
+//! a new allocator (a new leader) starts above every id any allocator reserved before
+//! it. Ids an allocator reserved but never handed out are skipped: a sequence has gaps.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::error::{Error, Result};
+use crate::key::{MetaKey, SequenceKey};
+use crate::kv::{CompareAndPutRequest, KvBackend};
+
+/// Most ids one call may ask for.
+pub const MAX_IDS_PER_CALL: u64 = 1_000_000;
+
+/// Compare-and-put attempts before an allocation gives up (other allocators kept
+/// winning the race).
+const MAX_ATTEMPTS: usize = 64;
+
+/// Hands out ids of one sequence; see the module doc.
+pub struct Sequence {
+    backend: Arc<dyn KvBackend>,
+    key: SequenceKey,
+    /// The first id of a sequence never used.
+    start: u64,
+    /// Ids reserved per write.
+    batch: u64,
+    /// Reserved and not yet handed out.
+    cached: Mutex<Range<u64>>,
+}
+
+impl Sequence {
+    /// The sequence `name` on `backend`, starting at `start`, reserving `batch` ids per
+    /// write (at least 1).
+    pub fn new(backend: Arc<dyn KvBackend>, name: &str, start: u64, batch: u64) -> Result<Self> {
+        Ok(Sequence {
+            backend,
+            key: SequenceKey::new(name)?,
+            start,
+            batch: batch.max(1),
+            cached: Mutex::new(0..0),
+        })
+    }
+
+    fn cached(&self) -> std::sync::MutexGuard<'_, Range<u64>> {
+        // Only whole-range replacements happen under the lock: never torn.
+        self.cached.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `count` consecutive new ids.
+    pub async fn next(&self, count: u64) -> Result<Range<u64>> {
+        if count == 0 || count > MAX_IDS_PER_CALL {
+            return Err(Error::invalid_argument(format!(
+                "asked for {count} ids of sequence {}; ask for 1 to {MAX_IDS_PER_CALL}",
+                self.key.name()
+            )));
+        }
+        {
+            let mut cached = self.cached();
+            if cached.end - cached.start >= count {
+                let out = cached.start..cached.start + count;
+                cached.start = out.end;
+                return Ok(out);
+            }
+        }
+        let reserved = self.reserve(count.max(self.batch)).await?;
+        let out = reserved.start..reserved.start + count;
+        let mut cached = self.cached();
+        // Concurrent reservations: keep the later remainder, so ids handed out here
+        // only grow (the other remainder becomes a gap).
+        if out.end > cached.start {
+            *cached = out.end..reserved.end;
+        }
+        Ok(out)
+    }
+
+    /// Forgets the ids reserved and not handed out (on losing leadership: the next
+    /// allocator starts above them).
+    pub fn reset(&self) {
+        *self.cached() = 0..0;
+    }
+
+    /// Reserves `count` ids in the store.
+    async fn reserve(&self, count: u64) -> Result<Range<u64>> {
+        let key = self.key.encode();
+        for _ in 0..MAX_ATTEMPTS {
+            let stored = self.backend.get(&key).await?.map(|kv| kv.value);
+            let first = match &stored {
+                None => self.start,
+                Some(bytes) => std::str::from_utf8(bytes)
+                    .ok()
+                    .and_then(|text| text.parse::<u64>().ok())
+                    .ok_or_else(|| Error::Corrupted {
+                        location: format!("sequence {}", self.key.name()),
+                        reason: format!("{:?} is not a number", String::from_utf8_lossy(bytes)),
+                    })?,
+            };
+            let end = first.checked_add(count).ok_or_else(|| {
+                Error::invalid_argument(format!("sequence {} is exhausted", self.key.name()))
+            })?;
+            let written = self
+                .backend
+                .compare_and_put(CompareAndPutRequest {
+                    key: key.clone(),
+                    expect: stored,
+                    value: end.to_string().into_bytes(),
+                })
+                .await?;
+            if written.success {
+                return Ok(first..end);
+            }
+        }
+        Err(Error::Unavailable {
+            message: format!(
+                "sequence {}: {MAX_ATTEMPTS} reservations lost to other allocators; retry",
+                self.key.name()
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{MemoryKvBackend, PutRequest};
+
+    fn backend() -> Arc<dyn KvBackend> {
+        Arc::new(MemoryKvBackend::default())
+    }
+
+    #[tokio::test]
+    async fn ids_are_consecutive_and_one_write_reserves_a_batch() {
+        let kv = backend();
+        let seq = Sequence::new(kv.clone(), "table_id", 1024, 100).unwrap();
+        assert_eq!(seq.next(1).await.unwrap(), 1024..1025);
+        let revision = kv
+            .get(b"__seq/table_id")
+            .await
+            .unwrap()
+            .unwrap()
+            .mod_revision;
+        assert_eq!(seq.next(5).await.unwrap(), 1025..1030);
+        assert_eq!(seq.next(94).await.unwrap(), 1030..1124);
+        let now = kv.get(b"__seq/table_id").await.unwrap().unwrap();
+        assert_eq!(now.mod_revision, revision, "served from the batch");
+        assert_eq!(now.value, b"1124");
+        // Past the batch: a new reservation; a large ask reserves what it needs.
+        assert_eq!(seq.next(250).await.unwrap(), 1124..1374);
+        assert_eq!(
+            kv.get(b"__seq/table_id").await.unwrap().unwrap().value,
+            b"1374"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_allocator_starts_above_everything_reserved_before_it() {
+        let kv = backend();
+        let old = Sequence::new(kv.clone(), "s", 1, 10).unwrap();
+        let a = old.next(3).await.unwrap();
+        let new = Sequence::new(kv.clone(), "s", 1, 10).unwrap();
+        let b = new.next(3).await.unwrap();
+        assert!(
+            b.start >= 11,
+            "above the old allocator's batch: {a:?} then {b:?}"
+        );
+        // The old one (a deposed leader) still hands out only its own reservation.
+        let c = old.next(3).await.unwrap();
+        assert!(c.end <= 11);
+        old.reset();
+        assert!(old.next(1).await.unwrap().start >= b.end);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_callers_never_share_an_id() {
+        let kv = backend();
+        let seq = Arc::new(Sequence::new(kv, "s", 0, 7).unwrap());
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let seq = seq.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for n in 1..=20 {
+                    got.extend(seq.next(n % 5 + 1).await.unwrap());
+                }
+                got
+            }));
+        }
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        let total = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), total, "every id handed out once");
+    }
+
+    #[tokio::test]
+    async fn bad_asks_and_a_corrupt_mark_are_refused() {
+        let kv = backend();
+        let seq = Sequence::new(kv.clone(), "s", 0, 10).unwrap();
+        for count in [0, MAX_IDS_PER_CALL + 1] {
+            let err = seq.next(count).await.unwrap_err().to_string();
+            assert!(err.contains("ask for 1 to"), "{err}");
+        }
+        assert!(Sequence::new(kv.clone(), "a/b", 0, 1).is_err());
+        kv.put(PutRequest::new("__seq/s", "twelve")).await.unwrap();
+        let err = seq.next(1).await.unwrap_err().to_string();
+        assert!(err.contains("not a number"), "{err}");
+        kv.put(PutRequest::new("__seq/s", u64::MAX.to_string()))
+            .await
+            .unwrap();
+        let err = seq.next(1).await.unwrap_err().to_string();
+        assert!(err.contains("exhausted"), "{err}");
+    }
+}
