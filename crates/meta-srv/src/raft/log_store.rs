@@ -40,7 +40,7 @@ use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
 use crate::raft::members::Members;
-use crate::raft::snapshot::{FileRef, SnapshotFiles, read_envelope, write_envelope};
+use crate::raft::snapshot::{FileRef, SnapshotFiles, read_envelope, snapshot_of, write_envelope};
 
 mod recent;
 mod runs;
@@ -51,7 +51,8 @@ pub use runs::{decode_run, encode_run};
 
 const META_TREE: &str = "raft_meta";
 const HARD_STATE: &[u8] = b"hard_state";
-const CONF_STATE: &[u8] = b"conf_state";
+/// The name of the state machine's system value that holds the configuration.
+pub const CONF_STATE: &[u8] = b"conf_state";
 const SNAPSHOT: &[u8] = b"snapshot";
 const BOOT: &[u8] = b"boot";
 
@@ -221,11 +222,6 @@ impl LogStore {
     /// the log should keep (see `SnapshotFiles::in_use`).
     pub fn snapshot_in_use(&self) -> Option<u64> {
         self.inner.files.get().and_then(|files| files.in_use())
-    }
-
-    /// The name of the system value that holds the configuration.
-    pub fn conf_state_name() -> &'static [u8] {
-        CONF_STATE
     }
 
     /// True when this member has never been initialised (no conf state, no log).
@@ -472,19 +468,21 @@ impl Storage for LogStore {
         // backlog per call stalled every client while a restarted member caught up.
         // Returning fewer entries than asked is allowed: raft sends what it got.
         let max_size = max_size.into().unwrap_or(u64::MAX);
-        let mut entries = Vec::new();
         let mut size = 0u64;
+        // Whether to add `entry` after `kept` others (the first is added regardless).
+        let mut keep = |kept: usize, entry: &Entry| {
+            size = size.saturating_add(u64::from(protobuf::Message::compute_size(entry)));
+            size <= max_size && kept < MAX_ENTRIES_PER_READ
+        };
         {
             let recent = self.recent();
             if recent.first_index().is_some_and(|first| first <= low) {
+                let mut entries = Vec::new();
                 for index in low..high {
                     let Some(entry) = recent.get(index) else {
                         break;
                     };
-                    size = size.saturating_add(u64::from(protobuf::Message::compute_size(entry)));
-                    if !entries.is_empty()
-                        && (size > max_size || entries.len() >= MAX_ENTRIES_PER_READ)
-                    {
+                    if !keep(entries.len(), entry) && !entries.is_empty() {
                         break;
                     }
                     entries.push(entry.clone());
@@ -494,11 +492,9 @@ impl Storage for LogStore {
                 }
             }
         }
-        let mut size = 0u64;
-        self.inner.runs.read(low, high, |kept, entry| {
-            size = size.saturating_add(u64::from(protobuf::Message::compute_size(entry)));
-            size <= max_size && kept.len() < MAX_ENTRIES_PER_READ
-        })
+        self.inner
+            .runs
+            .read(low, high, |kept, entry| keep(kept.len(), entry))
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
@@ -549,15 +545,12 @@ impl Storage for LogStore {
         let mut data = Vec::new();
         write_envelope(&mut data, &self.inner.members.all(), &copy)
             .map_err(|e| other("copying the state machine", e))?;
-        let mut snapshot = Snapshot {
-            data: data.into(),
-            ..Default::default()
-        };
-        let metadata = snapshot.mut_metadata();
-        metadata.index = applied;
-        metadata.term = self.term(applied)?;
-        metadata.set_conf_state(self.cached().conf_state);
-        Ok(snapshot)
+        Ok(snapshot_of(
+            data,
+            applied,
+            self.term(applied)?,
+            self.cached().conf_state,
+        ))
     }
 }
 

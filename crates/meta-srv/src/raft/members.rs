@@ -14,8 +14,8 @@ use std::sync::{PoisonError, RwLock};
 use common_meta::Error;
 use common_meta::kv::{SledKvStore, SystemWrite};
 
-/// The system-value prefix of member addresses.
-const MEMBER_PREFIX: &[u8] = b"member/";
+/// The system-value prefix of member addresses (see [`Members::parse`]).
+pub const MEMBER_PREFIX: &[u8] = b"member/";
 
 /// Member ids and addresses; see the module doc.
 #[derive(Debug, Default)]
@@ -81,11 +81,6 @@ impl Members {
             map.insert(id, String::from_utf8_lossy(value).into_owned());
         }
         Ok(map)
-    }
-
-    /// The system-value prefix of member addresses (for [`Members::parse`]).
-    pub fn prefix() -> &'static [u8] {
-        MEMBER_PREFIX
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, String>> {

@@ -100,6 +100,20 @@ impl FileRef {
     }
 }
 
+/// A raft snapshot of the state at `index` (of `term`, under `conf_state`) whose data
+/// is `data`: an envelope, or a [`FileRef`] to one.
+pub fn snapshot_of(data: Vec<u8>, index: u64, term: u64, conf_state: ConfState) -> Snapshot {
+    let mut snapshot = Snapshot {
+        data: data.into(),
+        ..Default::default()
+    };
+    let metadata = snapshot.mut_metadata();
+    metadata.index = index;
+    metadata.term = term;
+    metadata.set_conf_state(conf_state);
+    snapshot
+}
+
 /// Writes a snapshot's envelope: the members, then the store copy.
 pub fn write_envelope(
     out: &mut impl Write,
@@ -287,16 +301,13 @@ impl SnapshotFiles {
             && export.index >= request_index
             && export.index + 1 >= log.first_index_now()
         {
-            let export = export.clone();
+            let snapshot = snapshot_of(
+                export.file.encode(),
+                export.index,
+                export.term,
+                export.conf_state.clone(),
+            );
             exports.used = Some(Instant::now());
-            let mut snapshot = Snapshot {
-                data: export.file.encode().into(),
-                ..Default::default()
-            };
-            let metadata = snapshot.mut_metadata();
-            metadata.index = export.index;
-            metadata.term = export.term;
-            metadata.set_conf_state(export.conf_state.clone());
             return Ok(snapshot);
         }
         if !exports.building {
@@ -315,7 +326,7 @@ impl SnapshotFiles {
     }
 
     /// Builds an export (on its own thread) and makes it the one raft-rs is given.
-    fn build(&self, log: &LogStore) {
+    pub(crate) fn build(&self, log: &LogStore) {
         let built = self.export(log);
         let mut exports = self.exports();
         exports.building = false;
@@ -349,7 +360,7 @@ impl SnapshotFiles {
             message: format!("the term of entry {index}: {e}"),
         })?;
         let conf_state = copy
-            .system(LogStore::conf_state_name())
+            .system(crate::raft::log_store::CONF_STATE)
             .ok_or_else(|| Error::Corrupted {
                 location: "the stored configuration".to_string(),
                 reason: "the store holds none".to_string(),
@@ -360,7 +371,7 @@ impl SnapshotFiles {
                     reason: e.to_string(),
                 })
             })?;
-        let members = Members::parse(copy.system_scan(Members::prefix()))?;
+        let members = Members::parse(copy.system_scan(crate::raft::members::MEMBER_PREFIX))?;
         let path = self.dir.join(format!("export-{index}.snap"));
         let partial = self.dir.join(format!("export-{index}.tmp"));
         let file = std::fs::File::create(&partial)

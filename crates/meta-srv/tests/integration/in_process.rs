@@ -14,6 +14,7 @@ pub struct Running {
     pub grpc: String,
     pub http: String,
     pub plane: std::sync::Arc<meta_srv::cluster_plane::heartbeat_chain::ClusterPlane>,
+    pub snapshots: std::sync::Arc<meta_srv::raft::snapshot::SnapshotFiles>,
     stop: oneshot::Sender<()>,
     served: tokio::task::JoinHandle<meta_srv::Result<()>>,
     _dir: tempfile::TempDir,
@@ -35,6 +36,7 @@ pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Running {
     adjust(&mut config);
     let server = MetaSrv::bind(config).await.unwrap();
     let plane = server.cluster_plane();
+    let snapshots = server.snapshot_files();
     let (grpc, http) = (
         server.grpc_addr().to_string(),
         server.http_addr().to_string(),
@@ -47,6 +49,7 @@ pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Running {
         grpc,
         http,
         plane,
+        snapshots,
         stop,
         served,
         _dir: dir,

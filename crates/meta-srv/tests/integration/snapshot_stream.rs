@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use common_meta::kv::{KvBackend, PutRequest, RangeRequest};
 use meta_client::{MetaClient, MetaClientOptions};
-use meta_srv::{Config, MetaSrv};
 
 use crate::front::Front;
 use crate::in_process;
@@ -58,24 +57,13 @@ async fn a_new_member_catches_up_through_a_streamed_snapshot_resumed_after_a_bre
     // Member 2 joins behind a proxy, so its connections can be broken.
     let front = Front::start();
     client.add_learner(2, &front.addr).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let joiner = MetaSrv::bind(Config {
-        node_id: 2,
-        data_dir: dir.path().join("data"),
-        listen_addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        join: leader.grpc.clone(),
-        ..Config::default()
+    let joiner = in_process::start_with(|config| {
+        config.node_id = 2;
+        config.join = leader.grpc.clone();
     })
-    .await
-    .unwrap();
-    front.point_to(Some(joiner.grpc_addr().to_string()));
-    let files = joiner.snapshot_files();
-    let joiner_grpc = joiner.grpc_addr().to_string();
-    let (stop_joiner, joiner_stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(joiner.serve(async move {
-        let _ = joiner_stopped.await;
-    }));
+    .await;
+    front.point_to(Some(joiner.grpc.clone()));
+    let files = joiner.snapshots.clone();
 
     // Writes go on while the snapshot travels.
     let writing = Arc::new(AtomicBool::new(true));
@@ -106,7 +94,7 @@ async fn a_new_member_catches_up_through_a_streamed_snapshot_resumed_after_a_bre
     front.cut_and_heal();
     tracing::info!(before_break, "broke every connection to member 2");
 
-    let joined = MetaClient::new(&[&joiner_grpc], MetaClientOptions::default()).unwrap();
+    let joined = MetaClient::new(&[&joiner.grpc], MetaClientOptions::default()).unwrap();
     wait_until(Duration::from_secs(300), || async {
         let count = joined
             .range_serializable(RangeRequest {
@@ -159,12 +147,7 @@ async fn a_new_member_catches_up_through_a_streamed_snapshot_resumed_after_a_bre
         "{received} bytes received for a snapshot of about {total}: resent from the start?"
     );
 
-    stop_joiner.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(20), served)
-        .await
-        .expect("member 2 stops")
-        .unwrap()
-        .unwrap();
+    joiner.shutdown().await;
     leader.shutdown().await;
 }
 
@@ -236,47 +219,31 @@ async fn bad_snapshot_streams_are_refused_with_a_reason() {
 
     let data = b"0123456789";
     let crc = crc32fast::hash(data);
-    let misplaced = client
-        .install_snapshot(tokio_stream::iter([chunk(cluster_id, 1, 4, data, 14, crc)]))
-        .await
-        .unwrap_err();
-    assert_eq!(misplaced.code(), tonic::Code::FailedPrecondition);
-    assert!(
-        misplaced.message().contains("starts at byte 4 but 0 bytes"),
-        "{}",
-        misplaced.message()
-    );
-
-    let not_mine = client
-        .install_snapshot(tokio_stream::iter([chunk(cluster_id, 7, 0, data, 10, crc)]))
-        .await
-        .unwrap_err();
-    assert_eq!(not_mine.code(), tonic::Code::InvalidArgument);
-
-    let corrupt = client
-        .install_snapshot(tokio_stream::iter([chunk(
-            cluster_id,
-            1,
-            0,
-            data,
-            10,
-            crc ^ 1,
-        )]))
-        .await
-        .unwrap_err();
-    assert_eq!(corrupt.code(), tonic::Code::DataLoss);
-    assert!(
-        corrupt.message().contains("CRC-32"),
-        "{}",
-        corrupt.message()
-    );
-
-    let longer = client
-        .install_snapshot(tokio_stream::iter([chunk(cluster_id, 1, 0, data, 4, crc)]))
-        .await
-        .unwrap_err();
-    assert_eq!(longer.code(), tonic::Code::InvalidArgument);
-    assert!(longer.message().contains("longer"), "{}", longer.message());
+    // (first chunk: member, offset, announced size, CRC), the refusal and its reason.
+    let refused = [
+        (
+            (1, 4, 14, crc),
+            tonic::Code::FailedPrecondition,
+            "starts at byte 4 but 0 bytes",
+        ),
+        (
+            (7, 0, 10, crc),
+            tonic::Code::InvalidArgument,
+            "not a snapshot for member 1",
+        ),
+        ((1, 0, 10, crc ^ 1), tonic::Code::DataLoss, "CRC-32"),
+        ((1, 0, 4, crc), tonic::Code::InvalidArgument, "longer"),
+    ];
+    for ((to, offset, size, crc32), code, reason) in refused {
+        let status = client
+            .install_snapshot(tokio_stream::iter([chunk(
+                cluster_id, to, offset, data, size, crc32,
+            )]))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), code, "{reason}: {}", status.message());
+        assert!(status.message().contains(reason), "{}", status.message());
+    }
 
     // None of it reached raft: the member still leads, alone, and serves.
     let status = client

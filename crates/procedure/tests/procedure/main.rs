@@ -19,6 +19,26 @@ use serde::{Deserialize, Serialize};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
+/// Probes until `probe` answers `Ok`, failing the test with its last `Err` (what is
+/// still missing) after [`DEADLINE`]: the one place these tests wait on a condition.
+async fn wait_until<F, Fut>(mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<(), String>>,
+{
+    let until = std::time::Instant::now() + DEADLINE;
+    loop {
+        match probe().await {
+            Ok(()) => return,
+            Err(why) => assert!(
+                std::time::Instant::now() < until,
+                "not within {DEADLINE:?}: {why}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Whether a crashing put writes before it fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Crash {
@@ -544,15 +564,14 @@ async fn pause_holds_steps_and_finished_records_expire() {
         .unwrap()
         .unwrap();
     assert_eq!(world.effects().len(), 2);
-    // Removed after the TTL (wait on the condition, with a deadline).
-    let until = std::time::Instant::now() + DEADLINE;
-    while m.state("p").await.unwrap().is_some() {
-        assert!(
-            std::time::Instant::now() < until,
-            "finished record not removed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Removed after the TTL.
+    wait_until(|| async {
+        match m.state("p").await.unwrap() {
+            None => Ok(()),
+            Some(_) => Err("finished record not removed".to_string()),
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,15 +121,6 @@ impl SledKvStore {
         self.copying.load(Ordering::Acquire) > 0
     }
 
-    /// A consistent copy of the whole store in the stream format (see the module doc),
-    /// and the applied index it reflects.
-    pub fn snapshot(&self) -> Result<(Vec<u8>, u64)> {
-        let copy = self.copy()?;
-        let mut out = Vec::new();
-        copy.write_to(&mut out)?;
-        Ok((out, copy.applied()))
-    }
-
     /// Replaces the whole store with a copy in the stream format, in one atomic batch
     /// (a crash leaves the old state or the new one, never a mix). Not flushed.
     pub fn restore(&self, snapshot: &[u8]) -> Result<()> {

@@ -13,6 +13,18 @@ fn entry(index: u64, term: u64) -> Entry {
     }
 }
 
+/// Applies entries `indexes` to the log's state machine (as if committed).
+fn apply_noops(log: &LogStore, indexes: std::ops::RangeInclusive<u64>) {
+    log.inner
+        .store
+        .apply(
+            indexes
+                .map(|i| (i, common_meta::kv::Command::Noop))
+                .collect(),
+        )
+        .unwrap();
+}
+
 fn open(dir: &std::path::Path) -> LogStore {
     let db = sled::open(dir).unwrap();
     let store = Arc::new(SledKvStore::open_in(db.clone(), Default::default()).unwrap());
@@ -78,14 +90,7 @@ fn compaction_moves_the_first_index_and_keeps_the_boundary_term() {
         .unwrap();
     // Nothing is applied yet: compaction must refuse.
     assert!(log.compact(3).is_err());
-    log.inner
-        .store
-        .apply(
-            (1..=5)
-                .map(|i| (i, common_meta::kv::Command::Noop))
-                .collect(),
-        )
-        .unwrap();
+    apply_noops(&log, 1..=5);
     log.compact(3).unwrap();
     assert_eq!(log.first_index().unwrap(), 4);
     assert_eq!(log.term(3).unwrap(), 3, "the boundary term is kept");
@@ -181,14 +186,7 @@ fn recent_entries_answer_like_the_disk_through_truncation_and_compaction() {
         log.term(46),
         Err(raft::Error::Store(StorageError::Unavailable))
     ));
-    log.inner
-        .store
-        .apply(
-            (1..=45)
-                .map(|i| (i, common_meta::kv::Command::Noop))
-                .collect(),
-        )
-        .unwrap();
+    apply_noops(&log, 1..=45);
     log.compact(42).unwrap();
     assert!(matches!(
         log.entries(40, 46, None, GetEntriesContext::empty(false)),
@@ -247,14 +245,7 @@ fn snapshots_go_as_files_only_to_the_members_that_take_them() {
         .unwrap();
     log.set_conf_state(&ConfState::from((vec![1, 2, 3], vec![])))
         .unwrap();
-    log.inner
-        .store
-        .apply(
-            (1..=3)
-                .map(|i| (i, common_meta::kv::Command::Noop))
-                .collect(),
-        )
-        .unwrap();
+    apply_noops(&log, 1..=3);
     // Member 2 runs a format that streams snapshot files; member 3 does not.
     let files = Arc::new(
         SnapshotFiles::open(
@@ -264,24 +255,15 @@ fn snapshots_go_as_files_only_to_the_members_that_take_them() {
         )
         .unwrap(),
     );
-    log.use_snapshot_files(files);
+    log.use_snapshot_files(files.clone());
 
     let inline = log.snapshot(0, 3).unwrap();
     assert!(FileRef::decode(inline.get_data()).is_none(), "inline for 3");
     assert_eq!(inline.get_metadata().index, 3);
 
-    // For member 2 an export is built off this thread; raft-rs asks until it is there.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let streamed = loop {
-        match log.snapshot(0, 2) {
-            Ok(snapshot) => break snapshot,
-            Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)) => {
-                assert!(std::time::Instant::now() < deadline, "no export built");
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
+    // For member 2 raft-rs gets an export (built here rather than on its own thread).
+    files.build(&log);
+    let streamed = log.snapshot(0, 2).unwrap();
     let file = FileRef::decode(streamed.get_data()).expect("a file for 2");
     assert_eq!(streamed.get_metadata().index, 3);
     assert_eq!(streamed.get_metadata().get_conf_state().voters, [1, 2, 3]);
