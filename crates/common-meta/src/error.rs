@@ -113,6 +113,28 @@ pub enum Error {
         message: String,
     },
 
+    /// The request names something that does not exist (a catalog, schema or table).
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked for, e.g. `table greptime.public.cpu`.
+        what: String,
+    },
+
+    /// The request would create something that exists already.
+    #[error("{what} already exists")]
+    AlreadyExists {
+        /// What exists, e.g. `table greptime.public.cpu (id 1024)`.
+        what: String,
+    },
+
+    /// The cluster is not in a state to carry the request out (no datanode to place a
+    /// region on, a datanode refused a region); nothing of it was kept.
+    #[error("failed precondition: {message}")]
+    FailedPrecondition {
+        /// What is missing or what refused.
+        message: String,
+    },
+
     /// A blocking storage task panicked or was cancelled.
     #[error("storage task failed: {0}")]
     TaskJoin(String),

@@ -15,7 +15,14 @@
 //! __procedure/procedure/{id}                       procedure records (state_store.rs)
 //! __procedure_seg/{key}/{gen:016x}/{i:08}          segments of large procedure states
 //! __join_token/{sha256 of the token, hex}          join token records (model/join_token.rs)
+//! __tombstone/{any key above}                      a dropped table's keys, kept until
+//!                                                  its drop is done (manager/table.rs)
 //! ```
+//!
+//! Values are JSON of the `model` types: `__table_name` holds `TableNameValue`
+//! (`{"table_id":N}`), `__table_info` `TableInfo`, `__table_route` `TableRoute`,
+//! `__datanode_table` `DatanodeTable`, `__catalog` `CatalogValue`, `__schema`
+//! `SchemaValue`; `__seq` holds decimal text.
 //!
 //! Names (catalog, schema, table, sequence) are 1 to 255 bytes of UTF-8 with no `/` and
 //! no control characters; constructors refuse anything else, so every key that encodes
@@ -41,6 +48,17 @@ pub use table::{TableInfoKey, TableNameKey, TableRouteKey};
 
 use crate::error::{Error, Result};
 use crate::kv::RangeRequest;
+
+/// The prefix under which a dropped table's keys wait until the drop is finished (so a
+/// failed drop can put them back).
+pub const TOMBSTONE_PREFIX: &str = "__tombstone/";
+
+/// Where `key` is kept while its table is being dropped.
+pub fn tombstone(key: &[u8]) -> Vec<u8> {
+    let mut out = TOMBSTONE_PREFIX.as_bytes().to_vec();
+    out.extend_from_slice(key);
+    out
+}
 
 /// Longest name allowed in a key segment, in bytes.
 pub const MAX_NAME_BYTES: usize = 255;

@@ -22,6 +22,7 @@
 pub mod error;
 pub mod key;
 pub mod kv;
+pub mod manager;
 pub mod model;
 pub mod rpc;
 pub mod state_store;

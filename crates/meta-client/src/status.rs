@@ -21,6 +21,19 @@ pub fn from_status(status: &Status) -> Error {
         (Code::InvalidArgument, _) => Error::InvalidArgument { message },
         (Code::Unavailable | Code::DeadlineExceeded, _) => Error::Unavailable { message },
         (Code::Unauthenticated, _) => Error::Unauthenticated { message },
+        (Code::NotFound, _) => Error::NotFound {
+            what: message
+                .strip_suffix(" not found")
+                .unwrap_or(&message)
+                .to_string(),
+        },
+        (Code::AlreadyExists, _) => Error::AlreadyExists {
+            what: message
+                .strip_suffix(" already exists")
+                .unwrap_or(&message)
+                .to_string(),
+        },
+        (Code::FailedPrecondition, _) => Error::FailedPrecondition { message },
         (code, _) => Error::Remote {
             code: format!("{code:?}"),
             message,

@@ -136,6 +136,15 @@ pub fn to_status(err: common_meta::Error) -> tonic::Status {
             OUTCOME_NOT_APPLIED,
         ),
         E::Unavailable { message } => (tonic::Status::unavailable(message), OUTCOME_NOT_APPLIED),
+        e @ E::NotFound { .. } => (tonic::Status::not_found(e.to_string()), OUTCOME_NOT_APPLIED),
+        e @ E::AlreadyExists { .. } => (
+            tonic::Status::already_exists(e.to_string()),
+            OUTCOME_NOT_APPLIED,
+        ),
+        E::FailedPrecondition { message } => (
+            tonic::Status::failed_precondition(message),
+            OUTCOME_NOT_APPLIED,
+        ),
         E::Unauthenticated { message } => {
             (tonic::Status::unauthenticated(message), OUTCOME_NOT_APPLIED)
         }

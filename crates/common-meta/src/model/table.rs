@@ -87,6 +87,13 @@ impl std::str::FromStr for RegionId {
     }
 }
 
+/// The value of `__table_name/{catalog}/{schema}/{table}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableNameValue {
+    /// The table the name points at.
+    pub table_id: u32,
+}
+
 /// A catalog: the top of the name space.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct CatalogValue {
@@ -314,6 +321,30 @@ impl TableRoute {
             .iter()
             .filter(move |r| r.leader.as_ref().is_some_and(|p| p.id == node))
             .map(|r| r.region)
+    }
+}
+
+impl TableRoute {
+    /// The nodes holding regions of `info` (as leader or follower), each with the
+    /// regions it holds: the `__datanode_table` values this route implies.
+    pub fn datanode_tables(&self, info: &TableInfo) -> BTreeMap<u64, DatanodeTable> {
+        let mut out: BTreeMap<u64, DatanodeTable> = BTreeMap::new();
+        for route in &self.regions {
+            for peer in route.leader.iter().chain(&route.followers) {
+                let entry = out.entry(peer.id).or_insert_with(|| DatanodeTable {
+                    regions: Vec::new(),
+                    engine: info.engine.clone(),
+                    options: info.options.clone(),
+                });
+                if !entry.regions.contains(&route.region.region_number()) {
+                    entry.regions.push(route.region.region_number());
+                }
+            }
+        }
+        for table in out.values_mut() {
+            table.regions.sort_unstable();
+        }
+        out
     }
 }
 

@@ -421,7 +421,7 @@ async fn procedures(
         }
         ProcedureCommand::Show { id } => {
             let p = client.procedure(&id).await.map_err(|e| match e {
-                common_meta::Error::Remote { code, .. } if code == "NotFound" => {
+                common_meta::Error::NotFound { .. } => {
                     Failure(format!("not found: procedure {id}"))
                 }
                 other => Failure(other.to_string()),
