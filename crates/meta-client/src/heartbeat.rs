@@ -58,8 +58,10 @@ pub trait StatsProvider: Send + Sync {
 /// Carries out the leader's instructions on the node.
 #[async_trait]
 pub trait InstructionHandler: Send + Sync {
-    /// Does what `instruction` asks; the error text is sent back to the leader.
-    async fn handle(&self, instruction: pb::Instruction) -> Result<(), String>;
+    /// Does what `instruction` asks. A region instruction (create, drop, alter,
+    /// truncate regions) answers one outcome per region it names; others answer none.
+    /// The error text of a failure of the whole instruction is sent back to the leader.
+    async fn handle(&self, instruction: pb::Instruction) -> Result<Vec<pb::RegionOutcome>, String>;
 }
 
 /// Called with the round-trip time of each answered heartbeat.
@@ -299,11 +301,21 @@ async fn session(
                             None => Err("an empty instruction".to_string()),
                         };
                         // The session may have ended: the reply is then dropped.
-                        let _ = replies.send(pb::InstructionReply {
-                            id: message.id,
-                            ok: outcome.is_ok(),
-                            error: outcome.err().unwrap_or_default(),
-                        });
+                        let reply = match outcome {
+                            Ok(regions) => pb::InstructionReply {
+                                id: message.id,
+                                ok: true,
+                                error: String::new(),
+                                regions,
+                            },
+                            Err(error) => pb::InstructionReply {
+                                id: message.id,
+                                ok: false,
+                                error,
+                                regions: Vec::new(),
+                            },
+                        };
+                        let _ = replies.send(reply);
                     });
                 }
                 continue;

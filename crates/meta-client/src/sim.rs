@@ -63,6 +63,10 @@ struct SimRegions {
     /// Silence to keep before the next heartbeat (a slow node), taken once.
     pause: Mutex<Option<Duration>>,
     handled: Arc<AtomicU64>,
+    /// Refuse region creates and alters (a datanode whose disk is full).
+    refuse: std::sync::atomic::AtomicBool,
+    /// Cache invalidations received.
+    invalidations: AtomicU64,
 }
 
 #[async_trait]
@@ -93,9 +97,99 @@ impl StatsProvider for SimRegions {
     }
 }
 
+/// What the simulated node does with one region of a region instruction.
+fn region_outcome(region_id: u64, result: Result<(), String>) -> pb::RegionOutcome {
+    pb::RegionOutcome {
+        region_id,
+        ok: result.is_ok(),
+        error: result.err().unwrap_or_default(),
+    }
+}
+
+/// The table id a region instruction's table info names (0 when it does not parse).
+fn table_of(table_info_json: &str) -> u32 {
+    serde_json::from_str::<common_meta::model::table::TableInfo>(table_info_json)
+        .map_or(0, |info| info.id)
+}
+
+impl SimRegions {
+    fn region_ddl(
+        &self,
+        regions: &mut BTreeMap<u64, pb::RegionStat>,
+        kind: pb::instruction::Kind,
+    ) -> Result<Vec<pb::RegionOutcome>, String> {
+        use pb::instruction::Kind;
+        let refuse = self.refuse.load(Ordering::Relaxed);
+        Ok(match kind {
+            Kind::CreateRegions(c) => {
+                let table = table_of(&c.table_info_json);
+                c.region_ids
+                    .into_iter()
+                    .map(|id| {
+                        let result = if refuse {
+                            Err("refused: the simulated disk is full".to_string())
+                        } else if (id >> 32) as u32 != table {
+                            Err(format!("region {id} is not of table {table}"))
+                        } else {
+                            // Creating a region that exists is a success: the leader
+                            // may ask again after a crash.
+                            regions.entry(id).or_insert(pb::RegionStat {
+                                region_id: id,
+                                role: pb::RegionRole::Leader.into(),
+                                ..Default::default()
+                            });
+                            Ok(())
+                        };
+                        region_outcome(id, result)
+                    })
+                    .collect()
+            }
+            Kind::DropRegions(d) => d
+                .region_ids
+                .into_iter()
+                .map(|id| {
+                    regions.remove(&id);
+                    region_outcome(id, Ok(()))
+                })
+                .collect(),
+            Kind::AlterRegions(a) => a
+                .region_ids
+                .into_iter()
+                .map(|id| {
+                    let result = match regions.contains_key(&id) {
+                        _ if refuse => Err("refused".to_string()),
+                        true => Ok(()),
+                        false => Err(format!("region {id} is not open here")),
+                    };
+                    region_outcome(id, result)
+                })
+                .collect(),
+            Kind::TruncateRegions(t) => t
+                .region_ids
+                .into_iter()
+                .map(|id| {
+                    let result = match regions.get_mut(&id) {
+                        Some(stat) => {
+                            stat.approximate_rows = 0;
+                            stat.approximate_bytes = 0;
+                            Ok(())
+                        }
+                        None => Err(format!("region {id} is not open here")),
+                    };
+                    region_outcome(id, result)
+                })
+                .collect(),
+            _ => Vec::new(),
+        })
+    }
+}
+
 #[async_trait]
 impl InstructionHandler for SimRegions {
-    async fn handle(&self, instruction: pb::Instruction) -> std::result::Result<(), String> {
+    async fn handle(
+        &self,
+        instruction: pb::Instruction,
+    ) -> std::result::Result<Vec<pb::RegionOutcome>, String> {
         use pb::instruction::Kind;
         let outcome = {
             let mut regions = lock(&self.regions);
@@ -106,11 +200,11 @@ impl InstructionHandler for SimRegions {
                         role: pb::RegionRole::Follower.into(),
                         ..Default::default()
                     });
-                    Ok(())
+                    Ok(Vec::new())
                 }
                 Some(Kind::CloseRegion(r)) => {
                     regions.remove(&r.region_id);
-                    Ok(())
+                    Ok(Vec::new())
                 }
                 Some(Kind::UpgradeRegion(r)) | Some(Kind::DowngradeRegion(r))
                     if !regions.contains_key(&r.region_id) =>
@@ -121,15 +215,19 @@ impl InstructionHandler for SimRegions {
                     if let Some(stat) = regions.get_mut(&r.region_id) {
                         stat.role = pb::RegionRole::Leader.into();
                     }
-                    Ok(())
+                    Ok(Vec::new())
                 }
                 Some(Kind::DowngradeRegion(r)) => {
                     if let Some(stat) = regions.get_mut(&r.region_id) {
                         stat.role = pb::RegionRole::Follower.into();
                     }
-                    Ok(())
+                    Ok(Vec::new())
                 }
-                Some(Kind::InvalidateCache(_)) => Ok(()),
+                Some(Kind::InvalidateCache(_)) => {
+                    self.invalidations.fetch_add(1, Ordering::Relaxed);
+                    Ok(Vec::new())
+                }
+                Some(kind) => self.region_ddl(&mut regions, kind),
                 None => Err("an empty instruction".to_string()),
             }
         };
@@ -214,6 +312,8 @@ impl Simulator {
                 beats: AtomicU64::new(0),
                 pause: Mutex::new(None),
                 handled: handled.clone(),
+                refuse: Default::default(),
+                invalidations: AtomicU64::new(0),
             });
             let identity = NodeIdentity {
                 id,
@@ -266,6 +366,48 @@ impl Simulator {
         self.node(id)
             .map(|n| *lock(&n.regions.pause) = Some(pause))
             .is_some()
+    }
+
+    /// Makes node `id` refuse (or accept again) region creates and alters.
+    pub fn refuse_regions(&self, id: u64, refuse: bool) -> bool {
+        self.node(id)
+            .map(|n| n.regions.refuse.store(refuse, Ordering::Relaxed))
+            .is_some()
+    }
+
+    /// Cache invalidations node `id` has received.
+    pub fn invalidations(&self, id: u64) -> u64 {
+        self.node(id)
+            .map_or(0, |n| n.regions.invalidations.load(Ordering::Relaxed))
+    }
+
+    /// The ids of the simulated nodes (running or killed).
+    pub fn node_ids(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// Moves every running node to `active` (as an operator would with `metactl node
+    /// activate`), waiting up to `deadline` for each to register first.
+    pub async fn activate(&self, client: &MetaClient, deadline: Duration) -> Result<()> {
+        let until = tokio::time::Instant::now() + deadline;
+        for node in self.nodes.iter().filter(|n| n.task.is_some()) {
+            loop {
+                match client.set_node_state(node.id, pb::NodeState::Active).await {
+                    Ok(_) => break,
+                    // Not registered yet (or already active): look again shortly.
+                    Err(e) if tokio::time::Instant::now() >= until => return Err(e),
+                    Err(_) => {
+                        if client.nodes().await?.iter().any(|v| {
+                            v.node_id == node.id && v.state == pb::NodeState::Active as i32
+                        }) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Regions node `id` holds now.

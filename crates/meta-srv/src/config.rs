@@ -68,6 +68,8 @@ pub struct Config {
     pub raft: RaftConfig,
     /// Limits on KV requests.
     pub limits: LimitsConfig,
+    /// Tables, ids and DDL.
+    pub metadata: MetadataConfig,
     /// Logging.
     pub logging: LoggingConfig,
 }
@@ -87,6 +89,7 @@ impl Default for Config {
             failure_detector: FailureDetectorConfig::default(),
             raft: RaftConfig::default(),
             limits: LimitsConfig::default(),
+            metadata: MetadataConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -126,6 +129,49 @@ impl From<FailureDetectorConfig> for DetectorConfig {
             acceptable_pause_ms: c.acceptable_pause_ms as f64,
             first_interval_ms: c.first_heartbeat_estimate_ms as f64,
             ..DetectorConfig::default()
+        }
+    }
+}
+
+/// How new regions are placed on datanodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectorKind {
+    /// In turn over the eligible datanodes (the same table's regions spread evenly).
+    #[default]
+    RoundRobin,
+    /// At random among the eligible datanodes.
+    LeaseBased,
+    /// The eligible datanodes with the fewest regions (from their heartbeats) first.
+    LoadBased,
+}
+
+/// `[metadata]`: tables, id sequences and DDL procedures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetadataConfig {
+    /// Ids a sequence reserves per raft write (`AllocIds`, table ids).
+    pub id_batch: u64,
+    /// Where new regions go.
+    pub selector: SelectorKind,
+    /// How long a datanode may take to answer one region instruction, in ms.
+    pub region_timeout_ms: u64,
+    /// Attempts at a datanode that does not answer a region instruction before the
+    /// DDL fails (and rolls back).
+    pub region_attempts: u32,
+    /// How long a DDL request waits for its procedure when the client gives no
+    /// timeout, in ms.
+    pub ddl_timeout_ms: u64,
+}
+
+impl Default for MetadataConfig {
+    fn default() -> Self {
+        MetadataConfig {
+            id_batch: 100,
+            selector: SelectorKind::RoundRobin,
+            region_timeout_ms: 10_000,
+            region_attempts: 4,
+            ddl_timeout_ms: 30_000,
         }
     }
 }
@@ -354,6 +400,17 @@ impl Config {
                 "cluster_secret must have at least {} bytes (or be empty to turn join tokens off)",
                 common_meta::model::join_token::MIN_SECRET_BYTES
             )));
+        }
+        let m = &self.metadata;
+        for (name, value) in [
+            ("metadata.id_batch", m.id_batch),
+            ("metadata.region_timeout_ms", m.region_timeout_ms),
+            ("metadata.region_attempts", u64::from(m.region_attempts)),
+            ("metadata.ddl_timeout_ms", m.ddl_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
         }
         let fd = &self.failure_detector;
         if !(fd.threshold.is_finite() && fd.threshold > 0.0) {

@@ -22,6 +22,7 @@ pub mod error;
 pub mod http;
 pub mod identity;
 pub mod procedure_host;
+pub mod procedures;
 pub mod raft;
 pub mod server;
 pub mod service;

@@ -29,12 +29,14 @@ use meta_client::{MetaClient, MetaClientOptions};
 use crate::cluster_plane::heartbeat_chain::{self, ClusterPlane};
 use crate::cluster_plane::live_nodes::LiveNodes;
 use crate::cluster_plane::node_mailbox::NodeMailbox;
+use crate::cluster_plane::selector::Selector;
 use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::error::{Error, Result};
 use crate::http::{self, HttpState};
 use crate::identity::{InitialCluster, check_identity, read_identity};
 use crate::procedure_host::ProcedureHost;
+use crate::procedures::ddl::context::DdlContext;
 use crate::raft::backend::RaftKvBackend;
 use crate::raft::driver::{RaftNode, RaftSettings};
 use crate::raft::grpc_transport::GrpcTransport;
@@ -42,12 +44,16 @@ use crate::raft::members::Members;
 use crate::raft::snapshot::{STREAMED_SNAPSHOTS, SnapshotFiles};
 use crate::raft::versions::PeerVersions;
 use crate::service::cluster::ClusterService;
+use crate::service::ddl::DdlService;
 use crate::service::heartbeat::{HeartbeatApi, HeartbeatService};
 use crate::service::procedure::ProcedureService;
 use crate::service::store::StoreService;
 use crate::session_keeper::SessionKeeper;
+use common_meta::manager::{CatalogManager, TableMetadataManager};
 use common_meta::model::join_token::JoinTokens;
+use common_meta::model::sequence::Sequences;
 use common_meta::time::unix_ms;
+use meta_proto::v1::ddl_server::DdlServer;
 
 /// Largest raft batch a member accepts from a peer: a snapshot travels in one message.
 const MAX_RAFT_BATCH_BYTES: usize = 1024 * 1024 * 1024;
@@ -67,6 +73,7 @@ pub struct MetaSrv {
     backend: RaftKvBackend,
     procedures: Arc<ProcedureHost>,
     plane: Arc<ClusterPlane>,
+    ddl: Arc<DdlContext>,
     grpc: TcpListener,
     http: TcpListener,
 }
@@ -181,15 +188,6 @@ impl MetaSrv {
             store.clone(),
             Duration::from_millis(raft.request_timeout_ms),
         );
-        // No procedure types are registered yet: DDL and region migration bring them.
-        // The manager still runs on the leader, recovering whatever the store holds.
-        let procedures = Arc::new(ProcedureHost::start(
-            node.leadership(),
-            Arc::new(backend.clone()),
-            limits,
-            ManagerConfig::default(),
-            Arc::new(|_manager: &procedure::ProcedureManager| Ok(())),
-        ));
         let tokens = match config.cluster_secret.as_str() {
             "" => None,
             secret => Some(JoinTokens::new(
@@ -197,8 +195,9 @@ impl MetaSrv {
                 Arc::new(backend.clone()),
             )?),
         };
+        let nodes = Arc::new(NodeManager::new(Arc::new(backend.clone())));
         let plane = Arc::new(ClusterPlane {
-            nodes: Arc::new(NodeManager::new(Arc::new(backend.clone()))),
+            nodes: nodes.clone(),
             live: Arc::new(LiveNodes::new(config.failure_detector.into(), unix_ms())),
             outbox: Arc::new(NodeMailbox::default()),
             tokens,
@@ -206,6 +205,30 @@ impl MetaSrv {
             leadership: node.leadership(),
             last_term: Default::default(),
         });
+        let kv: Arc<dyn common_meta::kv::KvBackend> = Arc::new(backend.clone());
+        let ddl = Arc::new(DdlContext {
+            tables: TableMetadataManager::new(kv.clone(), limits.max_txn_ops),
+            catalogs: CatalogManager::new(kv.clone()),
+            nodes,
+            plane: plane.clone(),
+            ids: Arc::new(Sequences::new(kv.clone(), config.metadata.id_batch)),
+            selector: Selector::new(config.metadata.selector),
+            config: config.metadata,
+        });
+        // The leader's manager runs the DDL procedures, and recovers unfinished ones.
+        let registry = {
+            let ddl = ddl.clone();
+            Arc::new(move |manager: &procedure::ProcedureManager| {
+                crate::procedures::ddl::register(manager, &ddl)
+            })
+        };
+        let procedures = Arc::new(ProcedureHost::start(
+            node.leadership(),
+            kv,
+            limits,
+            ManagerConfig::default(),
+            registry,
+        ));
         Ok(MetaSrv {
             config,
             data_dir,
@@ -218,6 +241,7 @@ impl MetaSrv {
             backend,
             procedures,
             plane,
+            ddl,
             grpc,
             http,
         })
@@ -375,14 +399,29 @@ impl MetaSrv {
             self.node.driver(),
             self.members.clone(),
         ));
-        // A new term starts from the next heartbeats, never from an old leader's view.
+        // A new term starts from the next heartbeats, never from an old leader's view;
+        // its sequences start above everything reserved before; and it makes sure the
+        // default catalog and schema exist.
         let mut leadership = self.node.leadership();
         let plane = self.plane.clone();
+        let ddl = self.ddl.clone();
         tokio::spawn(async move {
             while leadership.changed().await.is_ok() {
                 let term = *leadership.borrow_and_update();
                 plane.leadership_changed(term, unix_ms());
+                ddl.ids.reset();
+                if term.is_some() {
+                    tokio::spawn(ensure_defaults(ddl.clone(), leadership.clone(), term));
+                }
             }
+        });
+        let ddl = DdlServer::new(DdlService {
+            member_id,
+            host: self.procedures.clone(),
+            driver: self.node.driver(),
+            members: self.members.clone(),
+            ctx: self.ddl.clone(),
+            limits,
         });
         let heartbeats = HeartbeatServer::new(HeartbeatApi::from(HeartbeatService {
             member_id,
@@ -404,6 +443,7 @@ impl MetaSrv {
             .add_service(cluster)
             .add_service(procedures)
             .add_service(heartbeats)
+            .add_service(ddl)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
                 stopped(stop_rx.clone()),
@@ -440,6 +480,7 @@ impl MetaSrv {
                 self.plane,
                 self.procedures,
                 self.members,
+                self.ddl,
             ));
             return Err(Error::Failed { reason });
         }
@@ -457,6 +498,25 @@ impl MetaSrv {
         })?;
         tracing::info!("meta-srv stopped");
         Ok(())
+    }
+}
+
+/// Creates the default catalog and schema, retrying while this member leads in `term`.
+async fn ensure_defaults(
+    ddl: Arc<DdlContext>,
+    leadership: watch::Receiver<Option<u64>>,
+    term: Option<u64>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    while *leadership.borrow() == term {
+        match ddl.catalogs.ensure_defaults(unix_ms()).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "default catalog not written yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
     }
 }
 

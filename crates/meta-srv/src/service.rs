@@ -1,6 +1,7 @@
 //! gRPC services of `meta.v1`, thin adapters from the wire to the backends.
 
 pub mod cluster;
+pub mod ddl;
 pub mod heartbeat;
 pub mod procedure;
 pub mod store;

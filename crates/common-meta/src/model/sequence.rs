@@ -90,13 +90,15 @@ impl Sequence {
             let stored = self.backend.get(&key).await?.map(|kv| kv.value);
             let first = match &stored {
                 None => self.start,
+                // Never below the start, whoever wrote the mark.
                 Some(bytes) => std::str::from_utf8(bytes)
                     .ok()
                     .and_then(|text| text.parse::<u64>().ok())
                     .ok_or_else(|| Error::Corrupted {
                         location: format!("sequence {}", self.key.name()),
                         reason: format!("{:?} is not a number", String::from_utf8_lossy(bytes)),
-                    })?,
+                    })?
+                    .max(self.start),
             };
             let end = first.checked_add(count).ok_or_else(|| {
                 Error::invalid_argument(format!("sequence {} is exhausted", self.key.name()))
@@ -119,6 +121,61 @@ impl Sequence {
                 self.key.name()
             ),
         })
+    }
+}
+
+/// The sequences of one leader, by name, made on first use: `table_id` starts at
+/// [`FIRST_TABLE_ID`](crate::model::table::FIRST_TABLE_ID), any other at 1.
+pub struct Sequences {
+    backend: Arc<dyn KvBackend>,
+    batch: u64,
+    by_name: Mutex<std::collections::HashMap<String, Arc<Sequence>>>,
+}
+
+/// The sequence of table ids.
+pub const TABLE_ID_SEQUENCE: &str = "table_id";
+
+impl Sequences {
+    /// Sequences on `backend` reserving `batch` ids per write.
+    pub fn new(backend: Arc<dyn KvBackend>, batch: u64) -> Self {
+        Sequences {
+            backend,
+            batch,
+            by_name: Mutex::default(),
+        }
+    }
+
+    fn sequence(&self, name: &str) -> Result<Arc<Sequence>> {
+        let mut by_name = self.by_name.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(sequence) = by_name.get(name) {
+            return Ok(sequence.clone());
+        }
+        let start = match name {
+            TABLE_ID_SEQUENCE => u64::from(crate::model::table::FIRST_TABLE_ID),
+            _ => 1,
+        };
+        let sequence = Arc::new(Sequence::new(
+            self.backend.clone(),
+            name,
+            start,
+            self.batch,
+        )?);
+        by_name.insert(name.to_string(), sequence.clone());
+        Ok(sequence)
+    }
+
+    /// `count` new ids of sequence `name`.
+    pub async fn next(&self, name: &str, count: u64) -> Result<Range<u64>> {
+        self.sequence(name)?.next(count).await
+    }
+
+    /// Forgets every reserved id (see [`Sequence::reset`]): call on every change of
+    /// leadership.
+    pub fn reset(&self) {
+        let by_name = self.by_name.lock().unwrap_or_else(PoisonError::into_inner);
+        for sequence in by_name.values() {
+            sequence.reset();
+        }
     }
 }
 
@@ -215,5 +272,32 @@ mod tests {
             .unwrap();
         let err = seq.next(1).await.unwrap_err().to_string();
         assert!(err.contains("exhausted"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn table_ids_start_at_1024_others_at_1_and_a_reset_moves_on() {
+        let kv = backend();
+        let sequences = Sequences::new(kv.clone(), 10);
+        assert_eq!(
+            sequences.next(TABLE_ID_SEQUENCE, 2).await.unwrap(),
+            1024..1026
+        );
+        assert_eq!(sequences.next("region", 1).await.unwrap(), 1..2);
+        // A mark below the start (written by anyone) never brings ids under it.
+        kv.put(PutRequest::new("__seq/table_id", "5"))
+            .await
+            .unwrap();
+        sequences.reset();
+        assert_eq!(
+            sequences.next(TABLE_ID_SEQUENCE, 1).await.unwrap(),
+            1024..1025
+        );
+        sequences.reset();
+        // The reset dropped 1025..1034: the next reservation starts above them.
+        assert_eq!(
+            sequences.next(TABLE_ID_SEQUENCE, 1).await.unwrap(),
+            1034..1035
+        );
+        assert!(sequences.next("bad/name", 1).await.is_err());
     }
 }

@@ -200,6 +200,11 @@ impl NodeMailbox {
         }
     }
 
+    /// The nodes with a stream attached now.
+    pub fn attached(&self) -> Vec<u64> {
+        self.lock().outboxes.keys().copied().collect()
+    }
+
     /// Hands a reply from node `node_id` to whoever waits for it (late or unknown
     /// replies are dropped).
     pub fn deliver(&self, node_id: u64, reply: pb::InstructionReply) {

@@ -317,7 +317,7 @@ pub struct Recorder {
 
 #[async_trait::async_trait]
 impl meta_client::InstructionHandler for Recorder {
-    async fn handle(&self, instruction: pb::Instruction) -> Result<(), String> {
+    async fn handle(&self, instruction: pb::Instruction) -> Result<Vec<pb::RegionOutcome>, String> {
         let region = match instruction.kind {
             Some(pb::instruction::Kind::OpenRegion(r)) => r.region_id,
             other => return Err(format!("unexpected {other:?}")),
@@ -328,7 +328,7 @@ impl meta_client::InstructionHandler for Recorder {
             // A handler that never finishes: the sender's deadline must end the wait
             // (the task aborts it when it stops).
             99 => std::future::pending().await,
-            _ => Ok(()),
+            _ => Ok(Vec::new()),
         }
     }
 }

@@ -52,7 +52,7 @@ struct Gated {
 
 #[async_trait::async_trait]
 impl meta_client::InstructionHandler for Gated {
-    async fn handle(&self, instruction: pb::Instruction) -> Result<(), String> {
+    async fn handle(&self, instruction: pb::Instruction) -> Result<Vec<pb::RegionOutcome>, String> {
         let Some(pb::instruction::Kind::OpenRegion(r)) = instruction.kind else {
             return Err("unexpected".to_string());
         };
@@ -60,7 +60,7 @@ impl meta_client::InstructionHandler for Gated {
         if r.region_id == 77 {
             let _permit = self.release.acquire().await.map_err(|e| e.to_string())?;
         }
-        Ok(())
+        Ok(Vec::new())
     }
 }
 

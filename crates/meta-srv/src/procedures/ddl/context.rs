@@ -1,0 +1,277 @@
+//! What every DDL procedure works with: the metadata managers, the ids, the selector
+//! and the mailbox to datanodes; and the few things they all do with them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common_meta::manager::{CatalogManager, TableMetadataManager};
+use common_meta::model::node::{NodeManager, NodeRole, NodeState};
+use common_meta::model::sequence::Sequences;
+use common_meta::model::table::{RegionId, TableRoute};
+use meta_proto::v1 as pb;
+use procedure::Context;
+
+use crate::cluster_plane::heartbeat_chain::ClusterPlane;
+use crate::cluster_plane::selector::{Candidate, Selector};
+use crate::config::MetadataConfig;
+
+/// How long a cache invalidation may take to reach one node; a node that misses it
+/// falls back on its cache's TTL.
+const INVALIDATE_DEADLINE: Duration = Duration::from_secs(3);
+
+/// The shared state of DDL procedures (one per server, used by the leader's manager).
+pub struct DdlContext {
+    /// Tables' keys.
+    pub tables: TableMetadataManager,
+    /// Catalogs and schemas.
+    pub catalogs: CatalogManager,
+    /// Registered nodes.
+    pub nodes: Arc<NodeManager>,
+    /// Liveness and the mailbox to nodes.
+    pub plane: Arc<ClusterPlane>,
+    /// Id sequences (reset on every leadership change).
+    pub ids: Arc<Sequences>,
+    /// Placement of new regions.
+    pub selector: Selector,
+    /// Timeouts and attempts.
+    pub config: MetadataConfig,
+}
+
+/// A step's failure from a metadata error: transient errors are retried by the
+/// manager (every step is idempotent, so an unknown outcome is retried too); the rest
+/// fail the procedure with the error's text, which `error_of` reads back.
+pub fn step_error(e: common_meta::Error) -> procedure::Error {
+    if e.is_retryable() || e.is_outcome_unknown() {
+        procedure::Error::retry_later(e.to_string())
+    } else {
+        procedure::Error::external(e.to_string())
+    }
+}
+
+/// The metadata error a failed DDL procedure's recorded error text stands for (the
+/// inverse of [`step_error`], by the `common_meta::Error` display forms).
+pub fn error_of(text: &str) -> common_meta::Error {
+    use common_meta::Error as E;
+    let text = text.strip_suffix(" (rolled back)").unwrap_or(text);
+    let text = text.strip_prefix("retryable: ").unwrap_or(text);
+    if let Some(what) = text.strip_suffix(" already exists") {
+        return E::AlreadyExists {
+            what: what.to_string(),
+        };
+    }
+    if let Some(what) = text.strip_suffix(" not found") {
+        return E::NotFound {
+            what: what.to_string(),
+        };
+    }
+    if let Some(message) = text.strip_prefix("invalid argument: ") {
+        return E::invalid_argument(message);
+    }
+    let message = text.strip_prefix("failed precondition: ").unwrap_or(text);
+    E::FailedPrecondition {
+        message: message.to_string(),
+    }
+}
+
+/// The regions of `route` by the node that leads or follows them.
+pub fn regions_by_node(route: &TableRoute) -> BTreeMap<u64, Vec<u64>> {
+    let mut out: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for region in &route.regions {
+        for peer in region.leader.iter().chain(&region.followers) {
+            out.entry(peer.id).or_default().push(region.region.as_u64());
+        }
+    }
+    out
+}
+
+/// What to do when nodes stay unreachable through every attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// Fail the step (the procedure rolls back).
+    Fail,
+    /// Go on without them (a drop: the metadata no longer names their regions, and a
+    /// node that comes back learns from its `__datanode_table` keys what it holds).
+    Skip,
+}
+
+impl DdlContext {
+    /// The datanodes that may take new regions now: active and alive.
+    pub async fn candidates(&self) -> Result<Vec<Candidate>, common_meta::Error> {
+        let now = common_meta::time::unix_ms();
+        let mut out = Vec::new();
+        let (mut joining, mut not_alive, mut other) = (0, 0, 0);
+        for node in self.nodes.list().await? {
+            if node.role != NodeRole::Datanode {
+                continue;
+            }
+            let view = self.plane.view(node.id, now);
+            match (node.state, view.liveness) {
+                (NodeState::Active, pb::Liveness::Alive) => out.push(Candidate {
+                    id: node.id,
+                    addr: node.addr.clone(),
+                    zone: node.labels.get("zone").cloned(),
+                    regions: view.regions,
+                }),
+                (NodeState::Joining, _) => joining += 1,
+                (NodeState::Active, _) => not_alive += 1,
+                _ => other += 1,
+            }
+        }
+        if out.is_empty() {
+            return Err(common_meta::Error::FailedPrecondition {
+                message: format!(
+                    "no datanode can take regions: {joining} joining (activate them with `metactl node activate ID`), {not_alive} active but not alive, {other} draining or decommissioned"
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sends `make(regions)` to every node of `by_node` at once and checks every
+    /// region's outcome. A refusal fails the step for good; a node that does not answer
+    /// makes the step retry, up to `region_attempts`, then `unreachable` decides.
+    pub async fn on_nodes(
+        &self,
+        ctx: &Context,
+        what: &str,
+        by_node: &BTreeMap<u64, Vec<u64>>,
+        make: impl Fn(Vec<u64>) -> pb::Instruction,
+        unreachable: Unreachable,
+    ) -> procedure::Result<()> {
+        let deadline = Duration::from_millis(self.config.region_timeout_ms);
+        let sends = by_node.iter().map(|(node, regions)| {
+            let instruction = make(regions.clone());
+            async move {
+                let reply = self.plane.send(*node, instruction, deadline).await;
+                (*node, regions, reply)
+            }
+        });
+        let mut refused = Vec::new();
+        let mut silent = Vec::new();
+        for (node, regions, reply) in futures_util::future::join_all(sends).await {
+            match reply {
+                Ok(reply) if !reply.ok => refused.push(format!(
+                    "datanode {node} refused to {what}: {}",
+                    reply.error
+                )),
+                Ok(reply) => {
+                    for region in regions {
+                        let outcome = reply.regions.iter().find(|o| o.region_id == *region);
+                        match outcome {
+                            Some(o) if o.ok => {}
+                            Some(o) => refused.push(format!(
+                                "datanode {node} refused to {what} region {}: {}",
+                                RegionId::from(*region),
+                                o.error
+                            )),
+                            None => refused.push(format!(
+                                "datanode {node} did not say whether it could {what} region {}",
+                                RegionId::from(*region)
+                            )),
+                        }
+                    }
+                }
+                Err(e) => silent.push(format!("datanode {node}: {e}")),
+            }
+        }
+        if !refused.is_empty() {
+            return Err(step_error(common_meta::Error::FailedPrecondition {
+                message: refused.join("; "),
+            }));
+        }
+        if silent.is_empty() {
+            return Ok(());
+        }
+        let attempts = self.config.region_attempts;
+        if ctx.attempt + 1 < attempts {
+            return Err(procedure::Error::retry_later(silent.join("; ")));
+        }
+        match unreachable {
+            Unreachable::Fail => Err(step_error(common_meta::Error::FailedPrecondition {
+                message: format!(
+                    "could not {what} after {attempts} attempts: {}",
+                    silent.join("; ")
+                ),
+            })),
+            Unreachable::Skip => {
+                tracing::warn!(procedure = %ctx.procedure_id, nodes = %silent.join("; "), "went on without unreachable datanodes");
+                Ok(())
+            }
+        }
+    }
+
+    /// Tells every connected node to drop what it cached under `idents` (best effort:
+    /// a node that misses it relies on its cache's TTL).
+    pub async fn invalidate(&self, idents: Vec<pb::CacheIdent>) {
+        let instruction = pb::Instruction {
+            kind: Some(pb::instruction::Kind::InvalidateCache(
+                pb::InvalidateCache {
+                    keys: Vec::new(),
+                    idents,
+                },
+            )),
+        };
+        let sends = self.plane.outbox.attached().into_iter().map(|node| {
+            let instruction = instruction.clone();
+            async move {
+                if let Err(e) = self
+                    .plane
+                    .outbox
+                    .send(node, instruction, INVALIDATE_DEADLINE)
+                    .await
+                {
+                    tracing::debug!(node, error = %e, "cache invalidation not delivered");
+                }
+            }
+        });
+        futures_util::future::join_all(sends).await;
+    }
+}
+
+/// Cache idents of a table.
+pub fn table_idents(id: u32, catalog: &str, schema: &str, name: &str) -> Vec<pb::CacheIdent> {
+    use pb::cache_ident::Kind;
+    vec![
+        pb::CacheIdent {
+            kind: Some(Kind::TableId(id)),
+        },
+        pb::CacheIdent {
+            kind: Some(Kind::TableName(format!("{catalog}.{schema}.{name}"))),
+        },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_procedures_text_reads_back_as_its_error() {
+        let cases = [
+            common_meta::Error::AlreadyExists {
+                what: "table a.b.c (id 1024)".into(),
+            },
+            common_meta::Error::NotFound {
+                what: "schema a.b".into(),
+            },
+            common_meta::Error::invalid_argument("bad column"),
+            common_meta::Error::FailedPrecondition {
+                message: "no datanode".into(),
+            },
+        ];
+        for error in cases {
+            let text = step_error(error).to_string();
+            let back = error_of(&format!("{text} (rolled back)"));
+            assert_eq!(back.to_string(), text);
+        }
+        let retried = step_error(common_meta::Error::Unavailable {
+            message: "x".into(),
+        });
+        assert!(retried.is_retryable());
+        assert!(matches!(
+            error_of(&retried.to_string()),
+            common_meta::Error::FailedPrecondition { .. }
+        ));
+    }
+}

@@ -1,0 +1,293 @@
+//! Create table: prepare (check the name, allocate the id, place the regions;
+//! persisted) -> create the regions on their datanodes, all nodes at once (retried
+//! while a node does not answer) -> commit every key in one transaction -> invalidate
+//! caches. A refusal or an unreachable datanode rolls back: the regions created so far
+//! are dropped, and no key was written.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use common_meta::manager::CreateOutcome;
+use common_meta::model::sequence::TABLE_ID_SEQUENCE;
+use common_meta::model::table::{Peer, RegionRoute, TableInfo, TableRoute};
+use meta_proto::v1 as pb;
+use procedure::{Context, LockKey, Procedure, Status};
+use serde::{Deserialize, Serialize};
+
+use super::context::{
+    DdlContext, Unreachable, error_of, regions_by_node, step_error, table_idents,
+};
+use super::{done_with_table, locks_for_table, unknown_schema};
+
+/// The type name persisted with the procedure.
+pub const TYPE_NAME: &str = "metasrv.CreateTable";
+
+/// Table option: followers per region (0 unless given).
+pub const FOLLOWERS_OPTION: &str = "followers";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Step {
+    Prepare,
+    CreateRegions,
+    Commit,
+    Invalidate,
+}
+
+/// The persisted state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Data {
+    info: TableInfo,
+    if_not_exists: bool,
+    step: Step,
+    #[serde(default)]
+    route: Option<TableRoute>,
+}
+
+/// The create-table procedure.
+pub struct CreateTable {
+    data: Data,
+    ctx: Arc<DdlContext>,
+}
+
+impl CreateTable {
+    /// A new create of `info` (its id is allocated in the first step).
+    pub fn new(ctx: Arc<DdlContext>, info: TableInfo, if_not_exists: bool) -> Self {
+        CreateTable {
+            data: Data {
+                info,
+                if_not_exists,
+                step: Step::Prepare,
+                route: None,
+            },
+            ctx,
+        }
+    }
+
+    /// Rebuilds a create from its persisted state.
+    pub fn load(ctx: Arc<DdlContext>, json: &str) -> procedure::Result<Self> {
+        let data = serde_json::from_str(json)
+            .map_err(|e| procedure::Error::external(format!("bad create-table state: {e}")))?;
+        Ok(CreateTable { data, ctx })
+    }
+
+    fn followers(&self) -> procedure::Result<usize> {
+        match self.data.info.options.get(FOLLOWERS_OPTION) {
+            None => Ok(0),
+            Some(n) => n.parse().map_err(|_| {
+                step_error(common_meta::Error::invalid_argument(format!(
+                    "table option {FOLLOWERS_OPTION} must be a number, not {n:?}"
+                )))
+            }),
+        }
+    }
+
+    async fn prepare(&mut self) -> procedure::Result<Status> {
+        let info = &self.data.info;
+        let ctx = &self.ctx;
+        if ctx
+            .catalogs
+            .schema(&info.catalog, &info.schema)
+            .await
+            .map_err(step_error)?
+            .is_none()
+        {
+            return Err(step_error(unknown_schema(&info.catalog, &info.schema)));
+        }
+        if let Some(id) = ctx
+            .tables
+            .table_id(&info.catalog, &info.schema, &info.name)
+            .await
+            .map_err(step_error)?
+        {
+            if self.data.if_not_exists {
+                return Ok(done_with_table(id));
+            }
+            return Err(step_error(exists(info, id)));
+        }
+        let followers = self.followers()?;
+        let candidates = ctx.candidates().await.map_err(step_error)?;
+        let placements = ctx
+            .selector
+            .place(&candidates, info.regions as usize, followers)
+            .map_err(|message| step_error(common_meta::Error::FailedPrecondition { message }))?;
+        let id = ctx
+            .ids
+            .next(TABLE_ID_SEQUENCE, 1)
+            .await
+            .map_err(step_error)?
+            .start;
+        let id = u32::try_from(id).map_err(|_| {
+            step_error(common_meta::Error::FailedPrecondition {
+                message: "table ids are exhausted".to_string(),
+            })
+        })?;
+        let peer = |node: u64| Peer {
+            id: node,
+            addr: candidates
+                .iter()
+                .find(|c| c.id == node)
+                .map(|c| c.addr.clone())
+                .unwrap_or_default(),
+        };
+        let now = common_meta::time::unix_ms();
+        let info = &mut self.data.info;
+        info.id = id;
+        info.version = 0;
+        info.created_ms = now;
+        info.updated_ms = now;
+        let route = TableRoute {
+            regions: info
+                .region_ids()
+                .zip(placements)
+                .map(|(region, placement)| RegionRoute {
+                    region,
+                    leader: Some(peer(placement.leader)),
+                    followers: placement.followers.into_iter().map(peer).collect(),
+                    leader_state: Default::default(),
+                    leader_down_since: None,
+                })
+                .collect(),
+            version: 0,
+        };
+        self.data.route = Some(route);
+        self.data.step = Step::CreateRegions;
+        Ok(Status::Executing { persist: true })
+    }
+
+    fn route(&self) -> procedure::Result<&TableRoute> {
+        self.data
+            .route
+            .as_ref()
+            .ok_or_else(|| procedure::Error::external("create-table state has no route"))
+    }
+
+    async fn create_regions(&mut self, ctx: &Context) -> procedure::Result<Status> {
+        let info_json = serde_json::to_string(&self.data.info)
+            .map_err(|e| procedure::Error::external(e.to_string()))?;
+        let by_node = regions_by_node(self.route()?);
+        self.ctx
+            .on_nodes(
+                ctx,
+                "create",
+                &by_node,
+                |region_ids| pb::Instruction {
+                    kind: Some(pb::instruction::Kind::CreateRegions(pb::CreateRegions {
+                        table_info_json: info_json.clone(),
+                        region_ids,
+                    })),
+                },
+                Unreachable::Fail,
+            )
+            .await?;
+        self.data.step = Step::Commit;
+        Ok(Status::Executing { persist: true })
+    }
+
+    async fn commit(&mut self) -> procedure::Result<Status> {
+        let route = self.route()?.clone();
+        let info = &self.data.info;
+        match self
+            .ctx
+            .tables
+            .create_table(info, &route)
+            .await
+            .map_err(step_error)?
+        {
+            CreateOutcome::Created => {
+                self.data.step = Step::Invalidate;
+                Ok(Status::Executing { persist: true })
+            }
+            // Someone wrote the name outside the lock (a raw KV write): roll back.
+            CreateOutcome::Exists(id) => Err(step_error(exists(info, id))),
+        }
+    }
+}
+
+fn exists(info: &TableInfo, id: u32) -> common_meta::Error {
+    common_meta::Error::AlreadyExists {
+        what: format!(
+            "table {}.{}.{} (id {id})",
+            info.catalog, info.schema, info.name
+        ),
+    }
+}
+
+#[async_trait]
+impl Procedure for CreateTable {
+    fn type_name(&self) -> &str {
+        TYPE_NAME
+    }
+
+    async fn execute(&mut self, ctx: &Context) -> procedure::Result<Status> {
+        match self.data.step {
+            Step::Prepare => self.prepare().await,
+            Step::CreateRegions => self.create_regions(ctx).await,
+            Step::Commit => self.commit().await,
+            Step::Invalidate => {
+                let info = &self.data.info;
+                self.ctx
+                    .invalidate(table_idents(
+                        info.id,
+                        &info.catalog,
+                        &info.schema,
+                        &info.name,
+                    ))
+                    .await;
+                Ok(done_with_table(info.id))
+            }
+        }
+    }
+
+    fn dump(&self) -> procedure::Result<String> {
+        serde_json::to_string(&self.data).map_err(|e| procedure::Error::external(e.to_string()))
+    }
+
+    fn lock_key(&self) -> LockKey {
+        let info = &self.data.info;
+        locks_for_table(&info.catalog, &info.schema, &info.name)
+    }
+
+    fn rollback_supported(&self) -> bool {
+        true
+    }
+
+    async fn rollback(&mut self, ctx: &Context) -> procedure::Result<()> {
+        // Nothing was written before regions were asked for; a failed commit wrote
+        // nothing either (one transaction). Drop what the datanodes may have created.
+        let Some(route) = &self.data.route else {
+            return Ok(());
+        };
+        if self.data.step == Step::Prepare {
+            return Ok(());
+        }
+        if self.data.step == Step::Invalidate {
+            // Committed: the table exists and stays (only invalidation can have failed).
+            return Ok(());
+        }
+        let by_node = regions_by_node(route);
+        let dropped = self
+            .ctx
+            .on_nodes(
+                ctx,
+                "drop",
+                &by_node,
+                |region_ids| pb::Instruction {
+                    kind: Some(pb::instruction::Kind::DropRegions(pb::DropRegions {
+                        region_ids,
+                    })),
+                },
+                Unreachable::Skip,
+            )
+            .await;
+        if let Err(e) = &dropped
+            && !e.is_retryable()
+        {
+            // A refusal to drop leaves the region to its node's lease (the metadata
+            // never named it); the rollback itself is done.
+            tracing::warn!(procedure = %ctx.procedure_id, error = %error_of(&e.to_string()), "regions not dropped in rollback");
+            return Ok(());
+        }
+        dropped
+    }
+}

@@ -1,0 +1,188 @@
+//! Drop database: list its tables (persisted) -> drop them one at a time (each:
+//! tombstones, invalidation, regions, purge; progress persisted after each) -> delete
+//! the schema -> invalidate. Holding the schema exclusively keeps every other DDL of
+//! the schema out meanwhile. The default schema cannot be dropped.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use common_meta::manager::catalog::{DEFAULT_CATALOG, DEFAULT_SCHEMA};
+use common_meta::model::table::{TableInfo, TableRoute};
+use meta_proto::v1 as pb;
+use procedure::{Context, LockKey, LockMode, Procedure, Status};
+use serde::{Deserialize, Serialize};
+
+use super::context::{DdlContext, step_error, table_idents};
+use super::drop_table::drop_regions;
+use super::unknown_schema;
+
+/// The type name persisted with the procedure.
+pub const TYPE_NAME: &str = "metasrv.DropDatabase";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Step {
+    Prepare,
+    /// Dropping `tables[0]`: its keys tombstoned, then its regions, then purged.
+    DropTables,
+    DeleteSchema,
+}
+
+/// The persisted state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Data {
+    catalog: String,
+    schema: String,
+    if_exists: bool,
+    step: Step,
+    /// Tables still to drop, with their routes.
+    #[serde(default)]
+    tables: Vec<(TableInfo, TableRoute)>,
+}
+
+/// The drop-database procedure.
+pub struct DropDatabase {
+    data: Data,
+    ctx: Arc<DdlContext>,
+}
+
+/// The refusal to drop the default schema.
+pub fn refuse_default(catalog: &str, schema: &str) -> Option<common_meta::Error> {
+    (catalog == DEFAULT_CATALOG && schema == DEFAULT_SCHEMA).then(|| {
+        common_meta::Error::invalid_argument(format!(
+            "schema {catalog}.{schema} is the default and cannot be dropped"
+        ))
+    })
+}
+
+impl DropDatabase {
+    /// A new drop of `catalog.schema`.
+    pub fn new(ctx: Arc<DdlContext>, catalog: &str, schema: &str, if_exists: bool) -> Self {
+        DropDatabase {
+            data: Data {
+                catalog: catalog.to_string(),
+                schema: schema.to_string(),
+                if_exists,
+                step: Step::Prepare,
+                tables: Vec::new(),
+            },
+            ctx,
+        }
+    }
+
+    /// Rebuilds a drop from its persisted state.
+    pub fn load(ctx: Arc<DdlContext>, json: &str) -> procedure::Result<Self> {
+        let data = serde_json::from_str(json)
+            .map_err(|e| procedure::Error::external(format!("bad drop-database state: {e}")))?;
+        Ok(DropDatabase { data, ctx })
+    }
+
+    async fn prepare(&mut self) -> procedure::Result<Status> {
+        let d = &self.data;
+        if let Some(refusal) = refuse_default(&d.catalog, &d.schema) {
+            return Err(step_error(refusal));
+        }
+        let tables = &self.ctx.tables;
+        if self
+            .ctx
+            .catalogs
+            .schema(&d.catalog, &d.schema)
+            .await
+            .map_err(step_error)?
+            .is_none()
+        {
+            if d.if_exists {
+                return Ok(Status::Done { output: None });
+            }
+            return Err(step_error(unknown_schema(&d.catalog, &d.schema)));
+        }
+        let mut found = Vec::new();
+        for info in tables
+            .tables(&d.catalog, Some(&d.schema))
+            .await
+            .map_err(step_error)?
+        {
+            let route = tables
+                .table_route(info.id)
+                .await
+                .map_err(step_error)?
+                .map(|r| r.value)
+                .unwrap_or(TableRoute {
+                    regions: Vec::new(),
+                    version: 0,
+                });
+            found.push((info, route));
+        }
+        self.data.tables = found;
+        self.data.step = Step::DropTables;
+        Ok(Status::Executing { persist: true })
+    }
+
+    async fn drop_next(&mut self, ctx: &Context) -> procedure::Result<Status> {
+        let Some((info, route)) = self.data.tables.first() else {
+            self.data.step = Step::DeleteSchema;
+            return Ok(Status::Executing { persist: true });
+        };
+        // Each part is idempotent, so a repeat after a crash does no harm.
+        let tables = &self.ctx.tables;
+        tables
+            .tombstone_table(info, route)
+            .await
+            .map_err(step_error)?;
+        self.ctx
+            .invalidate(table_idents(
+                info.id,
+                &info.catalog,
+                &info.schema,
+                &info.name,
+            ))
+            .await;
+        drop_regions(&self.ctx, ctx, route).await?;
+        tables.purge_table(info, route).await.map_err(step_error)?;
+        self.data.tables.remove(0);
+        Ok(Status::Executing { persist: true })
+    }
+}
+
+#[async_trait]
+impl Procedure for DropDatabase {
+    fn type_name(&self) -> &str {
+        TYPE_NAME
+    }
+
+    async fn execute(&mut self, ctx: &Context) -> procedure::Result<Status> {
+        match self.data.step {
+            Step::Prepare => self.prepare().await,
+            Step::DropTables => self.drop_next(ctx).await,
+            Step::DeleteSchema => {
+                let d = &self.data;
+                self.ctx
+                    .catalogs
+                    .drop_schema(&d.catalog, &d.schema)
+                    .await
+                    .map_err(step_error)?;
+                self.ctx
+                    .invalidate(vec![pb::CacheIdent {
+                        kind: Some(pb::cache_ident::Kind::Schema(format!(
+                            "{}.{}",
+                            d.catalog, d.schema
+                        ))),
+                    }])
+                    .await;
+                Ok(Status::Done { output: None })
+            }
+        }
+    }
+
+    fn dump(&self) -> procedure::Result<String> {
+        serde_json::to_string(&self.data).map_err(|e| procedure::Error::external(e.to_string()))
+    }
+
+    fn lock_key(&self) -> LockKey {
+        let d = &self.data;
+        LockKey::shared(format!("catalog/{}", d.catalog)).with(
+            format!("schema/{}/{}", d.catalog, d.schema),
+            LockMode::Exclusive,
+        )
+    }
+}
