@@ -178,6 +178,33 @@ impl Error {
         matches!(self, Error::OutcomeUnknown { .. })
     }
 
+    /// The error a failed procedure's recorded error text stands for: the display forms
+    /// of [`Error::AlreadyExists`], [`Error::NotFound`] and [`Error::InvalidArgument`]
+    /// read back as themselves (after the procedure framework's `retryable: ` prefix
+    /// and ` (rolled back)` suffix are taken off); anything else is a
+    /// [`Error::FailedPrecondition`] carrying the text.
+    pub fn from_procedure_error(text: &str) -> Self {
+        let text = text.strip_suffix(" (rolled back)").unwrap_or(text);
+        let text = text.strip_prefix("retryable: ").unwrap_or(text);
+        if let Some(what) = text.strip_suffix(" already exists") {
+            return Error::AlreadyExists {
+                what: what.to_string(),
+            };
+        }
+        if let Some(what) = text.strip_suffix(" not found") {
+            return Error::NotFound {
+                what: what.to_string(),
+            };
+        }
+        if let Some(message) = text.strip_prefix("invalid argument: ") {
+            return Error::invalid_argument(message);
+        }
+        let message = text.strip_prefix("failed precondition: ").unwrap_or(text);
+        Error::FailedPrecondition {
+            message: message.to_string(),
+        }
+    }
+
     /// Builds an [`Error::OutcomeUnknown`].
     pub fn outcome_unknown(message: impl Into<String>) -> Self {
         Error::OutcomeUnknown {

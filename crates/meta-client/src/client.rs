@@ -52,6 +52,9 @@ pub struct MetaClientOptions {
     /// write, kept alive every third of it). `None`: writes run without a session, and
     /// one whose outcome is unknown is reported so instead of being sent again.
     pub session_ttl: Option<Duration>,
+    /// How long a DDL call (create table, ...) waits for its procedure in all before it
+    /// reports the procedure as still running.
+    pub ddl_timeout: Duration,
 }
 
 impl Default for MetaClientOptions {
@@ -63,6 +66,7 @@ impl Default for MetaClientOptions {
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(1),
             session_ttl: Some(Duration::from_secs(60)),
+            ddl_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -120,6 +124,11 @@ impl MetaClient {
                 session: Default::default(),
             }),
         })
+    }
+
+    /// How this client connects and retries.
+    pub fn options(&self) -> &MetaClientOptions {
+        &self.inner.options
     }
 
     /// The endpoints this client talks to: those it was given, then leaders it learned.
@@ -441,11 +450,6 @@ impl MetaClient {
     /// The shared state of this client and its clones.
     pub(crate) fn inner_ref(&self) -> &Inner {
         &self.inner
-    }
-
-    /// The options this client was made with.
-    pub(crate) fn options(&self) -> &MetaClientOptions {
-        &self.inner.options
     }
 
     /// A weak handle, for background tasks that must not keep the client alive.

@@ -21,13 +21,16 @@
 //! **Invariant:** `meta-client` never depends on `meta-srv`.
 
 mod client;
+mod ddl;
 mod heartbeat;
 mod kv;
 mod session;
 pub mod sim;
 mod status;
+pub mod table_cache;
 
 pub use client::{MetaClient, MetaClientOptions};
+pub use ddl::DdlAnswer;
 pub use heartbeat::{
     HeartbeatState, HeartbeatTask, InstructionHandler, NodeIdentity, RttObserver, StatsProvider,
     stats_delta,

@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod cluster_process;
+mod ddl;
 mod durability;
 mod exactly_once;
 mod fault;

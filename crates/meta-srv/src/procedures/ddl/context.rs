@@ -50,28 +50,9 @@ pub fn step_error(e: common_meta::Error) -> procedure::Error {
 }
 
 /// The metadata error a failed DDL procedure's recorded error text stands for (the
-/// inverse of [`step_error`], by the `common_meta::Error` display forms).
+/// inverse of [`step_error`]).
 pub fn error_of(text: &str) -> common_meta::Error {
-    use common_meta::Error as E;
-    let text = text.strip_suffix(" (rolled back)").unwrap_or(text);
-    let text = text.strip_prefix("retryable: ").unwrap_or(text);
-    if let Some(what) = text.strip_suffix(" already exists") {
-        return E::AlreadyExists {
-            what: what.to_string(),
-        };
-    }
-    if let Some(what) = text.strip_suffix(" not found") {
-        return E::NotFound {
-            what: what.to_string(),
-        };
-    }
-    if let Some(message) = text.strip_prefix("invalid argument: ") {
-        return E::invalid_argument(message);
-    }
-    let message = text.strip_prefix("failed precondition: ").unwrap_or(text);
-    E::FailedPrecondition {
-        message: message.to_string(),
-    }
+    common_meta::Error::from_procedure_error(text)
 }
 
 /// The regions of `route` by the node that leads or follows them.
