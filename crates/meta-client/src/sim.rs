@@ -67,6 +67,10 @@ struct SimRegions {
     refuse: std::sync::atomic::AtomicBool,
     /// Cache invalidations received.
     invalidations: AtomicU64,
+    /// Region DDL instructions received (create, drop, alter, truncate).
+    region_requests: AtomicU64,
+    /// How long region DDL instructions take (a slow disk).
+    region_delay: Mutex<Duration>,
 }
 
 #[async_trait]
@@ -191,6 +195,21 @@ impl InstructionHandler for SimRegions {
         instruction: pb::Instruction,
     ) -> std::result::Result<Vec<pb::RegionOutcome>, String> {
         use pb::instruction::Kind;
+        if matches!(
+            instruction.kind,
+            Some(
+                Kind::CreateRegions(_)
+                    | Kind::DropRegions(_)
+                    | Kind::AlterRegions(_)
+                    | Kind::TruncateRegions(_)
+            )
+        ) {
+            self.region_requests.fetch_add(1, Ordering::Relaxed);
+            let delay = *lock(&self.region_delay);
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+        }
         let outcome = {
             let mut regions = lock(&self.regions);
             match instruction.kind {
@@ -314,6 +333,8 @@ impl Simulator {
                 handled: handled.clone(),
                 refuse: Default::default(),
                 invalidations: AtomicU64::new(0),
+                region_requests: AtomicU64::new(0),
+                region_delay: Mutex::new(Duration::ZERO),
             });
             let identity = NodeIdentity {
                 id,
@@ -373,6 +394,19 @@ impl Simulator {
         self.node(id)
             .map(|n| n.regions.refuse.store(refuse, Ordering::Relaxed))
             .is_some()
+    }
+
+    /// Makes node `id` take `delay` over every region DDL instruction.
+    pub fn delay_regions(&self, id: u64, delay: Duration) -> bool {
+        self.node(id)
+            .map(|n| *lock(&n.regions.region_delay) = delay)
+            .is_some()
+    }
+
+    /// Region DDL instructions node `id` has received (answered or not yet).
+    pub fn region_requests(&self, id: u64) -> u64 {
+        self.node(id)
+            .map_or(0, |n| n.regions.region_requests.load(Ordering::Relaxed))
     }
 
     /// Cache invalidations node `id` has received.

@@ -56,6 +56,9 @@ pub struct TableMetadataManager {
     max_txn_ops: usize,
 }
 
+/// A table's keys: (name, info and route; the per-node keys).
+type TableKeys = (Vec<Vec<u8>>, Vec<Vec<u8>>);
+
 fn name_key(info: &TableInfo) -> Result<Vec<u8>> {
     Ok(info.name_key()?.encode())
 }
@@ -241,7 +244,7 @@ impl TableMetadataManager {
     }
 
     /// The keys of a table: name, info and route first, then the per-node keys.
-    fn keys_of(info: &TableInfo, route: &TableRoute) -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>)> {
+    fn keys_of(info: &TableInfo, route: &TableRoute) -> Result<TableKeys> {
         let head = vec![
             name_key(info)?,
             TableInfoKey::new(info.id).encode(),

@@ -236,7 +236,7 @@ mod tests {
         pb::InstructionReply {
             id,
             ok: true,
-            error: String::new(),
+            ..Default::default()
         }
     }
 

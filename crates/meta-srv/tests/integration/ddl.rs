@@ -18,6 +18,7 @@ use crate::in_process::{Running, start_with};
 use crate::support::{check, wait_until};
 
 mod faults;
+mod leader_change;
 
 /// A table of `regions` regions in the default schema (host tag, ts, usage).
 pub fn table(name: &str, regions: u32) -> TableInfo {
@@ -50,10 +51,11 @@ pub fn table(name: &str, regions: u32) -> TableInfo {
     }
 }
 
-/// A server with fast heartbeats and few region attempts.
+/// A server with fast heartbeats, quick failure detection and few region attempts.
 pub async fn server() -> Running {
     start_with(|c| {
         c.heartbeat_interval_ms = 100;
+        c.failure_detector.acceptable_pause_ms = 500;
         c.metadata.region_attempts = 3;
         c.metadata.region_timeout_ms = 2_000;
     })

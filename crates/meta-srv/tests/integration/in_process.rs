@@ -56,6 +56,49 @@ pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Running {
     }
 }
 
+/// Three in-process members on loopback ports (heartbeat interval 100 ms), each
+/// configured further by `adjust`.
+pub async fn start_three(adjust: impl Fn(&mut Config) + Clone + Send + 'static) -> Vec<Running> {
+    let ports = crate::cluster_process::free_ports();
+    let initial = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut members = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let (initial, adjust) = (initial.clone(), adjust.clone());
+        members.push(
+            start_with(move |c| {
+                c.node_id = i as u64 + 1;
+                c.listen_addr = format!("127.0.0.1:{port}").parse().unwrap();
+                c.initial_cluster = initial;
+                c.heartbeat_interval_ms = 100;
+                adjust(c);
+            })
+            .await,
+        );
+    }
+    members
+}
+
+/// The index of the member all of `members` agree leads.
+pub async fn leader_of(members: &[Running]) -> usize {
+    crate::support::wait_until(Duration::from_secs(30), || async {
+        let mut seen = std::collections::BTreeSet::new();
+        for m in members {
+            let client = MetaClient::new(&[&m.grpc], MetaClientOptions::default()).unwrap();
+            seen.insert(client.status().await.map_or(0, |s| s.leader_id));
+        }
+        match seen.iter().copied().collect::<Vec<_>>()[..] {
+            [leader] if leader != 0 => Ok(leader as usize - 1),
+            _ => Err(format!("no agreed leader: {seen:?}")),
+        }
+    })
+    .await
+}
+
 impl Running {
     pub async fn shutdown(self) {
         self.stop.send(()).unwrap();

@@ -93,14 +93,7 @@ async fn create_is_all_or_nothing_and_repeatable() {
         CreateOutcome::Exists(1024)
     );
     assert!(tables.table_info(1025).await.unwrap().is_none());
-    assert!(
-        tables
-            .datanode_tables(1)
-            .await
-            .unwrap()
-            .get(&1025)
-            .is_none()
-    );
+    assert!(!tables.datanode_tables(1).await.unwrap().contains_key(&1025));
 
     assert_eq!(
         tables.table_id("greptime", "public", "cpu").await.unwrap(),

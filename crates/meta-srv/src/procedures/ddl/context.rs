@@ -110,8 +110,13 @@ impl DdlContext {
     }
 
     /// Sends `make(regions)` to every node of `by_node` at once and checks every
-    /// region's outcome. A refusal fails the step for good; a node that does not answer
-    /// makes the step retry, up to `region_attempts`, then `unreachable` decides.
+    /// region's outcome. A refusal fails the step for good. A node with a stream that
+    /// does not answer makes the step retry, up to `region_attempts`, then
+    /// `unreachable` decides. A node with no stream to this leader that the failure
+    /// detector does not call failed is waited for (retried within the procedure
+    /// manager's budget): after a leader change every node reconnects, which takes a
+    /// few heartbeats, and a node that died is called failed within a detection
+    /// window.
     pub async fn on_nodes(
         &self,
         ctx: &Context,
@@ -130,6 +135,9 @@ impl DdlContext {
         });
         let mut refused = Vec::new();
         let mut silent = Vec::new();
+        let mut awaited = Vec::new();
+        let attached = self.plane.outbox.attached();
+        let now = common_meta::time::unix_ms();
         for (node, regions, reply) in futures_util::future::join_all(sends).await {
             match reply {
                 Ok(reply) if !reply.ok => refused.push(format!(
@@ -153,6 +161,12 @@ impl DdlContext {
                         }
                     }
                 }
+                Err(e)
+                    if !attached.contains(&node)
+                        && self.plane.view(node, now).liveness != pb::Liveness::Failed =>
+                {
+                    awaited.push(format!("datanode {node}: {e}"))
+                }
                 Err(e) => silent.push(format!("datanode {node}: {e}")),
             }
         }
@@ -161,8 +175,14 @@ impl DdlContext {
                 message: refused.join("; "),
             }));
         }
-        if silent.is_empty() {
+        if silent.is_empty() && awaited.is_empty() {
             return Ok(());
+        }
+        if silent.is_empty() {
+            return Err(procedure::Error::retry_later(format!(
+                "waiting for datanodes to connect: {}",
+                awaited.join("; ")
+            )));
         }
         let attempts = self.config.region_attempts;
         if ctx.attempt + 1 < attempts {

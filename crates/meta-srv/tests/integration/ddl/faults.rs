@@ -245,8 +245,8 @@ async fn a_datanode_that_dies_or_refuses_rolls_the_create_back() {
     check_consistent(&client, &sim).await.unwrap();
     sim.refuse_regions(refuser, false);
 
-    // One node dies (its stream ends) before the leader's detector calls it failed:
-    // the create retries, then fails and rolls back.
+    // One node dies (its stream ends): the create waits for it to come back until the
+    // leader's detector calls it failed, then fails and rolls back.
     let dead = sim.node_ids()[2];
     assert!(sim.kill(dead));
     wait_until(Duration::from_secs(10), || async {

@@ -3,46 +3,11 @@
 
 use super::*;
 
-/// Three in-process members on loopback ports.
 async fn start_three() -> Vec<crate::in_process::Running> {
-    let ports = crate::cluster_process::free_ports();
-    let initial = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut members = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let initial = initial.clone();
-        members.push(
-            crate::in_process::start_with(move |c| {
-                c.node_id = i as u64 + 1;
-                c.listen_addr = format!("127.0.0.1:{port}").parse().unwrap();
-                c.initial_cluster = initial;
-                c.heartbeat_interval_ms = 100;
-            })
-            .await,
-        );
-    }
-    members
+    crate::in_process::start_three(|_| {}).await
 }
 
-/// The index of the member all agree leads.
-async fn leader_of(members: &[crate::in_process::Running]) -> usize {
-    wait_until(Duration::from_secs(30), || async {
-        let mut seen = std::collections::BTreeSet::new();
-        for m in members {
-            let client = MetaClient::new(&[&m.grpc], MetaClientOptions::default()).unwrap();
-            seen.insert(client.status().await.map_or(0, |s| s.leader_id));
-        }
-        match seen.iter().copied().collect::<Vec<_>>()[..] {
-            [leader] if leader != 0 => Ok(leader as usize - 1),
-            _ => Err(format!("no agreed leader: {seen:?}")),
-        }
-    })
-    .await
-}
+use crate::in_process::leader_of;
 
 /// Opens region 77 only when released; everything else at once.
 struct Gated {
