@@ -1,8 +1,9 @@
-//! The HTTP admin API (axum): `GET /health`, `GET /status`, `GET /nodes`.
+//! The HTTP admin API (axum): `GET /health`, `GET /status`, `GET /nodes`,
+//! `GET /tables` (`?catalog=&schema=`), `GET /tables/{id}/route`.
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -33,6 +34,19 @@ pub struct HttpState {
     pub plane: Arc<ClusterPlane>,
     /// The term this member leads in, if it leads.
     pub leadership: tokio::sync::watch::Receiver<Option<u64>>,
+    /// Tables' keys (read on any member, linearizably).
+    pub tables: common_meta::manager::TableMetadataManager,
+}
+
+/// The query of `GET /tables`.
+#[derive(Debug, serde::Deserialize)]
+pub struct TablesQuery {
+    /// The catalog (default `greptime`).
+    #[serde(default)]
+    pub catalog: Option<String>,
+    /// One schema of it (default: every schema).
+    #[serde(default)]
+    pub schema: Option<String>,
 }
 
 /// One node in `GET /nodes`.
@@ -105,6 +119,8 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/health", get(health))
         .route("/status", get(status))
         .route("/nodes", get(nodes))
+        .route("/tables", get(tables))
+        .route("/tables/{id}/route", get(table_route))
         .with_state(state)
 }
 
@@ -200,4 +216,40 @@ async fn nodes(
             })
             .collect(),
     ))
+}
+
+/// The tables of a catalog (or of one schema), by schema and name.
+async fn tables(
+    State(state): State<Arc<HttpState>>,
+    Query(query): Query<TablesQuery>,
+) -> Result<Json<Vec<common_meta::model::table::TableInfo>>, (StatusCode, String)> {
+    let catalog = query.catalog.as_deref().unwrap_or("greptime");
+    state
+        .tables
+        .tables(catalog, query.schema.as_deref())
+        .await
+        .map(Json)
+        .map_err(http_error)
+}
+
+/// Table `id`'s route (404 when there is no such table).
+async fn table_route(
+    State(state): State<Arc<HttpState>>,
+    Path(id): Path<u32>,
+) -> Result<Json<common_meta::model::table::TableRoute>, (StatusCode, String)> {
+    match state.tables.table_route(id).await.map_err(http_error)? {
+        Some(route) => Ok(Json(route.value)),
+        None => Err((StatusCode::NOT_FOUND, format!("table {id} not found"))),
+    }
+}
+
+fn http_error(e: common_meta::Error) -> (StatusCode, String) {
+    let code = match &e {
+        common_meta::Error::InvalidArgument { .. } | common_meta::Error::InvalidName { .. } => {
+            StatusCode::BAD_REQUEST
+        }
+        common_meta::Error::NotFound { .. } => StatusCode::NOT_FOUND,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (code, e.to_string())
 }

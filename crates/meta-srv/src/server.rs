@@ -399,9 +399,8 @@ impl MetaSrv {
             self.node.driver(),
             self.members.clone(),
         ));
-        // A new term starts from the next heartbeats, never from an old leader's view;
-        // its sequences start above everything reserved before; and it makes sure the
-        // default catalog and schema exist.
+        // A new term starts from the next heartbeats, never from an old leader's view,
+        // and its sequences start above everything reserved before.
         let mut leadership = self.node.leadership();
         let plane = self.plane.clone();
         let ddl = self.ddl.clone();
@@ -410,9 +409,6 @@ impl MetaSrv {
                 let term = *leadership.borrow_and_update();
                 plane.leadership_changed(term, unix_ms());
                 ddl.ids.reset();
-                if term.is_some() {
-                    tokio::spawn(ensure_defaults(ddl.clone(), leadership.clone(), term));
-                }
             }
         });
         let ddl = DdlServer::new(DdlService {
@@ -457,6 +453,7 @@ impl MetaSrv {
             members: self.members.clone(),
             plane: self.plane.clone(),
             leadership: self.node.leadership(),
+            tables: self.ddl.tables.clone(),
         }));
         let http = axum::serve(self.http, router).with_graceful_shutdown(stopped(stop_rx));
 
@@ -498,25 +495,6 @@ impl MetaSrv {
         })?;
         tracing::info!("meta-srv stopped");
         Ok(())
-    }
-}
-
-/// Creates the default catalog and schema, retrying while this member leads in `term`.
-async fn ensure_defaults(
-    ddl: Arc<DdlContext>,
-    leadership: watch::Receiver<Option<u64>>,
-    term: Option<u64>,
-) {
-    let mut backoff = Duration::from_millis(50);
-    while *leadership.borrow() == term {
-        match ddl.catalogs.ensure_defaults(unix_ms()).await {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::debug!(error = %e, "default catalog not written yet; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-        }
     }
 }
 

@@ -1,7 +1,9 @@
 //! Catalogs and schemas: `__catalog/{catalog}` and `__schema/{catalog}/{schema}`.
 //!
-//! The default catalog `greptime` and its schema `public` exist from the start (the
-//! leader makes sure of it), so a table can be created at once.
+//! The default catalog `greptime` and its schema `public` exist from the start, so a
+//! table can be created at once: they are built in (read as existing whether or not a
+//! key holds them, never written, never dropped), so a new cluster's store stays empty
+//! until someone writes to it.
 
 use std::sync::Arc;
 
@@ -43,21 +45,12 @@ impl CatalogManager {
         CatalogManager { kv }
     }
 
-    /// Creates the default catalog and schema unless they exist (idempotent).
-    pub async fn ensure_defaults(&self, now_ms: u64) -> Result<()> {
-        self.create_catalog(DEFAULT_CATALOG, now_ms).await?;
-        let value = SchemaValue {
-            created_ms: now_ms,
-            ..SchemaValue::default()
-        };
-        self.create_schema(DEFAULT_CATALOG, DEFAULT_SCHEMA, &value)
-            .await?;
-        Ok(())
-    }
-
     /// Creates catalog `name`; false when it exists already.
     pub async fn create_catalog(&self, name: &str, now_ms: u64) -> Result<bool> {
         let key = CatalogKey::new(name)?.encode();
+        if name == DEFAULT_CATALOG {
+            return Ok(false);
+        }
         let value = to_json(&CatalogValue { created_ms: now_ms })?;
         let txn = TxnRequest {
             compare: vec![absent(&key)],
@@ -72,6 +65,7 @@ impl CatalogManager {
         let key = CatalogKey::new(name)?.encode();
         match self.kv.get(&key).await? {
             Some(kv) => Ok(Some(from_json(&key, &kv.value)?)),
+            None if name == DEFAULT_CATALOG => Ok(Some(CatalogValue::default())),
             None => Ok(None),
         }
     }
@@ -86,15 +80,19 @@ impl CatalogManager {
     ) -> Result<bool> {
         let catalog_key = CatalogKey::new(catalog)?.encode();
         let key = SchemaKey::new(catalog, schema)?.encode();
+        if is_default(catalog, schema) {
+            return Ok(false);
+        }
+        let mut compare = vec![absent(&key)];
+        if catalog != DEFAULT_CATALOG {
+            compare.push(Compare::new(
+                catalog_key.clone(),
+                CompareOp::Greater,
+                CompareTarget::CreateRevision(0),
+            ));
+        }
         let txn = TxnRequest {
-            compare: vec![
-                Compare::new(
-                    catalog_key.clone(),
-                    CompareOp::Greater,
-                    CompareTarget::CreateRevision(0),
-                ),
-                absent(&key),
-            ],
+            compare,
             success: vec![TxnOp::Put(PutRequest::new(key, to_json(value)?))],
             failure: vec![TxnOp::Range(RangeRequest::key(catalog_key))],
         };
@@ -102,10 +100,11 @@ impl CatalogManager {
         if response.succeeded {
             return Ok(true);
         }
-        let catalog_exists = matches!(
-            response.responses.first(),
-            Some(TxnOpResponse::Range(r)) if !r.kvs.is_empty()
-        );
+        let catalog_exists = catalog == DEFAULT_CATALOG
+            || matches!(
+                response.responses.first(),
+                Some(TxnOpResponse::Range(r)) if !r.kvs.is_empty()
+            );
         if !catalog_exists {
             return Err(unknown_catalog(catalog));
         }
@@ -117,6 +116,7 @@ impl CatalogManager {
         let key = SchemaKey::new(catalog, schema)?.encode();
         match self.kv.get(&key).await? {
             Some(kv) => Ok(Some(from_json(&key, &kv.value)?)),
+            None if is_default(catalog, schema) => Ok(Some(SchemaValue::default())),
             None => Ok(None),
         }
     }
@@ -134,7 +134,7 @@ impl CatalogManager {
             .kv
             .range(RangeRequest::prefix(prefix.into_bytes()))
             .await?;
-        response
+        let mut out = response
             .kvs
             .into_iter()
             .map(|kv| {
@@ -145,19 +145,39 @@ impl CatalogManager {
                     value: from_json(&kv.key, &kv.value)?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        let wants_default = catalog.is_none_or(|c| c == DEFAULT_CATALOG);
+        if wants_default && !out.iter().any(|e| is_default(&e.catalog, &e.schema)) {
+            out.push(SchemaEntry {
+                catalog: DEFAULT_CATALOG.to_string(),
+                schema: DEFAULT_SCHEMA.to_string(),
+                value: SchemaValue::default(),
+            });
+            out.sort_by(|a, b| (&a.catalog, &a.schema).cmp(&(&b.catalog, &b.schema)));
+        }
+        Ok(out)
     }
 
     /// Deletes schema `catalog.schema` (its tables must be gone); false when it was not
     /// there.
     pub async fn drop_schema(&self, catalog: &str, schema: &str) -> Result<bool> {
         let key = SchemaKey::new(catalog, schema)?.encode();
+        if is_default(catalog, schema) {
+            return Err(Error::invalid_argument(format!(
+                "schema {catalog}.{schema} is the default and cannot be dropped"
+            )));
+        }
         let deleted = self
             .kv
             .delete_range(crate::kv::DeleteRangeRequest::key(key))
             .await?;
         Ok(deleted.deleted > 0)
     }
+}
+
+/// Whether `catalog.schema` is the built-in default schema.
+pub fn is_default(catalog: &str, schema: &str) -> bool {
+    catalog == DEFAULT_CATALOG && schema == DEFAULT_SCHEMA
 }
 
 /// "`key` does not exist".
@@ -182,17 +202,23 @@ mod tests {
     use crate::kv::MemoryKvBackend;
 
     #[tokio::test]
-    async fn defaults_exist_once_schemas_need_their_catalog() {
-        let manager = CatalogManager::new(Arc::new(MemoryKvBackend::default()));
-        manager.ensure_defaults(5).await.unwrap();
-        manager.ensure_defaults(9).await.unwrap();
+    async fn defaults_are_built_in_schemas_need_their_catalog() {
+        let kv = Arc::new(MemoryKvBackend::default());
+        let manager = CatalogManager::new(kv.clone());
         let defaults = manager.schemas(None).await.unwrap();
         assert_eq!(defaults.len(), 1);
         assert_eq!(
             (defaults[0].catalog.as_str(), defaults[0].schema.as_str()),
             (DEFAULT_CATALOG, DEFAULT_SCHEMA)
         );
-        assert_eq!(defaults[0].value.created_ms, 5, "the first creation stays");
+        assert!(manager.catalog(DEFAULT_CATALOG).await.unwrap().is_some());
+        assert!(!manager.create_catalog(DEFAULT_CATALOG, 1).await.unwrap());
+        let value = SchemaValue::default();
+        assert!(!manager.create_schema(DEFAULT_CATALOG, DEFAULT_SCHEMA, &value).await.unwrap());
+        let err = manager.drop_schema(DEFAULT_CATALOG, DEFAULT_SCHEMA).await.unwrap_err();
+        assert!(err.to_string().contains("cannot be dropped"), "{err}");
+        let everything = kv.range(RangeRequest::prefix(Vec::new())).await.unwrap();
+        assert!(everything.kvs.is_empty(), "nothing is written for the defaults");
 
         let value = SchemaValue::default();
         assert!(

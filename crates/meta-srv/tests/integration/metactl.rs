@@ -187,3 +187,138 @@ fn token_create_prints_a_token_for_the_node() {
     assert_eq!((code, err.lines().count()), (Some(1), 1), "{err}");
     assert!(err.contains("join tokens are off"), "{err}");
 }
+
+/// `metactl` off the async test's threads (it is a blocking child process).
+async fn metactl_async(endpoint: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let endpoint = endpoint.to_string();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        metactl(&endpoint, &args)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_user_creates_a_database_and_a_table_sees_its_route_and_drops_it() {
+    let server = crate::ddl::server().await;
+    let ep = server.grpc.clone();
+    let sim = crate::ddl::datanodes(std::slice::from_ref(&ep), 3).await;
+
+    let ok = |(code, out, err): (Option<i32>, String, String)| {
+        assert_eq!(code, Some(0), "stdout {out:?} stderr {err:?}");
+        out
+    };
+    let out = ok(metactl_async(&ep, &["db", "list"]).await);
+    assert_eq!(
+        out, "greptime.public\n",
+        "the default schema exists from the start"
+    );
+    let out = ok(metactl_async(&ep, &["db", "create", "metrics", "--option", "ttl=7d"]).await);
+    assert_eq!(out, "database greptime.metrics created\n");
+
+    let out = ok(metactl_async(
+        &ep,
+        &["table", "create", "greptime.metrics.cpu", "--regions", "3"],
+    )
+    .await);
+    assert!(
+        out.starts_with("table greptime.metrics.cpu created with id 1024"),
+        "{out}"
+    );
+    let out = ok(metactl_async(&ep, &["route", "show", "greptime.metrics.cpu"]).await);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(lines[1].starts_with("1024.0 leader "), "{out}");
+    assert!(lines[1].ends_with(" serving"), "{out}");
+    let leaders: std::collections::BTreeSet<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split(' ').nth(2).unwrap())
+        .collect();
+    assert_eq!(leaders.len(), 3, "one region per datanode: {out}");
+
+    let out = ok(metactl_async(&ep, &["--output", "json", "table", "show", "metrics.cpu"]).await);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["info"]["id"], 1024);
+    assert_eq!(json["info"]["columns"][1]["name"], "ts");
+    assert_eq!(json["route"]["regions"].as_array().unwrap().len(), 3);
+
+    let out = ok(metactl_async(
+        &ep,
+        &[
+            "table",
+            "alter",
+            "metrics.cpu",
+            "--add-column",
+            "region:string:tag",
+        ],
+    )
+    .await);
+    assert_eq!(out, "table greptime.metrics.cpu altered (version 1)\n");
+    let out = ok(metactl_async(&ep, &["table", "list", "metrics"]).await);
+    assert_eq!(out, "1024 greptime.metrics.cpu regions 3\n");
+
+    // A schema file gives the columns.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("schema.json");
+    std::fs::write(
+        &file,
+        r#"{"columns":[{"name":"ts","data_type":"timestamp_ms","semantic_type":"timestamp"}],"time_index":"ts"}"#,
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let out = ok(metactl_async(&ep, &["table", "create", "events", "--schema-file", file]).await);
+    assert!(
+        out.starts_with("table greptime.public.events created"),
+        "{out}"
+    );
+
+    // Bad input: one line on stderr, exit 1, nothing created.
+    for (args, says) in [
+        (vec!["table", "create", "a.b.c.d"], "is not a table name"),
+        (
+            vec!["table", "create", "nope.t"],
+            "schema greptime.nope not found",
+        ),
+        (vec!["table", "create", "t", "--regions", "0"], "0 regions"),
+        (vec!["table", "create", "metrics.cpu"], "already exists"),
+        (
+            vec!["table", "alter", "cpu", "--add-column", "x"],
+            "is not NAME:TYPE",
+        ),
+        (vec!["table", "drop", "metrics.nope"], "not found"),
+        (vec!["db", "drop", "public"], "cannot be dropped"),
+        (
+            vec!["db", "create", "x", "--option", "ttl"],
+            "is not KEY=VALUE",
+        ),
+    ] {
+        let (code, out, err) = metactl_async(&ep, &args).await;
+        assert_eq!(code, Some(1), "{args:?}: {out} {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+
+    // The HTTP view agrees.
+    let body = |response: String| response.split("\r\n\r\n").nth(1).unwrap().to_string();
+    let response = crate::in_process::http_get(&server.http, "/tables?schema=metrics").await;
+    let tables: serde_json::Value = serde_json::from_str(&body(response)).unwrap();
+    assert_eq!(tables[0]["name"], "cpu");
+    let response = crate::in_process::http_get(&server.http, "/tables/1024/route").await;
+    let route: serde_json::Value = serde_json::from_str(&body(response)).unwrap();
+    let missing = crate::in_process::http_get(&server.http, "/tables/99/route").await;
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    assert_eq!(route["regions"].as_array().unwrap().len(), 3);
+
+    ok(metactl_async(&ep, &["table", "drop", "metrics.cpu"]).await);
+    ok(metactl_async(&ep, &["db", "drop", "metrics"]).await);
+    let out = ok(metactl_async(&ep, &["table", "list"]).await);
+    assert!(
+        out.contains("greptime.public.events") && !out.contains("cpu"),
+        "{out}"
+    );
+    let client = crate::ddl::client(std::slice::from_ref(&ep));
+    crate::ddl::check_consistent(&client, &sim).await.unwrap();
+    server.shutdown().await;
+}

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use common_meta::manager::catalog::{DEFAULT_CATALOG, DEFAULT_SCHEMA};
 use common_meta::model::table::{TableInfo, TableRoute};
 use meta_proto::v1 as pb;
 use procedure::{Context, LockKey, LockMode, Procedure, Status};
@@ -48,7 +47,7 @@ pub struct DropDatabase {
 
 /// The refusal to drop the default schema.
 pub fn refuse_default(catalog: &str, schema: &str) -> Option<common_meta::Error> {
-    (catalog == DEFAULT_CATALOG && schema == DEFAULT_SCHEMA).then(|| {
+    common_meta::manager::catalog::is_default(catalog, schema).then(|| {
         common_meta::Error::invalid_argument(format!(
             "schema {catalog}.{schema} is the default and cannot be dropped"
         ))

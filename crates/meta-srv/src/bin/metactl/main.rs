@@ -13,6 +13,8 @@ use meta_client::{MetaClient, MetaClientOptions};
 use meta_srv::cli::{EXIT_FAILURE, parse_or_exit};
 use serde_json::json;
 
+mod tables;
+
 #[derive(Parser)]
 #[command(
     name = "metactl",
@@ -68,6 +70,15 @@ enum Command {
     /// Join tokens (when the cluster has a cluster_secret).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Databases (schemas): create, drop, list.
+    #[command(subcommand)]
+    Db(tables::DbCommand),
+    /// Tables: create, drop, show, list, alter, truncate, rename.
+    #[command(subcommand)]
+    Table(tables::TableCommand),
+    /// Where a table's regions are.
+    #[command(subcommand)]
+    Route(tables::RouteCommand),
 }
 
 #[derive(Subcommand)]
@@ -207,6 +218,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Procedure(command) => procedures(&client, command, cli.output).await,
         Command::Nodes => nodes(&client, cli.output).await,
         Command::Node(command) => node(&client, command, cli.output).await,
+        Command::Db(command) => tables::db(&client, command, cli.output).await,
+        Command::Table(command) => tables::table(&client, command, cli.output).await,
+        Command::Route(command) => tables::route(&client, command, cli.output).await,
         Command::Token(TokenCommand::Create {
             node,
             ttl,
@@ -234,7 +248,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
     };
     result.map_err(|Failure(m)| {
-        Failure(if m.starts_with("not found") {
+        Failure(if m.starts_with("not found") || m.starts_with("error: ") {
             m
         } else {
             format!("error: {m}")
