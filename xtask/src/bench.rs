@@ -28,6 +28,8 @@ pub enum BenchTask {
     Procedure(ProcedureArgs),
     /// Heartbeats of simulated datanodes to one leader.
     Heartbeat(crate::bench_heartbeat::HeartbeatArgs),
+    /// Tables created and dropped through DDL procedures, with simulated datanodes.
+    Ddl(crate::bench_ddl::DdlArgs),
 }
 
 /// Settings of `bench procedure`.
@@ -111,6 +113,7 @@ pub fn launch(task: &BenchTask) -> anyhow::Result<()> {
     let (args, server, etcd) = match task {
         BenchTask::Kv(args) => (args.to_args(), true, args.vs_etcd),
         BenchTask::Heartbeat(args) => (args.to_args(), true, false),
+        BenchTask::Ddl(args) => (args.to_args(), true, false),
         BenchTask::Procedure(args) => (args.to_args(), false, false),
     };
     if etcd {
@@ -167,6 +170,7 @@ pub fn run(task: BenchTask) -> anyhow::Result<()> {
             runtime.block_on(crate::bench_procedure::run(args.concurrency, args.seconds))
         }
         BenchTask::Heartbeat(args) => runtime.block_on(crate::bench_heartbeat::run(args)),
+        BenchTask::Ddl(args) => runtime.block_on(crate::bench_ddl::run(args)),
     }
 }
 

@@ -6,11 +6,13 @@
 //! - `bench kv`: a load run against a release `meta-srv`.
 //! - `bench procedure`: procedures per second on the sled and raft backends.
 //! - `bench heartbeat`: heartbeats of simulated datanodes to one release leader.
+//! - `bench ddl`: tables created and dropped per second through DDL procedures.
 //! - `sim`: simulated datanodes against a running cluster.
 //! - `fault --seeds N`: the randomized fault runs with N seeds, in release mode.
 //! - `fuzz TARGET --seconds N`: a fuzz target of `fuzz/` (or `all`), N seconds each.
 
 mod bench;
+mod bench_ddl;
 mod bench_heartbeat;
 mod bench_procedure;
 mod codegen;

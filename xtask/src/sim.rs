@@ -43,6 +43,10 @@ pub struct SimArgs {
         value_name = "SECRET"
     )]
     pub cluster_secret: Option<String>,
+    /// Leave the nodes joining instead of activating them (only active datanodes
+    /// get new regions).
+    #[arg(long)]
+    pub no_activate: bool,
 }
 
 /// Runs the simulator until the duration ends or Ctrl-C.
@@ -71,6 +75,13 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         tokens.get(&id).cloned().unwrap_or_default()
     })
     .await?;
+    if !args.no_activate {
+        // As an operator would with `metactl node activate`: the nodes then take the
+        // regions of new tables.
+        let client = MetaClient::new(&args.endpoints, MetaClientOptions::default())?;
+        sim.activate(&client, Duration::from_secs(30)).await?;
+        println!("{} simulated datanodes active", args.nodes);
+    }
     let started = Instant::now();
     let report = async {
         loop {
