@@ -149,13 +149,15 @@ impl KvStateStore {
 impl StateStore for KvStateStore {
     async fn put(&self, key: &str, value: Vec<u8>) -> procedure::Result<()> {
         let full = format!("{PREFIX}{key}");
-        let old = self.header(key).await?;
+        // An inline save is one write: the header it replaces comes back with it (no
+        // read first); only a segmented save reads the old header, for its generation.
         let header = if value.len() < self.segment_bytes {
             let mut header = Vec::with_capacity(value.len() + 1);
             header.push(INLINE);
             header.extend_from_slice(&value);
             header
         } else {
+            let old = self.header(key).await?;
             // Strictly newer than the generation it replaces, whatever the clock does.
             let clock = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -174,12 +176,17 @@ impl StateStore for KvStateStore {
             header.extend_from_slice(&(chunks.len() as u32).to_be_bytes());
             header
         };
-        self.kv
-            .put(PutRequest::new(full, header))
+        let put = self
+            .kv
+            .put(PutRequest {
+                key: full.into_bytes(),
+                value: header,
+                prev_kv: true,
+            })
             .await
             .map_err(|e| store_error(key, e))?;
-        if let Some(old) = old {
-            self.delete_generation(key, &old).await?;
+        if let Some(replaced) = put.prev_kv {
+            self.delete_generation(key, &replaced.value).await?;
         }
         Ok(())
     }

@@ -214,11 +214,22 @@ mod tests {
         assert!(manager.catalog(DEFAULT_CATALOG).await.unwrap().is_some());
         assert!(!manager.create_catalog(DEFAULT_CATALOG, 1).await.unwrap());
         let value = SchemaValue::default();
-        assert!(!manager.create_schema(DEFAULT_CATALOG, DEFAULT_SCHEMA, &value).await.unwrap());
-        let err = manager.drop_schema(DEFAULT_CATALOG, DEFAULT_SCHEMA).await.unwrap_err();
+        assert!(
+            !manager
+                .create_schema(DEFAULT_CATALOG, DEFAULT_SCHEMA, &value)
+                .await
+                .unwrap()
+        );
+        let err = manager
+            .drop_schema(DEFAULT_CATALOG, DEFAULT_SCHEMA)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("cannot be dropped"), "{err}");
         let everything = kv.range(RangeRequest::prefix(Vec::new())).await.unwrap();
-        assert!(everything.kvs.is_empty(), "nothing is written for the defaults");
+        assert!(
+            everything.kvs.is_empty(),
+            "nothing is written for the defaults"
+        );
 
         let value = SchemaValue::default();
         assert!(

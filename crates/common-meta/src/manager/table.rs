@@ -4,7 +4,7 @@
 //! its info, its route, and one `__datanode_table` key per node holding its regions.
 //!
 //! - **Create** writes them all in one transaction that requires the name and the info
-//!   to be absent. Running it again with the same values succeeds (a recovered
+//!   to be absent and the schema to exist. Running it again with the same values succeeds (a recovered
 //!   procedure repeats its last step); a different table under the name is
 //!   [`CreateOutcome::Exists`]. When the keys are more than one transaction may hold
 //!   (`max_txn_ops`), the per-node keys are written first in chunks and the name, info
@@ -20,14 +20,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::key::{DatanodeTableKey, MetaKey, TableInfoKey, TableNameKey, TableRouteKey, tombstone};
+use crate::key::{
+    DatanodeTableKey, MetaKey, SchemaKey, TableInfoKey, TableNameKey, TableRouteKey, tombstone,
+};
 use crate::kv::{
     BatchGetRequest, Compare, CompareOp, CompareTarget, DeleteRangeRequest, KvBackend, PutRequest,
     RangeRequest, TxnOp, TxnOpResponse, TxnRequest,
 };
 use crate::model::table::{DatanodeTable, TableInfo, TableNameValue, TableRoute};
 
-use super::catalog::absent;
+use super::catalog::{absent, is_default};
 use super::{from_json, to_json};
 
 /// A value with the exact bytes it was read as: the operand of a later compare.
@@ -195,12 +197,25 @@ impl TableMetadataManager {
                 self.write(chunk.to_vec()).await?;
             }
         }
+        let mut compare = vec![absent(&name), absent(&info_key)];
+        // The schema must still exist (the built-in default always does): a drop of
+        // the database that won the race leaves no table behind in it.
+        let schema_key = SchemaKey::new(&info.catalog, &info.schema)?.encode();
+        let builtin = is_default(&info.catalog, &info.schema);
+        if !builtin {
+            compare.push(Compare::new(
+                schema_key.clone(),
+                CompareOp::Greater,
+                CompareTarget::CreateRevision(0),
+            ));
+        }
         let txn = TxnRequest {
-            compare: vec![absent(&name), absent(&info_key)],
+            compare,
             success,
             failure: vec![
                 TxnOp::Range(RangeRequest::key(name.clone())),
                 TxnOp::Range(RangeRequest::key(info_key.clone())),
+                TxnOp::Range(RangeRequest::key(schema_key)),
             ],
         };
         let response = self.kv.txn(txn).await?;
@@ -215,6 +230,11 @@ impl TableMetadataManager {
             Some(bytes) => Some(from_json::<TableNameValue>(&name, &bytes)?.table_id),
             None => None,
         };
+        if !builtin && found(2).is_none() {
+            return Err(crate::Error::NotFound {
+                what: format!("schema {}.{}", info.catalog, info.schema),
+            });
+        }
         match holder {
             // The same create ran before: its info is there byte for byte.
             Some(id) if id == info.id && found(1).as_deref() == Some(&info_bytes[..]) => {

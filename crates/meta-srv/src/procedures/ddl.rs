@@ -118,19 +118,28 @@ fn json_field<T: serde::de::DeserializeOwned>(field: &str, json: &str) -> Result
     })
 }
 
+/// What a submitted task comes to before any procedure runs.
+pub enum Planned {
+    /// Run this procedure.
+    Run(BoxedProcedure),
+    /// Nothing to do: a create with `if_not_exists` found table `id`.
+    Exists(u32),
+}
+
 /// The procedure that carries `task` out, after every check that needs no lock (names,
-/// the table's schema, its size): bad input is refused here, before anything runs.
-pub fn procedure_for(
+/// the table's schema, its size; a create also plans its table): bad input is refused
+/// here, before anything runs.
+pub async fn procedure_for(
     ctx: &Arc<DdlContext>,
     task: pb::DdlTask,
     limits: &KvLimits,
-) -> Result<BoxedProcedure, Error> {
+) -> Result<Planned, Error> {
     use pb::ddl_task::Kind;
     let ctx = ctx.clone();
     let Some(kind) = task.kind else {
         return Err(Error::invalid_argument("the DDL task is empty"));
     };
-    Ok(match kind {
+    Ok(Planned::Run(match kind {
         Kind::CreateDatabase(t) => {
             if t.schema.is_empty() {
                 return Err(Error::invalid_argument("a database needs a name"));
@@ -169,7 +178,10 @@ pub fn procedure_for(
                     info.catalog, info.schema, info.name, limits.max_value_bytes
                 )));
             }
-            Box::new(CreateTable::new(ctx, info, t.if_not_exists))
+            match CreateTable::plan(ctx, info, t.if_not_exists).await? {
+                create_table::Plan::Run(create) => Box::new(create),
+                create_table::Plan::Exists(id) => return Ok(Planned::Exists(id)),
+            }
         }
         Kind::DropTable(t) => {
             let (catalog, schema, table) = table_of(&t.catalog, &t.schema, &t.table)?;
@@ -221,5 +233,5 @@ pub fn procedure_for(
             }
             Box::new(RenameTable::new(ctx, catalog, schema, table, &t.new_name))
         }
-    })
+    }))
 }

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::error::to_status;
 use crate::procedure_host::ProcedureHost;
 use crate::procedures::ddl::context::{DdlContext, error_of};
-use crate::procedures::ddl::{procedure_for, unknown_schema, unknown_table};
+use crate::procedures::ddl::{Planned, procedure_for, unknown_schema, unknown_table};
 use crate::raft::driver::DriverHandle;
 use crate::raft::members::Members;
 
@@ -82,6 +82,29 @@ impl DdlService {
         Err(crate::error::not_leader(&self.driver, &self.members, self.member_id).await)
     }
 
+    /// Submits `procedure` as `id`; a concurrent submission of the same id is fine (the
+    /// caller waits for whichever went first).
+    async fn start(
+        &self,
+        manager: &ProcedureManager,
+        id: &str,
+        procedure: procedure::BoxedProcedure,
+    ) -> Result<(), Status> {
+        match manager
+            .submit(ProcedureWithId {
+                id: id.to_string(),
+                procedure,
+            })
+            .await
+        {
+            Ok(_) | Err(procedure::Error::Duplicate(_)) => Ok(()),
+            Err(e) if e.is_retryable() => Err(to_status(common_meta::Error::Unavailable {
+                message: e.to_string(),
+            })),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+
     /// Waits up to `timeout` for procedure `id` (running here, or finished).
     async fn wait(
         &self,
@@ -123,28 +146,29 @@ impl pb::ddl_server::Ddl for DdlService {
         let request = request.into_inner();
         let manager = self.manager().await?;
         let task = request.task.unwrap_or_default();
-        let procedure = procedure_for(&self.ctx, task, &self.limits).map_err(to_status)?;
         let id = procedure_id(&request.request_id)?;
+        // A retry of a submission that went through waits for it, planning nothing.
+        if manager.watch(&id).is_none() && manager.state(&id).await.ok().flatten().is_none() {
+            let procedure = match procedure_for(&self.ctx, task, &self.limits)
+                .await
+                .map_err(to_status)?
+            {
+                Planned::Run(procedure) => procedure,
+                Planned::Exists(table_id) => {
+                    return Ok(Response::new(pb::SubmitDdlResponse {
+                        header: header(self.member_id),
+                        procedure_id: String::new(),
+                        done: true,
+                        table_id,
+                    }));
+                }
+            };
+            self.start(&manager, &id, procedure).await?;
+        }
         let timeout = Duration::from_millis(match request.timeout_ms {
             0 => self.ctx.config.ddl_timeout_ms,
             ms => ms,
         });
-        match manager
-            .submit(ProcedureWithId {
-                id: id.clone(),
-                procedure,
-            })
-            .await
-        {
-            // A second submission of one request id waits for the first.
-            Ok(_) | Err(procedure::Error::Duplicate(_)) => {}
-            Err(e) if e.is_retryable() => {
-                return Err(to_status(common_meta::Error::Unavailable {
-                    message: e.to_string(),
-                }));
-            }
-            Err(e) => return Err(Status::internal(e.to_string())),
-        }
         let (done, output) = match self.wait(&manager, &id, timeout).await? {
             Ended::Done(output) => (true, output),
             Ended::Failed(error) => return Err(to_status(error_of(&error))),

@@ -255,3 +255,28 @@ async fn rename_and_updates_compare_the_value_they_read() {
         RegionId::new(1024, 1)
     );
 }
+
+#[tokio::test]
+async fn a_table_needs_its_schema_at_commit() {
+    let (kv, tables) = manager(128);
+    let mut app = info(1024, "cpu", 1);
+    app.schema = "app".into();
+    let err = tables
+        .create_table(&app, &route(&app, 1))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("schema greptime.app not found"),
+        "{err}"
+    );
+    assert!(all_keys(&kv).await.is_empty(), "nothing written");
+    let catalogs = crate::manager::CatalogManager::new(kv.clone());
+    catalogs
+        .create_schema("greptime", "app", &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        tables.create_table(&app, &route(&app, 1)).await.unwrap(),
+        CreateOutcome::Created
+    );
+}

@@ -156,7 +156,8 @@ impl Procedure for DropTable {
                     .await
                     .map_err(step_error)?;
                 self.data.step = Step::Invalidate;
-                Ok(Status::Executing { persist: true })
+                // Not saved: a repeat of the tombstone step finds nothing left to move.
+                Ok(Status::Executing { persist: false })
             }
             Step::Invalidate => {
                 let (info, _) = self.found()?;
@@ -170,7 +171,8 @@ impl Procedure for DropTable {
                 let (_, route) = self.found()?;
                 drop_regions(&self.ctx, ctx, route).await?;
                 self.data.step = Step::Purge;
-                Ok(Status::Executing { persist: true })
+                // Not saved: dropping a region again is a success.
+                Ok(Status::Executing { persist: false })
             }
             Step::Purge => {
                 let (info, route) = self.found()?;
