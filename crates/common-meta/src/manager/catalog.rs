@@ -114,9 +114,12 @@ impl CatalogManager {
     /// Schema `catalog.schema`, if it exists.
     pub async fn schema(&self, catalog: &str, schema: &str) -> Result<Option<SchemaValue>> {
         let key = SchemaKey::new(catalog, schema)?.encode();
+        if is_default(catalog, schema) {
+            // Built in and never written: nothing to read.
+            return Ok(Some(SchemaValue::default()));
+        }
         match self.kv.get(&key).await? {
             Some(kv) => Ok(Some(from_json(&key, &kv.value)?)),
-            None if is_default(catalog, schema) => Ok(Some(SchemaValue::default())),
             None => Ok(None),
         }
     }

@@ -134,6 +134,18 @@ impl NodeManager {
             .collect()
     }
 
+    /// Every node as this member's own state has them (serializable: no round trip to
+    /// the leader's quorum, maybe a moment stale). For placement on the leader, where
+    /// a state change a moment old makes no difference.
+    pub async fn list_local(&self) -> Result<Vec<NodeInfo>> {
+        let range = self.kv.range_serializable(NodeKey::scan_all()).await?;
+        range
+            .kvs
+            .iter()
+            .map(|kv| decode(&kv.key, &kv.value))
+            .collect()
+    }
+
     /// Registers a node, or refreshes the facts a restarted node reports (address,
     /// labels, version, start time) while keeping its topology state. A node that is
     /// decommissioned cannot come back under the same id. Returns the stored record.

@@ -147,14 +147,13 @@ impl pb::ddl_server::Ddl for DdlService {
         let manager = self.manager().await?;
         let task = request.task.unwrap_or_default();
         let id = procedure_id(&request.request_id)?;
-        // A retry of a submission that went through waits for it, planning nothing.
-        if manager.watch(&id).is_none() && manager.state(&id).await.ok().flatten().is_none() {
-            let procedure = match procedure_for(&self.ctx, task, &self.limits)
-                .await
-                .map_err(to_status)?
-            {
-                Planned::Run(procedure) => procedure,
-                Planned::Exists(table_id) => {
+        // A retry of a submission that already ran must wait for it, not plan again
+        // (its own table would be "already exists"): known in memory, or else (only
+        // when planning fails, so a first submission pays no read for it) on record.
+        if manager.watch(&id).is_none() {
+            match procedure_for(&self.ctx, task, &self.limits).await {
+                Ok(Planned::Run(procedure)) => self.start(&manager, &id, procedure).await?,
+                Ok(Planned::Exists(table_id)) => {
                     return Ok(Response::new(pb::SubmitDdlResponse {
                         header: header(self.member_id),
                         procedure_id: String::new(),
@@ -162,8 +161,13 @@ impl pb::ddl_server::Ddl for DdlService {
                         table_id,
                     }));
                 }
-            };
-            self.start(&manager, &id, procedure).await?;
+                Err(e) => {
+                    let known = manager.state(&id).await.ok().flatten().is_some();
+                    if !known {
+                        return Err(to_status(e));
+                    }
+                }
+            }
         }
         let timeout = Duration::from_millis(match request.timeout_ms {
             0 => self.ctx.config.ddl_timeout_ms,

@@ -446,3 +446,41 @@ impl meta_client::InstructionHandler for Quiet {
         Ok(Vec::new())
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubmitted_request_id_answers_the_first_outcome() {
+    let server = server().await;
+    let endpoints = vec![server.grpc.clone()];
+    let sim = datanodes(&endpoints, 2).await;
+    let mut ddl = pb::ddl_client::DdlClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    let create = |request_id: &str| pb::SubmitDdlRequest {
+        task: Some(pb::DdlTask {
+            kind: Some(pb::ddl_task::Kind::CreateTable(pb::CreateTableTask {
+                table_info_json: serde_json::to_string(&table("once", 2)).unwrap(),
+                if_not_exists: false,
+            })),
+        }),
+        request_id: request_id.to_string(),
+        timeout_ms: 10_000,
+    };
+    let first = ddl.submit(create("req-1")).await.unwrap().into_inner();
+    assert!(first.done && first.table_id >= 1024, "{first:?}");
+    assert_eq!(first.procedure_id, "ddl-req-1");
+    // The same request again (its answer was lost, say): the first outcome, not
+    // "already exists", and nothing created twice.
+    let again = ddl.submit(create("req-1")).await.unwrap().into_inner();
+    assert_eq!((again.done, again.table_id), (true, first.table_id));
+    // A new request for the same table is a new create: it exists.
+    let status = ddl.submit(create("req-2")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status:?}");
+    let client = client(&endpoints);
+    check_consistent(&client, &sim).await.unwrap();
+    let total: usize = sim.node_ids().iter().map(|n| sim.regions(*n).len()).sum();
+    assert_eq!(total, 2);
+    // A bad request id is refused as such.
+    let status = ddl.submit(create("a/b")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    server.shutdown().await;
+}

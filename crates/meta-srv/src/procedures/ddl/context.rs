@@ -82,7 +82,7 @@ impl DdlContext {
         let now = common_meta::time::unix_ms();
         let mut out = Vec::new();
         let (mut joining, mut not_alive, mut other) = (0, 0, 0);
-        for node in self.nodes.list().await? {
+        for node in self.nodes.list_local().await? {
             if node.role != NodeRole::Datanode {
                 continue;
             }
