@@ -30,6 +30,8 @@ pub struct Sequence {
     batch: u64,
     /// Reserved and not yet handed out.
     cached: Mutex<Range<u64>>,
+    /// Held while a reservation is being written.
+    reserving: tokio::sync::Mutex<()>,
 }
 
 impl Sequence {
@@ -42,6 +44,7 @@ impl Sequence {
             start,
             batch: batch.max(1),
             cached: Mutex::new(0..0),
+            reserving: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -58,23 +61,37 @@ impl Sequence {
                 self.key.name()
             )));
         }
-        {
-            let mut cached = self.cached();
-            if cached.end - cached.start >= count {
-                let out = cached.start..cached.start + count;
-                cached.start = out.end;
-                return Ok(out);
-            }
+        if let Some(out) = self.take(count) {
+            return Ok(out);
+        }
+        // One reservation at a time: callers that find the cache empty together wait
+        // for one write instead of racing each other's compare-and-puts (an async
+        // lock: waiting parks the task, not the thread).
+        let _reserving = self.reserving.lock().await;
+        if let Some(out) = self.take(count) {
+            return Ok(out);
         }
         let reserved = self.reserve(count.max(self.batch)).await?;
         let out = reserved.start..reserved.start + count;
         let mut cached = self.cached();
-        // Concurrent reservations: keep the later remainder, so ids handed out here
-        // only grow (the other remainder becomes a gap).
+        // Another allocator of the same sequence (a test, or a process racing this
+        // one) may have filled the cache meanwhile: keep the later remainder, so ids
+        // handed out here only grow (the other becomes a gap).
         if out.end > cached.start {
             *cached = out.end..reserved.end;
         }
         Ok(out)
+    }
+
+    /// `count` ids from the reserved ones, if there are enough.
+    fn take(&self, count: u64) -> Option<Range<u64>> {
+        let mut cached = self.cached();
+        if cached.end - cached.start >= count {
+            let out = cached.start..cached.start + count;
+            cached.start = out.end;
+            return Some(out);
+        }
+        None
     }
 
     /// Forgets the ids reserved and not handed out (on losing leadership: the next
@@ -299,5 +316,41 @@ mod tests {
             1034..1035
         );
         assert!(sequences.next("bad/name", 1).await.is_err());
+    }
+
+    /// A backend that lets other tasks run before every call, as a network would.
+    struct Yielding(Arc<dyn KvBackend>);
+
+    #[async_trait::async_trait]
+    impl KvBackend for Yielding {
+        fn name(&self) -> &'static str {
+            "yielding"
+        }
+
+        async fn txn(&self, req: crate::kv::TxnRequest) -> Result<crate::kv::TxnResponse> {
+            tokio::task::yield_now().await;
+            self.0.txn(req).await
+        }
+    }
+
+    #[tokio::test]
+    async fn callers_that_miss_together_share_one_reservation() {
+        let kv = backend();
+        let yielding: Arc<dyn KvBackend> = Arc::new(Yielding(kv.clone()));
+        let seq = Arc::new(Sequence::new(yielding, "s", 1, 100).unwrap());
+        let callers: Vec<_> = (0..32)
+            .map(|_| {
+                let seq = seq.clone();
+                tokio::spawn(async move { seq.next(1).await.unwrap() })
+            })
+            .collect();
+        let mut got = Vec::new();
+        for caller in callers {
+            got.push(caller.await.unwrap().start);
+        }
+        got.sort_unstable();
+        assert_eq!(got, (1..33).collect::<Vec<_>>());
+        let mark = kv.get(b"__seq/s").await.unwrap().unwrap();
+        assert_eq!(mark.version, 1, "one write for the 32 ids");
     }
 }
