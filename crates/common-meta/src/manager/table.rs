@@ -85,6 +85,25 @@ impl TableMetadataManager {
         }
     }
 
+    /// Like [`TableMetadataManager::table_id`], from this member's own applied state
+    /// (serializable: no quorum round trip). Right on the leader for a writer that
+    /// holds the name's procedure lock (whoever held it before committed, and the
+    /// leader applies a commit before answering it); a check, never the guard: the
+    /// create's compare is.
+    pub async fn table_id_local(
+        &self,
+        catalog: &str,
+        schema: &str,
+        table: &str,
+    ) -> Result<Option<u32>> {
+        let key = TableNameKey::new(catalog, schema, table)?.encode();
+        let found = self.kv.range_serializable(RangeRequest::key(key.clone())).await?;
+        match found.kvs.first() {
+            Some(kv) => Ok(Some(from_json::<TableNameValue>(&key, &kv.value)?.table_id)),
+            None => Ok(None),
+        }
+    }
+
     async fn versioned<T: serde::de::DeserializeOwned>(
         &self,
         key: Vec<u8>,

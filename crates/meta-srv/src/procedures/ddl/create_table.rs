@@ -115,7 +115,7 @@ impl CreateTable {
         }
         if let Some(id) = ctx
             .tables
-            .table_id(&info.catalog, &info.schema, &info.name)
+            .table_id_local(&info.catalog, &info.schema, &info.name)
             .await?
         {
             if self.data.if_not_exists {
@@ -187,7 +187,7 @@ impl CreateTable {
         let holder = self
             .ctx
             .tables
-            .table_id(&info.catalog, &info.schema, &info.name)
+            .table_id_local(&info.catalog, &info.schema, &info.name)
             .await
             .map_err(step_error)?;
         match holder {
