@@ -97,7 +97,10 @@ impl TableMetadataManager {
         table: &str,
     ) -> Result<Option<u32>> {
         let key = TableNameKey::new(catalog, schema, table)?.encode();
-        let found = self.kv.range_serializable(RangeRequest::key(key.clone())).await?;
+        let found = self
+            .kv
+            .range_serializable(RangeRequest::key(key.clone()))
+            .await?;
         match found.kvs.first() {
             Some(kv) => Ok(Some(from_json::<TableNameValue>(&key, &kv.value)?.table_id)),
             None => Ok(None),
@@ -115,6 +118,33 @@ impl TableMetadataManager {
             })),
             None => Ok(None),
         }
+    }
+
+    /// Table `id`'s info and route from this member's applied state (see
+    /// [`TableMetadataManager::table_id_local`] for when that is right).
+    pub async fn table_local(
+        &self,
+        id: u32,
+    ) -> Result<(Option<Versioned<TableInfo>>, Option<Versioned<TableRoute>>)> {
+        let read = |key: Vec<u8>| async move {
+            let found = self.kv.range_serializable(RangeRequest::key(key)).await?;
+            Ok::<_, crate::Error>(found.kvs.into_iter().next())
+        };
+        let info = match read(TableInfoKey::new(id).encode()).await? {
+            Some(kv) => Some(Versioned {
+                value: from_json(&kv.key, &kv.value)?,
+                raw: kv.value,
+            }),
+            None => None,
+        };
+        let route = match read(TableRouteKey::new(id).encode()).await? {
+            Some(kv) => Some(Versioned {
+                value: from_json(&kv.key, &kv.value)?,
+                raw: kv.value,
+            }),
+            None => None,
+        };
+        Ok((info, route))
     }
 
     /// Table `id`'s info.
@@ -324,7 +354,7 @@ impl TableMetadataManager {
     /// Moves the table's keys to tombstones: it is gone for readers, and
     /// [`TableMetadataManager::restore_table`] can bring it back.
     pub async fn tombstone_table(&self, info: &TableInfo, route: &TableRoute) -> Result<()> {
-        let (head, nodes) = Self::keys_of(info, route)?;
+        let (mut head, nodes) = Self::keys_of(info, route)?;
         let to_tomb = |keys: Vec<Vec<u8>>| {
             keys.into_iter()
                 .map(|k| {
@@ -333,6 +363,11 @@ impl TableMetadataManager {
                 })
                 .collect::<Vec<_>>()
         };
+        if 2 * (head.len() + nodes.len()) <= self.max_txn_ops {
+            // All in one transaction.
+            head.extend(nodes);
+            return self.move_keys(to_tomb(head)).await;
+        }
         // The name goes first: the table disappears in one step.
         self.move_keys(to_tomb(head)).await?;
         self.move_keys(to_tomb(nodes)).await
@@ -340,12 +375,16 @@ impl TableMetadataManager {
 
     /// Puts a tombstoned table back (the name last, so it reappears whole).
     pub async fn restore_table(&self, info: &TableInfo, route: &TableRoute) -> Result<()> {
-        let (head, nodes) = Self::keys_of(info, route)?;
+        let (head, mut nodes) = Self::keys_of(info, route)?;
         let from_tomb = |keys: Vec<Vec<u8>>| {
             keys.into_iter()
                 .map(|k| (tombstone(&k), k))
                 .collect::<Vec<_>>()
         };
+        if 2 * (head.len() + nodes.len()) <= self.max_txn_ops {
+            nodes.extend(head);
+            return self.move_keys(from_tomb(nodes)).await;
+        }
         self.move_keys(from_tomb(nodes)).await?;
         self.move_keys(from_tomb(head)).await
     }

@@ -84,23 +84,24 @@ impl DropTable {
     }
 }
 
-/// Reads table `catalog.schema.table`'s info and route, if it exists.
+/// Reads table `catalog.schema.table`'s info and route, if it exists (the caller holds
+/// the name's procedure lock).
 pub(super) async fn find_table(
     ctx: &DdlContext,
     catalog: &str,
     schema: &str,
     table: &str,
 ) -> procedure::Result<Option<(Versioned<TableInfo>, TableRoute)>> {
+    // Local reads: every caller holds the table name's lock (see table_id_local).
     let Some(id) = ctx
         .tables
-        .table_id(catalog, schema, table)
+        .table_id_local(catalog, schema, table)
         .await
         .map_err(step_error)?
     else {
         return Ok(None);
     };
-    let info = ctx.tables.table_info(id).await.map_err(step_error)?;
-    let route = ctx.tables.table_route(id).await.map_err(step_error)?;
+    let (info, route) = ctx.tables.table_local(id).await.map_err(step_error)?;
     match (info, route) {
         (Some(info), Some(route)) => Ok(Some((info, route.value))),
         _ => Err(procedure::Error::external(format!(
