@@ -179,7 +179,7 @@ pub async fn procedure_for(
                 )));
             }
             match CreateTable::plan(ctx, info, t.if_not_exists).await? {
-                create_table::Plan::Run(create) => Box::new(create),
+                create_table::Plan::Run(create) => create,
                 create_table::Plan::Exists(id) => return Ok(Planned::Exists(id)),
             }
         }

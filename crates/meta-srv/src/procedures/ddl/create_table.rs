@@ -57,7 +57,7 @@ struct Data {
 /// What submitting a create comes to.
 pub enum Plan {
     /// Run this procedure.
-    Run(CreateTable),
+    Run(Box<CreateTable>),
     /// The table exists and the create said `if_not_exists`: its id.
     Exists(u32),
 }
@@ -89,7 +89,7 @@ impl CreateTable {
         };
         match create.prepare().await? {
             Some(id) => Ok(Plan::Exists(id)),
-            None => Ok(Plan::Run(create)),
+            None => Ok(Plan::Run(Box::new(create))),
         }
     }
 
