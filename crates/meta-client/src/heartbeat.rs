@@ -78,6 +78,9 @@ pub struct HeartbeatState {
     pub regions_sent: u64,
     /// The last refusal the leader gave (for example a bad join token), if any.
     pub last_error: Option<String>,
+    /// Streams the leader has answered on since the task started: a new number is a
+    /// new stream (pushes sent while the node had none were missed).
+    pub streams: u64,
 }
 
 /// A running heartbeat task; stopped when dropped.
@@ -289,6 +292,7 @@ async fn session(
                 }
                 if !greeted {
                     greeted = true;
+                    state.send_modify(|s| s.streams += 1);
                     // The first stats go at once: the leader learns the regions now.
                     next_beat.as_mut().reset(tokio::time::Instant::now());
                 }

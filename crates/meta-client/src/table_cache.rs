@@ -164,22 +164,23 @@ impl TableCache {
     }
 
     /// Clears the cache every time the node's heartbeat task opens a new stream (it
-    /// may have missed pushes while it had none). Runs until the task's state ends or
-    /// the returned handle is aborted.
+    /// may have missed pushes while it had none), however quickly one stream follows
+    /// another. Runs until the task's state ends or the returned handle is aborted.
     pub fn clear_on_reconnect(
         self: &Arc<Self>,
         mut state: watch::Receiver<HeartbeatState>,
     ) -> JoinHandle<()> {
         let cache = Arc::downgrade(self);
+        // The stream the cache was filled on: read now, not when the task first runs.
+        let mut seen = state.borrow_and_update().streams;
         tokio::spawn(async move {
-            let mut connected = state.borrow_and_update().connected_to.is_some();
             while state.changed().await.is_ok() {
-                let now = state.borrow_and_update().connected_to.is_some();
-                if now && !connected {
+                let streams = state.borrow_and_update().streams;
+                if streams != seen {
+                    seen = streams;
                     let Some(cache) = cache.upgrade() else { return };
                     cache.clear();
                 }
-                connected = now;
             }
         })
     }

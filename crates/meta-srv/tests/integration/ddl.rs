@@ -426,6 +426,32 @@ async fn invalidations_reach_every_connected_node_and_keep_a_cache_current() {
     })
     .await;
     assert_eq!(cache.fetches(), 2);
+
+    // A node that opens a new stream may have missed pushes meanwhile: it re-reads.
+    let (state, follow) = tokio::sync::watch::channel(meta_client::HeartbeatState {
+        connected_to: Some(server.grpc.clone()),
+        streams: 1,
+        ..Default::default()
+    });
+    let _reconnects = cache.clear_on_reconnect(follow);
+    cache.table("greptime", "public", "cached").await.unwrap();
+    assert_eq!(cache.fetches(), 2, "still cached");
+    // Gone and back at once: the watcher may see only the last state.
+    state.send_modify(|s| s.connected_to = None);
+    state.send_modify(|s| {
+        s.connected_to = Some("elsewhere:3002".into());
+        s.streams += 1;
+    });
+    wait_until(Duration::from_secs(10), || async {
+        cache
+            .table("greptime", "public", "cached")
+            .await
+            .map_err(|e| e.to_string())?;
+        check(cache.fetches() >= 3, || {
+            "the reconnect did not clear the cache".into()
+        })
+    })
+    .await;
     drop(task);
     server.shutdown().await;
 }
