@@ -5,7 +5,6 @@
 //! create commits, without the procedure, the placement and the datanodes), so the
 //! ratio says what the DDL machinery costs over the commit itself.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -14,9 +13,7 @@ use anyhow::Context;
 use clap::Args;
 use common_meta::kv::KvBackend;
 use common_meta::manager::TableMetadataManager;
-use common_meta::model::table::{
-    ColumnSchema, Peer, RegionRoute, SemanticType, TableInfo, TableRoute,
-};
+use common_meta::model::table::{Peer, RegionRoute, TableInfo, TableRoute};
 use meta_client::sim::{SimOptions, Simulator};
 use meta_client::{MetaClient, MetaClientOptions};
 
@@ -58,33 +55,7 @@ impl DdlArgs {
 }
 
 fn table(name: String, regions: u32) -> TableInfo {
-    let column = |name: &str, data_type: &str, semantic_type| ColumnSchema {
-        name: name.to_string(),
-        data_type: data_type.to_string(),
-        nullable: true,
-        default: None,
-        semantic_type,
-    };
-    TableInfo {
-        id: 0,
-        catalog: "greptime".into(),
-        schema: "public".into(),
-        name,
-        engine: "mito".into(),
-        columns: vec![
-            column("host", "string", SemanticType::Tag),
-            column("ts", "timestamp_ms", SemanticType::Timestamp),
-            column("usage", "float64", SemanticType::Field),
-        ],
-        primary_key: vec!["host".into()],
-        time_index: Some("ts".into()),
-        options: BTreeMap::new(),
-        partition: Default::default(),
-        regions,
-        version: 0,
-        created_ms: 0,
-        updated_ms: 0,
-    }
+    meta_client::sim::sample_table(&name, regions)
 }
 
 /// Rate and latency of one phase.

@@ -18,6 +18,40 @@ use crate::heartbeat::{
     HeartbeatState, HeartbeatTask, InstructionHandler, NodeIdentity, RttObserver, StatsProvider,
 };
 
+/// A table to create against simulated datanodes: `greptime.public.{name}` with a
+/// `host` tag, a `ts` time index and a `usage` field, in `regions` regions (its id is
+/// allocated by meta).
+pub fn sample_table(name: &str, regions: u32) -> common_meta::model::table::TableInfo {
+    use common_meta::model::table::{ColumnSchema, SemanticType, TableInfo};
+    let column = |name: &str, data_type: &str, semantic_type| ColumnSchema {
+        name: name.to_string(),
+        data_type: data_type.to_string(),
+        nullable: true,
+        default: None,
+        semantic_type,
+    };
+    TableInfo {
+        id: 0,
+        catalog: "greptime".into(),
+        schema: "public".into(),
+        name: name.into(),
+        engine: "mito".into(),
+        columns: vec![
+            column("host", "string", SemanticType::Tag),
+            column("ts", "timestamp_ms", SemanticType::Timestamp),
+            column("usage", "float64", SemanticType::Field),
+        ],
+        primary_key: vec!["host".into()],
+        time_index: Some("ts".into()),
+        options: Default::default(),
+        partition: Default::default(),
+        regions,
+        version: 0,
+        created_ms: 0,
+        updated_ms: 0,
+    }
+}
+
 /// What to simulate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimOptions {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common_meta::kv::{KvBackend, RangeRequest};
 use common_meta::manager::TableMetadataManager;
-use common_meta::model::table::{ColumnSchema, SemanticType, TableInfo};
+use common_meta::model::table::TableInfo;
 use meta_client::sim::{SimOptions, Simulator};
 use meta_client::{MetaClient, MetaClientOptions};
 use meta_proto::v1 as pb;
@@ -22,33 +22,7 @@ mod leader_change;
 
 /// A table of `regions` regions in the default schema (host tag, ts, usage).
 pub fn table(name: &str, regions: u32) -> TableInfo {
-    let column = |name: &str, data_type: &str, semantic_type| ColumnSchema {
-        name: name.to_string(),
-        data_type: data_type.to_string(),
-        nullable: true,
-        default: None,
-        semantic_type,
-    };
-    TableInfo {
-        id: 0,
-        catalog: "greptime".into(),
-        schema: "public".into(),
-        name: name.into(),
-        engine: "mito".into(),
-        columns: vec![
-            column("host", "string", SemanticType::Tag),
-            column("ts", "timestamp_ms", SemanticType::Timestamp),
-            column("usage", "float64", SemanticType::Field),
-        ],
-        primary_key: vec!["host".into()],
-        time_index: Some("ts".into()),
-        options: BTreeMap::new(),
-        partition: Default::default(),
-        regions,
-        version: 0,
-        created_ms: 0,
-        updated_ms: 0,
-    }
+    meta_client::sim::sample_table(name, regions)
 }
 
 /// A server with fast heartbeats, quick failure detection and few region attempts.

@@ -55,6 +55,25 @@ pub fn error_of(text: &str) -> common_meta::Error {
     common_meta::Error::from_procedure_error(text)
 }
 
+/// Decodes a DDL procedure's saved state (`what` names the DDL in the error).
+pub fn load_state<T: serde::de::DeserializeOwned>(what: &str, json: &str) -> procedure::Result<T> {
+    serde_json::from_str(json)
+        .map_err(|e| procedure::Error::external(format!("bad {what} state: {e}")))
+}
+
+/// Encodes a DDL procedure's state to save.
+pub fn dump_state<T: serde::Serialize>(data: &T) -> procedure::Result<String> {
+    serde_json::to_string(data).map_err(|e| procedure::Error::external(e.to_string()))
+}
+
+/// The locks of a DDL of database `catalog.schema` (the schema exclusively).
+pub fn locks_for_schema(catalog: &str, schema: &str) -> procedure::LockKey {
+    procedure::LockKey::shared(format!("catalog/{catalog}")).with(
+        format!("schema/{catalog}/{schema}"),
+        procedure::LockMode::Exclusive,
+    )
+}
+
 /// The regions of `route` by the node that leads or follows them.
 pub fn regions_by_node(route: &TableRoute) -> BTreeMap<u64, Vec<u64>> {
     let mut out: BTreeMap<u64, Vec<u64>> = BTreeMap::new();

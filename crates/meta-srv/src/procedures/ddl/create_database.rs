@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use common_meta::model::table::SchemaValue;
-use procedure::{Context, LockKey, LockMode, Procedure, Status};
+use procedure::{Context, LockKey, Procedure, Status};
 use serde::{Deserialize, Serialize};
 
-use super::context::{DdlContext, step_error};
+use super::context::{DdlContext, dump_state, load_state, locks_for_schema, step_error};
 
 /// The type name persisted with the procedure.
 pub const TYPE_NAME: &str = "metasrv.CreateDatabase";
@@ -51,8 +51,7 @@ impl CreateDatabase {
 
     /// Rebuilds a create from its persisted state.
     pub fn load(ctx: Arc<DdlContext>, json: &str) -> procedure::Result<Self> {
-        let data = serde_json::from_str(json)
-            .map_err(|e| procedure::Error::external(format!("bad create-database state: {e}")))?;
+        let data = load_state("create-database", json)?;
         Ok(CreateDatabase { data, ctx })
     }
 }
@@ -94,14 +93,10 @@ impl Procedure for CreateDatabase {
     }
 
     fn dump(&self) -> procedure::Result<String> {
-        serde_json::to_string(&self.data).map_err(|e| procedure::Error::external(e.to_string()))
+        dump_state(&self.data)
     }
 
     fn lock_key(&self) -> LockKey {
-        let d = &self.data;
-        LockKey::shared(format!("catalog/{}", d.catalog)).with(
-            format!("schema/{}/{}", d.catalog, d.schema),
-            LockMode::Exclusive,
-        )
+        locks_for_schema(&self.data.catalog, &self.data.schema)
     }
 }

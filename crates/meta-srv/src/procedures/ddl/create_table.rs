@@ -21,7 +21,8 @@ use procedure::{Context, LockKey, Procedure, Status};
 use serde::{Deserialize, Serialize};
 
 use super::context::{
-    DdlContext, Unreachable, error_of, regions_by_node, step_error, table_idents,
+    DdlContext, Unreachable, dump_state, error_of, load_state, regions_by_node, step_error,
+    table_idents,
 };
 use super::{done_with_table, locks_for_table, unknown_schema};
 
@@ -95,8 +96,7 @@ impl CreateTable {
 
     /// Rebuilds a create from its persisted state.
     pub fn load(ctx: Arc<DdlContext>, json: &str) -> procedure::Result<Self> {
-        let data = serde_json::from_str(json)
-            .map_err(|e| procedure::Error::external(format!("bad create-table state: {e}")))?;
+        let data = load_state("create-table", json)?;
         Ok(CreateTable { data, ctx })
     }
 
@@ -284,7 +284,7 @@ impl Procedure for CreateTable {
     }
 
     fn dump(&self) -> procedure::Result<String> {
-        serde_json::to_string(&self.data).map_err(|e| procedure::Error::external(e.to_string()))
+        dump_state(&self.data)
     }
 
     fn lock_key(&self) -> LockKey {
@@ -309,21 +309,7 @@ impl Procedure for CreateTable {
             // Committed: the table exists and stays (only invalidation can have failed).
             return Ok(());
         }
-        let by_node = regions_by_node(route);
-        let dropped = self
-            .ctx
-            .on_nodes(
-                ctx,
-                "drop",
-                &by_node,
-                |region_ids| pb::Instruction {
-                    kind: Some(pb::instruction::Kind::DropRegions(pb::DropRegions {
-                        region_ids,
-                    })),
-                },
-                Unreachable::Skip,
-            )
-            .await;
+        let dropped = super::drop_table::drop_regions(&self.ctx, ctx, route).await;
         if let Err(e) = &dropped
             && !e.is_retryable()
         {

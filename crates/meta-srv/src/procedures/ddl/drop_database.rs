@@ -8,10 +8,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use common_meta::model::table::{TableInfo, TableRoute};
 use meta_proto::v1 as pb;
-use procedure::{Context, LockKey, LockMode, Procedure, Status};
+use procedure::{Context, LockKey, Procedure, Status};
 use serde::{Deserialize, Serialize};
 
-use super::context::{DdlContext, step_error, table_idents};
+use super::context::{
+    DdlContext, dump_state, load_state, locks_for_schema, step_error, table_idents,
+};
 use super::drop_table::drop_regions;
 use super::unknown_schema;
 
@@ -71,8 +73,7 @@ impl DropDatabase {
 
     /// Rebuilds a drop from its persisted state.
     pub fn load(ctx: Arc<DdlContext>, json: &str) -> procedure::Result<Self> {
-        let data = serde_json::from_str(json)
-            .map_err(|e| procedure::Error::external(format!("bad drop-database state: {e}")))?;
+        let data = load_state("drop-database", json)?;
         Ok(DropDatabase { data, ctx })
     }
 
@@ -174,14 +175,10 @@ impl Procedure for DropDatabase {
     }
 
     fn dump(&self) -> procedure::Result<String> {
-        serde_json::to_string(&self.data).map_err(|e| procedure::Error::external(e.to_string()))
+        dump_state(&self.data)
     }
 
     fn lock_key(&self) -> LockKey {
-        let d = &self.data;
-        LockKey::shared(format!("catalog/{}", d.catalog)).with(
-            format!("schema/{}/{}", d.catalog, d.schema),
-            LockMode::Exclusive,
-        )
+        locks_for_schema(&self.data.catalog, &self.data.schema)
     }
 }

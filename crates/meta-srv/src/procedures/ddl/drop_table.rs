@@ -13,7 +13,9 @@ use meta_proto::v1 as pb;
 use procedure::{Context, LockKey, Procedure, Status};
 use serde::{Deserialize, Serialize};
 
-use super::context::{DdlContext, Unreachable, regions_by_node, step_error, table_idents};
+use super::context::{
+    DdlContext, Unreachable, dump_state, load_state, regions_by_node, step_error, table_idents,
+};
 use super::{done_with_table, locks_for_table, unknown_table};
 
 /// The type name persisted with the procedure.
@@ -71,8 +73,7 @@ impl DropTable {
 
     /// Rebuilds a drop from its persisted state.
     pub fn load(ctx: Arc<DdlContext>, json: &str) -> procedure::Result<Self> {
-        let data = serde_json::from_str(json)
-            .map_err(|e| procedure::Error::external(format!("bad drop-table state: {e}")))?;
+        let data = load_state("drop-table", json)?;
         Ok(DropTable { data, ctx })
     }
 
@@ -188,7 +189,7 @@ impl Procedure for DropTable {
     }
 
     fn dump(&self) -> procedure::Result<String> {
-        serde_json::to_string(&self.data).map_err(|e| procedure::Error::external(e.to_string()))
+        dump_state(&self.data)
     }
 
     fn lock_key(&self) -> LockKey {

@@ -9,7 +9,7 @@ use meta_proto::v1 as pb;
 use procedure::{Context, LockKey, LockMode, Procedure, Status};
 use serde::{Deserialize, Serialize};
 
-use super::context::{DdlContext, step_error, table_idents};
+use super::context::{DdlContext, dump_state, load_state, step_error, table_idents};
 use super::drop_table::find_table;
 use super::{done_with_table, locks_for_table, unknown_table};
 
@@ -62,8 +62,7 @@ impl RenameTable {
 
     /// Rebuilds a rename from its persisted state.
     pub fn load(ctx: Arc<DdlContext>, json: &str) -> procedure::Result<Self> {
-        let data = serde_json::from_str(json)
-            .map_err(|e| procedure::Error::external(format!("bad rename-table state: {e}")))?;
+        let data = load_state("rename-table", json)?;
         Ok(RenameTable { data, ctx })
     }
 }
@@ -130,7 +129,7 @@ impl Procedure for RenameTable {
     }
 
     fn dump(&self) -> procedure::Result<String> {
-        serde_json::to_string(&self.data).map_err(|e| procedure::Error::external(e.to_string()))
+        dump_state(&self.data)
     }
 
     fn lock_key(&self) -> LockKey {

@@ -8,7 +8,9 @@ use meta_proto::v1 as pb;
 use procedure::{Context, LockKey, Procedure, Status};
 use serde::{Deserialize, Serialize};
 
-use super::context::{DdlContext, Unreachable, regions_by_node, step_error};
+use super::context::{
+    DdlContext, Unreachable, dump_state, load_state, regions_by_node, step_error,
+};
 use super::drop_table::find_table;
 use super::{done_with_table, locks_for_table, unknown_table};
 
@@ -44,8 +46,7 @@ impl TruncateTable {
 
     /// Rebuilds a truncate from its persisted state.
     pub fn load(ctx: Arc<DdlContext>, json: &str) -> procedure::Result<Self> {
-        let data = serde_json::from_str(json)
-            .map_err(|e| procedure::Error::external(format!("bad truncate-table state: {e}")))?;
+        let data = load_state("truncate-table", json)?;
         Ok(TruncateTable { data, ctx })
     }
 }
@@ -79,7 +80,7 @@ impl Procedure for TruncateTable {
     }
 
     fn dump(&self) -> procedure::Result<String> {
-        serde_json::to_string(&self.data).map_err(|e| procedure::Error::external(e.to_string()))
+        dump_state(&self.data)
     }
 
     fn lock_key(&self) -> LockKey {
