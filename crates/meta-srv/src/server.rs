@@ -212,6 +212,7 @@ impl MetaSrv {
             nodes,
             plane: plane.clone(),
             ids: Arc::new(Sequences::new(kv.clone(), config.metadata.id_batch)),
+            ids_term: Default::default(),
             selector: Selector::new(config.metadata.selector),
             config: config.metadata,
         });

@@ -317,8 +317,7 @@ impl pb::ddl_server::Ddl for DdlService {
         self.manager().await?;
         let ids = self
             .ctx
-            .ids
-            .next(&r.name, r.count)
+            .next_ids(&r.name, r.count)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::AllocIdsResponse {

@@ -30,8 +30,11 @@ pub struct DdlContext {
     pub nodes: Arc<NodeManager>,
     /// Liveness and the mailbox to nodes.
     pub plane: Arc<ClusterPlane>,
-    /// Id sequences (reset on every leadership change).
+    /// Id sequences (reset on every leadership change); take ids through
+    /// [`DdlContext::next_ids`].
     pub ids: Arc<Sequences>,
+    /// The leadership term the sequences' reserved ids belong to.
+    pub ids_term: std::sync::atomic::AtomicU64,
     /// Placement of new regions.
     pub selector: Selector,
     /// Timeouts and attempts.
@@ -96,6 +99,26 @@ pub enum Unreachable {
 }
 
 impl DdlContext {
+    /// `count` new ids of sequence `name`. Ids this member reserved in an earlier term
+    /// are dropped first (another leader may have handed out higher ones since), even
+    /// if the leadership task has not reset the sequences yet.
+    pub async fn next_ids(
+        &self,
+        name: &str,
+        count: u64,
+    ) -> Result<std::ops::Range<u64>, common_meta::Error> {
+        let term = (*self.plane.leadership.borrow())
+            .ok_or(common_meta::Error::NotLeader { leader: None })?;
+        if self
+            .ids_term
+            .swap(term, std::sync::atomic::Ordering::SeqCst)
+            != term
+        {
+            self.ids.reset();
+        }
+        self.ids.next(name, count).await
+    }
+
     /// The datanodes that may take new regions now: active and alive.
     pub async fn candidates(&self) -> Result<Vec<Candidate>, common_meta::Error> {
         let now = common_meta::time::unix_ms();

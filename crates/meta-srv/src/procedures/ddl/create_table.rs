@@ -136,7 +136,7 @@ impl CreateTable {
             .selector
             .place(&candidates, info.regions as usize, followers)
             .map_err(|message| common_meta::Error::FailedPrecondition { message })?;
-        let id = ctx.ids.next(TABLE_ID_SEQUENCE, 1).await?.start;
+        let id = ctx.next_ids(TABLE_ID_SEQUENCE, 1).await?.start;
         let id = u32::try_from(id).map_err(|_| common_meta::Error::FailedPrecondition {
             message: "table ids are exhausted".to_string(),
         })?;
