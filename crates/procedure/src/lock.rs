@@ -138,6 +138,28 @@ impl LockTable {
         Ok(())
     }
 
+    /// Takes every key of `lock` for root `owner` if all are free for it now, else
+    /// none (no waiting). Recovery uses it so that recovered procedures hold their
+    /// keys before anything new can be submitted.
+    pub fn try_acquire(&self, owner: &str, lock: &LockKey) -> bool {
+        let mut held = self.held();
+        let free = lock.keys().iter().all(|(key, mode)| {
+            held.get(key)
+                .is_none_or(|holders| holders.can_take(owner, *mode))
+        });
+        if !free {
+            return false;
+        }
+        for (key, mode) in lock.keys() {
+            let holders = held.entry(key.clone()).or_default();
+            match mode {
+                LockMode::Shared => holders.shared.push(owner.to_string()),
+                LockMode::Exclusive => holders.exclusive = Some(owner.to_string()),
+            }
+        }
+        true
+    }
+
     /// Releases every key `owner` holds.
     pub fn release(&self, owner: &str) {
         let mut held = self.held();

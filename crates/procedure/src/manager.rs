@@ -282,9 +282,19 @@ impl ProcedureManager {
                 roots.push((record, procedure));
             }
         }
+        // Recovered roots take their locks now, before the caller can submit anything
+        // new: a procedure that was cut short between two saves must finish (or roll
+        // back) before new work on the same keys runs, since its next step may repeat
+        // one it already did. Those whose keys another recovered root took wait as
+        // usual. Recovered roots run outside the `max_running` slots: one holding keys
+        // while it waits for a slot could block the roots that hold the slots.
         for (record, procedure) in roots {
             tracing::info!(id = %record.id, step = record.step, "resuming procedure");
-            self.spawn_root(record, procedure)?;
+            let locked = self
+                .inner
+                .locks
+                .try_acquire(&record.id, &procedure.lock_key());
+            self.spawn_recovered(record, procedure, locked)?;
         }
         self.spawn_cleaner()?;
         Ok(())
@@ -403,11 +413,32 @@ impl ProcedureManager {
                     return;
                 };
                 let id = record.id.clone();
-                if let Err(e) = run(inner.clone(), record, procedure).await {
+                if let Err(e) = run(inner.clone(), record, procedure, false).await {
                     tracing::warn!(%id, error = %e, "procedure runner stopped");
                 }
             })
             .map(drop)
+    }
+
+    /// Starts a recovered root (see `start`): no slot, its locks taken if `locked`.
+    fn spawn_recovered(
+        &self,
+        record: ProcedureRecord,
+        procedure: BoxedProcedure,
+        locked: bool,
+    ) -> Result<()> {
+        let inner = self.inner.clone();
+        let id = record.id.clone();
+        let spawned = self.inner.spawn(async move {
+            let id = record.id.clone();
+            if let Err(e) = run(inner.clone(), record, procedure, locked).await {
+                tracing::warn!(%id, error = %e, "procedure runner stopped");
+            }
+        });
+        if spawned.is_err() && locked {
+            self.inner.locks.release(&id);
+        }
+        spawned.map(drop)
     }
 
     fn spawn_cleaner(&self) -> Result<()> {

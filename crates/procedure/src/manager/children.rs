@@ -127,7 +127,7 @@ pub(super) async fn run_children(
             inner.persist(&mut child_record).await?;
         }
         let id = child_record.id.clone();
-        let task = inner.spawn(run(inner.clone(), child_record, child))?;
+        let task = inner.spawn(run(inner.clone(), child_record, child, false))?;
         running.push((id, task));
     }
     for (id, task) in running {

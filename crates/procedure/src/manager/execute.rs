@@ -18,23 +18,29 @@ pub(super) async fn guarded<T>(what: &str, step: impl Future<Output = Result<T>>
     }
 }
 
-/// Runs one procedure to its end. Returns `Err` only when the store failed or the
-/// manager stopped (the runner then ends as if the process died).
+/// Runs one procedure to its end (taking its locks first unless it already holds them:
+/// `locked`). Returns `Err` only when the store failed or the manager stopped (the
+/// runner then ends as if the process died).
 pub(super) fn run(
     inner: Arc<Inner>,
     record: ProcedureRecord,
     procedure: BoxedProcedure,
+    locked: bool,
 ) -> BoxFuture<Finished> {
     Box::pin(async move {
         let (mut record, mut procedure) = (record, procedure);
         let id = record.id.clone();
         let ancestors = inner.ancestors(&id);
         let _release = LockRelease(inner.clone(), id.clone());
-        if let Err(e) = inner
-            .locks
-            .acquire(&id, &ancestors, &procedure.lock_key())
-            .await
-        {
+        let acquired = if locked {
+            Ok(())
+        } else {
+            inner
+                .locks
+                .acquire(&id, &ancestors, &procedure.lock_key())
+                .await
+        };
+        if let Err(e) = acquired {
             record.state = ProcedureState::Failed;
             record.error = Some(e.to_string());
             inner.persist(&mut record).await?;

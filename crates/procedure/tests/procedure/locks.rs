@@ -276,3 +276,97 @@ async fn a_panicking_step_fails_its_procedure_and_frees_its_locks() {
         .expect("the lock was released")
         .unwrap();
 }
+
+/// Appends its name to a shared log, after waiting for `gate` if it has one.
+struct Ordered {
+    name: String,
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+    gate: Option<Arc<tokio::sync::Notify>>,
+}
+
+#[async_trait]
+impl Procedure for Ordered {
+    fn type_name(&self) -> &str {
+        "test.Ordered"
+    }
+
+    async fn execute(&mut self, _ctx: &Context) -> Result<Status> {
+        if let Some(gate) = &self.gate {
+            gate.notified().await;
+        }
+        // Give a competitor every chance to run first.
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        self.log.lock().unwrap().push(self.name.clone());
+        Ok(Status::Done { output: None })
+    }
+
+    fn dump(&self) -> Result<String> {
+        Ok(self.name.clone())
+    }
+
+    fn lock_key(&self) -> LockKey {
+        LockKey::exclusive("table/t")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovered_procedures_hold_their_locks_before_anything_new_runs() {
+    let store = Arc::new(MemoryStateStore::default());
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // A procedure cut short: saved, then its manager stops before it finishes.
+    let first = ProcedureManager::new(store.clone(), fast());
+    first.start().await.unwrap();
+    first
+        .submit(ProcedureWithId {
+            id: "cut-short".into(),
+            procedure: Box::new(Ordered {
+                name: "recovered".into(),
+                log: log.clone(),
+                gate: Some(Arc::new(tokio::sync::Notify::new())),
+            }),
+        })
+        .await
+        .unwrap();
+    first.shutdown().await;
+
+    let second = ProcedureManager::new(store.clone(), fast());
+    let recovered_log = log.clone();
+    second
+        .register_loader(
+            "test.Ordered",
+            Box::new(move |name| {
+                Ok(Box::new(Ordered {
+                    name: name.to_string(),
+                    log: recovered_log.clone(),
+                    gate: None,
+                }) as procedure::BoxedProcedure)
+            }),
+        )
+        .unwrap();
+    second.start().await.unwrap();
+    // Submitted the moment the manager is up, on the same key.
+    let newer = second
+        .submit(ProcedureWithId {
+            id: "newer".into(),
+            procedure: Box::new(Ordered {
+                name: "new".into(),
+                log: log.clone(),
+                gate: None,
+            }),
+        })
+        .await
+        .unwrap();
+    newer.wait().await.unwrap();
+    wait_until(|| {
+        let done = log.lock().unwrap().len() == 2;
+        async move {
+            done.then_some(())
+                .ok_or("the recovered procedure did not finish".to_string())
+        }
+    })
+    .await;
+    assert_eq!(*log.lock().unwrap(), ["recovered", "new"]);
+    second.shutdown().await;
+}
