@@ -178,14 +178,43 @@ impl Error {
         matches!(self, Error::OutcomeUnknown { .. })
     }
 
-    /// The error a failed procedure's recorded error text stands for: the display forms
-    /// of [`Error::AlreadyExists`], [`Error::NotFound`] and [`Error::InvalidArgument`]
-    /// read back as themselves (after the procedure framework's `retryable: ` prefix
-    /// and ` (rolled back)` suffix are taken off); anything else is a
+    /// The error a failed procedure's recorded error text stands for.
+    ///
+    /// The procedure framework records `{cause}` (no rollback), `{cause} (rolled back)`
+    /// or `{cause}; rollback failed: ...`, where a cause of retries run out starts with
+    /// `retryable: `. Read back: a rollback that failed, a save that failed, or retries
+    /// run out on a procedure that did not roll back are an outcome unknown (its
+    /// effects may stay, and the next leader may resume it); otherwise the display
+    /// forms of [`Error::FailedPrecondition`], [`Error::InvalidArgument`],
+    /// [`Error::AlreadyExists`] and [`Error::NotFound`] read back as themselves
+    /// (prefixes first: a refusal's text may end in "not found"); anything else is a
     /// [`Error::FailedPrecondition`] carrying the text.
     pub fn from_procedure_error(text: &str) -> Self {
-        let text = text.strip_suffix(" (rolled back)").unwrap_or(text);
-        let text = text.strip_prefix("retryable: ").unwrap_or(text);
+        let unknown = || Error::OutcomeUnknown {
+            message: text.to_string(),
+        };
+        if text.contains("; rollback failed: ") || text.contains("could not be saved after") {
+            return unknown();
+        }
+        let (text, rolled_back) = match text.strip_suffix(" (rolled back)") {
+            Some(cause) => (cause, true),
+            None => (text, false),
+        };
+        let text = match text.strip_prefix("retryable: ") {
+            Some(cause) if !rolled_back || cause.starts_with("outcome unknown") => {
+                return unknown();
+            }
+            Some(cause) => cause,
+            None => text,
+        };
+        if let Some(message) = text.strip_prefix("failed precondition: ") {
+            return Error::FailedPrecondition {
+                message: message.to_string(),
+            };
+        }
+        if let Some(message) = text.strip_prefix("invalid argument: ") {
+            return Error::invalid_argument(message);
+        }
         if let Some(what) = text.strip_suffix(" already exists") {
             return Error::AlreadyExists {
                 what: what.to_string(),
@@ -196,12 +225,8 @@ impl Error {
                 what: what.to_string(),
             };
         }
-        if let Some(message) = text.strip_prefix("invalid argument: ") {
-            return Error::invalid_argument(message);
-        }
-        let message = text.strip_prefix("failed precondition: ").unwrap_or(text);
         Error::FailedPrecondition {
-            message: message.to_string(),
+            message: text.to_string(),
         }
     }
 

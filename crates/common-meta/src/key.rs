@@ -17,6 +17,9 @@
 //! __join_token/{sha256 of the token, hex}          join token records (model/join_token.rs)
 //! __tombstone/{any key above}                      a dropped table's keys, kept until
 //!                                                  its drop is done (manager/table.rs)
+//! __fence                                          never written: deleted by a
+//!                                                  transaction only to order it
+//!                                                  through the log (fence_absent)
 //! ```
 //!
 //! Values are JSON of the `model` types: `__table_name` holds `TableNameValue`
@@ -52,6 +55,10 @@ use crate::kv::RangeRequest;
 /// The prefix under which a dropped table's keys wait until the drop is finished (so a
 /// failed drop can put them back).
 pub const TOMBSTONE_PREFIX: &str = "__tombstone/";
+
+/// A key that is never written: deleting it makes a transaction a write (ordered
+/// through the log after every earlier write) without changing anything.
+pub const FENCE_KEY: &str = "__fence";
 
 /// Where `key` is kept while its table is being dropped.
 pub fn tombstone(key: &[u8]) -> Vec<u8> {

@@ -46,6 +46,9 @@ pub struct CachedTable {
 
 #[derive(Default)]
 struct Entries {
+    /// Bumped by every invalidation and clear: a read that started before one must not
+    /// put what it read into the cache (it may be what was just invalidated).
+    generation: u64,
     /// `catalog.schema.table` -> id, with when it was read.
     names: HashMap<String, (u32, Instant)>,
     /// id -> table, with when it was read.
@@ -99,13 +102,16 @@ impl TableCache {
             return self.table_by_id(id).await;
         }
         self.fetches.fetch_add(1, Ordering::Relaxed);
+        let generation = self.entries().generation;
         let (info, route) = self.client.table(catalog, schema, table).await?;
         let id = info.id;
         let entry = Arc::new(CachedTable { info, route });
         let now = Instant::now();
         let mut entries = self.entries();
-        entries.names.insert(name, (id, now));
-        entries.tables.insert(id, (entry.clone(), now));
+        if entries.generation == generation {
+            entries.names.insert(name, (id, now));
+            entries.tables.insert(id, (entry.clone(), now));
+        }
         Ok(entry)
     }
 
@@ -121,11 +127,13 @@ impl TableCache {
             return Ok(table);
         }
         self.fetches.fetch_add(1, Ordering::Relaxed);
+        let generation = self.entries().generation;
         let (info, route) = self.client.table_by_id(id).await?;
         let entry = Arc::new(CachedTable { info, route });
-        self.entries()
-            .tables
-            .insert(id, (entry.clone(), Instant::now()));
+        let mut entries = self.entries();
+        if entries.generation == generation {
+            entries.tables.insert(id, (entry.clone(), Instant::now()));
+        }
         Ok(entry)
     }
 
@@ -133,6 +141,7 @@ impl TableCache {
     pub fn invalidate(&self, idents: &[pb::CacheIdent]) {
         use pb::cache_ident::Kind;
         let mut entries = self.entries();
+        entries.generation += 1;
         for ident in idents {
             match &ident.kind {
                 Some(Kind::TableId(id)) => {
@@ -155,7 +164,12 @@ impl TableCache {
 
     /// Drops everything.
     pub fn clear(&self) {
-        *self.entries() = Entries::default();
+        let mut entries = self.entries();
+        let generation = entries.generation + 1;
+        *entries = Entries {
+            generation,
+            ..Entries::default()
+        };
     }
 
     /// Reads that went to the server since the cache was made.

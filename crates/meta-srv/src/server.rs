@@ -215,6 +215,8 @@ impl MetaSrv {
             ids_term: Default::default(),
             selector: Selector::new(config.metadata.selector),
             config: config.metadata,
+            step_retries: ManagerConfig::default().max_retries,
+            limits,
         });
         // The leader's manager runs the DDL procedures, and recovers unfinished ones.
         let registry = {

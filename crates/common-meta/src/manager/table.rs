@@ -219,7 +219,6 @@ impl TableMetadataManager {
     ) -> Result<CreateOutcome> {
         let name = name_key(info)?;
         let info_key = TableInfoKey::new(info.id).encode();
-        let info_bytes = to_json(info)?;
         let mut node_puts = Vec::new();
         for (node, table) in route.datanode_tables(info) {
             node_puts.push(TxnOp::Put(PutRequest::new(
@@ -232,13 +231,14 @@ impl TableMetadataManager {
                 name.clone(),
                 to_json(&TableNameValue { table_id: info.id })?,
             )),
-            TxnOp::Put(PutRequest::new(info_key.clone(), info_bytes.clone())),
+            TxnOp::Put(PutRequest::new(info_key.clone(), to_json(info)?)),
             TxnOp::Put(PutRequest::new(
                 TableRouteKey::new(info.id).encode(),
                 to_json(route)?,
             )),
         ];
-        if success.len() + node_puts.len() <= self.max_txn_ops {
+        let written_ahead = success.len() + node_puts.len() > self.max_txn_ops;
+        if !written_ahead {
             success.append(&mut node_puts);
         } else {
             // Invisible until the name exists; the name's lock keeps others out.
@@ -275,27 +275,62 @@ impl TableMetadataManager {
             Some(TxnOpResponse::Range(r)) => r.kvs.first().map(|kv| kv.value.clone()),
             _ => None,
         };
-        let holder = match found(0) {
-            Some(bytes) => Some(from_json::<TableNameValue>(&name, &bytes)?.table_id),
-            None => None,
-        };
+        // Table ids are never reused: info under this id means an earlier run of this
+        // very create committed (the table may have been altered or renamed since).
+        if found(1).is_some() {
+            return Ok(CreateOutcome::Created);
+        }
+        // Nothing of this create is kept: per-node keys written ahead in chunks go.
+        if written_ahead {
+            let ops: Vec<TxnOp> = route
+                .datanode_tables(info)
+                .into_keys()
+                .map(|node| {
+                    TxnOp::DeleteRange(DeleteRangeRequest::key(
+                        DatanodeTableKey::new(node, info.id).encode(),
+                    ))
+                })
+                .collect();
+            for chunk in ops.chunks(self.max_txn_ops) {
+                self.write(chunk.to_vec()).await?;
+            }
+        }
         if !builtin && found(2).is_none() {
             return Err(crate::Error::NotFound {
                 what: format!("schema {}.{}", info.catalog, info.schema),
             });
         }
-        match holder {
-            // The same create ran before: its info is there byte for byte.
-            Some(id) if id == info.id && found(1).as_deref() == Some(&info_bytes[..]) => {
-                Ok(CreateOutcome::Created)
-            }
-            Some(id) => Ok(CreateOutcome::Exists(id)),
-            // The id is taken by another table (ids are never reused, so this is a
-            // caller's bug), or the name was freed between the two reads: report it.
-            None => Err(crate::Error::AlreadyExists {
-                what: format!("table id {}", info.id),
+        match found(0) {
+            Some(bytes) => Ok(CreateOutcome::Exists(
+                from_json::<TableNameValue>(&name, &bytes)?.table_id,
+            )),
+            // Neither the name nor the info: the compare failed on neither (a race
+            // with a drop of the name between the two): let the caller try again.
+            None => Err(crate::Error::Unavailable {
+                message: format!(
+                    "table {}.{}.{} changed while it was created; retry",
+                    info.catalog, info.schema, info.name
+                ),
             }),
         }
+    }
+
+    /// Whether table `id` has no info, decided by a write: a transaction through the
+    /// log that fails when the info exists. Any earlier write of this leader that could
+    /// still commit is ordered before it, so `true` means the table was not created
+    /// and will not be by an earlier attempt (what a rollback must know before it
+    /// drops regions).
+    pub async fn fence_absent(&self, id: u32) -> Result<bool> {
+        let info_key = TableInfoKey::new(id).encode();
+        let txn = TxnRequest {
+            compare: vec![absent(&info_key)],
+            // A write that changes nothing, so the transaction goes through the log.
+            success: vec![TxnOp::DeleteRange(DeleteRangeRequest::key(
+                crate::key::FENCE_KEY.as_bytes().to_vec(),
+            ))],
+            failure: vec![],
+        };
+        Ok(self.kv.txn(txn).await?.succeeded)
     }
 
     async fn write(&self, ops: Vec<TxnOp>) -> Result<()> {
@@ -355,6 +390,14 @@ impl TableMetadataManager {
     /// [`TableMetadataManager::restore_table`] can bring it back.
     pub async fn tombstone_table(&self, info: &TableInfo, route: &TableRoute) -> Result<()> {
         let (mut head, nodes) = Self::keys_of(info, route)?;
+        // The name moves only while it still names this table: a table created under
+        // the name since (after this drop's first run) keeps it.
+        let name = head[0].clone();
+        if let Some(kv) = self.kv.get(&name).await?
+            && from_json::<TableNameValue>(&name, &kv.value)?.table_id != info.id
+        {
+            head.remove(0);
+        }
         let to_tomb = |keys: Vec<Vec<u8>>| {
             keys.into_iter()
                 .map(|k| {
@@ -375,7 +418,12 @@ impl TableMetadataManager {
 
     /// Puts a tombstoned table back (the name last, so it reappears whole).
     pub async fn restore_table(&self, info: &TableInfo, route: &TableRoute) -> Result<()> {
-        let (head, mut nodes) = Self::keys_of(info, route)?;
+        let (mut head, mut nodes) = Self::keys_of(info, route)?;
+        // A table created under the name meanwhile keeps it; this one stays nameless
+        // (its tombstoned name is purged with the rest).
+        if self.kv.get(&head[0]).await?.is_some() {
+            head.remove(0);
+        }
         let from_tomb = |keys: Vec<Vec<u8>>| {
             keys.into_iter()
                 .map(|k| (tombstone(&k), k))

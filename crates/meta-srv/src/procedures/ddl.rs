@@ -112,6 +112,30 @@ fn table_of<'a>(
     Ok((catalog, schema, table))
 }
 
+/// Room kept in a request beside the table info (keys, route, compares).
+const INFO_HEADROOM: usize = 64 * 1024;
+
+/// The largest table info: one value, and small enough that an alter's transaction
+/// (the info read as its compare, plus the new one) fits in one request.
+pub fn max_info_bytes(limits: &KvLimits) -> usize {
+    limits
+        .max_value_bytes
+        .min(limits.max_request_bytes.saturating_sub(INFO_HEADROOM) / 2)
+}
+
+/// Refuses a table info over [`max_info_bytes`], before anything runs.
+pub fn check_info_size(info: &TableInfo, limits: &KvLimits) -> Result<(), Error> {
+    let bytes = serde_json::to_vec(info).map_or(usize::MAX, |b| b.len());
+    let max = max_info_bytes(limits);
+    if bytes > max {
+        return Err(Error::invalid_argument(format!(
+            "table {}.{}.{}: its info is {bytes} bytes, more than {max} (max_value_bytes, and half of max_request_bytes so an alter can compare and replace it)",
+            info.catalog, info.schema, info.name
+        )));
+    }
+    Ok(())
+}
+
 fn json_field<T: serde::de::DeserializeOwned>(field: &str, json: &str) -> Result<T, Error> {
     serde_json::from_str(json).map_err(|e| {
         Error::invalid_argument(format!("{field} is not valid JSON of its model: {e}"))
@@ -170,14 +194,7 @@ pub async fn procedure_for(
             info.catalog = catalog;
             info.schema = schema;
             info.validate()?;
-            // The info is one value: refuse it here rather than after regions exist.
-            let bytes = serde_json::to_vec(&info).map_or(usize::MAX, |b| b.len());
-            if bytes > limits.max_value_bytes {
-                return Err(Error::invalid_argument(format!(
-                    "table {}.{}.{}: its info is {bytes} bytes, more than max_value_bytes ({})",
-                    info.catalog, info.schema, info.name, limits.max_value_bytes
-                )));
-            }
+            check_info_size(&info, limits)?;
             match CreateTable::plan(ctx, info, t.if_not_exists).await? {
                 create_table::Plan::Run(create) => create,
                 create_table::Plan::Exists(id) => return Ok(Planned::Exists(id)),

@@ -280,3 +280,58 @@ async fn a_table_needs_its_schema_at_commit() {
         CreateOutcome::Created
     );
 }
+
+#[tokio::test]
+async fn a_repeated_create_finds_its_table_even_renamed_and_a_lost_one_leaves_nothing() {
+    let (kv, tables) = manager(3);
+    let cpu = info(1024, "cpu", 4);
+    let cpu_route = route(&cpu, 4);
+    assert!(tables.fence_absent(1024).await.unwrap());
+    tables.create_table(&cpu, &cpu_route).await.unwrap();
+    assert!(
+        !tables.fence_absent(1024).await.unwrap(),
+        "created: not absent"
+    );
+    let read = tables.table_info(1024).await.unwrap().unwrap();
+    assert!(tables.rename_table(&read, "cpu2", 9).await.unwrap());
+    // The create runs again after a crash: its table is there, renamed.
+    assert_eq!(
+        tables.create_table(&cpu, &cpu_route).await.unwrap(),
+        CreateOutcome::Created
+    );
+    // Another table under a taken name, wide enough to be written in chunks: told
+    // who holds the name, and its per-node keys written ahead are gone again.
+    let before = all_keys(&kv).await;
+    let mut other = info(1025, "cpu2", 5);
+    other.name = "cpu2".into();
+    assert_eq!(
+        tables
+            .create_table(&other, &route(&other, 5))
+            .await
+            .unwrap(),
+        CreateOutcome::Exists(1024)
+    );
+    assert_eq!(all_keys(&kv).await, before);
+}
+
+#[tokio::test]
+async fn a_repeated_drop_never_takes_the_name_of_a_table_created_since() {
+    let (_, tables) = manager(128);
+    let old = info(1024, "t", 2);
+    let old_route = route(&old, 2);
+    tables.create_table(&old, &old_route).await.unwrap();
+    tables.tombstone_table(&old, &old_route).await.unwrap();
+    // A new table under the name, then the old drop's step runs again.
+    let new = info(1025, "t", 1);
+    tables.create_table(&new, &route(&new, 1)).await.unwrap();
+    tables.tombstone_table(&old, &old_route).await.unwrap();
+    assert_eq!(tables.table_id("greptime", "public", "t").await.unwrap(), Some(1025));
+    // Restoring the old one leaves the new one its name; purging takes only the old.
+    tables.restore_table(&old, &old_route).await.unwrap();
+    assert_eq!(tables.table_id("greptime", "public", "t").await.unwrap(), Some(1025));
+    tables.tombstone_table(&old, &old_route).await.unwrap();
+    tables.purge_table(&old, &old_route).await.unwrap();
+    assert_eq!(tables.table_id("greptime", "public", "t").await.unwrap(), Some(1025));
+    assert!(tables.table_info(1025).await.unwrap().is_some());
+    assert!(tables.table_info(1024).await.unwrap().is_none());
+}

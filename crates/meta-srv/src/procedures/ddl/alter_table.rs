@@ -183,6 +183,7 @@ impl AlterTable {
             .spec
             .apply(&old.value, common_meta::time::unix_ms())
             .map_err(step_error)?;
+        super::check_info_size(&new, &self.ctx.limits).map_err(step_error)?;
         self.data.old = Some(String::from_utf8_lossy(&old.raw).into_owned());
         self.data.new = Some(new);
         self.data.route = Some(route);

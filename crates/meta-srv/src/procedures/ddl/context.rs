@@ -39,6 +39,11 @@ pub struct DdlContext {
     pub selector: Selector,
     /// Timeouts and attempts.
     pub config: MetadataConfig,
+    /// The store's limits (a table's info must fit, see `ddl::max_info_bytes`).
+    pub limits: common_meta::kv::KvLimits,
+    /// Retries the procedure manager gives a step (`ManagerConfig::max_retries`): a
+    /// step that must not fail decides before they run out.
+    pub step_retries: u32,
 }
 
 /// A step's failure from a metadata error: transient errors are retried by the
@@ -88,13 +93,14 @@ pub fn regions_by_node(route: &TableRoute) -> BTreeMap<u64, Vec<u64>> {
     out
 }
 
-/// What to do when nodes stay unreachable through every attempt.
+/// What to do when nodes refuse or stay unreachable through every attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unreachable {
     /// Fail the step (the procedure rolls back).
     Fail,
     /// Go on without them (a drop: the metadata no longer names their regions, and a
     /// node that comes back learns from its `__datanode_table` keys what it holds).
+    /// Nodes with no stream are waited for up to the attempts too.
     Skip,
 }
 
@@ -212,6 +218,37 @@ impl DdlContext {
                 Err(e) => silent.push(format!("datanode {node}: {e}")),
             }
         }
+        let attempts = self.config.region_attempts;
+        let last = ctx.attempt + 1 >= attempts;
+        if unreachable == Unreachable::Skip {
+            // Going forward whatever happens: what refuses, and what stays away past
+            // the attempts, is told and left (no key names its regions any more).
+            // Nodes with no stream are waited for as long as the manager lets the step
+            // retry (after a leader change they take a few heartbeats to come back).
+            let last_wait = ctx.attempt + 1 >= self.step_retries.max(attempts);
+            let mut left: Vec<&String> = refused.iter().collect();
+            if last {
+                left.extend(&silent);
+            }
+            if last_wait {
+                left.extend(&awaited);
+            }
+            if !left.is_empty() {
+                tracing::warn!(procedure = %ctx.procedure_id, nodes = ?left, "went on without datanodes");
+            }
+            let waiting = (!last && !silent.is_empty()) || (!last_wait && !awaited.is_empty());
+            if !waiting {
+                return Ok(());
+            }
+            return Err(procedure::Error::retry_later(
+                silent
+                    .iter()
+                    .chain(&awaited)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ));
+        }
         if !refused.is_empty() {
             return Err(step_error(common_meta::Error::FailedPrecondition {
                 message: refused.join("; "),
@@ -226,22 +263,15 @@ impl DdlContext {
                 awaited.join("; ")
             )));
         }
-        let attempts = self.config.region_attempts;
-        if ctx.attempt + 1 < attempts {
+        if !last {
             return Err(procedure::Error::retry_later(silent.join("; ")));
         }
-        match unreachable {
-            Unreachable::Fail => Err(step_error(common_meta::Error::FailedPrecondition {
-                message: format!(
-                    "could not {what} after {attempts} attempts: {}",
-                    silent.join("; ")
-                ),
-            })),
-            Unreachable::Skip => {
-                tracing::warn!(procedure = %ctx.procedure_id, nodes = %silent.join("; "), "went on without unreachable datanodes");
-                Ok(())
-            }
-        }
+        Err(step_error(common_meta::Error::FailedPrecondition {
+            message: format!(
+                "could not {what} after {attempts} attempts: {}",
+                silent.join("; ")
+            ),
+        }))
     }
 
     /// Tells every connected node to drop what it cached under `idents` (best effort:
@@ -302,19 +332,34 @@ mod tests {
             common_meta::Error::FailedPrecondition {
                 message: "no datanode".into(),
             },
+            // A refusal whose own words end like another error's display.
+            common_meta::Error::FailedPrecondition {
+                message: "datanode 3 refused to create region 1024.0: region 4398046511104 already exists".into(),
+            },
         ];
         for error in cases {
             let text = step_error(error).to_string();
             let back = error_of(&format!("{text} (rolled back)"));
             assert_eq!(back.to_string(), text);
+            assert_eq!(error_of(&text).to_string(), text);
         }
         let retried = step_error(common_meta::Error::Unavailable {
             message: "x".into(),
         });
         assert!(retried.is_retryable());
+        // Retries ran out and everything was undone: nothing was kept.
         assert!(matches!(
-            error_of(&retried.to_string()),
+            error_of(&format!("{retried} (rolled back)")),
             common_meta::Error::FailedPrecondition { .. }
         ));
+        // Its effects may stay, or it may be resumed: the outcome is not known.
+        for text in [
+            retried.to_string(),
+            "retryable: outcome unknown: raft wait timed out (rolled back)".to_string(),
+            "failed precondition: x; rollback failed: retryable: unavailable: y".to_string(),
+            "procedure ddl-1 could not be saved after 21 attempts: disk".to_string(),
+        ] {
+            assert!(error_of(&text).is_outcome_unknown(), "{text}");
+        }
     }
 }

@@ -226,13 +226,19 @@ impl CreateTable {
     async fn commit(&mut self) -> procedure::Result<Status> {
         let route = self.route()?.clone();
         let info = &self.data.info;
-        match self
-            .ctx
-            .tables
-            .create_table(info, &route)
-            .await
-            .map_err(step_error)?
-        {
+        let tables = &self.ctx.tables;
+        let outcome = match tables.create_table(info, &route).await {
+            // The commit may or may not have applied: a write through the log tells,
+            // so the step never ends (nor rolls back) on a guess.
+            Err(e) if e.is_outcome_unknown() => {
+                if tables.fence_absent(info.id).await.map_err(step_error)? {
+                    return Err(procedure::Error::retry_later(e.to_string()));
+                }
+                CreateOutcome::Created
+            }
+            other => other.map_err(step_error)?,
+        };
+        match outcome {
             CreateOutcome::Created => {
                 self.data.step = Step::Invalidate;
                 // Not saved: after a crash the commit runs again, and finds its own
@@ -307,6 +313,18 @@ impl Procedure for CreateTable {
         }
         if self.data.step == Step::Invalidate {
             // Committed: the table exists and stays (only invalidation can have failed).
+            return Ok(());
+        }
+        if self.data.step == Step::Commit
+            && !self
+                .ctx
+                .tables
+                .fence_absent(self.data.info.id)
+                .await
+                .map_err(step_error)?
+        {
+            // The commit applied after all: its regions belong to a live table.
+            tracing::warn!(procedure = %ctx.procedure_id, "create committed; regions kept");
             return Ok(());
         }
         let dropped = super::drop_table::drop_regions(&self.ctx, ctx, route).await;

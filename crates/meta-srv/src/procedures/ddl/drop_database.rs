@@ -1,6 +1,6 @@
-//! Drop database: list its tables (persisted) -> drop them one at a time (each:
-//! tombstones, invalidation, regions, purge; progress persisted after each) -> delete
-//! the schema -> invalidate. Holding the schema exclusively keeps every other DDL of
+//! Drop database: list its tables' ids (saved) -> drop them one at a time (each: read
+//! and saved, then tombstones, invalidation, regions, purge; saved) -> check the schema
+//! is empty and delete it -> invalidate. Holding the schema exclusively keeps every other DDL of
 //! the schema out meanwhile. The default schema cannot be dropped.
 
 use std::sync::Arc;
@@ -24,7 +24,8 @@ pub const TYPE_NAME: &str = "metasrv.DropDatabase";
 #[serde(rename_all = "snake_case")]
 enum Step {
     Prepare,
-    /// Dropping `tables[0]`: its keys tombstoned, then its regions, then purged.
+    /// Dropping the tables one at a time: `current` (saved before anything happens to
+    /// it) is tombstoned, its regions dropped, purged; then the next id.
     DropTables,
     DeleteSchema,
 }
@@ -36,9 +37,13 @@ struct Data {
     schema: String,
     if_exists: bool,
     step: Step,
-    /// Tables still to drop, with their routes.
+    /// Ids of the tables still to drop (only ids: the state stays small however many
+    /// tables the schema has).
     #[serde(default)]
-    tables: Vec<(TableInfo, TableRoute)>,
+    tables: Vec<u32>,
+    /// The table being dropped, as it was before its keys moved.
+    #[serde(default)]
+    current: Option<(TableInfo, TableRoute)>,
 }
 
 /// The drop-database procedure.
@@ -66,6 +71,7 @@ impl DropDatabase {
                 if_exists,
                 step: Step::Prepare,
                 tables: Vec::new(),
+                current: None,
             },
             ctx,
         }
@@ -96,35 +102,32 @@ impl DropDatabase {
             }
             return Err(step_error(unknown_schema(&d.catalog, &d.schema)));
         }
-        let mut found = Vec::new();
-        for info in tables
+        self.data.tables = tables
             .tables(&d.catalog, Some(&d.schema))
             .await
             .map_err(step_error)?
-        {
-            let route = tables
-                .table_route(info.id)
-                .await
-                .map_err(step_error)?
-                .map(|r| r.value)
-                .unwrap_or(TableRoute {
-                    regions: Vec::new(),
-                    version: 0,
-                });
-            found.push((info, route));
-        }
-        self.data.tables = found;
+            .iter()
+            .map(|info| info.id)
+            .collect();
         self.data.step = Step::DropTables;
         Ok(Status::Executing { persist: true })
     }
 
     async fn drop_next(&mut self, ctx: &Context) -> procedure::Result<Status> {
-        let Some((info, route)) = self.data.tables.first() else {
-            self.data.step = Step::DeleteSchema;
+        let tables = &self.ctx.tables;
+        let Some((info, route)) = &self.data.current else {
+            let Some(id) = self.data.tables.first().copied() else {
+                self.data.step = Step::DeleteSchema;
+                return Ok(Status::Executing { persist: true });
+            };
+            self.data.tables.remove(0);
+            // Local reads: the schema's exclusive lock keeps every other DDL out.
+            if let (Some(info), Some(route)) = tables.table_local(id).await.map_err(step_error)? {
+                self.data.current = Some((info.value, route.value));
+            }
             return Ok(Status::Executing { persist: true });
         };
         // Each part is idempotent, so a repeat after a crash does no harm.
-        let tables = &self.ctx.tables;
         tables
             .tombstone_table(info, route)
             .await
@@ -139,7 +142,7 @@ impl DropDatabase {
             .await;
         drop_regions(&self.ctx, ctx, route).await?;
         tables.purge_table(info, route).await.map_err(step_error)?;
-        self.data.tables.remove(0);
+        self.data.current = None;
         Ok(Status::Executing { persist: true })
     }
 }
@@ -156,6 +159,22 @@ impl Procedure for DropDatabase {
             Step::DropTables => self.drop_next(ctx).await,
             Step::DeleteSchema => {
                 let d = &self.data;
+                // Nothing may be left in it (the lock keeps DDL out; a raw KV write
+                // does not): whatever is, is dropped first.
+                let left: Vec<u32> = self
+                    .ctx
+                    .tables
+                    .tables(&d.catalog, Some(&d.schema))
+                    .await
+                    .map_err(step_error)?
+                    .iter()
+                    .map(|info| info.id)
+                    .collect();
+                if !left.is_empty() {
+                    self.data.tables = left;
+                    self.data.step = Step::DropTables;
+                    return Ok(Status::Executing { persist: true });
+                }
                 self.ctx
                     .catalogs
                     .drop_schema(&d.catalog, &d.schema)

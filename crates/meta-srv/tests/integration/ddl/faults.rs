@@ -74,7 +74,7 @@ async fn bad_ddl_is_refused_with_the_reason_and_writes_nothing() {
         ("invalid", "1025 regions", Box::new(|t| t.regions = 1025)),
         (
             "invalid",
-            "more than max_value_bytes",
+            "so an alter can compare and replace it",
             Box::new(|t| t.columns[2].default = Some("v".repeat(2 * 1024 * 1024))),
         ),
         (
