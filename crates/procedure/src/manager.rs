@@ -300,7 +300,10 @@ impl ProcedureManager {
         Ok(())
     }
 
-    /// Persists a new procedure and starts it; the watcher follows it to the end.
+    /// Persists a new procedure and starts it; the watcher follows it to the end. An id
+    /// this manager runs, or whose record is finished, is `Duplicate`; an id whose
+    /// unfinished record nothing runs (a save reported failed that happened) is run
+    /// from that record, and its watcher returned.
     pub async fn submit(&self, procedure: ProcedureWithId) -> Result<Watcher> {
         let ProcedureWithId { id, procedure } = procedure;
         let data = procedure.dump()?;
@@ -308,15 +311,28 @@ impl ProcedureManager {
         // Reserve the id first, so that two submissions of one id cannot both run.
         let progress = self.inner.reserve(&record)?;
         let known = match self.inner.store.get(&record_key(&id)).await {
-            Ok(found) => found.is_some(),
+            Ok(found) => found,
             Err(e) => {
                 self.inner.unreserve(&id);
                 return Err(e);
             }
         };
-        if known {
+        if let Some(bytes) = known {
+            // A saved, unfinished record nothing runs (its first save was reported
+            // failed, but it happened): run it now, rather than leave it to the next
+            // recovery. Anything else is a duplicate.
+            let orphan = serde_json::from_slice::<ProcedureRecord>(&bytes)
+                .ok()
+                .filter(|r| !r.state.is_finished() && r.parent_id.is_none())
+                .and_then(|r| Some((self.inner.load(&r.type_name, &r.data).ok()?, r)));
             self.inner.unreserve(&id);
-            return Err(Error::Duplicate(id));
+            let Some((procedure, record)) = orphan else {
+                return Err(Error::Duplicate(id));
+            };
+            let progress = self.inner.reserve(&record)?;
+            tracing::info!(%id, "running a saved procedure that had no runner");
+            self.spawn_root(record, procedure)?;
+            return Ok(Watcher { id, progress });
         }
         if let Err(e) = self.inner.persist_once(&mut record).await {
             self.inner.unreserve(&id);

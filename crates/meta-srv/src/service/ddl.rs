@@ -98,6 +98,13 @@ impl DdlService {
             .await
         {
             Ok(_) | Err(procedure::Error::Duplicate(_)) => Ok(()),
+            // Leadership ended under the submission: nothing was saved here, or the
+            // next leader runs it (a retry with the same request id finds it).
+            Err(e @ procedure::Error::Stopped) => {
+                Err(to_status(common_meta::Error::outcome_unknown(format!(
+                    "{e}; submit again with the same request_id"
+                ))))
+            }
             Err(e) if e.is_retryable() => Err(to_status(common_meta::Error::Unavailable {
                 message: e.to_string(),
             })),

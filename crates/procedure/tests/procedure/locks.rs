@@ -370,3 +370,70 @@ async fn recovered_procedures_hold_their_locks_before_anything_new_runs() {
     assert_eq!(*log.lock().unwrap(), ["recovered", "new"]);
     second.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_procedure_nothing_runs_is_run_when_submitted_again() {
+    let store = Arc::new(MemoryStateStore::default());
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // This manager starts first, so its recovery does not see the record below.
+    let running = ProcedureManager::new(store.clone(), fast());
+    let loader_log = log.clone();
+    running
+        .register_loader(
+            "test.Ordered",
+            Box::new(move |name| {
+                Ok(Box::new(Ordered {
+                    name: name.to_string(),
+                    log: loader_log.clone(),
+                    gate: None,
+                }) as procedure::BoxedProcedure)
+            }),
+        )
+        .unwrap();
+    running.start().await.unwrap();
+    // A record saved with no runner: its submitter's manager stopped at once (as
+    // when the save's answer was lost and the caller was told it failed).
+    let other = ProcedureManager::new(store.clone(), fast());
+    other.start().await.unwrap();
+    other
+        .submit(ProcedureWithId {
+            id: "orphan".into(),
+            procedure: Box::new(Ordered {
+                name: "orphan".into(),
+                log: log.clone(),
+                gate: Some(Arc::new(tokio::sync::Notify::new())),
+            }),
+        })
+        .await
+        .unwrap();
+    other.shutdown().await;
+    assert!(running.watch("orphan").is_none());
+
+    // Submitted again (a retry of the same request): run from its record.
+    let watcher = running
+        .submit(ProcedureWithId {
+            id: "orphan".into(),
+            procedure: Box::new(Ordered {
+                name: "ignored".into(),
+                log: log.clone(),
+                gate: None,
+            }),
+        })
+        .await
+        .unwrap();
+    watcher.wait().await.unwrap();
+    assert_eq!(*log.lock().unwrap(), ["orphan"]);
+    // Once finished, the id is a duplicate.
+    let again = running
+        .submit(ProcedureWithId {
+            id: "orphan".into(),
+            procedure: Box::new(Ordered {
+                name: "ignored".into(),
+                log: log.clone(),
+                gate: None,
+            }),
+        })
+        .await;
+    assert!(matches!(again, Err(procedure::Error::Duplicate(_))));
+    running.shutdown().await;
+}

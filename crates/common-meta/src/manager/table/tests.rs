@@ -325,13 +325,22 @@ async fn a_repeated_drop_never_takes_the_name_of_a_table_created_since() {
     let new = info(1025, "t", 1);
     tables.create_table(&new, &route(&new, 1)).await.unwrap();
     tables.tombstone_table(&old, &old_route).await.unwrap();
-    assert_eq!(tables.table_id("greptime", "public", "t").await.unwrap(), Some(1025));
+    assert_eq!(
+        tables.table_id("greptime", "public", "t").await.unwrap(),
+        Some(1025)
+    );
     // Restoring the old one leaves the new one its name; purging takes only the old.
     tables.restore_table(&old, &old_route).await.unwrap();
-    assert_eq!(tables.table_id("greptime", "public", "t").await.unwrap(), Some(1025));
+    assert_eq!(
+        tables.table_id("greptime", "public", "t").await.unwrap(),
+        Some(1025)
+    );
     tables.tombstone_table(&old, &old_route).await.unwrap();
     tables.purge_table(&old, &old_route).await.unwrap();
-    assert_eq!(tables.table_id("greptime", "public", "t").await.unwrap(), Some(1025));
+    assert_eq!(
+        tables.table_id("greptime", "public", "t").await.unwrap(),
+        Some(1025)
+    );
     assert!(tables.table_info(1025).await.unwrap().is_some());
     assert!(tables.table_info(1024).await.unwrap().is_none());
 }
