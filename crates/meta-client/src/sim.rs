@@ -105,6 +105,8 @@ struct SimRegions {
     region_requests: AtomicU64,
     /// How long region DDL instructions take (a slow disk).
     region_delay: Mutex<Duration>,
+    /// How long cache invalidations take to be answered.
+    invalidate_delay: Mutex<Duration>,
 }
 
 #[async_trait]
@@ -244,6 +246,14 @@ impl InstructionHandler for SimRegions {
                 tokio::time::sleep(delay).await;
             }
         }
+        if matches!(instruction.kind, Some(Kind::InvalidateCache(_))) {
+            // Counted when it arrives; answered after the delay, if any.
+            self.invalidations.fetch_add(1, Ordering::Relaxed);
+            let delay = *lock(&self.invalidate_delay);
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+        }
         let outcome = {
             let mut regions = lock(&self.regions);
             match instruction.kind {
@@ -276,10 +286,7 @@ impl InstructionHandler for SimRegions {
                     }
                     Ok(Vec::new())
                 }
-                Some(Kind::InvalidateCache(_)) => {
-                    self.invalidations.fetch_add(1, Ordering::Relaxed);
-                    Ok(Vec::new())
-                }
+                Some(Kind::InvalidateCache(_)) => Ok(Vec::new()),
                 Some(kind) => self.region_ddl(&mut regions, kind),
                 None => Err("an empty instruction".to_string()),
             }
@@ -369,6 +376,7 @@ impl Simulator {
                 invalidations: AtomicU64::new(0),
                 region_requests: AtomicU64::new(0),
                 region_delay: Mutex::new(Duration::ZERO),
+                invalidate_delay: Mutex::new(Duration::ZERO),
             });
             let identity = NodeIdentity {
                 id,
@@ -434,6 +442,13 @@ impl Simulator {
     pub fn delay_regions(&self, id: u64, delay: Duration) -> bool {
         self.node(id)
             .map(|n| *lock(&n.regions.region_delay) = delay)
+            .is_some()
+    }
+
+    /// Makes node `id` take `delay` before answering every cache invalidation.
+    pub fn delay_invalidations(&self, id: u64, delay: Duration) -> bool {
+        self.node(id)
+            .map(|n| *lock(&n.regions.invalidate_delay) = delay)
             .is_some()
     }
 

@@ -19,31 +19,56 @@ async fn cluster() -> (Vec<Running>, Vec<String>, Simulator) {
     (members, endpoints, sim)
 }
 
-/// Runs `op` with every datanode slow at region instructions, stops the leader once
-/// the first datanode got one (the procedure is past its persisted prepare step), and
-/// returns what `op` answered.
+/// Where a procedure is stopped: while datanodes work on its region instructions
+/// (after its first saved state), or while they take its cache invalidation (after a
+/// step that is not saved: the create's commit, the drop's tombstones).
+#[derive(Clone, Copy, Debug)]
+enum At {
+    Regions,
+    Invalidation,
+}
+
+/// Runs `op` with every datanode slow at what `at` names, stops the leader once the
+/// first datanode got one, and returns what `op` answered.
 async fn stop_leader_during<T: Send + 'static>(
     members: &mut Vec<Running>,
     sim: &Simulator,
+    at: At,
     op: impl std::future::Future<Output = T> + Send + 'static,
 ) -> T {
     let nodes = sim.node_ids();
-    let before: u64 = nodes.iter().map(|n| sim.region_requests(*n)).sum();
-    for node in &nodes {
-        sim.delay_regions(*node, Duration::from_millis(1_500));
-    }
+    let seen = |sim: &Simulator| -> u64 {
+        nodes
+            .iter()
+            .map(|n| match at {
+                At::Regions => sim.region_requests(*n),
+                At::Invalidation => sim.invalidations(*n),
+            })
+            .sum()
+    };
+    let slow = |sim: &Simulator, delay: Duration| {
+        for node in &nodes {
+            match at {
+                At::Regions => sim.delay_regions(*node, delay),
+                At::Invalidation => sim.delay_invalidations(*node, delay),
+            };
+        }
+    };
+    let before = seen(sim);
+    slow(sim, Duration::from_millis(1_500));
     let running = tokio::spawn(op);
     wait_until(Duration::from_secs(20), || async {
-        let now: u64 = nodes.iter().map(|n| sim.region_requests(*n)).sum();
-        check(now > before, || "no region instruction yet".into())
+        check(seen(sim) > before, || format!("no {at:?} instruction yet"))
     })
     .await;
     let leader = leader_of(members).await;
-    tracing::info!(leader = leader + 1, "--- stopping the leader mid-procedure");
+    tracing::info!(
+        leader = leader + 1,
+        ?at,
+        "--- stopping the leader mid-procedure"
+    );
     members.remove(leader).shutdown().await;
-    for node in &nodes {
-        sim.delay_regions(*node, Duration::ZERO);
-    }
+    slow(sim, Duration::ZERO);
     tokio::time::timeout(Duration::from_secs(60), running)
         .await
         .expect("the procedure finishes on the next leader")
@@ -58,7 +83,7 @@ async fn a_create_interrupted_by_a_leader_change_finishes_once() {
         let client = client.clone();
         async move { client.create_table(&table("survives", 3), false).await }
     };
-    let id = stop_leader_during(&mut members, &sim, creating)
+    let id = stop_leader_during(&mut members, &sim, At::Regions, creating)
         .await
         .unwrap();
     let (info, route) = client
@@ -99,7 +124,7 @@ async fn a_drop_interrupted_by_a_leader_change_finishes_once() {
                 .await
         }
     };
-    stop_leader_during(&mut members, &sim, dropping)
+    stop_leader_during(&mut members, &sim, At::Regions, dropping)
         .await
         .unwrap();
     assert!(matches!(
@@ -113,6 +138,65 @@ async fn a_drop_interrupted_by_a_leader_change_finishes_once() {
     check_consistent(&client, &sim).await.unwrap();
     let held: usize = sim.node_ids().iter().map(|n| sim.regions(*n).len()).sum();
     assert_eq!(held, 2, "only the kept table's regions remain");
+    for member in members {
+        member.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_that_are_not_saved_are_repeated_harmlessly_after_a_leader_change() {
+    let (mut members, endpoints, sim) = cluster().await;
+    let client = client(&endpoints);
+
+    // Stopped after the create's commit (not saved): the next leader repeats the
+    // region creates and the commit, which find their own work done.
+    let creating = {
+        let client = client.clone();
+        async move { client.create_table(&table("committed", 3), false).await }
+    };
+    let id = stop_leader_during(&mut members, &sim, At::Invalidation, creating)
+        .await
+        .unwrap();
+    assert_eq!(client.table_route(id).await.unwrap().regions.len(), 3);
+    check_consistent(&client, &sim).await.unwrap();
+    let held: usize = sim.node_ids().iter().map(|n| sim.regions(*n).len()).sum();
+    assert_eq!(held, 3);
+
+    // The leader that stopped was the only one this cluster can lose: restart a
+    // three-member cluster for the drop.
+    for member in members {
+        member.shutdown().await;
+    }
+    drop(sim);
+    let (mut members, endpoints, sim) = cluster().await;
+    let client = super::client(&endpoints);
+    client
+        .create_table(&table("tombstoned", 3), false)
+        .await
+        .unwrap();
+    // Stopped after the drop moved its keys to tombstones (not saved): the next
+    // leader moves them again (nothing left to move) and finishes.
+    let dropping = {
+        let client = client.clone();
+        async move {
+            client
+                .drop_table("greptime", "public", "tombstoned", false)
+                .await
+        }
+    };
+    stop_leader_during(&mut members, &sim, At::Invalidation, dropping)
+        .await
+        .unwrap();
+    assert!(matches!(
+        client
+            .table("greptime", "public", "tombstoned")
+            .await
+            .unwrap_err(),
+        common_meta::Error::NotFound { .. }
+    ));
+    check_consistent(&client, &sim).await.unwrap();
+    let held: usize = sim.node_ids().iter().map(|n| sim.regions(*n).len()).sum();
+    assert_eq!(held, 0);
     for member in members {
         member.shutdown().await;
     }
