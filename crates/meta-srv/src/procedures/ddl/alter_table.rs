@@ -1,9 +1,9 @@
 //! Alter table: prepare (find the table, compute its next info; persisted) -> alter
 //! the regions on their datanodes -> replace the info with a compare on the one read
 //! (version + 1) -> invalidate caches. A failure before the commit leaves the stored
-//! info as it was (a datanode that already altered its region keeps a newer schema
-//! than the info until the alter is repeated; regions tolerate columns they do not
-//! know yet).
+//! info as it was and rolls the regions that took the new schema back to it (best
+//! effort: one that cannot be reached keeps the newer schema until the alter is
+//! repeated).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -173,6 +173,33 @@ impl AlterTable {
             .ok_or_else(|| procedure::Error::external("alter-table state has no new info"))
     }
 
+    /// Sends the table's regions to `info_json` on every node holding them.
+    async fn alter_regions(
+        &self,
+        ctx: &Context,
+        info_json: &str,
+        unreachable: Unreachable,
+    ) -> procedure::Result<()> {
+        let route = self.data.route.clone().unwrap_or(TableRoute {
+            regions: Vec::new(),
+            version: 0,
+        });
+        self.ctx
+            .on_nodes(
+                ctx,
+                "alter",
+                &regions_by_node(&route),
+                |region_ids| pb::Instruction {
+                    kind: Some(pb::instruction::Kind::AlterRegions(pb::AlterRegions {
+                        table_info_json: info_json.to_string(),
+                        region_ids,
+                    })),
+                },
+                unreachable,
+            )
+            .await
+    }
+
     async fn prepare(&mut self) -> procedure::Result<Status> {
         let d = &self.data;
         let Some((old, route)) = find_table(&self.ctx, &d.catalog, &d.schema, &d.table).await?
@@ -202,27 +229,9 @@ impl Procedure for AlterTable {
         match self.data.step {
             Step::Prepare => self.prepare().await,
             Step::AlterRegions => {
-                let new = self.new_info()?;
-                let json = serde_json::to_string(new)
+                let json = serde_json::to_string(self.new_info()?)
                     .map_err(|e| procedure::Error::external(e.to_string()))?;
-                let route = self.data.route.clone().unwrap_or(TableRoute {
-                    regions: Vec::new(),
-                    version: 0,
-                });
-                self.ctx
-                    .on_nodes(
-                        ctx,
-                        "alter",
-                        &regions_by_node(&route),
-                        |region_ids| pb::Instruction {
-                            kind: Some(pb::instruction::Kind::AlterRegions(pb::AlterRegions {
-                                table_info_json: json.clone(),
-                                region_ids,
-                            })),
-                        },
-                        Unreachable::Fail,
-                    )
-                    .await?;
+                self.alter_regions(ctx, &json, Unreachable::Fail).await?;
                 self.data.step = Step::Commit;
                 Ok(Status::Executing { persist: true })
             }
@@ -268,6 +277,22 @@ impl Procedure for AlterTable {
 
     fn lock_key(&self) -> LockKey {
         locks_for_table(&self.data.catalog, &self.data.schema, &self.data.table)
+    }
+
+    fn rollback_supported(&self) -> bool {
+        true
+    }
+
+    async fn rollback(&mut self, ctx: &Context) -> procedure::Result<()> {
+        // Before the commit, regions that took the new schema go back to the stored
+        // one (best effort: a node that refuses or stays away keeps what it has, and
+        // a repeat of the alter brings it level). After it, the alter stands.
+        let (Step::AlterRegions | Step::Commit, Some(old)) = (self.data.step, &self.data.old)
+        else {
+            return Ok(());
+        };
+        let old = old.clone();
+        self.alter_regions(ctx, &old, Unreachable::Skip).await
     }
 }
 

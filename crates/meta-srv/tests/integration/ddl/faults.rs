@@ -219,8 +219,50 @@ async fn a_datanode_that_dies_or_refuses_rolls_the_create_back() {
     let mut sim = datanodes(&endpoints, 3).await;
     let client = client(&endpoints);
 
-    // One node refuses: the others' regions are dropped again, no key is written.
+    // An alter one node refuses: nothing is committed, and every node is asked to go
+    // back to the stored schema (one more alter each, the refuser's refused too).
     let refuser = sim.node_ids()[1];
+    let id = client
+        .create_table(&table("altered", 3), false)
+        .await
+        .unwrap();
+    let asked = |sim: &Simulator| -> Vec<u64> {
+        sim.node_ids()
+            .iter()
+            .map(|n| sim.region_requests(*n))
+            .collect()
+    };
+    let before = asked(&sim);
+    sim.refuse_regions(refuser, true);
+    let err = client
+        .alter_table(pb::AlterTableTask {
+            table: "altered".into(),
+            add_columns_json: vec![r#"{"name":"z","data_type":"string"}"#.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("datanode {refuser} refused to alter")),
+        "{err}"
+    );
+    assert_eq!(client.table_info(id).await.unwrap().version, 0);
+    let after = asked(&sim);
+    for (i, node) in sim.node_ids().iter().enumerate() {
+        assert_eq!(
+            after[i] - before[i],
+            2,
+            "node {node}: {before:?} -> {after:?}"
+        );
+    }
+    client
+        .drop_table("greptime", "public", "altered", false)
+        .await
+        .unwrap();
+
+    // One node refuses a create: the others' regions are dropped again, no key is
+    // written.
     sim.refuse_regions(refuser, true);
     let err = client
         .create_table(&table("refused", 3), false)
