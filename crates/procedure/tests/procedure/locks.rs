@@ -311,6 +311,23 @@ impl Procedure for Ordered {
     }
 }
 
+/// Registers the loader of `Ordered`, logging to `log`.
+fn register_ordered(manager: &ProcedureManager, log: &Arc<std::sync::Mutex<Vec<String>>>) {
+    let log = log.clone();
+    manager
+        .register_loader(
+            "test.Ordered",
+            Box::new(move |name| {
+                Ok(Box::new(Ordered {
+                    name: name.to_string(),
+                    log: log.clone(),
+                    gate: None,
+                }) as procedure::BoxedProcedure)
+            }),
+        )
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovered_procedures_hold_their_locks_before_anything_new_runs() {
     let store = Arc::new(MemoryStateStore::default());
@@ -332,19 +349,7 @@ async fn recovered_procedures_hold_their_locks_before_anything_new_runs() {
     first.shutdown().await;
 
     let second = ProcedureManager::new(store.clone(), fast());
-    let recovered_log = log.clone();
-    second
-        .register_loader(
-            "test.Ordered",
-            Box::new(move |name| {
-                Ok(Box::new(Ordered {
-                    name: name.to_string(),
-                    log: recovered_log.clone(),
-                    gate: None,
-                }) as procedure::BoxedProcedure)
-            }),
-        )
-        .unwrap();
+    register_ordered(&second, &log);
     second.start().await.unwrap();
     // Submitted the moment the manager is up, on the same key.
     let newer = second
@@ -377,19 +382,7 @@ async fn a_saved_procedure_nothing_runs_is_run_when_submitted_again() {
     let log = Arc::new(std::sync::Mutex::new(Vec::new()));
     // This manager starts first, so its recovery does not see the record below.
     let running = ProcedureManager::new(store.clone(), fast());
-    let loader_log = log.clone();
-    running
-        .register_loader(
-            "test.Ordered",
-            Box::new(move |name| {
-                Ok(Box::new(Ordered {
-                    name: name.to_string(),
-                    log: loader_log.clone(),
-                    gate: None,
-                }) as procedure::BoxedProcedure)
-            }),
-        )
-        .unwrap();
+    register_ordered(&running, &log);
     running.start().await.unwrap();
     // A record saved with no runner: its submitter's manager stopped at once (as
     // when the save's answer was lost and the caller was told it failed).

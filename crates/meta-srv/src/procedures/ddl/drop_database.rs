@@ -88,7 +88,6 @@ impl DropDatabase {
         if let Some(refusal) = refuse_default(&d.catalog, &d.schema) {
             return Err(step_error(refusal));
         }
-        let tables = &self.ctx.tables;
         if self
             .ctx
             .catalogs
@@ -102,15 +101,21 @@ impl DropDatabase {
             }
             return Err(step_error(unknown_schema(&d.catalog, &d.schema)));
         }
-        self.data.tables = tables
-            .tables(&d.catalog, Some(&d.schema))
-            .await
-            .map_err(step_error)?
-            .iter()
-            .map(|info| info.id)
-            .collect();
+        self.data.tables = self.table_ids().await?;
         self.data.step = Step::DropTables;
         Ok(Status::Executing { persist: true })
+    }
+
+    /// The ids of the tables in the schema now.
+    async fn table_ids(&self) -> procedure::Result<Vec<u32>> {
+        let d = &self.data;
+        let infos = self
+            .ctx
+            .tables
+            .tables(&d.catalog, Some(&d.schema))
+            .await
+            .map_err(step_error)?;
+        Ok(infos.iter().map(|info| info.id).collect())
     }
 
     async fn drop_next(&mut self, ctx: &Context) -> procedure::Result<Status> {
@@ -161,15 +166,7 @@ impl Procedure for DropDatabase {
                 let d = &self.data;
                 // Nothing may be left in it (the lock keeps DDL out; a raw KV write
                 // does not): whatever is, is dropped first.
-                let left: Vec<u32> = self
-                    .ctx
-                    .tables
-                    .tables(&d.catalog, Some(&d.schema))
-                    .await
-                    .map_err(step_error)?
-                    .iter()
-                    .map(|info| info.id)
-                    .collect();
+                let left = self.table_ids().await?;
                 if !left.is_empty() {
                     self.data.tables = left;
                     self.data.step = Step::DropTables;
