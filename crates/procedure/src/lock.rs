@@ -9,6 +9,13 @@
 //! [`Error::LockConflictWithParent`]). So a child waits only for other descendants of
 //! its own root (siblings contending for the same key, each in sorted order), never
 //! for another root, and no cycle of waits can cross two trees.
+//!
+//! **No starved writer.** A root waiting to take a key exclusively is queued on it, and
+//! roots asking for it shared after that wait behind it (otherwise a steady stream of
+//! shared holders, table DDL under a schema's shared lock, would keep a drop of the
+//! schema waiting for ever); queued writers take the key in arrival order. This adds
+//! no cycle: a root waits on one key at a time, holding only keys before it in the
+//! sorted order, and whoever it waits behind waits on the same key or holds it.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -26,9 +33,31 @@ struct Holders {
     shared: Vec<String>,
     /// Subprocedures holding it within an ancestor's lock, and how.
     nested: Vec<(String, LockMode)>,
+    /// Roots waiting to take it exclusively, in arrival order.
+    writers: Vec<String>,
 }
 
 impl Holders {
+    /// Whether root `owner` may take the key in `mode` now, queued writers first.
+    fn can_take_fairly(&self, owner: &str, mode: LockMode) -> bool {
+        let queued_ahead = match mode {
+            LockMode::Shared => !self.writers.is_empty() && !self.holds(owner),
+            LockMode::Exclusive => self.writers.first().is_some_and(|w| w != owner),
+        };
+        !queued_ahead && self.can_take(owner, mode)
+    }
+
+    fn holds(&self, owner: &str) -> bool {
+        self.exclusive.as_deref() == Some(owner) || self.shared.iter().any(|o| o == owner)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.exclusive.is_none()
+            && self.shared.is_empty()
+            && self.nested.is_empty()
+            && self.writers.is_empty()
+    }
+
     fn can_take(&self, owner: &str, mode: LockMode) -> bool {
         match mode {
             LockMode::Shared => self.exclusive.as_deref().is_none_or(|o| o == owner),
@@ -91,7 +120,8 @@ impl LockTable {
                     let mut held = self.held();
                     let holders = held.entry(key.clone()).or_default();
                     if ancestors.is_empty() {
-                        if holders.can_take(owner, *mode) {
+                        if holders.can_take_fairly(owner, *mode) {
+                            holders.writers.retain(|w| w != owner);
                             match mode {
                                 LockMode::Shared => holders.shared.push(owner.to_string()),
                                 LockMode::Exclusive => {
@@ -99,6 +129,13 @@ impl LockTable {
                                 }
                             }
                             break;
+                        }
+                        if *mode == LockMode::Exclusive
+                            && !holders.writers.iter().any(|w| w == owner)
+                        {
+                            // Queued until it gets the key, or until `release` (which
+                            // the runner's guard calls however it ends).
+                            holders.writers.push(owner.to_string());
                         }
                     } else {
                         let refusal = match holders.held_by(ancestors) {
@@ -116,10 +153,7 @@ impl LockTable {
                             Some(_) => None,
                         };
                         if let Some(refusal) = refusal {
-                            if holders.exclusive.is_none()
-                                && holders.shared.is_empty()
-                                && holders.nested.is_empty()
-                            {
+                            if holders.is_empty() {
                                 held.remove(key);
                             }
                             drop(held);
@@ -145,7 +179,7 @@ impl LockTable {
         let mut held = self.held();
         let free = lock.keys().iter().all(|(key, mode)| {
             held.get(key)
-                .is_none_or(|holders| holders.can_take(owner, *mode))
+                .is_none_or(|holders| holders.can_take_fairly(owner, *mode))
         });
         if !free {
             return false;
@@ -169,7 +203,8 @@ impl LockTable {
             }
             holders.shared.retain(|o| o != owner);
             holders.nested.retain(|(o, _)| o != owner);
-            holders.exclusive.is_some() || !holders.shared.is_empty() || !holders.nested.is_empty()
+            holders.writers.retain(|o| o != owner);
+            !holders.is_empty()
         });
         drop(held);
         self.released.notify_waiters();
@@ -209,6 +244,61 @@ mod tests {
             .expect("granted once released")
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_queued_writer_goes_before_later_readers() {
+        let table = Arc::new(LockTable::default());
+        table
+            .acquire("reader-1", &[], &LockKey::shared("schema"))
+            .await
+            .unwrap();
+        let spawn = |owner: &'static str, lock: LockKey| {
+            let table = table.clone();
+            tokio::spawn(async move { table.acquire(owner, &[], &lock).await })
+        };
+        let writer = spawn("writer", LockKey::exclusive("schema"));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // A reader arriving after the writer waits behind it, though the key is only
+        // held shared.
+        let reader = spawn("reader-2", LockKey::shared("schema"));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!writer.is_finished() && !reader.is_finished());
+        table.release("reader-1");
+        tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the writer is next")
+            .unwrap()
+            .unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!reader.is_finished(), "the reader waits for the writer");
+        table.release("writer");
+        tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("then the reader")
+            .unwrap()
+            .unwrap();
+        // A writer that gives up (its runner aborted) leaves no queue behind.
+        let quitter = spawn("quitter", LockKey::exclusive("schema"));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        quitter.abort();
+        table.release("quitter");
+        table.release("reader-2");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            table.acquire("reader-3", &[], &LockKey::shared("schema")),
+        )
+        .await
+        .expect("no queue left")
+        .unwrap();
     }
 
     #[tokio::test]
