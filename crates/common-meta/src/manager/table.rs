@@ -58,6 +58,15 @@ pub struct TableMetadataManager {
     max_txn_ops: usize,
 }
 
+/// How a manager read is served.
+#[derive(Debug, Clone, Copy)]
+enum Read {
+    /// Through the store's linearizable read.
+    Linearizable,
+    /// From this member's applied state.
+    Local,
+}
+
 /// A table's keys: (name, info and route; the per-node keys).
 type TableKeys = (Vec<Vec<u8>>, Vec<Vec<u8>>);
 
@@ -78,11 +87,8 @@ impl TableMetadataManager {
 
     /// The id of table `catalog.schema.table`, if it exists.
     pub async fn table_id(&self, catalog: &str, schema: &str, table: &str) -> Result<Option<u32>> {
-        let key = TableNameKey::new(catalog, schema, table)?.encode();
-        match self.kv.get(&key).await? {
-            Some(kv) => Ok(Some(from_json::<TableNameValue>(&key, &kv.value)?.table_id)),
-            None => Ok(None),
-        }
+        self.name_of(catalog, schema, table, Read::Linearizable)
+            .await
     }
 
     /// Like [`TableMetadataManager::table_id`], from this member's own applied state
@@ -96,22 +102,38 @@ impl TableMetadataManager {
         schema: &str,
         table: &str,
     ) -> Result<Option<u32>> {
-        let key = TableNameKey::new(catalog, schema, table)?.encode();
-        let found = self
-            .kv
-            .range_serializable(RangeRequest::key(key.clone()))
-            .await?;
-        match found.kvs.first() {
-            Some(kv) => Ok(Some(from_json::<TableNameValue>(&key, &kv.value)?.table_id)),
-            None => Ok(None),
-        }
+        self.name_of(catalog, schema, table, Read::Local).await
     }
 
+    async fn name_of(
+        &self,
+        catalog: &str,
+        schema: &str,
+        table: &str,
+        read: Read,
+    ) -> Result<Option<u32>> {
+        let key = TableNameKey::new(catalog, schema, table)?.encode();
+        let name: Option<Versioned<TableNameValue>> = self.versioned(key, read).await?;
+        Ok(name.map(|n| n.value.table_id))
+    }
+
+    /// The value at `key`, with its bytes.
     async fn versioned<T: serde::de::DeserializeOwned>(
         &self,
         key: Vec<u8>,
+        read: Read,
     ) -> Result<Option<Versioned<T>>> {
-        match self.kv.get(&key).await? {
+        let found = match read {
+            Read::Linearizable => self.kv.get(&key).await?,
+            Read::Local => self
+                .kv
+                .range_serializable(RangeRequest::key(key.clone()))
+                .await?
+                .kvs
+                .into_iter()
+                .next(),
+        };
+        match found {
             Some(kv) => Ok(Some(Versioned {
                 value: from_json(&key, &kv.value)?,
                 raw: kv.value,
@@ -126,35 +148,25 @@ impl TableMetadataManager {
         &self,
         id: u32,
     ) -> Result<(Option<Versioned<TableInfo>>, Option<Versioned<TableRoute>>)> {
-        let read = |key: Vec<u8>| async move {
-            let found = self.kv.range_serializable(RangeRequest::key(key)).await?;
-            Ok::<_, crate::Error>(found.kvs.into_iter().next())
-        };
-        let info = match read(TableInfoKey::new(id).encode()).await? {
-            Some(kv) => Some(Versioned {
-                value: from_json(&kv.key, &kv.value)?,
-                raw: kv.value,
-            }),
-            None => None,
-        };
-        let route = match read(TableRouteKey::new(id).encode()).await? {
-            Some(kv) => Some(Versioned {
-                value: from_json(&kv.key, &kv.value)?,
-                raw: kv.value,
-            }),
-            None => None,
-        };
+        let info = self
+            .versioned(TableInfoKey::new(id).encode(), Read::Local)
+            .await?;
+        let route = self
+            .versioned(TableRouteKey::new(id).encode(), Read::Local)
+            .await?;
         Ok((info, route))
     }
 
     /// Table `id`'s info.
     pub async fn table_info(&self, id: u32) -> Result<Option<Versioned<TableInfo>>> {
-        self.versioned(TableInfoKey::new(id).encode()).await
+        self.versioned(TableInfoKey::new(id).encode(), Read::Linearizable)
+            .await
     }
 
     /// Table `id`'s route.
     pub async fn table_route(&self, id: u32) -> Result<Option<Versioned<TableRoute>>> {
-        self.versioned(TableRouteKey::new(id).encode()).await
+        self.versioned(TableRouteKey::new(id).encode(), Read::Linearizable)
+            .await
     }
 
     /// Every table of `catalog.schema` (of every schema of `catalog` for `None`), by

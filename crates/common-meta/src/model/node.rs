@@ -126,7 +126,10 @@ impl NodeManager {
 
     /// Every node, by id.
     pub async fn list(&self) -> Result<Vec<NodeInfo>> {
-        let range = self.kv.range(NodeKey::scan_all()).await?;
+        Self::decode_all(self.kv.range(NodeKey::scan_all()).await?)
+    }
+
+    fn decode_all(range: crate::kv::RangeResponse) -> Result<Vec<NodeInfo>> {
         range
             .kvs
             .iter()
@@ -138,12 +141,7 @@ impl NodeManager {
     /// the leader's quorum, maybe a moment stale). For placement on the leader, where
     /// a state change a moment old makes no difference.
     pub async fn list_local(&self) -> Result<Vec<NodeInfo>> {
-        let range = self.kv.range_serializable(NodeKey::scan_all()).await?;
-        range
-            .kvs
-            .iter()
-            .map(|kv| decode(&kv.key, &kv.value))
-            .collect()
+        Self::decode_all(self.kv.range_serializable(NodeKey::scan_all()).await?)
     }
 
     /// Registers a node, or refreshes the facts a restarted node reports (address,

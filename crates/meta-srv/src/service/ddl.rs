@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::to_status;
 use crate::procedure_host::ProcedureHost;
-use crate::procedures::ddl::context::{DdlContext, error_of};
+use crate::procedures::ddl::context::DdlContext;
 use crate::procedures::ddl::{Planned, procedure_for, unknown_schema, unknown_table};
 use crate::raft::driver::DriverHandle;
 use crate::raft::members::Members;
@@ -182,7 +182,9 @@ impl pb::ddl_server::Ddl for DdlService {
         });
         let (done, output) = match self.wait(&manager, &id, timeout).await? {
             Ended::Done(output) => (true, output),
-            Ended::Failed(error) => return Err(to_status(error_of(&error))),
+            Ended::Failed(error) => {
+                return Err(to_status(common_meta::Error::from_procedure_error(&error)));
+            }
             Ended::Waiting => (false, None),
         };
         Ok(Response::new(pb::SubmitDdlResponse {

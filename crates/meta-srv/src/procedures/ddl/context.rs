@@ -48,19 +48,14 @@ pub struct DdlContext {
 
 /// A step's failure from a metadata error: transient errors are retried by the
 /// manager (every step is idempotent, so an unknown outcome is retried too); the rest
-/// fail the procedure with the error's text, which `error_of` reads back.
+/// fail the procedure with the error's text, which
+/// `common_meta::Error::from_procedure_error` reads back.
 pub fn step_error(e: common_meta::Error) -> procedure::Error {
     if e.is_retryable() || e.is_outcome_unknown() {
         procedure::Error::retry_later(e.to_string())
     } else {
         procedure::Error::external(e.to_string())
     }
-}
-
-/// The metadata error a failed DDL procedure's recorded error text stands for (the
-/// inverse of [`step_error`]).
-pub fn error_of(text: &str) -> common_meta::Error {
-    common_meta::Error::from_procedure_error(text)
 }
 
 /// Decodes a DDL procedure's saved state (`what` names the DDL in the error).
@@ -318,6 +313,11 @@ pub fn table_idents(id: u32, catalog: &str, schema: &str, name: &str) -> Vec<pb:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common_meta::Error;
+
+    fn error_of(text: &str) -> Error {
+        Error::from_procedure_error(text)
+    }
 
     #[test]
     fn a_failed_procedures_text_reads_back_as_its_error() {

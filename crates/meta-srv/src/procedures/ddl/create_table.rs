@@ -21,8 +21,7 @@ use procedure::{Context, LockKey, Procedure, Status};
 use serde::{Deserialize, Serialize};
 
 use super::context::{
-    DdlContext, Unreachable, dump_state, error_of, load_state, regions_by_node, step_error,
-    table_idents,
+    DdlContext, Unreachable, dump_state, load_state, regions_by_node, step_error, table_idents,
 };
 use super::{done_with_table, locks_for_table, unknown_schema};
 
@@ -35,8 +34,7 @@ pub const FOLLOWERS_OPTION: &str = "followers";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Step {
-    /// Planned in the procedure (a state saved by an older server).
-    Prepare,
+    /// Planned (by the submitter); the regions are next.
     CreateRegions,
     Commit,
     Invalidate,
@@ -82,7 +80,7 @@ impl CreateTable {
             data: Data {
                 info,
                 if_not_exists,
-                step: Step::Prepare,
+                step: Step::CreateRegions,
                 route: None,
                 asked: false,
             },
@@ -169,7 +167,6 @@ impl CreateTable {
             version: 0,
         };
         self.data.route = Some(route);
-        self.data.step = Step::CreateRegions;
         Ok(None)
     }
 
@@ -268,10 +265,6 @@ impl Procedure for CreateTable {
 
     async fn execute(&mut self, ctx: &Context) -> procedure::Result<Status> {
         match self.data.step {
-            Step::Prepare => match self.prepare().await.map_err(step_error)? {
-                Some(id) => Ok(done_with_table(id)),
-                None => Ok(Status::Executing { persist: true }),
-            },
             Step::CreateRegions => self.create_regions(ctx).await,
             Step::Commit => self.commit().await,
             Step::Invalidate => {
@@ -327,15 +320,8 @@ impl Procedure for CreateTable {
             tracing::warn!(procedure = %ctx.procedure_id, "create committed; regions kept");
             return Ok(());
         }
-        let dropped = super::drop_table::drop_regions(&self.ctx, ctx, route).await;
-        if let Err(e) = &dropped
-            && !e.is_retryable()
-        {
-            // A refusal to drop leaves the region to its node's lease (the metadata
-            // never named it); the rollback itself is done.
-            tracing::warn!(procedure = %ctx.procedure_id, error = %error_of(&e.to_string()), "regions not dropped in rollback");
-            return Ok(());
-        }
-        dropped
+        // Refusals and nodes away past the attempts are logged and left (the metadata
+        // never named these regions; the node's lease closes them).
+        super::drop_table::drop_regions(&self.ctx, ctx, route).await
     }
 }
