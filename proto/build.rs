@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "proto/meta/v1/procedure.proto",
     "proto/meta/v1/heartbeat.proto",
     "proto/meta/v1/ddl.proto",
+    "proto/meta/v1/region.proto",
     "proto/meta/v1/raft_log.proto",
 ];
 

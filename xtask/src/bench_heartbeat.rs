@@ -178,6 +178,7 @@ pub async fn run(args: HeartbeatArgs) -> anyhow::Result<()> {
             churn: *churn,
             nodes_per_connection: 100,
             ramp: Duration::from_millis(args.interval_ms),
+            write_every: Duration::ZERO,
         };
         let sim = Simulator::start(&endpoints, &options).await?;
         let client = MetaClient::new(&endpoints, MetaClientOptions::default())?;

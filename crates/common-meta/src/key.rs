@@ -17,6 +17,8 @@
 //! __join_token/{sha256 of the token, hex}          join token records (model/join_token.rs)
 //! __tombstone/{any key above}                      a dropped table's keys, kept until
 //!                                                  its drop is done (manager/table.rs)
+//! __switch/{name}                                 a cluster-wide switch, `true` or
+//!                                                  `false` (`maintenance`, `balancer`)
 //! __fence                                          never written: deleted by a
 //!                                                  transaction only to order it
 //!                                                  through the log (fence_absent)
@@ -59,6 +61,11 @@ pub const TOMBSTONE_PREFIX: &str = "__tombstone/";
 /// A key that is never written: deleting it makes a transaction a write (ordered
 /// through the log after every earlier write) without changing anything.
 pub const FENCE_KEY: &str = "__fence";
+
+/// The key of cluster-wide switch `name` (maintenance mode, the balancer).
+pub fn switch_key(name: &str) -> Vec<u8> {
+    format!("__switch/{name}").into_bytes()
+}
 
 /// Where `key` is kept while its table is being dropped.
 pub fn tombstone(key: &[u8]) -> Vec<u8> {

@@ -22,7 +22,7 @@ pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
 }
 
 /// Decodes the JSON kept at `key`.
-pub(crate) fn from_json<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
+pub fn from_json<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| Error::Corrupted {
         location: String::from_utf8_lossy(key).into_owned(),
         reason: e.to_string(),

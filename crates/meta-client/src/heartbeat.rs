@@ -14,6 +14,12 @@
 //! Instructions run concurrently with the heartbeats (a slow region open does not
 //! silence the node); each reply goes back on the stream the instruction came on, or
 //! is dropped if that stream ended (the leader that asked has already failed the wait).
+//!
+//! Region leases: every request carries the node's send instant; the leases of each
+//! answer renew the task's [`RegionLeaseKeeper`] (see `region_lease`), role changes
+//! and expiries go to [`InstructionHandler::roles_changed`] (expiries also while no
+//! leader can be reached), and regions the leader calls closeable are closed through
+//! the handler. A downgrade revokes the region's leadership before the handler runs.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -28,6 +34,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::client::{MetaClient, jittered};
+use crate::region_lease::{RegionLeaseKeeper, RoleChange};
 
 /// Who the node is, as its handshake says.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -62,6 +69,13 @@ pub trait InstructionHandler: Send + Sync {
     /// truncate regions) answers one outcome per region it names; others answer none.
     /// The error text of a failure of the whole instruction is sent back to the leader.
     async fn handle(&self, instruction: pb::Instruction) -> Result<Vec<pb::RegionOutcome>, String>;
+
+    /// Region leases changed roles: granted, changed, or ended (`None`: the region is
+    /// read-only now). The default does nothing: a node that asks
+    /// [`RegionLeaseKeeper::writable`] before each write needs nothing more.
+    async fn roles_changed(&self, changes: Vec<RoleChange>) {
+        let _ = changes;
+    }
 }
 
 /// Called with the round-trip time of each answered heartbeat.
@@ -86,7 +100,9 @@ pub struct HeartbeatState {
 /// A running heartbeat task; stopped when dropped.
 pub struct HeartbeatTask {
     task: JoinHandle<()>,
+    expiries: JoinHandle<()>,
     state: watch::Receiver<HeartbeatState>,
+    leases: Arc<RegionLeaseKeeper>,
 }
 
 struct Node {
@@ -94,6 +110,9 @@ struct Node {
     stats: Arc<dyn StatsProvider>,
     handler: Arc<dyn InstructionHandler>,
     on_rtt: Option<RttObserver>,
+    leases: Arc<RegionLeaseKeeper>,
+    /// Woken when leases were renewed (the next expiry may have moved).
+    renewed: Arc<tokio::sync::Notify>,
 }
 
 impl HeartbeatTask {
@@ -116,25 +135,87 @@ impl HeartbeatTask {
         on_rtt: Option<RttObserver>,
     ) -> Self {
         let (state_tx, state) = watch::channel(HeartbeatState::default());
+        let leases = Arc::new(RegionLeaseKeeper::default());
+        let renewed = Arc::new(tokio::sync::Notify::new());
+        let expiries = tokio::spawn(expire_leases(
+            leases.clone(),
+            renewed.clone(),
+            handler.clone(),
+        ));
         let node = Node {
             identity,
             stats,
             handler,
             on_rtt,
+            leases: leases.clone(),
+            renewed,
         };
         let task = tokio::spawn(run(client, node, state_tx));
-        HeartbeatTask { task, state }
+        HeartbeatTask {
+            task,
+            expiries,
+            state,
+            leases,
+        }
     }
 
     /// Follows the task's progress.
     pub fn state(&self) -> watch::Receiver<HeartbeatState> {
         self.state.clone()
     }
+
+    /// The node's region leases: ask [`RegionLeaseKeeper::writable`] before a write.
+    pub fn leases(&self) -> Arc<RegionLeaseKeeper> {
+        self.leases.clone()
+    }
 }
 
 impl Drop for HeartbeatTask {
     fn drop(&mut self) {
         self.task.abort();
+        self.expiries.abort();
+    }
+}
+
+/// Ends leases when they run out, connected or not, and tells the handler.
+async fn expire_leases(
+    leases: Arc<RegionLeaseKeeper>,
+    renewed: Arc<tokio::sync::Notify>,
+    handler: Arc<dyn InstructionHandler>,
+) {
+    loop {
+        let next = leases.next_expiry().map_or_else(
+            || tokio::time::Instant::now() + Duration::from_secs(3600),
+            Into::into,
+        );
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            () = renewed.notified() => continue,
+        }
+        let over = leases.expire(Instant::now());
+        if !over.is_empty() {
+            tracing::info!(
+                regions = over.len(),
+                "region leases ended: read-only until renewed"
+            );
+            handler
+                .roles_changed(over.into_iter().map(|r| (r, None)).collect())
+                .await;
+        }
+    }
+}
+
+/// What the node does at once on receiving `instruction`, before its handler runs:
+/// a downgrade stops writes now; a closed or dropped region holds no lease.
+fn on_receipt(leases: &RegionLeaseKeeper, instruction: Option<&pb::Instruction>) {
+    use pb::instruction::Kind;
+    match instruction.and_then(|i| i.kind.as_ref()) {
+        Some(Kind::DowngradeRegion(r)) => {
+            leases.revoke(r.region_id);
+        }
+        Some(Kind::CloseRegion(r)) => leases.forget(r.region_id),
+        Some(Kind::DropRegions(d)) => d.region_ids.iter().for_each(|r| leases.forget(*r)),
+        _ => {}
     }
 }
 
@@ -237,6 +318,7 @@ async fn session(
         })),
         replies: Vec::new(),
         seq,
+        send_instant_ms: node.leases.now_ms(),
     };
     in_flight.push_back((seq, Instant::now()));
     requests.send(handshake).await.map_err(|_| None)?;
@@ -297,7 +379,32 @@ async fn session(
                     next_beat.as_mut().reset(tokio::time::Instant::now());
                 }
                 while handlers.try_join_next().is_some() {}
+                if let Some(leases) = &answer.leases {
+                    let renewal = node.leases.renew(leases, Instant::now());
+                    node.renewed.notify_one();
+                    let handler = node.handler.clone();
+                    if !renewal.changes.is_empty() {
+                        let changes = renewal.changes;
+                        let handler = handler.clone();
+                        handlers.spawn(async move { handler.roles_changed(changes).await });
+                    }
+                    for region in renewal.close {
+                        let handler = handler.clone();
+                        let close = pb::Instruction {
+                            kind: Some(pb::instruction::Kind::CloseRegion(pb::RegionInstruction {
+                                region_id: region,
+                                ..Default::default()
+                            })),
+                        };
+                        handlers.spawn(async move {
+                            if let Err(e) = handler.handle(close).await {
+                                tracing::warn!(region, error = %e, "closing a region the leader calls closeable failed");
+                            }
+                        });
+                    }
+                }
                 for message in answer.mailbox {
+                    on_receipt(&node.leases, message.instruction.as_ref());
                     let (handler, replies) = (node.handler.clone(), reply_tx.clone());
                     handlers.spawn(async move {
                         let outcome = match message.instruction {
@@ -343,6 +450,7 @@ async fn session(
             body: Some(pb::heartbeat_request::Body::Stats(stats)),
             replies,
             seq,
+            send_instant_ms: node.leases.now_ms(),
         };
         in_flight.push_back((seq, Instant::now()));
         requests.send(request).await.map_err(|_| None)?;

@@ -24,6 +24,8 @@ mod client;
 mod ddl;
 mod heartbeat;
 mod kv;
+mod region;
+pub mod region_lease;
 mod session;
 pub mod sim;
 mod status;
@@ -35,3 +37,4 @@ pub use heartbeat::{
     HeartbeatState, HeartbeatTask, InstructionHandler, NodeIdentity, RttObserver, StatsProvider,
     stats_delta,
 };
+pub use region_lease::{LeaseEvent, LeaseObserver, LeaseRole, RegionLeaseKeeper, RoleChange};

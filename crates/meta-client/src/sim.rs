@@ -3,6 +3,15 @@
 //! and answers instructions (opening, closing, upgrading and downgrading its regions).
 //! Used by tests (kill a node, make one slow) and by `cargo xtask sim` and
 //! `cargo xtask bench heartbeat`.
+//!
+//! Regions follow their leases: a node reports the role its [`RegionLeaseKeeper`]
+//! holds, and, when writes are on ([`SimOptions::write_every`]), writes an entry to
+//! every region it may write, each tick. Entries go to one log per region shared by
+//! all nodes (the shared storage or replicated WAL failover assumes): a downgrade
+//! answers the last entry written, an upgrade catches up to it. Every lease event and
+//! write goes to a [`history::History`] that [`history::check`] judges.
+
+pub mod history;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +26,8 @@ use crate::client::{MetaClient, MetaClientOptions};
 use crate::heartbeat::{
     HeartbeatState, HeartbeatTask, InstructionHandler, NodeIdentity, RttObserver, StatsProvider,
 };
+use crate::region_lease::{LeaseRole, RegionLeaseKeeper};
+use history::{Event, History};
 
 /// A table to create against simulated datanodes: `greptime.public.{name}` with a
 /// `host` tag, a `ts` time index and a `usage` field, in `regions` regions (its id is
@@ -69,6 +80,8 @@ pub struct SimOptions {
     /// Node starts are spread over this long, so their heartbeats do not all fall in
     /// the same instant.
     pub ramp: Duration,
+    /// Each node writes every region it may write this often; zero writes nothing.
+    pub write_every: Duration,
 }
 
 impl Default for SimOptions {
@@ -80,6 +93,7 @@ impl Default for SimOptions {
             churn: 0.01,
             nodes_per_connection: 100,
             ramp: Duration::ZERO,
+            write_every: Duration::ZERO,
         }
     }
 }
@@ -89,8 +103,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The regions' shared logs: the last entry of each region, whoever wrote it.
+type Wal = Mutex<BTreeMap<u64, u64>>;
+
 /// One simulated node's regions and behaviour.
 struct SimRegions {
+    node: u64,
+    /// The node's leases (set once its task started).
+    keeper: std::sync::OnceLock<Arc<RegionLeaseKeeper>>,
+    /// The last entry this node wrote or replayed, per region.
+    entries: Mutex<BTreeMap<u64, u64>>,
+    wal: Arc<Wal>,
+    history: Arc<History>,
+    /// Cleared when the node is killed: it writes no more.
+    running: std::sync::atomic::AtomicBool,
     regions: Mutex<BTreeMap<u64, pb::RegionStat>>,
     churn: f64,
     beats: AtomicU64,
@@ -101,9 +127,9 @@ struct SimRegions {
     refuse: std::sync::atomic::AtomicBool,
     /// Cache invalidations received.
     invalidations: AtomicU64,
-    /// Region DDL instructions received (create, drop, alter, truncate).
+    /// Region instructions received (create, drop, alter, truncate, open, upgrade).
     region_requests: AtomicU64,
-    /// How long region DDL instructions take (a slow disk).
+    /// How long region instructions take (a slow disk).
     region_delay: Mutex<Duration>,
     /// How long cache invalidations take to be answered.
     invalidate_delay: Mutex<Duration>,
@@ -133,7 +159,22 @@ impl StatsProvider for SimRegions {
                 }
             }
         }
-        regions.values().cloned().collect()
+        let keeper = self.keeper.get();
+        regions
+            .values()
+            .map(|stat| {
+                let mut stat = *stat;
+                if let Some(keeper) = keeper {
+                    stat.role = match keeper.role(stat.region_id) {
+                        Some(LeaseRole::Leader) => pb::RegionRole::Leader,
+                        Some(LeaseRole::Downgrading) => pb::RegionRole::DowngradingLeader,
+                        Some(LeaseRole::Follower) | None => pb::RegionRole::Follower,
+                    }
+                    .into();
+                }
+                stat
+            })
+            .collect()
     }
 }
 
@@ -143,6 +184,7 @@ fn region_outcome(region_id: u64, result: Result<(), String>) -> pb::RegionOutco
         region_id,
         ok: result.is_ok(),
         error: result.err().unwrap_or_default(),
+        last_entry_id: 0,
     }
 }
 
@@ -175,7 +217,7 @@ impl SimRegions {
                             // may ask again after a crash.
                             regions.entry(id).or_insert(pb::RegionStat {
                                 region_id: id,
-                                role: pb::RegionRole::Leader.into(),
+                                role: pb::RegionRole::Follower.into(),
                                 ..Default::default()
                             });
                             Ok(())
@@ -238,6 +280,8 @@ impl InstructionHandler for SimRegions {
                     | Kind::DropRegions(_)
                     | Kind::AlterRegions(_)
                     | Kind::TruncateRegions(_)
+                    | Kind::OpenRegion(_)
+                    | Kind::UpgradeRegion(_)
             )
         ) {
             self.region_requests.fetch_add(1, Ordering::Relaxed);
@@ -256,6 +300,7 @@ impl InstructionHandler for SimRegions {
         }
         let outcome = {
             let mut regions = lock(&self.regions);
+            let mut entries = lock(&self.entries);
             match instruction.kind {
                 Some(Kind::OpenRegion(r)) => {
                     regions.entry(r.region_id).or_insert(pb::RegionStat {
@@ -263,11 +308,12 @@ impl InstructionHandler for SimRegions {
                         role: pb::RegionRole::Follower.into(),
                         ..Default::default()
                     });
-                    Ok(Vec::new())
+                    Ok(vec![region_outcome(r.region_id, Ok(()))])
                 }
                 Some(Kind::CloseRegion(r)) => {
                     regions.remove(&r.region_id);
-                    Ok(Vec::new())
+                    entries.remove(&r.region_id);
+                    Ok(vec![region_outcome(r.region_id, Ok(()))])
                 }
                 Some(Kind::UpgradeRegion(r)) | Some(Kind::DowngradeRegion(r))
                     if !regions.contains_key(&r.region_id) =>
@@ -275,24 +321,73 @@ impl InstructionHandler for SimRegions {
                     Err(format!("region {} is not open here", r.region_id))
                 }
                 Some(Kind::UpgradeRegion(r)) => {
-                    if let Some(stat) = regions.get_mut(&r.region_id) {
-                        stat.role = pb::RegionRole::Leader.into();
+                    // Replay the shared log: everything any leader wrote.
+                    let last = lock(&self.wal).get(&r.region_id).copied().unwrap_or(0);
+                    if last < r.last_entry_id {
+                        Err(format!(
+                            "region {}: the log ends at {last}, before entry {}",
+                            r.region_id, r.last_entry_id
+                        ))
+                    } else {
+                        entries.insert(r.region_id, last);
+                        let mut outcome = region_outcome(r.region_id, Ok(()));
+                        outcome.last_entry_id = last;
+                        Ok(vec![outcome])
                     }
-                    Ok(Vec::new())
                 }
                 Some(Kind::DowngradeRegion(r)) => {
-                    if let Some(stat) = regions.get_mut(&r.region_id) {
-                        stat.role = pb::RegionRole::Follower.into();
-                    }
-                    Ok(Vec::new())
+                    // The task revoked the lease on receipt; under this lock no write
+                    // is half done, so the entry below is the last.
+                    let mut outcome = region_outcome(r.region_id, Ok(()));
+                    outcome.last_entry_id = entries.get(&r.region_id).copied().unwrap_or(0);
+                    Ok(vec![outcome])
                 }
                 Some(Kind::InvalidateCache(_)) => Ok(Vec::new()),
-                Some(kind) => self.region_ddl(&mut regions, kind),
+                Some(kind) => {
+                    if let Kind::DropRegions(d) = &kind {
+                        d.region_ids.iter().for_each(|r| {
+                            entries.remove(r);
+                        });
+                    }
+                    self.region_ddl(&mut regions, kind)
+                }
                 None => Err("an empty instruction".to_string()),
             }
         };
         self.handled.fetch_add(1, Ordering::Relaxed);
         outcome
+    }
+}
+
+impl SimRegions {
+    /// Writes one entry to every region this node may write now (tick of the writer).
+    fn write(&self) {
+        let Some(keeper) = self.keeper.get() else {
+            return;
+        };
+        let regions = lock(&self.regions);
+        let mut entries = lock(&self.entries);
+        for region in regions.keys() {
+            // Checked and written under the regions' lock, which a downgrade takes
+            // before answering its last entry.
+            if !keeper.writable(*region) {
+                continue;
+            }
+            let at = std::time::Instant::now();
+            let entry = {
+                let mut wal = lock(&self.wal);
+                let last = wal.entry(*region).or_insert(0);
+                *last += 1;
+                *last
+            };
+            entries.insert(*region, entry);
+            self.history.record(Event::Write {
+                node: self.node,
+                region: *region,
+                entry,
+                at,
+            });
+        }
     }
 }
 
@@ -307,6 +402,21 @@ pub struct Simulator {
     nodes: Vec<SimNode>,
     rtts: Arc<Mutex<Vec<Duration>>>,
     handled: Arc<AtomicU64>,
+    endpoints: Vec<String>,
+    options: SimOptions,
+    wal: Arc<Wal>,
+    history: Arc<History>,
+    /// The nodes the writer writes with (killed ones skip themselves).
+    writers: Arc<Mutex<Vec<Arc<SimRegions>>>>,
+    writer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            writer.abort();
+        }
+    }
 }
 
 impl Simulator {
@@ -330,15 +440,19 @@ impl Simulator {
         if !(0.0..=1.0).contains(&options.churn) {
             return Err(Error::invalid_argument("churn is a fraction from 0 to 1"));
         }
-        let rtts: Arc<Mutex<Vec<Duration>>> = Arc::default();
-        let handled = Arc::new(AtomicU64::new(0));
-        let observer: RttObserver = {
-            let rtts = rtts.clone();
-            Arc::new(move |rtt| lock(&rtts).push(rtt))
+        let mut sim = Simulator {
+            nodes: Vec::with_capacity(options.nodes),
+            rtts: Arc::default(),
+            handled: Arc::new(AtomicU64::new(0)),
+            endpoints: endpoints.to_vec(),
+            options: options.clone(),
+            wal: Arc::default(),
+            history: Arc::default(),
+            writers: Arc::default(),
+            writer: None,
         };
         let started = tokio::time::Instant::now();
         let mut client = None;
-        let mut nodes = Vec::with_capacity(options.nodes);
         for i in 0..options.nodes {
             if i % options.nodes_per_connection == 0 {
                 client = Some(MetaClient::new(endpoints, MetaClientOptions::default())?);
@@ -352,12 +466,7 @@ impl Simulator {
                     let region_id = (id << 32) | r;
                     let stat = pb::RegionStat {
                         region_id,
-                        role: if r % 3 == 0 {
-                            pb::RegionRole::Leader
-                        } else {
-                            pb::RegionRole::Follower
-                        }
-                        .into(),
+                        role: pb::RegionRole::Follower.into(),
                         approximate_bytes: 1 << 20,
                         approximate_rows: 1_000,
                         read_rate: 1.0,
@@ -366,61 +475,138 @@ impl Simulator {
                     (region_id, stat)
                 })
                 .collect();
-            let sim = Arc::new(SimRegions {
-                regions: Mutex::new(regions),
-                churn: options.churn,
-                beats: AtomicU64::new(0),
-                pause: Mutex::new(None),
-                handled: handled.clone(),
-                refuse: Default::default(),
-                invalidations: AtomicU64::new(0),
-                region_requests: AtomicU64::new(0),
-                region_delay: Mutex::new(Duration::ZERO),
-                invalidate_delay: Mutex::new(Duration::ZERO),
-            });
-            let identity = NodeIdentity {
-                id,
-                role: pb::NodeRole::Datanode,
-                addr: format!("sim-{id}:4001"),
-                version: "sim".to_string(),
-                labels: [("zone".to_string(), format!("z{}", id % 3))].into(),
-                start_time_ms: 1,
-                join_token: token(id),
-            };
             if !options.ramp.is_zero() {
                 let at = started + options.ramp.mul_f64(i as f64 / options.nodes as f64);
                 tokio::time::sleep_until(at).await;
             }
-            let task = HeartbeatTask::start_observed(
-                client,
-                identity,
-                sim.clone(),
-                sim.clone(),
-                Some(observer.clone()),
-            );
-            nodes.push(SimNode {
-                id,
-                regions: sim,
-                task: Some(task),
-            });
+            let node = sim.spawn_node(client, id, regions, token(id));
+            lock(&sim.writers).push(node.regions.clone());
+            sim.nodes.push(node);
         }
-        Ok(Simulator {
-            nodes,
-            rtts,
-            handled,
-        })
+        if !options.write_every.is_zero() {
+            let every = options.write_every;
+            let writers = sim.writers.clone();
+            sim.writer = Some(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let nodes = lock(&writers).clone();
+                    for node in nodes.iter().filter(|n| n.running.load(Ordering::Relaxed)) {
+                        node.write();
+                    }
+                }
+            }));
+        }
+        Ok(sim)
+    }
+
+    /// Starts the heartbeat task of node `id` holding `regions`.
+    fn spawn_node(
+        &self,
+        client: MetaClient,
+        id: u64,
+        regions: BTreeMap<u64, pb::RegionStat>,
+        token: String,
+    ) -> SimNode {
+        let observer: RttObserver = {
+            let rtts = self.rtts.clone();
+            Arc::new(move |rtt| lock(&rtts).push(rtt))
+        };
+        let sim = Arc::new(SimRegions {
+            node: id,
+            keeper: std::sync::OnceLock::new(),
+            entries: Mutex::new(BTreeMap::new()),
+            wal: self.wal.clone(),
+            history: self.history.clone(),
+            running: std::sync::atomic::AtomicBool::new(true),
+            regions: Mutex::new(regions),
+            churn: self.options.churn,
+            beats: AtomicU64::new(0),
+            pause: Mutex::new(None),
+            handled: self.handled.clone(),
+            refuse: Default::default(),
+            invalidations: AtomicU64::new(0),
+            region_requests: AtomicU64::new(0),
+            region_delay: Mutex::new(Duration::ZERO),
+            invalidate_delay: Mutex::new(Duration::ZERO),
+        });
+        let identity = NodeIdentity {
+            id,
+            role: pb::NodeRole::Datanode,
+            addr: format!("sim-{id}:4001"),
+            version: "sim".to_string(),
+            labels: [("zone".to_string(), format!("z{}", id % 3))].into(),
+            start_time_ms: 1,
+            join_token: token,
+        };
+        let task = HeartbeatTask::start_observed(
+            client,
+            identity,
+            sim.clone(),
+            sim.clone(),
+            Some(observer),
+        );
+        let keeper = task.leases();
+        let history = self.history.clone();
+        keeper.observe(Box::new(move |event| {
+            history.record(Event::Lease { node: id, event });
+        }));
+        let _ = sim.keeper.set(keeper);
+        SimNode {
+            id,
+            regions: sim,
+            task: Some(task),
+        }
+    }
+
+    /// Starts node `id` again after [`Simulator::kill`], as a restarted datanode: it
+    /// reopens the regions it held, read-only until leases say otherwise.
+    pub fn restart(&mut self, id: u64) -> Result<bool> {
+        let Some(i) = self
+            .nodes
+            .iter()
+            .position(|n| n.id == id && n.task.is_none())
+        else {
+            return Ok(false);
+        };
+        let regions = lock(&self.nodes[i].regions.regions).clone();
+        let client = MetaClient::new(&self.endpoints, MetaClientOptions::default())?;
+        let node = self.spawn_node(client, id, regions, String::new());
+        lock(&self.writers).push(node.regions.clone());
+        self.nodes[i] = node;
+        Ok(true)
+    }
+
+    /// The history of every node's leases and writes.
+    pub fn history(&self) -> Arc<History> {
+        self.history.clone()
+    }
+
+    /// The last entry written to `region` by any node.
+    pub fn last_entry(&self, region: u64) -> u64 {
+        lock(&self.wal).get(&region).copied().unwrap_or(0)
+    }
+
+    /// The leases node `id` holds (None when it is not running).
+    pub fn leases(&self, id: u64) -> Option<Arc<RegionLeaseKeeper>> {
+        self.node(id)?.task.as_ref().map(HeartbeatTask::leases)
     }
 
     fn node(&self, id: u64) -> Option<&SimNode> {
         self.nodes.iter().find(|n| n.id == id)
     }
 
-    /// Stops node `id` at once, as a crash would (its stream just ends).
+    /// Stops node `id` at once, as a crash would (its stream just ends; it writes no
+    /// more).
     pub fn kill(&mut self, id: u64) -> bool {
         self.nodes
             .iter_mut()
             .find(|n| n.id == id)
-            .and_then(|n| n.task.take())
+            .and_then(|n| {
+                n.regions.running.store(false, Ordering::Relaxed);
+                n.task.take()
+            })
             .is_some()
     }
 

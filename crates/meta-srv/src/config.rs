@@ -70,6 +70,12 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Tables, ids and DDL.
     pub metadata: MetadataConfig,
+    /// Region leases.
+    pub region: RegionConfig,
+    /// Automatic failover of regions off failed datanodes.
+    pub failover: FailoverConfig,
+    /// Evening out leader regions across datanodes.
+    pub balancer: BalancerConfig,
     /// Logging.
     pub logging: LoggingConfig,
 }
@@ -90,6 +96,9 @@ impl Default for Config {
             raft: RaftConfig::default(),
             limits: LimitsConfig::default(),
             metadata: MetadataConfig::default(),
+            region: RegionConfig::default(),
+            failover: FailoverConfig::default(),
+            balancer: BalancerConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -172,6 +181,83 @@ impl Default for MetadataConfig {
             region_timeout_ms: 10_000,
             region_attempts: 4,
             ddl_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// `[region]`: region leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegionConfig {
+    /// How long a region lease lasts, in seconds, counted from the datanode's own send
+    /// time; 0 derives it from the heartbeat interval (3 intervals + 1 s).
+    pub lease_secs: u64,
+}
+
+impl Config {
+    /// The region lease length in ms: `[region] lease_secs`, or 3 heartbeat intervals
+    /// plus 1 s (a lease survives two lost heartbeats).
+    pub fn region_lease_ms(&self) -> u64 {
+        match self.region.lease_secs {
+            0 => 3 * self.heartbeat_interval_ms + 1_000,
+            secs => secs * 1_000,
+        }
+    }
+
+    /// The longest a deposed raft leader may go on believing it leads (and granting
+    /// region leases): it steps down after an election timeout without a quorum
+    /// (check-quorum), and the randomised timeout reaches twice the configured one.
+    pub fn deposed_leader_ms(&self) -> u64 {
+        2 * self.raft.election_ticks as u64 * self.raft.tick_ms
+    }
+}
+
+/// `[failover]`: the region supervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// Move the leader regions of failed datanodes automatically.
+    pub enabled: bool,
+    /// How long a live datanode may leave a region it leads out of its stats before
+    /// that region alone is failed, in ms.
+    pub region_missing_ms: u64,
+    /// Migrations the supervisor (failover, drain, balancer) runs at once.
+    pub max_concurrent_migrations: usize,
+    /// How long one migration may take before it rolls back, in ms.
+    pub migration_timeout_ms: u64,
+    /// The wait before a region whose move failed is tried again (doubling up to 8
+    /// times that), in ms.
+    pub backoff_ms: u64,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            enabled: true,
+            region_missing_ms: 30_000,
+            max_concurrent_migrations: 8,
+            migration_timeout_ms: 60_000,
+            backoff_ms: 5_000,
+        }
+    }
+}
+
+/// `[balancer]`: evening out leader regions (turned on and off with `metactl balance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalancerConfig {
+    /// Leader regions the busiest datanode may have above the idlest before regions
+    /// move.
+    pub tolerance: usize,
+    /// How long a region moved by the balancer stays put, in ms.
+    pub cooldown_ms: u64,
+}
+
+impl Default for BalancerConfig {
+    fn default() -> Self {
+        BalancerConfig {
+            tolerance: 2,
+            cooldown_ms: 300_000,
         }
     }
 }
@@ -411,6 +497,28 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
+        }
+        let f = &self.failover;
+        for (name, value) in [
+            ("failover.region_missing_ms", f.region_missing_ms),
+            (
+                "failover.max_concurrent_migrations",
+                f.max_concurrent_migrations as u64,
+            ),
+            ("failover.migration_timeout_ms", f.migration_timeout_ms),
+            ("failover.backoff_ms", f.backoff_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if self.region.lease_secs != 0
+            && self.region.lease_secs * 1_000 <= self.heartbeat_interval_ms
+        {
+            return Err(ConfigError::Invalid(format!(
+                "region.lease_secs ({} s) must be longer than heartbeat_interval_ms ({} ms), or 0 to derive it",
+                self.region.lease_secs, self.heartbeat_interval_ms
+            )));
         }
         let fd = &self.failure_detector;
         if !(fd.threshold.is_finite() && fd.threshold > 0.0) {

@@ -1,5 +1,6 @@
 //! The HTTP admin API (axum): `GET /health`, `GET /status`, `GET /nodes`,
-//! `GET /tables` (`?catalog=&schema=`), `GET /tables/{id}/route`.
+//! `GET /tables` (`?catalog=&schema=`), `GET /tables/{id}/route`,
+//! `GET|POST /maintenance` (leader only; POST `{"enabled": true|false}`).
 
 use std::sync::Arc;
 
@@ -36,6 +37,8 @@ pub struct HttpState {
     pub leadership: tokio::sync::watch::Receiver<Option<u64>>,
     /// Tables' keys (read on any member, linearizably).
     pub tables: common_meta::manager::TableMetadataManager,
+    /// Maintenance mode and the supervisor's work.
+    pub supervisor: Arc<crate::cluster_plane::supervisor::Supervisor>,
 }
 
 /// The query of `GET /tables`.
@@ -121,6 +124,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/nodes", get(nodes))
         .route("/tables", get(tables))
         .route("/tables/{id}/route", get(table_route))
+        .route("/maintenance", get(maintenance).post(set_maintenance))
         .with_state(state)
 }
 
@@ -252,4 +256,84 @@ fn http_error(e: common_meta::Error) -> (StatusCode, String) {
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     (code, e.to_string())
+}
+
+/// The body of `GET|POST /maintenance`.
+#[derive(Debug, Serialize)]
+pub struct MaintenanceView {
+    /// Automatic moves (failover, balancer) are paused.
+    pub maintenance: bool,
+    /// The balancer switch.
+    pub balancer: bool,
+    /// Failover is configured on.
+    pub failover: bool,
+    /// Migrations in flight.
+    pub running_migrations: usize,
+    /// Regions waiting to be moved off failed nodes.
+    pub pending_failovers: usize,
+}
+
+/// The body of `POST /maintenance`.
+#[derive(Debug, serde::Deserialize)]
+pub struct SetMaintenance {
+    /// On or off.
+    pub enabled: bool,
+}
+
+type JsonError = (StatusCode, Json<serde_json::Value>);
+
+fn json_error(code: StatusCode, message: String) -> JsonError {
+    (code, Json(serde_json::json!({ "error": message })))
+}
+
+async fn maintenance_view(state: &HttpState) -> Result<Json<MaintenanceView>, JsonError> {
+    if state.leadership.borrow().is_none() {
+        return Err(json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not the leader: ask the leader (GET /status names it)".to_string(),
+        ));
+    }
+    let switches = state
+        .supervisor
+        .switches()
+        .await
+        .map_err(|e| json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let (running_migrations, pending_failovers) = state.supervisor.load();
+    Ok(Json(MaintenanceView {
+        maintenance: switches.maintenance,
+        balancer: switches.balancer,
+        failover: state.supervisor.failover_enabled(),
+        running_migrations,
+        pending_failovers,
+    }))
+}
+
+async fn maintenance(
+    State(state): State<Arc<HttpState>>,
+) -> Result<Json<MaintenanceView>, JsonError> {
+    maintenance_view(&state).await
+}
+
+async fn set_maintenance(
+    State(state): State<Arc<HttpState>>,
+    body: Result<Json<SetMaintenance>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<MaintenanceView>, JsonError> {
+    let Json(body) = body.map_err(|e| {
+        json_error(
+            StatusCode::BAD_REQUEST,
+            format!("expected {{\"enabled\": true|false}}: {e}"),
+        )
+    })?;
+    if state.leadership.borrow().is_none() {
+        return Err(json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not the leader: ask the leader (GET /status names it)".to_string(),
+        ));
+    }
+    state
+        .supervisor
+        .set_switch(crate::cluster_plane::supervisor::MAINTENANCE, body.enabled)
+        .await
+        .map_err(|e| json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    maintenance_view(&state).await
 }

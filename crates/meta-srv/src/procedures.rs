@@ -4,5 +4,7 @@
 //! | module | what |
 //! | --- | --- |
 //! | `ddl` | create/drop database, create/drop/alter/truncate/rename table |
+//! | `region` | region migration, and the checks of a request to move regions |
 
 pub mod ddl;
+pub mod region;

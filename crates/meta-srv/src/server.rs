@@ -29,7 +29,9 @@ use meta_client::{MetaClient, MetaClientOptions};
 use crate::cluster_plane::heartbeat_chain::{self, ClusterPlane};
 use crate::cluster_plane::live_nodes::LiveNodes;
 use crate::cluster_plane::node_mailbox::NodeMailbox;
+use crate::cluster_plane::region_lease::{LeaseConfig, LeaseLedger};
 use crate::cluster_plane::selector::Selector;
+use crate::cluster_plane::supervisor::Supervisor;
 use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::error::{Error, Result};
@@ -47,6 +49,7 @@ use crate::service::cluster::ClusterService;
 use crate::service::ddl::DdlService;
 use crate::service::heartbeat::{HeartbeatApi, HeartbeatService};
 use crate::service::procedure::ProcedureService;
+use crate::service::region::RegionService;
 use crate::service::store::StoreService;
 use crate::session_keeper::SessionKeeper;
 use common_meta::manager::{CatalogManager, TableMetadataManager};
@@ -54,6 +57,7 @@ use common_meta::model::join_token::JoinTokens;
 use common_meta::model::sequence::Sequences;
 use common_meta::time::unix_ms;
 use meta_proto::v1::ddl_server::DdlServer;
+use meta_proto::v1::region_server::RegionServer;
 
 /// Largest raft batch a member accepts from a peer: a snapshot travels in one message.
 const MAX_RAFT_BATCH_BYTES: usize = 1024 * 1024 * 1024;
@@ -74,6 +78,7 @@ pub struct MetaSrv {
     procedures: Arc<ProcedureHost>,
     plane: Arc<ClusterPlane>,
     ddl: Arc<DdlContext>,
+    supervisor: Arc<Supervisor>,
     grpc: TcpListener,
     http: TcpListener,
 }
@@ -201,6 +206,13 @@ impl MetaSrv {
             live: Arc::new(LiveNodes::new(config.failure_detector.into(), unix_ms())),
             outbox: Arc::new(NodeMailbox::default()),
             tokens,
+            leases: Arc::new(LeaseLedger::new(
+                LeaseConfig {
+                    lease_ms: config.region_lease_ms(),
+                    deposed_leader_ms: config.deposed_leader_ms(),
+                },
+                Arc::new(backend.clone()),
+            )),
             streams: Default::default(),
             leadership: node.leadership(),
             last_term: Default::default(),
@@ -222,15 +234,25 @@ impl MetaSrv {
         let registry = {
             let ddl = ddl.clone();
             Arc::new(move |manager: &procedure::ProcedureManager| {
-                crate::procedures::ddl::register(manager, &ddl)
+                crate::procedures::ddl::register(manager, &ddl)?;
+                crate::procedures::region::register(manager, &ddl)
             })
         };
         let procedures = Arc::new(ProcedureHost::start(
             node.leadership(),
-            kv,
+            kv.clone(),
             limits,
             ManagerConfig::default(),
             registry,
+        ));
+        // Ticks a few times per heartbeat interval, at most every second.
+        let tick = Duration::from_millis((config.heartbeat_interval_ms / 2).clamp(50, 1_000));
+        let supervisor = Arc::new(Supervisor::new(
+            ddl.clone(),
+            procedures.clone(),
+            kv,
+            (config.failover, config.balancer),
+            tick,
         ));
         Ok(MetaSrv {
             config,
@@ -245,6 +267,7 @@ impl MetaSrv {
             procedures,
             plane,
             ddl,
+            supervisor,
             grpc,
             http,
         })
@@ -422,6 +445,16 @@ impl MetaSrv {
             ctx: self.ddl.clone(),
             limits,
         });
+        let supervising = self.supervisor.clone().start(self.node.leadership());
+        let regions = RegionServer::new(RegionService {
+            member_id,
+            host: self.procedures.clone(),
+            driver: self.node.driver(),
+            members: self.members.clone(),
+            ctx: self.ddl.clone(),
+            supervisor: self.supervisor.clone(),
+            migration_timeout: Duration::from_millis(self.config.failover.migration_timeout_ms),
+        });
         let heartbeats = HeartbeatServer::new(HeartbeatApi::from(HeartbeatService {
             member_id,
             driver: self.node.driver(),
@@ -443,6 +476,7 @@ impl MetaSrv {
             .add_service(procedures)
             .add_service(heartbeats)
             .add_service(ddl)
+            .add_service(regions)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
                 stopped(stop_rx.clone()),
@@ -457,6 +491,7 @@ impl MetaSrv {
             plane: self.plane.clone(),
             leadership: self.node.leadership(),
             tables: self.ddl.tables.clone(),
+            supervisor: self.supervisor.clone(),
         }));
         let http = axum::serve(self.http, router).with_graceful_shutdown(stopped(stop_rx));
 
@@ -469,6 +504,7 @@ impl MetaSrv {
             "meta-srv serving"
         );
         let (grpc, http) = tokio::join!(grpc, http);
+        supervising.abort();
         let failed = self.node.failure().borrow().clone();
         if let Some(reason) = failed {
             // Leave the storage as it is: sled flushes when its last handle drops, and a
@@ -481,6 +517,7 @@ impl MetaSrv {
                 self.procedures,
                 self.members,
                 self.ddl,
+                self.supervisor,
             ));
             return Err(Error::Failed { reason });
         }

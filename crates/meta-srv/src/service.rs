@@ -4,4 +4,5 @@ pub mod cluster;
 pub mod ddl;
 pub mod heartbeat;
 pub mod procedure;
+pub mod region;
 pub mod store;

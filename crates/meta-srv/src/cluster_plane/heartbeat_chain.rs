@@ -15,6 +15,10 @@
 //! 4. `deliver_replies`: hand instruction replies to whoever waits in the mailbox.
 //! 5. `feed_detector`: the heartbeat renews the node's liveness (its lease).
 //! 6. `collect_stats`: apply the region stats (full or delta) in leader memory.
+//! 7. `grant_leases` (stats only, datanodes): the region leases of the answer, from the
+//!    routes and the migrations in flight (see `region_lease`). Last, so that the
+//!    regions leased are the ones just reported. A failure here is no refusal: the
+//!    answer carries no leases, and the node's run out if it keeps happening.
 //!
 //! Instructions do not wait for a heartbeat: the stream pushes them as soon as the
 //! mailbox has them (see `service/heartbeat.rs`).
@@ -29,6 +33,7 @@ use meta_proto::v1 as pb;
 
 use crate::cluster_plane::live_nodes::{LiveNodes, Stale};
 use crate::cluster_plane::node_mailbox::NodeMailbox;
+use crate::cluster_plane::region_lease::LeaseLedger;
 
 /// What a heartbeat stream has established so far.
 #[derive(Debug, Default)]
@@ -44,6 +49,10 @@ pub struct StreamState {
     pub has_full_stats: bool,
     /// Instructions for the node, once it is registered and attached.
     pub inbox: Option<tokio::sync::mpsc::Receiver<pb::MailboxMessage>>,
+    /// The node's role, from its handshake.
+    pub role: Option<NodeRole>,
+    /// The region leases for the answer to the request being handled.
+    pub leases: Option<pb::RegionLeases>,
 }
 
 /// The leader-side state every stream's chain works on.
@@ -56,6 +65,8 @@ pub struct ClusterPlane {
     pub outbox: Arc<NodeMailbox>,
     /// Join tokens, when the cluster has a secret.
     pub tokens: Option<JoinTokens>,
+    /// Region leases granted, and migrations in flight.
+    pub leases: Arc<LeaseLedger>,
     /// The number of the last stream opened.
     pub streams: std::sync::atomic::AtomicU64,
     /// The term this member leads in, if it leads.
@@ -83,6 +94,7 @@ impl ClusterPlane {
             Some(term) => {
                 self.last_term.fetch_max(term, Ordering::Relaxed);
                 self.live.advance(term, now_ms);
+                self.leases.advance(term, now_ms);
                 self.outbox.advance(term);
             }
             None => self.outbox.clear(self.last_term.load(Ordering::Relaxed)),
@@ -181,6 +193,7 @@ pub fn chain() -> Vec<Box<dyn HeartbeatHandler>> {
         Box::new(DeliverReplies),
         Box::new(FeedDetector),
         Box::new(CollectStats),
+        Box::new(GrantLeases),
     ]
 }
 
@@ -313,6 +326,7 @@ handler!(RegisterNode, "register_node", |plane, stream, request| {
         return Ok(());
     };
     let info = node_info(handshake)?;
+    let role = info.role;
     match &plane.tokens {
         Some(tokens) => {
             tokens
@@ -336,6 +350,7 @@ handler!(RegisterNode, "register_node", |plane, stream, request| {
             .map_err(|stale| Refusal::from((stale, node)))?,
     );
     stream.node_id = Some(node);
+    stream.role = Some(role);
     Ok(())
 });
 
@@ -381,6 +396,31 @@ handler!(CollectStats, "collect_stats", |plane, stream, request| {
     Ok(())
 });
 
+handler!(GrantLeases, "grant_leases", |plane, stream, request| {
+    stream.leases = None;
+    let (Some(id), Some(NodeRole::Datanode), Some(pb::heartbeat_request::Body::Stats(_))) =
+        (stream.node_id, stream.role, &request.body.body)
+    else {
+        return Ok(());
+    };
+    let regions = plane.live.region_ids(id);
+    match plane
+        .leases
+        .grant(
+            stream.term.unwrap_or(0),
+            id,
+            &regions,
+            request.body.send_instant_ms,
+            request.now_ms,
+        )
+        .await
+    {
+        Ok(leases) => stream.leases = Some(leases),
+        Err(e) => tracing::debug!(node = id, error = %e, "no region leases in this answer"),
+    }
+    Ok(())
+});
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,7 +459,8 @@ mod tests {
                 "register_node",
                 "deliver_replies",
                 "feed_detector",
-                "collect_stats"
+                "collect_stats",
+                "grant_leases"
             ]
         );
     }
@@ -489,10 +530,17 @@ mod tests {
         let kv: Arc<dyn common_meta::kv::KvBackend> =
             Arc::new(common_meta::kv::MemoryKvBackend::default());
         let plane = ClusterPlane {
-            nodes: Arc::new(NodeManager::new(kv)),
+            nodes: Arc::new(NodeManager::new(kv.clone())),
             live: Arc::new(LiveNodes::new(Default::default(), 0)),
             outbox: Arc::new(NodeMailbox::default()),
             tokens: None,
+            leases: Arc::new(LeaseLedger::new(
+                crate::cluster_plane::region_lease::LeaseConfig {
+                    lease_ms: 10_000,
+                    deposed_leader_ms: 0,
+                },
+                kv.clone(),
+            )),
             streams: Default::default(),
             leadership: tokio::sync::watch::channel(Some(1)).1,
             last_term: Default::default(),

@@ -21,8 +21,8 @@ use crate::cluster_plane::failure_detector::{DetectorConfig, Liveness, PhiAccrua
 /// millions).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RegionLoad {
-    /// The node holds the region's leader replica.
-    pub leader: bool,
+    /// The role the node reports (`pb::RegionRole`).
+    pub role: i32,
     /// Approximate size in bytes.
     pub bytes: u64,
     /// Approximate row count.
@@ -36,7 +36,7 @@ pub struct RegionLoad {
 impl From<&pb::RegionStat> for RegionLoad {
     fn from(stat: &pb::RegionStat) -> Self {
         RegionLoad {
-            leader: stat.role == i32::from(pb::RegionRole::Leader),
+            role: stat.role,
             bytes: stat.approximate_bytes,
             rows: stat.approximate_rows,
             read_rate: stat.read_rate as f32,
@@ -50,6 +50,8 @@ struct Live {
     stream: u64,
     detector: PhiAccrualDetector,
     regions: HashMap<u64, RegionLoad>,
+    /// The stream sent full stats: `regions` is every region the node holds.
+    full: bool,
 }
 
 /// Why a stream's report was not taken.
@@ -162,6 +164,7 @@ impl LiveNodes {
             stream,
             detector: PhiAccrualDetector::new(config),
             regions: HashMap::new(),
+            full: false,
         });
         if live.stream > stream {
             return Err(Stale::Replaced);
@@ -169,6 +172,7 @@ impl LiveNodes {
         if live.stream < stream {
             live.stream = stream;
             live.regions.clear();
+            live.full = false;
         }
         Ok(())
     }
@@ -196,6 +200,7 @@ impl LiveNodes {
         let live = state.current(id, stream)?;
         if stats.full {
             live.regions.clear();
+            live.full = true;
         }
         for stat in &stats.regions {
             live.regions.insert(stat.region_id, RegionLoad::from(stat));
@@ -209,6 +214,24 @@ impl LiveNodes {
     /// Forgets node `id` (it was removed); its open stream, if any, is refused next.
     pub fn forget(&self, id: u64) {
         self.state().nodes.remove(&id);
+    }
+
+    /// The regions node `id` holds, as its stats say.
+    pub fn region_ids(&self, id: u64) -> Vec<u64> {
+        self.state()
+            .nodes
+            .get(&id)
+            .map(|live| live.regions.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every region node `id` holds, once its stream sent full stats (None before).
+    pub fn reported(&self, id: u64) -> Option<std::collections::HashSet<u64>> {
+        self.state()
+            .nodes
+            .get(&id)
+            .filter(|live| live.full)
+            .map(|live| live.regions.keys().copied().collect())
     }
 
     /// What is known of region `region` on node `id`.

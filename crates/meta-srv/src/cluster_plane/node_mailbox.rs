@@ -228,6 +228,7 @@ mod tests {
         pb::Instruction {
             kind: Some(pb::instruction::Kind::OpenRegion(pb::RegionInstruction {
                 region_id,
+                ..Default::default()
             })),
         }
     }

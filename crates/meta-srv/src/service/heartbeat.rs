@@ -80,12 +80,18 @@ impl HeartbeatService {
         crate::error::not_leader(&self.driver, &self.members, self.member_id).await
     }
 
-    fn answer(&self, seq: u64, mailbox: Vec<pb::MailboxMessage>) -> pb::HeartbeatResponse {
+    fn answer(
+        &self,
+        seq: u64,
+        mailbox: Vec<pb::MailboxMessage>,
+        leases: Option<pb::RegionLeases>,
+    ) -> pb::HeartbeatResponse {
         pb::HeartbeatResponse {
             header: common_meta::rpc::header(self.member_id, 0),
             interval_ms: self.interval_ms,
             mailbox,
             seq,
+            leases,
         }
     }
 
@@ -168,7 +174,7 @@ impl HeartbeatService {
                 Next::Request(request) => request,
                 Next::Instructions(batch) => {
                     if !self
-                        .push(out, Ok(self.answer(0, batch)), state.node_id)
+                        .push(out, Ok(self.answer(0, batch, None)), state.node_id)
                         .await
                     {
                         return;
@@ -228,7 +234,11 @@ impl HeartbeatService {
                 return;
             }
             if !self
-                .push(out, Ok(self.answer(request.seq, Vec::new())), state.node_id)
+                .push(
+                    out,
+                    Ok(self.answer(request.seq, Vec::new(), state.leases.take())),
+                    state.node_id,
+                )
                 .await
             {
                 return;

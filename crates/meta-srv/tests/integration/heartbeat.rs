@@ -31,6 +31,7 @@ fn handshake(node_id: u64, role: pb::NodeRole, addr: &str) -> pb::HeartbeatReque
         })),
         replies: Vec::new(),
         seq: 1,
+        send_instant_ms: 0,
     }
 }
 
@@ -59,6 +60,7 @@ fn stats(regions: usize) -> pb::HeartbeatRequest {
         })),
         replies: Vec::new(),
         seq: 0,
+        send_instant_ms: 0,
     }
 }
 
@@ -72,6 +74,7 @@ fn delta(changed: &[u64], removed: &[u64], seq: u64) -> pb::HeartbeatRequest {
         })),
         replies: Vec::new(),
         seq,
+        send_instant_ms: 0,
     }
 }
 
@@ -346,6 +349,7 @@ fn open_region(region_id: u64) -> pb::Instruction {
     pb::Instruction {
         kind: Some(pb::instruction::Kind::OpenRegion(pb::RegionInstruction {
             region_id,
+            ..Default::default()
         })),
     }
 }

@@ -16,5 +16,6 @@ mod linearizability;
 mod metactl;
 mod raft_cluster;
 mod raft_faults;
+mod regions;
 mod snapshot_stream;
 mod support;

@@ -1,0 +1,471 @@
+//! Region leases: in every answer to a datanode's stats, the leader says what the node
+//! may do with each region it reported, for one lease length counted from the node's
+//! own send instant (so a slow answer shortens a lease, never lengthens it).
+//!
+//! The decision ([`decide`]) is a pure function of the table's route and of the
+//! migrations in flight: the route's leader gets `leader` (or `downgrading` while the
+//! route marks it so), its followers and a migration's candidate get `follower`, any
+//! other holder `closeable`; a region of an unknown table gets nothing (a create is
+//! committing it, or a drop is removing it: either way nobody may write it).
+//!
+//! Fencing, which makes failover safe:
+//! - Leader grants are recorded per (region, node) with the leader's clock *before*
+//!   the route is read, so after a route change is applied, [`LeaseLedger::expiry_bound`]
+//!   is a time after which no lease granted on the old route can still run.
+//! - A new leader grants nothing until one linearizable read has passed in its term
+//!   (its applied state then holds every earlier commit), and assumes that a deposed
+//!   leader may have granted leases until `deposed_leader_ms` after this term began.
+//! - Nothing is called closeable during the first lease length of a term: the
+//!   migrations of the previous term are not registered again until they resume.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use common_meta::key::{FENCE_KEY, MetaKey, TableRouteKey};
+use common_meta::kv::{KvBackend, RangeRequest};
+use common_meta::manager::from_json;
+use common_meta::model::table::{LeaderState, RegionId, TableRoute};
+use meta_proto::v1 as pb;
+
+/// Lease timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// How long a lease lasts from the node's send instant, in ms.
+    pub lease_ms: u64,
+    /// How long after a term begins a deposed leader may still grant, in ms.
+    pub deposed_leader_ms: u64,
+}
+
+impl LeaseConfig {
+    /// Slack for clocks that run at slightly different rates (10% of a lease, at least
+    /// 100 ms).
+    pub fn margin_ms(&self) -> u64 {
+        (self.lease_ms / 10).max(100)
+    }
+}
+
+/// What a node may do with one region it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// Write it until the lease ends.
+    Leader,
+    /// Keep it open read-only.
+    Follower,
+    /// Keep it open, write nothing: it is being moved away.
+    Downgrading,
+    /// Close it: the route does not give it to this node.
+    Closeable,
+}
+
+/// The grant for `region` held by `node`, given its table's `route` (None: the table
+/// is unknown) and the node a migration of the region is moving it to, if any.
+pub fn decide(
+    node: u64,
+    region: RegionId,
+    route: Option<&TableRoute>,
+    candidate: Option<u64>,
+) -> Option<Grant> {
+    if candidate == Some(node) {
+        // Opened for a migration to this node: not led here until the route says so.
+        let leads = route
+            .and_then(|r| r.regions.iter().find(|rr| rr.region == region))
+            .and_then(|rr| rr.leader.as_ref())
+            .is_some_and(|p| p.id == node);
+        if !leads {
+            return Some(Grant::Follower);
+        }
+    }
+    let route = route?;
+    let Some(entry) = route.regions.iter().find(|r| r.region == region) else {
+        return Some(Grant::Closeable);
+    };
+    if entry.leader.as_ref().is_some_and(|p| p.id == node) {
+        return Some(match entry.leader_state {
+            LeaderState::Serving => Grant::Leader,
+            LeaderState::Downgrading => Grant::Downgrading,
+        });
+    }
+    if entry.followers.iter().any(|p| p.id == node) {
+        return Some(Grant::Follower);
+    }
+    Some(Grant::Closeable)
+}
+
+/// A migration in flight, as leases see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operation {
+    /// The procedure moving the region.
+    pub procedure: String,
+    /// The node it leaves.
+    pub from: u64,
+    /// The node it goes to (its candidate is kept open there).
+    pub to: u64,
+}
+
+struct State {
+    term: u64,
+    since_ms: u64,
+    /// A linearizable read passed in `term`.
+    ready: bool,
+    /// (region, node) -> when the leader last granted it leadership (leader's clock).
+    granted: HashMap<(u64, u64), u64>,
+    /// Regions being migrated (registered by their procedures, every term anew).
+    operations: HashMap<u64, Operation>,
+    /// Table routes by id: the bytes last read and their decoding.
+    routes: HashMap<u32, (Vec<u8>, Arc<TableRoute>)>,
+}
+
+impl State {
+    fn enter(&mut self, term: u64, now_ms: u64) -> bool {
+        if term > self.term {
+            self.term = term;
+            self.since_ms = now_ms;
+            self.ready = false;
+            self.granted.clear();
+            self.operations.clear();
+        }
+        term == self.term
+    }
+}
+
+/// The leader's record of region leases and migrations in flight; reset every term.
+pub struct LeaseLedger {
+    config: LeaseConfig,
+    kv: Arc<dyn KvBackend>,
+    state: Mutex<State>,
+}
+
+impl LeaseLedger {
+    /// A ledger reading routes from `kv` (this member's store).
+    pub fn new(config: LeaseConfig, kv: Arc<dyn KvBackend>) -> Self {
+        LeaseLedger {
+            config,
+            kv,
+            state: Mutex::new(State {
+                term: 0,
+                since_ms: 0,
+                ready: false,
+                granted: HashMap::new(),
+                operations: HashMap::new(),
+                routes: HashMap::new(),
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every critical section is a few map updates with no early exit: never torn.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The lease timing.
+    pub fn config(&self) -> LeaseConfig {
+        self.config
+    }
+
+    /// Starts term `term` at `now_ms` if it is newer (leadership won).
+    pub fn advance(&self, term: u64, now_ms: u64) {
+        self.state().enter(term, now_ms);
+    }
+
+    /// Registers a migration of `region`; the procedure already moving it otherwise.
+    pub fn begin(&self, term: u64, region: u64, operation: Operation) -> Result<(), String> {
+        let mut state = self.state();
+        if !state.enter(term, common_meta::time::unix_ms()) {
+            return Err("leadership moved on".to_string());
+        }
+        match state.operations.get(&region) {
+            Some(running) if running.procedure != operation.procedure => {
+                Err(running.procedure.clone())
+            }
+            _ => {
+                state.operations.insert(region, operation);
+                Ok(())
+            }
+        }
+    }
+
+    /// Forgets the migration of `region` by `procedure` (done or rolled back).
+    pub fn end(&self, region: u64, procedure: &str) {
+        let mut state = self.state();
+        if state
+            .operations
+            .get(&region)
+            .is_some_and(|o| o.procedure == procedure)
+        {
+            state.operations.remove(&region);
+        }
+    }
+
+    /// The migration of `region` in flight, if any.
+    pub fn operation(&self, region: u64) -> Option<Operation> {
+        self.state().operations.get(&region).cloned()
+    }
+
+    /// Every migration in flight, by region.
+    pub fn operations(&self) -> BTreeMap<u64, Operation> {
+        self.state()
+            .operations
+            .iter()
+            .map(|(r, o)| (*r, o.clone()))
+            .collect()
+    }
+
+    /// When (leader's clock, ms) every leader lease of `region` that `node` may hold
+    /// has surely ended: its last grant seen by this leader, or what a deposed leader
+    /// may have granted early in this term, plus a lease and the margin. Call it after
+    /// the route change that stops new grants is applied.
+    pub fn expiry_bound(&self, region: u64, node: u64) -> u64 {
+        let state = self.state();
+        let last = state.granted.get(&(region, node)).copied().unwrap_or(0);
+        last.max(state.since_ms + self.config.deposed_leader_ms)
+            + self.config.lease_ms
+            + self.config.margin_ms()
+    }
+
+    /// Waits for this term's first linearizable read (once per term).
+    async fn ready(&self, term: u64) -> common_meta::Result<()> {
+        if self.state().ready && self.state().term == term {
+            return Ok(());
+        }
+        self.kv.get(FENCE_KEY.as_bytes()).await?;
+        let mut state = self.state();
+        if state.term == term {
+            state.ready = true;
+        }
+        Ok(())
+    }
+
+    /// Table `id`'s route from this member's applied state (decoded only when its
+    /// bytes changed).
+    async fn route(&self, id: u32) -> common_meta::Result<Option<Arc<TableRoute>>> {
+        let key = TableRouteKey::new(id).encode();
+        let found = self
+            .kv
+            .range_serializable(RangeRequest::key(key.clone()))
+            .await?
+            .kvs
+            .into_iter()
+            .next();
+        let Some(kv) = found else {
+            self.state().routes.remove(&id);
+            return Ok(None);
+        };
+        if let Some((raw, route)) = self.state().routes.get(&id)
+            && *raw == kv.value
+        {
+            return Ok(Some(route.clone()));
+        }
+        let route: Arc<TableRoute> = Arc::new(from_json(&key, &kv.value)?);
+        self.state().routes.insert(id, (kv.value, route.clone()));
+        Ok(Some(route))
+    }
+
+    /// The leases of `node` in term `term` for `regions` (the regions of its stats),
+    /// answering a request sent at the node's `send_instant_ms`; records leader grants
+    /// at `now_ms` before reading any route.
+    pub async fn grant(
+        &self,
+        term: u64,
+        node: u64,
+        regions: &[u64],
+        send_instant_ms: u64,
+        now_ms: u64,
+    ) -> common_meta::Result<pb::RegionLeases> {
+        self.ready(term).await?;
+        let mut by_table: BTreeMap<u32, Vec<RegionId>> = BTreeMap::new();
+        for region in regions {
+            let region = RegionId::from(*region);
+            by_table.entry(region.table_id()).or_default().push(region);
+        }
+        let mut leases = pb::RegionLeases {
+            send_instant_ms,
+            lease_ms: self.config.lease_ms,
+            ..Default::default()
+        };
+        // Taken before any route is read: a grant made on a route read before a change
+        // is then never later than what `expiry_bound` sees after it.
+        let may_close = {
+            let state = self.state();
+            now_ms >= state.since_ms + self.config.lease_ms
+        };
+        let mut leading = Vec::new();
+        for (table, regions) in by_table {
+            let route = self.route(table).await?;
+            for region in regions {
+                let candidate = self.operation(region.as_u64()).map(|o| o.to);
+                match decide(node, region, route.as_deref(), candidate) {
+                    Some(Grant::Leader) => leading.push(region.as_u64()),
+                    Some(Grant::Follower) => leases.follower.push(region.as_u64()),
+                    Some(Grant::Downgrading) => leases.downgrading.push(region.as_u64()),
+                    Some(Grant::Closeable) if may_close => leases.closeable.push(region.as_u64()),
+                    Some(Grant::Closeable) | None => {}
+                }
+            }
+        }
+        {
+            let mut state = self.state();
+            if state.term != term {
+                // The term ended while routes were read: grant nothing.
+                return Err(common_meta::Error::Unavailable {
+                    message: "leadership moved on".to_string(),
+                });
+            }
+            for region in &leading {
+                state.granted.insert((*region, node), now_ms);
+            }
+        }
+        leases.leader = leading;
+        Ok(leases)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common_meta::model::table::{Peer, RegionRoute};
+
+    fn route(leader: u64, followers: &[u64], state: LeaderState) -> TableRoute {
+        let peer = |id| Peer {
+            id,
+            addr: String::new(),
+        };
+        TableRoute {
+            regions: vec![RegionRoute {
+                region: RegionId::new(1024, 0),
+                leader: Some(peer(leader)),
+                followers: followers.iter().map(|f| peer(*f)).collect(),
+                leader_state: state,
+                leader_down_since: None,
+            }],
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let r = RegionId::new(1024, 0);
+        let other = RegionId::new(1024, 7);
+        let serving = route(1, &[2], LeaderState::Serving);
+        let moving = route(1, &[2], LeaderState::Downgrading);
+        // Each case: node, region, route, candidate, grant.
+        let cases = [
+            (1, r, Some(&serving), None, Some(Grant::Leader)),
+            (1, r, Some(&moving), None, Some(Grant::Downgrading)),
+            (1, r, Some(&moving), Some(3), Some(Grant::Downgrading)),
+            (2, r, Some(&serving), None, Some(Grant::Follower)),
+            (3, r, Some(&serving), None, Some(Grant::Closeable)),
+            (3, r, Some(&moving), Some(3), Some(Grant::Follower)),
+            (3, r, None, Some(3), Some(Grant::Follower)),
+            (1, other, Some(&serving), None, Some(Grant::Closeable)),
+            (1, r, None, None, None),
+            // Once the route names the candidate as leader, it leads.
+            (
+                3,
+                r,
+                Some(&route(3, &[], LeaderState::Serving)),
+                Some(3),
+                Some(Grant::Leader),
+            ),
+        ];
+        for (node, region, route, candidate, want) in cases {
+            assert_eq!(
+                decide(node, region, route, candidate),
+                want,
+                "node {node} region {region} candidate {candidate:?}"
+            );
+        }
+    }
+
+    fn ledger() -> LeaseLedger {
+        LeaseLedger::new(
+            LeaseConfig {
+                lease_ms: 10_000,
+                deposed_leader_ms: 2_000,
+            },
+            Arc::new(common_meta::kv::MemoryKvBackend::default()),
+        )
+    }
+
+    #[test]
+    fn the_bound_covers_the_last_grant_and_a_deposed_leader() {
+        let ledger = ledger();
+        ledger.advance(3, 100_000);
+        // Nothing granted in this term: a deposed leader may have, until 102 s.
+        assert_eq!(ledger.expiry_bound(7, 1), 102_000 + 10_000 + 1_000);
+        ledger.state().granted.insert((7, 1), 150_000);
+        assert_eq!(ledger.expiry_bound(7, 1), 150_000 + 11_000);
+        // Another node's grant says nothing about node 1's.
+        assert_eq!(ledger.expiry_bound(7, 2), 113_000);
+        // A new term forgets this one's grants and starts its own fence.
+        ledger.advance(4, 200_000);
+        assert_eq!(ledger.expiry_bound(7, 1), 213_000);
+    }
+
+    #[test]
+    fn one_migration_per_region() {
+        let ledger = ledger();
+        let op = |p: &str| Operation {
+            procedure: p.to_string(),
+            from: 1,
+            to: 2,
+        };
+        ledger.begin(1, 9, op("a")).unwrap();
+        ledger.begin(1, 9, op("a")).unwrap();
+        assert_eq!(ledger.begin(1, 9, op("b")), Err("a".to_string()));
+        ledger.end(9, "b");
+        assert!(ledger.operation(9).is_some());
+        ledger.end(9, "a");
+        ledger.begin(1, 9, op("b")).unwrap();
+        assert!(ledger.begin(0, 10, op("c")).is_err(), "an older term");
+    }
+
+    #[tokio::test]
+    async fn grants_follow_the_route() {
+        let kv: Arc<dyn KvBackend> = Arc::new(common_meta::kv::MemoryKvBackend::default());
+        let ledger = LeaseLedger::new(
+            LeaseConfig {
+                lease_ms: 1_000,
+                deposed_leader_ms: 0,
+            },
+            kv.clone(),
+        );
+        let put = |route: TableRoute| {
+            let kv = kv.clone();
+            async move {
+                kv.put(common_meta::kv::PutRequest::new(
+                    TableRouteKey::new(1024).encode(),
+                    serde_json::to_vec(&route).unwrap(),
+                ))
+                .await
+                .unwrap();
+            }
+        };
+        put(route(1, &[2], LeaderState::Serving)).await;
+        let r = RegionId::new(1024, 0).as_u64();
+        let stray = RegionId::new(1024, 5).as_u64();
+        let unknown = RegionId::new(2000, 0).as_u64();
+        ledger.advance(1, 0);
+        let leases = ledger
+            .grant(1, 1, &[r, stray, unknown], 77, 5_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                leases.send_instant_ms,
+                leases.lease_ms,
+                leases.leader,
+                leases.closeable
+            ),
+            (77, 1_000, vec![r], vec![stray])
+        );
+        assert_eq!(ledger.expiry_bound(r, 1), 5_000 + 1_000 + 100);
+        // The route changes: the cached decoding is not used.
+        put(route(2, &[], LeaderState::Serving)).await;
+        let leases = ledger.grant(1, 1, &[r], 78, 6_000).await.unwrap();
+        assert_eq!((leases.leader.len(), leases.closeable), (0, vec![r]));
+        // Early in a term nothing is closed.
+        ledger.advance(2, 10_000);
+        let leases = ledger.grant(2, 1, &[r], 79, 10_500).await.unwrap();
+        assert!(leases.closeable.is_empty() && leases.leader.is_empty());
+    }
+}

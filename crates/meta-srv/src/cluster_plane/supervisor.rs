@@ -1,0 +1,371 @@
+//! The region supervisor (leader only): every tick it reads the routes and the nodes'
+//! health and submits region migrations for
+//!
+//! - **failover** (`[failover] enabled`, default on): the leader regions of failed
+//!   datanodes, and regions a live datanode has left out of its stats for
+//!   `region_missing_ms`;
+//! - **drain**: the leader regions of draining datanodes (an operator's request: it
+//!   goes on in maintenance mode);
+//! - **balance** (the `balancer` switch, default off): leader regions from the busiest
+//!   active datanode to the idlest, beyond `[balancer] tolerance`, with a cooldown per
+//!   region.
+//!
+//! All share `max_concurrent_migrations` (migrations in flight, whoever started them).
+//! A region whose migration failed waits `backoff_ms`, doubling per failure up to 8
+//! times that. **Maintenance mode** (persisted switch) pauses failover and the
+//! balancer: migrations in flight finish, no new ones start.
+//!
+//! Failover is safe because a migration never upgrades a candidate before the old
+//! leader stopped writing, confirmed or fenced by its lease (see
+//! `procedures/region/migrate.rs` and `region_lease.rs`); it needs a region's data to
+//! outlive its datanode (shared storage or a replicated WAL).
+
+pub mod plan;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use common_meta::key::{MetaKey, TableRouteKey, switch_key};
+use common_meta::kv::{KvBackend, PutRequest, RangeRequest};
+use common_meta::model::node::{NodeRole, NodeState};
+use common_meta::model::table::TableRoute;
+use common_meta::time::unix_ms;
+use meta_proto::v1 as pb;
+use tokio::sync::watch;
+
+use crate::config::{BalancerConfig, FailoverConfig};
+use crate::procedure_host::ProcedureHost;
+use crate::procedures::ddl::context::DdlContext;
+use plan::{Lead, Move};
+
+/// The persisted switches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Switches {
+    /// Automatic moves paused.
+    pub maintenance: bool,
+    /// The balancer may move regions.
+    pub balancer: bool,
+}
+
+/// Name of the maintenance switch (`__switch/maintenance`).
+pub const MAINTENANCE: &str = "maintenance";
+/// Name of the balancer switch (`__switch/balancer`).
+pub const BALANCER: &str = "balancer";
+
+#[derive(Default)]
+struct State {
+    term: u64,
+    /// region -> (failures, not before unix ms).
+    backoff: HashMap<u64, (u32, u64)>,
+    /// region -> since when its leader's stats leave it out.
+    missing_since: HashMap<u64, u64>,
+    /// region -> not moved by the balancer before unix ms.
+    cooldown: HashMap<u64, u64>,
+    /// Regions last seen waiting for failover.
+    pending: usize,
+}
+
+/// The supervisor of one member; runs while it leads.
+pub struct Supervisor {
+    ctx: Arc<DdlContext>,
+    host: Arc<ProcedureHost>,
+    kv: Arc<dyn KvBackend>,
+    failover: FailoverConfig,
+    balancer: BalancerConfig,
+    tick: Duration,
+    state: Mutex<State>,
+}
+
+impl Supervisor {
+    /// A supervisor ticking every `tick`.
+    pub fn new(
+        ctx: Arc<DdlContext>,
+        host: Arc<ProcedureHost>,
+        kv: Arc<dyn KvBackend>,
+        (failover, balancer): (FailoverConfig, BalancerConfig),
+        tick: Duration,
+    ) -> Self {
+        Supervisor {
+            ctx,
+            host,
+            kv,
+            failover,
+            balancer,
+            tick,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Each critical section is a few map updates: never torn.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs the supervisor while `leadership` says this member leads.
+    pub fn start(
+        self: Arc<Self>,
+        mut leadership: watch::Receiver<Option<u64>>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                let Ok(term) = leadership.wait_for(Option::is_some).await.map(|t| *t) else {
+                    return;
+                };
+                let term = term.unwrap_or(0);
+                {
+                    let mut state = self.state();
+                    if state.term != term {
+                        *state = State {
+                            term,
+                            ..State::default()
+                        };
+                    }
+                }
+                if let Err(e) = self.tick(term).await {
+                    tracing::debug!(error = %e, "supervisor tick failed");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(self.tick) => {}
+                    changed = leadership.changed() => if changed.is_err() { return },
+                }
+            }
+        })
+    }
+
+    /// The persisted switches (linearizable read).
+    pub async fn switches(&self) -> common_meta::Result<Switches> {
+        let read = |name| async move {
+            Ok::<bool, common_meta::Error>(
+                self.kv
+                    .get(&switch_key(name))
+                    .await?
+                    .is_some_and(|kv| kv.value == b"true"),
+            )
+        };
+        Ok(Switches {
+            maintenance: read(MAINTENANCE).await?,
+            balancer: read(BALANCER).await?,
+        })
+    }
+
+    /// Turns switch `name` on or off (through raft).
+    pub async fn set_switch(&self, name: &str, on: bool) -> common_meta::Result<()> {
+        let value = if on { "true" } else { "false" };
+        self.kv
+            .put(PutRequest::new(switch_key(name), value.as_bytes().to_vec()))
+            .await?;
+        tracing::info!(switch = name, on, "switch set");
+        Ok(())
+    }
+
+    /// Whether failover is configured on.
+    pub fn failover_enabled(&self) -> bool {
+        self.failover.enabled
+    }
+
+    /// Migrations in flight (any origin) and regions waiting for failover.
+    pub fn load(&self) -> (usize, usize) {
+        let running: BTreeSet<String> = self
+            .ctx
+            .plane
+            .leases
+            .operations()
+            .into_values()
+            .map(|o| o.procedure)
+            .collect();
+        (running.len(), self.state().pending)
+    }
+
+    /// Every region's leadership, from this member's applied routes.
+    async fn leads(&self) -> common_meta::Result<Vec<Lead>> {
+        let prefix = TableRouteKey::new(0).encode();
+        let prefix = &prefix[..prefix.len() - 10];
+        let routes = self
+            .kv
+            .range_serializable(RangeRequest::prefix(prefix.to_vec()))
+            .await?;
+        let mut out = Vec::new();
+        for kv in routes.kvs {
+            let route: TableRoute = common_meta::manager::from_json(&kv.key, &kv.value)?;
+            for entry in route.regions {
+                if let Some(leader) = entry.leader {
+                    out.push(Lead {
+                        region: entry.region.as_u64(),
+                        leader: leader.id,
+                        followers: entry.followers.iter().map(|p| p.id).collect(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn tick(self: &Arc<Self>, term: u64) -> common_meta::Result<()> {
+        let Some(manager) = self.host.manager() else {
+            return Ok(());
+        };
+        let switches = self.switches().await?;
+        let (running, _) = self.load();
+        let mut budget = self
+            .failover
+            .max_concurrent_migrations
+            .saturating_sub(running);
+        let now = unix_ms();
+        let leads = self.leads().await?;
+        let moving = self.ctx.plane.leases.operations();
+        let mut failed = BTreeSet::new();
+        let mut draining = BTreeSet::new();
+        for node in self.ctx.nodes.list_local().await? {
+            if node.role != NodeRole::Datanode {
+                continue;
+            }
+            if node.state == NodeState::Draining {
+                draining.insert(node.id);
+            }
+            if self.ctx.plane.view(node.id, now).liveness == pb::Liveness::Failed {
+                failed.insert(node.id);
+            }
+        }
+        let missing = self.missing(&leads, &failed, now);
+        // None can take regions: nothing moves this tick (the error says why).
+        let candidates: Vec<_> = self.ctx.candidates().await.unwrap_or_default();
+        let ready = |region: u64| {
+            !moving.contains_key(&region)
+                && self
+                    .state()
+                    .backoff
+                    .get(&region)
+                    .is_none_or(|(_, at)| now >= *at)
+        };
+        let mut moves: Vec<(Move, &str)> = Vec::new();
+        let automatic = !switches.maintenance;
+        if self.failover.enabled && automatic {
+            let wanted = |l: &Lead| {
+                (failed.contains(&l.leader) || missing.contains(&l.region)) && ready(l.region)
+            };
+            self.state().pending = leads.iter().filter(|l| wanted(l)).count();
+            let planned = plan::plan(&leads, wanted, &candidates, &self.ctx.selector, budget);
+            budget -= planned.len();
+            moves.extend(planned.into_iter().map(|m| (m, "failover")));
+        } else {
+            self.state().pending = 0;
+        }
+        if !draining.is_empty() {
+            let wanted = |l: &Lead| {
+                draining.contains(&l.leader) && !failed.contains(&l.leader) && ready(l.region)
+            };
+            let planned = plan::plan(&leads, wanted, &candidates, &self.ctx.selector, budget);
+            budget -= planned.len();
+            moves.extend(planned.into_iter().map(|m| (m, "drain")));
+        }
+        if switches.balancer && automatic && budget > 0 {
+            let movable = |region: u64| {
+                ready(region)
+                    && self
+                        .state()
+                        .cooldown
+                        .get(&region)
+                        .is_none_or(|until| now >= *until)
+            };
+            let planned = plan::balance(
+                &leads,
+                &candidates,
+                self.balancer.tolerance,
+                movable,
+                budget,
+            );
+            moves.extend(planned.into_iter().map(|m| (m, "balance")));
+        }
+        for (m, reason) in moves {
+            self.start_move(&manager, term, m, reason).await;
+        }
+        Ok(())
+    }
+
+    /// Regions a live leader has left out of its full stats for `region_missing_ms`.
+    fn missing(&self, leads: &[Lead], failed: &BTreeSet<u64>, now: u64) -> BTreeSet<u64> {
+        let mut reported: HashMap<u64, Option<std::collections::HashSet<u64>>> = HashMap::new();
+        let mut state = self.state();
+        let mut out = BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        for lead in leads.iter().filter(|l| !failed.contains(&l.leader)) {
+            let held = reported
+                .entry(lead.leader)
+                .or_insert_with(|| self.ctx.plane.live.reported(lead.leader));
+            let absent = held.as_ref().is_some_and(|h| !h.contains(&lead.region));
+            if !absent {
+                continue;
+            }
+            seen.insert(lead.region);
+            let since = *state.missing_since.entry(lead.region).or_insert(now);
+            if now.saturating_sub(since) >= self.failover.region_missing_ms {
+                out.insert(lead.region);
+            }
+        }
+        state.missing_since.retain(|r, _| seen.contains(r));
+        out
+    }
+
+    async fn start_move(
+        self: &Arc<Self>,
+        manager: &procedure::ProcedureManager,
+        term: u64,
+        m: Move,
+        reason: &str,
+    ) {
+        let timeout = Duration::from_millis(self.failover.migration_timeout_ms);
+        tracing::info!(
+            from = m.from,
+            to = m.to,
+            regions = m.regions.len(),
+            reason,
+            "supervisor moves regions"
+        );
+        if reason == "balance" {
+            let until = unix_ms() + self.balancer.cooldown_ms;
+            let mut state = self.state();
+            for r in &m.regions {
+                state.cooldown.insert(*r, until);
+            }
+        }
+        let submitted = crate::procedures::region::submit(
+            manager,
+            &self.ctx,
+            m.regions.clone(),
+            (m.from, m.to),
+            timeout,
+            reason,
+        )
+        .await;
+        let watcher = match submitted {
+            Ok((_, Some(watcher))) => watcher,
+            Ok((_, None)) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "supervisor could not submit a migration");
+                self.back_off(&m.regions);
+                return;
+            }
+        };
+        // The outcome decides the backoff; the watcher ends with the term at the latest.
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = watcher.wait().await {
+                tracing::warn!(error = %e, "a supervisor migration failed: backing off");
+                if this.state().term == term {
+                    this.back_off(&m.regions);
+                }
+            }
+        });
+    }
+
+    fn back_off(&self, regions: &[u64]) {
+        let now = unix_ms();
+        let mut state = self.state();
+        for r in regions {
+            let entry = state.backoff.entry(*r).or_insert((0, 0));
+            entry.0 += 1;
+            entry.1 = now + self.failover.backoff_ms * (1u64 << entry.0.min(3));
+        }
+    }
+}
