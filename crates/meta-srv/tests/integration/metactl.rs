@@ -322,3 +322,79 @@ async fn a_new_user_creates_a_database_and_a_table_sees_its_route_and_drops_it()
     crate::ddl::check_consistent(&client, &sim).await.unwrap();
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_user_kills_a_datanode_and_watches_its_regions_move() {
+    let server = crate::regions::server(|_| {}).await;
+    let ep = server.grpc.clone();
+    let mut sim = crate::regions::writers(std::slice::from_ref(&ep), 3).await;
+    let ok = |(code, out, err): (Option<i32>, String, String)| {
+        assert_eq!(code, Some(0), "stdout {out:?} stderr {err:?}");
+        out
+    };
+    ok(metactl_async(&ep, &["table", "create", "cpu", "--regions", "3"]).await);
+    let leader_of = |out: &str, region: &str| -> u64 {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{region} ")))
+            .and_then(|l| l.split(' ').nth(2))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {region} in {out}"))
+    };
+    let out = ok(metactl_async(&ep, &["route", "show", "cpu"]).await);
+    let victim = leader_of(&out, "1024.0");
+    sim.kill(victim);
+    crate::support::wait_until(Duration::from_secs(60), || async {
+        let out = ok(metactl_async(&ep, &["route", "show", "cpu"]).await);
+        let now = leader_of(&out, "1024.0");
+        crate::support::check(now != victim, || format!("still on {victim}: {out}"))
+    })
+    .await;
+    let out = ok(metactl_async(&ep, &["region", "show", "1024.0"]).await);
+    assert!(out.contains("(serving)"), "{out}");
+    let out = ok(metactl_async(&ep, &["route", "show", "cpu"]).await);
+    let now = leader_of(&out, "1024.0");
+    let to = sim
+        .node_ids()
+        .into_iter()
+        .find(|n| *n != victim && *n != now)
+        .unwrap()
+        .to_string();
+    let out = ok(metactl_async(&ep, &["region", "migrate", "1024.0", "--to", &to]).await);
+    assert!(
+        out.starts_with(&format!("region 1024.0 is led by datanode {to}")),
+        "{out}"
+    );
+
+    let out = ok(metactl_async(&ep, &["maintenance", "on"]).await);
+    assert!(out.starts_with("maintenance on\nfailover on"), "{out}");
+    let out = ok(metactl_async(&ep, &["--output", "json", "maintenance", "status"]).await);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (json["maintenance"].as_bool(), json["balancer"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let out = ok(metactl_async(&ep, &["maintenance", "off"]).await);
+    assert!(out.starts_with("maintenance off"), "{out}");
+    let out = ok(metactl_async(&ep, &["balance", "status"]).await);
+    assert!(out.contains("balancer off"), "{out}");
+
+    for (args, says) in [
+        (vec!["region", "show", "cpu"], "is not a region"),
+        (vec!["region", "show", "1024.9"], "not found"),
+        (
+            vec!["region", "migrate", "1024.0", "--to", "99"],
+            "datanode 99",
+        ),
+        (
+            vec!["region", "migrate", "1024.0", "--to", &to],
+            "already led by",
+        ),
+        (vec!["node", "drain", "77"], "not found"),
+    ] {
+        let (code, out, err) = metactl_async(&ep, &args).await;
+        assert_eq!(code, Some(1), "{args:?}: {out} {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    crate::regions::history_clean(&sim);
+}

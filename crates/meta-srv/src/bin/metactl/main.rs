@@ -13,6 +13,7 @@ use meta_client::{MetaClient, MetaClientOptions};
 use meta_srv::cli::{EXIT_FAILURE, parse_or_exit};
 use serde_json::json;
 
+mod regions;
 mod tables;
 
 #[derive(Parser)]
@@ -79,6 +80,15 @@ enum Command {
     /// Where a table's regions are.
     #[command(subcommand)]
     Route(tables::RouteCommand),
+    /// Regions: move one, show one.
+    #[command(subcommand)]
+    Region(regions::RegionCommand),
+    /// Maintenance mode: pause (on) or resume (off) automatic failover and balancing.
+    #[command(subcommand)]
+    Maintenance(regions::SwitchCommand),
+    /// The balancer of leader regions across datanodes.
+    #[command(subcommand)]
+    Balance(regions::SwitchCommand),
 }
 
 #[derive(Subcommand)]
@@ -108,7 +118,8 @@ enum TokenCommand {
 enum NodeCommand {
     /// Joining -> Active (or cancel a drain).
     Activate { id: u64 },
-    /// Active -> Draining: no new work; its work is moved away.
+    /// Active -> Draining: no new regions; its leader regions move away (then
+    /// decommission it).
     Drain { id: u64 },
     /// Draining -> Decommissioned.
     Decommission { id: u64 },
@@ -221,6 +232,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Db(command) => tables::db(&client, command, cli.output).await,
         Command::Table(command) => tables::table(&client, command, cli.output).await,
         Command::Route(command) => tables::route(&client, command, cli.output).await,
+        Command::Region(command) => regions::region(&client, command, cli.output).await,
+        Command::Maintenance(command) => regions::maintenance(&client, command, cli.output).await,
+        Command::Balance(command) => regions::balance(&client, command, cli.output).await,
         Command::Token(TokenCommand::Create {
             node,
             ttl,
@@ -319,7 +333,15 @@ async fn node(client: &MetaClient, command: NodeCommand, output: Output) -> Resu
     use meta_proto::v1::NodeState;
     let (id, state) = match command {
         NodeCommand::Activate { id } => (id, NodeState::Active),
-        NodeCommand::Drain { id } => (id, NodeState::Draining),
+        NodeCommand::Drain { id } => {
+            let left = client.drain_node(id).await?;
+            print(
+                output,
+                format!("node {id} is draining; {left} leader regions to move"),
+                json!({ "id": id, "state": "draining", "leader_regions": left }),
+            );
+            return Ok(());
+        }
         NodeCommand::Decommission { id } => (id, NodeState::Decommissioned),
         NodeCommand::Remove { id } => {
             client.remove_node(id).await?;
