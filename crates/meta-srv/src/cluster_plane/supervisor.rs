@@ -240,14 +240,17 @@ impl Supervisor {
         };
         let mut moves: Vec<(Move, &str)> = Vec::new();
         let automatic = !switches.maintenance;
-        if self.failover.enabled && automatic {
+        if self.failover.enabled {
             let wanted = |l: &Lead| {
                 (failed.contains(&l.leader) || missing.contains(&l.region)) && ready(l.region)
             };
+            // Counted in maintenance too: the operator sees what waits.
             self.state().pending = leads.iter().filter(|l| wanted(l)).count();
-            let planned = plan::plan(&leads, wanted, &candidates, &self.ctx.selector, budget);
-            budget -= planned.len();
-            moves.extend(planned.into_iter().map(|m| (m, "failover")));
+            if automatic {
+                let planned = plan::plan(&leads, wanted, &candidates, &self.ctx.selector, budget);
+                budget -= planned.len();
+                moves.extend(planned.into_iter().map(|m| (m, "failover")));
+            }
         } else {
             self.state().pending = 0;
         }

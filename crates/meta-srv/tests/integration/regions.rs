@@ -282,3 +282,116 @@ async fn bad_migrations_are_refused_clearly() {
         .to_string();
     assert!(e.contains(&first.procedure_id), "{e}");
 }
+
+/// Regions led by each node, from the routes of `tables`.
+async fn led_count(client: &MetaClient, tables: &[u32]) -> BTreeMap<u64, usize> {
+    let mut out = BTreeMap::new();
+    for leader in leaders(client, tables).await.into_values() {
+        *out.entry(leader).or_default() += 1;
+    }
+    out
+}
+
+#[tokio::test]
+async fn maintenance_pauses_failover_until_turned_off() {
+    let server = server(|_| {}).await;
+    let endpoints = vec![server.grpc.clone()];
+    let mut sim = writers(&endpoints, 3).await;
+    let client = client(&endpoints);
+    let id = client.create_table(&table("paused", 6), false).await.unwrap();
+    led_once(&client, &sim, &[id]).await;
+    assert!(client.set_maintenance(true).await.unwrap().maintenance);
+    let before = leaders(&client, &[id]).await;
+    let victim = *before.values().next().unwrap();
+    let theirs = before.values().filter(|l| **l == victim).count();
+    sim.kill(victim);
+    // The supervisor sees the regions waiting and moves none of them.
+    wait_until(WAIT, || async {
+        let status = client.maintenance().await.map_err(|e| e.to_string())?;
+        check(status.pending_failovers as usize == theirs, || {
+            format!("{status:?}, {theirs} expected pending")
+        })
+    })
+    .await;
+    let procedures = client.procedures().await.unwrap();
+    assert!(
+        !procedures.iter().any(|p| p.type_name == "metasrv.MigrateRegions"),
+        "{procedures:?}"
+    );
+    assert_eq!(leaders(&client, &[id]).await, before);
+    assert!(!client.set_maintenance(false).await.unwrap().maintenance);
+    wait_until(WAIT, || async {
+        let left = led_count(&client, &[id]).await.get(&victim).copied().unwrap_or(0);
+        check(left == 0, || format!("{left} regions still on {victim}"))
+    })
+    .await;
+    led_once(&client, &sim, &[id]).await;
+    history_clean(&sim);
+}
+
+#[tokio::test]
+async fn a_drained_node_gives_up_its_regions_and_gets_no_new_ones() {
+    let server = server(|_| {}).await;
+    let endpoints = vec![server.grpc.clone()];
+    let sim = writers(&endpoints, 3).await;
+    let client = client(&endpoints);
+    let id = client.create_table(&table("drained", 9), false).await.unwrap();
+    led_once(&client, &sim, &[id]).await;
+    let drained = sim.node_ids()[0];
+    let left = client.drain_node(drained).await.unwrap();
+    assert_eq!(left, 3, "round robin gave it a third");
+    wait_until(WAIT, || async {
+        let left = led_count(&client, &[id]).await.get(&drained).copied().unwrap_or(0);
+        check(left == 0, || format!("{left} regions still on {drained}"))
+    })
+    .await;
+    led_once(&client, &sim, &[id]).await;
+    let fresh = client.create_table(&table("fresh", 6), false).await.unwrap();
+    assert_eq!(led_count(&client, &[fresh]).await.get(&drained), None);
+    // Its old copies were closed.
+    wait_until(WAIT, || async {
+        let held = sim.regions(drained).len();
+        check(held == 0, || format!("{held} regions still open on {drained}"))
+    })
+    .await;
+    history_clean(&sim);
+}
+
+#[tokio::test]
+async fn the_balancer_evens_out_leaders_within_its_limits() {
+    let server = server(|c| {
+        c.failover.max_concurrent_migrations = 2;
+        c.balancer.tolerance = 1;
+        c.balancer.cooldown_ms = 600_000;
+    })
+    .await;
+    let endpoints = vec![server.grpc.clone()];
+    let sim = writers(&endpoints, 3).await;
+    let client = client(&endpoints);
+    let ids = sim.node_ids();
+    // Skewed: every region on the first node (the others drained, then back).
+    for node in &ids[1..] {
+        client.drain_node(*node).await.unwrap();
+    }
+    let id = client.create_table(&table("skewed", 12), false).await.unwrap();
+    assert_eq!(led_count(&client, &[id]).await.get(&ids[0]), Some(&12));
+    for node in &ids[1..] {
+        client.set_node_state(*node, pb::NodeState::Active).await.unwrap();
+    }
+    assert!(client.set_balancer(true).await.unwrap().balancer);
+    let most_running = std::sync::atomic::AtomicU64::new(0);
+    wait_until(Duration::from_secs(60), || async {
+        let status = client.maintenance().await.map_err(|e| e.to_string())?;
+        most_running.fetch_max(status.running_migrations, std::sync::atomic::Ordering::Relaxed);
+        let counts = led_count(&client, &[id]).await;
+        let (max, min) = (
+            ids.iter().map(|n| counts.get(n).copied().unwrap_or(0)).max().unwrap(),
+            ids.iter().map(|n| counts.get(n).copied().unwrap_or(0)).min().unwrap(),
+        );
+        check(max - min <= 1, || format!("{counts:?}"))
+    })
+    .await;
+    assert!(most_running.into_inner() <= 2, "more than the limit ran at once");
+    led_once(&client, &sim, &[id]).await;
+    history_clean(&sim);
+}
