@@ -21,17 +21,41 @@ impl MetaClient {
         timeout: Duration,
         wait: Duration,
     ) -> Result<pb::MigrateRegionResponse> {
+        let started = std::time::Instant::now();
+        // The server's wait ends before one attempt's timeout does; then this polls.
+        let server_wait = wait.min(self.options().request_timeout.mul_f64(0.8));
         let request = pb::MigrateRegionRequest {
             region_ids: regions.to_vec(),
             to_node: to,
             timeout_ms: timeout.as_millis() as u64,
-            wait_ms: wait.as_millis() as u64,
+            wait_ms: server_wait.as_millis() as u64,
         };
-        self.with_channel(|channel| {
-            let request = request.clone();
-            async move { RegionClient::new(channel).migrate(request).await }
-        })
-        .await
+        let mut answer = self
+            .with_channel(|channel| {
+                let request = request.clone();
+                async move { RegionClient::new(channel).migrate(request).await }
+            })
+            .await?;
+        let mut pause = Duration::from_millis(50);
+        while !answer.done && started.elapsed() < wait {
+            let info = self.procedure(&answer.procedure_id).await?;
+            match info.state.as_str() {
+                "done" => {
+                    answer.done = true;
+                    answer.output = info.output;
+                }
+                "failed" => {
+                    return Err(common_meta::Error::FailedPrecondition {
+                        message: format!("migration {} failed: {}", info.id, info.error),
+                    });
+                }
+                _ => {
+                    tokio::time::sleep(crate::client::jittered(pause)).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        Ok(answer)
     }
 
     /// Where region `region` is led, whether it is moving, and who reports it.

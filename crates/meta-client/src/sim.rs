@@ -123,7 +123,8 @@ struct SimRegions {
     /// Silence to keep before the next heartbeat (a slow node), taken once.
     pause: Mutex<Option<Duration>>,
     handled: Arc<AtomicU64>,
-    /// Refuse region creates and alters (a datanode whose disk is full).
+    /// Refuse region creates, alters, opens, upgrades and downgrades (a datanode whose
+    /// disk is full).
     refuse: std::sync::atomic::AtomicBool,
     /// Cache invalidations received.
     invalidations: AtomicU64,
@@ -298,62 +299,70 @@ impl InstructionHandler for SimRegions {
                 tokio::time::sleep(delay).await;
             }
         }
-        let outcome = {
-            let mut regions = lock(&self.regions);
-            let mut entries = lock(&self.entries);
-            match instruction.kind {
-                Some(Kind::OpenRegion(r)) => {
-                    regions.entry(r.region_id).or_insert(pb::RegionStat {
-                        region_id: r.region_id,
-                        role: pb::RegionRole::Follower.into(),
-                        ..Default::default()
-                    });
-                    Ok(vec![region_outcome(r.region_id, Ok(()))])
-                }
-                Some(Kind::CloseRegion(r)) => {
-                    regions.remove(&r.region_id);
-                    entries.remove(&r.region_id);
-                    Ok(vec![region_outcome(r.region_id, Ok(()))])
-                }
-                Some(Kind::UpgradeRegion(r)) | Some(Kind::DowngradeRegion(r))
-                    if !regions.contains_key(&r.region_id) =>
-                {
-                    Err(format!("region {} is not open here", r.region_id))
-                }
-                Some(Kind::UpgradeRegion(r)) => {
-                    // Replay the shared log: everything any leader wrote.
-                    let last = lock(&self.wal).get(&r.region_id).copied().unwrap_or(0);
-                    if last < r.last_entry_id {
-                        Err(format!(
-                            "region {}: the log ends at {last}, before entry {}",
-                            r.region_id, r.last_entry_id
-                        ))
-                    } else {
-                        entries.insert(r.region_id, last);
+        let refuse = self.refuse.load(Ordering::Relaxed);
+        let outcome =
+            {
+                let mut regions = lock(&self.regions);
+                let mut entries = lock(&self.entries);
+                match instruction.kind {
+                    Some(
+                        Kind::OpenRegion(r) | Kind::UpgradeRegion(r) | Kind::DowngradeRegion(r),
+                    ) if refuse => Ok(vec![region_outcome(
+                        r.region_id,
+                        Err("refused: the simulated disk is full".to_string()),
+                    )]),
+                    Some(Kind::OpenRegion(r)) => {
+                        regions.entry(r.region_id).or_insert(pb::RegionStat {
+                            region_id: r.region_id,
+                            role: pb::RegionRole::Follower.into(),
+                            ..Default::default()
+                        });
+                        Ok(vec![region_outcome(r.region_id, Ok(()))])
+                    }
+                    Some(Kind::CloseRegion(r)) => {
+                        regions.remove(&r.region_id);
+                        entries.remove(&r.region_id);
+                        Ok(vec![region_outcome(r.region_id, Ok(()))])
+                    }
+                    Some(Kind::UpgradeRegion(r)) | Some(Kind::DowngradeRegion(r))
+                        if !regions.contains_key(&r.region_id) =>
+                    {
+                        Err(format!("region {} is not open here", r.region_id))
+                    }
+                    Some(Kind::UpgradeRegion(r)) => {
+                        // Replay the shared log: everything any leader wrote.
+                        let last = lock(&self.wal).get(&r.region_id).copied().unwrap_or(0);
+                        if last < r.last_entry_id {
+                            Err(format!(
+                                "region {}: the log ends at {last}, before entry {}",
+                                r.region_id, r.last_entry_id
+                            ))
+                        } else {
+                            entries.insert(r.region_id, last);
+                            let mut outcome = region_outcome(r.region_id, Ok(()));
+                            outcome.last_entry_id = last;
+                            Ok(vec![outcome])
+                        }
+                    }
+                    Some(Kind::DowngradeRegion(r)) => {
+                        // The task revoked the lease on receipt; under this lock no write
+                        // is half done, so the entry below is the last.
                         let mut outcome = region_outcome(r.region_id, Ok(()));
-                        outcome.last_entry_id = last;
+                        outcome.last_entry_id = entries.get(&r.region_id).copied().unwrap_or(0);
                         Ok(vec![outcome])
                     }
-                }
-                Some(Kind::DowngradeRegion(r)) => {
-                    // The task revoked the lease on receipt; under this lock no write
-                    // is half done, so the entry below is the last.
-                    let mut outcome = region_outcome(r.region_id, Ok(()));
-                    outcome.last_entry_id = entries.get(&r.region_id).copied().unwrap_or(0);
-                    Ok(vec![outcome])
-                }
-                Some(Kind::InvalidateCache(_)) => Ok(Vec::new()),
-                Some(kind) => {
-                    if let Kind::DropRegions(d) = &kind {
-                        d.region_ids.iter().for_each(|r| {
-                            entries.remove(r);
-                        });
+                    Some(Kind::InvalidateCache(_)) => Ok(Vec::new()),
+                    Some(kind) => {
+                        if let Kind::DropRegions(d) = &kind {
+                            d.region_ids.iter().for_each(|r| {
+                                entries.remove(r);
+                            });
+                        }
+                        self.region_ddl(&mut regions, kind)
                     }
-                    self.region_ddl(&mut regions, kind)
+                    None => Err("an empty instruction".to_string()),
                 }
-                None => Err("an empty instruction".to_string()),
-            }
-        };
+            };
         self.handled.fetch_add(1, Ordering::Relaxed);
         outcome
     }
@@ -617,7 +626,8 @@ impl Simulator {
             .is_some()
     }
 
-    /// Makes node `id` refuse (or accept again) region creates and alters.
+    /// Makes node `id` refuse (or accept again) region creates, alters, opens,
+    /// upgrades and downgrades.
     pub fn refuse_regions(&self, id: u64, refuse: bool) -> bool {
         self.node(id)
             .map(|n| n.regions.refuse.store(refuse, Ordering::Relaxed))

@@ -298,7 +298,10 @@ async fn maintenance_pauses_failover_until_turned_off() {
     let endpoints = vec![server.grpc.clone()];
     let mut sim = writers(&endpoints, 3).await;
     let client = client(&endpoints);
-    let id = client.create_table(&table("paused", 6), false).await.unwrap();
+    let id = client
+        .create_table(&table("paused", 6), false)
+        .await
+        .unwrap();
     led_once(&client, &sim, &[id]).await;
     assert!(client.set_maintenance(true).await.unwrap().maintenance);
     let before = leaders(&client, &[id]).await;
@@ -315,13 +318,19 @@ async fn maintenance_pauses_failover_until_turned_off() {
     .await;
     let procedures = client.procedures().await.unwrap();
     assert!(
-        !procedures.iter().any(|p| p.type_name == "metasrv.MigrateRegions"),
+        !procedures
+            .iter()
+            .any(|p| p.type_name == "metasrv.MigrateRegions"),
         "{procedures:?}"
     );
     assert_eq!(leaders(&client, &[id]).await, before);
     assert!(!client.set_maintenance(false).await.unwrap().maintenance);
     wait_until(WAIT, || async {
-        let left = led_count(&client, &[id]).await.get(&victim).copied().unwrap_or(0);
+        let left = led_count(&client, &[id])
+            .await
+            .get(&victim)
+            .copied()
+            .unwrap_or(0);
         check(left == 0, || format!("{left} regions still on {victim}"))
     })
     .await;
@@ -335,23 +344,35 @@ async fn a_drained_node_gives_up_its_regions_and_gets_no_new_ones() {
     let endpoints = vec![server.grpc.clone()];
     let sim = writers(&endpoints, 3).await;
     let client = client(&endpoints);
-    let id = client.create_table(&table("drained", 9), false).await.unwrap();
+    let id = client
+        .create_table(&table("drained", 9), false)
+        .await
+        .unwrap();
     led_once(&client, &sim, &[id]).await;
     let drained = sim.node_ids()[0];
     let left = client.drain_node(drained).await.unwrap();
     assert_eq!(left, 3, "round robin gave it a third");
     wait_until(WAIT, || async {
-        let left = led_count(&client, &[id]).await.get(&drained).copied().unwrap_or(0);
+        let left = led_count(&client, &[id])
+            .await
+            .get(&drained)
+            .copied()
+            .unwrap_or(0);
         check(left == 0, || format!("{left} regions still on {drained}"))
     })
     .await;
     led_once(&client, &sim, &[id]).await;
-    let fresh = client.create_table(&table("fresh", 6), false).await.unwrap();
+    let fresh = client
+        .create_table(&table("fresh", 6), false)
+        .await
+        .unwrap();
     assert_eq!(led_count(&client, &[fresh]).await.get(&drained), None);
     // Its old copies were closed.
     wait_until(WAIT, || async {
         let held = sim.regions(drained).len();
-        check(held == 0, || format!("{held} regions still open on {drained}"))
+        check(held == 0, || {
+            format!("{held} regions still open on {drained}")
+        })
     })
     .await;
     history_clean(&sim);
@@ -373,25 +394,119 @@ async fn the_balancer_evens_out_leaders_within_its_limits() {
     for node in &ids[1..] {
         client.drain_node(*node).await.unwrap();
     }
-    let id = client.create_table(&table("skewed", 12), false).await.unwrap();
+    let id = client
+        .create_table(&table("skewed", 12), false)
+        .await
+        .unwrap();
     assert_eq!(led_count(&client, &[id]).await.get(&ids[0]), Some(&12));
     for node in &ids[1..] {
-        client.set_node_state(*node, pb::NodeState::Active).await.unwrap();
+        client
+            .set_node_state(*node, pb::NodeState::Active)
+            .await
+            .unwrap();
     }
     assert!(client.set_balancer(true).await.unwrap().balancer);
     let most_running = std::sync::atomic::AtomicU64::new(0);
     wait_until(Duration::from_secs(60), || async {
         let status = client.maintenance().await.map_err(|e| e.to_string())?;
-        most_running.fetch_max(status.running_migrations, std::sync::atomic::Ordering::Relaxed);
+        most_running.fetch_max(
+            status.running_migrations,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let counts = led_count(&client, &[id]).await;
         let (max, min) = (
-            ids.iter().map(|n| counts.get(n).copied().unwrap_or(0)).max().unwrap(),
-            ids.iter().map(|n| counts.get(n).copied().unwrap_or(0)).min().unwrap(),
+            ids.iter()
+                .map(|n| counts.get(n).copied().unwrap_or(0))
+                .max()
+                .unwrap(),
+            ids.iter()
+                .map(|n| counts.get(n).copied().unwrap_or(0))
+                .min()
+                .unwrap(),
         );
         check(max - min <= 1, || format!("{counts:?}"))
     })
     .await;
-    assert!(most_running.into_inner() <= 2, "more than the limit ran at once");
+    assert!(
+        most_running.into_inner() <= 2,
+        "more than the limit ran at once"
+    );
+    led_once(&client, &sim, &[id]).await;
+    history_clean(&sim);
+}
+
+/// The first region of a new 3-region table, its leader and another node.
+async fn one_region(client: &MetaClient, sim: &Simulator, name: &str) -> (u32, u64, u64, u64) {
+    let id = client.create_table(&table(name, 3), false).await.unwrap();
+    led_once(client, sim, &[id]).await;
+    let (region, from) = leaders(client, &[id]).await.into_iter().next().unwrap();
+    let to = sim.node_ids().into_iter().find(|n| *n != from).unwrap();
+    (id, region, from, to)
+}
+
+#[tokio::test]
+async fn a_failed_migration_rolls_back_and_the_old_leader_serves_again() {
+    let server = server(|_| {}).await;
+    let endpoints = vec![server.grpc.clone()];
+    let sim = writers(&endpoints, 3).await;
+    let client = client(&endpoints);
+    // The target refuses to open the candidate.
+    let (id, region, from, to) = one_region(&client, &sim, "refused").await;
+    sim.refuse_regions(to, true);
+    let e = client
+        .migrate_regions(&[region], to, Duration::ZERO, WAIT)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("refused"), "{e}");
+    sim.refuse_regions(to, false);
+    let view = client.region(region).await.unwrap();
+    assert_eq!((view.leader, view.leader_state.as_str()), (from, "serving"));
+    assert!(
+        !sim.regions(to).contains(&region),
+        "the candidate was closed"
+    );
+    led_once(&client, &sim, &[id]).await;
+    // The target is too slow for the migration's timeout: rolled back after the
+    // route was marked, the old leader is leased again.
+    let (id, region, from, to) = one_region(&client, &sim, "slow").await;
+    sim.delay_regions(to, Duration::from_millis(1_500));
+    let e = client
+        .migrate_regions(&[region], to, Duration::from_millis(1_000), WAIT)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("did not finish in time"), "{e}");
+    sim.delay_regions(to, Duration::ZERO);
+    let view = client.region(region).await.unwrap();
+    assert_eq!((view.leader, view.leader_state.as_str()), (from, "serving"));
+    led_once(&client, &sim, &[id]).await;
+    history_clean(&sim);
+}
+
+#[tokio::test]
+async fn an_unconfirmed_downgrade_waits_out_the_old_lease() {
+    let server = server(|_| {}).await;
+    let endpoints = vec![server.grpc.clone()];
+    let sim = writers(&endpoints, 3).await;
+    let client = client(&endpoints);
+    let (id, region, from, to) = one_region(&client, &sim, "fenced").await;
+    // The old leader keeps heartbeating but will not confirm the downgrade: the
+    // migration must wait until its lease has surely ended.
+    sim.refuse_regions(from, true);
+    let started = std::time::Instant::now();
+    let answer = client
+        .migrate_regions(&[region], to, Duration::ZERO, WAIT)
+        .await
+        .unwrap();
+    assert!(answer.done, "{answer:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_300),
+        "upgraded before a lease length passed: {:?}",
+        started.elapsed()
+    );
+    sim.refuse_regions(from, false);
+    assert_eq!(leaders(&client, &[id]).await[&region], to);
     led_once(&client, &sim, &[id]).await;
     history_clean(&sim);
 }

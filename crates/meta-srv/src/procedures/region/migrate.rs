@@ -84,6 +84,24 @@ pub struct Data {
     pub already: BTreeSet<u64>,
 }
 
+/// Why a region instruction did not succeed.
+#[derive(Debug)]
+enum Failed {
+    /// The node answered no.
+    Refused(String),
+    /// No answer (no stream, failed node, timeout).
+    Unreachable(String),
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failed::Refused(e) => write!(f, "refused: {e}"),
+            Failed::Unreachable(e) => write!(f, "no answer: {e}"),
+        }
+    }
+}
+
 /// The migration procedure.
 pub struct MigrateRegions {
     data: Data,
@@ -192,7 +210,7 @@ impl MigrateRegions {
         node: u64,
         regions: &[u64],
         make: impl Fn(u64) -> pb::instruction::Kind,
-    ) -> BTreeMap<u64, Result<pb::RegionOutcome, String>> {
+    ) -> BTreeMap<u64, Result<pb::RegionOutcome, Failed>> {
         let deadline = Duration::from_millis(self.ctx.config.region_timeout_ms);
         let sends = regions.iter().map(|region| {
             let instruction = pb::Instruction {
@@ -200,12 +218,12 @@ impl MigrateRegions {
             };
             async move {
                 let outcome = match self.ctx.plane.send(node, instruction, deadline).await {
-                    Err(e) => Err(e.to_string()),
-                    Ok(reply) if !reply.ok => Err(reply.error),
+                    Err(e) => Err(Failed::Unreachable(e.to_string())),
+                    Ok(reply) if !reply.ok => Err(Failed::Refused(reply.error)),
                     Ok(reply) => match reply.regions.into_iter().find(|o| o.region_id == *region) {
                         Some(o) if o.ok => Ok(o),
-                        Some(o) => Err(o.error),
-                        None => Err("no outcome for the region".to_string()),
+                        Some(o) => Err(Failed::Refused(o.error)),
+                        None => Err(Failed::Refused("no outcome for the region".to_string())),
                     },
                 };
                 (*region, outcome)
@@ -217,28 +235,36 @@ impl MigrateRegions {
             .collect()
     }
 
-    /// Fails the step (retried) naming the regions that failed at `what`.
+    /// Fails the step naming the regions that failed at `what`: for good when the
+    /// node refused (the migration rolls back), retried when it did not answer.
     fn all_ok<T>(
         what: &str,
         node: u64,
-        outcomes: &BTreeMap<u64, Result<T, String>>,
+        outcomes: &BTreeMap<u64, Result<T, Failed>>,
     ) -> procedure::Result<()> {
+        let mut refused = false;
         let failed: Vec<String> = outcomes
             .iter()
             .filter_map(|(r, o)| {
-                o.as_ref()
-                    .err()
-                    .map(|e| format!("{}: {e}", RegionId::from(*r)))
+                o.as_ref().err().map(|e| {
+                    refused |= matches!(e, Failed::Refused(_));
+                    format!("{}: {e}", RegionId::from(*r))
+                })
             })
             .collect();
         if failed.is_empty() {
             return Ok(());
         }
-        Err(procedure::Error::retry_later(format!(
+        let message = format!(
             "datanode {node} could not {what} {} region(s): {}",
             failed.len(),
             failed.join("; ")
-        )))
+        );
+        Err(if refused {
+            procedure::Error::external(message)
+        } else {
+            procedure::Error::retry_later(message)
+        })
     }
 
     /// Opens the candidates on `to`, with their tables' info.
