@@ -15,6 +15,8 @@ use crate::ddl::{client, table};
 use crate::in_process::{Running, start_with};
 use crate::support::{check, wait_until};
 
+mod leader_change;
+
 const WAIT: Duration = Duration::from_secs(30);
 
 /// A server with fast heartbeats (leases of 1.3 s), quick failure detection and a
