@@ -122,6 +122,8 @@ struct SimRegions {
     beats: AtomicU64,
     /// Silence to keep before the next heartbeat (a slow node), taken once.
     pause: Mutex<Option<Duration>>,
+    /// In that silence now.
+    stalled: std::sync::atomic::AtomicBool,
     handled: Arc<AtomicU64>,
     /// Refuse region creates, alters, opens, upgrades and downgrades (a datanode whose
     /// disk is full).
@@ -141,7 +143,10 @@ impl StatsProvider for SimRegions {
     async fn stats(&self) -> Vec<pb::RegionStat> {
         let pause = lock(&self.pause).take();
         if let Some(pause) = pause {
+            // The whole heartbeat loop waits here: no beat, no instruction taken.
+            self.stalled.store(true, Ordering::Relaxed);
             tokio::time::sleep(pause).await;
+            self.stalled.store(false, Ordering::Relaxed);
         }
         let beat = self.beats.fetch_add(1, Ordering::Relaxed);
         let mut regions = lock(&self.regions);
@@ -533,6 +538,7 @@ impl Simulator {
             churn: self.options.churn,
             beats: AtomicU64::new(0),
             pause: Mutex::new(None),
+            stalled: Default::default(),
             handled: self.handled.clone(),
             refuse: Default::default(),
             invalidations: AtomicU64::new(0),
@@ -624,6 +630,12 @@ impl Simulator {
         self.node(id)
             .map(|n| *lock(&n.regions.pause) = Some(pause))
             .is_some()
+    }
+
+    /// True while node `id` keeps the silence [`Simulator::pause`] asked for.
+    pub fn stalled(&self, id: u64) -> bool {
+        self.node(id)
+            .is_some_and(|n| n.regions.stalled.load(Ordering::Relaxed))
     }
 
     /// Makes node `id` refuse (or accept again) region creates, alters, opens,

@@ -133,6 +133,8 @@ pub struct LeaseLedger {
     config: LeaseConfig,
     kv: Arc<dyn KvBackend>,
     state: Mutex<State>,
+    /// Breaks the fence on purpose (see [`LeaseLedger::break_fence_for_tests`]).
+    unfenced: std::sync::atomic::AtomicBool,
 }
 
 impl LeaseLedger {
@@ -149,7 +151,17 @@ impl LeaseLedger {
                 operations: HashMap::new(),
                 routes: HashMap::new(),
             }),
+            unfenced: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Makes [`LeaseLedger::expiry_bound`] answer 0: a migration then never waits for
+    /// an old leader's lease. This breaks the promise failover rests on; it exists only
+    /// so that tests can show the history checker catches a broken rule.
+    #[doc(hidden)]
+    pub fn break_fence_for_tests(&self) {
+        self.unfenced
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -215,6 +227,9 @@ impl LeaseLedger {
     /// may have granted early in this term, plus a lease and the margin. Call it after
     /// the route change that stops new grants is applied.
     pub fn expiry_bound(&self, region: u64, node: u64) -> u64 {
+        if self.unfenced.load(std::sync::atomic::Ordering::Relaxed) {
+            return 0;
+        }
         let state = self.state();
         let last = state.granted.get(&(region, node)).copied().unwrap_or(0);
         last.max(state.since_ms + self.config.deposed_leader_ms)

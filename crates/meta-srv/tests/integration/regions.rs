@@ -512,3 +512,46 @@ async fn an_unconfirmed_downgrade_waits_out_the_old_lease() {
     led_once(&client, &sim, &[id]).await;
     history_clean(&sim);
 }
+
+/// Moves a region off a leader that stalls (a GC-like pause longer than its lease,
+/// which also keeps it from confirming the downgrade); the checker's report.
+async fn move_off_a_stalled_leader(break_fence: bool) -> meta_client::sim::history::Report {
+    // The downgrade gives up well within a lease, so only the fence keeps the two
+    // leaders apart.
+    let server = server(|c| c.metadata.region_timeout_ms = 300).await;
+    if break_fence {
+        server.plane.leases.break_fence_for_tests();
+    }
+    let endpoints = vec![server.grpc.clone()];
+    let sim = writers(&endpoints, 3).await;
+    let client = client(&endpoints);
+    let (id, region, from, to) = one_region(&client, &sim, "stalled").await;
+    sim.pause(from, Duration::from_secs(3));
+    wait_until(WAIT, || async {
+        check(sim.stalled(from), || "not stalled yet".into())
+    })
+    .await;
+    let answer = client
+        .migrate_regions(&[region], to, Duration::ZERO, WAIT)
+        .await
+        .unwrap();
+    assert!(answer.done, "{answer:?}");
+    led_once(&client, &sim, &[id]).await;
+    check_history(&sim.history().events())
+}
+
+#[tokio::test]
+async fn a_stalled_leader_is_fenced_and_the_checker_catches_a_broken_fence() {
+    let report = move_off_a_stalled_leader(false).await;
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    // The same move with the fence broken: the new leader is leased while the
+    // stalled one still holds its lease, and the checker says so.
+    let report = move_off_a_stalled_leader(true).await;
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| matches!(v, meta_client::sim::history::Violation::TwoLeaders { .. })),
+        "the checker missed a broken fence: {report:?}"
+    );
+}

@@ -25,7 +25,10 @@ async fn stop_leader_mid_migration(at: At) {
     leader_of(&members).await;
     let sim = writers(&endpoints, 3).await;
     let client = client(&endpoints);
-    let id = client.create_table(&table("moving", 3), false).await.unwrap();
+    let id = client
+        .create_table(&table("moving", 3), false)
+        .await
+        .unwrap();
     led_once(&client, &sim, &[id]).await;
     let (region, from) = leaders(&client, &[id]).await.into_iter().next().unwrap();
     let to = sim.node_ids().into_iter().find(|n| *n != from).unwrap();
@@ -44,7 +47,11 @@ async fn stop_leader_mid_migration(at: At) {
     })
     .await;
     let leader = leader_of(&members).await;
-    tracing::info!(leader = leader + 1, ?at, "--- stopping the leader mid-migration");
+    tracing::info!(
+        leader = leader + 1,
+        ?at,
+        "--- stopping the leader mid-migration"
+    );
     members.remove(leader).shutdown().await;
     sim.delay_regions(to, Duration::ZERO);
     wait_until(Duration::from_secs(60), || async {
