@@ -9,6 +9,9 @@
 //! - `bench ddl`: tables created and dropped per second through DDL procedures.
 //! - `sim`: simulated datanodes against a running cluster.
 //! - `fault --seeds N`: the randomized fault runs with N seeds, in release mode.
+//! - `regions-chaos --seeds N`: seeded chaos against region failover (killed, stalled
+//!   and cut-off datanodes, skewed clocks, a stopped meta leader), checked for two
+//!   leaseholders of a region and writes outside a lease, in release mode.
 //! - `fuzz TARGET --seconds N`: a fuzz target of `fuzz/` (or `all`), N seconds each.
 
 mod bench;
@@ -48,6 +51,16 @@ enum Task {
     Fault {
         /// How many seeds to run.
         #[arg(long, default_value_t = 200)]
+        seeds: u64,
+        /// The first seed (a failure prints the seed to rerun).
+        #[arg(long, default_value_t = 1)]
+        base_seed: u64,
+    },
+    /// Seeded chaos against region failover, checked by the lease history checker, in
+    /// release mode.
+    RegionsChaos {
+        /// How many seeds to run.
+        #[arg(long, default_value_t = 20)]
         seeds: u64,
         /// The first seed (a failure prints the seed to rerun).
         #[arg(long, default_value_t = 1)]
@@ -94,6 +107,20 @@ fn main() -> anyhow::Result<()> {
             ])
             .env("METASRV_FAULT_SEEDS", seeds.to_string())
             .env("METASRV_FAULT_BASE_SEED", base_seed.to_string())),
+        Task::RegionsChaos { seeds, base_seed } => run(Command::new("cargo")
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "meta-srv",
+                "--test",
+                "integration",
+                "regions::chaos::",
+                "--",
+                "--nocapture",
+            ])
+            .env("METASRV_CHAOS_SEEDS", seeds.to_string())
+            .env("METASRV_CHAOS_BASE_SEED", base_seed.to_string())),
         Task::BenchRun(task) => bench::run(task),
         Task::Fuzz { target, seconds } => fuzz::run(&target, seconds),
         Task::Sim(args) => tokio::runtime::Builder::new_multi_thread()

@@ -73,6 +73,9 @@ pub type LeaseObserver = Box<dyn Fn(LeaseEvent) + Send + Sync>;
 /// Per-region lease deadlines of one node; see the module doc.
 pub struct RegionLeaseKeeper {
     origin: Instant,
+    /// How fast this node's clock runs against real time, in parts per million
+    /// (1,000,000: exact); a simulator's skew.
+    rate_ppm: std::sync::atomic::AtomicU64,
     held: Mutex<HashMap<u64, Held>>,
     observer: std::sync::OnceLock<LeaseObserver>,
 }
@@ -89,6 +92,7 @@ impl Default for RegionLeaseKeeper {
     fn default() -> Self {
         RegionLeaseKeeper {
             origin: Instant::now(),
+            rate_ppm: std::sync::atomic::AtomicU64::new(1_000_000),
             held: Mutex::new(HashMap::new()),
             observer: std::sync::OnceLock::new(),
         }
@@ -113,15 +117,27 @@ impl RegionLeaseKeeper {
         }
     }
 
+    /// Makes this node's clock run at `rate` times real time (a simulated skew: 0.95
+    /// is 5% slow). Set it before the first lease.
+    pub fn skew(&self, rate: f64) {
+        let ppm = (rate * 1e6).round().max(1.0) as u64;
+        self.rate_ppm
+            .store(ppm, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn rate(&self) -> f64 {
+        self.rate_ppm.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
+    }
+
     /// The keeper's clock now, in ms from its origin: what a heartbeat carries as its
     /// send instant.
     pub fn now_ms(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
+        (self.origin.elapsed().as_secs_f64() * 1e3 * self.rate()) as u64
     }
 
-    /// The instant `ms` of the keeper's clock.
+    /// The real instant at which the keeper's clock reads `ms`.
     pub fn instant(&self, ms: u64) -> Instant {
-        self.origin + Duration::from_millis(ms)
+        self.origin + Duration::from_secs_f64(ms as f64 / 1e3 / self.rate())
     }
 
     /// The region's role now; None when it holds no unexpired lease.
@@ -294,6 +310,16 @@ mod tests {
         assert_eq!(keeper.role_at(8, at(6_500)), None);
         assert_eq!(keeper.expire(at(6_500)), vec![7]);
         assert_eq!(keeper.next_expiry(), None);
+    }
+
+    #[test]
+    fn a_slow_clock_holds_a_lease_longer_in_real_time() {
+        let keeper = RegionLeaseKeeper::default();
+        keeper.skew(0.5);
+        keeper.renew(&leases(0, 1_000, &[7], &[]), keeper.instant(0));
+        // 1 s on a clock at half speed is 2 s of real time.
+        let real = keeper.deadline(7).unwrap() - keeper.instant(0);
+        assert_eq!(real.as_millis(), 2_000);
     }
 
     #[test]

@@ -124,6 +124,8 @@ struct SimRegions {
     pause: Mutex<Option<Duration>>,
     /// In that silence now.
     stalled: std::sync::atomic::AtomicBool,
+    /// Cut off from the meta cluster (see [`Simulator::isolate`]).
+    isolated: std::sync::atomic::AtomicBool,
     handled: Arc<AtomicU64>,
     /// Refuse region creates, alters, opens, upgrades and downgrades (a datanode whose
     /// disk is full).
@@ -147,6 +149,11 @@ impl StatsProvider for SimRegions {
             self.stalled.store(true, Ordering::Relaxed);
             tokio::time::sleep(pause).await;
             self.stalled.store(false, Ordering::Relaxed);
+        }
+        // Cut off from the meta cluster: nothing goes out, nothing comes in, until
+        // healed (the writer goes on, as a datanode serving clients would).
+        while self.isolated.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let beat = self.beats.fetch_add(1, Ordering::Relaxed);
         let mut regions = lock(&self.regions);
@@ -539,6 +546,7 @@ impl Simulator {
             beats: AtomicU64::new(0),
             pause: Mutex::new(None),
             stalled: Default::default(),
+            isolated: Default::default(),
             handled: self.handled.clone(),
             refuse: Default::default(),
             invalidations: AtomicU64::new(0),
@@ -630,6 +638,20 @@ impl Simulator {
         self.node(id)
             .map(|n| *lock(&n.regions.pause) = Some(pause))
             .is_some()
+    }
+
+    /// Cuts node `id` off from the meta cluster (or heals it): no heartbeat goes out
+    /// and no instruction is taken, while it keeps writing what its leases allow.
+    pub fn isolate(&self, id: u64, cut: bool) -> bool {
+        self.node(id)
+            .map(|n| n.regions.isolated.store(cut, Ordering::Relaxed))
+            .is_some()
+    }
+
+    /// Makes node `id`'s clock run at `rate` times real time (see
+    /// [`RegionLeaseKeeper::skew`]).
+    pub fn skew(&self, id: u64, rate: f64) -> bool {
+        self.leases(id).map(|k| k.skew(rate)).is_some()
     }
 
     /// True while node `id` keeps the silence [`Simulator::pause`] asked for.

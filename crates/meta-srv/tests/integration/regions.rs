@@ -15,6 +15,7 @@ use crate::ddl::{client, table};
 use crate::in_process::{Running, start_with};
 use crate::support::{check, wait_until};
 
+mod chaos;
 mod leader_change;
 
 const WAIT: Duration = Duration::from_secs(30);
