@@ -30,6 +30,8 @@ pub enum BenchTask {
     Heartbeat(crate::bench_heartbeat::HeartbeatArgs),
     /// Tables created and dropped through DDL procedures, with simulated datanodes.
     Ddl(crate::bench_ddl::DdlArgs),
+    /// Regions moved off a drained and then a killed datanode.
+    Failover(crate::bench_failover::FailoverArgs),
 }
 
 /// Settings of `bench procedure`.
@@ -114,6 +116,7 @@ pub fn launch(task: &BenchTask) -> anyhow::Result<()> {
         BenchTask::Kv(args) => (args.to_args(), true, args.vs_etcd),
         BenchTask::Heartbeat(args) => (args.to_args(), true, false),
         BenchTask::Ddl(args) => (args.to_args(), true, false),
+        BenchTask::Failover(args) => (args.to_args(), true, false),
         BenchTask::Procedure(args) => (args.to_args(), false, false),
     };
     if etcd {
@@ -171,6 +174,7 @@ pub fn run(task: BenchTask) -> anyhow::Result<()> {
         }
         BenchTask::Heartbeat(args) => runtime.block_on(crate::bench_heartbeat::run(args)),
         BenchTask::Ddl(args) => runtime.block_on(crate::bench_ddl::run(args)),
+        BenchTask::Failover(args) => runtime.block_on(crate::bench_failover::run(args)),
     }
 }
 

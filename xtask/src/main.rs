@@ -7,6 +7,8 @@
 //! - `bench procedure`: procedures per second on the sled and raft backends.
 //! - `bench heartbeat`: heartbeats of simulated datanodes to one release leader.
 //! - `bench ddl`: tables created and dropped per second through DDL procedures.
+//! - `bench failover`: time to lead elsewhere every region of a drained, then a killed,
+//!   datanode.
 //! - `sim`: simulated datanodes against a running cluster.
 //! - `fault --seeds N`: the randomized fault runs with N seeds, in release mode.
 //! - `regions-chaos --seeds N`: seeded chaos against region failover (killed, stalled
@@ -16,6 +18,7 @@
 
 mod bench;
 mod bench_ddl;
+mod bench_failover;
 mod bench_heartbeat;
 mod bench_procedure;
 mod codegen;

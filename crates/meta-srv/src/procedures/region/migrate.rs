@@ -15,8 +15,9 @@
 //!    first, in case a leader change closed it).
 //! 6. `route`: the routes name `to` as the serving leader; its next heartbeat gets
 //!    the leader lease.
-//! 7. `close`: `from` closes its copies (best effort: if it is away, its next leases
-//!    call them closeable).
+//! 7. `close`: every node drops what it cached of the tables (best effort), and
+//!    `from` closes its copies (best effort: if it is away, its next leases call them
+//!    closeable).
 //!
 //! Rollback (a failure before `route`): the routes serve from `from` again and the
 //! candidates on `to` are closed. After `route` the migration only goes forward.
@@ -498,14 +499,26 @@ impl MigrateRegions {
             }
             Step::Close => {
                 let moving = self.moving();
-                let outcomes = self
-                    .each(from, &moving, |region| {
-                        pb::instruction::Kind::CloseRegion(pb::RegionInstruction {
-                            region_id: region,
-                            ..Default::default()
-                        })
+                // Routes changed: nodes drop what they cached of these tables (the new
+                // leader's answer to it also brings it its leader lease at once,
+                // instead of at its next heartbeat).
+                let tables: BTreeSet<u32> = moving
+                    .iter()
+                    .map(|r| RegionId::from(*r).table_id())
+                    .collect();
+                let idents = tables
+                    .into_iter()
+                    .map(|id| pb::CacheIdent {
+                        kind: Some(pb::cache_ident::Kind::TableId(id)),
                     })
-                    .await;
+                    .collect();
+                let close = self.each(from, &moving, |region| {
+                    pb::instruction::Kind::CloseRegion(pb::RegionInstruction {
+                        region_id: region,
+                        ..Default::default()
+                    })
+                });
+                let (_, outcomes) = tokio::join!(self.ctx.invalidate(idents), close);
                 let left = outcomes.values().filter(|o| o.is_err()).count();
                 if left > 0 {
                     tracing::info!(
