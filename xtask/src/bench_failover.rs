@@ -156,6 +156,7 @@ pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
         nodes: args.datanodes,
         regions_per_node: 0,
         write_every: Duration::from_millis(500),
+        record: true,
         ..SimOptions::default()
     };
     let mut sim = Simulator::start(&endpoints, &options).await?;

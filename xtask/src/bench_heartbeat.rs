@@ -179,6 +179,7 @@ pub async fn run(args: HeartbeatArgs) -> anyhow::Result<()> {
             nodes_per_connection: 100,
             ramp: Duration::from_millis(args.interval_ms),
             write_every: Duration::ZERO,
+            record: false,
         };
         let sim = Simulator::start(&endpoints, &options).await?;
         let client = MetaClient::new(&endpoints, MetaClientOptions::default())?;

@@ -47,6 +47,10 @@ pub struct SimArgs {
     /// get new regions).
     #[arg(long)]
     pub no_activate: bool,
+    /// Each node writes the regions it may write (its leader leases) this often, in
+    /// ms; 0 writes nothing.
+    #[arg(long, default_value_t = 200)]
+    pub write_every_ms: u64,
 }
 
 /// Runs the simulator until the duration ends or Ctrl-C.
@@ -57,6 +61,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         regions_per_node: args.regions_per_node,
         churn: args.churn,
         ramp: Duration::from_secs(args.ramp),
+        write_every: Duration::from_millis(args.write_every_ms),
         ..SimOptions::default()
     };
     let mut tokens = std::collections::HashMap::new();

@@ -82,6 +82,9 @@ pub struct SimOptions {
     pub ramp: Duration,
     /// Each node writes every region it may write this often; zero writes nothing.
     pub write_every: Duration,
+    /// Record every lease event and write in the history (for the checker; it grows
+    /// with every heartbeat, so long runs leave it off).
+    pub record: bool,
 }
 
 impl Default for SimOptions {
@@ -94,6 +97,7 @@ impl Default for SimOptions {
             nodes_per_connection: 100,
             ramp: Duration::ZERO,
             write_every: Duration::ZERO,
+            record: false,
         }
     }
 }
@@ -115,6 +119,8 @@ struct SimRegions {
     entries: Mutex<BTreeMap<u64, u64>>,
     wal: Arc<Wal>,
     history: Arc<History>,
+    /// Writes go to the history.
+    record: bool,
     /// Cleared when the node is killed: it writes no more.
     running: std::sync::atomic::AtomicBool,
     regions: Mutex<BTreeMap<u64, pb::RegionStat>>,
@@ -402,6 +408,9 @@ impl SimRegions {
                 *last
             };
             entries.insert(*region, entry);
+            if !self.record {
+                continue;
+            }
             self.history.record(Event::Write {
                 node: self.node,
                 region: *region,
@@ -540,6 +549,7 @@ impl Simulator {
             entries: Mutex::new(BTreeMap::new()),
             wal: self.wal.clone(),
             history: self.history.clone(),
+            record: self.options.record,
             running: std::sync::atomic::AtomicBool::new(true),
             regions: Mutex::new(regions),
             churn: self.options.churn,
@@ -571,10 +581,12 @@ impl Simulator {
             Some(observer),
         );
         let keeper = task.leases();
-        let history = self.history.clone();
-        keeper.observe(Box::new(move |event| {
-            history.record(Event::Lease { node: id, event });
-        }));
+        if self.options.record {
+            let history = self.history.clone();
+            keeper.observe(Box::new(move |event| {
+                history.record(Event::Lease { node: id, event });
+            }));
+        }
         let _ = sim.keeper.set(keeper);
         SimNode {
             id,
@@ -601,7 +613,8 @@ impl Simulator {
         Ok(true)
     }
 
-    /// The history of every node's leases and writes.
+    /// The history of every node's leases and writes (empty unless
+    /// [`SimOptions::record`]).
     pub fn history(&self) -> Arc<History> {
         self.history.clone()
     }

@@ -94,7 +94,7 @@ impl ClusterPlane {
             Some(term) => {
                 self.last_term.fetch_max(term, Ordering::Relaxed);
                 self.live.advance(term, now_ms);
-                self.leases.advance(term, now_ms);
+                self.leases.advance(term, self.leases.now_ms());
                 self.outbox.advance(term);
             }
             None => self.outbox.clear(self.last_term.load(Ordering::Relaxed)),
@@ -403,6 +403,8 @@ handler!(GrantLeases, "grant_leases", |plane, stream, request| {
     else {
         return Ok(());
     };
+    // Taken before any route is read (see `region_lease`).
+    let now = plane.leases.now_ms();
     let regions = plane.live.region_ids(id);
     match plane
         .leases
@@ -411,7 +413,7 @@ handler!(GrantLeases, "grant_leases", |plane, stream, request| {
             id,
             &regions,
             request.body.send_instant_ms,
-            request.now_ms,
+            now,
         )
         .await
     {

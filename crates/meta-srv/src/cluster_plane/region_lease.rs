@@ -9,7 +9,8 @@
 //! committing it, or a drop is removing it: either way nobody may write it).
 //!
 //! Fencing, which makes failover safe:
-//! - Leader grants are recorded per (region, node) with the leader's clock *before*
+//! - Leader grants are recorded per (region, node) with the ledger's monotonic clock
+//!   *before*
 //!   the route is read, so after a route change is applied, [`LeaseLedger::expiry_bound`]
 //!   is a time after which no lease granted on the old route can still run.
 //! - A new leader grants nothing until one linearizable read has passed in its term
@@ -130,6 +131,9 @@ impl State {
 
 /// The leader's record of region leases and migrations in flight; reset every term.
 pub struct LeaseLedger {
+    /// The ledger's clock: monotonic, so a wall clock stepped forward cannot cut a
+    /// fence short. Every time it keeps or answers is ms since this instant.
+    origin: std::time::Instant,
     config: LeaseConfig,
     kv: Arc<dyn KvBackend>,
     state: Mutex<State>,
@@ -141,6 +145,7 @@ impl LeaseLedger {
     /// A ledger reading routes from `kv` (this member's store).
     pub fn new(config: LeaseConfig, kv: Arc<dyn KvBackend>) -> Self {
         LeaseLedger {
+            origin: std::time::Instant::now(),
             config,
             kv,
             state: Mutex::new(State {
@@ -169,6 +174,12 @@ impl LeaseLedger {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The ledger's clock now (monotonic ms): what [`LeaseLedger::grant`],
+    /// [`LeaseLedger::advance`] and [`LeaseLedger::expiry_bound`] speak.
+    pub fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
     /// The lease timing.
     pub fn config(&self) -> LeaseConfig {
         self.config
@@ -182,7 +193,7 @@ impl LeaseLedger {
     /// Registers a migration of `region`; the procedure already moving it otherwise.
     pub fn begin(&self, term: u64, region: u64, operation: Operation) -> Result<(), String> {
         let mut state = self.state();
-        if !state.enter(term, common_meta::time::unix_ms()) {
+        if !state.enter(term, self.now_ms()) {
             return Err("leadership moved on".to_string());
         }
         match state.operations.get(&region) {
@@ -222,7 +233,7 @@ impl LeaseLedger {
             .collect()
     }
 
-    /// When (leader's clock, ms) every leader lease of `region` that `node` may hold
+    /// When (the ledger's clock, ms) every leader lease of `region` that `node` may hold
     /// has surely ended: its last grant seen by this leader, or what a deposed leader
     /// may have granted early in this term, plus a lease and the margin. Call it after
     /// the route change that stops new grants is applied.
@@ -277,7 +288,8 @@ impl LeaseLedger {
 
     /// The leases of `node` in term `term` for `regions` (the regions of its stats),
     /// answering a request sent at the node's `send_instant_ms`; records leader grants
-    /// at `now_ms` before reading any route.
+    /// at `now_ms` (the ledger's clock when the request arrived) before reading any
+    /// route.
     pub async fn grant(
         &self,
         term: u64,
@@ -286,6 +298,12 @@ impl LeaseLedger {
         send_instant_ms: u64,
         now_ms: u64,
     ) -> common_meta::Result<pb::RegionLeases> {
+        // The leadership task may not have started the term yet.
+        if !self.state().enter(term, now_ms) {
+            return Err(common_meta::Error::Unavailable {
+                message: "leadership moved on".to_string(),
+            });
+        }
         self.ready(term).await?;
         let mut by_table: BTreeMap<u32, Vec<RegionId>> = BTreeMap::new();
         for region in regions {

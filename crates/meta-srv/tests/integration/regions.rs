@@ -39,6 +39,7 @@ pub async fn writers(endpoints: &[String], nodes: usize) -> Simulator {
         nodes,
         regions_per_node: 0,
         write_every: Duration::from_millis(20),
+        record: true,
         ..SimOptions::default()
     };
     let sim = Simulator::start(endpoints, &options).await.unwrap();

@@ -446,7 +446,7 @@ impl MigrateRegions {
                     .map(|r| self.ctx.plane.leases.expiry_bound(*r, from))
                     .max()
                     .unwrap_or(0);
-                let now = unix_ms();
+                let now = self.ctx.plane.leases.now_ms();
                 if now < bound {
                     // Short sleeps, so that a loss of leadership stops this soon.
                     let wait = Duration::from_millis((bound - now).min(500));
