@@ -235,7 +235,7 @@ impl Default for FailoverConfig {
         FailoverConfig {
             enabled: true,
             region_missing_ms: 30_000,
-            max_concurrent_migrations: 8,
+            max_concurrent_migrations: 32,
             migration_timeout_ms: 60_000,
             backoff_ms: 5_000,
         }
