@@ -667,6 +667,13 @@ impl Simulator {
         self.leases(id).map(|k| k.skew(rate)).is_some()
     }
 
+    /// Makes node `id` lose `region` silently (a datanode whose region failed to
+    /// load): it stops reporting it, and nobody told the leader.
+    pub fn lose_region(&self, id: u64, region: u64) -> bool {
+        self.node(id)
+            .is_some_and(|n| lock(&n.regions.regions).remove(&region).is_some())
+    }
+
     /// True while node `id` keeps the silence [`Simulator::pause`] asked for.
     pub fn stalled(&self, id: u64) -> bool {
         self.node(id)

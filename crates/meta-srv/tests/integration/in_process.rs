@@ -248,9 +248,23 @@ async fn health_answers_with_json() {
 
 /// A minimal HTTP/1.1 GET, so the tests need no HTTP client crate.
 pub async fn http_get(addr: &str, path: &str) -> String {
+    http_request(addr, "GET", path, None).await
+}
+
+/// A minimal HTTP/1.1 request with an optional JSON body; the whole response.
+pub async fn http_request(addr: &str, method: &str, path: &str, json: Option<&str>) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let body = json.unwrap_or("");
+    let kind = if json.is_some() {
+        "Content-Type: application/json\r\n"
+    } else {
+        ""
+    };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{kind}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     tokio::time::timeout(

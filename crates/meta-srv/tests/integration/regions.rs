@@ -17,6 +17,7 @@ use crate::support::{check, wait_until};
 
 mod chaos;
 mod leader_change;
+mod supervision;
 
 const WAIT: Duration = Duration::from_secs(30);
 
