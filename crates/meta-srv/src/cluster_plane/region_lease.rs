@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use common_meta::key::{FENCE_KEY, MetaKey, TableRouteKey};
 use common_meta::kv::{KvBackend, RangeRequest};
 use common_meta::manager::from_json;
-use common_meta::model::table::{LeaderState, RegionId, TableRoute};
+use common_meta::model::table::{LeaderState, RegionId, RegionRoute, TableRoute};
 use meta_proto::v1 as pb;
 
 /// Lease timing.
@@ -66,18 +66,18 @@ pub fn decide(
     route: Option<&TableRoute>,
     candidate: Option<u64>,
 ) -> Option<Grant> {
+    let entry = route.and_then(|r| entry_of(r, region));
     if candidate == Some(node) {
         // Opened for a migration to this node: not led here until the route says so.
-        let leads = route
-            .and_then(|r| r.regions.iter().find(|rr| rr.region == region))
-            .and_then(|rr| rr.leader.as_ref())
+        let leads = entry
+            .and_then(|e| e.leader.as_ref())
             .is_some_and(|p| p.id == node);
         if !leads {
             return Some(Grant::Follower);
         }
     }
-    let route = route?;
-    let Some(entry) = route.regions.iter().find(|r| r.region == region) else {
+    route?;
+    let Some(entry) = entry else {
         return Some(Grant::Closeable);
     };
     if entry.leader.as_ref().is_some_and(|p| p.id == node) {
@@ -90,6 +90,16 @@ pub fn decide(
         return Some(Grant::Follower);
     }
     Some(Grant::Closeable)
+}
+
+/// The route entry of `region`: routes keep their regions in number order, so it is
+/// usually at the region's number.
+fn entry_of(route: &TableRoute, region: RegionId) -> Option<&RegionRoute> {
+    route
+        .regions
+        .get(region.region_number() as usize)
+        .filter(|e| e.region == region)
+        .or_else(|| route.regions.iter().find(|e| e.region == region))
 }
 
 /// A migration in flight, as leases see it.
@@ -321,11 +331,23 @@ impl LeaseLedger {
             let state = self.state();
             now_ms >= state.since_ms + self.config.lease_ms
         };
+        // The migrations' candidates among these regions, in one critical section.
+        let candidates: HashMap<u64, u64> = {
+            let state = self.state();
+            if state.operations.is_empty() {
+                HashMap::new()
+            } else {
+                regions
+                    .iter()
+                    .filter_map(|r| state.operations.get(r).map(|o| (*r, o.to)))
+                    .collect()
+            }
+        };
         let mut leading = Vec::new();
         for (table, regions) in by_table {
             let route = self.route(table).await?;
             for region in regions {
-                let candidate = self.operation(region.as_u64()).map(|o| o.to);
+                let candidate = candidates.get(&region.as_u64()).copied();
                 match decide(node, region, route.as_deref(), candidate) {
                     Some(Grant::Leader) => leading.push(region.as_u64()),
                     Some(Grant::Follower) => leases.follower.push(region.as_u64()),
@@ -355,7 +377,7 @@ impl LeaseLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common_meta::model::table::{Peer, RegionRoute};
+    use common_meta::model::table::Peer;
 
     fn route(leader: u64, followers: &[u64], state: LeaderState) -> TableRoute {
         let peer = |id| Peer {

@@ -205,6 +205,12 @@ impl Supervisor {
         let Some(manager) = self.host.manager() else {
             return Ok(());
         };
+        let leads = self.leads().await?;
+        if leads.is_empty() {
+            // No region anywhere: nothing to watch (and no node list to read).
+            self.state().pending = 0;
+            return Ok(());
+        }
         let switches = self.switches().await?;
         let (running, _) = self.load();
         let mut budget = self
@@ -212,12 +218,13 @@ impl Supervisor {
             .max_concurrent_migrations
             .saturating_sub(running);
         let now = unix_ms();
-        let leads = self.leads().await?;
         let moving = self.ctx.plane.leases.operations();
+        // Only the nodes that lead regions matter here.
+        let leading: BTreeSet<u64> = leads.iter().map(|l| l.leader).collect();
         let mut failed = BTreeSet::new();
         let mut draining = BTreeSet::new();
         for node in self.ctx.nodes.list_local().await? {
-            if node.role != NodeRole::Datanode {
+            if node.role != NodeRole::Datanode || !leading.contains(&node.id) {
                 continue;
             }
             if node.state == NodeState::Draining {
@@ -228,8 +235,14 @@ impl Supervisor {
             }
         }
         let missing = self.missing(&leads, &failed, now);
-        // None can take regions: nothing moves this tick (the error says why).
-        let candidates: Vec<_> = self.ctx.candidates().await.unwrap_or_default();
+        let work = !failed.is_empty() || !missing.is_empty() || !draining.is_empty();
+        // Read only when something may move; none can take regions: nothing moves
+        // this tick (the error says why).
+        let candidates: Vec<_> = if work || switches.balancer {
+            self.ctx.candidates().await.unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let ready = |region: u64| {
             !moving.contains_key(&region)
                 && self
