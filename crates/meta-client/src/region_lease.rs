@@ -167,7 +167,9 @@ impl RegionLeaseKeeper {
     /// Takes the leases of one heartbeat answer (at `now`). Leases already over when
     /// they arrive are ignored.
     pub fn renew(&self, leases: &pb::RegionLeases, now: Instant) -> Renewal {
-        let until = self.instant(leases.send_instant_ms) + Duration::from_millis(leases.lease_ms);
+        // The lease ends when this node's own clock has run `lease_ms` past the send
+        // instant (a slow clock holds it longer in real time: the leader's margin).
+        let until = self.instant(leases.send_instant_ms.saturating_add(leases.lease_ms));
         let mut renewal = Renewal::default();
         let mut held = self.held();
         if until > now {

@@ -210,6 +210,7 @@ impl MetaSrv {
                 LeaseConfig {
                     lease_ms: config.region_lease_ms(),
                     deposed_leader_ms: config.deposed_leader_ms(),
+                    confirm_ms: config.raft.election_ticks as u64 * config.raft.tick_ms,
                 },
                 Arc::new(backend.clone()),
             )),

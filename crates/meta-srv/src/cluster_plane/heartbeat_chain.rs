@@ -540,6 +540,7 @@ mod tests {
                 crate::cluster_plane::region_lease::LeaseConfig {
                     lease_ms: 10_000,
                     deposed_leader_ms: 0,
+                    confirm_ms: 1_000,
                 },
                 kv.clone(),
             )),

@@ -35,6 +35,10 @@ pub struct LeaseConfig {
     pub lease_ms: u64,
     /// How long after a term begins a deposed leader may still grant, in ms.
     pub deposed_leader_ms: u64,
+    /// The oldest quorum confirmation (a linearizable read) a grant may rest on, in
+    /// ms: one election timeout, so a leader cut off from its quorum, or whose raft
+    /// thread is stuck, stops granting before another leader can be elected.
+    pub confirm_ms: u64,
 }
 
 impl LeaseConfig {
@@ -113,11 +117,39 @@ pub struct Operation {
     pub to: u64,
 }
 
+/// Why a migration could not be registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Busy {
+    /// Another procedure moves the region (its id).
+    Moving(String),
+    /// This member no longer leads in the term asked for.
+    NotLeading,
+}
+
+impl Busy {
+    /// The error to answer for `region`.
+    pub fn error(&self, region: u64) -> common_meta::Error {
+        match self {
+            Busy::Moving(procedure) => common_meta::Error::FailedPrecondition {
+                message: format!(
+                    "region {} is already being moved by procedure {procedure}",
+                    RegionId::from(region)
+                ),
+            },
+            Busy::NotLeading => common_meta::Error::NotLeader { leader: None },
+        }
+    }
+}
+
 struct State {
     term: u64,
     since_ms: u64,
-    /// A linearizable read passed in `term`.
-    ready: bool,
+    /// When (ledger clock) the latest linearizable read that passed in `term` was
+    /// asked: the leadership was confirmed by a quorum after that instant.
+    confirmed_ms: Option<u64>,
+    /// node -> (grants being computed, the latest arrival among them): a grant whose
+    /// routes are still being read counts in `expiry_bound` as if given.
+    inflight: HashMap<u64, (u32, u64)>,
     /// (region, node) -> when the leader last granted it leadership (leader's clock).
     granted: HashMap<(u64, u64), u64>,
     /// Regions being migrated (registered by their procedures, every term anew).
@@ -131,11 +163,30 @@ impl State {
         if term > self.term {
             self.term = term;
             self.since_ms = now_ms;
-            self.ready = false;
+            self.confirmed_ms = None;
+            self.inflight.clear();
             self.granted.clear();
             self.operations.clear();
         }
         term == self.term
+    }
+}
+
+/// Ends a grant's in-flight mark, however the grant ends.
+struct Inflight<'a> {
+    ledger: &'a LeaseLedger,
+    node: u64,
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        let mut state = self.ledger.state();
+        if let Some(entry) = state.inflight.get_mut(&self.node) {
+            entry.0 = entry.0.saturating_sub(1);
+            if entry.0 == 0 {
+                state.inflight.remove(&self.node);
+            }
+        }
     }
 }
 
@@ -161,7 +212,8 @@ impl LeaseLedger {
             state: Mutex::new(State {
                 term: 0,
                 since_ms: 0,
-                ready: false,
+                confirmed_ms: None,
+                inflight: HashMap::new(),
                 granted: HashMap::new(),
                 operations: HashMap::new(),
                 routes: HashMap::new(),
@@ -200,15 +252,15 @@ impl LeaseLedger {
         self.state().enter(term, now_ms);
     }
 
-    /// Registers a migration of `region`; the procedure already moving it otherwise.
-    pub fn begin(&self, term: u64, region: u64, operation: Operation) -> Result<(), String> {
+    /// Registers a migration of `region` in term `term`.
+    pub fn begin(&self, term: u64, region: u64, operation: Operation) -> Result<(), Busy> {
         let mut state = self.state();
         if !state.enter(term, self.now_ms()) {
-            return Err("leadership moved on".to_string());
+            return Err(Busy::NotLeading);
         }
         match state.operations.get(&region) {
             Some(running) if running.procedure != operation.procedure => {
-                Err(running.procedure.clone())
+                Err(Busy::Moving(running.procedure.clone()))
             }
             _ => {
                 state.operations.insert(region, operation);
@@ -253,20 +305,32 @@ impl LeaseLedger {
         }
         let state = self.state();
         let last = state.granted.get(&(region, node)).copied().unwrap_or(0);
-        last.max(state.since_ms + self.config.deposed_leader_ms)
+        let computing = state.inflight.get(&node).map_or(0, |(_, at)| *at);
+        last.max(computing)
+            .max(state.since_ms + self.config.deposed_leader_ms)
             + self.config.lease_ms
             + self.config.margin_ms()
     }
 
-    /// Waits for this term's first linearizable read (once per term).
-    async fn ready(&self, term: u64) -> common_meta::Result<()> {
-        if self.state().ready && self.state().term == term {
+    /// Makes sure a quorum confirmed this leadership no longer than `confirm_ms`
+    /// before `now_ms` (a linearizable read when not). The first one of a term also
+    /// brings the applied state up to every earlier commit.
+    async fn confirmed(&self, term: u64, now_ms: u64) -> common_meta::Result<()> {
+        let fresh = {
+            let state = self.state();
+            state.term == term
+                && state
+                    .confirmed_ms
+                    .is_some_and(|c| now_ms.saturating_sub(c) <= self.config.confirm_ms)
+        };
+        if fresh {
             return Ok(());
         }
+        let asked = self.now_ms();
         self.kv.get(FENCE_KEY.as_bytes()).await?;
         let mut state = self.state();
         if state.term == term {
-            state.ready = true;
+            state.confirmed_ms = Some(state.confirmed_ms.map_or(asked, |c| c.max(asked)));
         }
         Ok(())
     }
@@ -309,12 +373,21 @@ impl LeaseLedger {
         now_ms: u64,
     ) -> common_meta::Result<pb::RegionLeases> {
         // The leadership task may not have started the term yet.
-        if !self.state().enter(term, now_ms) {
-            return Err(common_meta::Error::Unavailable {
-                message: "leadership moved on".to_string(),
-            });
+        {
+            let mut state = self.state();
+            if !state.enter(term, now_ms) {
+                return Err(common_meta::Error::Unavailable {
+                    message: "leadership moved on".to_string(),
+                });
+            }
+            // From here until the grants are recorded, `expiry_bound` counts this
+            // answer as given (its routes may be read before a change is applied).
+            let entry = state.inflight.entry(node).or_insert((0, now_ms));
+            entry.0 += 1;
+            entry.1 = entry.1.max(now_ms);
         }
-        self.ready(term).await?;
+        let _computing = Inflight { ledger: self, node };
+        self.confirmed(term, now_ms).await?;
         let mut by_table: BTreeMap<u32, Vec<RegionId>> = BTreeMap::new();
         for region in regions {
             let region = RegionId::from(*region);
@@ -436,6 +509,7 @@ mod tests {
             LeaseConfig {
                 lease_ms: 10_000,
                 deposed_leader_ms: 2_000,
+                confirm_ms: 1_000,
             },
             Arc::new(common_meta::kv::MemoryKvBackend::default()),
         )
@@ -466,12 +540,19 @@ mod tests {
         };
         ledger.begin(1, 9, op("a")).unwrap();
         ledger.begin(1, 9, op("a")).unwrap();
-        assert_eq!(ledger.begin(1, 9, op("b")), Err("a".to_string()));
+        assert_eq!(
+            ledger.begin(1, 9, op("b")),
+            Err(Busy::Moving("a".to_string()))
+        );
         ledger.end(9, "b");
         assert!(ledger.operation(9).is_some());
         ledger.end(9, "a");
         ledger.begin(1, 9, op("b")).unwrap();
-        assert!(ledger.begin(0, 10, op("c")).is_err(), "an older term");
+        assert_eq!(
+            ledger.begin(0, 10, op("c")),
+            Err(Busy::NotLeading),
+            "an older term"
+        );
     }
 
     #[tokio::test]
@@ -481,6 +562,7 @@ mod tests {
             LeaseConfig {
                 lease_ms: 1_000,
                 deposed_leader_ms: 0,
+                confirm_ms: 1_000,
             },
             kv.clone(),
         );

@@ -29,7 +29,7 @@ use std::time::Duration;
 use common_meta::key::{MetaKey, TableRouteKey, switch_key};
 use common_meta::kv::{KvBackend, PutRequest, RangeRequest};
 use common_meta::model::node::{NodeRole, NodeState};
-use common_meta::model::table::TableRoute;
+use common_meta::model::table::{LeaderState, RegionId, TableRoute};
 use common_meta::time::unix_ms;
 use meta_proto::v1 as pb;
 use tokio::sync::watch;
@@ -64,6 +64,8 @@ struct State {
     cooldown: HashMap<u64, u64>,
     /// Regions last seen waiting for failover.
     pending: usize,
+    /// The term whose unfinished migrations are registered in the ledger.
+    seeded: Option<u64>,
 }
 
 /// The supervisor of one member; runs while it leads.
@@ -190,10 +192,13 @@ impl Supervisor {
             let route: TableRoute = common_meta::manager::from_json(&kv.key, &kv.value)?;
             for entry in route.regions {
                 if let Some(leader) = entry.leader {
+                    let downgrading = entry.leader_state == LeaderState::Downgrading;
                     out.push(Lead {
                         region: entry.region.as_u64(),
                         leader: leader.id,
                         followers: entry.followers.iter().map(|p| p.id).collect(),
+                        downgrading_since: downgrading
+                            .then(|| entry.leader_down_since.unwrap_or(0)),
                     });
                 }
             }
@@ -205,6 +210,7 @@ impl Supervisor {
         let Some(manager) = self.host.manager() else {
             return Ok(());
         };
+        self.seed(term, &manager).await?;
         let leads = self.leads().await?;
         if leads.is_empty() {
             // No region anywhere: nothing to watch (and no node list to read).
@@ -235,6 +241,9 @@ impl Supervisor {
             }
         }
         let missing = self.missing(&leads, &failed, now);
+        if leads.iter().any(|l| l.downgrading_since.is_some()) {
+            self.repair(&leads, now).await?;
+        }
         let work = !failed.is_empty() || !missing.is_empty() || !draining.is_empty();
         // Read only when something may move; none can take regions: nothing moves
         // this tick (the error says why).
@@ -257,8 +266,14 @@ impl Supervisor {
             let wanted = |l: &Lead| {
                 (failed.contains(&l.leader) || missing.contains(&l.region)) && ready(l.region)
             };
-            // Counted in maintenance too: the operator sees what waits.
-            self.state().pending = leads.iter().filter(|l| wanted(l)).count();
+            // Counted in maintenance and in backoff too: the operator sees what waits.
+            self.state().pending = leads
+                .iter()
+                .filter(|l| {
+                    (failed.contains(&l.leader) || missing.contains(&l.region))
+                        && !moving.contains_key(&l.region)
+                })
+                .count();
             if automatic {
                 let planned = plan::plan(&leads, wanted, &candidates, &self.ctx.selector, budget);
                 budget -= planned.len();
@@ -366,22 +381,123 @@ impl Supervisor {
         // The outcome decides the backoff; the watcher ends with the term at the latest.
         let this = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = watcher.wait().await {
-                tracing::warn!(error = %e, "a supervisor migration failed: backing off");
-                if this.state().term == term {
-                    this.back_off(&m.regions);
+            match watcher.wait().await {
+                Err(e) => {
+                    tracing::warn!(error = %e, "a supervisor migration failed: backing off");
+                    if this.state().term == term {
+                        this.back_off(&m.regions);
+                    }
+                }
+                Ok(_) => {
+                    let mut state = this.state();
+                    for r in &m.regions {
+                        state.backoff.remove(r);
+                    }
                 }
             }
         });
     }
 
+    /// After a failed move: `backoff_ms`, doubling per failure up to 8 times that.
     fn back_off(&self, regions: &[u64]) {
         let now = unix_ms();
         let mut state = self.state();
         for r in regions {
             let entry = state.backoff.entry(*r).or_insert((0, 0));
             entry.0 += 1;
-            entry.1 = now + self.failover.backoff_ms * (1u64 << entry.0.min(3));
+            entry.1 = now + self.failover.backoff_ms * (1u64 << (entry.0 - 1).min(3));
         }
+    }
+
+    /// Registers in the ledger the regions of every unfinished migration on record,
+    /// once per term, before anything new is submitted: a recovered migration keeps
+    /// its regions, and nothing competes with it.
+    pub async fn seed(
+        &self,
+        term: u64,
+        manager: &procedure::ProcedureManager,
+    ) -> common_meta::Result<()> {
+        if self.state().seeded == Some(term) {
+            return Ok(());
+        }
+        let records = manager
+            .list()
+            .await
+            .map_err(|e| common_meta::Error::Unavailable {
+                message: format!("listing procedures: {e}"),
+            })?;
+        for record in records {
+            if record.type_name != crate::procedures::region::migrate::TYPE_NAME
+                || record.state.is_finished()
+            {
+                continue;
+            }
+            let Ok(data) =
+                serde_json::from_str::<crate::procedures::region::migrate::Data>(&record.data)
+            else {
+                continue;
+            };
+            for region in data.regions {
+                let op = crate::cluster_plane::region_lease::Operation {
+                    procedure: record.id.clone(),
+                    from: data.from,
+                    to: data.to,
+                };
+                // A region already registered (its procedure ran first) stays so.
+                let _ = self.ctx.plane.leases.begin(term, region, op);
+            }
+        }
+        self.state().seeded = Some(term);
+        Ok(())
+    }
+
+    /// Puts back to serving the regions a migration left downgrading (its rollback
+    /// ran out of retries, or its record could not be loaded): marked longer ago than
+    /// any migration may take, and moved by none.
+    async fn repair(&self, leads: &[Lead], now: u64) -> common_meta::Result<()> {
+        let stale =
+            self.failover.migration_timeout_ms + 2 * self.ctx.plane.leases.config().lease_ms;
+        let mut by_table: std::collections::BTreeMap<u32, Vec<(u64, u64)>> = Default::default();
+        for lead in leads {
+            let Some(since) = lead.downgrading_since else {
+                continue;
+            };
+            if now.saturating_sub(since) > stale
+                && self.ctx.plane.leases.operation(lead.region).is_none()
+            {
+                by_table
+                    .entry(RegionId::from(lead.region).table_id())
+                    .or_default()
+                    .push((lead.region, lead.leader));
+            }
+        }
+        for (table, regions) in by_table {
+            let (Some(info), Some(route)) = self.ctx.tables.table_local(table).await? else {
+                continue;
+            };
+            let mut next = route.value.clone();
+            let mut changed = false;
+            for entry in &mut next.regions {
+                let orphan = regions.iter().any(|(r, l)| {
+                    *r == entry.region.as_u64()
+                        && entry.leader.as_ref().is_some_and(|p| p.id == *l)
+                        && self.ctx.plane.leases.operation(*r).is_none()
+                });
+                if orphan && entry.leader_state == LeaderState::Downgrading {
+                    tracing::warn!(region = %entry.region, "a region left downgrading by a migration serves again");
+                    entry.leader_state = LeaderState::Serving;
+                    entry.leader_down_since = None;
+                    changed = true;
+                }
+            }
+            if changed {
+                next.version = route.value.version + 1;
+                self.ctx
+                    .tables
+                    .update_table_route(&info.value, &route, &next)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 }

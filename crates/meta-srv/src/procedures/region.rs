@@ -128,6 +128,17 @@ pub async fn submit(
         RegionId::from(first),
         common_meta::time::unix_ms()
     );
+    let mut tables = Vec::new();
+    let ids: std::collections::BTreeSet<u32> = regions
+        .iter()
+        .map(|r| RegionId::from(*r).table_id())
+        .collect();
+    for table in ids {
+        if let (Some(info), _) = ctx.tables.table_local(table).await? {
+            let info = info.value;
+            tables.push([info.catalog, info.schema, info.name]);
+        }
+    }
     // Registered now, so that a second request for a region finds this one even
     // before its first step runs.
     let term = (*ctx.plane.leadership.borrow()).unwrap_or(0);
@@ -137,19 +148,22 @@ pub async fn submit(
             from,
             to,
         };
-        if let Err(running) = ctx.plane.leases.begin(term, *region, op) {
+        if let Err(busy) = ctx.plane.leases.begin(term, *region, op) {
             for earlier in &regions[..i] {
                 ctx.plane.leases.end(*earlier, &id);
             }
-            return Err(Error::FailedPrecondition {
-                message: format!(
-                    "region {} is already being moved by procedure {running}",
-                    RegionId::from(*region)
-                ),
-            });
+            return Err(busy.error(*region));
         }
     }
-    let procedure = MigrateRegions::new(ctx.clone(), regions.clone(), from, to, timeout, reason);
+    let procedure = MigrateRegions::new(
+        ctx.clone(),
+        regions.clone(),
+        from,
+        to,
+        timeout,
+        reason,
+        tables,
+    );
     let unregister = || {
         for region in &regions {
             ctx.plane.leases.end(*region, &id);

@@ -85,6 +85,12 @@ impl pb::region_server::Region for RegionService {
     ) -> Result<Response<pb::MigrateRegionResponse>, Status> {
         let manager = self.manager().await?;
         let request = request.into_inner();
+        // Unfinished migrations of an earlier term own their regions first.
+        let term = (*self.ctx.plane.leadership.borrow()).unwrap_or(0);
+        self.supervisor
+            .seed(term, &manager)
+            .await
+            .map_err(to_status)?;
         let from = region::leader_of(&self.ctx, &request.region_ids)
             .await
             .map_err(to_status)?;

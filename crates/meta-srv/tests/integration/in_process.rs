@@ -15,6 +15,8 @@ pub struct Running {
     pub http: String,
     pub plane: std::sync::Arc<meta_srv::cluster_plane::heartbeat_chain::ClusterPlane>,
     pub snapshots: std::sync::Arc<meta_srv::raft::snapshot::SnapshotFiles>,
+    /// The member's raft driver (fault injection).
+    pub driver: meta_srv::raft::driver::DriverHandle,
     stop: oneshot::Sender<()>,
     served: tokio::task::JoinHandle<meta_srv::Result<()>>,
     _dir: tempfile::TempDir,
@@ -37,6 +39,7 @@ pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Running {
     let server = MetaSrv::bind(config).await.unwrap();
     let plane = server.cluster_plane();
     let snapshots = server.snapshot_files();
+    let driver = server.raft_driver();
     let (grpc, http) = (
         server.grpc_addr().to_string(),
         server.http_addr().to_string(),
@@ -50,6 +53,7 @@ pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Running {
         http,
         plane,
         snapshots,
+        driver,
         stop,
         served,
         _dir: dir,

@@ -14,6 +14,9 @@ pub struct Lead {
     pub leader: u64,
     /// Its followers.
     pub followers: Vec<u64>,
+    /// The route marks the leader downgrading since this Unix ms (a migration moves
+    /// it, or one ended without putting it back).
+    pub downgrading_since: Option<u64>,
 }
 
 /// A migration to submit.
@@ -159,6 +162,7 @@ mod tests {
             region,
             leader,
             followers: followers.to_vec(),
+            downgrading_since: None,
         }
     }
 

@@ -83,6 +83,14 @@ pub struct Data {
     /// Regions already led by `to` when the migration started (nothing to do).
     #[serde(default)]
     pub already: BTreeSet<u64>,
+    /// Regions whose copy on `to` this migration opened (`to` was not in the route):
+    /// the only ones a rollback closes (a follower's copy stays).
+    #[serde(default)]
+    pub opened: BTreeSet<u64>,
+    /// The tables of the regions, `[catalog, schema, table]`: their names are locked
+    /// shared, so table DDL waits for the migration and the other way round.
+    #[serde(default)]
+    pub tables: Vec<[String; 3]>,
 }
 
 /// Why a region instruction did not succeed.
@@ -122,6 +130,7 @@ impl MigrateRegions {
         to: u64,
         timeout: Duration,
         reason: &str,
+        tables: Vec<[String; 3]>,
     ) -> Self {
         let mut regions = regions;
         regions.sort_unstable();
@@ -136,6 +145,8 @@ impl MigrateRegions {
                 step: Step::Open,
                 confirmed: BTreeMap::new(),
                 already: BTreeSet::new(),
+                opened: BTreeSet::new(),
+                tables,
             },
             ctx,
             owns: false,
@@ -177,11 +188,17 @@ impl MigrateRegions {
                 from: self.data.from,
                 to: self.data.to,
             };
-            if let Err(running) = self.ctx.plane.leases.begin(term, *region, op) {
-                return Err(procedure::Error::external(format!(
-                    "region {} is already being moved by procedure {running}",
-                    RegionId::from(*region)
-                )));
+            match self.ctx.plane.leases.begin(term, *region, op) {
+                Ok(()) => {}
+                Err(crate::cluster_plane::region_lease::Busy::NotLeading) => {
+                    return Err(procedure::Error::retry_later("this member no longer leads"));
+                }
+                Err(busy) => {
+                    // Another procedure owns the region: undo nothing of its work.
+                    self.unregister(ctx);
+                    self.owns = false;
+                    return Err(procedure::Error::external(busy.error(*region).to_string()));
+                }
             }
         }
         self.owns = true;
@@ -303,10 +320,12 @@ impl MigrateRegions {
 
     /// Applies `change` to the route entry of each region of `regions`, one compare
     /// per table, retried while other writers (other migrations of the same table) win.
+    /// `change` answers whether it changed the entry, or why it must not (the step
+    /// fails for good).
     async fn change_routes(
         &self,
         regions: &[u64],
-        change: impl Fn(&mut RegionRoute) -> bool,
+        change: impl Fn(&mut RegionRoute) -> Result<bool, String>,
     ) -> procedure::Result<()> {
         let mut by_table: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
         for region in regions {
@@ -335,7 +354,7 @@ impl MigrateRegions {
                     .iter_mut()
                     .filter(|e| mine.contains(&e.region.as_u64()))
                 {
-                    changed |= change(entry);
+                    changed |= change(entry).map_err(procedure::Error::external)?;
                 }
                 if !changed {
                     break;
@@ -363,6 +382,7 @@ impl MigrateRegions {
                 // Regions `to` leads already need nothing; any other leader than
                 // `from` means the request is stale.
                 let mut already = BTreeSet::new();
+                let mut opened = BTreeSet::new();
                 for region in &self.data.regions {
                     let id = RegionId::from(*region);
                     let (_, route) = self
@@ -371,10 +391,13 @@ impl MigrateRegions {
                         .table_local(id.table_id())
                         .await
                         .map_err(step_error)?;
-                    let leader = route
+                    let entry = route
                         .as_ref()
-                        .and_then(|r| r.value.regions.iter().find(|e| e.region == id))
-                        .map(|e| e.leader.as_ref().map_or(0, |p| p.id));
+                        .and_then(|r| r.value.regions.iter().find(|e| e.region == id));
+                    if entry.is_some_and(|e| !e.followers.iter().any(|p| p.id == to)) {
+                        opened.insert(*region);
+                    }
+                    let leader = entry.map(|e| e.leader.as_ref().map_or(0, |p| p.id));
                     match leader {
                         None => {
                             return Err(procedure::Error::external(format!(
@@ -393,6 +416,7 @@ impl MigrateRegions {
                     }
                 }
                 self.data.already = already;
+                self.data.opened = opened;
                 let moving = self.moving();
                 self.open(&moving).await?;
                 self.data.step = Step::Mark;
@@ -401,13 +425,19 @@ impl MigrateRegions {
                 self.check_deadline()?;
                 let now = unix_ms();
                 self.change_routes(&self.moving(), |e| {
-                    let leads = e.leader.as_ref().is_some_and(|p| p.id == from);
-                    if leads && e.leader_state == LeaderState::Serving {
+                    let leader = e.leader.as_ref().map_or(0, |p| p.id);
+                    if leader != from {
+                        return Err(format!(
+                            "region {} is led by datanode {leader} now, not {from}",
+                            e.region
+                        ));
+                    }
+                    if e.leader_state == LeaderState::Serving {
                         e.leader_state = LeaderState::Downgrading;
                         e.leader_down_since = Some(now);
-                        return true;
+                        return Ok(true);
                     }
-                    false
+                    Ok(false)
                 })
                 .await?;
                 self.data.step = Step::Downgrade;
@@ -482,8 +512,15 @@ impl MigrateRegions {
                     .map(|n| n.addr)
                     .unwrap_or_default();
                 self.change_routes(&self.moving(), |e| {
-                    if e.leader.as_ref().is_some_and(|p| p.id == to) {
-                        return false;
+                    let leader = e.leader.as_ref().map_or(0, |p| p.id);
+                    if leader == to {
+                        return Ok(false);
+                    }
+                    if leader != from || e.leader_state != LeaderState::Downgrading {
+                        return Err(format!(
+                            "region {} changed under the migration: led by datanode {leader}, {:?}",
+                            e.region, e.leader_state
+                        ));
                     }
                     e.leader = Some(Peer {
                         id: to,
@@ -492,7 +529,7 @@ impl MigrateRegions {
                     e.followers.retain(|p| p.id != to);
                     e.leader_state = LeaderState::Serving;
                     e.leader_down_since = None;
-                    true
+                    Ok(true)
                 })
                 .await?;
                 self.data.step = Step::Close;
@@ -558,6 +595,15 @@ impl Procedure for MigrateRegions {
 
     fn lock_key(&self) -> LockKey {
         let mut lock = LockKey::none();
+        for [catalog, schema, table] in &self.data.tables {
+            lock = lock
+                .with(format!("catalog/{catalog}"), LockMode::Shared)
+                .with(format!("schema/{catalog}/{schema}"), LockMode::Shared)
+                .with(
+                    format!("table_name/{catalog}/{schema}/{table}"),
+                    LockMode::Shared,
+                );
+        }
         for region in &self.data.regions {
             lock = lock.with(format!("region/{region}"), LockMode::Exclusive);
         }
@@ -584,9 +630,9 @@ impl Procedure for MigrateRegions {
             if leads && e.leader_state == LeaderState::Downgrading {
                 e.leader_state = LeaderState::Serving;
                 e.leader_down_since = None;
-                return true;
+                return Ok(true);
             }
-            false
+            Ok(false)
         })
         .await
         .or_else(|e| {
@@ -612,7 +658,7 @@ impl Procedure for MigrateRegions {
                 led.insert(*region);
             }
         }
-        moving.retain(|r| !led.contains(r));
+        moving.retain(|r| !led.contains(r) && self.data.opened.contains(r));
         let outcomes = self
             .each(to, &moving, |region| {
                 pb::instruction::Kind::CloseRegion(pb::RegionInstruction {

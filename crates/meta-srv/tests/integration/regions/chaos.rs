@@ -1,7 +1,8 @@
 //! Seeded chaos against failover (three meta members, four writing datanodes, two
 //! with skewed clocks): datanodes killed and restarted, stalled longer than a lease,
 //! cut off from the meta cluster while they keep serving, regions moved by hand, and
-//! the meta leader stopped once. After the faults heal every region must end led by
+//! the meta leader stopped once or its storage stalled (its raft thread stuck while
+//! its heartbeat streams stay open). After the faults heal every region must end led by
 //! exactly one node, and the history checker must find no two leaseholders of a
 //! region and no write outside a lease.
 //!
@@ -99,8 +100,26 @@ async fn run_seed(seed: u64) -> Result<(), String> {
             }
             5 if !meta_stopped => {
                 let leader = leader_of(&members).await;
-                tracing::info!(seed, leader = leader + 1, "chaos: stop the meta leader");
-                members.remove(leader).shutdown().await;
+                if rng.below(2) == 0 {
+                    tracing::info!(seed, leader = leader + 1, "chaos: stop the meta leader");
+                    members.remove(leader).shutdown().await;
+                } else {
+                    // Its raft thread stuck on a dead disk while its heartbeat streams
+                    // stay open: it must stop granting before another leader can be
+                    // elected.
+                    tracing::info!(
+                        seed,
+                        leader = leader + 1,
+                        "chaos: stall the meta leader's storage"
+                    );
+                    let stall = Duration::from_millis(4_000 + rng.below(4_000));
+                    let _ =
+                        members[leader]
+                            .driver
+                            .send(meta_srv::raft::driver::Command::InjectFault(
+                                meta_srv::raft::driver::Fault::Stall(stall),
+                            ));
+                }
                 meta_stopped = true;
             }
             _ => {}
