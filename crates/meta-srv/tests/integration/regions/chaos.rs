@@ -35,7 +35,8 @@ impl Rng {
     }
 }
 
-async fn run_seed(seed: u64) -> Result<(), String> {
+/// One seed; the migrations that finished in it.
+async fn run_seed(seed: u64) -> Result<usize, String> {
     let mut rng = Rng::new(seed);
     let mut members = start_three(|c| {
         c.failure_detector.acceptable_pause_ms = 500;
@@ -70,29 +71,29 @@ async fn run_seed(seed: u64) -> Result<(), String> {
         let node = nodes[rng.below(nodes.len() as u64) as usize];
         match rng.below(6) {
             0 if killed.len() < 2 && !killed.contains(&node) => {
-                tracing::info!(seed, node, "chaos: kill");
+                println!("seed {seed}: kill {node}");
                 sim.kill(node);
                 killed.push(node);
             }
             1 if !killed.is_empty() => {
                 let back = killed.remove(rng.below(killed.len() as u64) as usize);
-                tracing::info!(seed, node = back, "chaos: restart");
+                println!("seed {seed}: restart {back}");
                 sim.restart(back).map_err(|e| e.to_string())?;
             }
             2 => {
-                tracing::info!(seed, node, "chaos: stall longer than a lease");
+                println!("seed {seed}: stall {node}");
                 sim.pause(node, Duration::from_millis(1_500 + rng.below(1_000)));
             }
             3 => {
                 let cut = rng.below(2) == 0;
-                tracing::info!(seed, node, cut, "chaos: cut off from the meta cluster");
+                println!("seed {seed}: cut {node} {cut}");
                 sim.isolate(node, cut);
             }
             4 => {
                 let leads = leaders(&client, &tables).await;
                 let regions: Vec<u64> = leads.keys().copied().collect();
                 let region = regions[rng.below(regions.len() as u64) as usize];
-                tracing::info!(seed, region, to = node, "chaos: move");
+                println!("seed {seed}: move {region} to {node}");
                 // Refusals (same node, a node away, a region moving) are expected.
                 let _ = client
                     .migrate_regions(&[region], node, Duration::ZERO, Duration::ZERO)
@@ -101,17 +102,13 @@ async fn run_seed(seed: u64) -> Result<(), String> {
             5 if !meta_stopped => {
                 let leader = leader_of(&members).await;
                 if rng.below(2) == 0 {
-                    tracing::info!(seed, leader = leader + 1, "chaos: stop the meta leader");
+                    println!("seed {seed}: stop meta member {}", leader + 1);
                     members.remove(leader).shutdown().await;
                 } else {
                     // Its raft thread stuck on a dead disk while its heartbeat streams
                     // stay open: it must stop granting before another leader can be
                     // elected.
-                    tracing::info!(
-                        seed,
-                        leader = leader + 1,
-                        "chaos: stall the meta leader's storage"
-                    );
+                    println!("seed {seed}: stall meta member {}'s storage", leader + 1);
                     let stall = Duration::from_millis(4_000 + rng.below(4_000));
                     let _ =
                         members[leader]
@@ -162,17 +159,15 @@ async fn run_seed(seed: u64) -> Result<(), String> {
     if !report.violations.is_empty() {
         return Err(format!("violations: {:?}", report.violations));
     }
-    if report.writes == 0 || moved == 0 {
-        return Err(format!(
-            "the run proved little: {} writes, {moved} migrations",
-            report.writes
-        ));
+    if report.writes == 0 {
+        return Err("no writes were recorded".to_string());
     }
     println!(
         "chaos seed {seed}: clean ({} leases, {} writes, {moved} migrations)",
         report.leases, report.writes
     );
-    Ok(())
+    // A seed whose killed nodes came back before they were failed may move nothing.
+    Ok(moved)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,11 +180,14 @@ async fn seeded_chaos_never_lets_two_nodes_lead_a_region() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
+    let mut moved = 0;
     for seed in base..base + seeds {
-        if let Err(e) = run_seed(seed).await {
-            panic!(
+        match run_seed(seed).await {
+            Ok(n) => moved += n,
+            Err(e) => panic!(
                 "seed {seed} failed (rerun with METASRV_CHAOS_BASE_SEED={seed} METASRV_CHAOS_SEEDS=1): {e}"
-            );
+            ),
         }
     }
+    assert!(moved > 0, "no seed moved a region: the runs proved little");
 }
