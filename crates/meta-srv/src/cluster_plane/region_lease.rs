@@ -13,9 +13,14 @@
 //!   *before*
 //!   the route is read, so after a route change is applied, [`LeaseLedger::expiry_bound`]
 //!   is a time after which no lease granted on the old route can still run.
-//! - A new leader grants nothing until one linearizable read has passed in its term
-//!   (its applied state then holds every earlier commit), and assumes that a deposed
-//!   leader may have granted leases until `deposed_leader_ms` after this term began.
+//! - A grant rests on a quorum confirmation (a linearizable read) at most
+//!   `confirm_ms` (one election timeout) old: a leader cut off from its quorum, or
+//!   whose raft thread is stuck, stops granting before another can be elected. The
+//!   first one of a term also brings the applied state up to every earlier commit.
+//!   A new leader still assumes a deposed one may have granted until
+//!   `deposed_leader_ms` after this term began.
+//! - While a grant reads routes, its node is marked in flight, and `expiry_bound`
+//!   counts the mark as a grant.
 //! - Nothing is called closeable during the first lease length of a term: the
 //!   migrations of the previous term are not registered again until they resume.
 
