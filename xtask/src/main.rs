@@ -96,34 +96,12 @@ fn main() -> anyhow::Result<()> {
         Task::Codegen => codegen::write_all(),
         Task::Check => codegen::check_all(),
         Task::Bench(task) => bench::launch(&task),
-        Task::Fault { seeds, base_seed } => run(Command::new("cargo")
-            .args([
-                "test",
-                "--release",
-                "-p",
-                "meta-srv",
-                "--test",
-                "integration",
-                "fault::",
-                "--",
-                "--nocapture",
-            ])
-            .env("METASRV_FAULT_SEEDS", seeds.to_string())
-            .env("METASRV_FAULT_BASE_SEED", base_seed.to_string())),
-        Task::RegionsChaos { seeds, base_seed } => run(Command::new("cargo")
-            .args([
-                "test",
-                "--release",
-                "-p",
-                "meta-srv",
-                "--test",
-                "integration",
-                "regions::chaos::",
-                "--",
-                "--nocapture",
-            ])
-            .env("METASRV_CHAOS_SEEDS", seeds.to_string())
-            .env("METASRV_CHAOS_BASE_SEED", base_seed.to_string())),
+        Task::Fault { seeds, base_seed } => {
+            seeded_release_tests("fault::", "FAULT", seeds, base_seed)
+        }
+        Task::RegionsChaos { seeds, base_seed } => {
+            seeded_release_tests("regions::chaos::", "CHAOS", seeds, base_seed)
+        }
         Task::BenchRun(task) => bench::run(task),
         Task::Fuzz { target, seconds } => fuzz::run(&target, seconds),
         Task::Sim(args) => tokio::runtime::Builder::new_multi_thread()
@@ -131,6 +109,29 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(sim::run(args)),
     }
+}
+
+/// Runs meta-srv's integration tests matching `filter` in release mode with
+/// `METASRV_{kind}_SEEDS` and `METASRV_{kind}_BASE_SEED` set.
+fn seeded_release_tests(
+    filter: &str,
+    kind: &str,
+    seeds: u64,
+    base_seed: u64,
+) -> anyhow::Result<()> {
+    run(Command::new("cargo")
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "meta-srv",
+            "--test",
+            "integration",
+            filter,
+        ])
+        .args(["--", "--nocapture"])
+        .env(format!("METASRV_{kind}_SEEDS"), seeds.to_string())
+        .env(format!("METASRV_{kind}_BASE_SEED"), base_seed.to_string()))
 }
 
 /// Runs a command in the workspace root and fails unless it succeeds.
