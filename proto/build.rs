@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "proto/meta/v1/ddl.proto",
     "proto/meta/v1/region.proto",
     "proto/meta/v1/raft_log.proto",
+    "proto/meta/v1/watch.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

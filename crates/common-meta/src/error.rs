@@ -135,6 +135,24 @@ pub enum Error {
         message: String,
     },
 
+    /// A read or watch asked for a revision whose history was compacted away.
+    #[error("required revision {requested} has been compacted (compacted revision {compacted})")]
+    Compacted {
+        /// The revision asked for.
+        requested: i64,
+        /// The store's compacted revision: the oldest revision still readable.
+        compacted: i64,
+    },
+
+    /// A read or compaction named a revision the store has not reached.
+    #[error("required revision {requested} is a future revision (current revision {current})")]
+    FutureRevision {
+        /// The revision asked for.
+        requested: i64,
+        /// The store's current revision.
+        current: i64,
+    },
+
     /// A blocking storage task panicked or was cancelled.
     #[error("storage task failed: {0}")]
     TaskJoin(String),
@@ -228,6 +246,38 @@ impl Error {
         Error::FailedPrecondition {
             message: text.to_string(),
         }
+    }
+
+    /// True for a refusal every member decides alike from the request and the replicated
+    /// state (bad input, a compacted or future revision): an answer, not a failure.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidArgument { .. } | Error::Compacted { .. } | Error::FutureRevision { .. }
+        )
+    }
+
+    /// Reads back the display form of [`Error::Compacted`] or [`Error::FutureRevision`]
+    /// (how a remote client gets them from a status message).
+    pub fn parse_revision_error(message: &str) -> Option<Error> {
+        let rest = message.strip_prefix("required revision ")?;
+        let (requested, rest) = rest.split_once(' ')?;
+        let requested = requested.parse().ok()?;
+        let number = |tail: &str, lead: &str| -> Option<i64> {
+            tail.split_once(lead)?.1.strip_suffix(')')?.parse().ok()
+        };
+        if rest.starts_with("has been compacted") {
+            let compacted = number(rest, "(compacted revision ")?;
+            return Some(Error::Compacted {
+                requested,
+                compacted,
+            });
+        }
+        if rest.starts_with("is a future revision") {
+            let current = number(rest, "(current revision ")?;
+            return Some(Error::FutureRevision { requested, current });
+        }
+        None
     }
 
     /// Builds an [`Error::OutcomeUnknown`].

@@ -16,6 +16,7 @@ mod memory;
 mod sled_backend;
 mod sled_store;
 mod types;
+pub mod watch;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
@@ -30,9 +31,11 @@ pub use sled_store::{MAX_UNACKED_ANSWERS, SledKvStore, StoreCopy, SystemWrite};
 pub use types::{
     BatchDeleteRequest, BatchDeleteResponse, BatchGetRequest, BatchGetResponse, BatchPutRequest,
     BatchPutResponse, Compare, CompareAndPutRequest, CompareAndPutResponse, CompareOp,
-    CompareTarget, DeleteRangeRequest, DeleteRangeResponse, KeyValue, PutRequest, PutResponse,
-    RangeRequest, RangeResponse, TxnOp, TxnOpResponse, TxnRequest, TxnResponse,
+    CompareTarget, DeleteRangeRequest, DeleteRangeResponse, Event, EventKind, KeyValue, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, TxnOp, TxnOpResponse, TxnRequest, TxnResponse,
+    WatchRequest, WatchResponse,
 };
+pub use watch::WatchStream;
 
 use crate::error::{Error, Result};
 
@@ -206,6 +209,30 @@ pub trait KvBackend: Send + Sync {
             success,
             prev_kv,
         })
+    }
+
+    /// Discards the history before `revision` (see [`Error::Compacted`]); returns the
+    /// store revision after it. A revision above the current one is refused with
+    /// [`Error::FutureRevision`], one at or below the compacted one with
+    /// [`Error::Compacted`].
+    async fn compact(&self, revision: i64) -> Result<i64> {
+        let _ = revision;
+        Err(Error::invalid_argument(format!(
+            "the {} backend keeps no history to compact",
+            self.name()
+        )))
+    }
+
+    /// Starts a watcher: every change of the key or range from the start revision on,
+    /// in revision order, each once, all changes of one revision in one response. A
+    /// start revision below the compacted one is refused with [`Error::Compacted`]; a
+    /// watcher whose history is compacted away while it lags ends with it.
+    async fn watch(&self, req: WatchRequest) -> Result<WatchStream> {
+        let _ = req;
+        Err(Error::invalid_argument(format!(
+            "the {} backend does not serve watches",
+            self.name()
+        )))
     }
 
     /// Reads one key's value, or `None` when absent.

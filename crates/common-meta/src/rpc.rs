@@ -116,6 +116,7 @@ impl From<pb::RangeRequest> for kv::RangeRequest {
             limit: r.limit,
             keys_only: r.keys_only,
             count_only: r.count_only,
+            revision: r.revision,
         }
     }
 }
@@ -129,6 +130,7 @@ impl From<kv::RangeRequest> for pb::RangeRequest {
             keys_only: r.keys_only,
             count_only: r.count_only,
             serializable: false,
+            revision: r.revision,
         }
     }
 }

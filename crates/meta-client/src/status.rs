@@ -34,6 +34,10 @@ pub fn from_status(status: &Status) -> Error {
                 .to_string(),
         },
         (Code::FailedPrecondition, _) => Error::FailedPrecondition { message },
+        (Code::OutOfRange, _) => Error::parse_revision_error(&message).unwrap_or(Error::Remote {
+            code: "OutOfRange".to_string(),
+            message,
+        }),
         (code, _) => Error::Remote {
             code: format!("{code:?}"),
             message,

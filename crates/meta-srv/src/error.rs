@@ -136,6 +136,10 @@ pub fn to_status(err: common_meta::Error) -> tonic::Status {
             OUTCOME_NOT_APPLIED,
         ),
         E::Unavailable { message } => (tonic::Status::unavailable(message), OUTCOME_NOT_APPLIED),
+        e @ (E::Compacted { .. } | E::FutureRevision { .. }) => (
+            tonic::Status::out_of_range(e.to_string()),
+            OUTCOME_NOT_APPLIED,
+        ),
         e @ E::NotFound { .. } => (tonic::Status::not_found(e.to_string()), OUTCOME_NOT_APPLIED),
         e @ E::AlreadyExists { .. } => (
             tonic::Status::already_exists(e.to_string()),

@@ -102,6 +102,11 @@ pub enum Command {
         /// The sessions.
         ids: Vec<u64>,
     },
+    /// Discards the history before `revision` (keeping each key's version at it).
+    Compact {
+        /// The new compacted revision.
+        revision: i64,
+    },
 }
 
 /// What applying a [`Command`] answers.
@@ -116,7 +121,8 @@ pub enum Applied {
         /// Its TTL.
         ttl_ms: u64,
     },
-    /// Nothing to answer ([`Command::Noop`], [`Command::CloseSessions`]).
+    /// Nothing to answer ([`Command::Noop`], [`Command::CloseSessions`],
+    /// [`Command::Compact`]).
     Done,
 }
 
@@ -132,6 +138,7 @@ impl Command {
             }),
             Command::OpenSession { ttl_ms } => C::OpenSession(pb::OpenSessionCommand { ttl_ms }),
             Command::CloseSessions { ids } => C::CloseSessions(pb::CloseSessionsCommand { ids }),
+            Command::Compact { revision } => C::Compact(pb::CompactCommand { revision }),
         };
         let message = pb::RaftCommand {
             command: Some(command),
@@ -163,6 +170,9 @@ impl Command {
                     }),
                     Some(C::OpenSession(o)) => Ok(Command::OpenSession { ttl_ms: o.ttl_ms }),
                     Some(C::CloseSessions(c)) => Ok(Command::CloseSessions { ids: c.ids }),
+                    Some(C::Compact(c)) => Ok(Command::Compact {
+                        revision: c.revision,
+                    }),
                     None => Err(Error::invalid_argument(
                         "undecodable entry: a command of an unknown kind",
                     )),
@@ -207,6 +217,7 @@ mod tests {
             },
             Command::OpenSession { ttl_ms: 60_000 },
             Command::CloseSessions { ids: vec![1, 9] },
+            Command::Compact { revision: 42 },
         ] {
             assert_eq!(Command::decode(&command.clone().encode()).unwrap(), command);
         }

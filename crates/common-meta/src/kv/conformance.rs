@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod history;
+
 use crate::error::Error;
 use crate::kv::{
     BatchDeleteRequest, BatchGetRequest, BatchPutRequest, Compare, CompareAndPutRequest, CompareOp,
@@ -25,6 +27,11 @@ pub async fn run_all(backend: &dyn KvBackend) {
     batches(backend).await;
     compare_and_put(backend).await;
     limits(backend).await;
+    history::history_reads(backend).await;
+    history::watch_basics(backend).await;
+    history::watch_sees_every_write_once(backend).await;
+    // Last: it compacts the whole store.
+    history::compaction(backend).await;
 }
 
 async fn current_revision(backend: &dyn KvBackend) -> i64 {

@@ -35,7 +35,7 @@ pub(crate) struct Entry {
 const ENTRY_HEADER: usize = 24;
 
 impl Entry {
-    fn to_key_value(&self, key: &[u8], keys_only: bool) -> KeyValue {
+    pub(crate) fn to_key_value(&self, key: &[u8], keys_only: bool) -> KeyValue {
         KeyValue {
             key: key.to_vec(),
             value: if keys_only {
@@ -95,6 +95,9 @@ pub(crate) trait ReadView {
         start: &[u8],
         end: Option<&[u8]>,
     ) -> Box<dyn Iterator<Item = ScanItem> + 'a>;
+    /// The store as of an earlier `revision`, or the refusal ([`Error::Compacted`],
+    /// [`Error::FutureRevision`]).
+    fn at_revision(&self, revision: i64) -> Result<Box<dyn ReadView + '_>>;
 }
 
 /// The writes of one transaction: every changed key (`None` = deleted) and the new revision.
@@ -196,6 +199,12 @@ pub(crate) struct Layered<'a> {
 }
 
 impl ReadView for Layered<'_> {
+    fn at_revision(&self, revision: i64) -> Result<Box<dyn ReadView + '_>> {
+        // Pending changes have no revision of their own here: a past revision is the
+        // base's.
+        self.base.at_revision(revision)
+    }
+
     fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
         match self.changes.get(key) {
             Some(entry) => Ok(entry.clone()),
@@ -240,25 +249,7 @@ impl Executor<'_> {
 
     /// Visits the live entries of a span in key order until `visit` returns false.
     fn visit(&self, span: KeySpan<'_>, visit: &mut dyn FnMut(&[u8], &Entry) -> bool) -> Result<()> {
-        match span {
-            KeySpan::Empty => Ok(()),
-            KeySpan::Single(key) => {
-                if let Some(entry) = self.get(key)? {
-                    visit(key, &entry);
-                }
-                Ok(())
-            }
-            KeySpan::Range { start, end } => {
-                let layered = self.layered();
-                for item in layered.scan(start, end) {
-                    let (key, entry) = item?;
-                    if !visit(&key, &entry) {
-                        break;
-                    }
-                }
-                Ok(())
-            }
-        }
+        visit_span(&self.layered(), span, visit)
     }
 
     fn holds(&self, compare: &Compare) -> Result<bool> {
@@ -283,21 +274,24 @@ impl Executor<'_> {
     }
 
     fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
-        let limit = usize::try_from(req.limit).unwrap_or(0);
-        let mut response = RangeResponse::default();
-        self.visit(key_span(&req.key, &req.range_end), &mut |key, entry| {
-            response.count += 1;
-            if req.count_only {
-                return true;
+        if req.revision != 0 {
+            // As of that revision: before this transaction's own writes.
+            let current = self.write_revision - 1;
+            if req.revision > current {
+                return Err(Error::FutureRevision {
+                    requested: req.revision,
+                    current,
+                });
             }
-            if limit == 0 || response.kvs.len() < limit {
-                response.kvs.push(entry.to_key_value(key, req.keys_only));
-            } else {
-                response.more = true;
+            if req.revision < 0 {
+                return Err(Error::invalid_argument(format!(
+                    "range revision {} is negative",
+                    req.revision
+                )));
             }
-            true
-        })?;
-        Ok(response)
+            return range_over(&*self.view.at_revision(req.revision)?, req);
+        }
+        range_over(&self.layered(), req)
     }
 
     fn put(&mut self, req: PutRequest) -> Result<PutResponse> {
@@ -337,6 +331,56 @@ impl Executor<'_> {
             prev_kvs: if req.prev_kv { doomed } else { Vec::new() },
         })
     }
+}
+
+/// Visits the live entries of a span of `view` in key order until `visit` returns false.
+fn visit_span(
+    view: &dyn ReadView,
+    span: KeySpan<'_>,
+    visit: &mut dyn FnMut(&[u8], &Entry) -> bool,
+) -> Result<()> {
+    match span {
+        KeySpan::Empty => Ok(()),
+        KeySpan::Single(key) => {
+            if let Some(entry) = view.get(key)? {
+                visit(key, &entry);
+            }
+            Ok(())
+        }
+        KeySpan::Range { start, end } => {
+            for item in view.scan(start, end) {
+                let (key, entry) = item?;
+                if !visit(&key, &entry) {
+                    break;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A range over `view`: the rules of `limit`, `count`, `more`, `keys_only` and
+/// `count_only` in one place, for current and past revisions alike.
+fn range_over(view: &dyn ReadView, req: &RangeRequest) -> Result<RangeResponse> {
+    let limit = usize::try_from(req.limit).unwrap_or(0);
+    let mut response = RangeResponse::default();
+    visit_span(
+        view,
+        key_span(&req.key, &req.range_end),
+        &mut |key, entry| {
+            response.count += 1;
+            if req.count_only {
+                return true;
+            }
+            if limit == 0 || response.kvs.len() < limit {
+                response.kvs.push(entry.to_key_value(key, req.keys_only));
+            } else {
+                response.more = true;
+            }
+            true
+        },
+    )?;
+    Ok(response)
 }
 
 /// Merges a base scan with pending changes (see [`Layered`]).

@@ -27,9 +27,11 @@ use async_trait::async_trait;
 
 use crate::error::{Error, Result};
 use crate::kv::KvBackend;
+use crate::kv::command::{Applied, Command};
 use crate::kv::limits::KvLimits;
 use crate::kv::sled_store::SledKvStore;
-use crate::kv::types::{TxnRequest, TxnResponse};
+use crate::kv::types::{TxnRequest, TxnResponse, WatchRequest};
+use crate::kv::watch::WatchStream;
 
 /// Most transactions committed in one sled batch and fsync.
 pub const MAX_GROUP: usize = 1024;
@@ -82,10 +84,11 @@ impl Health {
     }
 }
 
-/// One transaction waiting for the committer, and where its answer goes.
+/// One write (a transaction or a compaction) waiting for the committer, and where its
+/// answer goes.
 struct WriteJob {
-    txn: TxnRequest,
-    reply: tokio::sync::oneshot::Sender<Result<TxnResponse>>,
+    command: Command,
+    reply: tokio::sync::oneshot::Sender<Result<Applied>>,
 }
 
 /// The handle of the committer thread: dropping the last one closes the queue and waits
@@ -159,15 +162,17 @@ fn commit_loop(store: &SledKvStore, health: &Health, jobs: &mpsc::Receiver<Write
                 Err(_) => break,
             }
         }
-        let (txns, replies): (Vec<_>, Vec<_>) =
-            group.into_iter().map(|job| (job.txn, job.reply)).unzip();
+        let (commands, replies): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .map(|job| (job.command, job.reply))
+            .unzip();
         if let Err(e) = health.check() {
             for reply in replies {
                 let _ = reply.send(Err(e.clone_for_group()));
             }
             continue;
         }
-        let committed = match store.commit(txns) {
+        let committed = match store.commit_commands(commands) {
             Ok(answers) => health.flush(store).map(|()| answers).map_err(|e| {
                 Error::outcome_unknown(format!("{e}; the write may or may not be on disk"))
             }),
@@ -204,11 +209,46 @@ impl KvBackend for SledKvBackend {
             // blocking pool's hand-off costs more than the rare cold read it would hide.
             return self.store.read(req);
         }
+        match self
+            .write(Command::Txn {
+                txn: req,
+                session: None,
+            })
+            .await?
+        {
+            Applied::Txn(response) => Ok(response),
+            other => Err(Error::Remote {
+                code: "Internal".to_string(),
+                message: format!("a transaction was answered {other:?}"),
+            }),
+        }
+    }
+
+    async fn compact(&self, revision: i64) -> Result<i64> {
+        self.health.check()?;
+        self.write(Command::Compact { revision }).await?;
+        Ok(self.store.revision())
+    }
+
+    async fn watch(&self, req: WatchRequest) -> Result<WatchStream> {
+        self.health.check()?;
+        crate::kv::watch::watch(&self.store, req)
+    }
+}
+
+impl SledKvBackend {
+    /// Hands a write to the committer and waits for its answer (after the fsync).
+    async fn write(&self, command: Command) -> Result<Applied> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let queue = self.writer.queue.as_ref().ok_or_else(stopped)?;
         queue
-            .send(WriteJob { txn: req, reply })
+            .send(WriteJob { command, reply })
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+
+    /// The store underneath (its history and watchers).
+    pub fn store(&self) -> &Arc<SledKvStore> {
+        &self.store
     }
 }

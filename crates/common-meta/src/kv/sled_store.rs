@@ -12,7 +12,12 @@
 //! 0x03 {name}       -> a system value the replication layer keeps with the state
 //!                      machine (its configuration, member addresses, boot counter);
 //!                      opaque here
+//! 0x00 "compacted" -> the compacted revision, i64 BE; 0x00 "swept": how far its sweep got
+//! 0x04, 0x05        -> the revision history (see `history.rs`)
 //! ```
+//!
+//! Every write also records its changes in the history and, once its batch is applied,
+//! hands them to the store's watchers ([`crate::kv::watch`]).
 //!
 //! Client sessions make writes exactly-once: a [`Command::Txn`] naming a session whose
 //! answer for that seq is kept is answered with it and applies nothing; otherwise it
@@ -46,9 +51,12 @@ use crate::kv::types::{TxnRequest, TxnResponse};
 
 mod copy;
 mod group;
+mod history;
 
 pub use copy::StoreCopy;
 use group::{Group, decode_session};
+pub(crate) use history::Change;
+pub(crate) use history::{AtRevision, check_readable};
 
 const TREE: &str = "kv";
 const META_PREFIX: u8 = 0x00;
@@ -95,6 +103,10 @@ pub struct SledKvStore {
     durable: OnceLock<std::fs::File>,
     /// How many [`SledKvStore::copy`] calls are gathering the store (writers wait).
     copying: std::sync::atomic::AtomicUsize,
+    /// The compacted revision (reads below it fail).
+    compacted: AtomicI64,
+    /// The watchers this store's writes are handed to.
+    hub: crate::kv::watch::WatchHub,
 }
 
 fn data_key(key: &[u8]) -> Vec<u8> {
@@ -171,7 +183,8 @@ impl SledKvStore {
         };
         let revision = read_u64(REVISION_KEY, "revision")? as i64;
         let applied = read_u64(APPLIED_KEY, "applied")?;
-        Ok(SledKvStore {
+        let compacted = read_u64(history::COMPACTED_KEY, "compacted")? as i64;
+        let store = SledKvStore {
             db,
             tree,
             lock: RwLock::new(()),
@@ -180,7 +193,36 @@ impl SledKvStore {
             limits,
             durable: OnceLock::new(),
             copying: std::sync::atomic::AtomicUsize::new(0),
-        })
+            compacted: AtomicI64::new(compacted),
+            hub: crate::kv::watch::WatchHub::new(revision),
+        };
+        // A crash between a compaction and its sweep: finish the sweep.
+        if store.read_i64(history::SWEPT_KEY)? < compacted {
+            store.sweep(compacted)?;
+        }
+        Ok(store)
+    }
+
+    /// An i64 kept under a meta key (0 when absent).
+    fn read_i64(&self, key: &[u8]) -> Result<i64> {
+        match self
+            .tree
+            .get(key)
+            .map_err(storage_error("reading store metadata"))?
+        {
+            None => Ok(0),
+            Some(bytes) => <[u8; 8]>::try_from(bytes.as_ref())
+                .map(i64::from_be_bytes)
+                .map_err(|_| Error::Corrupted {
+                    location: format!("tree {TREE} key {key:?}"),
+                    reason: format!("expected 8 bytes, found {}", bytes.len()),
+                }),
+        }
+    }
+
+    /// The registry of this store's watchers.
+    pub fn hub(&self) -> &crate::kv::watch::WatchHub {
+        &self.hub
     }
 
     /// The current store revision.
@@ -222,10 +264,10 @@ impl SledKvStore {
     pub fn commit(&self, txns: Vec<TxnRequest>) -> Result<Vec<Result<TxnResponse>>> {
         let commands = txns
             .into_iter()
-            .map(|txn| (0, Command::Txn { txn, session: None }))
+            .map(|txn| Command::Txn { txn, session: None })
             .collect();
         Ok(self
-            .write_group(commands, Vec::new(), None)?
+            .commit_commands(commands)?
             .into_iter()
             .map(|answer| match answer? {
                 Applied::Txn(response) => Ok(response),
@@ -235,6 +277,13 @@ impl SledKvStore {
                 }),
             })
             .collect())
+    }
+
+    /// [`SledKvStore::commit`] for any commands a single node runs (transactions and
+    /// compactions; sessions exist only in a replicated store).
+    pub fn commit_commands(&self, commands: Vec<Command>) -> Result<Vec<Result<Applied>>> {
+        let commands = commands.into_iter().map(|c| (0, c)).collect();
+        self.write_group(commands, Vec::new(), None)
     }
 
     /// Checks a transaction against this store's limits, as [`SledKvStore::commit`]
@@ -370,8 +419,11 @@ impl SledKvStore {
         let mut group = Group {
             store: self,
             limits,
+            start,
             revision: start,
             changes: BTreeMap::new(),
+            history: Vec::new(),
+            compact: None,
             sessions: BTreeMap::new(),
         };
         let mut answers = Vec::with_capacity(commands.len());
@@ -381,10 +433,17 @@ impl SledKvStore {
         let Group {
             revision,
             changes,
+            history,
+            compact,
             sessions,
             ..
         } = group;
-        if revision == start && applied.is_none() && sessions.is_empty() && system.is_empty() {
+        if revision == start
+            && applied.is_none()
+            && sessions.is_empty()
+            && system.is_empty()
+            && compact.is_none()
+        {
             return Ok(answers);
         }
         let mut batch = sled::Batch::default();
@@ -393,6 +452,12 @@ impl SledKvStore {
                 Some(entry) => batch.insert(data_key(&key), entry.encode()),
                 None => batch.remove(data_key(&key)),
             }
+        }
+        for (revision, changes) in &history {
+            history::record(&mut batch, *revision, changes);
+        }
+        if let Some(compact) = compact {
+            batch.insert(history::COMPACTED_KEY, &compact.to_be_bytes());
         }
         for (id, record) in sessions {
             match record {
@@ -410,15 +475,37 @@ impl SledKvStore {
         if let Some(applied) = applied {
             batch.insert(APPLIED_KEY, &applied.to_be_bytes());
         }
-        // The guard only orders readers against this batch; sled's own state is
-        // consistent whatever a panicking holder did, so a poisoned lock is safe to take.
-        let _guard = self.lock.write().unwrap_or_else(PoisonError::into_inner);
-        self.tree
-            .apply_batch(batch)
-            .map_err(storage_error("applying a write batch"))?;
-        self.revision.store(revision, Ordering::Release);
-        if let Some(applied) = applied {
-            self.applied.store(applied, Ordering::Release);
+        {
+            // The guard only orders readers against this batch; sled's own state is
+            // consistent whatever a panicking holder did, so a poisoned lock is safe to
+            // take.
+            let _guard = self.lock.write().unwrap_or_else(PoisonError::into_inner);
+            self.tree
+                .apply_batch(batch)
+                .map_err(storage_error("applying a write batch"))?;
+            self.revision.store(revision, Ordering::Release);
+            if let Some(compact) = compact {
+                self.compacted.store(compact, Ordering::Release);
+            }
+            if let Some(applied) = applied {
+                self.applied.store(applied, Ordering::Release);
+            }
+        }
+        if revision > start {
+            let published = history
+                .into_iter()
+                .flat_map(|(revision, changes)| {
+                    changes.into_iter().map(move |(key, entry)| Change {
+                        revision,
+                        key,
+                        entry,
+                    })
+                })
+                .collect();
+            self.hub.publish(revision, Some(published));
+        }
+        if let Some(compact) = compact {
+            self.sweep(compact)?;
         }
         Ok(answers)
     }
@@ -454,7 +541,44 @@ impl SledKvStore {
     }
 }
 
+impl SledKvStore {
+    /// The store as of `revision` (checked against the current and compacted
+    /// revisions).
+    pub(crate) fn at_revision(&self, revision: i64) -> Result<Box<dyn ReadView + '_>> {
+        check_readable(revision, self.revision(), self.compacted())?;
+        if revision == self.revision() {
+            return Ok(Box::new(self));
+        }
+        Ok(Box::new(AtRevision {
+            store: self,
+            revision,
+        }))
+    }
+}
+
+impl ReadView for &SledKvStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
+        (**self).get(key)
+    }
+
+    fn scan<'a>(
+        &'a self,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Box<dyn Iterator<Item = ScanItem> + 'a> {
+        (**self).scan(start, end)
+    }
+
+    fn at_revision(&self, revision: i64) -> Result<Box<dyn ReadView + '_>> {
+        (**self).at_revision(revision)
+    }
+}
+
 impl ReadView for SledKvStore {
+    fn at_revision(&self, revision: i64) -> Result<Box<dyn ReadView + '_>> {
+        SledKvStore::at_revision(self, revision)
+    }
+
     fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
         let stored = data_key(key);
         match self

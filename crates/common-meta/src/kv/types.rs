@@ -34,6 +34,11 @@ pub struct RangeRequest {
     pub keys_only: bool,
     /// Return only the count.
     pub count_only: bool,
+    /// Read as of this revision (0 = the current one); see [`Error::Compacted`] and
+    /// [`Error::FutureRevision`](crate::Error::FutureRevision) for the bounds.
+    ///
+    /// [`Error::Compacted`]: crate::Error::Compacted
+    pub revision: i64,
 }
 
 impl RangeRequest {
@@ -63,6 +68,12 @@ impl RangeRequest {
     /// Sets the limit.
     pub fn with_limit(mut self, limit: i64) -> Self {
         self.limit = limit;
+        self
+    }
+
+    /// Reads as of `revision` (0 = now).
+    pub fn at_revision(mut self, revision: i64) -> Self {
+        self.revision = revision;
         self
     }
 }
@@ -322,4 +333,91 @@ pub struct TxnResponse {
     pub succeeded: bool,
     /// One response per op that ran, in order.
     pub responses: Vec<TxnOpResponse>,
+}
+
+/// What a change did to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// The key was written.
+    Put,
+    /// The key was deleted.
+    Delete,
+}
+
+/// One change of one key, as a watch delivers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The key after the change; for a delete only `key` and `mod_revision` (the
+    /// revision of the delete) are set.
+    pub kv: KeyValue,
+    /// The key's version before the change, when the watcher asked for it and it existed.
+    pub prev_kv: Option<KeyValue>,
+}
+
+/// Starts a watcher; see `meta.v1.WatchCreateRequest`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WatchRequest {
+    /// First key (inclusive).
+    pub key: Vec<u8>,
+    /// End of the range, as in [`RangeRequest`].
+    pub range_end: Vec<u8>,
+    /// First revision to deliver; 0 = changes after the current revision.
+    pub start_revision: i64,
+    /// Deliver each event with the key's previous version.
+    pub prev_kv: bool,
+    /// Leave out puts.
+    pub no_put: bool,
+    /// Leave out deletes.
+    pub no_delete: bool,
+    /// Send a progress notice when idle.
+    pub progress_notify: bool,
+}
+
+impl WatchRequest {
+    /// Watches one key from the next change on.
+    pub fn key(key: impl Into<Vec<u8>>) -> Self {
+        WatchRequest {
+            key: key.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Watches every key starting with `prefix` from the next change on.
+    pub fn prefix(prefix: impl Into<Vec<u8>>) -> Self {
+        let range = RangeRequest::prefix(prefix);
+        WatchRequest {
+            key: range.key,
+            range_end: range.range_end,
+            ..Default::default()
+        }
+    }
+
+    /// Starts at `revision`.
+    pub fn from_revision(mut self, revision: i64) -> Self {
+        self.start_revision = revision;
+        self
+    }
+}
+
+/// What a watcher receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchResponse {
+    /// Events, in revision order; all events of one revision are in one response.
+    /// `revision` is the store revision they were sent at (at least the last event's).
+    Events {
+        /// Store revision when sent.
+        revision: i64,
+        /// The events.
+        events: Vec<Event>,
+    },
+    /// Every matching event at or below `revision` has been delivered.
+    Progress {
+        /// The revision.
+        revision: i64,
+        /// An answer to [`WatchStream::progress`](crate::kv::WatchStream::progress)
+        /// (`false`: an idle notice the watcher asked for at creation).
+        requested: bool,
+    },
 }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use common_meta::Error;
 use common_meta::kv::{
     Applied, KvBackend, RangeRequest, RangeResponse, SessionRef, SledKvStore, TxnOp, TxnOpResponse,
-    TxnRequest, TxnResponse,
+    TxnRequest, TxnResponse, WatchRequest, WatchStream,
 };
 use tokio::sync::oneshot;
 
@@ -166,6 +166,18 @@ impl KvBackend for RaftKvBackend {
             return self.read_local(req).await;
         }
         self.txn_in_session(req, None).await
+    }
+
+    async fn compact(&self, revision: i64) -> Result<i64, Error> {
+        // The state machine decides (compacted or future) alike on every member.
+        self.propose(common_meta::kv::Command::Compact { revision })
+            .await?;
+        Ok(self.store.revision())
+    }
+
+    /// Served from this member's applied state: any member can serve a watch.
+    async fn watch(&self, req: WatchRequest) -> Result<WatchStream, Error> {
+        common_meta::kv::watch::watch(&self.store, req)
     }
 
     async fn range_serializable(&self, req: RangeRequest) -> Result<RangeResponse, Error> {

@@ -81,6 +81,19 @@ impl StoreService {
 
 #[tonic::async_trait]
 impl pb::store_server::Store for StoreService {
+    async fn compact(
+        &self,
+        request: Request<pb::CompactRequest>,
+    ) -> Result<Response<pb::CompactResponse>, Status> {
+        let req = self.admit(request)?;
+        match self.backend.compact(req.revision).await {
+            Ok(revision) => Ok(Response::new(pb::CompactResponse {
+                header: rpc::header(self.member_id, revision),
+            })),
+            Err(e) => Err(self.status(e).await),
+        }
+    }
+
     async fn range(
         &self,
         request: Request<pb::RangeRequest>,

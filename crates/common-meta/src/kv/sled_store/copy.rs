@@ -178,6 +178,14 @@ impl SledKvStore {
             .map_err(storage_error("installing a snapshot"))?;
         self.revision.store(revision, Ordering::Release);
         self.applied.store(applied, Ordering::Release);
+        self.compacted.store(
+            self.read_i64(super::history::COMPACTED_KEY)?,
+            Ordering::Release,
+        );
+        drop(_guard);
+        // The new state's changes are not listed: every watcher reads the history (and
+        // ends as compacted if the snapshot no longer has what it needs).
+        self.hub.publish(revision, None);
         Ok(())
     }
 }

@@ -9,7 +9,7 @@ use prost::Message as _;
 use super::{MAX_UNACKED_ANSWERS, SledKvStore, TREE};
 use crate::error::{Error, Result};
 use crate::kv::command::{Applied, Command, SessionRef};
-use crate::kv::engine::{self, Entry, Layered};
+use crate::kv::engine::{self, Entry, Layered, ReadView, ScanItem};
 use crate::kv::limits::KvLimits;
 use crate::kv::types::TxnRequest;
 
@@ -24,8 +24,14 @@ pub(super) fn decode_session(id: u64, bytes: &[u8]) -> Result<pb::SessionRecord>
 pub(super) struct Group<'a> {
     pub(super) store: &'a SledKvStore,
     pub(super) limits: KvLimits,
+    /// The store's revision when the group began.
+    pub(super) start: i64,
     pub(super) revision: i64,
     pub(super) changes: BTreeMap<Vec<u8>, Option<Entry>>,
+    /// Each write's own changes, by revision: the history the group adds.
+    pub(super) history: Vec<(i64, BTreeMap<Vec<u8>, Option<Entry>>)>,
+    /// A compaction the group decided.
+    pub(super) compact: Option<i64>,
     /// Session records written (`None`: removed) by the group.
     pub(super) sessions: BTreeMap<u64, Option<pb::SessionRecord>>,
 }
@@ -60,23 +66,54 @@ impl Group<'_> {
                 }
                 Ok(Ok(Applied::Done))
             }
+            Command::Compact { revision } => Ok(self.compact(revision).map(|()| Applied::Done)),
         }
     }
 
+    fn compacted(&self) -> i64 {
+        self.compact.unwrap_or_else(|| self.store.compacted())
+    }
+
+    /// Decides a compaction at `revision`: not beyond the current revision, and past
+    /// the compacted one.
+    fn compact(&mut self, revision: i64) -> Result<()> {
+        let compacted = self.compacted();
+        if revision > self.revision {
+            return Err(Error::FutureRevision {
+                requested: revision,
+                current: self.revision,
+            });
+        }
+        if revision <= compacted {
+            return Err(Error::Compacted {
+                requested: revision,
+                compacted,
+            });
+        }
+        self.compact = Some(revision);
+        Ok(())
+    }
+
     fn txn(&mut self, txn: TxnRequest) -> Result<Result<Applied>> {
-        let view = Layered {
-            base: self.store,
+        let view = GroupView {
+            store: self.store,
             changes: &self.changes,
+            history: &self.history,
+            start: self.start,
+            revision: self.revision,
+            compacted: self.compacted(),
         };
         match engine::execute(&view, self.revision, &self.limits, txn) {
             Ok((response, write)) => {
                 if let Some(write) = write {
                     self.revision = write.revision;
-                    self.changes.extend(write.changes);
+                    self.changes
+                        .extend(write.changes.iter().map(|(k, e)| (k.clone(), e.clone())));
+                    self.history.push((write.revision, write.changes));
                 }
                 Ok(Ok(Applied::Txn(response)))
             }
-            Err(e @ Error::InvalidArgument { .. }) => Ok(Err(e)),
+            Err(e) if e.is_refusal() => Ok(Err(e)),
             // A read failure is this member's problem, not the request's: never let it
             // turn into a different outcome on one replica.
             Err(e) => Err(e),
@@ -133,6 +170,98 @@ impl Group<'_> {
         self.sessions.insert(session.id, Some(record));
         Ok(answer)
     }
+}
+
+/// The store as a write of the group sees it: the store plus the group's earlier
+/// writes, and past revisions from the store's history or the group's own.
+struct GroupView<'a> {
+    store: &'a SledKvStore,
+    changes: &'a BTreeMap<Vec<u8>, Option<Entry>>,
+    history: &'a [(i64, BTreeMap<Vec<u8>, Option<Entry>>)],
+    start: i64,
+    revision: i64,
+    compacted: i64,
+}
+
+impl ReadView for GroupView<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
+        match self.changes.get(key) {
+            Some(entry) => Ok(entry.clone()),
+            None => ReadView::get(self.store, key),
+        }
+    }
+
+    fn scan<'s>(
+        &'s self,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Box<dyn Iterator<Item = ScanItem> + 's> {
+        let layered: Box<dyn ReadView + 's> = Box::new(Layered {
+            base: self.store,
+            changes: self.changes,
+        });
+        owned_scan(layered, start, end)
+    }
+
+    fn at_revision(&self, revision: i64) -> Result<Box<dyn ReadView + '_>> {
+        super::check_readable(revision, self.revision, self.compacted)?;
+        if revision <= self.start {
+            return self.store.at_revision(revision);
+        }
+        // A revision written earlier in this group: the store plus the group's writes
+        // up to it.
+        let mut changes = BTreeMap::new();
+        for (_, write) in self.history.iter().take_while(|(r, _)| *r <= revision) {
+            changes.extend(write.iter().map(|(k, e)| (k.clone(), e.clone())));
+        }
+        Ok(Box::new(Pending {
+            store: self.store,
+            changes,
+        }))
+    }
+}
+
+/// The store with some of a group's writes over it, owned.
+struct Pending<'a> {
+    store: &'a SledKvStore,
+    changes: BTreeMap<Vec<u8>, Option<Entry>>,
+}
+
+impl ReadView for Pending<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
+        match self.changes.get(key) {
+            Some(entry) => Ok(entry.clone()),
+            None => ReadView::get(self.store, key),
+        }
+    }
+
+    fn scan<'s>(
+        &'s self,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Box<dyn Iterator<Item = ScanItem> + 's> {
+        let layered: Box<dyn ReadView + 's> = Box::new(Layered {
+            base: self.store,
+            changes: &self.changes,
+        });
+        owned_scan(layered, start, end)
+    }
+
+    fn at_revision(&self, revision: i64) -> Result<Box<dyn ReadView + '_>> {
+        self.store.at_revision(revision)
+    }
+}
+
+/// A scan of a view the iterator owns (the view only lives as long as the scan).
+fn owned_scan<'s>(
+    view: Box<dyn ReadView + 's>,
+    start: &[u8],
+    end: Option<&[u8]>,
+) -> Box<dyn Iterator<Item = ScanItem> + 's> {
+    // Collected: the scan borrows the view, which would otherwise have to outlive
+    // itself. A group's reads are small (the limits bound a transaction's ranges).
+    let items: Vec<ScanItem> = view.scan(start, end).collect();
+    Box::new(items.into_iter())
 }
 
 /// The answer a session kept for a write, as it was first given.

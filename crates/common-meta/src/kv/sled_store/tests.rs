@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::kv::command::SessionRef;
-use crate::kv::types::{PutRequest, TxnOp};
+use crate::kv::types::{DeleteRangeRequest, PutRequest, TxnOp};
 
 fn write(txn: TxnRequest) -> Command {
     Command::Txn { txn, session: None }
@@ -287,4 +287,109 @@ fn a_refused_transaction_in_a_group_is_answered_alone() {
         err.to_string()
             .contains("read was given a transaction that writes")
     );
+}
+
+fn put_txn(key: &str, value: &str) -> TxnRequest {
+    TxnRequest {
+        success: vec![TxnOp::Put(PutRequest::new(
+            key.as_bytes().to_vec(),
+            value.as_bytes().to_vec(),
+        ))],
+        ..Default::default()
+    }
+}
+
+fn read_at(store: &SledKvStore, key: &str, revision: i64) -> Result<Option<Vec<u8>>> {
+    let txn = TxnRequest {
+        success: vec![TxnOp::Range(
+            crate::kv::RangeRequest::key(key.as_bytes().to_vec()).at_revision(revision),
+        )],
+        ..Default::default()
+    };
+    Ok(match store.read(txn)?.responses.remove(0) {
+        crate::kv::TxnOpResponse::Range(r) => r.kvs.into_iter().next().map(|kv| kv.value),
+        other => panic!("{other:?}"),
+    })
+}
+
+#[test]
+fn compaction_reclaims_history_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let kept_at;
+    {
+        let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+        for round in 0..50 {
+            for key in ["a", "b", "c"] {
+                store
+                    .commit(vec![put_txn(key, &round.to_string())])
+                    .unwrap();
+            }
+        }
+        let mut delete = DeleteRangeRequest::key(b"c".to_vec());
+        delete.prev_kv = false;
+        store
+            .commit(vec![TxnRequest {
+                success: vec![TxnOp::DeleteRange(delete)],
+                ..Default::default()
+            }])
+            .unwrap();
+        assert_eq!(store.history_len(), 151);
+        kept_at = store.revision();
+        store.commit(vec![put_txn("a", "after")]).unwrap();
+        let answers = store
+            .commit_commands(vec![Command::Compact { revision: kept_at }])
+            .unwrap();
+        assert!(answers[0].is_ok(), "{answers:?}");
+        // Left: a and b at the compacted revision (puts), the delete of c at it, and
+        // the later put of a.
+        assert_eq!(store.history_len(), 4);
+        store.flush().unwrap();
+    }
+    let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+    assert_eq!(store.compacted(), kept_at);
+    assert_eq!(read_at(&store, "a", kept_at).unwrap(), Some(b"49".to_vec()));
+    assert_eq!(read_at(&store, "c", kept_at).unwrap(), None);
+    assert!(matches!(
+        read_at(&store, "a", kept_at - 1),
+        Err(Error::Compacted { .. })
+    ));
+    // The next compaction sweeps the delete kept at the last one.
+    store.commit(vec![put_txn("d", "1")]).unwrap();
+    let now = store.revision();
+    store
+        .commit_commands(vec![Command::Compact { revision: now }])
+        .unwrap();
+    assert_eq!(store.history_len(), 3, "a, b and d remain");
+}
+
+#[test]
+fn a_group_reads_its_own_earlier_revisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+    store.commit(vec![put_txn("k", "0")]).unwrap();
+    let base = store.revision();
+    let read = |revision| TxnRequest {
+        success: vec![
+            TxnOp::Put(PutRequest::new(b"other".to_vec(), b"x".to_vec())),
+            TxnOp::Range(crate::kv::RangeRequest::key(b"k".to_vec()).at_revision(revision)),
+        ],
+        ..Default::default()
+    };
+    // One group: two writes of k, then reads at each revision the group passed.
+    let answers = store
+        .commit(vec![
+            put_txn("k", "1"),
+            put_txn("k", "2"),
+            read(base),
+            read(base + 1),
+            read(base + 2),
+        ])
+        .unwrap();
+    let value = |answer: &Result<TxnResponse>| match &answer.as_ref().unwrap().responses[1] {
+        crate::kv::TxnOpResponse::Range(r) => r.kvs[0].value.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(value(&answers[2]), b"0");
+    assert_eq!(value(&answers[3]), b"1");
+    assert_eq!(value(&answers[4]), b"2");
 }

@@ -1,0 +1,676 @@
+//! Watchers over a [`SledKvStore`]: every change from a start revision on, in order,
+//! once each, whole revisions at a time, fed by the store's writes and caught up from
+//! its history.
+//!
+//! A watcher is one task. It is **synced** when it has seen every revision the store
+//! published: the writer then hands it each new batch of changes that touches its range
+//! through a bounded channel ([`WatchHub::publish`], which never waits). A watcher whose
+//! channel is full is marked **unsynced** and gets nothing more from the writer; it reads
+//! the history instead ([`SledKvStore::changes`]) from the revision it needs next, in
+//! chunks, and syncs again once it has caught up (checked under the hub's lock, which
+//! the writer also takes to publish, so no batch slips between). A slow watcher
+//! therefore never slows the writer, and costs memory only for its bounded channels.
+//! If the history it needs was compacted away, it ends with [`Error::Compacted`].
+//!
+//! A progress notice claims revision R only when every change at or below R that
+//! matches the watcher was handed to its consumer: it is taken under the hub's lock,
+//! with the watcher synced and its channel empty.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Result};
+use crate::kv::sled_store::{Change, SledKvStore};
+use crate::kv::types::{Event, EventKind, KeyValue, WatchRequest, WatchResponse};
+
+/// Batches a synced watcher may have queued before it is marked unsynced.
+const SYNCED_QUEUE: usize = 64;
+/// Responses a watcher may have queued for its consumer.
+const OUT_QUEUE: usize = 16;
+/// Changes read from the history per catch-up step (whole revisions: may be more).
+const CATCH_UP_CHUNK: usize = 1000;
+/// How long a watcher waits for its consumer to take a response before it is
+/// cancelled as stalled.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often an idle watcher that asked for progress notices gets one.
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(600);
+
+/// One batch of changes as the writer published them: the revisions after the previous
+/// batch, through `to`.
+#[derive(Debug)]
+pub(crate) struct Published {
+    to: i64,
+    /// The changes; `None` when the writer could not list them (a snapshot replaced the
+    /// store): every watcher must read the history.
+    changes: Option<Vec<Change>>,
+}
+
+struct Subscriber {
+    start: Vec<u8>,
+    end: Option<Vec<u8>>,
+    single: bool,
+    queue: mpsc::Sender<Arc<Published>>,
+    synced: Arc<AtomicBool>,
+}
+
+impl Subscriber {
+    fn wants(&self, published: &Published) -> bool {
+        match &published.changes {
+            None => true,
+            Some(changes) => changes.iter().any(|c| self.matches(&c.key)),
+        }
+    }
+
+    fn matches(&self, key: &[u8]) -> bool {
+        span_matches(&self.start, self.end.as_deref(), self.single, key)
+    }
+}
+
+fn span_matches(start: &[u8], end: Option<&[u8]>, single: bool, key: &[u8]) -> bool {
+    if single {
+        return key == start;
+    }
+    key >= start && end.is_none_or(|end| key < end)
+}
+
+#[derive(Default)]
+struct Hub {
+    /// The last revision published.
+    revision: i64,
+    next_id: u64,
+    subscribers: HashMap<u64, Subscriber>,
+}
+
+/// The registry of a store's watchers; the store's writer publishes to it.
+pub struct WatchHub {
+    hub: Mutex<Hub>,
+    stall_timeout: Mutex<Duration>,
+    progress_interval: Mutex<Duration>,
+}
+
+impl std::fmt::Debug for WatchHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchHub")
+            .field("watchers", &self.watchers())
+            .finish()
+    }
+}
+
+impl WatchHub {
+    pub(crate) fn new(revision: i64) -> Self {
+        WatchHub {
+            hub: Mutex::new(Hub {
+                revision,
+                ..Default::default()
+            }),
+            stall_timeout: Mutex::new(DEFAULT_STALL_TIMEOUT),
+            progress_interval: Mutex::new(DEFAULT_PROGRESS_INTERVAL),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Hub> {
+        // The hub holds no invariant a panicking holder could break halfway: the worst
+        // is a subscriber left synced, whose full queue marks it unsynced next time.
+        self.hub.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many watchers are registered.
+    pub fn watchers(&self) -> usize {
+        self.lock().subscribers.len()
+    }
+
+    /// Sets how long a watcher may wait on its consumer before it is cancelled, and how
+    /// often idle watchers that asked for them get progress notices.
+    pub fn configure(&self, stall_timeout: Duration, progress_interval: Duration) {
+        *self
+            .stall_timeout
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = stall_timeout;
+        *self
+            .progress_interval
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = progress_interval;
+    }
+
+    /// Hands a written batch to every synced watcher it concerns, without waiting: a
+    /// watcher whose queue is full becomes unsynced and catches up from the history.
+    pub(crate) fn publish(&self, to: i64, changes: Option<Vec<Change>>) {
+        let published = Arc::new(Published { to, changes });
+        let mut hub = self.lock();
+        hub.revision = to;
+        hub.subscribers.retain(|_, sub| {
+            if !sub.synced.load(Ordering::Acquire) || !sub.wants(&published) {
+                return true;
+            }
+            match sub.queue.try_send(published.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    sub.synced.store(false, Ordering::Release);
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+    }
+
+    fn revision(&self) -> i64 {
+        self.lock().revision
+    }
+}
+
+/// What a consumer may ask of a running watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Answer with a [`WatchResponse::Progress`] (`requested: true`) in the stream, after
+    /// every matching change at or below its revision.
+    Progress,
+}
+
+/// The consumer's end of a watcher: responses in order, then (if the watcher ended on
+/// its own) one error, then the end. Dropping it stops the watcher.
+pub struct WatchStream {
+    responses: mpsc::Receiver<Result<WatchResponse>>,
+    control: mpsc::Sender<Control>,
+}
+
+impl std::fmt::Debug for WatchStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchStream").finish_non_exhaustive()
+    }
+}
+
+impl WatchStream {
+    /// A stream fed by another source (a remote watcher): `responses` carries what it
+    /// delivers, `control` takes the consumer's requests.
+    pub fn new(
+        responses: mpsc::Receiver<Result<WatchResponse>>,
+        control: mpsc::Sender<Control>,
+    ) -> Self {
+        WatchStream { responses, control }
+    }
+
+    /// The next response; `None` once the watcher ended.
+    pub async fn next(&mut self) -> Option<Result<WatchResponse>> {
+        self.responses.recv().await
+    }
+
+    /// Asks for a progress notice: a [`WatchResponse::Progress`] with `requested: true`
+    /// comes in the stream, after every matching change at or below its revision.
+    pub async fn progress(&self) -> Result<()> {
+        self.control
+            .send(Control::Progress)
+            .await
+            .map_err(|_| Error::Unavailable {
+                message: "the watcher has ended".to_string(),
+            })
+    }
+}
+
+/// Checks a watch request's range: an inverted range matches nothing and is refused.
+pub fn check_request(req: &WatchRequest) -> Result<()> {
+    if req.key.is_empty() {
+        return Err(Error::invalid_argument("a watch needs a key"));
+    }
+    if !req.range_end.is_empty() && req.range_end != [0] && req.range_end <= req.key {
+        return Err(Error::invalid_argument(format!(
+            "watch range end {:?} is not after its key {:?}",
+            String::from_utf8_lossy(&req.range_end),
+            String::from_utf8_lossy(&req.key)
+        )));
+    }
+    if req.start_revision < 0 {
+        return Err(Error::invalid_argument(format!(
+            "start revision {} is negative",
+            req.start_revision
+        )));
+    }
+    Ok(())
+}
+
+/// Starts a watcher on `store` (see the module doc). A start revision below the
+/// compacted revision is refused with [`Error::Compacted`].
+pub fn watch(store: &Arc<SledKvStore>, req: WatchRequest) -> Result<WatchStream> {
+    check_request(&req)?;
+    let compacted = store.compacted();
+    if req.start_revision != 0 && req.start_revision < compacted {
+        return Err(Error::Compacted {
+            requested: req.start_revision,
+            compacted,
+        });
+    }
+    let hub = store.hub();
+    let (queue, batches) = mpsc::channel(SYNCED_QUEUE);
+    let synced = Arc::new(AtomicBool::new(false));
+    let single = req.range_end.is_empty();
+    let end = (!single && req.range_end != [0]).then(|| req.range_end.clone());
+    // Registered under the hub's lock: every revision after `next - 1` reaches the
+    // watcher either as a batch or through the history. A watcher starting now (or in
+    // the future) is synced from the first batch, so a compaction cannot overtake it
+    // before its task first runs.
+    let (id, next) = {
+        let mut hub = hub.lock();
+        let id = hub.next_id;
+        hub.next_id += 1;
+        let next = if req.start_revision == 0 {
+            hub.revision + 1
+        } else {
+            req.start_revision
+        };
+        synced.store(next > hub.revision, Ordering::Release);
+        hub.subscribers.insert(
+            id,
+            Subscriber {
+                start: req.key.clone(),
+                end: end.clone(),
+                single,
+                queue,
+                synced: synced.clone(),
+            },
+        );
+        (id, next)
+    };
+    let (out, responses) = mpsc::channel(OUT_QUEUE);
+    let (control, controls) = mpsc::channel(4);
+    let stall = *hub
+        .stall_timeout
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let progress = *hub
+        .progress_interval
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let task = Watcher {
+        store: store.clone(),
+        id,
+        start: req.key,
+        end,
+        single,
+        prev_kv: req.prev_kv,
+        no_put: req.no_put,
+        no_delete: req.no_delete,
+        progress_notify: req.progress_notify.then_some(progress),
+        next,
+        synced,
+        batches,
+        controls,
+        out,
+        stall,
+    };
+    tokio::spawn(task.run());
+    Ok(WatchStream { responses, control })
+}
+
+struct Watcher {
+    store: Arc<SledKvStore>,
+    id: u64,
+    start: Vec<u8>,
+    end: Option<Vec<u8>>,
+    single: bool,
+    prev_kv: bool,
+    no_put: bool,
+    no_delete: bool,
+    progress_notify: Option<Duration>,
+    /// The next revision this watcher must deliver.
+    next: i64,
+    synced: Arc<AtomicBool>,
+    batches: mpsc::Receiver<Arc<Published>>,
+    controls: mpsc::Receiver<Control>,
+    out: mpsc::Sender<Result<WatchResponse>>,
+    stall: Duration,
+}
+
+/// Why a watcher stops.
+enum Stop {
+    /// The consumer went away.
+    Gone,
+    /// The watcher ends with this error for the consumer.
+    Fail(Error),
+    /// The consumer took nothing for the stall timeout; the error says so.
+    Stalled(Error),
+}
+
+impl Watcher {
+    async fn run(mut self) {
+        let result = self.serve().await;
+        self.store.hub().lock().subscribers.remove(&self.id);
+        match result {
+            Err(Stop::Stalled(error)) => {
+                // It takes nothing: best effort.
+                let _ = self.out.try_send(Err(error));
+            }
+            Err(Stop::Fail(error)) => {
+                let _ = tokio::time::timeout(self.stall, self.out.send(Err(error))).await;
+            }
+            Ok(()) | Err(Stop::Gone) => {}
+        }
+    }
+
+    async fn serve(&mut self) -> std::result::Result<(), Stop> {
+        let mut idle = self.progress_notify.map(|every| {
+            let mut timer = tokio::time::interval(every);
+            timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            timer
+        });
+        if let Some(timer) = idle.as_mut() {
+            timer.tick().await;
+        }
+        loop {
+            if !self.synced.load(Ordering::Acquire) {
+                self.catch_up().await?;
+                continue;
+            }
+            tokio::select! {
+                batch = self.batches.recv() => match batch {
+                    Some(batch) => self.take(&batch).await?,
+                    // Only the hub holds the sender, and only while registered.
+                    None => return Err(Stop::Gone),
+                },
+                control = self.controls.recv() => match control {
+                    Some(Control::Progress) => {
+                        let revision = self.progress_point().await?;
+                        self.send(WatchResponse::Progress { revision, requested: true }).await?;
+                    }
+                    None => return Err(Stop::Gone),
+                },
+                _ = async { idle.as_mut().expect("guarded by the branch condition").tick().await }, if idle.is_some() => {
+                    if let Some(revision) = self.quiet_point() {
+                        self.send(WatchResponse::Progress { revision, requested: false }).await?;
+                    }
+                }
+                () = self.out.closed() => return Err(Stop::Gone),
+            }
+        }
+    }
+
+    /// Reads the history from `next` up to the hub's revision, then syncs if nothing
+    /// was published meanwhile.
+    async fn catch_up(&mut self) -> std::result::Result<(), Stop> {
+        let store = self.store.clone();
+        let hub = store.hub();
+        loop {
+            let target = hub.revision();
+            if self.next <= target {
+                let changes = self
+                    .store
+                    .changes(self.next, target, CATCH_UP_CHUNK)
+                    .map_err(Stop::Fail)?;
+                let last = match changes.last() {
+                    // A partial read ends at a whole revision; a full one at `target`.
+                    Some(last) if changes.len() >= CATCH_UP_CHUNK => last.revision,
+                    _ => target,
+                };
+                self.deliver(changes, last).await?;
+                self.next = last + 1;
+                // Batches queued before this catch-up are now behind `next`.
+                continue;
+            }
+            let hub_state = hub.lock();
+            if hub_state.revision < self.next {
+                // Nothing published since the read: from here on every batch comes
+                // through the queue. Older batches still in it are skipped by `take`.
+                self.synced.store(true, Ordering::Release);
+                return Ok(());
+            }
+        }
+    }
+
+    /// Handles a published batch: skips what was delivered already.
+    async fn take(&mut self, batch: &Published) -> std::result::Result<(), Stop> {
+        if batch.to < self.next {
+            return Ok(());
+        }
+        let Some(changes) = &batch.changes else {
+            self.synced.store(false, Ordering::Release);
+            return Ok(());
+        };
+        // A synced watcher misses no batch that concerns it (the writer skips only the
+        // ones that do not), so there is no gap to read here.
+        let fresh: Vec<Change> = changes
+            .iter()
+            .filter(|c| c.revision >= self.next)
+            .cloned()
+            .collect();
+        self.deliver(fresh, batch.to).await?;
+        self.next = batch.to + 1;
+        Ok(())
+    }
+
+    /// Hands the matching changes (all revisions up to `through`) to the consumer.
+    async fn deliver(
+        &mut self,
+        changes: Vec<Change>,
+        through: i64,
+    ) -> std::result::Result<(), Stop> {
+        let mut events = Vec::new();
+        for change in changes {
+            if !span_matches(&self.start, self.end.as_deref(), self.single, &change.key) {
+                continue;
+            }
+            let kind = if change.entry.is_some() {
+                EventKind::Put
+            } else {
+                EventKind::Delete
+            };
+            if (kind == EventKind::Put && self.no_put)
+                || (kind == EventKind::Delete && self.no_delete)
+            {
+                continue;
+            }
+            let prev_kv = if self.prev_kv {
+                self.store
+                    .previous(&change.key, change.revision)
+                    .map_err(Stop::Fail)?
+                    .map(|e| e.to_key_value(&change.key, false))
+            } else {
+                None
+            };
+            let kv = match &change.entry {
+                Some(entry) => entry.to_key_value(&change.key, false),
+                None => KeyValue {
+                    key: change.key,
+                    mod_revision: change.revision,
+                    ..Default::default()
+                },
+            };
+            events.push(Event { kind, kv, prev_kv });
+        }
+        self.next = self.next.max(through + 1);
+        if events.is_empty() {
+            return Ok(());
+        }
+        let revision = through.max(events.last().map_or(0, |e| e.kv.mod_revision));
+        self.send(WatchResponse::Events { revision, events }).await
+    }
+
+    async fn send(&mut self, response: WatchResponse) -> std::result::Result<(), Stop> {
+        match tokio::time::timeout(self.stall, self.out.send(Ok(response))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Stop::Gone),
+            Err(_) => Err(Stop::Stalled(Error::Unavailable {
+                message: format!(
+                    "watcher cancelled: its consumer took no response for {:?}",
+                    self.stall
+                ),
+            })),
+        }
+    }
+
+    /// The revision a progress notice may claim now, if the watcher is synced with
+    /// nothing queued; `None` otherwise.
+    fn quiet_point(&self) -> Option<i64> {
+        let hub = self.store.hub().lock();
+        (self.synced.load(Ordering::Acquire) && self.batches.is_empty()).then_some(hub.revision)
+    }
+
+    /// Works through queued batches (and a catch-up) until a progress point exists.
+    async fn progress_point(&mut self) -> std::result::Result<i64, Stop> {
+        loop {
+            if let Some(revision) = self.quiet_point() {
+                return Ok(revision);
+            }
+            if !self.synced.load(Ordering::Acquire) {
+                self.catch_up().await?;
+                continue;
+            }
+            match self.batches.recv().await {
+                Some(batch) => self.take(&batch).await?,
+                None => return Err(Stop::Gone),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::conformance::history::collect_events;
+    use crate::kv::{KvBackend, MemoryKvBackend, PutRequest};
+
+    async fn put_many(backend: &MemoryKvBackend, prefix: &str, count: usize) -> Vec<i64> {
+        let mut revisions = Vec::new();
+        for i in 0..count {
+            let key = format!("{prefix}{i:05}");
+            revisions.push(
+                backend
+                    .put(PutRequest::new(key.into_bytes(), b"v".to_vec()))
+                    .await
+                    .unwrap()
+                    .revision,
+            );
+        }
+        revisions
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watcher_that_stops_reading_falls_behind_and_catches_up_exactly() {
+        let backend = MemoryKvBackend::default();
+        let mut stream = backend.watch(WatchRequest::prefix("s/")).await.unwrap();
+        // Far more batches than both queues hold: the writer must mark it unsynced
+        // rather than wait, and it must later read the rest from the history.
+        let written = put_many(&backend, "s/", 2000).await;
+        assert!(
+            !backend
+                .store()
+                .hub()
+                .lock()
+                .subscribers
+                .values()
+                .all(|s| s.synced.load(Ordering::Acquire)),
+            "the unread watcher was marked unsynced"
+        );
+        let events = collect_events("memory", &mut stream, written.len()).await;
+        let seen: Vec<i64> = events.iter().map(|e| e.kv.mod_revision).collect();
+        assert_eq!(seen, written, "every write once, in order");
+        // And it is live again afterwards.
+        let more = put_many(&backend, "s/more", 3).await;
+        let events = collect_events("memory", &mut stream, 3).await;
+        assert_eq!(
+            events.iter().map(|e| e.kv.mod_revision).collect::<Vec<_>>(),
+            more
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lagging_watcher_whose_history_is_compacted_ends_with_the_compacted_revision() {
+        let backend = MemoryKvBackend::default();
+        let mut stream = backend.watch(WatchRequest::prefix("c/")).await.unwrap();
+        let written = put_many(&backend, "c/", 2000).await;
+        let last = *written.last().unwrap();
+        backend.compact(last).await.unwrap();
+        let mut delivered = 0;
+        let error = loop {
+            match tokio::time::timeout(Duration::from_secs(20), stream.next()).await {
+                Ok(Some(Ok(WatchResponse::Events { events, .. }))) => delivered += events.len(),
+                Ok(Some(Ok(WatchResponse::Progress { .. }))) => {}
+                Ok(Some(Err(e))) => break e,
+                Ok(None) => panic!("ended without saying why"),
+                Err(_) => panic!("no answer"),
+            }
+        };
+        assert!(delivered < written.len(), "it had fallen behind");
+        assert!(
+            matches!(error, Error::Compacted { compacted, .. } if compacted == last),
+            "{error}"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_secs(20), stream.next())
+                .await
+                .unwrap()
+                .is_none(),
+            "the watcher ends after the error"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_consumer_that_never_reads_is_cancelled_and_unregistered() {
+        let backend = MemoryKvBackend::default();
+        backend
+            .store()
+            .hub()
+            .configure(Duration::from_millis(200), DEFAULT_PROGRESS_INTERVAL);
+        let stream = backend.watch(WatchRequest::prefix("n/")).await.unwrap();
+        put_many(&backend, "n/", 500).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while backend.store().hub().watchers() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stalled watcher is still registered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(stream);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn progress_never_claims_a_revision_ahead_of_undelivered_events() {
+        let backend = MemoryKvBackend::default();
+        let mut stream = backend.watch(WatchRequest::prefix("p/")).await.unwrap();
+        let written = put_many(&backend, "p/", 300).await;
+        stream.progress().await.unwrap();
+        let mut seen = Vec::new();
+        let claimed = loop {
+            match tokio::time::timeout(Duration::from_secs(20), stream.next()).await {
+                Ok(Some(Ok(WatchResponse::Events { events, .. }))) => {
+                    seen.extend(events.iter().map(|e| e.kv.mod_revision));
+                }
+                Ok(Some(Ok(WatchResponse::Progress {
+                    revision,
+                    requested: true,
+                }))) => {
+                    break revision;
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(claimed >= *written.last().unwrap(), "{claimed}");
+        assert_eq!(
+            seen, written,
+            "every event at or below the claim came first"
+        );
+        // Later events are all above the claim.
+        let later = put_many(&backend, "p/later", 2).await;
+        let events = collect_events("memory", &mut stream, 2).await;
+        assert!(events.iter().all(|e| e.kv.mod_revision > claimed));
+        assert_eq!(
+            events.iter().map(|e| e.kv.mod_revision).collect::<Vec<_>>(),
+            later
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_the_stream_unregisters_the_watcher() {
+        let backend = MemoryKvBackend::default();
+        let stream = backend.watch(WatchRequest::key("d")).await.unwrap();
+        assert_eq!(backend.store().hub().watchers(), 1);
+        drop(stream);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while backend.store().hub().watchers() > 0 {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::task::yield_now().await;
+        }
+    }
+}
