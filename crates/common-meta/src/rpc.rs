@@ -108,6 +108,69 @@ fn kvs_to_pb(kvs: Vec<kv::KeyValue>) -> Vec<pb::KeyValue> {
     kvs.into_iter().map(Into::into).collect()
 }
 
+impl From<kv::Event> for pb::Event {
+    fn from(e: kv::Event) -> Self {
+        pb::Event {
+            r#type: match e.kind {
+                kv::EventKind::Put => pb::event::EventType::Put,
+                kv::EventKind::Delete => pb::event::EventType::Delete,
+            } as i32,
+            kv: Some(e.kv.into()),
+            prev_kv: e.prev_kv.map(Into::into),
+        }
+    }
+}
+
+impl From<pb::Event> for kv::Event {
+    fn from(e: pb::Event) -> Self {
+        kv::Event {
+            kind: if e.r#type == pb::event::EventType::Delete as i32 {
+                kv::EventKind::Delete
+            } else {
+                kv::EventKind::Put
+            },
+            kv: e.kv.map(Into::into).unwrap_or_default(),
+            prev_kv: e.prev_kv.map(Into::into),
+        }
+    }
+}
+
+impl From<pb::WatchCreateRequest> for kv::WatchRequest {
+    fn from(r: pb::WatchCreateRequest) -> Self {
+        let has = |f: pb::WatchFilter| r.filters.contains(&(f as i32));
+        kv::WatchRequest {
+            no_put: has(pb::WatchFilter::Noput),
+            no_delete: has(pb::WatchFilter::Nodelete),
+            key: r.key,
+            range_end: r.range_end,
+            start_revision: r.start_revision,
+            prev_kv: r.prev_kv,
+            progress_notify: r.progress_notify,
+        }
+    }
+}
+
+impl From<kv::WatchRequest> for pb::WatchCreateRequest {
+    fn from(r: kv::WatchRequest) -> Self {
+        let mut filters = Vec::new();
+        if r.no_put {
+            filters.push(pb::WatchFilter::Noput as i32);
+        }
+        if r.no_delete {
+            filters.push(pb::WatchFilter::Nodelete as i32);
+        }
+        pb::WatchCreateRequest {
+            key: r.key,
+            range_end: r.range_end,
+            start_revision: r.start_revision,
+            progress_notify: r.progress_notify,
+            filters,
+            prev_kv: r.prev_kv,
+            watch_id: 0,
+        }
+    }
+}
+
 impl From<pb::RangeRequest> for kv::RangeRequest {
     fn from(r: pb::RangeRequest) -> Self {
         kv::RangeRequest {

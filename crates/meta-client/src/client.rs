@@ -447,6 +447,26 @@ impl MetaClient {
         }
     }
 
+    /// The endpoint requests start at: its index, address and channel.
+    pub(crate) fn current_endpoint(&self) -> (usize, String, Channel) {
+        let endpoints = self.inner.read_endpoints();
+        let index = self.inner.current.load(Ordering::Relaxed) % endpoints.len();
+        let (endpoint, channel) = endpoints[index].clone();
+        (index, endpoint, channel)
+    }
+
+    /// Moves on from endpoint `index` after it failed (unless another request already
+    /// did).
+    pub(crate) fn skip_endpoint(&self, index: usize) {
+        let count = self.inner.read_endpoints().len();
+        let _ = self.inner.current.compare_exchange(
+            index,
+            (index + 1) % count,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
     /// The shared state of this client and its clones.
     pub(crate) fn inner_ref(&self) -> &Inner {
         &self.inner

@@ -8,7 +8,7 @@ use common_meta::kv::{
     BatchDeleteRequest, BatchDeleteResponse, BatchGetRequest, BatchGetResponse, BatchPutRequest,
     BatchPutResponse, CompareAndPutRequest, CompareAndPutResponse, DeleteRangeRequest,
     DeleteRangeResponse, KvBackend, PutRequest, PutResponse, RangeRequest, RangeResponse,
-    TxnRequest, TxnResponse,
+    TxnRequest, TxnResponse, WatchRequest, WatchStream,
 };
 use meta_proto::v1 as pb;
 
@@ -57,6 +57,16 @@ impl KvBackend for MetaClient {
 
     async fn range(&self, req: RangeRequest) -> Result<RangeResponse> {
         Ok(unary!(self, range, pb::RangeRequest::from(req))?.into())
+    }
+
+    async fn compact(&self, revision: i64) -> Result<i64> {
+        let response = unary!(self, compact, pb::CompactRequest { revision })?;
+        Ok(response.header.map_or(0, |h| h.revision))
+    }
+
+    /// Survives the loss of the member serving it; see `watch.rs`.
+    async fn watch(&self, req: WatchRequest) -> Result<WatchStream> {
+        self.remote_watch(req).await
     }
 
     async fn range_serializable(&self, req: RangeRequest) -> Result<RangeResponse> {

@@ -30,6 +30,7 @@ mod session;
 pub mod sim;
 mod status;
 pub mod table_cache;
+mod watch;
 
 pub use client::{MetaClient, MetaClientOptions};
 pub use ddl::DdlAnswer;

@@ -17,6 +17,7 @@ use meta_proto::v1::cluster_server::ClusterServer;
 use meta_proto::v1::heartbeat_server::HeartbeatServer;
 use meta_proto::v1::procedure_server::ProcedureServer;
 use meta_proto::v1::store_server::StoreServer;
+use meta_proto::v1::watch_server::WatchServer;
 use procedure::ManagerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -409,6 +410,10 @@ impl MetaSrv {
         // service can refuse them with InvalidArgument naming max_request_bytes.
         let store = StoreServer::new(store)
             .max_decoding_message_size(limits.max_request_bytes.saturating_mul(4));
+        let watch = WatchServer::new(crate::service::watch::WatchService::new(
+            self.backend.clone(),
+            member_id,
+        ));
         // Raft batches can carry a whole state-machine snapshot.
         let cluster = ClusterServer::new(ClusterService::new(
             self.cluster_id,
@@ -473,6 +478,7 @@ impl MetaSrv {
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .add_service(store)
+            .add_service(watch)
             .add_service(cluster)
             .add_service(procedures)
             .add_service(heartbeats)

@@ -6,3 +6,4 @@ pub mod heartbeat;
 pub mod procedure;
 pub mod region;
 pub mod store;
+pub mod watch;

@@ -201,6 +201,27 @@ impl WatchStream {
     /// Asks for a progress notice: a [`WatchResponse::Progress`] with `requested: true`
     /// comes in the stream, after every matching change at or below its revision.
     pub async fn progress(&self) -> Result<()> {
+        self.controller().progress().await
+    }
+
+    /// A handle that asks for progress while another task reads the stream.
+    pub fn controller(&self) -> WatchControl {
+        WatchControl {
+            control: self.control.clone(),
+        }
+    }
+}
+
+/// Asks a watcher for progress notices apart from its stream (see
+/// [`WatchStream::controller`]).
+#[derive(Debug, Clone)]
+pub struct WatchControl {
+    control: mpsc::Sender<Control>,
+}
+
+impl WatchControl {
+    /// As [`WatchStream::progress`].
+    pub async fn progress(&self) -> Result<()> {
         self.control
             .send(Control::Progress)
             .await

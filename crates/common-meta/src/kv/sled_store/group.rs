@@ -20,6 +20,9 @@ pub(super) fn decode_session(id: u64, bytes: &[u8]) -> Result<pb::SessionRecord>
     })
 }
 
+/// One write's changes (`None`: deleted) at its revision.
+pub(super) type Written = (i64, BTreeMap<Vec<u8>, Option<Entry>>);
+
 /// The changes of one write group as they accumulate: each command sees those before it.
 pub(super) struct Group<'a> {
     pub(super) store: &'a SledKvStore,
@@ -29,7 +32,7 @@ pub(super) struct Group<'a> {
     pub(super) revision: i64,
     pub(super) changes: BTreeMap<Vec<u8>, Option<Entry>>,
     /// Each write's own changes, by revision: the history the group adds.
-    pub(super) history: Vec<(i64, BTreeMap<Vec<u8>, Option<Entry>>)>,
+    pub(super) history: Vec<Written>,
     /// A compaction the group decided.
     pub(super) compact: Option<i64>,
     /// Session records written (`None`: removed) by the group.
@@ -177,7 +180,7 @@ impl Group<'_> {
 struct GroupView<'a> {
     store: &'a SledKvStore,
     changes: &'a BTreeMap<Vec<u8>, Option<Entry>>,
-    history: &'a [(i64, BTreeMap<Vec<u8>, Option<Entry>>)],
+    history: &'a [Written],
     start: i64,
     revision: i64,
     compacted: i64,

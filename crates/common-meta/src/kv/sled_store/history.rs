@@ -343,6 +343,9 @@ impl ReadView for AtRevision<'_> {
     }
 }
 
+/// A version-index item: its stored key and its kind byte.
+type IndexItem = (sled::IVec, sled::IVec);
+
 /// Walks the version index and yields, per key, its version at `revision` if live.
 struct LiveAt<'a> {
     store: &'a SledKvStore,
@@ -350,7 +353,7 @@ struct LiveAt<'a> {
     versions: sled::Iter,
     /// The key being walked and its newest version at or below `revision` so far
     /// (the index item's key and kind).
-    pending: Option<(Vec<u8>, Option<(sled::IVec, sled::IVec)>)>,
+    pending: Option<(Vec<u8>, Option<IndexItem>)>,
     failed: bool,
 }
 
