@@ -413,6 +413,7 @@ impl MetaSrv {
         let watch = WatchServer::new(crate::service::watch::WatchService::new(
             self.backend.clone(),
             member_id,
+            stop_rx.clone(),
         ));
         // Raft batches can carry a whole state-machine snapshot.
         let cluster = ClusterServer::new(ClusterService::new(

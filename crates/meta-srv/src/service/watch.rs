@@ -30,12 +30,23 @@ const OUTBOUND_QUEUE: usize = 128;
 pub struct WatchService {
     backend: RaftKvBackend,
     member_id: u64,
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl WatchService {
-    /// Watches over `backend`'s state machine, answering as `member_id`.
-    pub fn new(backend: RaftKvBackend, member_id: u64) -> Self {
-        WatchService { backend, member_id }
+    /// Watches over `backend`'s state machine, answering as `member_id`; `stop` ends
+    /// every stream (with UNAVAILABLE, so clients resume elsewhere) when the member
+    /// stops.
+    pub fn new(
+        backend: RaftKvBackend,
+        member_id: u64,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        WatchService {
+            backend,
+            member_id,
+            stop,
+        }
     }
 }
 
@@ -108,6 +119,7 @@ impl pb::watch_server::Watch for WatchService {
             round: Mutex::new(None),
         });
         let backend = self.backend.clone();
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
             let mut watchers: HashMap<i64, (JoinHandle<()>, WatchControl)> = HashMap::new();
             let mut next_id = 0i64;
@@ -115,6 +127,14 @@ impl pb::watch_server::Watch for WatchService {
                 let request = tokio::select! {
                     request = requests.message() => request,
                     () = stream.out.closed() => break,
+                    // A graceful stop waits for open streams: end them.
+                    stopping = stop.wait_for(|stopping| *stopping) => {
+                        drop(stopping);
+                        let _ = stream
+                            .out
+                            .try_send(Err(Status::unavailable("the member is stopping")));
+                        break;
+                    }
                 };
                 let request = match request {
                     Ok(Some(request)) => request,

@@ -19,3 +19,4 @@ mod raft_faults;
 mod regions;
 mod snapshot_stream;
 mod support;
+mod watch;

@@ -101,6 +101,88 @@ fn kv_commands_round_trip() {
     assert_eq!(metactl(ep, &["kv", "del", "a"]).1, "0\n");
 }
 
+fn revision_of(json: &str) -> i64 {
+    let value: serde_json::Value = serde_json::from_str(json).unwrap();
+    value["revision"].as_i64().unwrap()
+}
+
+#[test]
+fn kv_watch_prints_changes_as_they_happen_and_history_reads_and_compaction_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let ep = server.grpc.clone();
+    let json = |args: &[&str]| {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let (code, out, err) = metactl(&ep, &all);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        out
+    };
+    let r1 = revision_of(&json(&["kv", "put", "h", "1"]));
+    let r2 = revision_of(&json(&["kv", "put", "h", "2"]));
+    assert_eq!(
+        metactl(&ep, &["kv", "get", "h", "--rev", &r1.to_string()]).1,
+        "1\n"
+    );
+    assert_eq!(metactl(&ep, &["kv", "get", "h"]).1, "2\n");
+
+    // Another terminal watches from the next revision on while these writes happen.
+    let from = r2 + 1;
+    let watcher = {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_metactl"));
+        command
+            .args(["--endpoints", &ep, "kv", "watch", "w/", "--prefix"])
+            .args(["--rev", &from.to_string(), "--count", "3"])
+            .env_remove("METACTL_ENDPOINTS");
+        std::thread::spawn(move || run_bounded(command, DEADLINE))
+    };
+    metactl(&ep, &["kv", "put", "w/a", "1"]);
+    metactl(&ep, &["kv", "put", "w/b", "two words"]);
+    metactl(&ep, &["kv", "del", "w/a"]);
+    let (status, out, err) = watcher.join().unwrap();
+    assert!(status.success(), "{err}");
+    assert_eq!(
+        out,
+        format!(
+            "PUT w/a 1 {}\nPUT w/b two words {}\nDELETE w/a {}\n",
+            from,
+            from + 1,
+            from + 2
+        )
+    );
+
+    // Compaction: reads and watches below it fail with one line naming it.
+    assert_eq!(
+        metactl(&ep, &["kv", "compact", &r2.to_string()]),
+        (Some(0), format!("compacted at {r2}\n"), String::new())
+    );
+    for args in [
+        vec!["kv", "get", "h", "--rev", &*r1.to_string()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>(),
+        ["kv", "compact", &r2.to_string()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ["kv", "watch", "h", "--rev", &r1.to_string(), "--count", "1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out, err) = metactl(&ep, &args);
+        assert_eq!(code, Some(1), "{args:?}");
+        assert!(out.is_empty());
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("compacted"), "{args:?}: {err}");
+    }
+    let future = (r2 + 1000).to_string();
+    let (code, _, err) = metactl(&ep, &["kv", "get", "h", "--rev", &future]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("future revision"), "{err}");
+}
+
 #[test]
 fn errors_are_one_line_with_nonzero_exit() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,15 +6,18 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use common_meta::kv::{DeleteRangeRequest, KeyValue, KvBackend, PutRequest, RangeRequest};
+use clap::{Parser, Subcommand, ValueEnum};
+use common_meta::kv::KeyValue;
 use common_meta::model::join_token::JoinTokenSigner;
 use meta_client::{MetaClient, MetaClientOptions};
 use meta_srv::cli::{EXIT_FAILURE, parse_or_exit};
 use serde_json::json;
 
+mod kv;
 mod regions;
 mod tables;
+
+use kv::{KvCommand, kv};
 
 #[derive(Parser)]
 #[command(
@@ -153,35 +156,6 @@ enum LeaderCommand {
     Transfer { id: u64 },
 }
 
-#[derive(Subcommand)]
-enum KvCommand {
-    /// Write KEY = VALUE; prints OK.
-    Put { key: String, value: String },
-    /// Print KEY's value; exits 1 with "not found" when absent.
-    Get {
-        key: String,
-        /// Read the member's local state (any member; may be stale) instead of a
-        /// linearizable read through the leader.
-        #[arg(long)]
-        serializable: bool,
-    },
-    /// Delete KEY; prints the number of keys deleted.
-    Del { key: String },
-    /// List keys starting with PREFIX, one "KEY VALUE" line each.
-    Range(RangeArgs),
-}
-
-#[derive(Args)]
-struct RangeArgs {
-    prefix: String,
-    /// At most this many keys (0 = all).
-    #[arg(long, default_value_t = 0)]
-    limit: u32,
-    /// Read the member's local state (any member; may be stale).
-    #[arg(long)]
-    serializable: bool,
-}
-
 /// A failure already phrased for the operator.
 struct Failure(String);
 
@@ -268,65 +242,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             format!("error: {m}")
         })
     })
-}
-
-async fn kv(client: &MetaClient, command: KvCommand, output: Output) -> Result<(), Failure> {
-    match command {
-        KvCommand::Put { key, value } => {
-            let put = client.put(PutRequest::new(key, value)).await?;
-            print(
-                output,
-                "OK".to_string(),
-                json!({ "revision": put.revision }),
-            );
-        }
-        KvCommand::Get { key, serializable } => {
-            let request = RangeRequest::key(key.as_str());
-            let range = if serializable {
-                client.range_serializable(request).await?
-            } else {
-                client.range(request).await?
-            };
-            let kv = range
-                .kvs
-                .into_iter()
-                .next()
-                .ok_or_else(|| Failure(format!("not found: {key}")))?;
-            print(output, text(&kv.value), kv_json(&kv));
-        }
-        KvCommand::Del { key } => {
-            let deleted = client.delete_range(DeleteRangeRequest::key(key)).await?;
-            print(
-                output,
-                deleted.deleted.to_string(),
-                json!({ "deleted": deleted.deleted, "revision": deleted.revision }),
-            );
-        }
-        KvCommand::Range(args) => {
-            let request = RangeRequest::prefix(args.prefix).with_limit(i64::from(args.limit));
-            let range = if args.serializable {
-                client.range_serializable(request).await?
-            } else {
-                client.range(request).await?
-            };
-            let lines: Vec<String> = range
-                .kvs
-                .iter()
-                .map(|kv| format!("{} {}", text(&kv.key), text(&kv.value)))
-                .collect();
-            print(
-                output,
-                lines.join("\n"),
-                json!({
-                    "revision": range.revision,
-                    "count": range.count,
-                    "more": range.more,
-                    "kvs": range.kvs.iter().map(kv_json).collect::<Vec<_>>(),
-                }),
-            );
-        }
-    }
-    Ok(())
 }
 
 async fn node(client: &MetaClient, command: NodeCommand, output: Output) -> Result<(), Failure> {
