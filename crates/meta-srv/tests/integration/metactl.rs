@@ -156,28 +156,19 @@ fn kv_watch_prints_changes_as_they_happen_and_history_reads_and_compaction_work(
         metactl(&ep, &["kv", "compact", &r2.to_string()]),
         (Some(0), format!("compacted at {r2}\n"), String::new())
     );
+    let (r1, r2) = (r1.to_string(), r2.to_string());
     for args in [
-        vec!["kv", "get", "h", "--rev", &*r1.to_string()]
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>(),
-        ["kv", "compact", &r2.to_string()]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        ["kv", "watch", "h", "--rev", &r1.to_string(), "--count", "1"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        vec!["kv", "get", "h", "--rev", &r1],
+        vec!["kv", "compact", &r2],
+        vec!["kv", "watch", "h", "--rev", &r1, "--count", "1"],
     ] {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, out, err) = metactl(&ep, &args);
         assert_eq!(code, Some(1), "{args:?}");
         assert!(out.is_empty());
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains("compacted"), "{args:?}: {err}");
     }
-    let future = (r2 + 1000).to_string();
+    let future = (r2.parse::<i64>().unwrap() + 1000).to_string();
     let (code, _, err) = metactl(&ep, &["kv", "get", "h", "--rev", &future]);
     assert_eq!(code, Some(1));
     assert!(err.contains("future revision"), "{err}");
