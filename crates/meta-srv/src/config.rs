@@ -76,6 +76,8 @@ pub struct Config {
     pub failover: FailoverConfig,
     /// Evening out leader regions across datanodes.
     pub balancer: BalancerConfig,
+    /// Automatic compaction of the KV history.
+    pub compaction: CompactionConfig,
     /// Logging.
     pub logging: LoggingConfig,
 }
@@ -99,6 +101,7 @@ impl Default for Config {
             region: RegionConfig::default(),
             failover: FailoverConfig::default(),
             balancer: BalancerConfig::default(),
+            compaction: CompactionConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -258,6 +261,55 @@ impl Default for BalancerConfig {
         BalancerConfig {
             tolerance: 2,
             cooldown_ms: 300_000,
+        }
+    }
+}
+
+/// `[compaction]`: automatic compaction of the KV history (etcd's
+/// `--auto-compaction-mode` and `--auto-compaction-retention`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompactionConfig {
+    /// `periodic` (keep the history of the last `retention`, a duration), `revision`
+    /// (keep the last `retention` revisions) or `off`.
+    pub mode: String,
+    /// A duration (`1h`, `30m`) for `periodic`, a number of revisions for `revision`.
+    pub retention: String,
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        CompactionConfig {
+            mode: "periodic".to_string(),
+            retention: "1h".to_string(),
+        }
+    }
+}
+
+impl CompactionConfig {
+    /// What automatic compaction keeps, or `None` when it is off.
+    pub fn retention(&self) -> Result<Option<crate::compactor::Retention>, ConfigError> {
+        use crate::compactor::Retention;
+        let bad = |why: String| ConfigError::Invalid(format!("compaction.retention: {why}"));
+        match self.mode.as_str() {
+            "off" => Ok(None),
+            "periodic" => {
+                let period = crate::cli::parse_duration(&self.retention).map_err(bad)?;
+                if period.is_zero() {
+                    return Err(bad("must be longer than 0".to_string()));
+                }
+                Ok(Some(Retention::Period(period)))
+            }
+            "revision" => match self.retention.trim().parse::<i64>() {
+                Ok(keep) if keep >= 1 => Ok(Some(Retention::Revisions(keep))),
+                _ => Err(bad(format!(
+                    "{:?} is not a number of revisions (at least 1)",
+                    self.retention
+                ))),
+            },
+            other => Err(ConfigError::Invalid(format!(
+                "compaction.mode {other:?} is not one of periodic, revision, off"
+            ))),
         }
     }
 }
@@ -466,6 +518,7 @@ impl Config {
                 l.max_value_bytes, l.max_request_bytes
             )));
         }
+        self.compaction.retention()?;
         let cluster = self.cluster()?;
         if !cluster.is_empty() && !self.join.trim().is_empty() {
             return Err(ConfigError::Invalid(
@@ -636,6 +689,18 @@ mod tests {
             (
                 "[limits]\nmax_txn_ops = 0",
                 "limits.max_txn_ops must be at least 1",
+            ),
+            (
+                "[compaction]\nmode = \"daily\"",
+                "compaction.mode \"daily\" is not one of periodic, revision, off",
+            ),
+            (
+                "[compaction]\nmode = \"revision\"\nretention = \"1h\"",
+                "compaction.retention: \"1h\" is not a number of revisions",
+            ),
+            (
+                "[compaction]\nretention = \"0s\"",
+                "compaction.retention: \"0s\" is out of range",
             ),
             (
                 "[limits]\nmax_value_bytes = 10\nmax_request_bytes = 5",

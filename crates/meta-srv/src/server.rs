@@ -398,6 +398,15 @@ impl MetaSrv {
             let stop = stop_rx.clone();
             tokio::spawn(async move { sessions.run(stop).await });
         }
+        // Validated with the rest of the configuration before the server starts.
+        if let Ok(Some(retention)) = self.config.compaction.retention() {
+            let compactor = crate::compactor::Compactor::new(
+                self.backend.clone(),
+                self.node.leadership(),
+                retention,
+            );
+            tokio::spawn(compactor.run(stop_rx.clone()));
+        }
         let store = StoreService::new(
             self.backend.clone(),
             sessions,

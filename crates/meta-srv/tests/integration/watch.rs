@@ -209,3 +209,35 @@ async fn a_client_watch_moves_on_when_its_member_stops_without_gap_or_repeat() {
         member.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_compacts_the_history_it_was_told_to_keep() {
+    let server = crate::in_process::start_with(|c| {
+        c.compaction.mode = "periodic".to_string();
+        c.compaction.retention = "1s".to_string();
+    })
+    .await;
+    let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default()).unwrap();
+    let first = client
+        .put(PutRequest::new(b"old".to_vec(), b"1".to_vec()))
+        .await
+        .unwrap()
+        .revision;
+    client
+        .put(PutRequest::new(b"old".to_vec(), b"2".to_vec()))
+        .await
+        .unwrap();
+    // About a second later the first revision is compacted away; the current value stays.
+    crate::support::wait_until(Duration::from_secs(30), || async {
+        match client
+            .range(common_meta::kv::RangeRequest::key(b"old".to_vec()).at_revision(first))
+            .await
+        {
+            Err(common_meta::Error::Compacted { compacted, .. }) if compacted > first => Ok(()),
+            other => Err(format!("revision {first} still readable: {other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(client.get(b"old").await.unwrap().unwrap().value, b"2");
+    server.shutdown().await;
+}
