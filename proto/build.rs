@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "proto/meta/v1/region.proto",
     "proto/meta/v1/raft_log.proto",
     "proto/meta/v1/watch.proto",
+    "proto/meta/v1/lease.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

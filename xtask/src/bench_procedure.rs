@@ -67,7 +67,13 @@ pub async fn run(concurrency: Vec<usize>, seconds: u64) -> anyhow::Result<()> {
                     Arc::new(LocalRouter::default()),
                 )?;
                 node.leadership().wait_for(Option::is_some).await?;
-                let backend = RaftKvBackend::new(node.driver(), store, Duration::from_secs(10));
+                let backend = RaftKvBackend::new(
+                    node.driver(),
+                    store,
+                    Duration::from_secs(10),
+                    node.leadership(),
+                    2,
+                );
                 (Arc::new(backend), Some(node))
             }
         };

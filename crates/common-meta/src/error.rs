@@ -153,6 +153,13 @@ pub enum Error {
         current: i64,
     },
 
+    /// A request named a lease that does not exist (never granted, revoked, expired).
+    #[error("lease {id} not found")]
+    LeaseNotFound {
+        /// The lease named.
+        id: i64,
+    },
+
     /// A blocking storage task panicked or was cancelled.
     #[error("storage task failed: {0}")]
     TaskJoin(String),
@@ -253,7 +260,10 @@ impl Error {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            Error::InvalidArgument { .. } | Error::Compacted { .. } | Error::FutureRevision { .. }
+            Error::InvalidArgument { .. }
+                | Error::Compacted { .. }
+                | Error::FutureRevision { .. }
+                | Error::LeaseNotFound { .. }
         )
     }
 

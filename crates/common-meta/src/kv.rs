@@ -11,6 +11,7 @@
 
 mod command;
 mod engine;
+pub mod lease;
 mod limits;
 mod memory;
 mod sled_backend;
@@ -31,9 +32,9 @@ pub use sled_store::{MAX_UNACKED_ANSWERS, SledKvStore, StoreCopy, SystemWrite};
 pub use types::{
     BatchDeleteRequest, BatchDeleteResponse, BatchGetRequest, BatchGetResponse, BatchPutRequest,
     BatchPutResponse, Compare, CompareAndPutRequest, CompareAndPutResponse, CompareOp,
-    CompareTarget, DeleteRangeRequest, DeleteRangeResponse, Event, EventKind, KeyValue, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, TxnOp, TxnOpResponse, TxnRequest, TxnResponse,
-    WatchRequest, WatchResponse,
+    CompareTarget, DeleteRangeRequest, DeleteRangeResponse, Event, EventKind, KeyValue, LeaseGrant,
+    LeaseTimeToLive, PutRequest, PutResponse, RangeRequest, RangeResponse, TxnOp, TxnOpResponse,
+    TxnRequest, TxnResponse, WatchRequest, WatchResponse,
 };
 pub use watch::WatchStream;
 
@@ -134,6 +135,7 @@ pub trait KvBackend: Send + Sync {
                     key,
                     value,
                     prev_kv,
+                    lease: 0,
                 })
             })
             .collect();
@@ -194,6 +196,7 @@ pub trait KvBackend: Send + Sync {
                 key: req.key.clone(),
                 value: req.value,
                 prev_kv: true,
+                lease: 0,
             })],
             failure: vec![TxnOp::Range(RangeRequest::key(req.key))],
         };
@@ -233,6 +236,44 @@ pub trait KvBackend: Send + Sync {
             "the {} backend does not serve watches",
             self.name()
         )))
+    }
+
+    /// Grants a lease living `ttl` seconds without keep-alives (raised to the backend's
+    /// minimum; negative or too large is refused), with id `id` (0: the backend picks).
+    async fn lease_grant(&self, ttl: i64, id: i64) -> Result<LeaseGrant> {
+        let _ = (ttl, id);
+        Err(self.no_leases())
+    }
+
+    /// Revokes a lease: its keys are deleted in one revision. [`Error::LeaseNotFound`]
+    /// when it does not exist.
+    async fn lease_revoke(&self, id: i64) -> Result<()> {
+        let _ = id;
+        Err(self.no_leases())
+    }
+
+    /// Renews a lease for another TTL; its TTL in seconds. [`Error::LeaseNotFound`] when
+    /// it does not exist (revoked or expired).
+    async fn lease_keep_alive(&self, id: i64) -> Result<i64> {
+        let _ = id;
+        Err(self.no_leases())
+    }
+
+    /// A lease's remaining TTL (`ttl` -1 when it does not exist), with its keys when
+    /// asked.
+    async fn lease_time_to_live(&self, id: i64, keys: bool) -> Result<LeaseTimeToLive> {
+        let _ = (id, keys);
+        Err(self.no_leases())
+    }
+
+    /// The ids of every lease.
+    async fn leases(&self) -> Result<Vec<i64>> {
+        Err(self.no_leases())
+    }
+
+    /// The refusal of the lease calls by a backend without leases.
+    fn no_leases(&self) -> Error {
+        Error::invalid_argument(format!("the {} backend has no leases", self.name()))
     }
 
     /// Reads one key's value, or `None` when absent.

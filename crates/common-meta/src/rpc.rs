@@ -84,6 +84,7 @@ impl From<pb::KeyValue> for kv::KeyValue {
             create_revision: kv.create_revision,
             mod_revision: kv.mod_revision,
             version: kv.version,
+            lease: kv.lease,
         }
     }
 }
@@ -96,6 +97,7 @@ impl From<kv::KeyValue> for pb::KeyValue {
             create_revision: kv.create_revision,
             mod_revision: kv.mod_revision,
             version: kv.version,
+            lease: kv.lease,
         }
     }
 }
@@ -225,6 +227,7 @@ impl From<pb::PutRequest> for kv::PutRequest {
             key: r.key,
             value: r.value,
             prev_kv: r.prev_kv,
+            lease: r.lease,
         }
     }
 }
@@ -236,6 +239,7 @@ impl From<kv::PutRequest> for pb::PutRequest {
             value: r.value,
             prev_kv: r.prev_kv,
             session: None,
+            lease: r.lease,
         }
     }
 }

@@ -7,8 +7,8 @@ use common_meta::Result;
 use common_meta::kv::{
     BatchDeleteRequest, BatchDeleteResponse, BatchGetRequest, BatchGetResponse, BatchPutRequest,
     BatchPutResponse, CompareAndPutRequest, CompareAndPutResponse, DeleteRangeRequest,
-    DeleteRangeResponse, KvBackend, PutRequest, PutResponse, RangeRequest, RangeResponse,
-    TxnRequest, TxnResponse, WatchRequest, WatchStream,
+    DeleteRangeResponse, KvBackend, LeaseGrant, LeaseTimeToLive, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, TxnRequest, TxnResponse, WatchRequest, WatchStream,
 };
 use meta_proto::v1 as pb;
 
@@ -62,6 +62,26 @@ impl KvBackend for MetaClient {
     async fn compact(&self, revision: i64) -> Result<i64> {
         let response = unary!(self, compact, pb::CompactRequest { revision })?;
         Ok(response.header.map_or(0, |h| h.revision))
+    }
+
+    async fn lease_grant(&self, ttl: i64, id: i64) -> Result<LeaseGrant> {
+        self.remote_lease_grant(ttl, id).await
+    }
+
+    async fn lease_revoke(&self, id: i64) -> Result<()> {
+        self.remote_lease_revoke(id).await
+    }
+
+    async fn lease_keep_alive(&self, id: i64) -> Result<i64> {
+        self.remote_lease_keep_alive(id).await
+    }
+
+    async fn lease_time_to_live(&self, id: i64, keys: bool) -> Result<LeaseTimeToLive> {
+        self.remote_lease_time_to_live(id, keys).await
+    }
+
+    async fn leases(&self) -> Result<Vec<i64>> {
+        self.remote_leases().await
     }
 
     /// Survives the loss of the member serving it; see `watch.rs`.

@@ -24,6 +24,7 @@ mod client;
 mod ddl;
 mod heartbeat;
 mod kv;
+mod lease;
 mod region;
 pub mod region_lease;
 mod session;
@@ -38,4 +39,5 @@ pub use heartbeat::{
     HeartbeatState, HeartbeatTask, InstructionHandler, NodeIdentity, RttObserver, StatsProvider,
     stats_delta,
 };
+pub use lease::{LeaseKeeper, LeaseState};
 pub use region_lease::{LeaseEvent, LeaseObserver, LeaseRole, RegionLeaseKeeper, RoleChange};

@@ -21,6 +21,9 @@ pub fn from_status(status: &Status) -> Error {
         (Code::InvalidArgument, _) => Error::InvalidArgument { message },
         (Code::Unavailable | Code::DeadlineExceeded, _) => Error::Unavailable { message },
         (Code::Unauthenticated, _) => Error::Unauthenticated { message },
+        (Code::NotFound, _) if lease_of(&message).is_some() => Error::LeaseNotFound {
+            id: lease_of(&message).unwrap_or(0),
+        },
         (Code::NotFound, _) => Error::NotFound {
             what: message
                 .strip_suffix(" not found")
@@ -43,6 +46,15 @@ pub fn from_status(status: &Status) -> Error {
             message,
         },
     }
+}
+
+/// The lease of a "lease N not found" message.
+fn lease_of(message: &str) -> Option<i64> {
+    message
+        .strip_prefix("lease ")?
+        .strip_suffix(" not found")?
+        .parse()
+        .ok()
 }
 
 /// What a failed request may have done, by its status.

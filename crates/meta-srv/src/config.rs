@@ -78,6 +78,8 @@ pub struct Config {
     pub balancer: BalancerConfig,
     /// Automatic compaction of the KV history.
     pub compaction: CompactionConfig,
+    /// Leases of keys.
+    pub lease: LeaseConfig,
     /// Logging.
     pub logging: LoggingConfig,
 }
@@ -102,6 +104,7 @@ impl Default for Config {
             failover: FailoverConfig::default(),
             balancer: BalancerConfig::default(),
             compaction: CompactionConfig::default(),
+            lease: LeaseConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -213,6 +216,21 @@ impl Config {
     pub fn deposed_leader_ms(&self) -> u64 {
         2 * self.raft.election_ticks as u64 * self.raft.tick_ms
     }
+
+    /// One (configured) election timeout: what a new leader adds to the leases it takes
+    /// over.
+    pub fn election_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.raft.election_ticks as u64 * self.raft.tick_ms)
+    }
+
+    /// The smallest lease TTL: 1.5 election timeouts, in whole seconds rounded up (as
+    /// etcd), so a lease outlives the election that may follow its grant.
+    pub fn min_lease_ttl_secs(&self) -> i64 {
+        let millis = self.raft.election_ticks as u64 * self.raft.tick_ms * 3 / 2;
+        i64::try_from(millis.div_ceil(1000))
+            .unwrap_or(i64::MAX)
+            .max(1)
+    }
 }
 
 /// `[failover]`: the region supervisor.
@@ -310,6 +328,23 @@ impl CompactionConfig {
             other => Err(ConfigError::Invalid(format!(
                 "compaction.mode {other:?} is not one of periodic, revision, off"
             ))),
+        }
+    }
+}
+
+/// `[lease]`: keys that live as long as their lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// How often the leader records every lease's remaining TTL through the log, in ms,
+    /// so leader changes cannot keep a lease alive for ever (etcd's checkpoint).
+    pub checkpoint_ms: u64,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            checkpoint_ms: 300_000,
         }
     }
 }
@@ -592,6 +627,11 @@ impl Config {
             ));
         }
         let r = &self.raft;
+        if self.lease.checkpoint_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "lease.checkpoint_ms must be at least 1".into(),
+            ));
+        }
         if r.tick_ms == 0 || r.request_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "raft.tick_ms and raft.request_timeout_ms must be at least 1".into(),

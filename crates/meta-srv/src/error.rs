@@ -140,7 +140,9 @@ pub fn to_status(err: common_meta::Error) -> tonic::Status {
             tonic::Status::out_of_range(e.to_string()),
             OUTCOME_NOT_APPLIED,
         ),
-        e @ E::NotFound { .. } => (tonic::Status::not_found(e.to_string()), OUTCOME_NOT_APPLIED),
+        e @ (E::NotFound { .. } | E::LeaseNotFound { .. }) => {
+            (tonic::Status::not_found(e.to_string()), OUTCOME_NOT_APPLIED)
+        }
         e @ E::AlreadyExists { .. } => (
             tonic::Status::already_exists(e.to_string()),
             OUTCOME_NOT_APPLIED,

@@ -22,6 +22,7 @@ pub mod data_dir;
 pub mod error;
 pub mod http;
 pub mod identity;
+pub mod lease_keeper;
 pub mod procedure_host;
 pub mod procedures;
 pub mod raft;

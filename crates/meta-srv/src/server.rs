@@ -193,6 +193,8 @@ impl MetaSrv {
             node.driver(),
             store.clone(),
             Duration::from_millis(raft.request_timeout_ms),
+            node.leadership(),
+            config.min_lease_ttl_secs(),
         );
         let tokens = match config.cluster_secret.as_str() {
             "" => None,
@@ -398,6 +400,14 @@ impl MetaSrv {
             let stop = stop_rx.clone();
             tokio::spawn(async move { sessions.run(stop).await });
         }
+        {
+            let keeper = crate::lease_keeper::LeaseKeeper::new(
+                self.backend.clone(),
+                self.config.election_timeout(),
+                Duration::from_millis(self.config.lease.checkpoint_ms),
+            );
+            tokio::spawn(keeper.run(stop_rx.clone()));
+        }
         // Validated with the rest of the configuration before the server starts.
         if let Ok(Some(retention)) = self.config.compaction.retention() {
             let compactor = crate::compactor::Compactor::new(
@@ -419,6 +429,14 @@ impl MetaSrv {
         // service can refuse them with InvalidArgument naming max_request_bytes.
         let store = StoreServer::new(store)
             .max_decoding_message_size(limits.max_request_bytes.saturating_mul(4));
+        let leases = meta_proto::v1::lease_server::LeaseServer::new(
+            crate::service::lease::LeaseService::new(
+                self.backend.clone(),
+                self.node.driver(),
+                member_id,
+                self.members.clone(),
+            ),
+        );
         let watch = WatchServer::new(crate::service::watch::WatchService::new(
             self.backend.clone(),
             member_id,
@@ -489,6 +507,7 @@ impl MetaSrv {
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .add_service(store)
             .add_service(watch)
+            .add_service(leases)
             .add_service(cluster)
             .add_service(procedures)
             .add_service(heartbeats)

@@ -3,6 +3,7 @@
 pub mod cluster;
 pub mod ddl;
 pub mod heartbeat;
+pub mod lease;
 pub mod procedure;
 pub mod region;
 pub mod store;

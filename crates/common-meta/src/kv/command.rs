@@ -107,6 +107,23 @@ pub enum Command {
         /// The new compacted revision.
         revision: i64,
     },
+    /// Creates lease `id` (chosen by the proposer) with a TTL in seconds.
+    LeaseGrant {
+        /// The lease, never 0.
+        id: i64,
+        /// Seconds it lives without a keep-alive.
+        ttl_secs: i64,
+    },
+    /// Ends a lease, deleting its keys in one revision.
+    LeaseRevoke {
+        /// The lease.
+        id: i64,
+    },
+    /// Records remaining TTLs `(id, ms; 0 = the whole TTL)`.
+    LeaseCheckpoint {
+        /// The leases and what is left of each.
+        leases: Vec<(i64, i64)>,
+    },
 }
 
 /// What applying a [`Command`] answers.
@@ -114,6 +131,13 @@ pub enum Command {
 pub enum Applied {
     /// The answer of a [`Command::Txn`] (for a duplicate: the first answer).
     Txn(TxnResponse),
+    /// A lease was granted.
+    LeaseGranted {
+        /// Its id.
+        id: i64,
+        /// Its TTL in seconds.
+        ttl_secs: i64,
+    },
     /// A session was opened.
     SessionOpened {
         /// Its id.
@@ -139,6 +163,16 @@ impl Command {
             Command::OpenSession { ttl_ms } => C::OpenSession(pb::OpenSessionCommand { ttl_ms }),
             Command::CloseSessions { ids } => C::CloseSessions(pb::CloseSessionsCommand { ids }),
             Command::Compact { revision } => C::Compact(pb::CompactCommand { revision }),
+            Command::LeaseGrant { id, ttl_secs } => {
+                C::LeaseGrant(pb::LeaseGrantCommand { id, ttl_secs })
+            }
+            Command::LeaseRevoke { id } => C::LeaseRevoke(pb::LeaseRevokeCommand { id }),
+            Command::LeaseCheckpoint { leases } => C::LeaseCheckpoint(pb::LeaseCheckpointCommand {
+                leases: leases
+                    .into_iter()
+                    .map(|(id, remaining_ms)| pb::LeaseRemaining { id, remaining_ms })
+                    .collect(),
+            }),
         };
         let message = pb::RaftCommand {
             command: Some(command),
@@ -172,6 +206,18 @@ impl Command {
                     Some(C::CloseSessions(c)) => Ok(Command::CloseSessions { ids: c.ids }),
                     Some(C::Compact(c)) => Ok(Command::Compact {
                         revision: c.revision,
+                    }),
+                    Some(C::LeaseGrant(g)) => Ok(Command::LeaseGrant {
+                        id: g.id,
+                        ttl_secs: g.ttl_secs,
+                    }),
+                    Some(C::LeaseRevoke(r)) => Ok(Command::LeaseRevoke { id: r.id }),
+                    Some(C::LeaseCheckpoint(c)) => Ok(Command::LeaseCheckpoint {
+                        leases: c
+                            .leases
+                            .into_iter()
+                            .map(|l| (l.id, l.remaining_ms))
+                            .collect(),
                     }),
                     None => Err(Error::invalid_argument(
                         "undecodable entry: a command of an unknown kind",
@@ -218,6 +264,14 @@ mod tests {
             Command::OpenSession { ttl_ms: 60_000 },
             Command::CloseSessions { ids: vec![1, 9] },
             Command::Compact { revision: 42 },
+            Command::LeaseGrant {
+                id: 5,
+                ttl_secs: 10,
+            },
+            Command::LeaseRevoke { id: 5 },
+            Command::LeaseCheckpoint {
+                leases: vec![(5, 300), (6, 0)],
+            },
         ] {
             assert_eq!(Command::decode(&command.clone().encode()).unwrap(), command);
         }

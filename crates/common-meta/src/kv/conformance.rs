@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod history;
+pub mod lease;
 
 use crate::error::Error;
 use crate::kv::{
@@ -30,6 +31,9 @@ pub async fn run_all(backend: &dyn KvBackend) {
     history::history_reads(backend).await;
     history::watch_basics(backend).await;
     history::watch_sees_every_write_once(backend).await;
+    lease::lease_lifecycle(backend).await;
+    // Expiry within one election timeout plus the expiry check's period.
+    lease::lease_expiry(backend, std::time::Duration::from_millis(2_500)).await;
     // Last: it compacts the whole store.
     history::compaction(backend).await;
 }
@@ -81,6 +85,7 @@ pub async fn revisions_and_versions(backend: &dyn KvBackend) {
             key: b"rev/a".to_vec(),
             value: b"2".to_vec(),
             prev_kv: true,
+            lease: 0,
         })
         .await
         .unwrap();

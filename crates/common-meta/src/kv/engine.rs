@@ -28,11 +28,17 @@ pub(crate) struct Entry {
     pub create_revision: i64,
     pub mod_revision: i64,
     pub version: i64,
+    /// The lease the key is attached to (0 = none).
+    pub lease: i64,
     pub value: Vec<u8>,
 }
 
 /// Bytes of the fixed header of an encoded [`Entry`]: three big-endian i64.
 const ENTRY_HEADER: usize = 24;
+
+/// Set in the encoded version when a lease id follows the header (versions are never
+/// negative, so entries written before leases existed never have it).
+const LEASE_FLAG: i64 = i64::MIN;
 
 impl Entry {
     pub(crate) fn to_key_value(&self, key: &[u8], keys_only: bool) -> KeyValue {
@@ -46,15 +52,22 @@ impl Entry {
             create_revision: self.create_revision,
             mod_revision: self.mod_revision,
             version: self.version,
+            lease: self.lease,
         }
     }
 
-    /// The on-disk form: create, mod, version (big-endian i64 each), then the value.
+    /// The on-disk form: create, mod, version (big-endian i64 each; the version's sign
+    /// bit set when a lease is attached), the lease id (only then), then the value.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(ENTRY_HEADER + self.value.len());
+        let mut out = Vec::with_capacity(ENTRY_HEADER + 8 + self.value.len());
         out.extend_from_slice(&self.create_revision.to_be_bytes());
         out.extend_from_slice(&self.mod_revision.to_be_bytes());
-        out.extend_from_slice(&self.version.to_be_bytes());
+        if self.lease == 0 {
+            out.extend_from_slice(&self.version.to_be_bytes());
+        } else {
+            out.extend_from_slice(&(self.version | LEASE_FLAG).to_be_bytes());
+            out.extend_from_slice(&self.lease.to_be_bytes());
+        }
         out.extend_from_slice(&self.value);
         out
     }
@@ -72,11 +85,28 @@ impl Entry {
             buf.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
             i64::from_be_bytes(buf)
         };
+        let version = field(2);
+        if version & LEASE_FLAG == 0 {
+            return Ok(Entry {
+                create_revision: field(0),
+                mod_revision: field(1),
+                version,
+                lease: 0,
+                value: bytes[ENTRY_HEADER..].to_vec(),
+            });
+        }
+        if bytes.len() < ENTRY_HEADER + 8 {
+            return Err(format!(
+                "entry of {} bytes is shorter than its header with a lease",
+                bytes.len()
+            ));
+        }
         Ok(Entry {
             create_revision: field(0),
             mod_revision: field(1),
-            version: field(2),
-            value: bytes[ENTRY_HEADER..].to_vec(),
+            version: version & !LEASE_FLAG,
+            lease: field(3),
+            value: bytes[ENTRY_HEADER + 8..].to_vec(),
         })
     }
 }
@@ -98,6 +128,8 @@ pub(crate) trait ReadView {
     /// The store as of an earlier `revision`, or the refusal ([`Error::Compacted`],
     /// [`Error::FutureRevision`]).
     fn at_revision(&self, revision: i64) -> Result<Box<dyn ReadView + '_>>;
+    /// Whether lease `id` exists (a put may attach keys to it).
+    fn lease_exists(&self, id: i64) -> Result<bool>;
 }
 
 /// The writes of one transaction: every changed key (`None` = deleted) and the new revision.
@@ -199,6 +231,10 @@ pub(crate) struct Layered<'a> {
 }
 
 impl ReadView for Layered<'_> {
+    fn lease_exists(&self, id: i64) -> Result<bool> {
+        self.base.lease_exists(id)
+    }
+
     fn at_revision(&self, revision: i64) -> Result<Box<dyn ReadView + '_>> {
         // Pending changes have no revision of their own here: a past revision is the
         // base's.
@@ -295,6 +331,9 @@ impl Executor<'_> {
     }
 
     fn put(&mut self, req: PutRequest) -> Result<PutResponse> {
+        if req.lease != 0 && !self.view.lease_exists(req.lease)? {
+            return Err(Error::LeaseNotFound { id: req.lease });
+        }
         let prev = self.get(&req.key)?;
         let entry = Entry {
             create_revision: prev
@@ -302,6 +341,7 @@ impl Executor<'_> {
                 .map_or(self.write_revision, |p| p.create_revision),
             mod_revision: self.write_revision,
             version: prev.as_ref().map_or(0, |p| p.version) + 1,
+            lease: req.lease,
             value: req.value,
         };
         let prev_kv = prev
@@ -432,9 +472,17 @@ mod tests {
             create_revision: 3,
             mod_revision: 9,
             version: 4,
+            lease: 0,
             value: b"hello".to_vec(),
         };
-        assert_eq!(Entry::decode(&entry.encode()), Ok(entry));
+        assert_eq!(Entry::decode(&entry.encode()), Ok(entry.clone()));
+        let leased = Entry {
+            lease: 77,
+            ..entry.clone()
+        };
+        let encoded = leased.encode();
+        assert_eq!(encoded.len(), entry.encode().len() + 8);
+        assert_eq!(Entry::decode(&encoded), Ok(leased));
         let err = Entry::decode(&[1, 2, 3]).unwrap_err();
         assert!(err.contains("shorter than"), "{err}");
     }

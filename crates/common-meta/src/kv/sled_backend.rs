@@ -28,9 +28,10 @@ use async_trait::async_trait;
 use crate::error::{Error, Result};
 use crate::kv::KvBackend;
 use crate::kv::command::{Applied, Command};
+use crate::kv::lease::{self, LeaseWriter, Lessor, LocalLeases};
 use crate::kv::limits::KvLimits;
 use crate::kv::sled_store::SledKvStore;
-use crate::kv::types::{TxnRequest, TxnResponse, WatchRequest};
+use crate::kv::types::{LeaseGrant, LeaseTimeToLive, TxnRequest, TxnResponse, WatchRequest};
 use crate::kv::watch::WatchStream;
 
 /// Most transactions committed in one sled batch and fsync.
@@ -39,8 +40,16 @@ pub const MAX_GROUP: usize = 1024;
 /// A durable [`KvBackend`] on a sled database in a directory.
 #[derive(Clone, Debug)]
 pub struct SledKvBackend {
+    core: Arc<Core>,
+    leases: Arc<LocalLeases>,
+}
+
+/// The store, its committer and its health: dropped with the last backend clone (the
+/// lease expiry task only holds it weakly).
+#[derive(Debug)]
+struct Core {
     store: Arc<SledKvStore>,
-    writer: Arc<Writer>,
+    writer: Writer,
     health: Arc<Health>,
 }
 
@@ -128,27 +137,42 @@ impl SledKvBackend {
                 context: "starting the sled committer thread".to_string(),
                 source,
             })?;
-        Ok(SledKvBackend {
+        let core = Arc::new(Core {
             store,
-            writer: Arc::new(Writer {
+            writer: Writer {
                 queue: Some(queue),
                 thread: Some(thread),
-            }),
+            },
             health,
-        })
+        });
+        let weak: std::sync::Weak<Core> = Arc::downgrade(&core);
+        let leases = Arc::new(LocalLeases::open(&core.store, weak)?);
+        Ok(SledKvBackend { core, leases })
+    }
+
+    /// Times the leases of this backend.
+    pub fn lessor(&self) -> &Arc<Lessor> {
+        &self.leases.lessor
+    }
+
+    fn leased(&self) -> &Core {
+        let weak: std::sync::Weak<Core> = Arc::downgrade(&self.core);
+        self.leases.start(weak);
+        &self.core
     }
 
     /// Makes the next flush fail as a broken disk's fsync would (fault-injection tests).
     #[cfg(any(test, feature = "testing"))]
     pub fn fail_next_flush(&self) {
-        self.health
+        self.core
+            .health
             .fail_next_flush
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The current store revision.
     pub fn revision(&self) -> i64 {
-        self.store.revision()
+        self.core.store.revision()
     }
 }
 
@@ -203,13 +227,14 @@ impl KvBackend for SledKvBackend {
     }
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
-        self.health.check()?;
+        self.core.health.check()?;
         if req.is_read_only() {
             // Inline: a read never fsyncs and sled serves it from its page cache; the
             // blocking pool's hand-off costs more than the rare cold read it would hide.
-            return self.store.read(req);
+            return self.core.store.read(req);
         }
         match self
+            .core
             .write(Command::Txn {
                 txn: req,
                 session: None,
@@ -225,20 +250,54 @@ impl KvBackend for SledKvBackend {
     }
 
     async fn compact(&self, revision: i64) -> Result<i64> {
-        self.health.check()?;
-        self.write(Command::Compact { revision }).await?;
-        Ok(self.store.revision())
+        self.core.write(Command::Compact { revision }).await?;
+        Ok(self.core.store.revision())
     }
 
     async fn watch(&self, req: WatchRequest) -> Result<WatchStream> {
-        self.health.check()?;
-        crate::kv::watch::watch(&self.store, req)
+        self.core.health.check()?;
+        crate::kv::watch::watch(&self.core.store, req)
+    }
+
+    async fn lease_grant(&self, ttl: i64, id: i64) -> Result<LeaseGrant> {
+        lease::grant(self.leased(), &self.leases.lessor, ttl, id).await
+    }
+
+    async fn lease_revoke(&self, id: i64) -> Result<()> {
+        lease::revoke(self.leased(), &self.leases.lessor, id).await
+    }
+
+    async fn lease_keep_alive(&self, id: i64) -> Result<i64> {
+        self.core.health.check()?;
+        lease::keep_alive(self.leased(), &self.leases.lessor, id).await
+    }
+
+    async fn lease_time_to_live(&self, id: i64, keys: bool) -> Result<LeaseTimeToLive> {
+        self.core.health.check()?;
+        lease::time_to_live(&self.leased().store, &self.leases.lessor, id, keys)
+    }
+
+    async fn leases(&self) -> Result<Vec<i64>> {
+        self.core.health.check()?;
+        Ok(self
+            .core
+            .store
+            .leases()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
     }
 }
 
-impl SledKvBackend {
+#[async_trait]
+impl LeaseWriter for Core {
+    fn store(&self) -> &SledKvStore {
+        &self.store
+    }
+
     /// Hands a write to the committer and waits for its answer (after the fsync).
     async fn write(&self, command: Command) -> Result<Applied> {
+        self.health.check()?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         let queue = self.writer.queue.as_ref().ok_or_else(stopped)?;
         queue
@@ -246,9 +305,11 @@ impl SledKvBackend {
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
+}
 
-    /// The store underneath (its history and watchers).
+impl SledKvBackend {
+    /// The store underneath (its history, watchers and leases).
     pub fn store(&self) -> &Arc<SledKvStore> {
-        &self.store
+        &self.core.store
     }
 }

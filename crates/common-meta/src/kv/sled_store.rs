@@ -52,6 +52,7 @@ use crate::kv::types::{TxnRequest, TxnResponse};
 mod copy;
 mod group;
 mod history;
+mod lease;
 
 pub use copy::StoreCopy;
 use group::{Group, decode_session};
@@ -424,6 +425,7 @@ impl SledKvStore {
             changes: BTreeMap::new(),
             history: Vec::new(),
             compact: None,
+            leases: BTreeMap::new(),
             sessions: BTreeMap::new(),
         };
         let mut answers = Vec::with_capacity(commands.len());
@@ -435,6 +437,7 @@ impl SledKvStore {
             changes,
             history,
             compact,
+            leases,
             sessions,
             ..
         } = group;
@@ -443,10 +446,18 @@ impl SledKvStore {
             && sessions.is_empty()
             && system.is_empty()
             && compact.is_none()
+            && leases.is_empty()
         {
             return Ok(answers);
         }
         let mut batch = sled::Batch::default();
+        lease::record_attachments(self, &mut batch, &changes)?;
+        for (id, record) in leases {
+            match record {
+                Some(record) => batch.insert(&lease::lease_key(id), record.encode_to_vec()),
+                None => batch.remove(&lease::lease_key(id)),
+            }
+        }
         for (key, change) in changes {
             match change {
                 Some(entry) => batch.insert(data_key(&key), entry.encode()),
@@ -557,6 +568,10 @@ impl SledKvStore {
 }
 
 impl ReadView for &SledKvStore {
+    fn lease_exists(&self, id: i64) -> Result<bool> {
+        (**self).lease_exists(id)
+    }
+
     fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
         (**self).get(key)
     }
@@ -575,6 +590,10 @@ impl ReadView for &SledKvStore {
 }
 
 impl ReadView for SledKvStore {
+    fn lease_exists(&self, id: i64) -> Result<bool> {
+        Ok(self.lease(id)?.is_some())
+    }
+
     fn at_revision(&self, revision: i64) -> Result<Box<dyn ReadView + '_>> {
         SledKvStore::at_revision(self, revision)
     }

@@ -15,6 +15,8 @@ pub struct KeyValue {
     pub mod_revision: i64,
     /// Number of writes since creation: 1 after the first put.
     pub version: i64,
+    /// The lease the key is attached to (0 = none).
+    pub lease: i64,
 }
 
 /// Reads a key or a range of keys.
@@ -100,16 +102,25 @@ pub struct PutRequest {
     pub value: Vec<u8>,
     /// Return the previous key-value.
     pub prev_kv: bool,
+    /// Attach the key to this lease (0 = none; a put without a lease detaches the key).
+    pub lease: i64,
 }
 
 impl PutRequest {
-    /// A put of `key = value` without `prev_kv`.
+    /// A put of `key = value` without `prev_kv` or lease.
     pub fn new(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
         PutRequest {
             key: key.into(),
             value: value.into(),
             prev_kv: false,
+            lease: 0,
         }
+    }
+
+    /// Attaches the key to `lease`.
+    pub fn with_lease(mut self, lease: i64) -> Self {
+        self.lease = lease;
+        self
     }
 }
 
@@ -420,4 +431,26 @@ pub enum WatchResponse {
         /// (`false`: an idle notice the watcher asked for at creation).
         requested: bool,
     },
+}
+
+/// A granted lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseGrant {
+    /// Its id.
+    pub id: i64,
+    /// The TTL granted, in seconds (at least the backend's minimum).
+    pub ttl: i64,
+}
+
+/// What is known of a lease now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseTimeToLive {
+    /// Its id.
+    pub id: i64,
+    /// Seconds left (rounded up); -1 when the lease does not exist.
+    pub ttl: i64,
+    /// The TTL it was granted with.
+    pub granted_ttl: i64,
+    /// The keys attached, when asked for.
+    pub keys: Vec<Vec<u8>>,
 }

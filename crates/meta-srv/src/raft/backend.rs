@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common_meta::Error;
+use common_meta::kv::lease::{self, LeaseWriter, Lessor};
 use common_meta::kv::{
     Applied, KvBackend, RangeRequest, RangeResponse, SessionRef, SledKvStore, TxnOp, TxnOpResponse,
     TxnRequest, TxnResponse, WatchRequest, WatchStream,
 };
-use tokio::sync::oneshot;
+use common_meta::kv::{LeaseGrant, LeaseTimeToLive};
+use tokio::sync::{oneshot, watch};
 
 use crate::raft::driver::{Command, DriverHandle};
 
@@ -22,6 +24,10 @@ pub struct RaftKvBackend {
     driver: DriverHandle,
     store: Arc<SledKvStore>,
     timeout: Duration,
+    /// Lease deadlines, kept while this member leads (see `lease_keeper.rs`).
+    lessor: Arc<Lessor>,
+    /// `Some(term)` while this member leads.
+    leadership: watch::Receiver<Option<u64>>,
 }
 
 /// Whether a request can have changed anything, which decides what a lost answer means.
@@ -35,11 +41,40 @@ impl RaftKvBackend {
     /// A backend over the driver behind `driver` and its state machine `store`;
     /// requests not answered within `timeout` fail (reads as unavailable, writes as
     /// outcome unknown).
-    pub fn new(driver: DriverHandle, store: Arc<SledKvStore>, timeout: Duration) -> Self {
+    ///
+    /// Leases: `leadership` says when this member leads (only then does it time leases
+    /// and answer keep-alives); TTLs are raised to `min_lease_ttl_secs`.
+    pub fn new(
+        driver: DriverHandle,
+        store: Arc<SledKvStore>,
+        timeout: Duration,
+        leadership: watch::Receiver<Option<u64>>,
+        min_lease_ttl_secs: i64,
+    ) -> Self {
         RaftKvBackend {
             driver,
             store,
             timeout,
+            lessor: Arc::new(Lessor::new(min_lease_ttl_secs)),
+            leadership,
+        }
+    }
+
+    /// The lease deadlines this member keeps while it leads.
+    pub fn lessor(&self) -> &Arc<Lessor> {
+        &self.lessor
+    }
+
+    /// `Some(term)` while this member leads.
+    pub fn leadership(&self) -> watch::Receiver<Option<u64>> {
+        self.leadership.clone()
+    }
+
+    /// Refuses a lease call a follower cannot answer (its clock decides nothing).
+    fn leading(&self) -> Result<(), Error> {
+        match *self.leadership.borrow() {
+            Some(_) => Ok(()),
+            None => Err(Error::NotLeader { leader: None }),
         }
     }
 
@@ -180,6 +215,33 @@ impl KvBackend for RaftKvBackend {
         common_meta::kv::watch::watch(&self.store, req)
     }
 
+    async fn lease_grant(&self, ttl: i64, id: i64) -> Result<LeaseGrant, Error> {
+        self.leading()?;
+        lease::grant(self, &self.lessor, ttl, id).await
+    }
+
+    async fn lease_revoke(&self, id: i64) -> Result<(), Error> {
+        lease::revoke(self, &self.lessor, id).await
+    }
+
+    /// Leader only: the leader's clock times leases.
+    async fn lease_keep_alive(&self, id: i64) -> Result<i64, Error> {
+        self.leading()?;
+        lease::keep_alive(self, &self.lessor, id).await
+    }
+
+    /// Leader only, after a read barrier (so a lease revoked or granted is seen).
+    async fn lease_time_to_live(&self, id: i64, keys: bool) -> Result<LeaseTimeToLive, Error> {
+        self.leading()?;
+        self.read_barrier().await?;
+        lease::time_to_live(&self.store, &self.lessor, id, keys)
+    }
+
+    async fn leases(&self) -> Result<Vec<i64>, Error> {
+        self.read_barrier().await?;
+        Ok(self.store.leases()?.into_iter().map(|(id, _)| id).collect())
+    }
+
     async fn range_serializable(&self, req: RangeRequest) -> Result<RangeResponse, Error> {
         let txn = TxnRequest {
             success: vec![TxnOp::Range(req)],
@@ -193,6 +255,17 @@ impl KvBackend for RaftKvBackend {
                 message: format!("a local range answered {other:?}"),
             }),
         }
+    }
+}
+
+#[async_trait]
+impl LeaseWriter for RaftKvBackend {
+    fn store(&self) -> &SledKvStore {
+        &self.store
+    }
+
+    async fn write(&self, command: common_meta::kv::Command) -> Result<Applied, Error> {
+        self.propose(command).await
     }
 }
 

@@ -152,7 +152,19 @@ impl Cluster {
         .unwrap();
         self.router.register(id, node.driver());
         // 5 s at the default 100 ms tick: long enough for an election or two.
-        let backend = RaftKvBackend::new(node.driver(), store, self.tick * 50);
+        let backend =
+            RaftKvBackend::new(node.driver(), store, self.tick * 50, node.leadership(), 2);
+        // Leases expire by the leader's clock, whichever member leads.
+        let keeper = meta_srv::lease_keeper::LeaseKeeper::new(
+            backend.clone(),
+            self.tick * 10,
+            std::time::Duration::from_secs(300),
+        );
+        let (_keeper_stop, keeper_stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let _keep = _keeper_stop;
+            keeper.run(keeper_stopped).await;
+        });
         if let Some(serving) = &mut self.serving {
             let (addr, stop) = serve_store(id, &node, backend.clone(), serving.members.clone());
             serving.fronts[&id].point_to(Some(addr));

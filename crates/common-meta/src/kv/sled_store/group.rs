@@ -35,6 +35,8 @@ pub(super) struct Group<'a> {
     pub(super) history: Vec<Written>,
     /// A compaction the group decided.
     pub(super) compact: Option<i64>,
+    /// Lease records written (`None`: revoked) by the group.
+    pub(super) leases: BTreeMap<i64, Option<pb::LeaseRecord>>,
     /// Session records written (`None`: removed) by the group.
     pub(super) sessions: BTreeMap<u64, Option<pb::SessionRecord>>,
 }
@@ -70,7 +72,78 @@ impl Group<'_> {
                 Ok(Ok(Applied::Done))
             }
             Command::Compact { revision } => Ok(self.compact(revision).map(|()| Applied::Done)),
+            Command::LeaseGrant { id, ttl_secs } => {
+                if id <= 0 || ttl_secs <= 0 {
+                    return Ok(Err(Error::invalid_argument(format!(
+                        "lease id {id} and TTL {ttl_secs} must both be positive"
+                    ))));
+                }
+                if self.lease(id)?.is_some() {
+                    return Ok(Err(Error::AlreadyExists {
+                        what: format!("lease {id}"),
+                    }));
+                }
+                let record = pb::LeaseRecord {
+                    ttl_secs,
+                    remaining_ms: 0,
+                };
+                self.leases.insert(id, Some(record));
+                Ok(Ok(Applied::LeaseGranted { id, ttl_secs }))
+            }
+            Command::LeaseRevoke { id } => self.revoke(id),
+            Command::LeaseCheckpoint { leases } => {
+                for (id, remaining_ms) in leases {
+                    if let Some(mut record) = self.lease(id)? {
+                        record.remaining_ms = remaining_ms.max(0);
+                        self.leases.insert(id, Some(record));
+                    }
+                }
+                Ok(Ok(Applied::Done))
+            }
         }
+    }
+
+    /// Lease `id` as the group sees it.
+    fn lease(&self, id: i64) -> Result<Option<pb::LeaseRecord>> {
+        match self.leases.get(&id) {
+            Some(record) => Ok(*record),
+            None => self.store.lease(id),
+        }
+    }
+
+    /// Revokes a lease: deletes its keys (as the group sees them) in one transaction.
+    fn revoke(&mut self, id: i64) -> Result<Result<Applied>> {
+        if self.lease(id)?.is_none() {
+            return Ok(Err(Error::LeaseNotFound { id }));
+        }
+        let mut keys: std::collections::BTreeSet<Vec<u8>> =
+            self.store.lease_keys(id)?.into_iter().collect();
+        for (key, entry) in &self.changes {
+            match entry {
+                Some(entry) if entry.lease == id => {
+                    keys.insert(key.clone());
+                }
+                _ => {
+                    keys.remove(key);
+                }
+            }
+        }
+        self.leases.insert(id, None);
+        if keys.is_empty() {
+            return Ok(Ok(Applied::Done));
+        }
+        let delete = TxnRequest {
+            success: keys
+                .into_iter()
+                .map(|key| crate::kv::TxnOp::DeleteRange(crate::kv::DeleteRangeRequest::key(key)))
+                .collect(),
+            ..Default::default()
+        };
+        // Unlimited: a lease may hold more keys than one client transaction could name.
+        let limits = std::mem::replace(&mut self.limits, KvLimits::unlimited());
+        let answer = self.txn(delete);
+        self.limits = limits;
+        Ok(answer?.map(|_| Applied::Done))
     }
 
     fn compacted(&self) -> i64 {
@@ -100,6 +173,7 @@ impl Group<'_> {
     fn txn(&mut self, txn: TxnRequest) -> Result<Result<Applied>> {
         let view = GroupView {
             store: self.store,
+            leases: &self.leases,
             changes: &self.changes,
             history: &self.history,
             start: self.start,
@@ -179,6 +253,7 @@ impl Group<'_> {
 /// writes, and past revisions from the store's history or the group's own.
 struct GroupView<'a> {
     store: &'a SledKvStore,
+    leases: &'a BTreeMap<i64, Option<pb::LeaseRecord>>,
     changes: &'a BTreeMap<Vec<u8>, Option<Entry>>,
     history: &'a [Written],
     start: i64,
@@ -187,6 +262,13 @@ struct GroupView<'a> {
 }
 
 impl ReadView for GroupView<'_> {
+    fn lease_exists(&self, id: i64) -> Result<bool> {
+        match self.leases.get(&id) {
+            Some(record) => Ok(record.is_some()),
+            None => ReadView::lease_exists(self.store, id),
+        }
+    }
+
     fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
         match self.changes.get(key) {
             Some(entry) => Ok(entry.clone()),
@@ -231,6 +313,10 @@ struct Pending<'a> {
 }
 
 impl ReadView for Pending<'_> {
+    fn lease_exists(&self, id: i64) -> Result<bool> {
+        ReadView::lease_exists(self.store, id)
+    }
+
     fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
         match self.changes.get(key) {
             Some(entry) => Ok(entry.clone()),

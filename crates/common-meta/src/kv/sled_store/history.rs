@@ -318,6 +318,10 @@ pub(crate) struct AtRevision<'a> {
 }
 
 impl ReadView for AtRevision<'_> {
+    fn lease_exists(&self, id: i64) -> Result<bool> {
+        ReadView::lease_exists(self.store, id)
+    }
+
     fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
         self.store.entry_at(key, self.revision)
     }
