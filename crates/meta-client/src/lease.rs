@@ -25,9 +25,8 @@ impl MetaClient {
         let id = if id == 0 { Lessor::new_id()? } else { id };
         let request = pb::LeaseGrantRequest { ttl, id };
         match self
-            .with_retry(Retry::Transient, |channel| {
-                let request = request;
-                async move { LeaseClient::new(channel).lease_grant(request).await }
+            .with_retry(Retry::Transient, |channel| async move {
+                LeaseClient::new(channel).lease_grant(request).await
             })
             .await
         {
@@ -97,9 +96,8 @@ impl MetaClient {
     ) -> Result<LeaseTimeToLive> {
         let request = pb::LeaseTimeToLiveRequest { id, keys };
         let response = self
-            .with_channel(|channel| {
-                let request = request.clone();
-                async move { LeaseClient::new(channel).lease_time_to_live(request).await }
+            .with_channel(|channel| async move {
+                LeaseClient::new(channel).lease_time_to_live(request).await
             })
             .await?;
         Ok(LeaseTimeToLive {
