@@ -12,6 +12,7 @@ mod fault;
 mod front;
 mod heartbeat;
 mod in_process;
+mod lease;
 mod linearizability;
 mod metactl;
 mod raft_cluster;
