@@ -175,6 +175,57 @@ fn kv_watch_prints_changes_as_they_happen_and_history_reads_and_compaction_work(
 }
 
 #[test]
+fn lease_commands_grant_attach_inspect_and_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let ep = server.grpc.as_str();
+    let (code, out, err) = metactl(ep, &["lease", "grant", "60"]);
+    assert_eq!(code, Some(0), "{err}");
+    let id = out.trim().to_string();
+    assert!(id.parse::<i64>().unwrap() > 0, "{out}");
+    assert_eq!(
+        metactl(ep, &["kv", "put", "session/a", "x", "--lease", &id]),
+        (Some(0), "OK\n".into(), String::new())
+    );
+    let (code, out, _) = metactl(ep, &["lease", "ttl", &id, "--keys"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("of its 60 s TTL; keys: [session/a]"), "{out}");
+    let (code, out, _) = metactl(ep, &["lease", "keep-alive", &id, "--once"]);
+    assert_eq!(
+        (code, out),
+        (Some(0), format!("lease {id} kept alive with TTL 60\n"))
+    );
+    let (_, out, _) = metactl(ep, &["lease", "list"]);
+    assert!(out.lines().any(|l| l == id), "{out}");
+    assert_eq!(
+        metactl(ep, &["lease", "revoke", &id]),
+        (Some(0), format!("lease {id} revoked\n"), String::new())
+    );
+    let (code, _, err) = metactl(ep, &["kv", "get", "session/a"]);
+    assert_eq!(code, Some(1), "the attached key went with the lease");
+    assert_eq!(err, "not found: session/a\n");
+
+    // Bad input: one line each, exit 1.
+    for (args, says) in [
+        (
+            vec!["kv", "put", "k", "v", "--lease", "12345"],
+            "lease 12345 not found",
+        ),
+        (vec!["lease", "revoke", &id], "not found"),
+        (vec!["lease", "keep-alive", &id, "--once"], "not found"),
+        (vec!["lease", "ttl", &id], "not found: lease"),
+        (vec!["lease", "grant", "-5"], "negative"),
+        (vec!["lease", "grant", "99999999999"], "too large"),
+    ] {
+        let (code, out, err) = metactl(ep, &args);
+        assert_eq!(code, Some(1), "{args:?}");
+        assert!(out.is_empty());
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn errors_are_one_line_with_nonzero_exit() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path());

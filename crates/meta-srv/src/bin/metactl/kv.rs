@@ -13,7 +13,13 @@ use super::{Failure, Output, kv_json, print, text};
 #[derive(Subcommand)]
 pub enum KvCommand {
     /// Write KEY = VALUE; prints OK.
-    Put { key: String, value: String },
+    Put {
+        key: String,
+        value: String,
+        /// Attach the key to this lease: it is deleted when the lease ends.
+        #[arg(long, default_value_t = 0)]
+        lease: i64,
+    },
     /// Print KEY's value; exits 1 with "not found" when absent.
     Get {
         key: String,
@@ -67,8 +73,10 @@ pub struct RangeArgs {
 
 pub async fn kv(client: &MetaClient, command: KvCommand, output: Output) -> Result<(), Failure> {
     match command {
-        KvCommand::Put { key, value } => {
-            let put = client.put(PutRequest::new(key, value)).await?;
+        KvCommand::Put { key, value, lease } => {
+            let put = client
+                .put(PutRequest::new(key, value).with_lease(lease))
+                .await?;
             print(
                 output,
                 "OK".to_string(),

@@ -14,10 +14,12 @@ use meta_srv::cli::{EXIT_FAILURE, parse_or_exit};
 use serde_json::json;
 
 mod kv;
+mod lease;
 mod regions;
 mod tables;
 
 use kv::{KvCommand, kv};
+use lease::{LeaseCommand, lease};
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +57,9 @@ enum Command {
     /// Read and write keys (UTF-8 text).
     #[command(subcommand)]
     Kv(KvCommand),
+    /// Leases: keys that live as long as their lease is kept alive.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
     /// This member's raft view: role, leader, term, indexes, members.
     Status,
     /// List and change the members of the cluster.
@@ -198,6 +203,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         MetaClient::new(&cli.endpoints, options).map_err(|e| Failure(format!("error: {e}")))?;
     let result = match cli.command {
         Command::Kv(command) => kv(&client, command, cli.output).await,
+        Command::Lease(command) => lease(&client, command, cli.output).await,
         Command::Status => status(&client, cli.output).await,
         Command::Member(command) => member(&client, command, cli.output).await,
         Command::Procedure(command) => procedures(&client, command, cli.output).await,
