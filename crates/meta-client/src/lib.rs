@@ -21,6 +21,7 @@
 //! **Invariant:** `meta-client` never depends on `meta-srv`.
 
 mod client;
+pub mod concurrency;
 mod ddl;
 mod heartbeat;
 mod kv;

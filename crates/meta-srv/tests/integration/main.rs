@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod cluster_process;
+mod concurrency;
 mod ddl;
 mod durability;
 mod exactly_once;
