@@ -197,6 +197,7 @@ impl SledKvStore {
             compacted: AtomicI64::new(compacted),
             hub: crate::kv::watch::WatchHub::new(revision),
         };
+        store.start_history()?;
         // A crash between a compaction and its sweep: finish the sweep.
         if store.read_i64(history::SWEPT_KEY)? < compacted {
             store.sweep(compacted)?;

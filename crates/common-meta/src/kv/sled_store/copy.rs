@@ -183,6 +183,8 @@ impl SledKvStore {
             Ordering::Release,
         );
         drop(_guard);
+        // A copy from a member that kept no history yet gets one started.
+        self.start_history()?;
         // The new state's changes are not listed: every watcher reads the history (and
         // ends as compacted if the snapshot no longer has what it needs).
         self.hub.publish(revision, None);

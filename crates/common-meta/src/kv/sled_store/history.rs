@@ -31,6 +31,8 @@ pub(super) const CHANGE_PREFIX: u8 = 0x04;
 pub(super) const VERSION_PREFIX: u8 = 0x05;
 pub(super) const COMPACTED_KEY: &[u8] = b"\x00compacted";
 pub(super) const SWEPT_KEY: &[u8] = b"\x00swept";
+/// Present once the store keeps history (every store made since it existed).
+const HISTORY_KEY: &[u8] = b"\x00history";
 
 const PUT: u8 = 1;
 const DELETE: u8 = 2;
@@ -283,6 +285,40 @@ impl SledKvStore {
                 .map_err(storage_error("sweeping compacted history"))?;
             from = next;
         }
+        Ok(())
+    }
+
+    /// Starts the history of a store written before history existed: each key's
+    /// current version becomes its history, and the store counts as compacted at its
+    /// revision (what came before was never kept). One batch; a no-op once done.
+    pub(super) fn start_history(&self) -> Result<()> {
+        if self
+            .tree
+            .contains_key(HISTORY_KEY)
+            .map_err(storage_error("reading store metadata"))?
+        {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for item in ReadView::scan(self, &[0], None) {
+            let (key, entry) = item?;
+            batch.insert(
+                change_key(entry.mod_revision, &key),
+                change_value(Some(&entry)),
+            );
+            batch.insert(version_key(&key, entry.mod_revision), vec![PUT]);
+        }
+        let revision = self.revision();
+        if revision > 0 {
+            batch.insert(COMPACTED_KEY, &revision.to_be_bytes());
+            batch.insert(SWEPT_KEY, &revision.to_be_bytes());
+        }
+        batch.insert(HISTORY_KEY, &[1u8][..]);
+        self.tree
+            .apply_batch(batch)
+            .map_err(storage_error("starting the history"))?;
+        self.compacted
+            .store(revision, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 

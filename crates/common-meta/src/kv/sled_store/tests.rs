@@ -312,6 +312,24 @@ fn read_at(store: &SledKvStore, key: &str, revision: i64) -> Result<Option<Vec<u
     })
 }
 
+/// Opens the store again right after the last handle was dropped: sled releases its
+/// file lock from a background thread a moment later, after many deletes (a sweep).
+fn reopen(dir: &std::path::Path) -> SledKvStore {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match SledKvStore::open(dir, KvLimits::default()) {
+            Ok(store) => return store,
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && e.to_string().contains("acquire lock") =>
+            {
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("reopening: {e}"),
+        }
+    }
+}
+
 #[test]
 fn compaction_reclaims_history_and_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -345,7 +363,7 @@ fn compaction_reclaims_history_and_survives_reopen() {
         assert_eq!(store.history_len(), 4);
         store.flush().unwrap();
     }
-    let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+    let store = reopen(dir.path());
     assert_eq!(store.compacted(), kept_at);
     assert_eq!(read_at(&store, "a", kept_at).unwrap(), Some(b"49".to_vec()));
     assert_eq!(read_at(&store, "c", kept_at).unwrap(), None);
@@ -392,4 +410,44 @@ fn a_group_reads_its_own_earlier_revisions() {
     assert_eq!(value(&answers[2]), b"0");
     assert_eq!(value(&answers[3]), b"1");
     assert_eq!(value(&answers[4]), b"2");
+}
+
+#[test]
+fn a_store_written_before_history_existed_gets_one_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = {
+        let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+        store.commit(vec![put_txn("a", "1")]).unwrap();
+        store.commit(vec![put_txn("a", "2")]).unwrap();
+        store.commit(vec![put_txn("b", "1")]).unwrap();
+        // Take the store back to how an older version left it: no history at all.
+        for prefix in [history::CHANGE_PREFIX, history::VERSION_PREFIX] {
+            for key in store.tree.scan_prefix([prefix]).keys() {
+                store.tree.remove(key.unwrap()).unwrap();
+            }
+        }
+        for key in [
+            b"\x00history".as_slice(),
+            history::COMPACTED_KEY,
+            history::SWEPT_KEY,
+        ] {
+            store.tree.remove(key).unwrap();
+        }
+        store.flush().unwrap();
+        store.revision()
+    };
+    let store = reopen(dir.path());
+    assert_eq!(store.compacted(), written, "nothing before now was kept");
+    assert_eq!(store.history_len(), 2, "each key's current version");
+    assert_eq!(read_at(&store, "a", written).unwrap(), Some(b"2".to_vec()));
+    assert!(matches!(
+        read_at(&store, "a", written - 1),
+        Err(Error::Compacted { .. })
+    ));
+    store.commit(vec![put_txn("a", "3")]).unwrap();
+    assert_eq!(read_at(&store, "a", written).unwrap(), Some(b"2".to_vec()));
+    assert_eq!(
+        read_at(&store, "b", written + 1).unwrap(),
+        Some(b"1".to_vec())
+    );
 }
