@@ -435,6 +435,7 @@ impl MetaSrv {
                 self.node.driver(),
                 member_id,
                 self.members.clone(),
+                stop_rx.clone(),
             ),
         );
         let watch = WatchServer::new(crate::service::watch::WatchService::new(

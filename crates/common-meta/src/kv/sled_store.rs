@@ -134,16 +134,30 @@ impl SledKvStore {
     /// Opens (or creates) a sled database in directory `path` holding only this store.
     pub fn open(path: impl AsRef<Path>, limits: KvLimits) -> Result<Self> {
         let path = path.as_ref();
-        // No background flusher: it only logs a failed sync (a later flush may then
-        // succeed over lost pages); the caller's flushes, which fail stop, do the syncing.
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| Error::Storage {
-                context: format!("opening sled database at {}", path.display()),
-                source,
-            })?;
+        // A handle of this process that was just dropped releases sled's file lock from
+        // a background thread a moment later: wait for that, briefly. (Another process
+        // holding the directory is refused after the wait.)
+        let patience = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let db = loop {
+            // No background flusher: it only logs a failed sync (a later flush may then
+            // succeed over lost pages); the caller's flushes, which fail stop, do the
+            // syncing.
+            match sled::Config::new().path(path).flush_every_ms(None).open() {
+                Ok(db) => break db,
+                Err(source)
+                    if source.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < patience =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(source) => {
+                    return Err(Error::Storage {
+                        context: format!("opening sled database at {}", path.display()),
+                        source,
+                    });
+                }
+            }
+        };
         let store = Self::open_in(db, limits)?;
         store.sync_filesystem_of(path)?;
         Ok(store)

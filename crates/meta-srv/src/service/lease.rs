@@ -23,22 +23,26 @@ pub struct LeaseService {
     driver: DriverHandle,
     member_id: u64,
     members: Arc<Members>,
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl LeaseService {
     /// Leases of `backend` (whose driver is behind `driver`), answering as `member_id`;
-    /// `members` maps ids to addresses for leader hints.
+    /// `members` maps ids to addresses for leader hints; `stop` ends keep-alive
+    /// streams (UNAVAILABLE) when the member stops.
     pub fn new(
         backend: RaftKvBackend,
         driver: DriverHandle,
         member_id: u64,
         members: Arc<Members>,
+        stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         LeaseService {
             backend,
             driver,
             member_id,
             members,
+            stop,
         }
     }
 
@@ -95,8 +99,21 @@ impl pb::lease_server::Lease for LeaseService {
         let mut requests = request.into_inner();
         let (out, responses) = mpsc::channel(16);
         let service = self.clone();
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
-            while let Ok(Some(request)) = requests.message().await {
+            loop {
+                let request = tokio::select! {
+                    request = requests.message() => request,
+                    // A graceful stop waits for open streams: end this one.
+                    stopping = stop.wait_for(|s| *s) => {
+                        drop(stopping);
+                        let _ = out.try_send(Err(Status::unavailable("the member is stopping")));
+                        return;
+                    }
+                };
+                let Ok(Some(request)) = request else {
+                    return;
+                };
                 let answer = match service.backend.lease_keep_alive(request.id).await {
                     Ok(ttl) => Ok(ttl),
                     Err(common_meta::Error::LeaseNotFound { .. }) => Ok(0),

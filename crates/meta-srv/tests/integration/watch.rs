@@ -241,3 +241,126 @@ async fn the_leader_compacts_the_history_it_was_told_to_keep() {
     assert_eq!(client.get(b"old").await.unwrap().unwrap().value, b"2");
     server.shutdown().await;
 }
+
+async fn next_of(
+    responses: &mut tonic::Streaming<meta_proto::v1::WatchResponse>,
+) -> meta_proto::v1::WatchResponse {
+    tokio::time::timeout(Duration::from_secs(20), responses.message())
+        .await
+        .expect("a watch response within 20 s")
+        .unwrap()
+        .expect("the stream goes on")
+}
+
+/// The wire contract of `meta.v1.Watch` and of the keep-alive stream, through raw gRPC
+/// clients as another language's client would see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_and_keep_alive_streams_answer_bad_requests_in_band() {
+    use meta_proto::v1 as pb;
+    use pb::watch_request::Request as R;
+    let server = crate::in_process::start().await;
+    let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default()).unwrap();
+    let first = client
+        .put(PutRequest::new("raw/a", "1"))
+        .await
+        .unwrap()
+        .revision;
+    let second = client
+        .put(PutRequest::new("raw/a", "2"))
+        .await
+        .unwrap()
+        .revision;
+    client.compact(second).await.unwrap();
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (requests, outbound) = tokio::sync::mpsc::channel(8);
+    let mut responses = pb::watch_client::WatchClient::new(channel.clone())
+        .watch(tokio_stream::wrappers::ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    let send = |r: R| {
+        let requests = requests.clone();
+        async move {
+            requests
+                .send(pb::WatchRequest { request: Some(r) })
+                .await
+                .unwrap()
+        }
+    };
+    let create = |key: &str, end: &str, start: i64, id: i64| {
+        R::Create(pb::WatchCreateRequest {
+            key: key.into(),
+            range_end: end.into(),
+            start_revision: start,
+            watch_id: id,
+            ..Default::default()
+        })
+    };
+
+    // An inverted range: created and cancelled at once, in band; the stream lives on.
+    send(create("raw/b", "raw/a", 0, 0)).await;
+    let refused = next_of(&mut responses).await;
+    assert!(refused.created && refused.canceled, "{refused:?}");
+    assert!(
+        refused.cancel_reason.contains("not after its key"),
+        "{refused:?}"
+    );
+    // A compacted start: cancelled with the compacted revision.
+    send(create("raw/a", "", first, 0)).await;
+    let compacted = next_of(&mut responses).await;
+    assert!(compacted.created && compacted.canceled);
+    assert_eq!(compacted.compact_revision, second);
+    // A good watcher: created first, then its events; ids chosen by the server start
+    // at 0 (as etcd's), or the client names one.
+    send(create("raw/", "raw0", second, 7)).await;
+    let created = next_of(&mut responses).await;
+    assert!(created.created && !created.canceled, "{created:?}");
+    let id = created.watch_id;
+    assert_eq!(id, 7);
+    let events = next_of(&mut responses).await;
+    assert_eq!((events.watch_id, events.events.len()), (id, 1));
+    assert_eq!(events.events[0].kv.as_ref().unwrap().mod_revision, second);
+    // An id in use is refused; an unknown cancel is ignored.
+    send(create("raw/x", "", 0, id)).await;
+    let in_use = next_of(&mut responses).await;
+    assert!(
+        in_use.canceled && in_use.cancel_reason.contains("in use"),
+        "{in_use:?}"
+    );
+    send(R::Cancel(pb::WatchCancelRequest { watch_id: 999 })).await;
+    // A progress request: answered with watch_id -1 once the watcher caught up.
+    send(R::Progress(pb::WatchProgressRequest {})).await;
+    let progress = next_of(&mut responses).await;
+    assert_eq!(progress.watch_id, -1, "{progress:?}");
+    assert!(progress.header.unwrap().revision >= second);
+    // Cancelling the real one answers `canceled`.
+    send(R::Cancel(pb::WatchCancelRequest { watch_id: id })).await;
+    let cancelled = next_of(&mut responses).await;
+    assert!(
+        cancelled.canceled && cancelled.watch_id == id,
+        "{cancelled:?}"
+    );
+
+    // Keep-alive of a revoked lease: TTL 0, and the stream goes on.
+    let lease = client.lease_grant(30, 0).await.unwrap().id;
+    let gone = client.lease_grant(30, 0).await.unwrap().id;
+    client.lease_revoke(gone).await.unwrap();
+    let (keep, outbound) = tokio::sync::mpsc::channel(4);
+    let mut answers = pb::lease_client::LeaseClient::new(channel)
+        .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    for (id, alive) in [(gone, false), (lease, true)] {
+        keep.send(pb::LeaseKeepAliveRequest { id }).await.unwrap();
+        let answer = answers.message().await.unwrap().unwrap();
+        assert_eq!(answer.id, id);
+        assert_eq!(answer.ttl > 0, alive, "{answer:?}");
+    }
+    server.shutdown().await;
+}

@@ -255,6 +255,21 @@ pub async fn watch_basics(backend: &dyn KvBackend) {
         "[{name}] replay from r2, then live"
     );
 
+    // A start revision in the future waits for it.
+    let now = current_revision(backend).await;
+    let mut future = backend
+        .watch(WatchRequest::prefix("wb/").from_revision(now + 2))
+        .await
+        .unwrap();
+    put(backend, "wb/skipped", "1").await;
+    let r6 = put(backend, "wb/seen", "1").await;
+    let events = next_events(name, &mut future).await;
+    assert_eq!(
+        events.iter().map(|e| e.kv.mod_revision).collect::<Vec<_>>(),
+        vec![r6],
+        "[{name}] a future start revision"
+    );
+
     // Bad requests.
     for bad in [
         WatchRequest {
