@@ -466,7 +466,13 @@ impl SledKvStore {
             return Ok(answers);
         }
         let mut batch = sled::Batch::default();
-        lease::record_attachments(self, &mut batch, &changes)?;
+        // Each changed key as it was before the group: for its lease and its history.
+        let mut before = BTreeMap::new();
+        for key in changes.keys() {
+            before.insert(key.clone(), ReadView::get(self, key)?);
+        }
+        lease::record_attachments(&mut batch, &changes, &before);
+        history::record(&mut batch, &history, &changes, &before);
         for (id, record) in leases {
             match record {
                 Some(record) => batch.insert(&lease::lease_key(id), record.encode_to_vec()),
@@ -478,9 +484,6 @@ impl SledKvStore {
                 Some(entry) => batch.insert(data_key(&key), entry.encode()),
                 None => batch.remove(data_key(&key)),
             }
-        }
-        for (revision, changes) in &history {
-            history::record(&mut batch, *revision, changes);
         }
         if let Some(compact) = compact {
             batch.insert(history::COMPACTED_KEY, &compact.to_be_bytes());

@@ -11,7 +11,11 @@
 //!
 //! The first lists the changes in revision order (a watcher's catch-up reads it); the
 //! second lists each key's versions in order (a read at revision R takes a key's last
-//! version at or below R). `kind` is 1 for a put and 2 for a delete. `esc` makes the
+//! version at or below R). `kind` is 1 for a put and 2 for a delete; in the first
+//! family, 3 marks a key's current version, whose entry is the data entry itself
+//! (`0x01 {key}`): the value is stored once. The write that supersedes it rewrites the
+//! record as a full put, in its own batch. Readers outside the writer take the store's
+//! read lock, so they never see a record and a data entry from different batches. `esc` makes the
 //! key order-preserving and prefix-free: each 0x00 byte becomes 0x00 0xff and the key
 //! ends with 0x00 0x00, so `{esc(key)}{revision}` sorts by key, then revision.
 //!
@@ -22,6 +26,8 @@
 //! decision and the sweep is finished at the next open.
 
 use std::collections::BTreeMap;
+
+use std::sync::PoisonError;
 
 use super::{SledKvStore, storage_error};
 use crate::error::{Error, Result};
@@ -36,6 +42,8 @@ const HISTORY_KEY: &[u8] = b"\x00history";
 
 const PUT: u8 = 1;
 const DELETE: u8 = 2;
+/// A put that is the key's current version: the entry is the data entry.
+const CURRENT: u8 = 3;
 
 /// How many changes one sweep batch covers, so a large compaction is written in pieces.
 const SWEEP_CHUNK: usize = 10_000;
@@ -119,35 +127,45 @@ fn corrupted(what: &str, stored: &[u8], reason: impl Into<String>) -> Error {
     }
 }
 
-fn decode_change(stored: &[u8], value: &[u8]) -> Result<Change> {
+fn revision_of(stored: &[u8]) -> Result<i64> {
     let revision: [u8; 8] = stored
         .get(1..9)
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| corrupted("change", stored, "key shorter than a revision"))?;
-    let entry = match value.split_first() {
-        Some((&PUT, rest)) => {
-            Some(Entry::decode(rest).map_err(|reason| corrupted("change", stored, reason))?)
-        }
-        Some((&DELETE, [])) => None,
-        _ => return Err(corrupted("change", stored, "unknown kind")),
-    };
-    Ok(Change {
-        revision: i64::from_be_bytes(revision),
-        key: stored[9..].to_vec(),
-        entry,
-    })
+    Ok(i64::from_be_bytes(revision))
 }
 
-/// Adds the history of a write at `revision` (`changes`: `None` = deleted) to `batch`.
+/// Adds the history of a group's writes to `batch`: each write's changes at its
+/// revision (`history`), the last version of each key in the group marked current, and
+/// the version that was current before the group (`before`) rewritten as a full put.
 pub(super) fn record(
     batch: &mut sled::Batch,
-    revision: i64,
-    changes: &BTreeMap<Vec<u8>, Option<Entry>>,
+    history: &[(i64, BTreeMap<Vec<u8>, Option<Entry>>)],
+    finals: &BTreeMap<Vec<u8>, Option<Entry>>,
+    before: &BTreeMap<Vec<u8>, Option<Entry>>,
 ) {
-    for (key, entry) in changes {
-        let kind = if entry.is_some() { PUT } else { DELETE };
-        batch.insert(change_key(revision, key), change_value(entry.as_ref()));
-        batch.insert(version_key(key, revision), vec![kind]);
+    for (key, entry) in before {
+        if let Some(entry) = entry {
+            batch.insert(
+                change_key(entry.mod_revision, key),
+                change_value(Some(entry)),
+            );
+        }
+    }
+    for (revision, changes) in history {
+        for (key, entry) in changes {
+            let current = finals
+                .get(key)
+                .and_then(Option::as_ref)
+                .is_some_and(|last| last.mod_revision == *revision);
+            let (value, kind) = match entry {
+                Some(_) if current => (vec![CURRENT], PUT),
+                Some(entry) => (change_value(Some(entry)), PUT),
+                None => (vec![DELETE], DELETE),
+            };
+            batch.insert(change_key(*revision, key), value);
+            batch.insert(version_key(key, *revision), vec![kind]);
+        }
     }
 }
 
@@ -168,6 +186,7 @@ impl SledKvStore {
     /// revision cut in two. `Err(Compacted)` when `from` is below the compacted
     /// revision.
     pub(crate) fn changes(&self, from: i64, to: i64, limit: usize) -> Result<Vec<Change>> {
+        let _guard = self.lock.read().unwrap_or_else(PoisonError::into_inner);
         let compacted = self.compacted();
         if from < compacted {
             return Err(Error::Compacted {
@@ -182,7 +201,7 @@ impl SledKvStore {
         let upper = change_key(to.saturating_add(1), b"");
         for item in self.tree.range(change_key(from, b"")..upper) {
             let (stored, value) = item.map_err(storage_error("reading the history"))?;
-            let change = decode_change(&stored, &value)?;
+            let change = self.decode_change(&stored, &value)?;
             if out.len() >= limit && out.last().is_some_and(|l| l.revision != change.revision) {
                 break;
             }
@@ -224,7 +243,7 @@ impl SledKvStore {
                     .get(&at)
                     .map_err(storage_error("reading the history"))?
                     .ok_or_else(|| corrupted("version", stored, "its change is missing"))?;
-                Ok(decode_change(&at, &value)?.entry)
+                Ok(self.decode_change(&at, &value)?.entry)
             }
             _ => Err(corrupted("version", stored, "unknown kind")),
         }
@@ -232,7 +251,34 @@ impl SledKvStore {
 
     /// The version of `key` just before `revision` (a watcher's `prev_kv`).
     pub(crate) fn previous(&self, key: &[u8], revision: i64) -> Result<Option<Entry>> {
+        let _guard = self.lock.read().unwrap_or_else(PoisonError::into_inner);
         self.entry_at(key, revision - 1)
+    }
+
+    /// Decodes a change record; a current version's entry is read from the data.
+    fn decode_change(&self, stored: &[u8], value: &[u8]) -> Result<Change> {
+        let revision = revision_of(stored)?;
+        let key = stored[9..].to_vec();
+        let entry = match value.split_first() {
+            Some((&PUT, rest)) => {
+                Some(Entry::decode(rest).map_err(|reason| corrupted("change", stored, reason))?)
+            }
+            Some((&CURRENT, [])) => {
+                let entry = ReadView::get(self, &key)?
+                    .filter(|e| e.mod_revision == revision)
+                    .ok_or_else(|| {
+                        corrupted("change", stored, "marked current, but the key moved on")
+                    })?;
+                Some(entry)
+            }
+            Some((&DELETE, [])) => None,
+            _ => return Err(corrupted("change", stored, "unknown kind")),
+        };
+        Ok(Change {
+            revision,
+            key,
+            entry,
+        })
     }
 
     /// Removes the history the compaction at `to` made unreadable, for keys changed
@@ -251,7 +297,7 @@ impl SledKvStore {
             let upper = change_key(to.saturating_add(1), b"");
             for item in self.tree.range(change_key(from, b"")..upper) {
                 let (stored, _) = item.map_err(storage_error("reading the history"))?;
-                let revision = decode_change(&stored, &[DELETE])?.revision;
+                let revision = revision_of(&stored)?;
                 if keys.len() >= SWEEP_CHUNK && revision > from {
                     next = revision;
                     break;
@@ -302,10 +348,7 @@ impl SledKvStore {
         let mut batch = sled::Batch::default();
         for item in ReadView::scan(self, &[0], None) {
             let (key, entry) = item?;
-            batch.insert(
-                change_key(entry.mod_revision, &key),
-                change_value(Some(&entry)),
-            );
+            batch.insert(change_key(entry.mod_revision, &key), vec![CURRENT]);
             batch.insert(version_key(&key, entry.mod_revision), vec![PUT]);
         }
         let revision = self.revision();

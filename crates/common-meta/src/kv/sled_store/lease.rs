@@ -17,7 +17,7 @@ use prost::Message as _;
 
 use super::{SledKvStore, TREE, storage_error};
 use crate::error::{Error, Result};
-use crate::kv::engine::{Entry, ReadView};
+use crate::kv::engine::Entry;
 
 pub(super) const LEASE_PREFIX: u8 = 0x06;
 pub(super) const ATTACHED_PREFIX: u8 = 0x07;
@@ -48,14 +48,17 @@ fn decode_record(id: i64, bytes: &[u8]) -> Result<pb::LeaseRecord> {
 }
 
 /// Adds to `batch` the attachment changes of a group's key changes: for each key, its
-/// lease before the group (`store`) against its lease after.
+/// lease before the group (`before`) against its lease after.
 pub(super) fn record_attachments(
-    store: &SledKvStore,
     batch: &mut sled::Batch,
     changes: &BTreeMap<Vec<u8>, Option<Entry>>,
-) -> Result<()> {
+    before: &BTreeMap<Vec<u8>, Option<Entry>>,
+) {
     for (key, after) in changes {
-        let before = ReadView::get(store, key)?.map_or(0, |e| e.lease);
+        let before = before
+            .get(key)
+            .and_then(Option::as_ref)
+            .map_or(0, |e| e.lease);
         let after = after.as_ref().map_or(0, |e| e.lease);
         if before == after {
             continue;
@@ -67,7 +70,6 @@ pub(super) fn record_attachments(
             batch.insert(attached_key(after, key), Vec::new());
         }
     }
-    Ok(())
 }
 
 impl SledKvStore {

@@ -451,3 +451,31 @@ fn a_store_written_before_history_existed_gets_one_at_open() {
         Some(b"1".to_vec())
     );
 }
+
+#[test]
+fn a_value_is_stored_once_while_current_and_kept_in_the_history_once_superseded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+    let big = "x".repeat(10_000);
+    store.commit(vec![put_txn("k", &big)]).unwrap();
+    let first = store.revision();
+    let record = |revision| {
+        store
+            .tree
+            .get(history::change_key(revision, b"k"))
+            .unwrap()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(record(first), 1, "the current version points at the data");
+    store.commit(vec![put_txn("k", "small")]).unwrap();
+    assert!(
+        record(first) > 10_000,
+        "superseded: the history holds the value"
+    );
+    assert_eq!(read_at(&store, "k", first).unwrap(), Some(big.into_bytes()));
+    assert_eq!(
+        read_at(&store, "k", first + 1).unwrap(),
+        Some(b"small".to_vec())
+    );
+}
