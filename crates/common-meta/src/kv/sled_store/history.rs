@@ -140,7 +140,7 @@ fn revision_of(stored: &[u8]) -> Result<i64> {
 /// the version that was current before the group (`before`) rewritten as a full put.
 pub(super) fn record(
     batch: &mut sled::Batch,
-    history: &[(i64, BTreeMap<Vec<u8>, Option<Entry>>)],
+    history: &[super::group::Written],
     finals: &BTreeMap<Vec<u8>, Option<Entry>>,
     before: &BTreeMap<Vec<u8>, Option<Entry>>,
 ) {
