@@ -32,6 +32,10 @@ pub enum BenchTask {
     Ddl(crate::bench_ddl::DdlArgs),
     /// Regions moved off a drained and then a killed datanode.
     Failover(crate::bench_failover::FailoverArgs),
+    /// Many watchers over one prefix while one writer puts (and etcd with --vs-etcd).
+    Watch(crate::bench_watch::WatchArgs),
+    /// Many leases kept alive: what the leader spends.
+    Lease(crate::bench_lease::LeaseArgs),
 }
 
 /// Settings of `bench procedure`.
@@ -117,6 +121,8 @@ pub fn launch(task: &BenchTask) -> anyhow::Result<()> {
         BenchTask::Heartbeat(args) => (args.to_args(), true, false),
         BenchTask::Ddl(args) => (args.to_args(), true, false),
         BenchTask::Failover(args) => (args.to_args(), true, false),
+        BenchTask::Watch(args) => (args.to_args(), true, args.vs_etcd),
+        BenchTask::Lease(args) => (args.to_args(), true, false),
         BenchTask::Procedure(args) => (args.to_args(), false, false),
     };
     if etcd {
@@ -175,6 +181,8 @@ pub fn run(task: BenchTask) -> anyhow::Result<()> {
         BenchTask::Heartbeat(args) => runtime.block_on(crate::bench_heartbeat::run(args)),
         BenchTask::Ddl(args) => runtime.block_on(crate::bench_ddl::run(args)),
         BenchTask::Failover(args) => runtime.block_on(crate::bench_failover::run(args)),
+        BenchTask::Watch(args) => runtime.block_on(crate::bench_watch::run(args)),
+        BenchTask::Lease(args) => runtime.block_on(crate::bench_lease::run(args)),
     }
 }
 
@@ -275,7 +283,7 @@ pub async fn start_meta_with(
 
 /// A load generator's view of a system.
 #[async_trait]
-trait Target: Send + Sync {
+pub(crate) trait Target: Send + Sync {
     async fn put(&self, key: Vec<u8>, value: Vec<u8>) -> anyhow::Result<()>;
     async fn get(&self, key: Vec<u8>, serializable: bool) -> anyhow::Result<()>;
 }
@@ -328,7 +336,7 @@ async fn connect(
 }
 
 #[cfg(feature = "etcd")]
-mod etcd {
+pub(crate) mod etcd {
     //! The etcd side: processes from Debian's etcd-server, clients from etcd-client.
 
     use super::*;
@@ -403,10 +411,54 @@ mod etcd {
             }
         }
     }
+
+    /// The etcd side of `bench watch`: the same watchers and writer through etcd-client.
+    pub async fn watch_run(
+        args: &crate::bench_watch::WatchArgs,
+    ) -> anyhow::Result<crate::bench_watch::Outcome> {
+        use etcd_client::WatchOptions;
+        let (procs, endpoints) = start(args.members).await?;
+        let mut clients = Vec::new();
+        for _ in 0..args.connections.max(1) {
+            clients.push(Client::connect(endpoints.clone(), None).await?);
+        }
+        let seen = crate::bench_watch::seen();
+        let mut tasks = Vec::new();
+        for i in 0..args.watchers {
+            let mut client = clients[i % clients.len()].clone();
+            let (watcher, mut stream) = client
+                .watch("bw/", Some(WatchOptions::new().with_prefix()))
+                .await?;
+            let (seen, sampled) = (seen.clone(), i % args.sample_every.max(1) == 0);
+            tasks.push(tokio::spawn(async move {
+                let _watcher = watcher;
+                while let Ok(Some(response)) = stream.message().await {
+                    for event in response.events() {
+                        if let Some(kv) = event.kv() {
+                            crate::bench_watch::record(&seen, kv.value(), sampled);
+                        }
+                    }
+                }
+            }));
+        }
+        let writer = Client::connect(endpoints.clone(), None).await?;
+        let outcome = crate::bench_watch::measure(args, &procs, &seen, |key, value| {
+            let mut writer = writer.clone();
+            async move {
+                writer.put(key, value, None).await?;
+                Ok(())
+            }
+        })
+        .await;
+        for task in tasks {
+            task.abort();
+        }
+        outcome
+    }
 }
 
 #[cfg(not(feature = "etcd"))]
-mod etcd {
+pub(crate) mod etcd {
     //! Without the `etcd` feature there is no etcd client.
 
     use super::*;
@@ -417,6 +469,12 @@ mod etcd {
 
     pub async fn start(_members: usize) -> anyhow::Result<(Processes, Vec<String>)> {
         bail!("built without the `etcd` feature; run `cargo xtask bench kv --vs-etcd`")
+    }
+
+    pub async fn watch_run(
+        _args: &crate::bench_watch::WatchArgs,
+    ) -> anyhow::Result<crate::bench_watch::Outcome> {
+        bail!("built without the `etcd` feature; run `cargo xtask bench watch --vs-etcd`")
     }
 }
 

@@ -52,7 +52,7 @@ impl HeartbeatArgs {
 }
 
 /// CPU seconds (user + system) and resident bytes of process `pid`, from /proc.
-fn usage(pid: u32, ticks_per_sec: f64) -> anyhow::Result<(f64, u64)> {
+pub(crate) fn usage(pid: u32, ticks_per_sec: f64) -> anyhow::Result<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the parenthesised command name; utime and stime are 14 and 15.
     let after = stat.rsplit_once(')').context("malformed /proc stat")?.1;
@@ -72,7 +72,7 @@ fn usage(pid: u32, ticks_per_sec: f64) -> anyhow::Result<(f64, u64)> {
     Ok((ticks / ticks_per_sec, rss_kb * 1024))
 }
 
-fn ticks_per_sec() -> f64 {
+pub(crate) fn ticks_per_sec() -> f64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -81,7 +81,7 @@ fn ticks_per_sec() -> f64 {
         .unwrap_or(100.0)
 }
 
-fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

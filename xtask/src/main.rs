@@ -7,6 +7,8 @@
 //! - `bench procedure`: procedures per second on the sled and raft backends.
 //! - `bench heartbeat`: heartbeats of simulated datanodes to one release leader.
 //! - `bench ddl`: tables created and dropped per second through DDL procedures.
+//! - `bench watch`: watch event latency and server cost, 10,000 watchers (vs etcd).
+//! - `bench lease`: what keeping 100,000 leases alive costs the leader.
 //! - `bench failover`: time to lead elsewhere every region of a drained, then a killed,
 //!   datanode.
 //! - `sim`: simulated datanodes against a running cluster.
@@ -20,7 +22,9 @@ mod bench;
 mod bench_ddl;
 mod bench_failover;
 mod bench_heartbeat;
+mod bench_lease;
 mod bench_procedure;
+mod bench_watch;
 mod codegen;
 mod fuzz;
 mod sim;
