@@ -426,12 +426,11 @@ pub(crate) mod etcd {
         let mut tasks = Vec::new();
         for i in 0..args.watchers {
             let mut client = clients[i % clients.len()].clone();
-            let (watcher, mut stream) = client
+            let mut stream = client
                 .watch("bw/", Some(WatchOptions::new().with_prefix()))
                 .await?;
             let (seen, sampled) = (seen.clone(), i % args.sample_every.max(1) == 0);
             tasks.push(tokio::spawn(async move {
-                let _watcher = watcher;
                 while let Ok(Some(response)) = stream.message().await {
                     for event in response.events() {
                         if let Some(kv) = event.kv() {

@@ -508,7 +508,13 @@ impl Watcher {
     }
 
     async fn send(&mut self, response: WatchResponse) -> std::result::Result<(), Stop> {
-        match tokio::time::timeout(self.stall, self.out.send(Ok(response))).await {
+        // Most sends find room: no timer for those (one per event per watcher adds up).
+        let response = match self.out.try_send(Ok(response)) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Stop::Gone),
+            Err(mpsc::error::TrySendError::Full(response)) => response,
+        };
+        match tokio::time::timeout(self.stall, self.out.send(response)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Stop::Gone),
             Err(_) => Err(Stop::Stalled(Error::Unavailable {

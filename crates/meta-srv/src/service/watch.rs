@@ -75,7 +75,11 @@ impl Stream {
     }
 
     async fn send(&self, response: pb::WatchResponse) -> bool {
-        self.out.send(Ok(response)).await.is_ok()
+        match self.out.try_send(Ok(response)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(response)) => self.out.send(response).await.is_ok(),
+        }
     }
 
     /// Records a watcher's progress answer; sends the combined one when it was the last.
