@@ -59,14 +59,6 @@ pub async fn run(args: LeaseArgs) -> anyhow::Result<()> {
     );
     let (procs, endpoints) = start_meta_with(3, None).await?;
     let client = MetaClient::new(&endpoints, MetaClientOptions::default())?;
-    let status = client.status().await?;
-    let leader = status.leader_id as usize;
-    if leader == 0 {
-        bail!("no leader");
-    }
-    let leader_addr = endpoints[leader - 1].clone();
-    let pid = procs.pid(leader - 1);
-
     // Grant, 64 at a time.
     let granting = Instant::now();
     let mut ids = Vec::with_capacity(args.leases);
@@ -91,6 +83,15 @@ pub async fn run(args: LeaseArgs) -> anyhow::Result<()> {
         ids.len(),
         granting.elapsed().as_secs_f64()
     );
+
+    // The leader now (granting may have moved it).
+    let status = client.status().await?;
+    let leader = status.leader_id as usize;
+    if leader == 0 {
+        bail!("no leader");
+    }
+    let leader_addr = endpoints[leader - 1].clone();
+    let pid = procs.pid(leader - 1);
 
     // Renew each every ttl/3, spread evenly, over the streams.
     let answered = Arc::new(AtomicU64::new(0));
