@@ -57,6 +57,23 @@ fn check_exclusion(
     Ok(())
 }
 
+/// The guarded writes among the counter's events (`"{count} {holder key}"` values).
+fn guarded(events: Vec<common_meta::kv::Event>) -> Vec<Guarded> {
+    events
+        .into_iter()
+        .filter(|e| e.kind == EventKind::Put)
+        .map(|e| {
+            let text = String::from_utf8_lossy(&e.kv.value).into_owned();
+            let (count, holder) = text.split_once(' ').unwrap();
+            Guarded {
+                count: count.parse().unwrap(),
+                revision: e.kv.mod_revision,
+                holder: holder.as_bytes().to_vec(),
+            }
+        })
+        .collect()
+}
+
 fn kv(key: &str, create: i64) -> KeyValue {
     KeyValue {
         key: key.as_bytes().to_vec(),
@@ -190,15 +207,7 @@ async fn five_contenders_hold_the_lock_one_at_a_time_while_the_leader_stops() {
         tokio::select! {
             response = stream.next() => {
                 if let Some(Ok(WatchResponse::Events { events, .. })) = response {
-                    for e in events.into_iter().filter(|e| e.kind == EventKind::Put) {
-                        let text = String::from_utf8_lossy(&e.kv.value).into_owned();
-                        let (count, holder) = text.split_once(' ').unwrap();
-                        writes.push(Guarded {
-                            count: count.parse().unwrap(),
-                            revision: e.kv.mod_revision,
-                            holder: holder.as_bytes().to_vec(),
-                        });
-                    }
+                    writes.extend(guarded(events));
                 }
             }
             () = tokio::time::sleep(Duration::from_millis(200)) => {
@@ -223,15 +232,7 @@ async fn five_contenders_hold_the_lock_one_at_a_time_while_the_leader_stops() {
                 .await
                 .unwrap()
         {
-            for e in events.into_iter().filter(|e| e.kind == EventKind::Put) {
-                let text = String::from_utf8_lossy(&e.kv.value).into_owned();
-                let (count, holder) = text.split_once(' ').unwrap();
-                writes.push(Guarded {
-                    count: count.parse().unwrap(),
-                    revision: e.kv.mod_revision,
-                    holder: holder.as_bytes().to_vec(),
-                });
-            }
+            writes.extend(guarded(events));
         }
     }
     assert_eq!(

@@ -270,10 +270,7 @@ impl ReadView for GroupView<'_> {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
-        match self.changes.get(key) {
-            Some(entry) => Ok(entry.clone()),
-            None => ReadView::get(self.store, key),
-        }
+        layered_get(self.store, self.changes, key)
     }
 
     fn scan<'s>(
@@ -281,11 +278,7 @@ impl ReadView for GroupView<'_> {
         start: &[u8],
         end: Option<&[u8]>,
     ) -> Box<dyn Iterator<Item = ScanItem> + 's> {
-        let layered: Box<dyn ReadView + 's> = Box::new(Layered {
-            base: self.store,
-            changes: self.changes,
-        });
-        owned_scan(layered, start, end)
+        layered_scan(self.store, self.changes, start, end)
     }
 
     fn at_revision(&self, revision: i64) -> Result<Box<dyn ReadView + '_>> {
@@ -318,10 +311,7 @@ impl ReadView for Pending<'_> {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
-        match self.changes.get(key) {
-            Some(entry) => Ok(entry.clone()),
-            None => ReadView::get(self.store, key),
-        }
+        layered_get(self.store, &self.changes, key)
     }
 
     fn scan<'s>(
@@ -329,11 +319,7 @@ impl ReadView for Pending<'_> {
         start: &[u8],
         end: Option<&[u8]>,
     ) -> Box<dyn Iterator<Item = ScanItem> + 's> {
-        let layered: Box<dyn ReadView + 's> = Box::new(Layered {
-            base: self.store,
-            changes: &self.changes,
-        });
-        owned_scan(layered, start, end)
+        layered_scan(self.store, &self.changes, start, end)
     }
 
     fn at_revision(&self, revision: i64) -> Result<Box<dyn ReadView + '_>> {
@@ -341,12 +327,29 @@ impl ReadView for Pending<'_> {
     }
 }
 
-/// A scan of a view the iterator owns (the view only lives as long as the scan).
-fn owned_scan<'s>(
-    view: Box<dyn ReadView + 's>,
+/// A key as the store with `changes` over it holds it.
+fn layered_get(
+    store: &SledKvStore,
+    changes: &BTreeMap<Vec<u8>, Option<Entry>>,
+    key: &[u8],
+) -> Result<Option<Entry>> {
+    match changes.get(key) {
+        Some(entry) => Ok(entry.clone()),
+        None => ReadView::get(store, key),
+    }
+}
+
+/// A scan of the store with `changes` over it.
+fn layered_scan<'s>(
+    store: &'s SledKvStore,
+    changes: &'s BTreeMap<Vec<u8>, Option<Entry>>,
     start: &[u8],
     end: Option<&[u8]>,
 ) -> Box<dyn Iterator<Item = ScanItem> + 's> {
+    let view = Layered {
+        base: store,
+        changes,
+    };
     // Collected: the scan borrows the view, which would otherwise have to outlive
     // itself. A group's reads are small (the limits bound a transaction's ranges).
     let items: Vec<ScanItem> = view.scan(start, end).collect();
