@@ -127,7 +127,7 @@ impl MetaClient {
         });
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(keep_alive_loop(
-            self.downgrade(),
+            self.clone(),
             id,
             Duration::from_secs(ttl.max(1).unsigned_abs()),
             state,
@@ -197,8 +197,10 @@ impl Drop for LeaseKeeper {
     }
 }
 
+/// Holds the client: renewals go on after the caller drops its handle, until the
+/// keeper is dropped or stopped.
 async fn keep_alive_loop(
-    weak: std::sync::Weak<crate::client::Inner>,
+    client: MetaClient,
     id: i64,
     ttl: Duration,
     state: watch::Sender<LeaseState>,
@@ -207,9 +209,6 @@ async fn keep_alive_loop(
     let mut every = ttl / 3;
     let mut backoff = Duration::from_millis(50);
     loop {
-        let Some(client) = MetaClient::upgrade(&weak) else {
-            return;
-        };
         let (index, _, channel) = client.current_endpoint();
         let (requests, outbound) = mpsc::channel(1);
         let opened = LeaseClient::new(channel)
@@ -219,13 +218,11 @@ async fn keep_alive_loop(
             Ok(response) => response.into_inner(),
             Err(_) => {
                 client.skip_endpoint(index);
-                drop(client);
                 tokio::time::sleep(jittered(backoff)).await;
                 backoff = (backoff * 2).min(every.max(Duration::from_millis(100)));
                 continue;
             }
         };
-        drop(client);
         loop {
             let asked = Instant::now();
             if requests
@@ -255,9 +252,7 @@ async fn keep_alive_loop(
                 // The stream broke (the member stopped, or stopped leading): the next
                 // member, now.
                 Ok(None) | Err(_) => {
-                    if let Some(client) = MetaClient::upgrade(&weak) {
-                        client.skip_endpoint(index);
-                    }
+                    client.skip_endpoint(index);
                     break;
                 }
             }

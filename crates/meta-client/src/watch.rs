@@ -50,7 +50,7 @@ impl MetaClient {
         let (out, responses) = mpsc::channel(QUEUE);
         let (control, controls) = mpsc::channel(4);
         let task = Resume {
-            client: self.downgrade(),
+            client: self.clone(),
             req,
             next,
             out,
@@ -139,9 +139,10 @@ impl MetaClient {
     }
 }
 
-/// The task behind a remote [`WatchStream`].
+/// The task behind a remote [`WatchStream`]. It holds the client: a watch keeps
+/// working after the caller drops its handle, until the stream itself is dropped.
 struct Resume {
-    client: std::sync::Weak<crate::client::Inner>,
+    client: MetaClient,
     req: WatchRequest,
     next: i64,
     out: mpsc::Sender<Result<WatchResponse>>,
@@ -156,11 +157,9 @@ impl Resume {
                 Err(Some(why)) => why,
                 Err(None) => return,
             };
-            let Some(client) = MetaClient::upgrade(&self.client) else {
-                return;
-            };
             tracing::info!(error = %why, next = self.next, "watch stream broke; resuming on another member");
-            client.skip_endpoint(open.index);
+            self.client.skip_endpoint(open.index);
+            let client = self.client.clone();
             let reopened = tokio::select! {
                 reopened = client.open_watch(&self.req, &mut self.next, false) => reopened,
                 () = self.out.closed() => return,

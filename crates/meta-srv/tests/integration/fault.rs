@@ -8,6 +8,11 @@
 //! service (sessions on, CAS-heavy), where a write is retried across lost replies and
 //! leader changes: any retry that applied twice or answered wrongly breaks the history.
 //!
+//! Through the client, a watcher records every change from revision 1 while the faults
+//! happen (its stream moves between members as they fail); after healing, a fresh
+//! watch from revision 1 replays the history, and the two must agree event for event:
+//! ordered, none missing, none twice, prev_kv alike.
+//!
 //! `METASRV_FAULT_SEEDS` sets how many seeds each kind runs (default 24 and 12);
 //! `cargo xtask fault --seeds N` runs both in release mode with N seeds. A failure
 //! names its seed.
@@ -290,10 +295,17 @@ async fn run_seed(seed: u64, via: Via) -> Result<(), String> {
             ))
         })
         .collect();
+    let watcher = match via {
+        Via::MetaClient => Some(record_watch(&cluster).await?),
+        Via::Backends => None,
+    };
     nemesis(cluster.clone(), seed, origin, via).await;
     let mut history = Vec::new();
     for c in clients {
         history.extend(c.await.map_err(|e| e.to_string())?);
+    }
+    if let Some((live, task)) = watcher {
+        check_watch(&cluster, live, task).await?;
     }
 
     // Healed: read every key through the leader; these reads end the history.
@@ -329,6 +341,139 @@ async fn run_seed(seed: u64, via: Via) -> Result<(), String> {
         ));
     }
     check(&history)
+}
+
+/// A watch through `MetaClient` from revision 1 on every key, recording what it gets
+/// (as `(revision, key, value or None for a delete, prev value)`) until aborted.
+type Seen = Arc<Mutex<Vec<(i64, Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>)>>>;
+
+fn record(events: Vec<common_meta::kv::Event>, into: &Seen) {
+    let mut seen = into.lock().unwrap();
+    for e in events {
+        let value = (e.kind == common_meta::kv::EventKind::Put).then_some(e.kv.value);
+        seen.push((
+            e.kv.mod_revision,
+            e.kv.key,
+            value,
+            e.prev_kv.map(|p| p.value),
+        ));
+    }
+}
+
+fn watch_client(cluster: &Shared) -> MetaClient {
+    let endpoints = cluster.lock().unwrap().endpoints();
+    let options = MetaClientOptions {
+        deadline: Duration::from_secs(20),
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(200),
+        ..MetaClientOptions::default()
+    };
+    MetaClient::new(&endpoints, options).unwrap()
+}
+
+fn watch_from_the_start() -> common_meta::kv::WatchRequest {
+    common_meta::kv::WatchRequest {
+        prev_kv: true,
+        ..common_meta::kv::WatchRequest::prefix("k").from_revision(1)
+    }
+}
+
+/// Opens the watch and records what it delivers in a task of its own.
+async fn record_watch(cluster: &Shared) -> Result<(Seen, tokio::task::JoinHandle<String>), String> {
+    let seen: Seen = Arc::default();
+    let mut stream = watch_client(cluster)
+        .watch(watch_from_the_start())
+        .await
+        .map_err(|e| format!("opening the watch: {e}"))?;
+    let copy = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Some(response) = stream.next().await {
+            match response {
+                Ok(common_meta::kv::WatchResponse::Events { events, .. }) => {
+                    record(events, &copy);
+                }
+                Ok(_) => {}
+                Err(e) => return format!("the watch failed: {e}"),
+            }
+        }
+        "the watch ended".to_string()
+    });
+    Ok((seen, task))
+}
+
+fn through(seen: &Seen) -> i64 {
+    seen.lock().unwrap().last().map_or(0, |e| e.0)
+}
+
+/// After healing: the live watch must have delivered exactly what a fresh replay of
+/// the history delivers, up to the store's final revision.
+async fn check_watch(
+    cluster: &Shared,
+    live: Seen,
+    task: tokio::task::JoinHandle<String>,
+) -> Result<(), String> {
+    let client = watch_client(cluster);
+    let last = client
+        .range(common_meta::kv::RangeRequest::prefix("k"))
+        .await
+        .map_err(|e| format!("reading the final revision: {e}"))?
+        .revision;
+    let replay: Seen = Arc::default();
+    let mut stream = client
+        .watch(watch_from_the_start())
+        .await
+        .map_err(|e| format!("opening the replay: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while through(&replay) < last {
+        if Instant::now() > deadline {
+            return Err(format!("the replay reached {} of {last}", through(&replay)));
+        }
+        match tokio::time::timeout(Duration::from_millis(200), stream.next()).await {
+            Ok(Some(Ok(common_meta::kv::WatchResponse::Events { events, .. }))) => {
+                record(events, &replay);
+            }
+            Ok(Some(Err(e))) => return Err(format!("the replay failed: {e}")),
+            _ => {}
+        }
+    }
+    // The live watcher reaches it too (it may still be moving between members).
+    while through(&live) < last {
+        if task.is_finished() {
+            return Err(task.await.unwrap_or_else(|e| e.to_string()));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the live watch reached {} of {last}",
+                through(&live)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+    let upto = |seen: &Seen| -> Vec<_> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.0 <= last)
+            .cloned()
+            .collect()
+    };
+    let (live, replay) = (upto(&live), upto(&replay));
+    if live != replay {
+        let at = live
+            .iter()
+            .zip(&replay)
+            .position(|(a, b)| a != b)
+            .unwrap_or(live.len().min(replay.len()));
+        return Err(format!(
+            "the live watch differs from the history at event {at}: {:?} against {:?} ({} and {} events)",
+            live.get(at),
+            replay.get(at),
+            live.len(),
+            replay.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Runs `default` seeds (or `METASRV_FAULT_SEEDS`) from `METASRV_FAULT_BASE_SEED`.

@@ -260,6 +260,7 @@ fn serve_store(
     let sweeper = keeper.clone();
     let sweep_until = stopped.clone();
     tokio::spawn(async move { sweeper.run(sweep_until).await });
+    let watch = meta_srv::service::watch::WatchService::new(backend.clone(), id, stopped.clone());
     let mut until = stopped;
     let service = StoreService::new(
         backend,
@@ -272,6 +273,7 @@ fn serve_store(
     tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(meta_proto::v1::store_server::StoreServer::new(service))
+            .add_service(meta_proto::v1::watch_server::WatchServer::new(watch))
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async move {
