@@ -64,6 +64,7 @@ fn kv(key: &[u8], record: &Record, with_value: bool) -> KeyValue {
         create_revision: record.create,
         mod_revision: record.modified,
         version: record.version,
+        lease: 0,
     }
 }
 
