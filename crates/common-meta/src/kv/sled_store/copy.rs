@@ -159,6 +159,9 @@ impl SledKvStore {
             }
             entries.push((key, value));
         }
+        // A copy from a member that kept no history yet gets one started, in the same
+        // batch (and a copy whose entries do not decode changes nothing).
+        let entries = super::history::with_history(entries, revision)?;
         let _guard = self.lock.write().unwrap_or_else(PoisonError::into_inner);
         let mut batch = sled::Batch::default();
         for key in self.tree.iter().keys() {
@@ -183,8 +186,6 @@ impl SledKvStore {
             Ordering::Release,
         );
         drop(_guard);
-        // A copy from a member that kept no history yet gets one started.
-        self.start_history()?;
         // The new state's changes are not listed: every watcher reads the history (and
         // ends as compacted if the snapshot no longer has what it needs).
         self.hub.publish(revision, None);

@@ -372,6 +372,40 @@ impl SledKvStore {
     }
 }
 
+/// The raw entries of a store copy (sorted by key), with a history started when the
+/// copy has none (a copy from a member that kept no history): each data entry's
+/// current version, compacted at the copy's `revision`. Data entries that do not
+/// decode are refused.
+pub(super) fn with_history(
+    entries: Vec<(Vec<u8>, Vec<u8>)>,
+    revision: i64,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    if entries
+        .binary_search_by(|(k, _)| k.as_slice().cmp(HISTORY_KEY))
+        .is_ok()
+    {
+        return Ok(entries);
+    }
+    let mut extra = Vec::new();
+    for (key, value) in &entries {
+        if key.first() != Some(&super::DATA_PREFIX) {
+            continue;
+        }
+        let entry = Entry::decode(value).map_err(|reason| corrupted("data", key, reason))?;
+        extra.push((change_key(entry.mod_revision, &key[1..]), vec![CURRENT]));
+        extra.push((version_key(&key[1..], entry.mod_revision), vec![PUT]));
+    }
+    if revision > 0 {
+        extra.push((COMPACTED_KEY.to_vec(), revision.to_be_bytes().to_vec()));
+        extra.push((SWEPT_KEY.to_vec(), revision.to_be_bytes().to_vec()));
+    }
+    extra.push((HISTORY_KEY.to_vec(), vec![1]));
+    let mut all: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = extra.into_iter().collect();
+    // The copy's own entries win over what was derived.
+    all.extend(entries);
+    Ok(all.into_iter().collect())
+}
+
 /// Checks `revision` against a store at `current`, compacted at `compacted`.
 pub(crate) fn check_readable(revision: i64, current: i64, compacted: i64) -> Result<()> {
     if revision > current {
