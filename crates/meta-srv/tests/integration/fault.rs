@@ -437,17 +437,17 @@ async fn check_watch(
         }
     }
     // The live watcher reaches it too (it may still be moving between members).
-    while through(&live) < last {
-        if task.is_finished() {
-            return Err(task.await.unwrap_or_else(|e| e.to_string()));
+    wait_until(Duration::from_secs(30), || async {
+        let reached = through(&live);
+        if reached >= last || task.is_finished() {
+            Ok(())
+        } else {
+            Err(format!("the live watch reached {reached} of {last}"))
         }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the live watch reached {} of {last}",
-                through(&live)
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    })
+    .await;
+    if through(&live) < last {
+        return Err(task.await.unwrap_or_else(|e| e.to_string()));
     }
     task.abort();
     let upto = |seen: &Seen| -> Vec<_> {
