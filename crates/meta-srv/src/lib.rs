@@ -16,6 +16,7 @@
 
 pub mod cli;
 pub mod cluster_plane;
+pub mod coalesce;
 pub mod compactor;
 pub mod config;
 pub mod data_dir;

@@ -21,7 +21,10 @@ use meta_proto::v1::watch_server::WatchServer;
 use procedure::ManagerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_stream::StreamExt as _;
 use tonic::transport::server::TcpIncoming;
+
+use crate::coalesce::Coalesced;
 
 use std::collections::BTreeMap;
 
@@ -515,7 +518,9 @@ impl MetaSrv {
             .add_service(ddl)
             .add_service(regions)
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
+                TcpIncoming::from(self.grpc)
+                    .with_nodelay(Some(true))
+                    .map(|conn| conn.map(Coalesced::new)),
                 stopped(stop_rx.clone()),
             );
         let router = http::router(Arc::new(HttpState {

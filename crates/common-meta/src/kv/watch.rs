@@ -198,6 +198,14 @@ impl WatchStream {
         self.responses.recv().await
     }
 
+    /// [`next`](Self::next) for a caller that polls many streams itself.
+    pub fn poll_next(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<WatchResponse>>> {
+        self.responses.poll_recv(cx)
+    }
+
     /// Asks for a progress notice: a [`WatchResponse::Progress`] with `requested: true`
     /// comes in the stream, after every matching change at or below its revision.
     pub async fn progress(&self) -> Result<()> {
@@ -228,6 +236,20 @@ impl WatchControl {
             .map_err(|_| Error::Unavailable {
                 message: "the watcher has ended".to_string(),
             })
+    }
+
+    /// Asks for a progress notice without waiting (see [`WatchStream::progress`]).
+    /// When the watcher already holds requests it has not answered, this one is not
+    /// queued: each of those answers comes after every change at or below its own
+    /// revision, so the next one serves this request too. An error once the watcher
+    /// has ended.
+    pub fn try_progress(&self) -> Result<()> {
+        match self.control.try_send(Control::Progress) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::Unavailable {
+                message: "the watcher has ended".to_string(),
+            }),
+        }
     }
 }
 
