@@ -89,6 +89,8 @@ pub(crate) struct Inner {
     options: MetaClientOptions,
     /// The client session of exactly-once writes, once opened.
     pub(crate) session: crate::session::SessionSlot,
+    /// The stream that carries this client's watchers, while any run.
+    pub(crate) watch_mux: crate::watch::MuxSlot,
 }
 
 impl MetaClient {
@@ -122,6 +124,7 @@ impl MetaClient {
                 current: AtomicUsize::new(0),
                 options,
                 session: Default::default(),
+                watch_mux: Default::default(),
             }),
         })
     }

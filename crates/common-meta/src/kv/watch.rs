@@ -33,6 +33,10 @@ const SYNCED_QUEUE: usize = 64;
 const OUT_QUEUE: usize = 16;
 /// Changes read from the history per catch-up step (whole revisions: may be more).
 const CATCH_UP_CHUNK: usize = 1000;
+/// Queued batches a watcher merges into one response at most.
+const MERGE_BATCHES: usize = 64;
+/// Changes past which a watcher stops merging queued batches into one response.
+const MERGE_CHANGES: usize = 1000;
 /// How long a watcher waits for its consumer to take a response before it is
 /// cancelled as stalled.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -173,8 +177,17 @@ pub enum Control {
 /// The consumer's end of a watcher: responses in order, then (if the watcher ended on
 /// its own) one error, then the end. Dropping it stops the watcher.
 pub struct WatchStream {
-    responses: mpsc::Receiver<Result<WatchResponse>>,
+    responses: Responses,
     control: mpsc::Sender<Control>,
+}
+
+/// Where a stream's responses come from.
+enum Responses {
+    /// A local watcher, which waits (and is cancelled if it waits too long).
+    Bounded(mpsc::Receiver<Result<WatchResponse>>),
+    /// A source that must never wait on one consumer (a client stream shared by many
+    /// watchers): the consumer's backlog is held for it.
+    Unbounded(mpsc::UnboundedReceiver<Result<WatchResponse>>),
 }
 
 impl std::fmt::Debug for WatchStream {
@@ -190,12 +203,27 @@ impl WatchStream {
         responses: mpsc::Receiver<Result<WatchResponse>>,
         control: mpsc::Sender<Control>,
     ) -> Self {
-        WatchStream { responses, control }
+        WatchStream {
+            responses: Responses::Bounded(responses),
+            control,
+        }
+    }
+
+    /// As [`new`](Self::new), for a source that holds no backlog of its own (it must
+    /// not wait on this consumer): what the consumer has not read yet stays queued here.
+    pub fn unbounded(
+        responses: mpsc::UnboundedReceiver<Result<WatchResponse>>,
+        control: mpsc::Sender<Control>,
+    ) -> Self {
+        WatchStream {
+            responses: Responses::Unbounded(responses),
+            control,
+        }
     }
 
     /// The next response; `None` once the watcher ended.
     pub async fn next(&mut self) -> Option<Result<WatchResponse>> {
-        self.responses.recv().await
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
     /// [`next`](Self::next) for a caller that polls many streams itself.
@@ -203,7 +231,10 @@ impl WatchStream {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<WatchResponse>>> {
-        self.responses.poll_recv(cx)
+        match &mut self.responses {
+            Responses::Bounded(responses) => responses.poll_recv(cx),
+            Responses::Unbounded(responses) => responses.poll_recv(cx),
+        }
     }
 
     /// Asks for a progress notice: a [`WatchResponse::Progress`] with `requested: true`
@@ -344,7 +375,7 @@ pub fn watch(store: &Arc<SledKvStore>, req: WatchRequest) -> Result<WatchStream>
         stall,
     };
     tokio::spawn(task.run());
-    Ok(WatchStream { responses, control })
+    Ok(WatchStream::new(responses, control))
 }
 
 struct Watcher {
@@ -461,24 +492,44 @@ impl Watcher {
         }
     }
 
-    /// Handles a published batch: skips what was delivered already.
-    async fn take(&mut self, batch: &Published) -> std::result::Result<(), Stop> {
-        if batch.to < self.next {
-            return Ok(());
+    /// Handles a published batch and the ones queued behind it, as one response:
+    /// a watcher that fell behind catches up in fewer, larger responses (whole
+    /// revisions each, as always). Skips what was delivered already.
+    async fn take(&mut self, first: &Published) -> std::result::Result<(), Stop> {
+        let mut fresh: Vec<Change> = Vec::new();
+        let mut through = None;
+        let mut queued: Option<Arc<Published>> = None;
+        let mut taken = 0;
+        loop {
+            let batch = queued.as_deref().unwrap_or(first);
+            if batch.to >= self.next {
+                let Some(changes) = &batch.changes else {
+                    // The writer could not list this one: deliver what was gathered,
+                    // then read the rest from the history.
+                    if let Some(through) = through {
+                        self.deliver(fresh, through).await?;
+                    }
+                    self.synced.store(false, Ordering::Release);
+                    return Ok(());
+                };
+                // A synced watcher misses no batch that concerns it (the writer skips
+                // only the ones that do not), so there is no gap to read here.
+                let next = self.next.max(through.map_or(0, |t: i64| t + 1));
+                fresh.extend(changes.iter().filter(|c| c.revision >= next).cloned());
+                through = Some(batch.to);
+            }
+            taken += 1;
+            if taken >= MERGE_BATCHES || fresh.len() >= MERGE_CHANGES {
+                break;
+            }
+            match self.batches.try_recv() {
+                Ok(more) => queued = Some(more),
+                Err(_) => break,
+            }
         }
-        let Some(changes) = &batch.changes else {
-            self.synced.store(false, Ordering::Release);
-            return Ok(());
-        };
-        // A synced watcher misses no batch that concerns it (the writer skips only the
-        // ones that do not), so there is no gap to read here.
-        let fresh: Vec<Change> = changes
-            .iter()
-            .filter(|c| c.revision >= self.next)
-            .cloned()
-            .collect();
-        self.deliver(fresh, batch.to).await?;
-        self.next = batch.to + 1;
+        if let Some(through) = through {
+            self.deliver(fresh, through).await?;
+        }
         Ok(())
     }
 

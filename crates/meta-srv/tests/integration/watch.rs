@@ -210,6 +210,57 @@ async fn a_client_watch_moves_on_when_its_member_stops_without_gap_or_repeat() {
     }
 }
 
+/// One client's watchers share its stream: watchers that come and go (the last one
+/// dropped just as the next is added) are each created and see their own writes, and a
+/// long-lived watcher beside them sees every write once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_come_and_go_on_one_clients_shared_stream() {
+    let members = start_three(|_| {}).await;
+    let all: Vec<String> = members.iter().map(|m| m.grpc.clone()).collect();
+    let client = MetaClient::new(&all, MetaClientOptions::default()).unwrap();
+    let writer = MetaClient::new(&all, MetaClientOptions::default()).unwrap();
+    let mut acked = Vec::new();
+    let mut long_lived = Vec::new();
+    for round in 0..30 {
+        let key = format!("cg/{round:02}");
+        let mut stream = client.watch(WatchRequest::key(key.clone())).await.unwrap();
+        let put = writer.put(PutRequest::new(key.clone(), "v")).await.unwrap();
+        acked.push((key.into_bytes(), b"v".to_vec(), put.revision));
+        let mut events = Vec::new();
+        read_through(&mut stream, put.revision, &mut events).await;
+        assert_eq!(
+            events.iter().map(|e| e.kv.mod_revision).collect::<Vec<_>>(),
+            vec![put.revision],
+            "round {round}: its own write, once"
+        );
+        // Every tenth round a long-lived watcher is opened beside the short ones; the
+        // short one is dropped at once, often while the next is being added.
+        if round % 10 == 0 {
+            long_lived.push((
+                put.revision,
+                client
+                    .watch(WatchRequest::prefix("cg/").from_revision(put.revision))
+                    .await
+                    .unwrap(),
+            ));
+        }
+    }
+    let last = acked.last().unwrap().2;
+    for (from, mut stream) in long_lived {
+        let mut events = Vec::new();
+        read_through(&mut stream, last, &mut events).await;
+        let expected: Vec<_> = acked
+            .iter()
+            .filter(|(_, _, r)| *r >= from)
+            .cloned()
+            .collect();
+        check_stream(&expected, &events).unwrap();
+    }
+    for member in members {
+        member.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_compacts_the_history_it_was_told_to_keep() {
     let server = crate::in_process::start_with(|c| {
