@@ -137,8 +137,9 @@ impl Lessor {
     /// its whole TTL) plus `extend` from `now`. Leases already timed here keep their
     /// deadline.
     pub fn load(&self, leases: &[(i64, pb::LeaseRecord)], extend: Duration, now: Instant) {
+        let stored: std::collections::HashSet<i64> = leases.iter().map(|(id, _)| *id).collect();
         let mut deadlines = self.lock();
-        deadlines.retain(|id, _| leases.iter().any(|(l, _)| l == id));
+        deadlines.retain(|id, _| stored.contains(id));
         for (id, record) in leases {
             deadlines.entry(*id).or_insert_with(|| {
                 let left = if record.remaining_ms > 0 {
