@@ -85,7 +85,9 @@ pub fn plan(
 /// Leader moves that even out leader counts across `candidates` (nodes absent from
 /// them count as not there), one region per move, at most `budget` moves, while the
 /// busiest leads more than `tolerance` regions above the idlest. `movable` says which
-/// regions may move now (not cooling down, not moving).
+/// regions may move now (not cooling down, not moving); a node none of whose regions
+/// may move is passed over for the next busiest, so one node cooling down (say, the
+/// target of the last round of moves) does not hold the others back.
 pub fn balance(
     leads: &[Lead],
     candidates: &[Candidate],
@@ -101,9 +103,11 @@ pub fn balance(
         }
     }
     let mut out = Vec::new();
+    let mut passed_over = std::collections::BTreeSet::new();
     while out.len() < budget {
         let Some((busiest, most)) = count
             .iter()
+            .filter(|(id, _)| !passed_over.contains(*id))
             .max_by_key(|(id, r)| (r.len(), std::cmp::Reverse(**id)))
             .map(|(id, r)| (*id, r.len()))
         else {
@@ -126,8 +130,10 @@ pub fn balance(
         let pick = regions.iter().position(|r| movable(*r));
         let mut regions = regions;
         let Some(i) = pick else {
-            // Nothing of the busiest may move now: leave it, look no further.
-            break;
+            // Nothing of the busiest may move now: try the next busiest.
+            count.insert(busiest, regions);
+            passed_over.insert(busiest);
+            continue;
         };
         let region = regions.remove(i);
         count.insert(busiest, regions);
@@ -214,5 +220,21 @@ mod tests {
         // Already balanced within the tolerance.
         let even = vec![lead(1, 1, &[]), lead(2, 2, &[]), lead(3, 2, &[])];
         assert!(balance(&even, &candidates[..2], 1, |_| true, 5).is_empty());
+    }
+
+    #[test]
+    fn a_busiest_node_that_is_cooling_down_does_not_hold_the_others_back() {
+        // Node 2 leads six regions that just arrived (cooling down), node 1 five, node
+        // 3 one: the moves come from node 1 until it is within the tolerance.
+        let mut leads: Vec<Lead> = (0..6).map(|r| lead(r, 2, &[])).collect();
+        leads.extend((10..15).map(|r| lead(r, 1, &[])));
+        leads.push(lead(20, 3, &[]));
+        let candidates = [candidate(1), candidate(2), candidate(3)];
+        let cooling = |region: u64| region >= 6;
+        let moves = balance(&leads, &candidates, 1, cooling, 100);
+        assert!(!moves.is_empty());
+        assert!(moves.iter().all(|m| m.from == 1 && m.to == 3), "{moves:?}");
+        // 1: 5 -> 3, 3: 1 -> 3; node 2 stays at 6 until it may move.
+        assert_eq!(moves.len(), 2, "{moves:?}");
     }
 }
