@@ -106,6 +106,15 @@ struct Round {
     lowest: Option<i64>,
 }
 
+/// A message of one stream: `watch_id` at `revision`.
+fn response(member_id: u64, watch_id: i64, revision: i64) -> pb::WatchResponse {
+    pb::WatchResponse {
+        header: rpc::header(member_id, revision),
+        watch_id,
+        ..Default::default()
+    }
+}
+
 /// One stream's responses (see the module doc).
 struct Outbound {
     member_id: u64,
@@ -125,11 +134,7 @@ struct Outbound {
 
 impl Outbound {
     fn response(&self, watch_id: i64, revision: i64) -> pb::WatchResponse {
-        pb::WatchResponse {
-            header: rpc::header(self.member_id, revision),
-            watch_id,
-            ..Default::default()
-        }
+        response(self.member_id, watch_id, revision)
     }
 
     fn forget(&mut self, id: i64) {
@@ -368,12 +373,11 @@ impl Reader {
         }
     }
 
-    fn response(&self, watch_id: i64) -> pb::WatchResponse {
+    /// A `created` answer at the member's revision now.
+    fn created(&self, watch_id: i64) -> pb::WatchResponse {
         pb::WatchResponse {
-            header: rpc::header(self.member_id, self.backend.local_revision()),
-            watch_id,
             created: true,
-            ..Default::default()
+            ..response(self.member_id, watch_id, self.backend.local_revision())
         }
     }
 
@@ -400,7 +404,7 @@ impl Reader {
             id
         };
         let Some(id) = id else {
-            let mut refused = self.response(create.watch_id);
+            let mut refused = self.created(create.watch_id);
             refused.canceled = true;
             refused.cancel_reason = format!(
                 "watch id {} is {}",
@@ -413,7 +417,7 @@ impl Reader {
             );
             return Some(Command::Send(refused));
         };
-        let mut created = self.response(id);
+        let mut created = self.created(id);
         match self.backend.watch(create.into()).await {
             Ok(watcher) => {
                 if self.commands.send(Command::Send(created)).await.is_err() {
