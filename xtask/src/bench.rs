@@ -432,6 +432,9 @@ pub(crate) mod etcd {
             let (seen, sampled) = (seen.clone(), i % args.sample_every.max(1) == 0);
             tasks.push(tokio::spawn(async move {
                 while let Ok(Some(response)) = stream.message().await {
+                    if !response.events().is_empty() {
+                        crate::bench_watch::responded(&seen);
+                    }
                     for event in response.events() {
                         if let Some(kv) = event.kv() {
                             crate::bench_watch::record(&seen, kv.value(), sampled);

@@ -1,5 +1,6 @@
 //! `cargo xtask bench watch`: many watchers over one prefix of a three-member cluster
-//! while one writer puts at a steady rate: how long an event takes from the put to each
+//! while one writer puts at a steady rate (open loop: it does not wait for one put to
+//! send the next): how long an event takes from the put to each
 //! watcher (p50/p99), what fraction arrived, and the servers' CPU and memory; with
 //! `--vs-etcd` the same against an etcd cluster through etcd-client, with ratios.
 //!
@@ -14,10 +15,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use common_meta::kv::{KvBackend, PutRequest, WatchRequest, WatchResponse};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use meta_client::{MetaClient, MetaClientOptions};
 
 use crate::bench::{Processes, start_meta_with};
 use crate::bench_heartbeat::{percentile_ms, ticks_per_sec, usage};
+
+/// Puts the writer has outstanding at most; at the offered rate the servers answer
+/// long before this is reached.
+const MAX_PUTS_IN_FLIGHT: usize = 1_000;
 
 /// Settings of `bench watch`.
 #[derive(clap::Args, Clone, Debug)]
@@ -68,6 +75,8 @@ impl WatchArgs {
 pub(crate) struct Seen {
     started: Instant,
     delivered: AtomicU64,
+    /// Messages that carried events (a server may put several events in one).
+    responses: AtomicU64,
     samples: std::sync::Mutex<Vec<Duration>>,
 }
 
@@ -96,6 +105,10 @@ pub(crate) struct Outcome {
     p50_ms: f64,
     p99_ms: f64,
     delivered: f64,
+    /// Puts per second the writer offered (it falls short only when the bound on puts
+    /// in flight is reached).
+    put_rate: f64,
+    events_per_response: f64,
     cpu: f64,
     rss_mb: f64,
 }
@@ -124,10 +137,12 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
 
 fn print(name: &str, o: &Outcome) {
     println!(
-        "{name:>8}: latency p50 {:.2} ms, p99 {:.2} ms; delivered {:.1}%; server CPU {:.0}% (of one core, members summed); RSS {:.0} MiB",
+        "{name:>8}: {:.0} puts/s; latency p50 {:.2} ms, p99 {:.2} ms; delivered {:.1}% ({:.1} events per message); server CPU {:.0}% (of one core, members summed); RSS {:.0} MiB",
+        o.put_rate,
         o.p50_ms,
         o.p99_ms,
         o.delivered * 100.0,
+        o.events_per_response,
         o.cpu * 100.0,
         o.rss_mb
     );
@@ -147,6 +162,7 @@ async fn run_meta(args: &WatchArgs) -> anyhow::Result<Outcome> {
         tasks.push(tokio::spawn(async move {
             while let Some(Ok(response)) = stream.next().await {
                 if let WatchResponse::Events { events, .. } = response {
+                    crate::bench_watch::responded(&seen);
                     for event in events {
                         crate::bench_watch::record(&seen, &event.kv.value, sampled);
                     }
@@ -197,13 +213,24 @@ where
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / args.rate.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let total = args.rate * args.seconds;
-    for n in 0..total {
-        tick.tick().await;
-        let value = seen.started.elapsed().as_nanos().to_string().into_bytes();
-        put(format!("bw/{:04}", n % 1000).into_bytes(), value)
-            .await
-            .context("a put failed")?;
+    // Open loop: a put starts on every tick whether or not the earlier ones are done
+    // (up to a bound), so both systems get the same offered rate; a writer waiting
+    // for each put would offer less to whichever answers slower.
+    let mut in_flight = FuturesUnordered::new();
+    let mut sent = 0;
+    while sent < total || !in_flight.is_empty() {
+        tokio::select! {
+            _ = tick.tick(), if sent < total && in_flight.len() < MAX_PUTS_IN_FLIGHT => {
+                let value = seen.started.elapsed().as_nanos().to_string().into_bytes();
+                in_flight.push(put(format!("bw/{:04}", sent % 1000).into_bytes(), value));
+                sent += 1;
+            }
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                done.context("a put failed")?;
+            }
+        }
     }
+    let put_rate = total as f64 / began.elapsed().as_secs_f64();
     let expected = total * args.watchers as u64;
     let until = Instant::now() + Duration::from_secs(30);
     while seen.delivered.load(Ordering::Relaxed) < expected && Instant::now() < until {
@@ -222,6 +249,9 @@ where
         p50_ms: percentile_ms(&samples, 0.50),
         p99_ms: percentile_ms(&samples, 0.99),
         delivered: seen.delivered.load(Ordering::Relaxed) as f64 / expected.max(1) as f64,
+        put_rate,
+        events_per_response: seen.delivered.load(Ordering::Relaxed) as f64
+            / seen.responses.load(Ordering::Relaxed).max(1) as f64,
         cpu: (cpu_after - cpu_before) / wall,
         rss_mb: rss as f64 / (1024.0 * 1024.0),
     })
@@ -232,6 +262,7 @@ pub(crate) fn seen() -> Arc<Seen> {
     Arc::new(Seen {
         started: Instant::now(),
         delivered: AtomicU64::new(0),
+        responses: AtomicU64::new(0),
         samples: std::sync::Mutex::new(Vec::new()),
     })
 }
@@ -239,4 +270,9 @@ pub(crate) fn seen() -> Arc<Seen> {
 /// Records an event's value.
 pub(crate) fn record(seen: &Seen, value: &[u8], sampled: bool) {
     seen.event(value, sampled);
+}
+
+/// Counts a message that carried events.
+pub(crate) fn responded(seen: &Seen) {
+    seen.responses.fetch_add(1, Ordering::Relaxed);
 }
