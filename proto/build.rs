@@ -1,4 +1,4 @@
-//! Compiles the meta.v1 protos with protox (pure Rust), so no system `protoc` is needed.
+//! Compiles the meta.v1 and etcd v3 protos with protox (pure Rust), so no system `protoc` is needed.
 
 use std::error::Error;
 
@@ -14,6 +14,10 @@ const PROTOS: &[&str] = &[
     "proto/meta/v1/raft_log.proto",
     "proto/meta/v1/watch.proto",
     "proto/meta/v1/lease.proto",
+    // etcd's v3 client API (packages etcdserverpb, mvccpb, authpb).
+    "proto/etcd/mvccpb/kv.proto",
+    "proto/etcd/authpb/auth.proto",
+    "proto/etcd/etcdserverpb/rpc.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

@@ -34,3 +34,23 @@ pub const OUTCOME_SESSION_EXPIRED: &str = "session-expired";
 pub mod v1 {
     tonic::include_proto!("meta.v1");
 }
+
+/// etcd's v3 client API as etcd's tools and client libraries speak it, generated from
+/// our declarations of its wire under `proto/etcd/` (the release they match is in
+/// this crate's AGENTS.md). `meta-srv` serves it beside `meta.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod etcd {
+    /// Package `mvccpb`: `KeyValue` and the watch `Event`.
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    /// Package `authpb`: users, roles, permissions.
+    pub mod authpb {
+        tonic::include_proto!("authpb");
+    }
+    /// Package `etcdserverpb`: the KV, Watch, Lease, Cluster, Maintenance and Auth
+    /// services and their messages.
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+}

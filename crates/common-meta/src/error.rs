@@ -256,7 +256,8 @@ impl Error {
     }
 
     /// True for a refusal every member decides alike from the request and the replicated
-    /// state (bad input, a compacted or future revision): an answer, not a failure.
+    /// state (bad input, a compacted or future revision, a missing lease, a missing key
+    /// a put keeps the value or lease of): an answer, not a failure.
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
@@ -264,6 +265,7 @@ impl Error {
                 | Error::Compacted { .. }
                 | Error::FutureRevision { .. }
                 | Error::LeaseNotFound { .. }
+                | Error::NotFound { .. }
         )
     }
 

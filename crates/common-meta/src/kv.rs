@@ -53,6 +53,17 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// Whether `key` is in the span a `(start, range_end)` pair names, etcd style: an
+/// empty `range_end` names `start` alone, `[0]` every key from `start` on, anything
+/// else the half-open range.
+pub fn key_in_span(key: &[u8], start: &[u8], range_end: &[u8]) -> bool {
+    match range_end {
+        [] => key == start,
+        [0] => key >= start,
+        end => key >= start && key < end,
+    }
+}
+
 /// An etcd-like, revisioned, ordered KV store.
 ///
 /// **Contract:** a method returns `Ok` only after its writes are as durable as the backend
@@ -135,7 +146,7 @@ pub trait KvBackend: Send + Sync {
                     key,
                     value,
                     prev_kv,
-                    lease: 0,
+                    ..Default::default()
                 })
             })
             .collect();
@@ -196,7 +207,7 @@ pub trait KvBackend: Send + Sync {
                 key: req.key.clone(),
                 value: req.value,
                 prev_kv: true,
-                lease: 0,
+                ..Default::default()
             })],
             failure: vec![TxnOp::Range(RangeRequest::key(req.key))],
         };

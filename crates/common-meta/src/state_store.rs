@@ -182,7 +182,7 @@ impl StateStore for KvStateStore {
                 key: full.into_bytes(),
                 value: header,
                 prev_kv: true,
-                lease: 0,
+                ..Default::default()
             })
             .await
             .map_err(|e| store_error(key, e))?;

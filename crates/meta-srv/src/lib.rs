@@ -21,6 +21,7 @@ pub mod compactor;
 pub mod config;
 pub mod data_dir;
 pub mod error;
+pub mod etcd;
 pub mod http;
 pub mod identity;
 pub mod lease_keeper;

@@ -483,6 +483,19 @@ impl MetaSrv {
             ctx: self.ddl.clone(),
             limits,
         });
+        // etcd's v3 API over the same backend (see `etcd.rs`).
+        let etcd = crate::etcd::Etcd::new(
+            self.backend.clone(),
+            self.node.view(),
+            self.members.clone(),
+            self.cluster_id,
+            member_id,
+            limits,
+        );
+        let etcd_kv = meta_proto::etcd::etcdserverpb::kv_server::KvServer::new(
+            crate::etcd::kv::KvService::new(etcd.clone()),
+        )
+        .max_decoding_message_size(limits.max_request_bytes.saturating_mul(4));
         let supervising = self.supervisor.clone().start(self.node.leadership());
         let regions = RegionServer::new(RegionService {
             member_id,
@@ -517,6 +530,7 @@ impl MetaSrv {
             .add_service(heartbeats)
             .add_service(ddl)
             .add_service(regions)
+            .add_service(etcd_kv)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.grpc)
                     .with_nodelay(Some(true))

@@ -9,6 +9,7 @@
 
 pub mod history;
 pub mod lease;
+pub mod txn;
 
 use crate::error::Error;
 use crate::kv::{
@@ -28,6 +29,9 @@ pub async fn run_all(backend: &dyn KvBackend) {
     batches(backend).await;
     compare_and_put(backend).await;
     limits(backend).await;
+    txn::puts_that_keep_value_or_lease(backend).await;
+    txn::lease_and_range_compares(backend).await;
+    txn::nested_transactions(backend).await;
     history::history_reads(backend).await;
     history::watch_basics(backend).await;
     history::watch_sees_every_write_once(backend).await;
@@ -85,7 +89,7 @@ pub async fn revisions_and_versions(backend: &dyn KvBackend) {
             key: b"rev/a".to_vec(),
             value: b"2".to_vec(),
             prev_kv: true,
-            lease: 0,
+            ..Default::default()
         })
         .await
         .unwrap();

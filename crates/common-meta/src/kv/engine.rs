@@ -155,22 +155,7 @@ pub(crate) fn execute(
         overlay: BTreeMap::new(),
         write_revision: revision + 1,
     };
-    let mut succeeded = true;
-    for compare in &txn.compare {
-        if !exec.holds(compare)? {
-            succeeded = false;
-            break;
-        }
-    }
-    let ops = if succeeded { txn.success } else { txn.failure };
-    let mut responses = Vec::with_capacity(ops.len());
-    for op in ops {
-        responses.push(match op {
-            TxnOp::Range(req) => TxnOpResponse::Range(exec.range(&req)?),
-            TxnOp::Put(req) => TxnOpResponse::Put(exec.put(req)?),
-            TxnOp::DeleteRange(req) => TxnOpResponse::DeleteRange(exec.delete_range(&req)?),
-        });
-    }
+    let mut response = exec.txn(txn)?;
     let (final_revision, writes) = if exec.overlay.is_empty() {
         (revision, None)
     } else {
@@ -180,21 +165,21 @@ pub(crate) fn execute(
         };
         (write.revision, Some(write))
     };
-    for response in &mut responses {
-        match response {
-            TxnOpResponse::Range(r) => r.revision = final_revision,
-            TxnOpResponse::Put(r) => r.revision = final_revision,
-            TxnOpResponse::DeleteRange(r) => r.revision = final_revision,
+    stamp(&mut response, final_revision);
+    Ok((response, writes))
+}
+
+/// Sets the revision of a transaction's answer and of every answer in it.
+fn stamp(response: &mut TxnResponse, revision: i64) {
+    response.revision = revision;
+    for answer in &mut response.responses {
+        match answer {
+            TxnOpResponse::Range(r) => r.revision = revision,
+            TxnOpResponse::Put(r) => r.revision = revision,
+            TxnOpResponse::DeleteRange(r) => r.revision = revision,
+            TxnOpResponse::Txn(nested) => stamp(nested, revision),
         }
     }
-    Ok((
-        TxnResponse {
-            revision: final_revision,
-            succeeded,
-            responses,
-        },
-        writes,
-    ))
 }
 
 /// The half-open key interval a `(key, range_end)` pair names, etcd style.
@@ -288,25 +273,48 @@ impl Executor<'_> {
         visit_span(&self.layered(), span, visit)
     }
 
-    fn holds(&self, compare: &Compare) -> Result<bool> {
-        let entry = self.get(&compare.key)?;
-        let ordering = match (&compare.target, &entry) {
-            (CompareTarget::Value(_), None) => return Ok(false),
-            (CompareTarget::Value(target), Some(e)) => e.value.as_slice().cmp(target.as_slice()),
-            (CompareTarget::Version(target), e) => e.as_ref().map_or(0, |e| e.version).cmp(target),
-            (CompareTarget::CreateRevision(target), e) => {
-                e.as_ref().map_or(0, |e| e.create_revision).cmp(target)
+    /// Runs a transaction (the outer one or a nested one) against the current overlay.
+    fn txn(&mut self, txn: TxnRequest) -> Result<TxnResponse> {
+        let mut succeeded = true;
+        for compare in &txn.compare {
+            if !self.holds(compare)? {
+                succeeded = false;
+                break;
             }
-            (CompareTarget::ModRevision(target), e) => {
-                e.as_ref().map_or(0, |e| e.mod_revision).cmp(target)
-            }
-        };
-        Ok(match compare.op {
-            CompareOp::Equal => ordering == Ordering::Equal,
-            CompareOp::NotEqual => ordering != Ordering::Equal,
-            CompareOp::Less => ordering == Ordering::Less,
-            CompareOp::Greater => ordering == Ordering::Greater,
+        }
+        let ops = if succeeded { txn.success } else { txn.failure };
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            responses.push(match op {
+                TxnOp::Range(req) => TxnOpResponse::Range(self.range(&req)?),
+                TxnOp::Put(req) => TxnOpResponse::Put(self.put(req)?),
+                TxnOp::DeleteRange(req) => TxnOpResponse::DeleteRange(self.delete_range(&req)?),
+                TxnOp::Txn(nested) => TxnOpResponse::Txn(self.txn(nested)?),
+            });
+        }
+        Ok(TxnResponse {
+            revision: 0,
+            succeeded,
+            responses,
         })
+    }
+
+    fn holds(&self, compare: &Compare) -> Result<bool> {
+        if compare.range_end.is_empty() {
+            let entry = self.get(&compare.key)?;
+            return Ok(passes(compare, entry.as_ref()));
+        }
+        // Every key of the span must pass; an empty span is one absent key.
+        let (mut all, mut any) = (true, false);
+        self.visit(
+            key_span(&compare.key, &compare.range_end),
+            &mut |_, entry| {
+                any = true;
+                all = passes(compare, Some(entry));
+                all
+            },
+        )?;
+        Ok(if any { all } else { passes(compare, None) })
     }
 
     fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
@@ -331,18 +339,39 @@ impl Executor<'_> {
     }
 
     fn put(&mut self, req: PutRequest) -> Result<PutResponse> {
-        if req.lease != 0 && !self.view.lease_exists(req.lease)? {
-            return Err(Error::LeaseNotFound { id: req.lease });
-        }
         let prev = self.get(&req.key)?;
+        let kept = if req.ignore_value || req.ignore_lease {
+            let Some(prev) = &prev else {
+                return Err(Error::NotFound {
+                    what: format!(
+                        "key {:?} (a put that keeps its value or lease needs it)",
+                        String::from_utf8_lossy(&req.key)
+                    ),
+                });
+            };
+            Some(prev)
+        } else {
+            None
+        };
+        let lease = match kept {
+            Some(prev) if req.ignore_lease => prev.lease,
+            _ => req.lease,
+        };
+        if lease != 0 && !req.ignore_lease && !self.view.lease_exists(lease)? {
+            return Err(Error::LeaseNotFound { id: lease });
+        }
+        let value = match kept {
+            Some(prev) if req.ignore_value => prev.value.clone(),
+            _ => req.value,
+        };
         let entry = Entry {
             create_revision: prev
                 .as_ref()
                 .map_or(self.write_revision, |p| p.create_revision),
             mod_revision: self.write_revision,
             version: prev.as_ref().map_or(0, |p| p.version) + 1,
-            lease: req.lease,
-            value: req.value,
+            lease,
+            value,
         };
         let prev_kv = prev
             .filter(|_| req.prev_kv)
@@ -370,6 +399,27 @@ impl Executor<'_> {
             deleted,
             prev_kvs: if req.prev_kv { doomed } else { Vec::new() },
         })
+    }
+}
+
+/// Whether one key (`None`: absent) passes a compare. An absent key has version,
+/// revisions and lease 0, and fails every value compare.
+fn passes(compare: &Compare, entry: Option<&Entry>) -> bool {
+    let ordering = match (&compare.target, entry) {
+        (CompareTarget::Value(_), None) => return false,
+        (CompareTarget::Value(target), Some(e)) => e.value.as_slice().cmp(target.as_slice()),
+        (CompareTarget::Version(target), e) => e.map_or(0, |e| e.version).cmp(target),
+        (CompareTarget::CreateRevision(target), e) => {
+            e.map_or(0, |e| e.create_revision).cmp(target)
+        }
+        (CompareTarget::ModRevision(target), e) => e.map_or(0, |e| e.mod_revision).cmp(target),
+        (CompareTarget::Lease(target), e) => e.map_or(0, |e| e.lease).cmp(target),
+    };
+    match compare.op {
+        CompareOp::Equal => ordering == Ordering::Equal,
+        CompareOp::NotEqual => ordering != Ordering::Equal,
+        CompareOp::Less => ordering == Ordering::Less,
+        CompareOp::Greater => ordering == Ordering::Greater,
     }
 }
 

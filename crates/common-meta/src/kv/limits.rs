@@ -44,6 +44,15 @@ impl KvLimits {
 
     /// Checks a transaction (every KvBackend call is one) against these limits.
     pub fn check_txn(&self, txn: &TxnRequest) -> Result<()> {
+        let total = self.check_txn_size(txn)?;
+        if total > self.max_request_bytes {
+            return Err(self.request_too_large(total));
+        }
+        Ok(())
+    }
+
+    /// Checks one transaction level (nested ones included) and returns its size.
+    fn check_txn_size(&self, txn: &TxnRequest) -> Result<usize> {
         for (list, len) in [
             ("compare", txn.compare.len()),
             ("success", txn.success.len()),
@@ -63,10 +72,7 @@ impl KvLimits {
         for op in txn.success.iter().chain(&txn.failure) {
             total += self.check_op(op)?;
         }
-        if total > self.max_request_bytes {
-            return Err(self.request_too_large(total));
-        }
-        Ok(())
+        Ok(total)
     }
 
     /// The error for a request of `size` bytes over `max_request_bytes`.
@@ -78,7 +84,7 @@ impl KvLimits {
     }
 
     fn check_compare(&self, compare: &Compare) -> Result<usize> {
-        let mut size = self.check_key(&compare.key, "compare key")?;
+        let mut size = self.check_range(&compare.key, &compare.range_end)?;
         if let CompareTarget::Value(value) = &compare.target {
             size += self.check_value(value)?;
         }
@@ -96,8 +102,21 @@ impl KvLimits {
                 }
                 self.check_range(&range.key, &range.range_end)
             }
-            TxnOp::Put(put) => Ok(self.check_key(&put.key, "key")? + self.check_value(&put.value)?),
+            TxnOp::Put(put) => {
+                if put.ignore_value && !put.value.is_empty() {
+                    return Err(Error::invalid_argument(
+                        "a put that keeps the current value (ignore_value) must not give one",
+                    ));
+                }
+                if put.ignore_lease && put.lease != 0 {
+                    return Err(Error::invalid_argument(
+                        "a put that keeps the current lease (ignore_lease) must not give one",
+                    ));
+                }
+                Ok(self.check_key(&put.key, "key")? + self.check_value(&put.value)?)
+            }
             TxnOp::DeleteRange(delete) => self.check_range(&delete.key, &delete.range_end),
+            TxnOp::Txn(nested) => self.check_txn_size(nested),
         }
     }
 

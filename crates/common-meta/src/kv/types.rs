@@ -104,6 +104,10 @@ pub struct PutRequest {
     pub prev_kv: bool,
     /// Attach the key to this lease (0 = none; a put without a lease detaches the key).
     pub lease: i64,
+    /// Keep the key's current value (`value` must be empty); the key must exist.
+    pub ignore_value: bool,
+    /// Keep the key's current lease (`lease` must be 0); the key must exist.
+    pub ignore_lease: bool,
 }
 
 impl PutRequest {
@@ -112,8 +116,7 @@ impl PutRequest {
         PutRequest {
             key: key.into(),
             value: value.into(),
-            prev_kv: false,
-            lease: 0,
+            ..Default::default()
         }
     }
 
@@ -267,6 +270,8 @@ pub enum CompareTarget {
     ModRevision(i64),
     /// The key's value; every value compare on an absent key fails.
     Value(Vec<u8>),
+    /// The key's lease (0 when absent or when it has none).
+    Lease(i64),
 }
 
 /// One condition of a transaction.
@@ -274,6 +279,9 @@ pub enum CompareTarget {
 pub struct Compare {
     /// The key compared.
     pub key: Vec<u8>,
+    /// Empty: only `key`. Otherwise every key of the span (as in [`RangeRequest`])
+    /// must pass; an empty span compares as one absent key.
+    pub range_end: Vec<u8>,
     /// The comparison.
     pub op: CompareOp,
     /// The attribute and the operand.
@@ -285,6 +293,7 @@ impl Compare {
     pub fn new(key: impl Into<Vec<u8>>, op: CompareOp, target: CompareTarget) -> Self {
         Compare {
             key: key.into(),
+            range_end: Vec::new(),
             op,
             target,
         }
@@ -300,6 +309,9 @@ pub enum TxnOp {
     Put(PutRequest),
     /// A delete.
     DeleteRange(DeleteRangeRequest),
+    /// A transaction nested in this one: its compares see the earlier ops' writes,
+    /// and its writes are part of the outer transaction's one revision.
+    Txn(TxnRequest),
 }
 
 /// The result of one transaction operation.
@@ -311,6 +323,8 @@ pub enum TxnOpResponse {
     Put(PutResponse),
     /// Result of a delete.
     DeleteRange(DeleteRangeResponse),
+    /// Result of a nested transaction.
+    Txn(TxnResponse),
 }
 
 /// If every compare holds, runs `success`, else `failure`, atomically. Later ops see the
@@ -328,10 +342,11 @@ pub struct TxnRequest {
 impl TxnRequest {
     /// True when no op of either branch writes: the request can be served as a read.
     pub fn is_read_only(&self) -> bool {
-        self.success
-            .iter()
-            .chain(&self.failure)
-            .all(|op| matches!(op, TxnOp::Range(_)))
+        self.success.iter().chain(&self.failure).all(|op| match op {
+            TxnOp::Range(_) => true,
+            TxnOp::Txn(nested) => nested.is_read_only(),
+            TxnOp::Put(_) | TxnOp::DeleteRange(_) => false,
+        })
     }
 }
 

@@ -53,7 +53,7 @@ mod ready;
 mod watchdog;
 
 pub use api::{
-    Command, DriverHandle, Fault, Membership, MembershipChange, RaftSettings, RaftStatus,
+    Command, DriverHandle, Fault, Membership, MembershipChange, RaftSettings, RaftStatus, RaftView,
 };
 pub use node::RaftNode;
 pub(crate) use watchdog::StorageWatch;
@@ -135,6 +135,8 @@ struct Driver {
     reads_by_index: Vec<(u64, Reply<u64>)>,
     /// Publishes the term this member leads in, if it leads.
     leader_tx: Arc<tokio::sync::watch::Sender<Option<u64>>>,
+    /// The leader and term this member knows, for request paths.
+    view: Arc<RaftView>,
     /// A fault to suffer at the next chance (fault-injection tests).
     injected: Option<Fault>,
     /// Marks the storage work of each turn for the watchdog.
@@ -229,8 +231,10 @@ impl Driver {
                 *was = leading;
                 changed
             });
+            self.view.set(self.node.raft.leader_id, self.node.raft.term);
         }
         self.leader_tx.send_replace(None);
+        self.view.set(0, self.node.raft.term);
         self.fail_everything(
             || Error::outcome_unknown("the raft driver stopped after the write was queued; it may or may not have been applied"),
             stopped,

@@ -8,6 +8,7 @@ mod cluster_process;
 mod concurrency;
 mod ddl;
 mod durability;
+mod etcd;
 mod exactly_once;
 mod fault;
 mod front;

@@ -230,6 +230,58 @@ impl DriverHandle {
     }
 }
 
+/// The leader and term this member knows, kept current by the driver every turn, for
+/// request paths that need them on every answer (etcd's response header, forwarding to
+/// the leader) without a round trip to the driver.
+#[derive(Debug, Default)]
+pub struct RaftView {
+    leader: std::sync::atomic::AtomicU64,
+    term: std::sync::atomic::AtomicU64,
+    /// Woken when the leader changes.
+    changed: tokio::sync::Notify,
+}
+
+impl RaftView {
+    /// The leader this member knows of; 0 for none (or once the driver stopped).
+    pub fn leader(&self) -> u64 {
+        self.leader.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The leader, waiting up to `patience` for one while there is none (an election
+    /// under way); 0 if none came.
+    pub async fn leader_within(&self, patience: Duration) -> u64 {
+        let until = tokio::time::Instant::now() + patience;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check, so a change in between still wakes it.
+            changed.as_mut().enable();
+            let leader = self.leader();
+            if leader != 0 {
+                return leader;
+            }
+            if tokio::time::timeout_at(until, changed).await.is_err() {
+                return self.leader();
+            }
+        }
+    }
+
+    /// The current term as this member knows it.
+    pub fn term(&self) -> u64 {
+        self.term.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(in crate::raft) fn set(&self, leader: u64, term: u64) {
+        self.term.store(term, std::sync::atomic::Ordering::Release);
+        let was = self
+            .leader
+            .swap(leader, std::sync::atomic::Ordering::AcqRel);
+        if was != leader {
+            self.changed.notify_waiters();
+        }
+    }
+}
+
 /// A member's raft role and progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RaftStatus {

@@ -8,6 +8,7 @@ pub struct RaftNode {
     handle: DriverHandle,
     thread: Option<JoinHandle<()>>,
     leadership: tokio::sync::watch::Receiver<Option<u64>>,
+    view: Arc<RaftView>,
     failure: tokio::sync::watch::Receiver<Option<String>>,
 }
 
@@ -58,6 +59,7 @@ impl RaftNode {
         };
         let (leader_tx, leadership) = tokio::sync::watch::channel(None);
         let leader_tx = Arc::new(leader_tx);
+        let view = Arc::new(RaftView::default());
         let (failure_tx, failure) = tokio::sync::watch::channel(None);
         let failure_tx = Arc::new(failure_tx);
         let storage = Arc::new(StorageWatch::default());
@@ -112,6 +114,7 @@ impl RaftNode {
             reads_by_ctx: HashMap::new(),
             reads_by_index: Vec::new(),
             leader_tx: leader_tx.clone(),
+            view: view.clone(),
             injected: None,
             storage: storage.clone(),
             failure: failure_tx.clone(),
@@ -123,6 +126,7 @@ impl RaftNode {
             leader_tx.clone(),
             failure_tx.clone(),
         )?;
+        let stopped_view = view.clone();
         let thread = std::thread::Builder::new()
             .name(format!("raft-{}", settings.id))
             .spawn(move || {
@@ -148,6 +152,7 @@ impl RaftNode {
                     .done
                     .store(true, std::sync::atomic::Ordering::Release);
                 leader_tx.send_replace(None);
+                stopped_view.set(0, stopped_view.term());
                 if let Some(reason) = reason {
                     publish_failure(id, reason, &leader_tx, &failure_tx);
                 }
@@ -160,8 +165,14 @@ impl RaftNode {
             handle,
             thread: Some(thread),
             leadership,
+            view,
             failure,
         })
+    }
+
+    /// The leader and term this member knows, kept current by the driver.
+    pub fn view(&self) -> Arc<RaftView> {
+        self.view.clone()
     }
 
     /// A handle to queue commands.

@@ -1,0 +1,68 @@
+//! etcd's v3 client API on the client port, beside `meta.v1`: a thin adapter over the
+//! same KV, watch and lease core, so etcd's tools and client libraries work against a
+//! Metasrv cluster. No semantic is implemented twice: requests are checked as etcd
+//! checks them ([`check`]), translated (`common_meta::rpc::etcd`), run by the member's
+//! [`RaftKvBackend`], and answered with etcd's header and error texts ([`status`]).
+//!
+//! etcd clients never follow a leader hint: a member that does not lead sends what
+//! needs the leader (writes, linearizable reads) on to it itself ([`forward`]).
+
+pub mod check;
+pub mod forward;
+pub mod kv;
+pub mod status;
+
+use std::sync::Arc;
+
+use common_meta::kv::KvLimits;
+use common_meta::rpc::etcd::Responder;
+
+use crate::raft::backend::RaftKvBackend;
+use crate::raft::driver::RaftView;
+use crate::raft::members::Members;
+
+/// What every etcd service of a member shares.
+pub struct Etcd {
+    /// The member's KV backend.
+    pub backend: RaftKvBackend,
+    /// The leader and term this member knows.
+    pub view: Arc<RaftView>,
+    /// The cluster's id (etcd's header names it).
+    pub cluster_id: u64,
+    /// This member.
+    pub member_id: u64,
+    /// The request limits (etcd's `--max-txn-ops`, `--max-request-bytes`).
+    pub limits: KvLimits,
+    /// Sends requests that need the leader on to it.
+    pub forward: forward::Forward,
+}
+
+impl Etcd {
+    /// The shared state of the etcd services of member `member_id`.
+    pub fn new(
+        backend: RaftKvBackend,
+        view: Arc<RaftView>,
+        members: Arc<Members>,
+        cluster_id: u64,
+        member_id: u64,
+        limits: KvLimits,
+    ) -> Arc<Self> {
+        Arc::new(Etcd {
+            forward: forward::Forward::new(view.clone(), members, member_id),
+            backend,
+            view,
+            cluster_id,
+            member_id,
+            limits,
+        })
+    }
+
+    /// Who answers, for etcd's response header.
+    pub fn responder(&self) -> Responder {
+        Responder {
+            cluster_id: self.cluster_id,
+            member_id: self.member_id,
+            raft_term: self.view.term(),
+        }
+    }
+}
