@@ -25,6 +25,7 @@
 //! | 2 | entries carry `meta.v1.RaftCommand` (client sessions); the configuration and the member map are system values of the state machine, written with each apply; a boot counter in `raft_meta` |
 //! | 3 | no change on disk; members stream snapshots as files (`Cluster/InstallSnapshot`), used towards peers of format 3 or later |
 //! | 4 | the raft log is kept in runs of entries, one sled key per append (tree `raft_runs`, see `log_store/runs.rs`), not one key per entry (`raft_log`) |
+//! | 5 | no change on disk; transactions may use etcd's extensions (a put keeping the value or lease, lease and range compares, nested transactions), proposed only once every member runs format 5 or later (`raft/backend.rs`, `FeatureGate`) |
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -33,7 +34,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// The data format this binary writes (see the module doc).
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 /// The oldest data format this binary opens.
 pub const OLDEST_FORMAT: u32 = 1;

@@ -43,7 +43,7 @@ use crate::http::{self, HttpState};
 use crate::identity::{InitialCluster, check_identity, read_identity};
 use crate::procedure_host::ProcedureHost;
 use crate::procedures::ddl::context::DdlContext;
-use crate::raft::backend::RaftKvBackend;
+use crate::raft::backend::{FeatureGate, RaftKvBackend};
 use crate::raft::driver::{RaftNode, RaftSettings};
 use crate::raft::grpc_transport::GrpcTransport;
 use crate::raft::members::Members;
@@ -198,7 +198,8 @@ impl MetaSrv {
             Duration::from_millis(raft.request_timeout_ms),
             node.leadership(),
             config.min_lease_ttl_secs(),
-        );
+        )
+        .with_gate(FeatureGate::new(members.clone(), versions.clone(), node_id));
         let tokens = match config.cluster_secret.as_str() {
             "" => None,
             secret => Some(JoinTokens::new(

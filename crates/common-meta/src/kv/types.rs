@@ -340,6 +340,20 @@ pub struct TxnRequest {
 }
 
 impl TxnRequest {
+    /// True when the transaction uses what etcd's API added to the replicated format
+    /// (a put that keeps the value or lease, a lease or range compare, a nested
+    /// transaction): a member of an older version would apply it differently.
+    pub fn uses_extensions(&self) -> bool {
+        self.compare
+            .iter()
+            .any(|c| !c.range_end.is_empty() || matches!(c.target, CompareTarget::Lease(_)))
+            || self.success.iter().chain(&self.failure).any(|op| match op {
+                TxnOp::Put(put) => put.ignore_value || put.ignore_lease,
+                TxnOp::Txn(_) => true,
+                TxnOp::Range(_) | TxnOp::DeleteRange(_) => false,
+            })
+    }
+
     /// True when no op of either branch writes: the request can be served as a read.
     pub fn is_read_only(&self) -> bool {
         self.success.iter().chain(&self.failure).all(|op| match op {

@@ -16,7 +16,10 @@ use common_meta::kv::{
 use common_meta::kv::{LeaseGrant, LeaseTimeToLive};
 use tokio::sync::{oneshot, watch};
 
+use crate::data_dir::FORMAT_VERSION;
 use crate::raft::driver::{Command, DriverHandle};
+use crate::raft::members::Members;
+use crate::raft::versions::PeerVersions;
 
 /// A member's KV backend over its raft driver and state machine.
 #[derive(Clone)]
@@ -28,7 +31,51 @@ pub struct RaftKvBackend {
     lessor: Arc<Lessor>,
     /// `Some(term)` while this member leads.
     leadership: watch::Receiver<Option<u64>>,
+    /// Which replicated features every member can apply; `None`: all of them (every
+    /// member runs this binary).
+    gate: Option<FeatureGate>,
 }
+
+/// The lowest data format the members run, which decides what may be proposed: an
+/// entry a member cannot read the same way would make the replicas differ.
+#[derive(Clone)]
+pub struct FeatureGate {
+    members: Arc<Members>,
+    versions: Arc<PeerVersions>,
+    me: u64,
+}
+
+impl FeatureGate {
+    /// The gate of member `me`, over the cluster's `members` and the `versions` their
+    /// raft batches announced.
+    pub fn new(members: Arc<Members>, versions: Arc<PeerVersions>, me: u64) -> Self {
+        FeatureGate {
+            members,
+            versions,
+            me,
+        }
+    }
+
+    /// The lowest data format among the members (a member not heard from yet counts
+    /// as the oldest format).
+    pub fn lowest_format(&self) -> u32 {
+        self.members
+            .all()
+            .keys()
+            .map(|&id| {
+                if id == self.me {
+                    FORMAT_VERSION
+                } else {
+                    self.versions.of(id)
+                }
+            })
+            .min()
+            .unwrap_or(FORMAT_VERSION)
+    }
+}
+
+/// The data format from which transactions may use etcd's extensions.
+const TXN_EXTENSIONS: u32 = 5;
 
 /// Whether a request can have changed anything, which decides what a lost answer means.
 #[derive(Clone, Copy)]
@@ -57,7 +104,14 @@ impl RaftKvBackend {
             timeout,
             lessor: Arc::new(Lessor::new(min_lease_ttl_secs)),
             leadership,
+            gate: None,
         }
+    }
+
+    /// Proposes only what every member can apply, as `gate` says.
+    pub fn with_gate(mut self, gate: FeatureGate) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// The lease deadlines this member keeps while it leads.
@@ -136,6 +190,18 @@ impl RaftKvBackend {
         // Limits are checked once, here, before the entry exists: apply does not check
         // them, so every member applies it the same way.
         self.store.check(&req)?;
+        if let Some(gate) = &self.gate
+            && req.uses_extensions()
+        {
+            let lowest = gate.lowest_format();
+            if lowest < TXN_EXTENSIONS {
+                return Err(Error::FailedPrecondition {
+                    message: format!(
+                        "this transaction needs every member at data format {TXN_EXTENSIONS} or later, and one runs {lowest}; upgrade the cluster first"
+                    ),
+                });
+            }
+        }
         match self
             .propose(common_meta::kv::Command::Txn { txn: req, session })
             .await?
@@ -287,5 +353,30 @@ impl KvBackend for SessionWrite<'_> {
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, Error> {
         self.backend.txn_in_session(req, self.session).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::data_dir::OLDEST_FORMAT;
+
+    #[test]
+    fn the_gate_opens_once_every_member_runs_the_format() {
+        let members = Arc::new(Members::in_memory(BTreeMap::from([
+            (1, "a:1".to_string()),
+            (2, "b:2".to_string()),
+            (3, "c:3".to_string()),
+        ])));
+        let versions = Arc::new(PeerVersions::default());
+        let gate = FeatureGate::new(members, versions.clone(), 1);
+        assert_eq!(gate.lowest_format(), OLDEST_FORMAT, "peers not heard from");
+        versions.record(2, FORMAT_VERSION);
+        versions.record(3, TXN_EXTENSIONS - 1);
+        assert_eq!(gate.lowest_format(), TXN_EXTENSIONS - 1);
+        versions.record(3, FORMAT_VERSION);
+        assert_eq!(gate.lowest_format(), FORMAT_VERSION);
     }
 }
