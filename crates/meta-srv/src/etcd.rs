@@ -11,6 +11,7 @@ pub mod check;
 pub mod forward;
 pub mod kv;
 pub mod status;
+pub mod watch;
 
 use std::sync::Arc;
 

@@ -497,6 +497,9 @@ impl MetaSrv {
             crate::etcd::kv::KvService::new(etcd.clone()),
         )
         .max_decoding_message_size(limits.max_request_bytes.saturating_mul(4));
+        let etcd_watch = meta_proto::etcd::etcdserverpb::watch_server::WatchServer::new(
+            crate::etcd::watch::WatchService::new(etcd.clone(), stop_rx.clone()),
+        );
         let supervising = self.supervisor.clone().start(self.node.leadership());
         let regions = RegionServer::new(RegionService {
             member_id,
@@ -532,6 +535,7 @@ impl MetaSrv {
             .add_service(ddl)
             .add_service(regions)
             .add_service(etcd_kv)
+            .add_service(etcd_watch)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.grpc)
                     .with_nodelay(Some(true))

@@ -77,6 +77,22 @@ impl From<kv::Event> for mvccpb::Event {
     }
 }
 
+impl From<epb::WatchCreateRequest> for kv::WatchRequest {
+    fn from(r: epb::WatchCreateRequest) -> Self {
+        use epb::watch_create_request::FilterType;
+        let has = |f: FilterType| r.filters.contains(&(f as i32));
+        kv::WatchRequest {
+            no_put: has(FilterType::Noput),
+            no_delete: has(FilterType::Nodelete),
+            key: r.key,
+            range_end: r.range_end,
+            start_revision: r.start_revision,
+            prev_kv: r.prev_kv,
+            progress_notify: r.progress_notify,
+        }
+    }
+}
+
 /// The core range an etcd range reads: every key of the range when the answer is
 /// sorted or filtered (the limit applies after that, in [`shape_range`]).
 pub fn range_request(r: &epb::RangeRequest) -> kv::RangeRequest {

@@ -1,5 +1,8 @@
-//! The `meta.v1.Watch` service: one bidirectional stream carries many watchers, each a
-//! [`WatchStream`] on this member's own applied state (any member serves watches).
+//! Watch streams, whatever their wire: one bidirectional stream carries many watchers,
+//! each a [`WatchStream`] on this member's own applied state (any member serves
+//! watches). The `meta.v1.Watch` service ([`WatchService`]) and etcd's `Watch`
+//! (`etcd/watch.rs`) are two [`Wire`]s over this one engine: a wire turns its requests
+//! into [`Incoming`] and [`Outgoing`] into its responses.
 //!
 //! Per stream, a reader task takes the client's requests in order and turns them into
 //! [`Command`]s; the response stream itself ([`Outbound`]) owns the watchers and is
@@ -17,15 +20,93 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use common_meta::kv::watch::WatchControl;
-use common_meta::kv::{KvBackend, WatchResponse, WatchStream};
+use common_meta::kv::{Event, KvBackend, WatchRequest, WatchResponse, WatchStream};
 use common_meta::rpc;
-use futures_util::stream::{AbortHandle, Abortable, SelectAll};
+use futures_util::stream::{AbortHandle, Abortable, BoxStream, SelectAll};
 use meta_proto::v1 as pb;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::raft::backend::RaftKvBackend;
+
+/// A client's request on a watch stream, whatever its wire.
+#[derive(Debug)]
+pub enum Incoming {
+    /// Start a watcher; `watch_id` 0 lets the server choose.
+    Create {
+        /// The id the client chose, or 0.
+        watch_id: i64,
+        /// What to watch.
+        request: WatchRequest,
+        /// Split responses too large for one message (where the wire can).
+        fragment: bool,
+    },
+    /// Stop a watcher (an unknown id is ignored).
+    Cancel(i64),
+    /// Answer once every watcher reached a revision.
+    Progress,
+}
+
+/// One message of a watch stream, whatever its wire.
+#[derive(Debug, Default)]
+pub struct Outgoing {
+    /// The watcher it concerns; -1 for the whole stream.
+    pub watch_id: i64,
+    /// The revision the message is as of.
+    pub revision: i64,
+    /// The answer to a create.
+    pub created: bool,
+    /// The watcher ended.
+    pub canceled: bool,
+    /// Set when a watcher's start revision was compacted: the compacted revision.
+    pub compact_revision: i64,
+    /// Why the watcher ended, when it did not end on request.
+    pub cancel_reason: String,
+    /// The changes, whole revisions.
+    pub events: Vec<Event>,
+}
+
+/// A watch stream's wire: its responses built from [`Outgoing`].
+pub trait Wire: Send + Sync + 'static {
+    /// A message of the stream on this wire.
+    type Response: Send + 'static;
+
+    /// The messages that carry `out` (more than one when the wire splits a large
+    /// one).
+    fn encode(&self, out: Outgoing, fragment: bool) -> Vec<Self::Response>;
+}
+
+/// Serves one watch stream over `backend`: `requests` as they come, the answers in
+/// the returned stream; `stop` ends it (UNAVAILABLE, so clients resume elsewhere).
+pub fn serve<W: Wire>(
+    backend: RaftKvBackend,
+    wire: Arc<W>,
+    requests: BoxStream<'static, Result<Incoming, Status>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Pin<Box<dyn Stream<Item = Result<W::Response, Status>> + Send>> {
+    let (commands, queued) = mpsc::channel(COMMAND_QUEUE);
+    let live = Arc::new(Mutex::new(HashSet::new()));
+    let outbound = Outbound {
+        wire,
+        commands: queued,
+        feeds: SelectAll::new(),
+        watchers: HashMap::new(),
+        fragmented: HashSet::new(),
+        live: live.clone(),
+        round: None,
+        ready: VecDeque::new(),
+        done: false,
+    };
+    let reader = Reader {
+        backend,
+        commands,
+        live,
+        next_id: 0,
+    };
+    tokio::spawn(reader.run(requests, stop));
+    Box::pin(outbound)
+}
 
 /// Commands a stream's reader may have queued for its response stream.
 const COMMAND_QUEUE: usize = 64;
@@ -57,9 +138,10 @@ impl WatchService {
 /// What a stream's reader asks of its response stream, in request order.
 enum Command {
     /// Send this message.
-    Send(pb::WatchResponse),
-    /// Serve this watcher (its `created` answer went ahead as a [`Command::Send`]).
-    Add(i64, WatchStream),
+    Send(Outgoing),
+    /// Serve this watcher (its `created` answer went ahead as a [`Command::Send`]);
+    /// `true`: split its large responses.
+    Add(i64, WatchStream, bool),
     /// Drop this watcher and say so, at the member's `revision`.
     Cancel { id: i64, revision: i64 },
     /// Answer a progress request; `revision` is the member's own when no watcher runs.
@@ -107,37 +189,48 @@ struct Round {
 }
 
 /// A message of one stream: `watch_id` at `revision`.
-fn response(member_id: u64, watch_id: i64, revision: i64) -> pb::WatchResponse {
-    pb::WatchResponse {
-        header: rpc::header(member_id, revision),
+fn response(watch_id: i64, revision: i64) -> Outgoing {
+    Outgoing {
         watch_id,
+        revision,
         ..Default::default()
     }
 }
 
 /// One stream's responses (see the module doc).
-struct Outbound {
-    member_id: u64,
+struct Outbound<W: Wire> {
+    wire: Arc<W>,
     commands: mpsc::Receiver<Command>,
     /// Every watcher's feed, polled as it wakes (not scanned: a stream may carry
     /// thousands).
     feeds: SelectAll<Abortable<Feed>>,
     /// The running watchers: how to drop one and how to ask it for progress.
     watchers: HashMap<i64, (AbortHandle, WatchControl)>,
+    /// The watchers whose large responses are split.
+    fragmented: HashSet<i64>,
     /// The ids of watchers that run, shared with the reader (which allocates them).
     live: Arc<Mutex<HashSet<i64>>>,
     round: Option<Round>,
-    ready: VecDeque<Result<pb::WatchResponse, Status>>,
+    ready: VecDeque<Result<W::Response, Status>>,
     /// A failure went out: the stream ends.
     done: bool,
 }
 
-impl Outbound {
-    fn response(&self, watch_id: i64, revision: i64) -> pb::WatchResponse {
-        response(self.member_id, watch_id, revision)
+impl<W: Wire> Outbound<W> {
+    fn response(&self, watch_id: i64, revision: i64) -> Outgoing {
+        response(watch_id, revision)
+    }
+
+    /// Queues `out` as its wire's messages.
+    fn push(&mut self, out: Outgoing) {
+        let fragment = self.fragmented.contains(&out.watch_id);
+        for message in self.wire.encode(out, fragment) {
+            self.ready.push_back(Ok(message));
+        }
     }
 
     fn forget(&mut self, id: i64) {
+        self.fragmented.remove(&id);
         if let Some((feed, _)) = self.watchers.remove(&id) {
             // Its feed ends at the next poll, dropping the watcher.
             feed.abort();
@@ -165,14 +258,17 @@ impl Outbound {
             && let Some(revision) = self.round.take().and_then(|r| r.lowest)
         {
             let combined = self.response(-1, revision);
-            self.ready.push_back(Ok(combined));
+            self.push(combined);
         }
     }
 
     fn command(&mut self, command: Command) {
         match command {
-            Command::Send(message) => self.ready.push_back(Ok(message)),
-            Command::Add(id, watcher) => {
+            Command::Send(message) => self.push(message),
+            Command::Add(id, watcher, fragment) => {
+                if fragment {
+                    self.fragmented.insert(id);
+                }
                 let (handle, registration) = AbortHandle::new_pair();
                 self.watchers.insert(id, (handle, watcher.controller()));
                 let feed = Feed {
@@ -187,13 +283,13 @@ impl Outbound {
                     self.forget(id);
                     let mut canceled = self.response(id, revision);
                     canceled.canceled = true;
-                    self.ready.push_back(Ok(canceled));
+                    self.push(canceled);
                 }
             }
             Command::Progress { revision } => {
                 if self.watchers.is_empty() {
                     let answer = self.response(-1, revision);
-                    self.ready.push_back(Ok(answer));
+                    self.push(answer);
                 } else if self.round.is_none() {
                     // A round in flight answers this request too.
                     let mut waiting = HashSet::new();
@@ -204,7 +300,8 @@ impl Outbound {
                         }
                     }
                     if waiting.is_empty() {
-                        self.ready.push_back(Ok(self.response(-1, revision)));
+                        let answer = self.response(-1, revision);
+                        self.push(answer);
                     } else {
                         self.round = Some(Round {
                             waiting,
@@ -222,11 +319,10 @@ impl Outbound {
 
     fn fed(&mut self, id: i64, fed: Fed) {
         let message = match fed {
-            Fed::Response(Ok(WatchResponse::Events { revision, events })) => {
-                let mut message = self.response(id, revision);
-                message.events = events.into_iter().map(Into::into).collect();
-                message
-            }
+            Fed::Response(Ok(WatchResponse::Events { revision, events })) => Outgoing {
+                events,
+                ..self.response(id, revision)
+            },
             Fed::Response(Ok(WatchResponse::Progress {
                 revision,
                 requested: true,
@@ -253,12 +349,15 @@ impl Outbound {
                 return;
             }
         };
-        self.ready.push_back(Ok(message));
+        self.push(message);
     }
 }
 
-impl Stream for Outbound {
-    type Item = Result<pb::WatchResponse, Status>;
+// Nothing of an `Outbound` is pinned in place: it is polled through `&mut`.
+impl<W: Wire> Unpin for Outbound<W> {}
+
+impl<W: Wire> Stream for Outbound<W> {
+    type Item = Result<W::Response, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
@@ -288,6 +387,27 @@ impl Stream for Outbound {
     }
 }
 
+/// `meta.v1`'s wire: its header names the member.
+struct MetaWire {
+    member_id: u64,
+}
+
+impl Wire for MetaWire {
+    type Response = pb::WatchResponse;
+
+    fn encode(&self, out: Outgoing, _fragment: bool) -> Vec<pb::WatchResponse> {
+        vec![pb::WatchResponse {
+            header: rpc::header(self.member_id, out.revision),
+            watch_id: out.watch_id,
+            created: out.created,
+            canceled: out.canceled,
+            compact_revision: out.compact_revision,
+            cancel_reason: out.cancel_reason,
+            events: out.events.into_iter().map(Into::into).collect(),
+        }]
+    }
+}
+
 #[tonic::async_trait]
 impl pb::watch_server::Watch for WatchService {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
@@ -296,34 +416,39 @@ impl pb::watch_server::Watch for WatchService {
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let (commands, queued) = mpsc::channel(COMMAND_QUEUE);
-        let live = Arc::new(Mutex::new(HashSet::new()));
-        let outbound = Outbound {
+        let requests: BoxStream<'static, Result<Incoming, Status>> =
+            Box::pin(request.into_inner().filter_map(|request| {
+                let incoming = match request {
+                    Err(status) => return Some(Err(status)),
+                    Ok(request) => match request.request? {
+                        pb::watch_request::Request::Create(create) => Incoming::Create {
+                            watch_id: create.watch_id,
+                            request: create.into(),
+                            fragment: false,
+                        },
+                        pb::watch_request::Request::Cancel(cancel) => {
+                            Incoming::Cancel(cancel.watch_id)
+                        }
+                        pb::watch_request::Request::Progress(_) => Incoming::Progress,
+                    },
+                };
+                Some(Ok(incoming))
+            }));
+        let wire = Arc::new(MetaWire {
             member_id: self.member_id,
-            commands: queued,
-            feeds: SelectAll::new(),
-            watchers: HashMap::new(),
-            live: live.clone(),
-            round: None,
-            ready: VecDeque::new(),
-            done: false,
-        };
-        let reader = Reader {
-            backend: self.backend.clone(),
-            member_id: self.member_id,
-            commands,
-            live,
-            next_id: 0,
-        };
-        tokio::spawn(reader.run(request.into_inner(), self.stop.clone()));
-        Ok(Response::new(Box::pin(outbound)))
+        });
+        Ok(Response::new(serve(
+            self.backend.clone(),
+            wire,
+            requests,
+            self.stop.clone(),
+        )))
     }
 }
 
 /// Reads one stream's requests.
 struct Reader {
     backend: RaftKvBackend,
-    member_id: u64,
     commands: mpsc::Sender<Command>,
     live: Arc<Mutex<HashSet<i64>>>,
     next_id: i64,
@@ -332,12 +457,12 @@ struct Reader {
 impl Reader {
     async fn run(
         mut self,
-        mut requests: Streaming<pb::WatchRequest>,
+        mut requests: BoxStream<'static, Result<Incoming, Status>>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         loop {
             let request = tokio::select! {
-                request = requests.message() => request,
+                request = requests.next() => request,
                 () = self.commands.closed() => return,
                 // A graceful stop waits for open streams: end them.
                 () = async { let _ = stop.wait_for(|stopping| *stopping).await; } => {
@@ -347,23 +472,24 @@ impl Reader {
                 }
             };
             let request = match request {
-                Ok(Some(request)) => request,
+                Some(Ok(request)) => request,
                 // The client closed its side or the connection failed.
-                Ok(None) | Err(_) => return,
+                None | Some(Err(_)) => return,
             };
-            let command = match request.request {
-                Some(pb::watch_request::Request::Create(create)) => self.create(create).await,
-                Some(pb::watch_request::Request::Cancel(cancel)) => {
-                    // An unknown id is ignored, as etcd does.
-                    Some(Command::Cancel {
-                        id: cancel.watch_id,
-                        revision: self.backend.local_revision(),
-                    })
-                }
-                Some(pb::watch_request::Request::Progress(_)) => Some(Command::Progress {
+            let command = match request {
+                Incoming::Create {
+                    watch_id,
+                    request,
+                    fragment,
+                } => self.create(watch_id, request, fragment).await,
+                // An unknown id is ignored, as etcd does.
+                Incoming::Cancel(id) => Some(Command::Cancel {
+                    id,
                     revision: self.backend.local_revision(),
                 }),
-                None => None,
+                Incoming::Progress => Some(Command::Progress {
+                    revision: self.backend.local_revision(),
+                }),
             };
             if let Some(command) = command
                 && self.commands.send(command).await.is_err()
@@ -374,23 +500,28 @@ impl Reader {
     }
 
     /// A `created` answer at the member's revision now.
-    fn created(&self, watch_id: i64) -> pb::WatchResponse {
-        pb::WatchResponse {
+    fn created(&self, watch_id: i64) -> Outgoing {
+        Outgoing {
             created: true,
-            ..response(self.member_id, watch_id, self.backend.local_revision())
+            ..response(watch_id, self.backend.local_revision())
         }
     }
 
     /// Starts a watcher; its `created` answer is sent here, the watcher handed over
     /// as the returned command.
-    async fn create(&mut self, create: pb::WatchCreateRequest) -> Option<Command> {
+    async fn create(
+        &mut self,
+        asked: i64,
+        request: WatchRequest,
+        fragment: bool,
+    ) -> Option<Command> {
         let id = {
             let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-            let id = if create.watch_id != 0 {
-                if create.watch_id < 0 || live.contains(&create.watch_id) {
+            let id = if asked != 0 {
+                if asked < 0 || live.contains(&asked) {
                     None
                 } else {
-                    Some(create.watch_id)
+                    Some(asked)
                 }
             } else {
                 while live.contains(&self.next_id) {
@@ -404,12 +535,11 @@ impl Reader {
             id
         };
         let Some(id) = id else {
-            let mut refused = self.created(create.watch_id);
+            let mut refused = self.created(asked);
             refused.canceled = true;
             refused.cancel_reason = format!(
-                "watch id {} is {}",
-                create.watch_id,
-                if create.watch_id < 0 {
+                "watch id {asked} is {}",
+                if asked < 0 {
                     "negative"
                 } else {
                     "in use on this stream"
@@ -418,12 +548,12 @@ impl Reader {
             return Some(Command::Send(refused));
         };
         let mut created = self.created(id);
-        match self.backend.watch(create.into()).await {
+        match self.backend.watch(request).await {
             Ok(watcher) => {
                 if self.commands.send(Command::Send(created)).await.is_err() {
                     return None;
                 }
-                Some(Command::Add(id, watcher))
+                Some(Command::Add(id, watcher, fragment))
             }
             Err(e) => {
                 self.live
