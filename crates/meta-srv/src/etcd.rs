@@ -10,6 +10,7 @@
 pub mod check;
 pub mod forward;
 pub mod kv;
+pub mod lease;
 pub mod status;
 pub mod watch;
 

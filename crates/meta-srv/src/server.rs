@@ -500,6 +500,9 @@ impl MetaSrv {
         let etcd_watch = meta_proto::etcd::etcdserverpb::watch_server::WatchServer::new(
             crate::etcd::watch::WatchService::new(etcd.clone(), stop_rx.clone()),
         );
+        let etcd_lease = meta_proto::etcd::etcdserverpb::lease_server::LeaseServer::new(
+            crate::etcd::lease::LeaseService::new(etcd.clone(), stop_rx.clone()),
+        );
         let supervising = self.supervisor.clone().start(self.node.leadership());
         let regions = RegionServer::new(RegionService {
             member_id,
@@ -536,6 +539,7 @@ impl MetaSrv {
             .add_service(regions)
             .add_service(etcd_kv)
             .add_service(etcd_watch)
+            .add_service(etcd_lease)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.grpc)
                     .with_nodelay(Some(true))
