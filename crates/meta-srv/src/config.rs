@@ -80,6 +80,8 @@ pub struct Config {
     pub compaction: CompactionConfig,
     /// Leases of keys.
     pub lease: LeaseConfig,
+    /// etcd's v3 API.
+    pub etcd: EtcdConfig,
     /// Logging.
     pub logging: LoggingConfig,
 }
@@ -105,6 +107,7 @@ impl Default for Config {
             balancer: BalancerConfig::default(),
             compaction: CompactionConfig::default(),
             lease: LeaseConfig::default(),
+            etcd: EtcdConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -349,6 +352,27 @@ impl Default for LeaseConfig {
     }
 }
 
+/// `[etcd]`: etcd's v3 API on the client port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// The version `Maintenance.Status` reports. etcd's clients turn features on and
+    /// off by it, so it names the etcd release whose API is served, not Metasrv's own
+    /// version (that one is in the log and `/status`).
+    pub version: String,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            version: DEFAULT_ETCD_VERSION.to_string(),
+        }
+    }
+}
+
+/// The etcd release `Maintenance.Status` reports by default.
+pub const DEFAULT_ETCD_VERSION: &str = "3.5.17";
+
 /// `[raft]`: consensus timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -554,6 +578,13 @@ impl Config {
             )));
         }
         self.compaction.retention()?;
+        let version = self.etcd.version.split('.').collect::<Vec<_>>();
+        if version.len() != 3 || version.iter().any(|part| part.parse::<u32>().is_err()) {
+            return Err(ConfigError::Invalid(format!(
+                "etcd.version {:?} is not MAJOR.MINOR.PATCH (etcd's clients parse it)",
+                self.etcd.version
+            )));
+        }
         let cluster = self.cluster()?;
         if !cluster.is_empty() && !self.join.trim().is_empty() {
             return Err(ConfigError::Invalid(

@@ -7,10 +7,13 @@
 //! etcd clients never follow a leader hint: a member that does not lead sends what
 //! needs the leader (writes, linearizable reads) on to it itself ([`forward`]).
 
+pub mod auth;
 pub mod check;
+pub mod cluster;
 pub mod forward;
 pub mod kv;
 pub mod lease;
+pub mod maintenance;
 pub mod status;
 pub mod watch;
 
@@ -20,13 +23,19 @@ use common_meta::kv::KvLimits;
 use common_meta::rpc::etcd::Responder;
 
 use crate::raft::backend::RaftKvBackend;
-use crate::raft::driver::RaftView;
+use crate::raft::driver::{DriverHandle, RaftView};
 use crate::raft::members::Members;
 
 /// What every etcd service of a member shares.
 pub struct Etcd {
     /// The member's KV backend.
     pub backend: RaftKvBackend,
+    /// The member's raft driver (status, membership, leadership).
+    pub driver: DriverHandle,
+    /// Member ids and addresses.
+    pub members: Arc<Members>,
+    /// The version `Status` reports (`[etcd] version`).
+    pub version: String,
     /// The leader and term this member knows.
     pub view: Arc<RaftView>,
     /// The cluster's id (etcd's header names it).
@@ -41,17 +50,23 @@ pub struct Etcd {
 
 impl Etcd {
     /// The shared state of the etcd services of member `member_id`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         backend: RaftKvBackend,
+        driver: DriverHandle,
         view: Arc<RaftView>,
         members: Arc<Members>,
         cluster_id: u64,
         member_id: u64,
         limits: KvLimits,
+        version: String,
     ) -> Arc<Self> {
         Arc::new(Etcd {
-            forward: forward::Forward::new(view.clone(), members, member_id),
+            forward: forward::Forward::new(view.clone(), members.clone(), member_id),
             backend,
+            driver,
+            members,
+            version,
             view,
             cluster_id,
             member_id,

@@ -487,11 +487,13 @@ impl MetaSrv {
         // etcd's v3 API over the same backend (see `etcd.rs`).
         let etcd = crate::etcd::Etcd::new(
             self.backend.clone(),
+            self.node.driver(),
             self.node.view(),
             self.members.clone(),
             self.cluster_id,
             member_id,
             limits,
+            self.config.etcd.version.clone(),
         );
         let etcd_kv = meta_proto::etcd::etcdserverpb::kv_server::KvServer::new(
             crate::etcd::kv::KvService::new(etcd.clone()),
@@ -502,6 +504,16 @@ impl MetaSrv {
         );
         let etcd_lease = meta_proto::etcd::etcdserverpb::lease_server::LeaseServer::new(
             crate::etcd::lease::LeaseService::new(etcd.clone(), stop_rx.clone()),
+        );
+        let etcd_maintenance =
+            meta_proto::etcd::etcdserverpb::maintenance_server::MaintenanceServer::new(
+                crate::etcd::maintenance::MaintenanceService::new(etcd.clone()),
+            );
+        let etcd_cluster = meta_proto::etcd::etcdserverpb::cluster_server::ClusterServer::new(
+            crate::etcd::cluster::ClusterService::new(etcd.clone()),
+        );
+        let etcd_auth = meta_proto::etcd::etcdserverpb::auth_server::AuthServer::new(
+            crate::etcd::auth::AuthService::new(etcd.clone()),
         );
         let supervising = self.supervisor.clone().start(self.node.leadership());
         let regions = RegionServer::new(RegionService {
@@ -540,6 +552,9 @@ impl MetaSrv {
             .add_service(etcd_kv)
             .add_service(etcd_watch)
             .add_service(etcd_lease)
+            .add_service(etcd_maintenance)
+            .add_service(etcd_cluster)
+            .add_service(etcd_auth)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.grpc)
                     .with_nodelay(Some(true))

@@ -1,7 +1,10 @@
 //! etcd's `Watch` service: the member's watch stream engine (`service/watch.rs`) on
-//! etcd's wire: etcd's header, `mvccpb` events, and fragments when a watcher asked for
+//! etcd's wire: etcd's header, `mvccpb` events, fragments when a watcher asked for
 //! them (a response over the request size limit split into several, all but the last
-//! marked `fragment`, as etcd does). Any member serves watches from its own state.
+//! marked `fragment`, as etcd does), and etcd's shape of refusals: a compacted start
+//! is a watcher created and then cancelled with the compacted revision, any other
+//! refused create answers `watch_id = -1` with the reason. Any member serves watches
+//! from its own state.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -39,7 +42,32 @@ struct EtcdWire {
 impl Wire for EtcdWire {
     type Response = epb::WatchResponse;
 
-    fn encode(&self, out: Outgoing, fragment: bool) -> Vec<epb::WatchResponse> {
+    fn encode(&self, mut out: Outgoing, fragment: bool) -> Vec<epb::WatchResponse> {
+        if out.created && out.canceled {
+            if out.compact_revision != 0 {
+                // etcd creates a watcher whose start was compacted, then cancels it
+                // with the compacted revision and no reason: its clients read that as
+                // "compacted" for this watcher, where a refused create ends the stream.
+                let canceled = Outgoing {
+                    watch_id: out.watch_id,
+                    revision: out.revision,
+                    canceled: true,
+                    compact_revision: out.compact_revision,
+                    ..Outgoing::default()
+                };
+                let created = Outgoing {
+                    watch_id: out.watch_id,
+                    revision: out.revision,
+                    created: true,
+                    ..Outgoing::default()
+                };
+                let mut both = self.encode(created, fragment);
+                both.extend(self.encode(canceled, fragment));
+                return both;
+            }
+            // A refused create names no watcher, as etcd's does.
+            out.watch_id = -1;
+        }
         let whole = epb::WatchResponse {
             header: self.etcd.responder().header(out.revision),
             watch_id: out.watch_id,

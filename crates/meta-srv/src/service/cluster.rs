@@ -10,12 +10,12 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::raft::members::Members;
 use crate::raft::snapshot::{FileRef, SnapshotFiles};
 use crate::raft::versions::PeerVersions;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use crate::error::to_status_with_hint;
-use crate::raft::driver::{Command, DriverHandle, Membership, MembershipChange};
+use crate::raft::driver::{DriverHandle, Membership, MembershipChange};
 
 /// How long a membership change or leader transfer may take before it fails.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,19 +94,11 @@ impl ClusterService {
         &self,
         change: MembershipChange,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
-        let (reply, answer) = oneshot::channel();
-        self.driver
-            .send(Command::ChangeMembership { change, reply })
+        let membership = self
+            .driver
+            .change_membership(change, CHANGE_TIMEOUT)
+            .await
             .map_err(|e| to_status_with_hint(e, &self.members))?;
-        let membership = match tokio::time::timeout(CHANGE_TIMEOUT, answer).await {
-            Ok(Ok(result)) => result.map_err(|e| to_status_with_hint(e, &self.members))?,
-            Ok(Err(_)) => return Err(Status::unavailable("the raft driver stopped")),
-            Err(_) => {
-                return Err(Status::unavailable(format!(
-                    "the change was not applied within {CHANGE_TIMEOUT:?} (no quorum?); it may still apply"
-                )));
-            }
-        };
         Ok(Response::new(pb::MembershipResponse {
             header: common_meta::rpc::header(self.member_id, 0),
             members: self.view(&membership),
@@ -158,46 +150,13 @@ impl pb::cluster_server::Cluster for ClusterService {
         request: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         let to = request.into_inner().to;
-        let status = self
-            .driver
-            .status()
+        self.driver
+            .transfer_leader(to, CHANGE_TIMEOUT)
             .await
             .map_err(|e| to_status_with_hint(e, &self.members))?;
-        if status.role != "leader" {
-            let leader = (status.leader_id != 0).then_some(status.leader_id);
-            return Err(to_status_with_hint(
-                common_meta::Error::NotLeader { leader },
-                &self.members,
-            ));
-        }
-        if !status.voters.contains(&to) {
-            return Err(Status::invalid_argument(format!(
-                "member {to} is not a voter"
-            )));
-        }
-        self.driver
-            .send(Command::TransferLeader { to })
-            .map_err(|e| to_status_with_hint(e, &self.members))?;
-        // Wait, with a deadline, until this member sees the new leader.
-        let until = Instant::now() + CHANGE_TIMEOUT;
-        loop {
-            let now = self
-                .driver
-                .status()
-                .await
-                .map_err(|e| to_status_with_hint(e, &self.members))?;
-            if now.leader_id == to {
-                return Ok(Response::new(pb::TransferLeaderResponse {
-                    header: common_meta::rpc::header(self.member_id, 0),
-                }));
-            }
-            if Instant::now() >= until {
-                return Err(Status::unavailable(format!(
-                    "member {to} did not take over within {CHANGE_TIMEOUT:?} (is it caught up?)"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        Ok(Response::new(pb::TransferLeaderResponse {
+            header: common_meta::rpc::header(self.member_id, 0),
+        }))
     }
 
     async fn raft(

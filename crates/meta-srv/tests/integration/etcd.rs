@@ -11,6 +11,7 @@ use tonic::transport::Channel;
 use crate::in_process::{leader_of, start, start_three};
 use crate::support::wait_until;
 
+mod cluster;
 mod lease;
 mod watch;
 

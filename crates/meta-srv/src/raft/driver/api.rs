@@ -224,6 +224,59 @@ impl DriverHandle {
         answer.await.map_err(|_| stopped())
     }
 
+    /// Changes the configuration by one member (leader only) and answers the new one
+    /// once applied; unavailable if that takes longer than `patience` (it may still
+    /// apply).
+    pub async fn change_membership(
+        &self,
+        change: MembershipChange,
+        patience: Duration,
+    ) -> Result<Membership, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::ChangeMembership { change, reply })?;
+        match tokio::time::timeout(patience, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => Err(Error::Unavailable {
+                message: format!(
+                    "the change was not applied within {patience:?} (no quorum?); it may still apply"
+                ),
+            }),
+        }
+    }
+
+    /// Hands leadership to voter `to` (this member must lead) and waits, up to
+    /// `patience`, until this member sees it lead.
+    pub async fn transfer_leader(&self, to: u64, patience: Duration) -> Result<(), Error> {
+        let status = self.status().await?;
+        if status.role != "leader" {
+            let leader = (status.leader_id != 0).then_some(status.leader_id);
+            return Err(Error::NotLeader { leader });
+        }
+        if !status.voters.contains(&to) {
+            return Err(Error::invalid_argument(format!(
+                "member {to} is not a voter"
+            )));
+        }
+        self.send(Command::TransferLeader { to })?;
+        let until = Instant::now() + patience;
+        loop {
+            if self.status().await?.leader_id == to {
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                return Err(Error::Unavailable {
+                    message: format!(
+                        "member {to} did not take over within {patience:?} (is it caught up?)"
+                    ),
+                });
+            }
+            // Leadership moves within an election timeout; the driver has no event to
+            // wait on for a change it did not make itself.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Delivers a raft message (dropped if the driver has stopped, like a lost packet).
     pub fn step(&self, message: Message) {
         let _ = self.queue.send(Command::Step(Box::new(message)));

@@ -105,8 +105,8 @@ async fn watch_streams_behave_as_etcds() {
     let canceled = next(&mut responses).await;
     assert!(canceled.canceled && canceled.watch_id == 1, "{canceled:?}");
 
-    // A start below the compacted revision: created and cancelled in band, with the
-    // compacted revision; the stream goes on.
+    // A start below the compacted revision: created, then cancelled with the
+    // compacted revision and no reason, as etcd does; the stream goes on.
     let now = kv.put(put("w/b", "x")).await.unwrap().into_inner();
     let compact_at = now.header.unwrap().revision;
     let _ = next(&mut responses).await; // watcher 0 sees w/b
@@ -117,11 +117,24 @@ async fn watch_streams_behave_as_etcds() {
     .await
     .unwrap();
     requests.send(create("w/", "w0", r1)).await.unwrap();
+    let created = next(&mut responses).await;
+    assert!(created.created && !created.canceled, "{created:?}");
     let refused = next(&mut responses).await;
     assert!(
-        refused.created && refused.canceled && refused.compact_revision == compact_at,
+        refused.canceled
+            && refused.watch_id == created.watch_id
+            && refused.compact_revision == compact_at
+            && refused.cancel_reason.is_empty(),
         "{refused:?}"
     );
+    // An inverted range is refused in band with watch id -1.
+    requests.send(create("w/z", "w/a", 0)).await.unwrap();
+    let inverted = next(&mut responses).await;
+    assert!(
+        inverted.created && inverted.canceled && inverted.watch_id == -1,
+        "{inverted:?}"
+    );
+    assert!(!inverted.cancel_reason.is_empty());
     kv.put(put("w/c", "y")).await.unwrap();
     let still = next(&mut responses).await;
     assert_eq!(
