@@ -16,6 +16,8 @@
 //! - `regions-chaos --seeds N`: seeded chaos against region failover (killed, stalled
 //!   and cut-off datanodes, skewed clocks, a stopped meta leader), checked for two
 //!   leaseholders of a region and writes outside a lease, in release mode.
+//! - `compat etcd`: stock `etcdctl` against a `meta-srv`, answers checked against
+//!   etcd's (and against a real etcd in the same run when one is installed).
 //! - `fuzz TARGET --seconds N`: a fuzz target of `fuzz/` (or `all`), N seconds each.
 
 mod bench;
@@ -26,6 +28,7 @@ mod bench_lease;
 mod bench_procedure;
 mod bench_watch;
 mod codegen;
+mod compat;
 mod fuzz;
 mod sim;
 
@@ -73,6 +76,12 @@ enum Task {
         #[arg(long, default_value_t = 1)]
         base_seed: u64,
     },
+    /// Run stock client tools against meta-srv and compare with the real system:
+    /// `etcd` (etcdctl from Debian's etcd-client, and etcd itself when installed).
+    Compat {
+        /// The system whose tools to run: etcd.
+        target: String,
+    },
     /// Run a fuzz target (or `all`) with cargo-fuzz on the nightly toolchain.
     Fuzz {
         /// typed_keys, raft_entry, procedure_record, txn_differential, or all.
@@ -108,6 +117,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::BenchRun(task) => bench::run(task),
         Task::Fuzz { target, seconds } => fuzz::run(&target, seconds),
+        Task::Compat { target } => compat::run(&target),
         Task::Sim(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
