@@ -21,6 +21,8 @@ use std::sync::Arc;
 
 use common_meta::kv::KvLimits;
 use common_meta::rpc::etcd::Responder;
+use meta_proto::etcd::etcdserverpb as epb;
+use tonic::transport::server::Router;
 
 use crate::raft::backend::RaftKvBackend;
 use crate::raft::driver::{DriverHandle, RaftView};
@@ -81,5 +83,36 @@ impl Etcd {
             member_id: self.member_id,
             raft_term: self.view.term(),
         }
+    }
+
+    /// `router` serving etcd's services too; `stop` ends their streams when the member
+    /// stops. Requests may be up to four times the size limit on the wire, so that an
+    /// oversized one gets etcd's "request is too large" rather than a transport error.
+    pub fn serve_on(
+        self: &Arc<Self>,
+        router: Router,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Router {
+        let decodable = self.limits.max_request_bytes.saturating_mul(4);
+        router
+            .add_service(
+                epb::kv_server::KvServer::new(kv::KvService::new(self.clone()))
+                    .max_decoding_message_size(decodable),
+            )
+            .add_service(epb::watch_server::WatchServer::new(
+                watch::WatchService::new(self.clone(), stop.clone()),
+            ))
+            .add_service(epb::lease_server::LeaseServer::new(
+                lease::LeaseService::new(self.clone(), stop),
+            ))
+            .add_service(epb::maintenance_server::MaintenanceServer::new(
+                maintenance::MaintenanceService::new(self.clone()),
+            ))
+            .add_service(epb::cluster_server::ClusterServer::new(
+                cluster::ClusterService::new(self.clone()),
+            ))
+            .add_service(epb::auth_server::AuthServer::new(auth::AuthService::new(
+                self.clone(),
+            )))
     }
 }

@@ -495,26 +495,6 @@ impl MetaSrv {
             limits,
             self.config.etcd.version.clone(),
         );
-        let etcd_kv = meta_proto::etcd::etcdserverpb::kv_server::KvServer::new(
-            crate::etcd::kv::KvService::new(etcd.clone()),
-        )
-        .max_decoding_message_size(limits.max_request_bytes.saturating_mul(4));
-        let etcd_watch = meta_proto::etcd::etcdserverpb::watch_server::WatchServer::new(
-            crate::etcd::watch::WatchService::new(etcd.clone(), stop_rx.clone()),
-        );
-        let etcd_lease = meta_proto::etcd::etcdserverpb::lease_server::LeaseServer::new(
-            crate::etcd::lease::LeaseService::new(etcd.clone(), stop_rx.clone()),
-        );
-        let etcd_maintenance =
-            meta_proto::etcd::etcdserverpb::maintenance_server::MaintenanceServer::new(
-                crate::etcd::maintenance::MaintenanceService::new(etcd.clone()),
-            );
-        let etcd_cluster = meta_proto::etcd::etcdserverpb::cluster_server::ClusterServer::new(
-            crate::etcd::cluster::ClusterService::new(etcd.clone()),
-        );
-        let etcd_auth = meta_proto::etcd::etcdserverpb::auth_server::AuthServer::new(
-            crate::etcd::auth::AuthService::new(etcd.clone()),
-        );
         let supervising = self.supervisor.clone().start(self.node.leadership());
         let regions = RegionServer::new(RegionService {
             member_id,
@@ -548,13 +528,9 @@ impl MetaSrv {
             .add_service(procedures)
             .add_service(heartbeats)
             .add_service(ddl)
-            .add_service(regions)
-            .add_service(etcd_kv)
-            .add_service(etcd_watch)
-            .add_service(etcd_lease)
-            .add_service(etcd_maintenance)
-            .add_service(etcd_cluster)
-            .add_service(etcd_auth)
+            .add_service(regions);
+        let grpc = etcd
+            .serve_on(grpc, stop_rx.clone())
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.grpc)
                     .with_nodelay(Some(true))
