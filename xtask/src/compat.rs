@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
@@ -125,18 +125,17 @@ impl Server {
             endpoint,
             _dir: dir,
         };
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
-            // A linearizable read needs a leader, and writes no key the script sees.
-            let (code, _, _) = etcdctl(&server.endpoint, &["get", "ready"], None)?;
-            if code == Some(0) {
-                return Ok(server);
-            }
-            if Instant::now() > until {
-                bail!("etcd did not start within 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        // etcdctl waits for the connection and for a leader (a linearizable read needs
+        // one), and the read writes no key the script sees.
+        let (code, _, stderr) = etcdctl(
+            &server.endpoint,
+            &["--dial-timeout=8s", "--command-timeout=8s", "get", "ready"],
+            None,
+        )?;
+        if code != Some(0) {
+            bail!("etcd did not start: {}", stderr.trim());
         }
+        Ok(server)
     }
 }
 
@@ -179,19 +178,22 @@ fn etcdctl(
         let _ = err.read_to_string(&mut text);
         text
     });
-    let until = Instant::now() + STEP_DEADLINE;
-    let code = loop {
-        if let Some(status) = child.try_wait()? {
-            break status.code();
-        }
-        if Instant::now() > until {
+    // The readers end when etcdctl exits (its pipes close): wait for that, or kill it
+    // at the deadline, which ends them too.
+    let (done, finished) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = done.send(reader.join().unwrap_or_default());
+    });
+    let (stdout, cut_off) = match finished.recv_timeout(STEP_DEADLINE) {
+        Ok(stdout) => (stdout, false),
+        Err(_) => {
             let _ = child.kill();
-            let _ = child.wait();
-            break None;
+            (finished.recv().unwrap_or_default(), true)
         }
-        std::thread::sleep(Duration::from_millis(10));
     };
-    let stdout = reader.join().unwrap_or_default();
+    let _ = waiter.join();
+    let status = child.wait()?;
+    let code = if cut_off { None } else { status.code() };
     let stderr = error_reader.join().unwrap_or_default();
     Ok((code, stdout, stderr))
 }

@@ -188,6 +188,8 @@ pub struct DriverHandle {
     pub(super) queue: mpsc::Sender<Command>,
     /// Client requests queued and not yet taken by the driver.
     pub(super) backlog: Arc<std::sync::atomic::AtomicUsize>,
+    /// The leader and term the driver last published.
+    pub(super) view: Arc<RaftView>,
 }
 
 impl DriverHandle {
@@ -259,22 +261,14 @@ impl DriverHandle {
             )));
         }
         self.send(Command::TransferLeader { to })?;
-        let until = Instant::now() + patience;
-        loop {
-            if self.status().await?.leader_id == to {
-                return Ok(());
-            }
-            if Instant::now() >= until {
-                return Err(Error::Unavailable {
-                    message: format!(
-                        "member {to} did not take over within {patience:?} (is it caught up?)"
-                    ),
-                });
-            }
-            // Leadership moves within an election timeout; the driver has no event to
-            // wait on for a change it did not make itself.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if self.view.until_leader(to, patience).await {
+            return Ok(());
         }
+        Err(Error::Unavailable {
+            message: format!(
+                "member {to} did not take over within {patience:?} (is it caught up?)"
+            ),
+        })
     }
 
     /// Delivers a raft message (dropped if the driver has stopped, like a lost packet).
@@ -303,6 +297,16 @@ impl RaftView {
     /// The leader, waiting up to `patience` for one while there is none (an election
     /// under way); 0 if none came.
     pub async fn leader_within(&self, patience: Duration) -> u64 {
+        self.wait_for(|leader| leader != 0, patience).await
+    }
+
+    /// Whether member `to` leads within `patience` (as this member sees it).
+    pub async fn until_leader(&self, to: u64, patience: Duration) -> bool {
+        self.wait_for(|leader| leader == to, patience).await == to
+    }
+
+    /// The leader once `wanted` holds for it, or when `patience` ran out.
+    async fn wait_for(&self, wanted: impl Fn(u64) -> bool, patience: Duration) -> u64 {
         let until = tokio::time::Instant::now() + patience;
         loop {
             let changed = self.changed.notified();
@@ -310,7 +314,7 @@ impl RaftView {
             // Registered before the check, so a change in between still wakes it.
             changed.as_mut().enable();
             let leader = self.leader();
-            if leader != 0 {
+            if wanted(leader) {
                 return leader;
             }
             if tokio::time::timeout_at(until, changed).await.is_err() {

@@ -53,13 +53,14 @@ impl RaftNode {
             node.campaign().map_err(raft_error)?;
         }
         let (queue, inbox) = mpsc::channel();
+        let view = Arc::new(RaftView::default());
         let handle = DriverHandle {
             queue,
             backlog: Arc::default(),
+            view: view.clone(),
         };
         let (leader_tx, leadership) = tokio::sync::watch::channel(None);
         let leader_tx = Arc::new(leader_tx);
-        let view = Arc::new(RaftView::default());
         let (failure_tx, failure) = tokio::sync::watch::channel(None);
         let failure_tx = Arc::new(failure_tx);
         let storage = Arc::new(StorageWatch::default());
