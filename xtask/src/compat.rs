@@ -221,6 +221,8 @@ enum Capture {
     Lease(&'static str),
     /// The member id of `member add` (hex, as etcdctl prints it).
     Member(&'static str),
+    /// The id of the first member `member list` prints (the only one here).
+    FirstMember(&'static str),
 }
 
 struct Step {
@@ -336,7 +338,10 @@ fn script() -> Vec<Step> {
         ),
         step("endpoint status", Succeeds),
         step("endpoint hashkv", Succeeds),
-        step("member list", Succeeds),
+        Step {
+            capture: Capture::FirstMember("me"),
+            ..step("member list", Succeeds)
+        },
         Step {
             capture: Capture::Member("m2"),
             ..step(
@@ -344,7 +349,21 @@ fn script() -> Vec<Step> {
                 Succeeds,
             )
         },
+        step(
+            "member promote {id:m2}",
+            Fails(
+                "Error: etcdserver: can only promote a learner member which is in sync with leader",
+            ),
+        ),
         step("member remove {id:m2}", Succeeds),
+        step(
+            "move-leader {id:me}",
+            Out("Leadership transferred from {id:me} to {id:me}"),
+        ),
+        step(
+            "snapshot save {tmp}/snap.db",
+            Out("Snapshot saved at {tmp}/snap.db"),
+        ),
         step(
             "put {empty} v",
             Fails("Error: etcdserver: key is not provided"),
@@ -357,6 +376,9 @@ fn script() -> Vec<Step> {
 fn run_script(system: &str, endpoint: &str) -> anyhow::Result<usize> {
     let mut captured: HashMap<String, String> = HashMap::new();
     captured.insert("endpoint".into(), endpoint.to_string());
+    // Files a step writes (a saved snapshot) go here, removed with the run.
+    let tmp = tempfile::tempdir()?;
+    captured.insert("tmp".into(), tmp.path().display().to_string());
     let mut failures = 0;
     for step in script() {
         let args = fill(step.args, &captured);
@@ -381,6 +403,10 @@ fn run_script(system: &str, endpoint: &str) -> anyhow::Result<usize> {
                 let id = stdout.split_whitespace().nth(1).unwrap_or_default();
                 captured.insert(format!("id:{name}"), id.to_string());
             }
+            Capture::FirstMember(name) => {
+                let id = stdout.split(',').next().unwrap_or_default().trim();
+                captured.insert(format!("id:{name}"), id.to_string());
+            }
         }
         let out = normalize(&stdout);
         let error = stderr
@@ -391,7 +417,8 @@ fn run_script(system: &str, endpoint: &str) -> anyhow::Result<usize> {
             .to_string();
         let verdict = match &step.expect {
             Expect::Out(want) => {
-                let want = fill(want, &captured);
+                // Filled in from captured ids, which are normalised like the answer.
+                let want = normalize(&fill(want, &captured));
                 (code == Some(0) && out == want)
                     .then_some(())
                     .ok_or_else(|| {

@@ -163,9 +163,46 @@ pub enum Error {
     /// A blocking storage task panicked or was cancelled.
     #[error("storage task failed: {0}")]
     TaskJoin(String),
+
+    /// A membership change was refused by one of the rules [`MembershipRefusal`] names;
+    /// nothing was proposed.
+    #[error("membership change refused: {message}")]
+    MembershipRefused {
+        /// Which rule refused it (adapters answer with their own texts by it).
+        refusal: MembershipRefusal,
+        /// What was refused and what to do instead.
+        message: String,
+    },
+}
+
+/// The rule that refused a membership change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipRefusal {
+    /// Another change is still being applied.
+    Busy,
+    /// The member to add exists already (or the id is not valid).
+    Exists,
+    /// The member to promote is not a learner.
+    NotLearner,
+    /// No such member.
+    Unknown,
+    /// The member to remove leads; leadership must move first.
+    Leader,
+    /// The member to remove is the last voter.
+    LastVoter,
+    /// The learner to promote has not caught up with the leader's log.
+    LearnerBehind,
 }
 
 impl Error {
+    /// Builds an [`Error::MembershipRefused`].
+    pub fn membership(refusal: MembershipRefusal, message: impl Into<String>) -> Self {
+        Error::MembershipRefused {
+            refusal,
+            message: message.into(),
+        }
+    }
+
     /// Builds an [`Error::InvalidArgument`].
     pub fn invalid_argument(message: impl Into<String>) -> Self {
         Error::InvalidArgument {

@@ -59,6 +59,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A backup file cannot be restored (damaged, not ours, or the target is wrong).
+    #[error("cannot restore {}: {reason}", path.display())]
+    Backup {
+        /// The backup file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+
     /// Joining an existing cluster failed.
     #[error("cannot join the cluster at {endpoints}: {reason}")]
     Join {
@@ -151,6 +160,17 @@ pub fn to_status(err: common_meta::Error) -> tonic::Status {
             tonic::Status::failed_precondition(message),
             OUTCOME_NOT_APPLIED,
         ),
+        E::MembershipRefused { refusal, message } => {
+            use common_meta::error::MembershipRefusal as R;
+            let message = format!("membership change refused: {message}");
+            let status = match refusal {
+                R::Busy | R::Exists | R::Leader | R::LastVoter | R::LearnerBehind => {
+                    tonic::Status::failed_precondition(message)
+                }
+                R::NotLearner | R::Unknown => tonic::Status::invalid_argument(message),
+            };
+            (status, OUTCOME_NOT_APPLIED)
+        }
         E::Unauthenticated { message } => {
             (tonic::Status::unauthenticated(message), OUTCOME_NOT_APPLIED)
         }

@@ -4,7 +4,9 @@
 //! The cluster id is a stable hash (FNV-1a) of the cluster token and the sorted member
 //! ids, not of addresses, so a member may move to a new address and keep its data. It
 //! is stored in the data directory's database on first start; a later start with a
-//! different cluster or member id is refused before anything is served.
+//! different cluster or member id is refused before anything is served. A directory
+//! filled by `meta-srv restore` also holds a *seed* (the backup's digest) that goes into
+//! the hash, so a restored cluster never shares its id with the cluster it came from.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,6 +16,7 @@ use crate::error::{Error, Result};
 const IDENTITY_TREE: &str = "identity";
 const CLUSTER_ID: &[u8] = b"cluster_id";
 const MEMBER_ID: &[u8] = b"member_id";
+const SEED: &[u8] = b"seed";
 
 /// The members a cluster starts with: id -> gRPC address.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -66,6 +69,12 @@ impl InitialCluster {
 
     /// The cluster id for `token`: FNV-1a over the token and the sorted member ids.
     pub fn cluster_id(&self, token: &str) -> u64 {
+        self.cluster_id_seeded(token, &[])
+    }
+
+    /// [`InitialCluster::cluster_id`] with a seed fed last (none when empty, which
+    /// keeps the ids of clusters made before seeds existed).
+    pub fn cluster_id_seeded(&self, token: &str, seed: &[u8]) -> u64 {
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         let mut feed = |bytes: &[u8]| {
             for byte in bytes {
@@ -77,6 +86,10 @@ impl InitialCluster {
         for id in self.members.keys() {
             feed(b",");
             feed(&id.to_be_bytes());
+        }
+        if !seed.is_empty() {
+            feed(b"/");
+            feed(seed);
         }
         hash
     }
@@ -104,6 +117,27 @@ pub fn read_identity(db: &sled::Db) -> Result<Option<(u64, u64)>> {
             .map(u64::from_be_bytes))
     };
     Ok(read(CLUSTER_ID)?.zip(read(MEMBER_ID)?))
+}
+
+/// The seed a restore left in the data directory's database (empty: none).
+pub fn read_seed(db: &sled::Db) -> Result<Vec<u8>> {
+    let tree = db
+        .open_tree(IDENTITY_TREE)
+        .map_err(sled_error("opening the identity tree"))?;
+    Ok(tree
+        .get(SEED)
+        .map_err(sled_error("reading the identity"))?
+        .map(|v| v.to_vec())
+        .unwrap_or_default())
+}
+
+/// Records the seed of a restored cluster (before [`check_identity`], which flushes).
+pub fn write_seed(db: &sled::Db, seed: &[u8]) -> Result<()> {
+    db.open_tree(IDENTITY_TREE)
+        .map_err(sled_error("opening the identity tree"))?
+        .insert(SEED, seed)
+        .map_err(sled_error("writing the identity"))?;
+    Ok(())
 }
 
 /// Records the identity in a new data directory, or checks it against an existing one.
@@ -169,6 +203,12 @@ mod tests {
         assert_eq!(a.cluster_id("t"), moved.cluster_id("t"));
         assert_ne!(a.cluster_id("t"), other.cluster_id("t"));
         assert_ne!(a.cluster_id("t"), a.cluster_id("u"));
+        assert_eq!(a.cluster_id("t"), a.cluster_id_seeded("t", b""));
+        assert_ne!(a.cluster_id("t"), a.cluster_id_seeded("t", b"digest"));
+        assert_eq!(
+            a.cluster_id_seeded("t", b"digest"),
+            moved.cluster_id_seeded("t", b"digest")
+        );
     }
 
     #[test]

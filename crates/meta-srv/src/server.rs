@@ -40,7 +40,7 @@ use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::error::{Error, Result};
 use crate::http::{self, HttpState};
-use crate::identity::{InitialCluster, check_identity, read_identity};
+use crate::identity::{InitialCluster, check_identity, read_identity, read_seed};
 use crate::procedure_host::ProcedureHost;
 use crate::procedures::ddl::context::DdlContext;
 use crate::raft::backend::{FeatureGate, RaftKvBackend};
@@ -321,8 +321,10 @@ impl MetaSrv {
             configured
         };
         let voters = cluster.members().keys().copied().collect();
+        // A restored directory's seed keeps its cluster apart from the one backed up.
+        let seed = read_seed(db)?;
         Ok((
-            cluster.cluster_id(&config.cluster_token),
+            cluster.cluster_id_seeded(&config.cluster_token, &seed),
             cluster.members().clone(),
             voters,
         ))

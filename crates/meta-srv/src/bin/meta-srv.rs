@@ -4,6 +4,9 @@
 //! `./meta-data`, gRPC on 127.0.0.1:3002, HTTP on 127.0.0.1:4002. Once both ports are
 //! bound it prints `meta-srv listening grpc=ADDR http=ADDR` on standard output (tests
 //! and scripts wait for that line); logs go to standard error.
+//!
+//! `meta-srv restore --from FILE` fills a new data directory from a backup (see
+//! `meta_srv::backup`) and prints one line saying what it restored.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -12,6 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use meta_srv::backup::{self, RestoreTarget};
 use meta_srv::cli::{EXIT_FAILURE, EXIT_USAGE, parse_or_exit};
 use meta_srv::config::{LogFormat, LoggingConfig, Overrides};
 use meta_srv::{Config, MetaSrv};
@@ -32,6 +36,30 @@ struct Cli {
 enum Command {
     /// Start a member (flags win over METASRV_* env vars, which win over the file).
     Start(StartArgs),
+    /// Fill a new data directory from a backup (`etcdctl snapshot save`), for a new
+    /// cluster with the same data; run it for every member with the same file and
+    /// --initial-cluster, then start each with the same flags.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The backup file.
+    #[arg(long, value_name = "FILE")]
+    from: PathBuf,
+    /// TOML config file the member will start with (its cluster_token, node_id,
+    /// initial_cluster and data_dir are used).
+    #[arg(long, env = "METASRV_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The new data directory; must not exist or be empty [default: ./meta-data].
+    #[arg(long, env = "METASRV_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// This member's id in the new cluster [default: 1].
+    #[arg(long, env = "METASRV_NODE_ID", value_name = "ID")]
+    node_id: Option<u64>,
+    /// Members of the new cluster: ID=HOST:PORT,... [default: this node alone].
+    #[arg(long, env = "METASRV_INITIAL_CLUSTER", value_name = "ID=HOST:PORT,...")]
+    initial_cluster: Option<String>,
 }
 
 #[derive(Args)]
@@ -75,6 +103,49 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Start(args) => start(args),
+        Command::Restore(args) => restore(args),
+    }
+}
+
+fn restore(args: RestoreArgs) -> ExitCode {
+    let overrides = Overrides {
+        node_id: args.node_id,
+        data_dir: args.data_dir,
+        initial_cluster: args.initial_cluster,
+        ..Overrides::default()
+    };
+    let target = Config::load(args.config.as_deref(), overrides).and_then(|config| {
+        Ok(RestoreTarget {
+            cluster: config.cluster()?,
+            data_dir: config.data_dir,
+            node_id: config.node_id,
+            cluster_token: config.cluster_token,
+        })
+    });
+    let target = match target {
+        Ok(target) => target,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match backup::restore(&args.from, &target) {
+        Ok(restored) => {
+            println!(
+                "restored revision {} ({} keys, from cluster {:016x}) into {}: member {} of new cluster {:016x}",
+                restored.backup.revision,
+                restored.keys,
+                restored.backup.source_cluster,
+                target.data_dir.display(),
+                target.node_id,
+                restored.cluster_id,
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 

@@ -13,7 +13,9 @@ use tonic::{Request, Response, Status};
 
 use super::Etcd;
 use super::forward::{Route, onward};
-use super::status::{MEMBER_BAD_URLS, MEMBER_NOT_FOUND, MEMBER_NOT_LEARNER, status};
+use super::status::{
+    LEARNER_NOT_READY, MEMBER_BAD_URLS, MEMBER_EXISTS, MEMBER_NOT_FOUND, MEMBER_NOT_LEARNER, status,
+};
 use crate::raft::driver::{Membership, MembershipChange};
 
 /// How long a membership change may take.
@@ -73,13 +75,15 @@ impl ClusterService {
 
 /// etcd's text for a refused membership change, where etcd has one.
 fn change_status(err: common_meta::Error) -> Status {
+    use common_meta::error::MembershipRefusal as R;
     match &err {
-        common_meta::Error::InvalidArgument { message } if message.contains("not a learner") => {
-            MEMBER_NOT_LEARNER.status()
-        }
-        common_meta::Error::InvalidArgument { message } if message.contains("unknown member") => {
-            MEMBER_NOT_FOUND.status()
-        }
+        common_meta::Error::MembershipRefused { refusal, .. } => match refusal {
+            R::NotLearner => MEMBER_NOT_LEARNER.status(),
+            R::Unknown => MEMBER_NOT_FOUND.status(),
+            R::Exists => MEMBER_EXISTS.status(),
+            R::LearnerBehind => LEARNER_NOT_READY.status(),
+            R::Busy | R::Leader | R::LastVoter => status(err),
+        },
         _ => status(err),
     }
 }

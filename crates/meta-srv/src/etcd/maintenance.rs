@@ -1,7 +1,9 @@
 //! etcd's `Maintenance` service: the answering member's status, alarms (none are ever
-//! raised), defragmentation (sled needs none), history hashes, and moving leadership.
-//! `Snapshot` and `Downgrade` are not served yet.
+//! raised), defragmentation (sled needs none), history hashes, snapshots (a backup file
+//! of this member's store, see `crate::backup`) and moving leadership. `Downgrade` is
+//! not served.
 
+use std::io::Write;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +16,13 @@ use tonic::{Request, Response, Status};
 use super::Etcd;
 use super::forward::{Route, onward};
 use super::status::{BAD_LEADER_TRANSFEREE, status};
+use crate::backup;
+
+/// Bytes of a backup per snapshot message (etcd sends 32 KiB).
+const SNAPSHOT_CHUNK: usize = 32 * 1024;
+
+/// Snapshot messages built ahead of a slow reader.
+const SNAPSHOT_AHEAD: usize = 4;
 
 /// How long a leadership move may take.
 const MOVE_PATIENCE: Duration = Duration::from_secs(10);
@@ -119,13 +128,54 @@ impl epb::maintenance_server::Maintenance for MaintenanceService {
 
     type SnapshotStream = Pin<Box<dyn Stream<Item = Result<epb::SnapshotResponse, Status>> + Send>>;
 
+    /// A backup of this member's store as of its applied state, in chunks: taken on a
+    /// blocking thread (writers wait only while its entries are gathered) and sent as
+    /// it is written, so neither side holds the whole file.
     async fn snapshot(
         &self,
         _request: Request<epb::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(Status::unimplemented(
-            "etcdserver: Maintenance.Snapshot is not served by this version of Metasrv",
-        ))
+        let (tx, rx) = tokio::sync::mpsc::channel(SNAPSHOT_AHEAD);
+        let store = self.etcd.backend.store().clone();
+        let (cluster_id, header, version) = (
+            self.etcd.cluster_id,
+            self.header(),
+            self.etcd.version.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let copy = match store.copy() {
+                Ok(copy) => copy.portable(),
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(status(e)));
+                    return;
+                }
+            };
+            let mut chunks = Chunks {
+                tx,
+                buf: Vec::with_capacity(SNAPSHOT_CHUNK),
+                remaining: backup::file_len(copy.encoded_len()),
+                header,
+                version: Some(version),
+            };
+            let written = backup::write(&copy, cluster_id, &mut chunks).and_then(|_| {
+                chunks.flush().map_err(|source| crate::Error::Io {
+                    context: "sending a snapshot".to_string(),
+                    source,
+                })
+            });
+            if let Err(e) = written {
+                // A reader that went away is not a failure of this member.
+                if !chunks.tx.is_closed() {
+                    tracing::warn!(error = %e, "sending a snapshot failed");
+                    let _ = chunks
+                        .tx
+                        .blocking_send(Err(Status::internal(format!("etcdserver: {e}"))));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     /// Asked of the leader: a member that does not lead forwards it there.
@@ -155,5 +205,51 @@ impl epb::maintenance_server::Maintenance for MaintenanceService {
         Err(Status::unimplemented(
             "etcdserver: downgrades are not served by Metasrv",
         ))
+    }
+}
+
+/// A writer that sends what it is given as snapshot messages of [`SNAPSHOT_CHUNK`]
+/// bytes, each saying how many bytes follow it.
+struct Chunks {
+    tx: tokio::sync::mpsc::Sender<Result<epb::SnapshotResponse, Status>>,
+    buf: Vec<u8>,
+    /// Bytes of the file not sent yet.
+    remaining: u64,
+    header: Option<epb::ResponseHeader>,
+    /// The server version, on the first message only.
+    version: Option<String>,
+}
+
+impl Chunks {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let blob = std::mem::replace(&mut self.buf, Vec::with_capacity(SNAPSHOT_CHUNK));
+        self.remaining = self.remaining.saturating_sub(blob.len() as u64);
+        let message = epb::SnapshotResponse {
+            header: self.header,
+            remaining_bytes: self.remaining,
+            blob,
+            version: self.version.take().unwrap_or_default(),
+        };
+        self.tx
+            .blocking_send(Ok(message))
+            .map_err(|_| std::io::ErrorKind::BrokenPipe.into())
+    }
+}
+
+impl Write for Chunks {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(SNAPSHOT_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&buf[..n]);
+        if self.buf.len() == SNAPSHOT_CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
     }
 }

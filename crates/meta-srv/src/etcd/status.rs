@@ -46,6 +46,8 @@ etcd_errors! {
     LEASE_TTL_TOO_LARGE = OutOfRange, "etcdserver: too large lease TTL";
     MEMBER_NOT_FOUND = NotFound, "etcdserver: member not found";
     MEMBER_NOT_LEARNER = FailedPrecondition, "etcdserver: can only promote a learner member";
+    LEARNER_NOT_READY = FailedPrecondition, "etcdserver: can only promote a learner member which is in sync with leader";
+    MEMBER_EXISTS = FailedPrecondition, "etcdserver: member ID already exist";
     MEMBER_BAD_URLS = InvalidArgument, "etcdserver: given member URLs are invalid";
     REQUEST_TOO_LARGE = InvalidArgument, "etcdserver: request is too large";
     TOO_MANY_REQUESTS = ResourceExhausted, "etcdserver: too many requests";
@@ -85,6 +87,9 @@ pub fn status(err: common_meta::Error) -> Status {
             Status::failed_precondition(format!("etcdserver: {message}"))
         }
         E::Unauthenticated { message } => Status::unauthenticated(format!("etcdserver: {message}")),
+        E::MembershipRefused { message, .. } => {
+            Status::failed_precondition(format!("etcdserver: {message}"))
+        }
         e => {
             tracing::error!(error = %e, "etcd request failed");
             Status::internal(format!("etcdserver: {e}"))

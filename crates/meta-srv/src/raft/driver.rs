@@ -414,9 +414,11 @@ impl Driver {
     }
 
     fn propose_membership(&mut self, change: MembershipChange) -> Result<u64, Error> {
+        use common_meta::error::MembershipRefusal as Refusal;
         let raft = &self.node.raft;
         if raft.pending_conf_index > raft.raft_log.applied {
-            return Err(Error::invalid_argument(
+            return Err(Error::membership(
+                Refusal::Busy,
                 "another membership change is still being applied; retry when it is done",
             ));
         }
@@ -426,9 +428,10 @@ impl Driver {
         match &change {
             MembershipChange::AddLearner { id, addr } => {
                 if *id == 0 || known(id) {
-                    return Err(Error::invalid_argument(format!(
-                        "member {id} already exists or is not a valid id"
-                    )));
+                    return Err(Error::membership(
+                        Refusal::Exists,
+                        format!("member {id} already exists or is not a valid id"),
+                    ));
                 }
                 cc.set_change_type(ConfChangeType::AddLearnerNode);
                 cc.node_id = *id;
@@ -436,26 +439,46 @@ impl Driver {
             }
             MembershipChange::Promote { id } => {
                 if !conf.learners.contains(id) {
-                    return Err(Error::invalid_argument(format!(
-                        "member {id} is not a learner (add it with member add first)"
-                    )));
+                    return Err(Error::membership(
+                        Refusal::NotLearner,
+                        format!("member {id} is not a learner (add it with member add first)"),
+                    ));
+                }
+                // A voter that cannot keep up would count towards the quorum without
+                // helping it (etcd's rule: within 90% of the leader's log).
+                let matched = raft.prs().get(*id).map_or(0, |p| p.matched);
+                let last = raft.raft_log.last_index();
+                if u128::from(matched) * 10 < u128::from(last) * 9 {
+                    return Err(Error::membership(
+                        Refusal::LearnerBehind,
+                        format!(
+                            "learner {id} has {matched} of the leader's {last} log entries; promote it once it has caught up"
+                        ),
+                    ));
                 }
                 cc.set_change_type(ConfChangeType::AddNode);
                 cc.node_id = *id;
             }
             MembershipChange::Remove { id } => {
                 if !known(id) {
-                    return Err(Error::invalid_argument(format!("unknown member {id}")));
+                    return Err(Error::membership(
+                        Refusal::Unknown,
+                        format!("unknown member {id}"),
+                    ));
                 }
                 if *id == self.id {
-                    return Err(Error::invalid_argument(format!(
-                        "member {id} is the leader; transfer leadership first (metactl leader transfer)"
-                    )));
+                    return Err(Error::membership(
+                        Refusal::Leader,
+                        format!(
+                            "member {id} is the leader; transfer leadership first (metactl leader transfer)"
+                        ),
+                    ));
                 }
                 if conf.voters == [*id] {
-                    return Err(Error::invalid_argument(format!(
-                        "member {id} is the last voter; removing it would end the cluster"
-                    )));
+                    return Err(Error::membership(
+                        Refusal::LastVoter,
+                        format!("member {id} is the last voter; removing it would end the cluster"),
+                    ));
                 }
                 cc.set_change_type(ConfChangeType::RemoveNode);
                 cc.node_id = *id;

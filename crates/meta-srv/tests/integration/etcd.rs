@@ -13,6 +13,7 @@ use crate::support::wait_until;
 
 mod cluster;
 mod lease;
+mod snapshot;
 mod watch;
 
 async fn kv(addr: &str) -> KvClient<Channel> {

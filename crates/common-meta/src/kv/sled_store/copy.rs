@@ -9,7 +9,10 @@ use std::io::{self, Read, Write};
 use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 
-use super::{APPLIED_KEY, REVISION_KEY, SledKvStore, TREE, storage_error, system_key};
+use super::{
+    APPLIED_KEY, REVISION_KEY, SESSION_PREFIX, SYSTEM_PREFIX, SledKvStore, TREE, storage_error,
+    system_key,
+};
 use crate::error::{Error, Result};
 
 /// A consistent copy of the whole store (data, sessions, system values, revision and
@@ -25,6 +28,36 @@ impl StoreCopy {
     /// The index of the last raft entry the copy reflects.
     pub fn applied(&self) -> u64 {
         self.applied
+    }
+
+    /// The store revision as of the copy.
+    pub fn revision(&self) -> i64 {
+        self.entries
+            .binary_search_by(|(k, _)| k.as_ref().cmp(REVISION_KEY))
+            .ok()
+            .and_then(|at| <[u8; 8]>::try_from(self.entries[at].1.as_ref()).ok())
+            .map_or(0, i64::from_be_bytes)
+    }
+
+    /// The copy without what belongs to one cluster's replication: the applied index,
+    /// client sessions and system values (configuration, member addresses). What stays
+    /// (data, history, leases, revision, compaction) is what a backup holds and what a
+    /// new cluster starts from.
+    pub fn portable(mut self) -> StoreCopy {
+        self.entries.retain(|(key, _)| {
+            key.as_ref() != APPLIED_KEY
+                && !matches!(key.first(), Some(&SESSION_PREFIX | &SYSTEM_PREFIX))
+        });
+        self.applied = 0;
+        self
+    }
+
+    /// How many bytes [`StoreCopy::write_to`] writes.
+    pub fn encoded_len(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|(k, v)| 8 + k.len() as u64 + v.len() as u64)
+            .sum()
     }
 
     /// The system value `name` as of the copy.

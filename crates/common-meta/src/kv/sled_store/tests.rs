@@ -257,6 +257,54 @@ fn a_copy_stands_still_while_the_store_moves_on() {
 }
 
 #[test]
+fn a_portable_copy_keeps_data_history_and_revision_but_nothing_of_replication() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+    store
+        .write_system(vec![(b"conf".to_vec(), Some(b"c1".to_vec()))])
+        .unwrap();
+    store
+        .apply(vec![
+            (1, Command::OpenSession { ttl_ms: 5_000 }),
+            (2, write(put("a"))),
+            (3, in_session(put("b"), 1, 1, 0)),
+            (4, write(put("a"))),
+        ])
+        .unwrap();
+    assert_eq!(store.sessions().unwrap().len(), 1);
+    let copy = store.copy().unwrap().portable();
+    assert_eq!((copy.applied(), copy.revision()), (0, 3));
+    assert_eq!(copy.system(b"conf"), None, "system values stay behind");
+    let mut bytes = Vec::new();
+    assert_eq!(copy.write_to(&mut bytes).unwrap(), copy.encoded_len());
+    assert_eq!(bytes.len() as u64, copy.encoded_len());
+
+    let target_dir = tempfile::tempdir().unwrap();
+    let target = SledKvStore::open(target_dir.path(), KvLimits::default()).unwrap();
+    target.restore_from(&mut &bytes[..]).unwrap();
+    assert_eq!((target.revision(), target.applied_index()), (3, 0));
+    assert!(
+        target.sessions().unwrap().is_empty(),
+        "sessions stay behind"
+    );
+    assert_eq!(target.system(b"conf").unwrap(), None);
+    let first = target
+        .read(TxnRequest {
+            success: vec![TxnOp::Range(crate::kv::RangeRequest {
+                key: b"a".to_vec(),
+                revision: 1,
+                ..Default::default()
+            })],
+            ..Default::default()
+        })
+        .unwrap();
+    let crate::kv::TxnOpResponse::Range(range) = &first.responses[0] else {
+        panic!("a range answer: {first:?}");
+    };
+    assert_eq!(range.kvs[0].mod_revision, 1, "history came along");
+}
+
+#[test]
 fn replicated_entries_apply_whatever_the_local_limits() {
     let dir = tempfile::tempdir().unwrap();
     let small = KvLimits {

@@ -119,6 +119,19 @@ async fn maintenance_and_membership_answer_as_etcds() {
             "etcdserver: given member URLs are invalid".to_string()
         )
     );
+    assert_eq!(
+        refusal(
+            cluster
+                .member_promote(epb::MemberPromoteRequest { id: 4 })
+                .await
+        ),
+        (
+            tonic::Code::FailedPrecondition,
+            "etcdserver: can only promote a learner member which is in sync with leader"
+                .to_string()
+        ),
+        "a learner that never started has none of the log"
+    );
     let removed = cluster
         .member_remove(epb::MemberRemoveRequest { id: 4 })
         .await
