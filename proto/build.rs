@@ -14,10 +14,13 @@ const PROTOS: &[&str] = &[
     "proto/meta/v1/raft_log.proto",
     "proto/meta/v1/watch.proto",
     "proto/meta/v1/lease.proto",
-    // etcd's v3 client API (packages etcdserverpb, mvccpb, authpb).
+    // etcd's v3 client API (packages etcdserverpb, mvccpb, authpb, v3lockpb,
+    // v3electionpb).
     "proto/etcd/mvccpb/kv.proto",
     "proto/etcd/authpb/auth.proto",
     "proto/etcd/etcdserverpb/rpc.proto",
+    "proto/etcd/v3lockpb/v3lock.proto",
+    "proto/etcd/v3electionpb/v3election.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

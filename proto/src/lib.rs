@@ -53,4 +53,12 @@ pub mod etcd {
     pub mod etcdserverpb {
         tonic::include_proto!("etcdserverpb");
     }
+    /// Package `v3lockpb`: the Lock service (locks held by a lease).
+    pub mod v3lockpb {
+        tonic::include_proto!("v3lockpb");
+    }
+    /// Package `v3electionpb`: the Election service.
+    pub mod v3electionpb {
+        tonic::include_proto!("v3electionpb");
+    }
 }

@@ -87,6 +87,19 @@ pub struct KvArgs {
     /// Run only the put workload (profiling the write path).
     #[arg(long)]
     puts_only: bool,
+    /// The API meta-srv is driven through: `native` (meta-client) or `etcd` (the same
+    /// etcd-client that drives etcd, so a ratio compares the servers only).
+    #[arg(long, value_enum, default_value_t = Api::Native)]
+    api: Api,
+}
+
+/// The API a benchmark drives meta-srv through.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    /// meta.v1 through meta-client.
+    Native,
+    /// etcd's v3 API through etcd-client.
+    Etcd,
 }
 
 impl KvArgs {
@@ -109,6 +122,9 @@ impl KvArgs {
         if self.puts_only {
             args.push("--puts-only".into());
         }
+        if self.api == Api::Etcd {
+            args.push("--api=etcd".into());
+        }
         args
     }
 }
@@ -117,7 +133,7 @@ impl KvArgs {
 pub fn launch(task: &BenchTask) -> anyhow::Result<()> {
     // (arguments for bench-run, whether a release meta-srv is needed, the etcd side)
     let (args, server, etcd) = match task {
-        BenchTask::Kv(args) => (args.to_args(), true, args.vs_etcd),
+        BenchTask::Kv(args) => (args.to_args(), true, args.vs_etcd || args.api == Api::Etcd),
         BenchTask::Heartbeat(args) => (args.to_args(), true, false),
         BenchTask::Ddl(args) => (args.to_args(), true, false),
         BenchTask::Failover(args) => (args.to_args(), true, false),
@@ -125,10 +141,12 @@ pub fn launch(task: &BenchTask) -> anyhow::Result<()> {
         BenchTask::Lease(args) => (args.to_args(), true, false),
         BenchTask::Procedure(args) => (args.to_args(), false, false),
     };
-    if etcd {
+    if etcd && !matches!(task, BenchTask::Kv(KvArgs { vs_etcd: false, .. })) {
         which("etcd").context(
             "etcd is not installed: `apt-get install etcd-server` (Debian's package) and retry",
         )?;
+    }
+    if etcd {
         which("protoc").context(
             "the etcd client needs protoc to build: `apt-get install protobuf-compiler` and retry",
         )?;
@@ -329,156 +347,21 @@ async fn connect(
         },
         ..MetaClientOptions::default()
     };
-    match system {
-        System::Meta => Ok(Arc::new(MetaTarget(MetaClient::new(endpoints, options)?))),
-        System::Etcd => etcd::connect(endpoints).await,
+    match (system, args.api) {
+        (System::Meta, Api::Native) => {
+            Ok(Arc::new(MetaTarget(MetaClient::new(endpoints, options)?)))
+        }
+        (System::Meta, Api::Etcd) | (System::Etcd, _) => etcd::connect(endpoints).await,
     }
 }
 
+/// The etcd side (etcd processes, etcd-client); without the `etcd` feature, stubs that
+/// say how to get it.
 #[cfg(feature = "etcd")]
-pub(crate) mod etcd {
-    //! The etcd side: processes from Debian's etcd-server, clients from etcd-client.
-
-    use super::*;
-    use etcd_client::{Client, GetOptions};
-
-    struct EtcdTarget(Client);
-
-    #[async_trait]
-    impl Target for EtcdTarget {
-        async fn put(&self, key: Vec<u8>, value: Vec<u8>) -> anyhow::Result<()> {
-            self.0.kv_client().put(key, value, None).await?;
-            Ok(())
-        }
-
-        async fn get(&self, key: Vec<u8>, serializable: bool) -> anyhow::Result<()> {
-            let options = serializable.then(|| GetOptions::new().with_serializable());
-            self.0.kv_client().get(key, options).await?;
-            Ok(())
-        }
-    }
-
-    pub async fn connect(endpoints: &[String]) -> anyhow::Result<Arc<dyn Target>> {
-        let urls: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
-        Ok(Arc::new(EtcdTarget(Client::connect(urls, None).await?)))
-    }
-
-    /// A 3-member (or 1-member) etcd cluster on loopback, fsync on (etcd's default).
-    pub async fn start(members: usize) -> anyhow::Result<(Processes, Vec<String>)> {
-        let ports = free_ports(members * 2)?;
-        let peers: Vec<String> = (0..members)
-            .map(|i| format!("m{}=http://127.0.0.1:{}", i + 1, ports[2 * i + 1]))
-            .collect();
-        let mut procs = Processes {
-            children: Vec::new(),
-            _dirs: Vec::new(),
-        };
-        let mut endpoints = Vec::new();
-        for i in 0..members {
-            let dir = tempfile::tempdir()?;
-            let client = format!("127.0.0.1:{}", ports[2 * i]);
-            let peer = format!("http://127.0.0.1:{}", ports[2 * i + 1]);
-            let child = Command::new("etcd")
-                .args(["--name", &format!("m{}", i + 1)])
-                .arg("--data-dir")
-                .arg(dir.path())
-                .args(["--listen-client-urls", &format!("http://{client}")])
-                .args(["--advertise-client-urls", &format!("http://{client}")])
-                .args(["--listen-peer-urls", &peer])
-                .args(["--initial-advertise-peer-urls", &peer])
-                .args(["--initial-cluster", &peers.join(",")])
-                .args(["--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", "bench"])
-                .args(["--log-level", "error"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting etcd")?;
-            procs.children.push(child);
-            procs._dirs.push(dir);
-            endpoints.push(client);
-        }
-        let until = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ready = async {
-                let target = connect(&endpoints).await?;
-                target.put(b"ready".to_vec(), b"1".to_vec()).await
-            };
-            match ready.await {
-                Ok(()) => return Ok((procs, endpoints)),
-                Err(e) if Instant::now() > until => bail!("etcd did not become ready: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-    }
-
-    /// The etcd side of `bench watch`: the same watchers and writer through etcd-client.
-    pub async fn watch_run(
-        args: &crate::bench_watch::WatchArgs,
-    ) -> anyhow::Result<crate::bench_watch::Outcome> {
-        use etcd_client::WatchOptions;
-        let (procs, endpoints) = start(args.members).await?;
-        let mut clients = Vec::new();
-        for _ in 0..args.connections.max(1) {
-            clients.push(Client::connect(endpoints.clone(), None).await?);
-        }
-        let seen = crate::bench_watch::seen();
-        let mut tasks = Vec::new();
-        for i in 0..args.watchers {
-            let mut client = clients[i % clients.len()].clone();
-            let mut stream = client
-                .watch("bw/", Some(WatchOptions::new().with_prefix()))
-                .await?;
-            let (seen, sampled) = (seen.clone(), i % args.sample_every.max(1) == 0);
-            tasks.push(tokio::spawn(async move {
-                while let Ok(Some(response)) = stream.message().await {
-                    if !response.events().is_empty() {
-                        crate::bench_watch::responded(&seen);
-                    }
-                    for event in response.events() {
-                        if let Some(kv) = event.kv() {
-                            crate::bench_watch::record(&seen, kv.value(), sampled);
-                        }
-                    }
-                }
-            }));
-        }
-        let writer = Client::connect(endpoints.clone(), None).await?;
-        let outcome = crate::bench_watch::measure(args, &procs, &seen, |key, value| {
-            let mut writer = writer.clone();
-            async move {
-                writer.put(key, value, None).await?;
-                Ok(())
-            }
-        })
-        .await;
-        for task in tasks {
-            task.abort();
-        }
-        outcome
-    }
-}
-
+pub(crate) mod etcd;
 #[cfg(not(feature = "etcd"))]
-pub(crate) mod etcd {
-    //! Without the `etcd` feature there is no etcd client.
-
-    use super::*;
-
-    pub async fn connect(_endpoints: &[String]) -> anyhow::Result<Arc<dyn Target>> {
-        bail!("built without the `etcd` feature; run `cargo xtask bench kv --vs-etcd`")
-    }
-
-    pub async fn start(_members: usize) -> anyhow::Result<(Processes, Vec<String>)> {
-        bail!("built without the `etcd` feature; run `cargo xtask bench kv --vs-etcd`")
-    }
-
-    pub async fn watch_run(
-        _args: &crate::bench_watch::WatchArgs,
-    ) -> anyhow::Result<crate::bench_watch::Outcome> {
-        bail!("built without the `etcd` feature; run `cargo xtask bench watch --vs-etcd`")
-    }
-}
+#[path = "bench/no_etcd.rs"]
+pub(crate) mod etcd;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Workload {
@@ -611,14 +494,14 @@ async fn kv(args: KvArgs) -> anyhow::Result<()> {
         fsync.0, fsync.1
     );
     println!(
-        "8-byte keys over {} keys, {}-byte values, {} s per run, one connection per client; meta-client writes {}",
+        "8-byte keys over {} keys, {}-byte values, {} s per run, one connection per client; {}",
         args.keys,
         args.value_size,
         args.seconds,
-        if args.no_sessions {
-            "without sessions"
-        } else {
-            "in client sessions (exactly-once)"
+        match (args.api, args.no_sessions) {
+            (Api::Etcd, _) => "meta-srv driven through etcd's API by etcd-client",
+            (Api::Native, true) => "meta-client writes without sessions",
+            (Api::Native, false) => "meta-client writes in client sessions (exactly-once)",
         }
     );
     let mut header = format!(

@@ -7,6 +7,10 @@
 //! Revisions, lease ids and member ids differ between the two systems, so the script
 //! captures them from earlier answers (`{rev:NAME}`, `{lease:NAME}`, `{id:NAME}`) and
 //! answers are compared after [`normalize`] (lease ids, remaining TTLs, timings).
+//!
+//! After the script, the Rust `etcd-client` crate goes through the same operations
+//! (`client.rs`). That crate's build needs protoc, so it sits behind this crate's `etcd`
+//! feature: run without it, the suite builds itself with it and runs that build.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -16,6 +20,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::root;
+
+#[cfg(feature = "etcd")]
+mod client;
 
 /// How long one etcdctl command may take (a watch or an election is cut off there).
 const STEP_DEADLINE: Duration = Duration::from_secs(10);
@@ -37,6 +44,9 @@ pub fn run(target: &str) -> anyhow::Result<()> {
             .next()
             .unwrap_or("etcdctl")
     );
+    if !cfg!(feature = "etcd") {
+        return with_etcd_client();
+    }
     let status = Command::new("cargo")
         .current_dir(root())
         .args(["build", "--quiet", "--bin", "meta-srv"])
@@ -47,10 +57,12 @@ pub fn run(target: &str) -> anyhow::Result<()> {
     let mut failures = 0;
     let meta = Server::meta()?;
     failures += run_script("metasrv", &meta.endpoint)?;
+    failures += run_client("metasrv", &meta.endpoint)?;
     drop(meta);
     if Command::new("etcd").arg("--version").output().is_ok() {
         let etcd = Server::etcd()?;
         failures += run_script("etcd", &etcd.endpoint)?;
+        failures += run_client("etcd", &etcd.endpoint)?;
     } else {
         println!("etcd is not installed: the expected answers were not checked against it");
     }
@@ -59,6 +71,54 @@ pub fn run(target: &str) -> anyhow::Result<()> {
     }
     println!("compat etcd: every answer matches");
     Ok(())
+}
+
+/// Builds this crate with the `etcd` feature (etcd-client) and runs the suite from
+/// that build.
+fn with_etcd_client() -> anyhow::Result<()> {
+    if Command::new("protoc").arg("--version").output().is_err() {
+        bail!(
+            "protoc not found (the etcd-client crate needs it to build): install Debian's protobuf-compiler (apt-get install protobuf-compiler) and run this again"
+        );
+    }
+    let status = Command::new("cargo")
+        .current_dir(root())
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "xtask",
+            "--features",
+            "xtask/etcd",
+        ])
+        .args(["--bin", "xtask", "--bin", "meta-srv", "-p", "meta-srv"])
+        .status()?;
+    if !status.success() {
+        bail!("building xtask with the etcd feature failed");
+    }
+    let status = Command::new(root().join("target/debug/xtask"))
+        .args(["compat", "etcd"])
+        .status()
+        .context("running the suite built with the etcd feature")?;
+    if !status.success() {
+        bail!("the etcd compatibility suite failed");
+    }
+    Ok(())
+}
+
+/// Runs the etcd-client checks against `endpoint`; returns how many failed.
+#[cfg(feature = "etcd")]
+fn run_client(system: &str, endpoint: &str) -> anyhow::Result<usize> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(client::run(system, endpoint))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn run_client(_system: &str, _endpoint: &str) -> anyhow::Result<usize> {
+    bail!("built without the `etcd` feature")
 }
 
 /// A server process and its temporary directory, killed on drop.

@@ -19,6 +19,7 @@
 //!
 //! **Invariant:** `common-meta` does no network IO; it depends on no server or client crate.
 
+pub mod concurrency;
 pub mod error;
 pub mod key;
 pub mod kv;

@@ -15,10 +15,9 @@
 
 use std::time::Duration;
 
-use common_meta::kv::{
-    Compare, CompareOp, CompareTarget, DeleteRangeRequest, EventKind, KeyValue, KvBackend,
-    PutRequest, RangeRequest, TxnOp, TxnOpResponse, TxnRequest, WatchRequest, WatchResponse,
-};
+pub use common_meta::concurrency::Held;
+use common_meta::concurrency::{contender_key, first_in_line, leave, queue_and_wait};
+use common_meta::kv::{KeyValue, KvBackend, RangeRequest, WatchRequest};
 use common_meta::{Error, Result};
 use tokio::sync::mpsc;
 
@@ -71,122 +70,8 @@ impl Session {
     }
 
     fn key_under(&self, prefix: &str) -> Vec<u8> {
-        format!("{prefix}{:x}", self.lease()).into_bytes()
+        contender_key(prefix.as_bytes(), self.lease())
     }
-}
-
-/// A contender's key and its create revision (the fencing token).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Held {
-    /// The contender's key.
-    pub key: Vec<u8>,
-    /// Its create revision: only grows from holder to holder.
-    pub token: i64,
-}
-
-impl Held {
-    /// The compare that holds only while this contender still holds: use it in the
-    /// transaction of any write the lock guards.
-    pub fn still_held(&self) -> Compare {
-        Compare::new(
-            self.key.clone(),
-            CompareOp::Equal,
-            CompareTarget::CreateRevision(self.token),
-        )
-    }
-}
-
-/// Writes the contender's key (if it is not there yet) and waits until it is first in
-/// line under `prefix`.
-async fn queue_and_wait(
-    client: &MetaClient,
-    session: &Session,
-    prefix: &str,
-    value: &[u8],
-) -> Result<Held> {
-    let key = session.key_under(prefix);
-    let txn = TxnRequest {
-        compare: vec![Compare::new(
-            key.clone(),
-            CompareOp::Equal,
-            CompareTarget::CreateRevision(0),
-        )],
-        success: vec![TxnOp::Put(
-            PutRequest::new(key.clone(), value.to_vec()).with_lease(session.lease()),
-        )],
-        failure: vec![TxnOp::Range(RangeRequest::key(key.clone()))],
-    };
-    let response = client.txn(txn).await?;
-    let token = if response.succeeded {
-        response.revision
-    } else {
-        match response.responses.into_iter().next() {
-            Some(TxnOpResponse::Range(r)) => {
-                r.kvs.first().map(|kv| kv.create_revision).ok_or_else(|| {
-                    Error::FailedPrecondition {
-                        message: "the contender's key vanished while queueing".to_string(),
-                    }
-                })?
-            }
-            other => {
-                return Err(Error::Remote {
-                    code: "Internal".to_string(),
-                    message: format!("a queueing txn answered {other:?}"),
-                });
-            }
-        }
-    };
-    let held = Held { key, token };
-    loop {
-        let line = client.range(RangeRequest::prefix(prefix)).await?;
-        if !line.kvs.iter().any(|kv| kv.key == held.key) {
-            return Err(Error::FailedPrecondition {
-                message: format!(
-                    "the session's lease {} ended while waiting",
-                    session.lease()
-                ),
-            });
-        }
-        // The contender just ahead of this one, if any.
-        let ahead = line
-            .kvs
-            .iter()
-            .filter(|kv| kv.create_revision < token)
-            .max_by_key(|kv| kv.create_revision);
-        let Some(ahead) = ahead else {
-            return Ok(held);
-        };
-        wait_for_delete(client, &ahead.key, line.revision + 1).await?;
-    }
-}
-
-/// Returns once `key` is deleted at or after `from`.
-async fn wait_for_delete(client: &MetaClient, key: &[u8], from: i64) -> Result<()> {
-    let mut stream = client
-        .watch(WatchRequest::key(key.to_vec()).from_revision(from))
-        .await?;
-    while let Some(response) = stream.next().await {
-        if let WatchResponse::Events { events, .. } = response?
-            && events.iter().any(|e| e.kind == EventKind::Delete)
-        {
-            return Ok(());
-        }
-    }
-    Err(Error::Unavailable {
-        message: "the watch on the contender ahead ended".to_string(),
-    })
-}
-
-/// Deletes the contender's key if it is still the one created at `token`.
-async fn leave(client: &MetaClient, held: &Held) -> Result<()> {
-    let txn = TxnRequest {
-        compare: vec![held.still_held()],
-        success: vec![TxnOp::DeleteRange(DeleteRangeRequest::key(
-            held.key.clone(),
-        ))],
-        failure: Vec::new(),
-    };
-    client.txn(txn).await.map(drop)
 }
 
 /// A distributed lock under a key prefix.
@@ -209,7 +94,14 @@ impl Mutex {
 
     /// Waits until the lock is held by `session`; the fencing token.
     pub async fn lock(&mut self, session: &Session) -> Result<Held> {
-        let held = queue_and_wait(&self.client, session, &self.prefix, b"").await?;
+        let held = queue_and_wait(
+            &self.client,
+            session.key_under(&self.prefix),
+            session.lease(),
+            self.prefix.as_bytes(),
+            b"",
+        )
+        .await?;
         self.held = Some(held.clone());
         Ok(held)
     }
@@ -251,7 +143,14 @@ impl Election {
 
     /// Stands with `value` and waits until elected; the fencing token.
     pub async fn campaign(&mut self, session: &Session, value: &[u8]) -> Result<Held> {
-        let held = queue_and_wait(&self.client, session, &self.prefix, value).await?;
+        let held = queue_and_wait(
+            &self.client,
+            session.key_under(&self.prefix),
+            session.lease(),
+            self.prefix.as_bytes(),
+            value,
+        )
+        .await?;
         self.held = Some(held.clone());
         Ok(held)
     }
@@ -264,14 +163,7 @@ impl Election {
             .ok_or_else(|| Error::FailedPrecondition {
                 message: "not elected: campaign first".to_string(),
             })?;
-        let txn = TxnRequest {
-            compare: vec![held.still_held()],
-            success: vec![TxnOp::Put(
-                PutRequest::new(held.key.clone(), value.to_vec()).with_lease(session.lease()),
-            )],
-            failure: Vec::new(),
-        };
-        if self.client.txn(txn).await?.succeeded {
+        if common_meta::concurrency::proclaim(&self.client, held, session.lease(), value).await? {
             Ok(())
         } else {
             Err(Error::FailedPrecondition {
@@ -291,15 +183,8 @@ impl Election {
 
     /// The current leader, if any.
     pub async fn leader(&self) -> Result<Option<Leader>> {
-        let line = self
-            .client
-            .range(RangeRequest::prefix(self.prefix.as_str()))
-            .await?;
-        Ok(line
-            .kvs
-            .into_iter()
-            .min_by_key(|kv| kv.create_revision)
-            .map(|kv| Leader { kv }))
+        let (first, _) = first_in_line(&self.client, self.prefix.as_bytes()).await?;
+        Ok(first.map(|kv| Leader { kv }))
     }
 
     /// Every change of leader or of the leader's value, as it happens (the current one

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod forward;
 pub mod kv;
 pub mod lease;
+pub mod lock;
 pub mod maintenance;
 pub mod status;
 pub mod watch;
@@ -103,7 +104,7 @@ impl Etcd {
                 watch::WatchService::new(self.clone(), stop.clone()),
             ))
             .add_service(epb::lease_server::LeaseServer::new(
-                lease::LeaseService::new(self.clone(), stop),
+                lease::LeaseService::new(self.clone(), stop.clone()),
             ))
             .add_service(epb::maintenance_server::MaintenanceServer::new(
                 maintenance::MaintenanceService::new(self.clone()),
@@ -114,5 +115,13 @@ impl Etcd {
             .add_service(epb::auth_server::AuthServer::new(auth::AuthService::new(
                 self.clone(),
             )))
+            .add_service(meta_proto::etcd::v3lockpb::lock_server::LockServer::new(
+                lock::LockService::new(self.clone(), stop.clone()),
+            ))
+            .add_service(
+                meta_proto::etcd::v3electionpb::election_server::ElectionServer::new(
+                    lock::ElectionService::new(self.clone(), stop.clone()),
+                ),
+            )
     }
 }

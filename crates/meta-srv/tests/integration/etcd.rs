@@ -13,6 +13,7 @@ use crate::support::wait_until;
 
 mod cluster;
 mod lease;
+mod lock;
 mod snapshot;
 mod watch;
 
