@@ -18,16 +18,22 @@ pub mod maintenance;
 pub mod status;
 pub mod watch;
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use common_meta::kv::KvLimits;
 use common_meta::rpc::etcd::Responder;
 use meta_proto::etcd::etcdserverpb as epb;
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::Router;
 
 use crate::raft::backend::RaftKvBackend;
 use crate::raft::driver::{DriverHandle, RaftView};
 use crate::raft::members::Members;
+
+/// A server stream of one of etcd's services.
+pub type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send>>;
 
 /// What every etcd service of a member shares.
 pub struct Etcd {
@@ -49,6 +55,9 @@ pub struct Etcd {
     pub limits: KvLimits,
     /// Sends requests that need the leader on to it.
     pub forward: forward::Forward,
+    /// How long a stream whose client asked for a leader (`hasleader`) goes on while
+    /// this member knows none: three election timeouts, as etcd checks.
+    pub leaderless_grace: Duration,
 }
 
 impl Etcd {
@@ -63,6 +72,7 @@ impl Etcd {
         member_id: u64,
         limits: KvLimits,
         version: String,
+        election_timeout: Duration,
     ) -> Arc<Self> {
         Arc::new(Etcd {
             forward: forward::Forward::new(view.clone(), members.clone(), member_id),
@@ -74,7 +84,46 @@ impl Etcd {
             cluster_id,
             member_id,
             limits,
+            leaderless_grace: election_timeout * 3,
         })
+    }
+
+    /// `stream`, ended with etcd's "no leader" once this member has known no leader
+    /// for [`Etcd::leaderless_grace`], when the client asked for that (`hasleader`
+    /// metadata, as etcd's `WithRequireLeader` sends); as it is otherwise.
+    pub fn require_leader<T: Send + 'static>(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        stream: Streamed<T>,
+    ) -> Streamed<T> {
+        if !metadata.contains_key(forward::HAS_LEADER) {
+            return stream;
+        }
+        let (view, grace) = (self.view.clone(), self.leaderless_grace);
+        let (out, relayed) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut stream = stream;
+            let lost = view.leaderless_for(grace);
+            tokio::pin!(lost);
+            loop {
+                tokio::select! {
+                    item = stream.next() => match item {
+                        Some(item) => {
+                            if out.send(item).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    },
+                    () = &mut lost => {
+                        let _ = out.send(Err(status::NO_LEADER.status())).await;
+                        return;
+                    }
+                    () = out.closed() => return,
+                }
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(relayed))
     }
 
     /// Who answers, for etcd's response header.

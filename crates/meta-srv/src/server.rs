@@ -496,6 +496,9 @@ impl MetaSrv {
             member_id,
             limits,
             self.config.etcd.version.clone(),
+            Duration::from_millis(
+                self.config.raft.tick_ms * self.config.raft.election_ticks as u64,
+            ),
         );
         let supervising = self.supervisor.clone().start(self.node.leadership());
         let regions = RegionServer::new(RegionService {

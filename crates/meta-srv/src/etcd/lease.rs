@@ -99,6 +99,7 @@ impl epb::lease_server::Lease for LeaseService {
         if let Route::Leader(channel) = self.etcd.forward.route(&request).await? {
             return relay(channel, request).await;
         }
+        let metadata = request.metadata().clone();
         let mut requests = request.into_inner();
         let (out, responses) = mpsc::channel(16);
         let etcd = self.etcd.clone();
@@ -135,7 +136,10 @@ impl epb::lease_server::Lease for LeaseService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
+        let responses = Box::pin(ReceiverStream::new(responses));
+        Ok(Response::new(
+            self.etcd.require_leader(&metadata, responses),
+        ))
     }
 
     async fn lease_time_to_live(

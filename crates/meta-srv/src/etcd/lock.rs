@@ -274,6 +274,7 @@ impl el::election_server::Election for ElectionService {
                 tokio_stream::wrappers::ReceiverStream::new(observed),
             )));
         }
+        let metadata = request.metadata().clone();
         let prefix = prefix_of(&request.into_inner().name);
         let etcd = self.etcd.clone();
         tokio::spawn(async move {
@@ -324,9 +325,8 @@ impl el::election_server::Election for ElectionService {
                 };
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(observed),
-        )))
+        let observed = Box::pin(tokio_stream::wrappers::ReceiverStream::new(observed));
+        Ok(Response::new(self.etcd.require_leader(&metadata, observed)))
     }
 
     async fn resign(

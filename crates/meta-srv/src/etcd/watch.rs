@@ -130,6 +130,7 @@ impl epb::watch_server::Watch for WatchService {
         request: Request<Streaming<epb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         use epb::watch_request::RequestUnion;
+        let metadata = request.metadata().clone();
         let requests: BoxStream<'static, Result<Incoming, Status>> =
             Box::pin(request.into_inner().filter_map(|request| {
                 let incoming = match request {
@@ -150,12 +151,8 @@ impl epb::watch_server::Watch for WatchService {
             etcd: self.etcd.clone(),
             limits: self.etcd.limits,
         });
-        Ok(Response::new(serve(
-            self.etcd.backend.clone(),
-            wire,
-            requests,
-            self.stop.clone(),
-        )))
+        let served = serve(self.etcd.backend.clone(), wire, requests, self.stop.clone());
+        Ok(Response::new(self.etcd.require_leader(&metadata, served)))
     }
 }
 

@@ -323,6 +323,26 @@ impl RaftView {
         }
     }
 
+    /// Completes once this member has known no leader for `grace` in a row (or its
+    /// driver stopped): etcd ends a stream whose client asked for a leader then.
+    pub async fn leaderless_for(&self, grace: Duration) {
+        loop {
+            loop {
+                let changed = self.changed.notified();
+                tokio::pin!(changed);
+                // Registered before the check, so a change in between still wakes it.
+                changed.as_mut().enable();
+                if self.leader() == 0 {
+                    break;
+                }
+                changed.await;
+            }
+            if self.leader_within(grace).await == 0 {
+                return;
+            }
+        }
+    }
+
     /// The current term as this member knows it.
     pub fn term(&self) -> u64 {
         self.term.load(std::sync::atomic::Ordering::Acquire)

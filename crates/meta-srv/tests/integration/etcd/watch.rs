@@ -145,3 +145,49 @@ async fn watch_streams_behave_as_etcds() {
     drop(requests);
     server.shutdown().await;
 }
+
+/// etcd's `WithRequireLeader`: a stream that asked for a leader (`hasleader`) ends with
+/// "no leader" once its member has known none for three election timeouts; one that
+/// did not ask goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_asking_for_a_leader_ends_when_its_member_has_none() {
+    let mut members = crate::in_process::start_three(|_| {}).await;
+    let leader = crate::in_process::leader_of(&members).await;
+    let kept = members.remove((leader + 1) % 3);
+    let open = |with_leader: bool| {
+        let addr = kept.grpc.clone();
+        async move {
+            let (requests, queued) = mpsc::channel(16);
+            let mut client = WatchClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            let mut request = tonic::Request::new(ReceiverStream::new(queued));
+            if with_leader {
+                request
+                    .metadata_mut()
+                    .insert("hasleader", "true".parse().unwrap());
+            }
+            let mut responses = client.watch(request).await.unwrap().into_inner();
+            requests.send(create("h/", "h0", 0)).await.unwrap();
+            assert!(next(&mut responses).await.created);
+            (requests, responses)
+        }
+    };
+    let (_asked, mut asked_responses) = open(true).await;
+    let (_plain, mut plain_responses) = open(false).await;
+    for other in members {
+        other.shutdown().await;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(30), asked_responses.message())
+        .await
+        .expect("the stream ends within 30 s of losing the leader")
+        .unwrap_err();
+    assert_eq!(
+        (ended.code(), ended.message()),
+        (tonic::Code::Unavailable, "etcdserver: no leader")
+    );
+    // The stream that did not ask is still open: nothing arrives, nothing ends it.
+    let quiet = tokio::time::timeout(Duration::from_millis(200), plain_responses.message()).await;
+    assert!(quiet.is_err(), "the plain stream stays open: {quiet:?}");
+    kept.shutdown().await;
+}
