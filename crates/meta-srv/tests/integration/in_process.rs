@@ -64,12 +64,7 @@ pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Running {
 /// configured further by `adjust`.
 pub async fn start_three(adjust: impl Fn(&mut Config) + Clone + Send + 'static) -> Vec<Running> {
     let ports = crate::cluster_process::free_ports();
-    let initial = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let initial = initial_cluster(&ports);
     let mut members = Vec::new();
     for (i, port) in ports.iter().enumerate() {
         let (initial, adjust) = (initial.clone(), adjust.clone());
@@ -85,6 +80,16 @@ pub async fn start_three(adjust: impl Fn(&mut Config) + Clone + Send + 'static) 
         );
     }
     members
+}
+
+/// The `--initial-cluster` of members 1, 2, ... on loopback `ports`.
+pub fn initial_cluster(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The index of the member all of `members` agree leads.

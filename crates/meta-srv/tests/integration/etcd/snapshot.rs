@@ -98,12 +98,7 @@ async fn hash_at(addr: &str, revision: i64) -> (u32, i64) {
 /// Restores `file` for three new members on fresh ports and starts them.
 async fn restore_three(file: &Path, dirs: &tempfile::TempDir) -> Vec<Running> {
     let ports = crate::cluster_process::free_ports();
-    let spec = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let spec = crate::in_process::initial_cluster(&ports);
     let mut members = Vec::new();
     for (i, port) in ports.iter().enumerate() {
         let data_dir = dirs.path().join(format!("m{}", i + 1));
