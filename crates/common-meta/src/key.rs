@@ -19,6 +19,9 @@
 //!                                                  its drop is done (manager/table.rs)
 //! __switch/{name}                                 a cluster-wide switch, `true` or
 //!                                                  `false` (`maintenance`, `balancer`)
+//! __tso/bound                                      the timestamp oracle's persisted
+//!                                                  window end, physical ms as
+//!                                                  decimal text (meta-srv tso.rs)
 //! __fence                                          never written: deleted by a
 //!                                                  transaction only to order it
 //!                                                  through the log (fence_absent)
@@ -53,6 +56,10 @@ pub use table::{TableInfoKey, TableNameKey, TableRouteKey};
 
 use crate::error::{Error, Result};
 use crate::kv::RangeRequest;
+
+/// The key holding the timestamp oracle's persisted window end: no timestamp at or
+/// above it (physical milliseconds, decimal text) was handed out.
+pub const TSO_BOUND_KEY: &[u8] = b"__tso/bound";
 
 /// The prefix under which a dropped table's keys wait until the drop is finished (so a
 /// failed drop can put them back).

@@ -32,6 +32,7 @@ mod session;
 pub mod sim;
 mod status;
 pub mod table_cache;
+pub mod tso;
 mod watch;
 
 pub use client::{MetaClient, MetaClientOptions};
@@ -42,3 +43,4 @@ pub use heartbeat::{
 };
 pub use lease::{LeaseKeeper, LeaseState};
 pub use region_lease::{LeaseEvent, LeaseObserver, LeaseRole, RegionLeaseKeeper, RoleChange};
+pub use tso::TsoClient;

@@ -83,6 +83,8 @@ pub struct Config {
     pub lease: LeaseConfig,
     /// etcd's v3 API.
     pub etcd: EtcdConfig,
+    /// The timestamp oracle.
+    pub tso: TsoConfig,
     /// Logging.
     pub logging: LoggingConfig,
 }
@@ -109,6 +111,7 @@ impl Default for Config {
             compaction: CompactionConfig::default(),
             lease: LeaseConfig::default(),
             etcd: EtcdConfig::default(),
+            tso: TsoConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -259,6 +262,12 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "etcd.version {:?} is not MAJOR.MINOR.PATCH (etcd's clients parse it)",
                 self.etcd.version
+            )));
+        }
+        if !(100..=600_000).contains(&self.tso.save_interval_ms) {
+            return Err(ConfigError::Invalid(format!(
+                "tso.save_interval_ms ({}) must be between 100 and 600000",
+                self.tso.save_interval_ms
             )));
         }
         let cluster = self.cluster()?;
@@ -452,6 +461,10 @@ mod tests {
             (
                 "[limits]\nmax_value_bytes = 10\nmax_request_bytes = 5",
                 "must not exceed limits.max_request_bytes",
+            ),
+            (
+                "[tso]\nsave_interval_ms = 10",
+                "tso.save_interval_ms (10) must be between 100 and 600000",
             ),
             (
                 "cluster_secret = \"short\"",

@@ -32,6 +32,7 @@ pub mod raft;
 pub mod server;
 pub mod service;
 pub mod session_keeper;
+pub mod tso;
 
 pub use config::Config;
 pub use error::{Error, Result};

@@ -83,6 +83,7 @@ pub struct MetaSrv {
     plane: Arc<ClusterPlane>,
     ddl: Arc<DdlContext>,
     supervisor: Arc<Supervisor>,
+    tso: Arc<crate::tso::Oracle>,
     grpc: TcpListener,
     http: TcpListener,
 }
@@ -262,7 +263,13 @@ impl MetaSrv {
             (config.failover, config.balancer),
             tick,
         ));
+        let tso = Arc::new(crate::tso::Oracle::new(
+            backend.clone(),
+            Arc::new(crate::tso::SystemClock),
+            config.tso.save_interval_ms,
+        ));
         Ok(MetaSrv {
+            tso,
             config,
             data_dir,
             cluster_id,
@@ -333,6 +340,11 @@ impl MetaSrv {
     /// The bound gRPC address (the real port when the config asked for port 0).
     pub fn grpc_addr(&self) -> SocketAddr {
         local_addr(&self.grpc, self.config.listen_addr)
+    }
+
+    /// This member's timestamp oracle (tests step its clock).
+    pub fn tso(&self) -> Arc<crate::tso::Oracle> {
+        self.tso.clone()
     }
 
     /// This member's snapshot files: what it has received, for status and tests.
@@ -423,6 +435,14 @@ impl MetaSrv {
             );
             tokio::spawn(compactor.run(stop_rx.clone()));
         }
+        tokio::spawn(self.tso.clone().run(stop_rx.clone()));
+        let tso = meta_proto::v1::tso_server::TsoServer::new(crate::service::tso::TsoService::new(
+            self.tso.clone(),
+            self.node.driver(),
+            member_id,
+            self.members.clone(),
+            stop_rx.clone(),
+        ));
         let store = StoreService::new(
             self.backend.clone(),
             sessions,
@@ -529,6 +549,7 @@ impl MetaSrv {
             .add_service(store)
             .add_service(watch)
             .add_service(leases)
+            .add_service(tso)
             .add_service(cluster)
             .add_service(procedures)
             .add_service(heartbeats)

@@ -7,4 +7,5 @@ pub mod lease;
 pub mod procedure;
 pub mod region;
 pub mod store;
+pub mod tso;
 pub mod watch;

@@ -231,6 +231,23 @@ impl Default for EtcdConfig {
     }
 }
 
+/// `[tso]`: the timestamp oracle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TsoConfig {
+    /// How far ahead of the clock the leader persists its window of timestamps, in
+    /// milliseconds: one raft write per window, and a new leader starts above it.
+    pub save_interval_ms: u64,
+}
+
+impl Default for TsoConfig {
+    fn default() -> Self {
+        TsoConfig {
+            save_interval_ms: 3_000,
+        }
+    }
+}
+
 /// The etcd release `Maintenance.Status` reports by default.
 pub const DEFAULT_ETCD_VERSION: &str = "3.5.17";
 

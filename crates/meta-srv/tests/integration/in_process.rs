@@ -17,6 +17,8 @@ pub struct Running {
     pub snapshots: std::sync::Arc<meta_srv::raft::snapshot::SnapshotFiles>,
     /// The member's raft driver (fault injection).
     pub driver: meta_srv::raft::driver::DriverHandle,
+    /// The member's timestamp oracle (its clock can be stepped).
+    pub tso: std::sync::Arc<meta_srv::tso::Oracle>,
     stop: oneshot::Sender<()>,
     served: tokio::task::JoinHandle<meta_srv::Result<()>>,
     _dir: tempfile::TempDir,
@@ -40,6 +42,7 @@ pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Running {
     let plane = server.cluster_plane();
     let snapshots = server.snapshot_files();
     let driver = server.raft_driver();
+    let tso = server.tso();
     let (grpc, http) = (
         server.grpc_addr().to_string(),
         server.http_addr().to_string(),
@@ -54,6 +57,7 @@ pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Running {
         plane,
         snapshots,
         driver,
+        tso,
         stop,
         served,
         _dir: dir,

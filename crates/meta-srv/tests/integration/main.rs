@@ -22,4 +22,5 @@ mod raft_faults;
 mod regions;
 mod snapshot_stream;
 mod support;
+mod tso;
 mod watch;
