@@ -36,6 +36,8 @@ pub enum BenchTask {
     Watch(crate::bench_watch::WatchArgs),
     /// Many leases kept alive: what the leader spends.
     Lease(crate::bench_lease::LeaseArgs),
+    /// Timestamps from the oracle through meta-client's TsoClient.
+    Tso(crate::bench_tso::TsoArgs),
 }
 
 /// Settings of `bench procedure`.
@@ -139,6 +141,7 @@ pub fn launch(task: &BenchTask) -> anyhow::Result<()> {
         BenchTask::Failover(args) => (args.to_args(), true, false),
         BenchTask::Watch(args) => (args.to_args(), true, args.vs_etcd),
         BenchTask::Lease(args) => (args.to_args(), true, false),
+        BenchTask::Tso(args) => (args.to_args(), true, false),
         BenchTask::Procedure(args) => (args.to_args(), false, false),
     };
     if etcd && !matches!(task, BenchTask::Kv(KvArgs { vs_etcd: false, .. })) {
@@ -201,6 +204,7 @@ pub fn run(task: BenchTask) -> anyhow::Result<()> {
         BenchTask::Failover(args) => runtime.block_on(crate::bench_failover::run(args)),
         BenchTask::Watch(args) => runtime.block_on(crate::bench_watch::run(args)),
         BenchTask::Lease(args) => runtime.block_on(crate::bench_lease::run(args)),
+        BenchTask::Tso(args) => runtime.block_on(crate::bench_tso::run(args)),
     }
 }
 

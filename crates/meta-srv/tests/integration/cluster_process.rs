@@ -24,17 +24,17 @@ pub fn free_ports() -> Vec<u16> {
         .collect()
 }
 
-struct ProcessCluster {
+pub(crate) struct ProcessCluster {
     dirs: Vec<tempfile::TempDir>,
-    addrs: Vec<String>,
+    pub(crate) addrs: Vec<String>,
     initial: String,
-    procs: Vec<Option<ServerProcess>>,
+    pub(crate) procs: Vec<Option<ServerProcess>>,
     /// Extra settings every member starts with.
     config: Option<std::path::PathBuf>,
 }
 
 impl ProcessCluster {
-    fn start() -> ProcessCluster {
+    pub(crate) fn start() -> ProcessCluster {
         Self::start_with_config(None)
     }
 
@@ -83,7 +83,7 @@ impl ProcessCluster {
     }
 
     /// The member every live member agrees leads.
-    async fn leader(&self) -> usize {
+    pub(crate) async fn leader(&self) -> usize {
         wait_until(DEADLINE, || async {
             let mut seen = BTreeSet::new();
             for i in (0..3).filter(|&i| self.procs[i].is_some()) {

@@ -522,3 +522,40 @@ async fn a_new_user_kills_a_datanode_and_watches_its_regions_move() {
     }
     crate::regions::history_clean(&sim);
 }
+
+#[test]
+fn tso_prints_consecutive_timestamps_with_their_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let ep = server.grpc.as_str();
+    let (code, out, err) = metactl(ep, &["tso", "--count", "3"]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    let stamps: Vec<u64> = lines.iter().map(|l| l[0].parse().unwrap()).collect();
+    assert_eq!(stamps, [stamps[0], stamps[0] + 1, stamps[0] + 2]);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l[1].ends_with('Z') && l[1].len() == 24),
+        "{out}"
+    );
+    assert_eq!(
+        lines[2][2].parse::<u64>().unwrap(),
+        stamps[2] & ((1 << 18) - 1)
+    );
+
+    let (code, out, _) = metactl(ep, &["--output", "json", "tso"]);
+    assert_eq!(code, Some(0));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(json[0]["timestamp"].as_u64().unwrap() > stamps[2]);
+    assert_eq!(
+        json[0]["physical_ms"].as_u64().unwrap(),
+        json[0]["timestamp"].as_u64().unwrap() >> 18
+    );
+
+    let (code, _, err) = metactl(ep, &["tso", "--count", "0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("1 to 10000"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

@@ -75,7 +75,8 @@ fn the_order_checker_catches_a_fallback_and_a_duplicate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timestamps_increase_for_concurrent_callers_across_transfers_and_a_stopped_leader() {
+async fn timestamps_increase_for_concurrent_callers_across_transfers_to_late_clocks_and_a_stopped_leader()
+ {
     let mut members = start_three(|_| {}).await;
     let addrs: Vec<String> = members.iter().map(|m| m.grpc.clone()).collect();
     let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -122,6 +123,13 @@ async fn timestamps_increase_for_concurrent_callers_across_transfers_and_a_stopp
         // start_three numbers members 1, 2, 3 in order.
         let leader = leader_of(&members).await;
         let to = ((leader + 1) % members.len()) as u64 + 1;
+        // The next leader's clock is an hour behind: time still goes forward.
+        let behind = Arc::new(Manual::default());
+        behind.0.store(
+            meta_srv::tso::SystemClock.now_ms() - 3_600_000,
+            Ordering::SeqCst,
+        );
+        members[to as usize - 1].tso.set_clock(behind);
         members[leader]
             .driver
             .transfer_leader(to, Duration::from_secs(10))
@@ -243,4 +251,54 @@ async fn bad_counts_are_refused() {
     assert!(tso.timestamps(0).await.is_err());
     assert!(tso.timestamps(10_001).await.is_err());
     server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamps_increase_across_kill_9_of_the_leader_process() {
+    let mut cluster = crate::cluster_process::ProcessCluster::start();
+    let first = cluster.leader().await;
+    let options = MetaClientOptions {
+        deadline: Duration::from_secs(20),
+        ..MetaClientOptions::default()
+    };
+    let client = MetaClient::new(&cluster.addrs, options).unwrap();
+    let tso = Arc::new(TsoClient::new(&client));
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let answered = Arc::new(AtomicU64::new(0));
+    let mut callers = Vec::new();
+    for _ in 0..8 {
+        let (tso, running, answered) = (tso.clone(), running.clone(), answered.clone());
+        callers.push(tokio::spawn(async move {
+            let mut calls: Vec<Call> = Vec::new();
+            while running.load(Ordering::SeqCst) {
+                let started = Instant::now();
+                if let Ok(ts) = tso.timestamp().await {
+                    calls.push((started, Instant::now(), ts));
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            calls
+        }));
+    }
+    let more_answers = |n: u64| {
+        let answered = answered.clone();
+        let from = answered.load(Ordering::SeqCst);
+        async move {
+            wait_until(Duration::from_secs(30), || async {
+                let now = answered.load(Ordering::SeqCst);
+                check(now >= from + n, || format!("{} answers so far", now - from))
+            })
+            .await
+        }
+    };
+    more_answers(200).await;
+    cluster.procs[first].take().unwrap().kill9();
+    cluster.leader().await;
+    more_answers(200).await;
+    running.store(false, Ordering::SeqCst);
+    let mut all = Vec::new();
+    for caller in callers {
+        all.extend(caller.await.unwrap());
+    }
+    check_real_time_order(all).unwrap();
 }

@@ -17,6 +17,7 @@ mod kv;
 mod lease;
 mod regions;
 mod tables;
+mod tso;
 
 use kv::{KvCommand, kv};
 use lease::{LeaseCommand, lease};
@@ -97,6 +98,12 @@ enum Command {
     /// The balancer of leader regions across datanodes.
     #[command(subcommand)]
     Balance(regions::SwitchCommand),
+    /// Timestamps from the leader's oracle: timestamp, physical time (UTC), logical.
+    Tso {
+        /// How many consecutive timestamps (1 to 10000).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -205,6 +212,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Kv(command) => kv(&client, command, cli.output).await,
         Command::Lease(command) => lease(&client, command, cli.output).await,
         Command::Status => status(&client, cli.output).await,
+        Command::Tso { count } => tso::tso(&client, count, cli.output).await,
         Command::Member(command) => member(&client, command, cli.output).await,
         Command::Procedure(command) => procedures(&client, command, cli.output).await,
         Command::Nodes => nodes(&client, cli.output).await,
