@@ -9,7 +9,12 @@
 //! the hash, so a restored cluster never shares its id with the cluster it came from.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::Path;
+
+use meta_client::{MetaClient, MetaClientOptions};
+
+use crate::config::Config;
 
 use crate::error::{Error, Result};
 
@@ -171,6 +176,55 @@ pub fn check_identity(
         }),
         _ => Ok(()),
     }
+}
+
+/// Works out which cluster this member belongs to: `(cluster id, initial members,
+/// initial voters)`. A new member given `join` asks the running cluster; one that
+/// already has an identity and joined keeps it; otherwise the id comes from the
+/// initial cluster (or this member alone) and the token.
+pub async fn resolve(
+    config: &Config,
+    db: &sled::Db,
+    grpc_addr: SocketAddr,
+) -> Result<(u64, BTreeMap<u64, String>, Vec<u64>)> {
+    let join = config.join.trim();
+    if !join.is_empty() {
+        if let Some((cluster_id, _)) = read_identity(db)? {
+            return Ok((cluster_id, BTreeMap::new(), Vec::new()));
+        }
+        let endpoints: Vec<&str> = join.split(',').map(str::trim).collect();
+        let fail = |reason: String| Error::Join {
+            endpoints: join.to_string(),
+            reason,
+        };
+        let client = MetaClient::new(&endpoints, MetaClientOptions::default())
+            .map_err(|e| fail(e.to_string()))?;
+        let status = client.status().await.map_err(|e| fail(e.to_string()))?;
+        if !status.members.iter().any(|m| m.id == config.node_id) {
+            return Err(fail(format!(
+                "member {} is not in the cluster; run `metactl member add {} ADDR` first",
+                config.node_id, config.node_id
+            )));
+        }
+        let members = status.members.into_iter().map(|m| (m.id, m.addr)).collect();
+        return Ok((status.cluster_id, members, Vec::new()));
+    }
+    let configured = config
+        .cluster()
+        .map_err(|e| Error::Meta(common_meta::Error::invalid_argument(e.to_string())))?;
+    let cluster = if configured.is_empty() {
+        InitialCluster::single(config.node_id, grpc_addr.to_string())
+    } else {
+        configured
+    };
+    let voters = cluster.members().keys().copied().collect();
+    // A restored directory's seed keeps its cluster apart from the one backed up.
+    let seed = read_seed(db)?;
+    Ok((
+        cluster.cluster_id_seeded(&config.cluster_token, &seed),
+        cluster.members().clone(),
+        voters,
+    ))
 }
 
 #[cfg(test)]
