@@ -19,6 +19,10 @@
 //!                                                  its drop is done (manager/table.rs)
 //! __switch/{name}                                 a cluster-wide switch, `true` or
 //!                                                  `false` (`maintenance`, `balancer`)
+//! __route/version                                  the range route catalog's version
+//!                                                  (decimal text; manager/route.rs)
+//! __route/next_id                                  the next route id (decimal text)
+//! __route/r/{route_id:020}                         a RouteDescriptor (JSON)
 //! __tso/bound                                      the timestamp oracle's persisted
 //!                                                  window end, physical ms as
 //!                                                  decimal text (meta-srv tso.rs)
@@ -56,6 +60,20 @@ pub use table::{TableInfoKey, TableNameKey, TableRouteKey};
 
 use crate::error::{Error, Result};
 use crate::kv::RangeRequest;
+
+/// Everything of the range route catalog.
+pub const ROUTE_PREFIX: &[u8] = b"__route/";
+/// The route catalog's version: moves by exactly one per save.
+pub const ROUTE_VERSION_KEY: &[u8] = b"__route/version";
+/// The next route id to hand out.
+pub const ROUTE_NEXT_ID_KEY: &[u8] = b"__route/next_id";
+/// The prefix of the routes themselves.
+pub const ROUTE_ITEM_PREFIX: &[u8] = b"__route/r/";
+
+/// The key of route `id`.
+pub fn route_key(id: u64) -> Vec<u8> {
+    format!("__route/r/{id:020}").into_bytes()
+}
 
 /// The key holding the timestamp oracle's persisted window end: no timestamp at or
 /// above it (physical milliseconds, decimal text) was handed out.

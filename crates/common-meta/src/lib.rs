@@ -25,6 +25,7 @@ pub mod key;
 pub mod kv;
 pub mod manager;
 pub mod model;
+pub mod route_table;
 pub mod rpc;
 pub mod state_store;
 pub mod time;

@@ -6,6 +6,7 @@
 //!   tombstones.
 
 pub mod catalog;
+pub mod route;
 pub mod table;
 
 pub use catalog::CatalogManager;

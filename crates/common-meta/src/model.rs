@@ -3,5 +3,6 @@
 
 pub mod join_token;
 pub mod node;
+pub mod route;
 pub mod sequence;
 pub mod table;

@@ -1,0 +1,237 @@
+//! The range route catalog in the store: `__route/version`, `__route/next_id` and one
+//! `__route/r/{route_id:020}` per route (JSON of
+//! [`RouteDescriptor`](crate::model::route::RouteDescriptor)); see `key.rs`.
+//!
+//! Every save is one transaction that compares the stored version with the one the
+//! change was made from and moves it by exactly one, after checking the invariants of
+//! the whole new catalog: two writers racing, one wins and the other gets
+//! [`SaveOutcome::Conflict`] (a value, not an error) and starts again from a fresh load.
+//! The version key is written first in the transaction, so a watcher sees it with the
+//! route changes of the same revision (`RouteTable`).
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::key::{
+    ROUTE_ITEM_PREFIX, ROUTE_NEXT_ID_KEY, ROUTE_PREFIX, ROUTE_VERSION_KEY, route_key,
+};
+use crate::kv::{
+    Compare, CompareOp, CompareTarget, DeleteRangeRequest, KvBackend, PutRequest, RangeRequest,
+    TxnOp, TxnOpResponse, TxnRequest,
+};
+use crate::model::route::{RouteCatalog, RouteDescriptor, RouteState};
+
+use super::{from_json, to_json};
+
+/// What a save did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveOutcome {
+    /// Saved as this version.
+    Saved(u64),
+    /// The stored catalog was at another version: nothing was written.
+    Conflict {
+        /// The version found.
+        current: u64,
+    },
+}
+
+/// Reads and saves the route catalog.
+#[derive(Clone)]
+pub struct RouteCatalogManager {
+    kv: Arc<dyn KvBackend>,
+}
+
+fn decimal(key: &[u8], bytes: &[u8]) -> Result<u64> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| Error::Corrupted {
+            location: String::from_utf8_lossy(key).into_owned(),
+            reason: format!("not a number: {:?}", String::from_utf8_lossy(bytes)),
+        })
+}
+
+/// Decodes one watched or read entry of the catalog into `catalog`: the version, the
+/// next id, or a route (`None` value: deleted). Keys outside the catalog are ignored.
+pub fn apply_entry(catalog: &mut RouteCatalog, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+    if key == ROUTE_VERSION_KEY {
+        catalog.version = value.map(|v| decimal(key, v)).transpose()?.unwrap_or(0);
+    } else if key == ROUTE_NEXT_ID_KEY {
+        catalog.next_id = value.map(|v| decimal(key, v)).transpose()?.unwrap_or(0);
+    } else if let Some(id) = key.strip_prefix(ROUTE_ITEM_PREFIX) {
+        let id = decimal(key, id)?;
+        catalog.routes.retain(|r| r.route_id != id);
+        if let Some(value) = value {
+            catalog
+                .routes
+                .push(from_json::<RouteDescriptor>(key, value)?);
+        }
+    }
+    Ok(())
+}
+
+impl RouteCatalogManager {
+    /// A manager over `kv`.
+    pub fn new(kv: Arc<dyn KvBackend>) -> Self {
+        RouteCatalogManager { kv }
+    }
+
+    /// The catalog now and the store revision it was read at (one read, so one
+    /// version).
+    pub async fn load(&self) -> Result<(RouteCatalog, i64)> {
+        let read = self.kv.range(RangeRequest::prefix(ROUTE_PREFIX)).await?;
+        let mut catalog = RouteCatalog::default();
+        for kv in &read.kvs {
+            apply_entry(&mut catalog, &kv.key, Some(&kv.value))?;
+        }
+        catalog.sort();
+        Ok((catalog, read.revision))
+    }
+
+    /// Saves `next` as the version after `base` (the catalog it was made from): its
+    /// invariants checked, only changed routes written.
+    pub async fn save(&self, base: &RouteCatalog, mut next: RouteCatalog) -> Result<SaveOutcome> {
+        next.version = base.version + 1;
+        next.sort();
+        next.check()?;
+        let expected = if base.version == 0 {
+            CompareTarget::CreateRevision(0)
+        } else {
+            CompareTarget::Value(base.version.to_string().into_bytes())
+        };
+        let mut success = vec![TxnOp::Put(PutRequest::new(
+            ROUTE_VERSION_KEY.to_vec(),
+            next.version.to_string().into_bytes(),
+        ))];
+        if next.next_id != base.next_id {
+            success.push(TxnOp::Put(PutRequest::new(
+                ROUTE_NEXT_ID_KEY.to_vec(),
+                next.next_id.to_string().into_bytes(),
+            )));
+        }
+        for route in &next.routes {
+            if base.route(route.route_id) != Some(route) {
+                success.push(TxnOp::Put(PutRequest::new(
+                    route_key(route.route_id),
+                    to_json(route)?,
+                )));
+            }
+        }
+        for route in &base.routes {
+            if next.route(route.route_id).is_none() {
+                success.push(TxnOp::DeleteRange(DeleteRangeRequest::key(route_key(
+                    route.route_id,
+                ))));
+            }
+        }
+        let txn = TxnRequest {
+            compare: vec![Compare::new(
+                ROUTE_VERSION_KEY.to_vec(),
+                CompareOp::Equal,
+                expected,
+            )],
+            success,
+            failure: vec![TxnOp::Range(RangeRequest::key(ROUTE_VERSION_KEY.to_vec()))],
+        };
+        let answer = self.kv.txn(txn).await?;
+        if answer.succeeded {
+            return Ok(SaveOutcome::Saved(next.version));
+        }
+        let current = match answer.responses.first() {
+            Some(TxnOpResponse::Range(r)) => match r.kvs.first() {
+                Some(kv) => decimal(&kv.key, &kv.value)?,
+                None => 0,
+            },
+            _ => 0,
+        };
+        Ok(SaveOutcome::Conflict { current })
+    }
+
+    /// The catalog, made first (one `Active` route over the whole key space on
+    /// `group_id`) when there is none yet.
+    pub async fn bootstrap(&self, group_id: u64) -> Result<RouteCatalog> {
+        loop {
+            let (base, _) = self.load().await?;
+            if base.version != 0 {
+                return Ok(base);
+            }
+            let first = RouteCatalog {
+                version: 0,
+                next_id: 2,
+                routes: vec![RouteDescriptor {
+                    route_id: 1,
+                    start: Vec::new(),
+                    end: None,
+                    group_id,
+                    state: RouteState::Active,
+                    parent_route_id: None,
+                }],
+            };
+            if let SaveOutcome::Saved(_) = self.save(&base, first).await? {
+                return Ok(self.load().await?.0);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::MemoryKvBackend;
+
+    #[tokio::test]
+    async fn saves_move_the_version_by_one_and_a_lost_race_is_a_value() {
+        let kv: Arc<dyn KvBackend> =
+            Arc::new(MemoryKvBackend::new(crate::kv::KvLimits::default()).unwrap());
+        let routes = RouteCatalogManager::new(kv.clone());
+        let first = routes.bootstrap(7).await.unwrap();
+        assert_eq!(first.version, 1);
+        assert_eq!(first.routes.len(), 1);
+        assert_eq!(first.owner(b"anything").unwrap().group_id, 7);
+        assert_eq!(routes.bootstrap(9).await.unwrap(), first, "made once");
+
+        // A split at "m": two children with new ids, the parent recorded.
+        let mut split = first.clone();
+        let parent = split.routes.remove(0);
+        for (id, start, end) in [
+            (2, b"".to_vec(), Some(b"m".to_vec())),
+            (3, b"m".to_vec(), None),
+        ] {
+            split.routes.push(RouteDescriptor {
+                route_id: id,
+                start,
+                end,
+                parent_route_id: Some(parent.route_id),
+                ..parent.clone()
+            });
+        }
+        split.next_id = 4;
+        assert_eq!(
+            routes.save(&first, split.clone()).await.unwrap(),
+            SaveOutcome::Saved(2)
+        );
+        let (now, _) = routes.load().await.unwrap();
+        assert_eq!(now.version, 2);
+        assert_eq!(
+            now.routes.iter().map(|r| r.route_id).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        assert_eq!(now.next_id, 4);
+
+        // A writer still holding version 1 loses, and nothing changes.
+        assert_eq!(
+            routes.save(&first, split.clone()).await.unwrap(),
+            SaveOutcome::Conflict { current: 2 }
+        );
+        // An overlapping catalog is refused before anything is written.
+        let mut overlapping = now.clone();
+        overlapping.routes[0].end = Some(b"z".to_vec());
+        let err = routes
+            .save(&now, overlapping)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("overlap"), "{err}");
+        assert_eq!(routes.load().await.unwrap().0, now);
+    }
+}

@@ -1,0 +1,201 @@
+//! The range route catalog's model: which raft group of the data plane owns which
+//! half-open key range, in which state, at which catalog version.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A route's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RouteState {
+    /// Serving reads and writes.
+    Active,
+    /// Writes are refused (a move is about to cut over).
+    WriteFenced,
+    /// The source side of a move in progress.
+    MigratingSource,
+    /// The target side of a move in progress.
+    MigratingTarget,
+}
+
+/// One route: the keys `[start, end)` (`end: None` is +infinity) owned by `group_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteDescriptor {
+    /// Unique in the catalog; never reused.
+    pub route_id: u64,
+    /// First key (inclusive).
+    pub start: Vec<u8>,
+    /// End key (exclusive); `None` for no end.
+    pub end: Option<Vec<u8>>,
+    /// The raft group of the data plane that owns the range.
+    pub group_id: u64,
+    /// Its state.
+    pub state: RouteState,
+    /// The route it was split or merged from, if any.
+    pub parent_route_id: Option<u64>,
+}
+
+impl RouteDescriptor {
+    /// Whether `key` is in the route's range.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start.as_slice() && self.end.as_deref().is_none_or(|end| key < end)
+    }
+}
+
+/// The whole catalog at one version: routes sorted by start.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RouteCatalog {
+    /// Moves by exactly one per save; 0 before the first.
+    pub version: u64,
+    /// The next route id to hand out.
+    pub next_id: u64,
+    /// The routes, sorted by start.
+    pub routes: Vec<RouteDescriptor>,
+}
+
+impl RouteCatalog {
+    /// Checks the invariants every saved catalog holds: routes sorted by start, each
+    /// non-empty (`start < end`), none overlapping the next, ids unique and below
+    /// `next_id`.
+    pub fn check(&self) -> Result<()> {
+        let bad = |message: String| Err(Error::invalid_argument(message));
+        let mut ids = std::collections::BTreeSet::new();
+        for route in &self.routes {
+            if !ids.insert(route.route_id) {
+                return bad(format!("route id {} appears twice", route.route_id));
+            }
+            if route.route_id == 0 || route.route_id >= self.next_id.max(1) {
+                return bad(format!(
+                    "route id {} is not below the next id {}",
+                    route.route_id, self.next_id
+                ));
+            }
+            if let Some(end) = &route.end
+                && end.as_slice() <= route.start.as_slice()
+            {
+                return bad(format!(
+                    "route {} is empty: its end is not above its start",
+                    route.route_id
+                ));
+            }
+        }
+        for pair in self.routes.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            if a.start >= b.start {
+                return bad(format!(
+                    "routes {} and {} are not sorted by start",
+                    a.route_id, b.route_id
+                ));
+            }
+            match &a.end {
+                Some(end) if end.as_slice() <= b.start.as_slice() => {}
+                _ => {
+                    return bad(format!("routes {} and {} overlap", a.route_id, b.route_id));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The route owning `key`, in O(log n).
+    pub fn owner(&self, key: &[u8]) -> Option<&RouteDescriptor> {
+        let after = self.routes.partition_point(|r| r.start.as_slice() <= key);
+        after
+            .checked_sub(1)
+            .map(|at| &self.routes[at])
+            .filter(|route| route.contains(key))
+    }
+
+    /// The route with id `id`.
+    pub fn route(&self, id: u64) -> Option<&RouteDescriptor> {
+        self.routes.iter().find(|r| r.route_id == id)
+    }
+
+    /// The routes sorted by start (after changes made in place).
+    pub fn sort(&mut self) {
+        self.routes.sort_by(|a, b| a.start.cmp(&b.start));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn route(id: u64, start: &[u8], end: Option<&[u8]>) -> RouteDescriptor {
+        RouteDescriptor {
+            route_id: id,
+            start: start.to_vec(),
+            end: end.map(<[u8]>::to_vec),
+            group_id: 1,
+            state: RouteState::Active,
+            parent_route_id: None,
+        }
+    }
+
+    fn catalog(routes: Vec<RouteDescriptor>) -> RouteCatalog {
+        RouteCatalog {
+            version: 1,
+            next_id: 100,
+            routes,
+        }
+    }
+
+    #[test]
+    fn each_broken_invariant_is_named() {
+        let cases = [
+            (
+                vec![route(1, b"a", None), route(1, b"b", None)],
+                "appears twice",
+            ),
+            (vec![route(1, b"b", Some(b"b"))], "is empty"),
+            (
+                vec![route(1, b"b", None), route(2, b"a", Some(b"b"))],
+                "not sorted",
+            ),
+            (
+                vec![route(1, b"a", Some(b"c")), route(2, b"b", None)],
+                "overlap",
+            ),
+            (vec![route(1, b"a", None), route(2, b"b", None)], "overlap"),
+            (vec![route(100, b"a", None)], "not below the next id"),
+        ];
+        for (routes, want) in cases {
+            let err = catalog(routes).check().unwrap_err().to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        let whole = catalog(vec![route(1, b"", Some(b"m")), route(2, b"m", None)]);
+        whole.check().unwrap();
+        assert_eq!(whole.owner(b"").unwrap().route_id, 1);
+        assert_eq!(whole.owner(b"l").unwrap().route_id, 1);
+        assert_eq!(whole.owner(b"m").unwrap().route_id, 2);
+        assert_eq!(whole.owner(b"zzz").unwrap().route_id, 2);
+        let gap = catalog(vec![route(1, b"b", Some(b"c"))]);
+        assert!(gap.owner(b"a").is_none() && gap.owner(b"c").is_none());
+    }
+
+    proptest! {
+        /// Cutting the key space at any sorted, distinct points gives a valid catalog
+        /// whose owner of every key is the one route containing it.
+        #[test]
+        fn owners_agree_with_a_linear_scan(
+            cuts in proptest::collection::btree_set(proptest::collection::vec(any::<u8>(), 1..4), 0..20),
+            probes in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..4), 1..50),
+        ) {
+            let mut bounds: Vec<Vec<u8>> = vec![Vec::new()];
+            bounds.extend(cuts);
+            let routes: Vec<RouteDescriptor> = bounds
+                .iter()
+                .enumerate()
+                .map(|(i, start)| route(i as u64 + 1, start, bounds.get(i + 1).map(Vec::as_slice)))
+                .collect();
+            let c = RouteCatalog { version: 1, next_id: routes.len() as u64 + 1, routes };
+            prop_assert!(c.check().is_ok());
+            for key in probes {
+                let scan: Vec<u64> = c.routes.iter().filter(|r| r.contains(&key)).map(|r| r.route_id).collect();
+                prop_assert_eq!(scan.len(), 1);
+                prop_assert_eq!(c.owner(&key).map(|r| r.route_id), scan.first().copied());
+            }
+        }
+    }
+}

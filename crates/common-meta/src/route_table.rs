@@ -1,0 +1,310 @@
+//! `RouteTable`: the range route catalog in memory, kept current by a watch on the
+//! catalog's keys (not by polling), with the last [`RING`] versions kept so a caller
+//! can ask who owned a key at a version it saw before.
+//!
+//! It loads the catalog once, then watches `__route/` from the next revision. Every
+//! save is one transaction, so one revision; a watch response holds all events of a
+//! revision, so each revision's events are applied to a copy of the newest version and
+//! the result installed as the next version: every saved version is seen, in order,
+//! without gaps. A broken or compacted watch reloads and watches again (the ring then
+//! may lack the versions in between: [`OwnerAt::Evicted`] for them).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::error::Result;
+use crate::key::ROUTE_PREFIX;
+use crate::kv::{EventKind, KvBackend, WatchRequest, WatchResponse};
+use crate::manager::route::{RouteCatalogManager, apply_entry};
+use crate::model::route::{RouteCatalog, RouteDescriptor};
+
+/// Versions kept.
+pub const RING: usize = 32;
+
+/// Who owned a key at a version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnerAt {
+    /// The route owning it then (`None`: no route covered it).
+    Owner(Option<RouteDescriptor>),
+    /// The version is older than the ring keeps (or was never seen here).
+    Evicted,
+    /// The version is newer than what this table has seen.
+    Unknown,
+}
+
+/// The versions kept, oldest first.
+type Ring = VecDeque<Arc<RouteCatalog>>;
+
+/// The route catalog in memory, following the store.
+pub struct RouteTable {
+    ring: Arc<RwLock<Ring>>,
+    versions: watch::Receiver<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for RouteTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteTable")
+            .field("version", &self.version())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for RouteTable {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn read(ring: &RwLock<Ring>) -> std::sync::RwLockReadGuard<'_, Ring> {
+    // Only whole-value updates happen under the lock: never torn.
+    ring.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Adds `catalog` as the newest version when it is newer; returns whether it was.
+fn install(ring: &RwLock<Ring>, versions: &watch::Sender<u64>, mut catalog: RouteCatalog) -> bool {
+    catalog.sort();
+    let version = catalog.version;
+    {
+        let mut ring = ring.write().unwrap_or_else(PoisonError::into_inner);
+        if ring.back().is_some_and(|newest| newest.version >= version) {
+            return false;
+        }
+        ring.push_back(Arc::new(catalog));
+        while ring.len() > RING {
+            ring.pop_front();
+        }
+    }
+    let _ = versions.send(version);
+    true
+}
+
+impl RouteTable {
+    /// Loads the catalog from `kv` and follows it from then on.
+    pub async fn follow(kv: Arc<dyn KvBackend>) -> Result<RouteTable> {
+        let (catalog, revision) = RouteCatalogManager::new(kv.clone()).load().await?;
+        let (sender, versions) = watch::channel(catalog.version);
+        let ring = Arc::new(RwLock::new(VecDeque::from([Arc::new(catalog)])));
+        let task = tokio::spawn(follow(kv, ring.clone(), sender, revision + 1));
+        Ok(RouteTable {
+            ring,
+            versions,
+            task,
+        })
+    }
+
+    /// The newest version seen.
+    pub fn current(&self) -> Arc<RouteCatalog> {
+        // The ring always holds at least the loaded version.
+        read(&self.ring).back().cloned().unwrap_or_default()
+    }
+
+    /// The newest version's number.
+    pub fn version(&self) -> u64 {
+        self.current().version
+    }
+
+    /// The route owning `key` in the newest version.
+    pub fn owner_of(&self, key: &[u8]) -> Option<RouteDescriptor> {
+        self.current().owner(key).cloned()
+    }
+
+    /// The route that owned `key` at `version`.
+    pub fn owner_at(&self, key: &[u8], version: u64) -> OwnerAt {
+        let ring = read(&self.ring);
+        if ring.back().is_none_or(|newest| version > newest.version) {
+            return OwnerAt::Unknown;
+        }
+        match ring.iter().find(|c| c.version == version) {
+            Some(catalog) => OwnerAt::Owner(catalog.owner(key).cloned()),
+            None => OwnerAt::Evicted,
+        }
+    }
+
+    /// The versions kept, oldest first.
+    pub fn kept(&self) -> Vec<u64> {
+        read(&self.ring).iter().map(|c| c.version).collect()
+    }
+
+    /// Waits until the table has seen `version` (or a later one), up to `patience`;
+    /// whether it has.
+    pub async fn wait_for(&self, version: u64, patience: Duration) -> bool {
+        let mut versions = self.versions.clone();
+        tokio::time::timeout(patience, versions.wait_for(|v| *v >= version))
+            .await
+            .is_ok_and(|seen| seen.is_ok())
+    }
+}
+
+/// Applies every saved version from a watch starting at `from`; reloads and watches
+/// again when the watch breaks.
+async fn follow(
+    kv: Arc<dyn KvBackend>,
+    ring: Arc<RwLock<Ring>>,
+    versions: watch::Sender<u64>,
+    mut from: i64,
+) {
+    let manager = RouteCatalogManager::new(kv.clone());
+    loop {
+        if let Ok(mut stream) = kv
+            .watch(WatchRequest::prefix(ROUTE_PREFIX).from_revision(from))
+            .await
+        {
+            while let Some(Ok(response)) = stream.next().await {
+                let WatchResponse::Events { events, .. } = response else {
+                    continue;
+                };
+                let mut working: Option<(i64, RouteCatalog)> = None;
+                for event in events {
+                    let revision = event.kv.mod_revision;
+                    if working.as_ref().is_some_and(|(r, _)| *r != revision)
+                        && let Some((_, done)) = working.take()
+                    {
+                        install(&ring, &versions, done);
+                    }
+                    let (_, catalog) = working.get_or_insert_with(|| {
+                        let newest = read(&ring).back().cloned().unwrap_or_default();
+                        (revision, (*newest).clone())
+                    });
+                    let value = (event.kind == EventKind::Put).then_some(event.kv.value.as_slice());
+                    if let Err(e) = apply_entry(catalog, &event.kv.key, value) {
+                        tracing::warn!(error = %e, "a route catalog change could not be read");
+                    }
+                    from = revision + 1;
+                }
+                if let Some((_, done)) = working {
+                    install(&ring, &versions, done);
+                }
+            }
+        }
+        // The watch broke (compacted, or the server went): start again from a load.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok((catalog, revision)) = manager.load().await {
+            install(&ring, &versions, catalog);
+            from = revision + 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::MemoryKvBackend;
+    use crate::manager::route::SaveOutcome;
+    use crate::model::route::RouteState;
+
+    /// `base` with the route owning `at` split there.
+    fn split(base: &RouteCatalog, at: &[u8]) -> RouteCatalog {
+        let mut next = base.clone();
+        let parent = next.owner(at).unwrap().clone();
+        next.routes.retain(|r| r.route_id != parent.route_id);
+        let (left, right) = (next.next_id, next.next_id + 1);
+        next.next_id += 2;
+        next.routes.push(RouteDescriptor {
+            route_id: left,
+            end: Some(at.to_vec()),
+            parent_route_id: Some(parent.route_id),
+            ..parent.clone()
+        });
+        next.routes.push(RouteDescriptor {
+            route_id: right,
+            start: at.to_vec(),
+            parent_route_id: Some(parent.route_id),
+            ..parent
+        });
+        next
+    }
+
+    #[tokio::test]
+    async fn every_version_is_seen_and_owners_are_answered_at_past_versions() {
+        let kv: Arc<dyn KvBackend> =
+            Arc::new(MemoryKvBackend::new(crate::kv::KvLimits::default()).unwrap());
+        let manager = RouteCatalogManager::new(kv.clone());
+        let v1 = manager.bootstrap(1).await.unwrap();
+        let table = RouteTable::follow(kv.clone()).await.unwrap();
+        assert_eq!(table.version(), 1);
+
+        let v2 = split(&v1, b"m");
+        assert_eq!(
+            manager.save(&v1, v2.clone()).await.unwrap(),
+            SaveOutcome::Saved(2)
+        );
+        // A move of [m, +inf) to group 2.
+        let (v2, _) = manager.load().await.unwrap();
+        let mut v3 = v2.clone();
+        let moved = v3.routes.iter_mut().find(|r| r.start == b"m").unwrap();
+        moved.group_id = 2;
+        moved.state = RouteState::Active;
+        assert_eq!(manager.save(&v2, v3).await.unwrap(), SaveOutcome::Saved(3));
+        // Many saves in a row: each one a version the table sees.
+        let mut base = manager.load().await.unwrap().0;
+        for i in 0..40u8 {
+            let next = split(&base, &[b'a', i]);
+            assert!(matches!(
+                manager.save(&base, next).await.unwrap(),
+                SaveOutcome::Saved(_)
+            ));
+            base = manager.load().await.unwrap().0;
+        }
+        assert!(table.wait_for(base.version, Duration::from_secs(10)).await);
+        let kept = table.kept();
+        assert_eq!(kept.len(), RING);
+        assert!(
+            kept.windows(2).all(|w| w[1] == w[0] + 1),
+            "no gap: {kept:?}"
+        );
+        assert_eq!(table.current().routes, base.routes);
+
+        let owner = |version| match table.owner_at(b"q", version) {
+            OwnerAt::Owner(route) => route.map(|r| (r.route_id, r.group_id)),
+            other => panic!("version {version}: {other:?}"),
+        };
+        let newest = table.version();
+        assert_eq!(
+            owner(newest),
+            table.owner_of(b"q").map(|r| (r.route_id, r.group_id))
+        );
+        assert_eq!(
+            table.owner_at(b"q", 1),
+            OwnerAt::Evicted,
+            "older than the ring"
+        );
+        assert_eq!(table.owner_at(b"q", newest + 1), OwnerAt::Unknown);
+    }
+
+    #[tokio::test]
+    async fn a_split_and_a_move_are_answered_at_each_version() {
+        let kv: Arc<dyn KvBackend> =
+            Arc::new(MemoryKvBackend::new(crate::kv::KvLimits::default()).unwrap());
+        let manager = RouteCatalogManager::new(kv.clone());
+        let v1 = manager.bootstrap(1).await.unwrap();
+        let table = RouteTable::follow(kv.clone()).await.unwrap();
+        manager.save(&v1, split(&v1, b"m")).await.unwrap();
+        let (v2, _) = manager.load().await.unwrap();
+        let mut v3 = v2.clone();
+        v3.routes
+            .iter_mut()
+            .find(|r| r.start == b"m")
+            .unwrap()
+            .group_id = 2;
+        manager.save(&v2, v3).await.unwrap();
+        assert!(table.wait_for(3, Duration::from_secs(10)).await);
+        let at = |version| match table.owner_at(b"q", version) {
+            OwnerAt::Owner(Some(r)) => (r.route_id, r.group_id),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(at(1), (1, 1), "before the split: the whole range");
+        assert_eq!(at(2), (3, 1), "after the split: the right child");
+        assert_eq!(at(3), (3, 2), "after the move: group 2");
+        assert_eq!(
+            match table.owner_at(b"a", 2) {
+                OwnerAt::Owner(Some(r)) => r.route_id,
+                other => panic!("{other:?}"),
+            },
+            2
+        );
+    }
+}
