@@ -83,12 +83,20 @@ fn install(ring: &RwLock<Ring>, versions: &watch::Sender<u64>, mut catalog: Rout
 }
 
 impl RouteTable {
-    /// Loads the catalog from `kv` and follows it from then on.
+    /// Loads the catalog from `kv` and follows it from then on (a cluster whose
+    /// catalog never changed reads as the built-in first version on group 1).
     pub async fn follow(kv: Arc<dyn KvBackend>) -> Result<RouteTable> {
-        let (catalog, revision) = RouteCatalogManager::new(kv.clone()).load().await?;
+        Self::follow_with(kv, 1).await
+    }
+
+    /// [`RouteTable::follow`] for a cluster whose `[routes] initial_group` is
+    /// `initial_group`.
+    pub async fn follow_with(kv: Arc<dyn KvBackend>, initial_group: u64) -> Result<RouteTable> {
+        let manager = RouteCatalogManager::new(kv.clone()).with_initial_group(initial_group);
+        let (catalog, revision) = manager.load().await?;
         let (sender, versions) = watch::channel(catalog.version);
         let ring = Arc::new(RwLock::new(VecDeque::from([Arc::new(catalog)])));
-        let task = tokio::spawn(follow(kv, ring.clone(), sender, revision + 1));
+        let task = tokio::spawn(follow(kv, manager, ring.clone(), sender, revision + 1));
         Ok(RouteTable {
             ring,
             versions,
@@ -143,11 +151,11 @@ impl RouteTable {
 /// again when the watch breaks.
 async fn follow(
     kv: Arc<dyn KvBackend>,
+    manager: RouteCatalogManager,
     ring: Arc<RwLock<Ring>>,
     versions: watch::Sender<u64>,
     mut from: i64,
 ) {
-    let manager = RouteCatalogManager::new(kv.clone());
     loop {
         if let Ok(mut stream) = kv
             .watch(WatchRequest::prefix(ROUTE_PREFIX).from_revision(from))
@@ -167,7 +175,13 @@ async fn follow(
                     }
                     let (_, catalog) = working.get_or_insert_with(|| {
                         let newest = read(&ring).back().cloned().unwrap_or_default();
-                        (revision, (*newest).clone())
+                        let mut copy = (*newest).clone();
+                        if copy.is_initial() {
+                            // Nothing of the built-in version is stored: the first save
+                            // writes every route of its own.
+                            copy.routes.clear();
+                        }
+                        (revision, copy)
                     });
                     let value = (event.kind == EventKind::Put).then_some(event.kv.value.as_slice());
                     if let Err(e) = apply_entry(catalog, &event.kv.key, value) {
@@ -198,24 +212,7 @@ mod tests {
 
     /// `base` with the route owning `at` split there.
     fn split(base: &RouteCatalog, at: &[u8]) -> RouteCatalog {
-        let mut next = base.clone();
-        let parent = next.owner(at).unwrap().clone();
-        next.routes.retain(|r| r.route_id != parent.route_id);
-        let (left, right) = (next.next_id, next.next_id + 1);
-        next.next_id += 2;
-        next.routes.push(RouteDescriptor {
-            route_id: left,
-            end: Some(at.to_vec()),
-            parent_route_id: Some(parent.route_id),
-            ..parent.clone()
-        });
-        next.routes.push(RouteDescriptor {
-            route_id: right,
-            start: at.to_vec(),
-            parent_route_id: Some(parent.route_id),
-            ..parent
-        });
-        next
+        base.split_at(at).unwrap()
     }
 
     #[tokio::test]
@@ -223,7 +220,7 @@ mod tests {
         let kv: Arc<dyn KvBackend> =
             Arc::new(MemoryKvBackend::new(crate::kv::KvLimits::default()).unwrap());
         let manager = RouteCatalogManager::new(kv.clone());
-        let v1 = manager.bootstrap(1).await.unwrap();
+        let (v1, _) = manager.load().await.unwrap();
         let table = RouteTable::follow(kv.clone()).await.unwrap();
         assert_eq!(table.version(), 1);
 
@@ -280,7 +277,7 @@ mod tests {
         let kv: Arc<dyn KvBackend> =
             Arc::new(MemoryKvBackend::new(crate::kv::KvLimits::default()).unwrap());
         let manager = RouteCatalogManager::new(kv.clone());
-        let v1 = manager.bootstrap(1).await.unwrap();
+        let (v1, _) = manager.load().await.unwrap();
         let table = RouteTable::follow(kv.clone()).await.unwrap();
         manager.save(&v1, split(&v1, b"m")).await.unwrap();
         let (v2, _) = manager.load().await.unwrap();

@@ -85,6 +85,8 @@ pub struct Config {
     pub etcd: EtcdConfig,
     /// The timestamp oracle.
     pub tso: TsoConfig,
+    /// The range route catalog.
+    pub routes: RoutesConfig,
     /// Logging.
     pub logging: LoggingConfig,
 }
@@ -112,6 +114,7 @@ impl Default for Config {
             lease: LeaseConfig::default(),
             etcd: EtcdConfig::default(),
             tso: TsoConfig::default(),
+            routes: RoutesConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -263,6 +266,11 @@ impl Config {
                 "etcd.version {:?} is not MAJOR.MINOR.PATCH (etcd's clients parse it)",
                 self.etcd.version
             )));
+        }
+        if self.routes.initial_group == 0 {
+            return Err(ConfigError::Invalid(
+                "routes.initial_group must be at least 1".into(),
+            ));
         }
         if !(100..=600_000).contains(&self.tso.save_interval_ms) {
             return Err(ConfigError::Invalid(format!(

@@ -39,6 +39,8 @@ pub struct HttpState {
     pub tables: common_meta::manager::TableMetadataManager,
     /// Maintenance mode and the supervisor's work.
     pub supervisor: Arc<crate::cluster_plane::supervisor::Supervisor>,
+    /// The range route catalog.
+    pub routes: common_meta::manager::route::RouteCatalogManager,
 }
 
 /// The query of `GET /tables`.
@@ -123,6 +125,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/status", get(status))
         .route("/nodes", get(nodes))
         .route("/tables", get(tables))
+        .route("/routes", get(routes))
         .route("/tables/{id}/route", get(table_route))
         .route("/maintenance", get(maintenance).post(set_maintenance))
         .with_state(state)
@@ -234,6 +237,14 @@ async fn tables(
         .await
         .map(Json)
         .map_err(http_error)
+}
+
+/// The range route catalog (read linearizably on any member).
+async fn routes(
+    State(state): State<Arc<HttpState>>,
+) -> Result<Json<crate::routes::CatalogView>, (StatusCode, String)> {
+    let (catalog, _) = state.routes.load().await.map_err(http_error)?;
+    Ok(Json(crate::routes::CatalogView::from(&catalog)))
 }
 
 /// Table `id`'s route (404 when there is no such table).

@@ -29,6 +29,7 @@ pub mod lease_keeper;
 pub mod procedure_host;
 pub mod procedures;
 pub mod raft;
+pub mod routes;
 pub mod server;
 pub mod service;
 pub mod session_keeper;

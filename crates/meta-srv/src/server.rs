@@ -521,6 +521,10 @@ impl MetaSrv {
             leadership: self.node.leadership(),
             tables: self.ddl.tables.clone(),
             supervisor: self.supervisor.clone(),
+            routes: common_meta::manager::route::RouteCatalogManager::new(Arc::new(
+                self.backend.clone(),
+            ))
+            .with_initial_group(self.config.routes.initial_group),
         }));
         let http = axum::serve(self.http, router).with_graceful_shutdown(stopped(stop_rx));
 

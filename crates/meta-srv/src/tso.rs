@@ -9,7 +9,13 @@
 //! **Leader changes.** A new leader reads the bound its predecessor persisted and starts
 //! its own window at `max(now, bound)`: every timestamp before it had a lower physical
 //! part, so no waiting is needed. It serves only once its own bound committed in its
-//! term. The window is forgotten on every path that ends a leadership: a change of term
+//! term.
+//!
+//! **Only while used.** The bound is a key of the store, so each write moves the store
+//! revision. A leader therefore starts its window at the first request, and extends it
+//! only while requests come: an idle cluster writes nothing. The first request after
+//! a pause waits for one write (a lapsed window is never served from: its physical part
+//! would lag the clock). The window is forgotten on every path that ends a leadership: a change of term
 //! seen by the keeper task, a request that finds the term moved, a failed write.
 //!
 //! **Clocks.** A clock that steps back never takes the physical part back (it stays
@@ -95,8 +101,12 @@ pub struct Oracle {
     window: Mutex<Option<Window>>,
     /// Woken when a new window is installed.
     extended: Notify,
-    /// Woken when a request needs a new window now (the logical part ran out).
+    /// Woken when a request needs a new window now (none yet, lapsed, or full).
     wanted: Notify,
+    /// A request is waiting for a window.
+    asked: std::sync::atomic::AtomicBool,
+    /// When a timestamp was last handed out (unix ms by the clock).
+    used: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Oracle {
@@ -124,6 +134,8 @@ impl Oracle {
             window: Mutex::new(None),
             extended: Notify::new(),
             wanted: Notify::new(),
+            asked: std::sync::atomic::AtomicBool::new(false),
+            used: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -170,6 +182,7 @@ impl Oracle {
             match self.step(u64::from(count))? {
                 Step::Done(timestamp) => return Ok(timestamp),
                 Step::Wait => {
+                    self.asked.store(true, std::sync::atomic::Ordering::Release);
                     self.wanted.notify_one();
                     // Bounded: a leader that cannot write loses its window (and the
                     // next step answers "not leader").
@@ -191,15 +204,24 @@ impl Oracle {
         let term = *self.backend.leadership().borrow();
         let mut guard = self.window();
         let Some(w) = guard.as_mut() else {
-            return Err(self.not_leader());
+            // Leading without a window: the first request starts it.
+            return if term.is_some() {
+                Ok(Step::Wait)
+            } else {
+                Err(self.not_leader())
+            };
         };
         if term != Some(w.term) {
             *guard = None;
             return Err(self.not_leader());
         }
         let now = self.now_ms();
-        // Never back (a clock stepping back), never to the bound.
-        let physical = now.max(w.physical).min(w.bound.saturating_sub(1));
+        if now >= w.bound {
+            // The window lapsed while idle: a new one first.
+            return Ok(Step::Wait);
+        }
+        // Never back (a clock stepping back); below the bound (checked above).
+        let physical = now.max(w.physical);
         if physical > w.physical {
             w.physical = physical;
             w.logical = 0;
@@ -212,6 +234,7 @@ impl Oracle {
             w.logical = 0;
         }
         w.logical += count;
+        self.used.store(now, std::sync::atomic::Ordering::Release);
         Ok(Step::Done(compose(w.physical, w.logical)))
     }
 
@@ -233,14 +256,20 @@ impl Oracle {
             }
             let term = *leadership.borrow_and_update();
             let installed = *self.window();
+            let asked = self.asked.load(std::sync::atomic::Ordering::Acquire);
             let outcome = match (term, installed) {
                 (None, _) => {
                     *self.window() = None;
                     continue;
                 }
-                (Some(term), Some(w)) if w.term == term => self.extend(term, w).await,
-                (Some(term), _) => {
-                    *self.window() = None;
+                (Some(term), Some(w)) if w.term == term => self.extend(term, w, asked).await,
+                (Some(term), installed) => {
+                    if installed.is_some() {
+                        *self.window() = None;
+                    }
+                    if !asked {
+                        continue;
+                    }
                     self.start(term).await
                 }
             };
@@ -316,15 +345,21 @@ impl Oracle {
             logical: 0,
             bound,
         });
+        self.asked
+            .store(false, std::sync::atomic::Ordering::Release);
         self.extended.notify_waiters();
         tracing::info!(term, physical, bound, "timestamp oracle serving");
         Ok(())
     }
 
-    /// Moves the bound ahead once less than a third of the window is left (or a request
-    /// ran out of room).
-    async fn extend(&self, term: u64, w: Window) -> Result<()> {
+    /// Moves the bound ahead once less than a third of the window is left, while
+    /// timestamps are being handed out or a request waits for room.
+    async fn extend(&self, term: u64, w: Window, asked: bool) -> Result<()> {
         let now = self.now_ms();
+        let used = self.used.load(std::sync::atomic::Ordering::Acquire);
+        if !asked && now.saturating_sub(used) > self.save_interval {
+            return Ok(());
+        }
         // A request out of room has taken the physical part to the bound's last
         // millisecond, so this also extends for it.
         let base = now.max(w.physical);
@@ -346,6 +381,8 @@ impl Oracle {
             _ => return Ok(()),
         }
         drop(guard);
+        self.asked
+            .store(false, std::sync::atomic::Ordering::Release);
         self.extended.notify_waiters();
         Ok(())
     }

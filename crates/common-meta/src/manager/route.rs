@@ -2,6 +2,11 @@
 //! `__route/r/{route_id:020}` per route (JSON of
 //! [`RouteDescriptor`](crate::model::route::RouteDescriptor)); see `key.rs`.
 //!
+//! While nothing is stored the catalog reads as the built-in version 1
+//! ([`RouteCatalog::initial`]: one route over everything on the initial group), so a new
+//! cluster writes nothing until the catalog first changes; the first save writes
+//! version 2 with all its routes.
+//!
 //! Every save is one transaction that compares the stored version with the one the
 //! change was made from and moves it by exactly one, after checking the invariants of
 //! the whole new catalog: two writers racing, one wins and the other gets
@@ -19,7 +24,7 @@ use crate::kv::{
     Compare, CompareOp, CompareTarget, DeleteRangeRequest, KvBackend, PutRequest, RangeRequest,
     TxnOp, TxnOpResponse, TxnRequest,
 };
-use crate::model::route::{RouteCatalog, RouteDescriptor, RouteState};
+use crate::model::route::{RouteCatalog, RouteDescriptor};
 
 use super::{from_json, to_json};
 
@@ -39,6 +44,7 @@ pub enum SaveOutcome {
 #[derive(Clone)]
 pub struct RouteCatalogManager {
     kv: Arc<dyn KvBackend>,
+    initial_group: u64,
 }
 
 fn decimal(key: &[u8], bytes: &[u8]) -> Result<u64> {
@@ -71,15 +77,28 @@ pub fn apply_entry(catalog: &mut RouteCatalog, key: &[u8], value: Option<&[u8]>)
 }
 
 impl RouteCatalogManager {
-    /// A manager over `kv`.
+    /// A manager over `kv`, whose built-in first catalog is on group 1.
     pub fn new(kv: Arc<dyn KvBackend>) -> Self {
-        RouteCatalogManager { kv }
+        RouteCatalogManager {
+            kv,
+            initial_group: 1,
+        }
+    }
+
+    /// The same, with the built-in first catalog on `group_id` (`[routes]
+    /// initial_group`).
+    pub fn with_initial_group(mut self, group_id: u64) -> Self {
+        self.initial_group = group_id;
+        self
     }
 
     /// The catalog now and the store revision it was read at (one read, so one
     /// version).
     pub async fn load(&self) -> Result<(RouteCatalog, i64)> {
         let read = self.kv.range(RangeRequest::prefix(ROUTE_PREFIX)).await?;
+        if !read.kvs.iter().any(|kv| kv.key == ROUTE_VERSION_KEY) {
+            return Ok((RouteCatalog::initial(self.initial_group), read.revision));
+        }
         let mut catalog = RouteCatalog::default();
         for kv in &read.kvs {
             apply_entry(&mut catalog, &kv.key, Some(&kv.value))?;
@@ -94,7 +113,7 @@ impl RouteCatalogManager {
         next.version = base.version + 1;
         next.sort();
         next.check()?;
-        let expected = if base.version == 0 {
+        let expected = if base.is_initial() {
             CompareTarget::CreateRevision(0)
         } else {
             CompareTarget::Value(base.version.to_string().into_bytes())
@@ -103,21 +122,22 @@ impl RouteCatalogManager {
             ROUTE_VERSION_KEY.to_vec(),
             next.version.to_string().into_bytes(),
         ))];
-        if next.next_id != base.next_id {
+        if base.is_initial() || next.next_id != base.next_id {
             success.push(TxnOp::Put(PutRequest::new(
                 ROUTE_NEXT_ID_KEY.to_vec(),
                 next.next_id.to_string().into_bytes(),
             )));
         }
         for route in &next.routes {
-            if base.route(route.route_id) != Some(route) {
+            // Nothing of the built-in first version is stored: write every route.
+            if base.is_initial() || base.route(route.route_id) != Some(route) {
                 success.push(TxnOp::Put(PutRequest::new(
                     route_key(route.route_id),
                     to_json(route)?,
                 )));
             }
         }
-        for route in &base.routes {
+        for route in base.routes.iter().filter(|_| !base.is_initial()) {
             if next.route(route.route_id).is_none() {
                 success.push(TxnOp::DeleteRange(DeleteRangeRequest::key(route_key(
                     route.route_id,
@@ -147,28 +167,20 @@ impl RouteCatalogManager {
         Ok(SaveOutcome::Conflict { current })
     }
 
-    /// The catalog, made first (one `Active` route over the whole key space on
-    /// `group_id`) when there is none yet.
-    pub async fn bootstrap(&self, group_id: u64) -> Result<RouteCatalog> {
+    /// Applies `change` to the newest catalog and saves the result; when another save
+    /// won meanwhile, starts again from a fresh load (so no change is lost). Returns
+    /// the catalog as saved. A change that refuses (bad input) writes nothing.
+    pub async fn update(
+        &self,
+        change: impl Fn(&RouteCatalog) -> Result<RouteCatalog>,
+    ) -> Result<RouteCatalog> {
         loop {
             let (base, _) = self.load().await?;
-            if base.version != 0 {
-                return Ok(base);
-            }
-            let first = RouteCatalog {
-                version: 0,
-                next_id: 2,
-                routes: vec![RouteDescriptor {
-                    route_id: 1,
-                    start: Vec::new(),
-                    end: None,
-                    group_id,
-                    state: RouteState::Active,
-                    parent_route_id: None,
-                }],
-            };
-            if let SaveOutcome::Saved(_) = self.save(&base, first).await? {
-                return Ok(self.load().await?.0);
+            let mut next = change(&base)?;
+            if let SaveOutcome::Saved(version) = self.save(&base, next.clone()).await? {
+                next.version = version;
+                next.sort();
+                return Ok(next);
             }
         }
     }
@@ -184,34 +196,22 @@ mod tests {
         let kv: Arc<dyn KvBackend> =
             Arc::new(MemoryKvBackend::new(crate::kv::KvLimits::default()).unwrap());
         let routes = RouteCatalogManager::new(kv.clone());
-        let first = routes.bootstrap(7).await.unwrap();
-        assert_eq!(first.version, 1);
+        let routes = routes.with_initial_group(7);
+        // Built in: version 1, one route on the initial group, nothing written.
+        let (first, revision) = routes.load().await.unwrap();
+        assert_eq!((first.version, revision), (1, 0));
         assert_eq!(first.routes.len(), 1);
         assert_eq!(first.owner(b"anything").unwrap().group_id, 7);
-        assert_eq!(routes.bootstrap(9).await.unwrap(), first, "made once");
 
         // A split at "m": two children with new ids, the parent recorded.
-        let mut split = first.clone();
-        let parent = split.routes.remove(0);
-        for (id, start, end) in [
-            (2, b"".to_vec(), Some(b"m".to_vec())),
-            (3, b"m".to_vec(), None),
-        ] {
-            split.routes.push(RouteDescriptor {
-                route_id: id,
-                start,
-                end,
-                parent_route_id: Some(parent.route_id),
-                ..parent.clone()
-            });
-        }
-        split.next_id = 4;
+        let split = first.split_at(b"m").unwrap();
         assert_eq!(
             routes.save(&first, split.clone()).await.unwrap(),
             SaveOutcome::Saved(2)
         );
         let (now, _) = routes.load().await.unwrap();
         assert_eq!(now.version, 2);
+        assert!(now.routes.iter().all(|r| r.group_id == 7));
         assert_eq!(
             now.routes.iter().map(|r| r.route_id).collect::<Vec<_>>(),
             [2, 3]
@@ -233,5 +233,22 @@ mod tests {
             .to_string();
         assert!(err.contains("overlap"), "{err}");
         assert_eq!(routes.load().await.unwrap().0, now);
+
+        // Two writers at once: both splits land, one after the other.
+        let (a, b) = tokio::join!(
+            routes.update(|c| c.split_at(b"c")),
+            routes.update(|c| c.split_at(b"x"))
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.version.max(b.version), 4);
+        let (last, _) = routes.load().await.unwrap();
+        assert_eq!(last.routes.len(), 4, "no split lost: {:?}", last.routes);
+        let err = routes.update(|c| c.split_at(b"c")).await.unwrap_err();
+        assert!(err.to_string().contains("is the start of route"), "{err}");
+        assert_eq!(
+            routes.load().await.unwrap().0,
+            last,
+            "a refused change writes nothing"
+        );
     }
 }

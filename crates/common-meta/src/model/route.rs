@@ -54,6 +54,29 @@ pub struct RouteCatalog {
 }
 
 impl RouteCatalog {
+    /// The catalog every cluster starts with, built in (read as version 1 while nothing
+    /// is stored, never written as such): one `Active` route over the whole key space
+    /// on `group_id`.
+    pub fn initial(group_id: u64) -> RouteCatalog {
+        RouteCatalog {
+            version: 1,
+            next_id: 2,
+            routes: vec![RouteDescriptor {
+                route_id: 1,
+                start: Vec::new(),
+                end: None,
+                group_id,
+                state: RouteState::Active,
+                parent_route_id: None,
+            }],
+        }
+    }
+
+    /// Whether this is the built-in first version (nothing of it is in the store).
+    pub fn is_initial(&self) -> bool {
+        self.version <= 1
+    }
+
     /// Checks the invariants every saved catalog holds: routes sorted by start, each
     /// non-empty (`start < end`), none overlapping the next, ids unique and below
     /// `next_id`.
@@ -115,6 +138,96 @@ impl RouteCatalog {
     pub fn sort(&mut self) {
         self.routes.sort_by(|a, b| a.start.cmp(&b.start));
     }
+
+    /// This catalog with the route owning `key` split there: two children with new
+    /// ids on the same group, each recording the parent. Refused when no route owns
+    /// `key`, when `key` is the route's start (one child would be empty), or when the
+    /// route is not `Active` (a move is under way).
+    pub fn split_at(&self, key: &[u8]) -> Result<RouteCatalog> {
+        let parent = self
+            .owner(key)
+            .ok_or_else(|| Error::invalid_argument(format!("no route owns key {key:?}")))?
+            .clone();
+        if parent.start.as_slice() == key {
+            return Err(Error::invalid_argument(format!(
+                "key {key:?} is the start of route {}: a split there would leave an empty route",
+                parent.route_id
+            )));
+        }
+        if parent.state != RouteState::Active {
+            return Err(Error::FailedPrecondition {
+                message: format!(
+                    "route {} is {:?}: only an Active route is split",
+                    parent.route_id, parent.state
+                ),
+            });
+        }
+        let mut next = self.clone();
+        next.routes.retain(|r| r.route_id != parent.route_id);
+        let (left, right) = (self.next_id.max(1), self.next_id.max(1) + 1);
+        next.next_id = right + 1;
+        next.routes.push(RouteDescriptor {
+            route_id: left,
+            end: Some(key.to_vec()),
+            parent_route_id: Some(parent.route_id),
+            ..parent.clone()
+        });
+        next.routes.push(RouteDescriptor {
+            route_id: right,
+            start: key.to_vec(),
+            parent_route_id: Some(parent.route_id),
+            ..parent
+        });
+        next.sort();
+        Ok(next)
+    }
+
+    /// This catalog with route `id` merged with its right neighbour into one route
+    /// with a new id. Refused when there is no such route, no neighbour starting where
+    /// it ends, the two are on different groups, or either is not `Active`.
+    pub fn merge_right(&self, id: u64) -> Result<RouteCatalog> {
+        let left = self
+            .route(id)
+            .ok_or_else(|| Error::invalid_argument(format!("no route {id}")))?
+            .clone();
+        let right = left
+            .end
+            .as_ref()
+            .and_then(|end| self.routes.iter().find(|r| &r.start == end))
+            .ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "route {id} has no adjacent route to its right to merge with"
+                ))
+            })?
+            .clone();
+        if left.group_id != right.group_id {
+            return Err(Error::invalid_argument(format!(
+                "routes {} and {} are on groups {} and {}: only routes of one group merge",
+                left.route_id, right.route_id, left.group_id, right.group_id
+            )));
+        }
+        if left.state != RouteState::Active || right.state != RouteState::Active {
+            return Err(Error::FailedPrecondition {
+                message: format!(
+                    "routes {} and {} must both be Active to merge",
+                    left.route_id, right.route_id
+                ),
+            });
+        }
+        let mut next = self.clone();
+        next.routes
+            .retain(|r| r.route_id != left.route_id && r.route_id != right.route_id);
+        let merged = self.next_id.max(1);
+        next.next_id = merged + 1;
+        next.routes.push(RouteDescriptor {
+            route_id: merged,
+            end: right.end.clone(),
+            parent_route_id: Some(left.route_id),
+            ..left
+        });
+        next.sort();
+        Ok(next)
+    }
 }
 
 #[cfg(test)]
@@ -172,6 +285,62 @@ mod tests {
         assert_eq!(whole.owner(b"zzz").unwrap().route_id, 2);
         let gap = catalog(vec![route(1, b"b", Some(b"c"))]);
         assert!(gap.owner(b"a").is_none() && gap.owner(b"c").is_none());
+    }
+
+    #[test]
+    fn splits_and_merges_keep_the_invariants_and_refuse_bad_input() {
+        let whole = RouteCatalog {
+            version: 1,
+            next_id: 2,
+            routes: vec![route(1, b"", None)],
+        };
+        let split = whole.split_at(b"m").unwrap();
+        split.check().unwrap();
+        let ids: Vec<(u64, Option<u64>)> = split
+            .routes
+            .iter()
+            .map(|r| (r.route_id, r.parent_route_id))
+            .collect();
+        assert_eq!(ids, [(2, Some(1)), (3, Some(1))]);
+        assert_eq!(split.owner(b"m").unwrap().route_id, 3);
+        let err = split.split_at(b"m").unwrap_err().to_string();
+        assert!(err.contains("is the start of route 3"), "{err}");
+        let mut gap = split.clone();
+        gap.routes.remove(0);
+        assert!(
+            gap.split_at(b"a")
+                .unwrap_err()
+                .to_string()
+                .contains("no route owns")
+        );
+
+        let merged = split.merge_right(2).unwrap();
+        merged.check().unwrap();
+        assert_eq!(merged.routes.len(), 1);
+        assert_eq!(
+            (
+                merged.routes[0].route_id,
+                merged.routes[0].start.as_slice(),
+                merged.routes[0].end.clone()
+            ),
+            (4, &b""[..], None)
+        );
+        let err = split.merge_right(3).unwrap_err().to_string();
+        assert!(err.contains("no adjacent route"), "{err}");
+        assert!(
+            split
+                .merge_right(9)
+                .unwrap_err()
+                .to_string()
+                .contains("no route 9")
+        );
+        let mut other_group = split.clone();
+        other_group.routes[1].group_id = 2;
+        let err = other_group.merge_right(2).unwrap_err().to_string();
+        assert!(err.contains("only routes of one group merge"), "{err}");
+        let mut fenced = split.clone();
+        fenced.routes[1].state = RouteState::WriteFenced;
+        assert!(fenced.merge_right(2).is_err() && fenced.split_at(b"x").is_err());
     }
 
     proptest! {

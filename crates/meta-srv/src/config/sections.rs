@@ -231,6 +231,20 @@ impl Default for EtcdConfig {
     }
 }
 
+/// `[routes]`: the range route catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutesConfig {
+    /// The group that owns the whole key space in a new cluster's first catalog.
+    pub initial_group: u64,
+}
+
+impl Default for RoutesConfig {
+    fn default() -> Self {
+        RoutesConfig { initial_group: 1 }
+    }
+}
+
 /// `[tso]`: the timestamp oracle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

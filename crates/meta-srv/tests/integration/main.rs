@@ -20,6 +20,7 @@ mod metactl;
 mod raft_cluster;
 mod raft_faults;
 mod regions;
+mod routes;
 mod snapshot_stream;
 mod support;
 mod tso;
