@@ -310,16 +310,7 @@ fn count_keys(store: &SledKvStore) -> Result<u64> {
 
 fn fill(from: &Path, backup: &Backup, target: &RestoreTarget) -> Result<Restored> {
     let data_dir = DataDir::open(&target.data_dir)?;
-    let db = sled::Config::new()
-        .path(data_dir.db_path())
-        .flush_every_ms(None)
-        .open()
-        .map_err(|source| {
-            Error::Meta(common_meta::Error::Storage {
-                context: "opening the database".to_string(),
-                source,
-            })
-        })?;
+    let db = DataDir::open_database(&data_dir.db_path())?;
     let store = SledKvStore::open_in(db.clone(), KvLimits::default())?;
     let mut file = File::open(from).map_err(|source| Error::Io {
         context: format!("opening {}", from.display()),

@@ -163,6 +163,23 @@ impl DataDir {
         self.path.join("db")
     }
 
+    /// Opens the sled database at `db_path` ([`DataDir::db_path`]; blocking). No
+    /// background flusher: it only logs a failed sync, and a later flush can then
+    /// succeed over lost pages. Every sync goes through the raft log writer, which
+    /// fails stop.
+    pub fn open_database(db_path: &Path) -> Result<sled::Db> {
+        sled::Config::new()
+            .path(db_path)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| {
+                Error::Meta(common_meta::Error::Storage {
+                    context: "opening the database".to_string(),
+                    source,
+                })
+            })
+    }
+
     /// Where snapshot files are built and received.
     pub fn snapshot_path(&self) -> PathBuf {
         self.path.join("snapshots")

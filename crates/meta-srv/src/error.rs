@@ -220,6 +220,21 @@ pub fn to_status_with_hint(
     status
 }
 
+/// The status a service of member `me` answers `err` with: a not-leader answer that
+/// knows no leader (the backend's or oracle's view) asks the driver whom it follows,
+/// so the client gets the leader's address; anything else as [`to_status_with_hint`].
+pub async fn refusal(
+    err: common_meta::Error,
+    driver: &crate::raft::driver::DriverHandle,
+    members: &crate::raft::members::Members,
+    me: u64,
+) -> tonic::Status {
+    if let common_meta::Error::NotLeader { leader: None } = err {
+        return not_leader(driver, members, me).await;
+    }
+    to_status_with_hint(err, members)
+}
+
 /// The not-leader status member `me` answers with, naming the leader it knows (if
 /// any) in the `x-metasrv-leader` metadata.
 pub async fn not_leader(

@@ -108,21 +108,12 @@ impl MetaSrv {
         let grpc_addr = local_addr(&grpc, config.listen_addr);
 
         let db_path = data_dir.db_path();
-        let db = tokio::task::spawn_blocking(move || {
-            // No background flusher: it only logs a failed sync, and a later flush can
-            // then succeed over lost pages. Every sync goes through the raft log writer,
-            // which fails stop.
-            sled::Config::new()
-                .path(&db_path)
-                .flush_every_ms(None)
-                .open()
-                .map_err(sled_error("opening the database"))
-        })
-        .await
-        .map_err(|e| Error::Serve {
-            what: "store",
-            message: e.to_string(),
-        })??;
+        let db = tokio::task::spawn_blocking(move || DataDir::open_database(&db_path))
+            .await
+            .map_err(|e| Error::Serve {
+                what: "store",
+                message: e.to_string(),
+            })??;
         let node_id = config.node_id;
         let identity = crate::identity::resolve(&config, &db, grpc_addr).await?;
         let (cluster_id, initial, voters) = identity;

@@ -105,19 +105,10 @@ impl epb::lease_server::Lease for LeaseService {
         let etcd = self.etcd.clone();
         let mut stop = self.stop.clone();
         tokio::spawn(async move {
-            loop {
-                let request = tokio::select! {
-                    request = requests.message() => request,
-                    // A graceful stop waits for open streams: end this one.
-                    stopping = stop.wait_for(|s| *s) => {
-                        drop(stopping);
-                        let _ = out.try_send(Err(STOPPED.status()));
-                        return;
-                    }
-                };
-                let Ok(Some(request)) = request else {
-                    return;
-                };
+            let stopping = || STOPPED.status();
+            while let Some(request) =
+                crate::service::next_request(&mut requests, &mut stop, &out, stopping).await
+            {
                 let answer = match etcd.backend.lease_keep_alive(request.id).await {
                     Ok(ttl) => Ok(ttl),
                     Err(common_meta::Error::LeaseNotFound { .. }) => Ok(0),

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::error::{not_leader, to_status_with_hint};
+use crate::error::refusal;
 use crate::raft::backend::RaftKvBackend;
 use crate::raft::driver::DriverHandle;
 use crate::raft::members::Members;
@@ -47,10 +47,7 @@ impl LeaseService {
     }
 
     async fn status(&self, err: common_meta::Error) -> Status {
-        if let common_meta::Error::NotLeader { leader: None } = err {
-            return not_leader(&self.driver, &self.members, self.member_id).await;
-        }
-        to_status_with_hint(err, &self.members)
+        refusal(err, &self.driver, &self.members, self.member_id).await
     }
 
     fn header(&self) -> Option<pb::ResponseHeader> {
@@ -101,19 +98,10 @@ impl pb::lease_server::Lease for LeaseService {
         let service = self.clone();
         let mut stop = self.stop.clone();
         tokio::spawn(async move {
-            loop {
-                let request = tokio::select! {
-                    request = requests.message() => request,
-                    // A graceful stop waits for open streams: end this one.
-                    stopping = stop.wait_for(|s| *s) => {
-                        drop(stopping);
-                        let _ = out.try_send(Err(Status::unavailable("the member is stopping")));
-                        return;
-                    }
-                };
-                let Ok(Some(request)) = request else {
-                    return;
-                };
+            let stopping = || Status::unavailable("the member is stopping");
+            while let Some(request) =
+                super::next_request(&mut requests, &mut stop, &out, stopping).await
+            {
                 let answer = match service.backend.lease_keep_alive(request.id).await {
                     Ok(ttl) => Ok(ttl),
                     Err(common_meta::Error::LeaseNotFound { .. }) => Ok(0),

@@ -11,7 +11,7 @@ use meta_proto::v1 as pb;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::error::{not_leader, to_status, to_status_with_hint};
+use crate::error::{refusal, to_status};
 use crate::raft::backend::{RaftKvBackend, SessionWrite};
 use crate::raft::driver::DriverHandle;
 use crate::raft::members::Members;
@@ -51,12 +51,7 @@ impl StoreService {
 
     /// The status for `err`, with the leader hint for a not-leader answer.
     async fn status(&self, err: common_meta::Error) -> Status {
-        if let common_meta::Error::NotLeader { leader: None } = err {
-            // The session keeper knows only that this member does not lead: ask the
-            // driver whom it follows.
-            return not_leader(&self.driver, &self.members, self.member_id).await;
-        }
-        to_status_with_hint(err, &self.members)
+        refusal(err, &self.driver, &self.members, self.member_id).await
     }
 
     /// The backend a write runs on: exactly-once within the session it names, if any.

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::error::{not_leader, to_status_with_hint};
+use crate::error::{not_leader, refusal};
 use crate::raft::driver::DriverHandle;
 use crate::raft::members::Members;
 use crate::tso::Oracle;
@@ -46,19 +46,6 @@ impl TsoService {
     }
 }
 
-/// The status for an oracle's refusal: "not leader" names the leader.
-async fn refusal(
-    err: common_meta::Error,
-    driver: &DriverHandle,
-    members: &Members,
-    me: u64,
-) -> Status {
-    if let common_meta::Error::NotLeader { leader: None } = err {
-        return not_leader(driver, members, me).await;
-    }
-    to_status_with_hint(err, members)
-}
-
 #[tonic::async_trait]
 impl pb::tso_server::Tso for TsoService {
     type TsoStream = ReceiverStream<Result<pb::TsoResponse, Status>>;
@@ -76,18 +63,10 @@ impl pb::tso_server::Tso for TsoService {
         let service = self.clone();
         tokio::spawn(async move {
             let mut stop = service.stop.clone();
-            loop {
-                let request = tokio::select! {
-                    request = requests.message() => request,
-                    stopping = stop.wait_for(|s| *s) => {
-                        drop(stopping);
-                        let _ = out.try_send(Err(Status::unavailable("the member is stopping")));
-                        return;
-                    }
-                };
-                let Ok(Some(request)) = request else {
-                    return;
-                };
+            let stopping = || Status::unavailable("the member is stopping");
+            while let Some(request) =
+                super::next_request(&mut requests, &mut stop, &out, stopping).await
+            {
                 let answer = match service.oracle.get(request.count).await {
                     Ok(timestamp) => Ok(pb::TsoResponse {
                         header: rpc::header(service.member_id, 0),
