@@ -15,6 +15,7 @@ const PROTOS: &[&str] = &[
     "proto/meta/v1/watch.proto",
     "proto/meta/v1/lease.proto",
     "proto/meta/v1/tso.proto",
+    "proto/meta/v1/route.proto",
     // etcd's v3 client API (packages etcdserverpb, mvccpb, authpb, v3lockpb,
     // v3electionpb).
     "proto/etcd/mvccpb/kv.proto",

@@ -465,6 +465,7 @@ impl From<pb::CompareAndPutResponse> for kv::CompareAndPutResponse {
 }
 
 pub mod etcd;
+mod route;
 mod txn;
 pub use txn::txn_response_to_pb;
 

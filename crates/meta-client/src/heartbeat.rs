@@ -60,6 +60,13 @@ pub struct NodeIdentity {
 pub trait StatsProvider: Send + Sync {
     /// Every region the node holds now (the task sends only what changed).
     async fn stats(&self) -> Vec<pb::RegionStat>;
+
+    /// The data-plane groups the node hosts, with the load of their routes since the
+    /// previous call (range-sharded data planes; sent whole with every stats). The
+    /// default hosts none.
+    async fn groups(&self) -> Vec<pb::GroupStat> {
+        Vec::new()
+    }
 }
 
 /// Carries out the leader's instructions on the node.
@@ -69,6 +76,17 @@ pub trait InstructionHandler: Send + Sync {
     /// truncate regions) answers one outcome per region it names; others answer none.
     /// The error text of a failure of the whole instruction is sent back to the leader.
     async fn handle(&self, instruction: pb::Instruction) -> Result<Vec<pb::RegionOutcome>, String>;
+
+    /// Does what a route instruction (one step of a route move) asks of a group this
+    /// node leads, answering the entry the action names (FENCE: the last entry written
+    /// in the range; CATCH_UP: the entry the range is held up to; others: 0). An action
+    /// already carried out is answered as done again. The default hosts no groups.
+    async fn route(&self, instruction: pb::RouteInstruction) -> Result<u64, String> {
+        Err(format!(
+            "this node hosts no groups (route {} not handled)",
+            instruction.route_id
+        ))
+    }
 
     /// Region leases changed roles: granted, changed, or ended (`None`: the region is
     /// read-only now). The default does nothing: a node that asks
@@ -263,6 +281,7 @@ pub fn stats_delta(
                 regions: now,
                 full: true,
                 removed_regions: Vec::new(),
+                groups: Vec::new(),
             }
         }
         Some(previous) => {
@@ -285,6 +304,7 @@ pub fn stats_delta(
                 regions: changed,
                 full: false,
                 removed_regions: removed,
+                groups: Vec::new(),
             }
         }
     }
@@ -408,22 +428,26 @@ async fn session(
                     let (handler, replies) = (node.handler.clone(), reply_tx.clone());
                     handlers.spawn(async move {
                         let outcome = match message.instruction {
-                            Some(instruction) => handler.handle(instruction).await,
+                            Some(pb::Instruction {
+                                kind: Some(pb::instruction::Kind::Route(route)),
+                            }) => handler.route(route).await.map(|last| (Vec::new(), last)),
+                            Some(instruction) => handler.handle(instruction).await.map(|r| (r, 0)),
                             None => Err("an empty instruction".to_string()),
                         };
                         // The session may have ended: the reply is then dropped.
                         let reply = match outcome {
-                            Ok(regions) => pb::InstructionReply {
+                            Ok((regions, last_entry_id)) => pb::InstructionReply {
                                 id: message.id,
                                 ok: true,
                                 error: String::new(),
                                 regions,
+                                last_entry_id,
                             },
                             Err(error) => pb::InstructionReply {
                                 id: message.id,
                                 ok: false,
                                 error,
-                                regions: Vec::new(),
+                                ..Default::default()
                             },
                         };
                         let _ = replies.send(reply);
@@ -443,7 +467,8 @@ async fn session(
                 Vec::new()
             }
         };
-        let stats = stats_delta(&mut sent, node.stats.stats().await);
+        let mut stats = stats_delta(&mut sent, node.stats.stats().await);
+        stats.groups = node.stats.groups().await;
         let count = (stats.regions.len() + stats.removed_regions.len()) as u64;
         seq += 1;
         let request = pb::HeartbeatRequest {

@@ -272,6 +272,20 @@ impl Config {
                 "routes.initial_group must be at least 1".into(),
             ));
         }
+        let routes = &self.routes;
+        for (name, value, low, high) in [
+            ("hotspot_window_ms", routes.hotspot_window_ms, 100, 3_600_000),
+            ("hotspot_threshold", routes.hotspot_threshold, 1, u64::MAX),
+            ("hotspot_windows", u64::from(routes.hotspot_windows), 1, 1_000),
+            ("hotspot_cooldown_ms", routes.hotspot_cooldown_ms, 0, 86_400_000),
+            ("max_routes", routes.max_routes, 1, 10_000_000),
+        ] {
+            if !(low..=high).contains(&value) {
+                return Err(ConfigError::Invalid(format!(
+                    "routes.{name} ({value}) must be between {low} and {high}"
+                )));
+            }
+        }
         if !(100..=600_000).contains(&self.tso.save_interval_ms) {
             return Err(ConfigError::Invalid(format!(
                 "tso.save_interval_ms ({}) must be between 100 and 600000",
@@ -469,6 +483,14 @@ mod tests {
             (
                 "[limits]\nmax_value_bytes = 10\nmax_request_bytes = 5",
                 "must not exceed limits.max_request_bytes",
+            ),
+            (
+                "[routes]\nhotspot_windows = 0",
+                "routes.hotspot_windows (0) must be between 1 and 1000",
+            ),
+            (
+                "[routes]\nhotspot_window_ms = 5",
+                "routes.hotspot_window_ms (5) must be between 100 and 3600000",
             ),
             (
                 "[tso]\nsave_interval_ms = 10",

@@ -58,6 +58,11 @@ use common_meta::model::sequence::Sequences;
 use common_meta::time::unix_ms;
 use meta_proto::v1::ddl_server::DdlServer;
 use meta_proto::v1::region_server::RegionServer;
+use meta_proto::v1::route_catalog_server::RouteCatalogServer;
+
+use crate::procedures::route::RouteContext;
+use crate::service::route::RouteService;
+use common_meta::manager::route::RouteCatalogManager;
 
 /// Largest raft batch a member accepts from a peer: a snapshot travels in one message.
 const MAX_RAFT_BATCH_BYTES: usize = 1024 * 1024 * 1024;
@@ -80,6 +85,7 @@ pub struct MetaSrv {
     ddl: Arc<DdlContext>,
     supervisor: Arc<Supervisor>,
     tso: Arc<crate::tso::Oracle>,
+    routes: Arc<RouteContext>,
     grpc: TcpListener,
     http: TcpListener,
 }
@@ -212,6 +218,7 @@ impl MetaSrv {
             streams: Default::default(),
             leadership: node.leadership(),
             last_term: Default::default(),
+            loads: Default::default(),
         });
         let kv: Arc<dyn common_meta::kv::KvBackend> = Arc::new(backend.clone());
         let ddl = Arc::new(DdlContext {
@@ -226,12 +233,21 @@ impl MetaSrv {
             step_retries: ManagerConfig::default().max_retries,
             limits,
         });
-        // The leader's manager runs the DDL procedures, and recovers unfinished ones.
+        let routes = Arc::new(RouteContext {
+            routes: RouteCatalogManager::new(kv.clone())
+                .with_initial_group(config.routes.initial_group),
+            plane: plane.clone(),
+            instruction_timeout: Duration::from_millis(config.metadata.region_timeout_ms),
+            move_timeout: Duration::from_millis(config.failover.migration_timeout_ms),
+        });
+        // The leader's manager runs the DDL, region and route procedures, and recovers
+        // unfinished ones.
         let registry = {
-            let ddl = ddl.clone();
+            let (ddl, routes) = (ddl.clone(), routes.clone());
             Arc::new(move |manager: &procedure::ProcedureManager| {
                 crate::procedures::ddl::register(manager, &ddl)?;
-                crate::procedures::region::register(manager, &ddl)
+                crate::procedures::region::register(manager, &ddl)?;
+                crate::procedures::route::register(manager, &routes)
             })
         };
         let procedures = Arc::new(ProcedureHost::start(
@@ -257,6 +273,7 @@ impl MetaSrv {
         ));
         Ok(MetaSrv {
             tso,
+            routes,
             config,
             data_dir,
             cluster_id,
@@ -374,6 +391,13 @@ impl MetaSrv {
             tokio::spawn(compactor.run(stop_rx.clone()));
         }
         tokio::spawn(self.tso.clone().run(stop_rx.clone()));
+        tokio::spawn(crate::cluster_plane::hotspot::run(
+            self.routes.clone(),
+            (self.procedures.clone(), self.supervisor.clone()),
+            self.config.routes,
+            self.node.leadership(),
+            stop_rx.clone(),
+        ));
         let tso = meta_proto::v1::tso_server::TsoServer::new(crate::service::tso::TsoService::new(
             self.tso.clone(),
             self.node.driver(),
@@ -468,6 +492,13 @@ impl MetaSrv {
             supervisor: self.supervisor.clone(),
             migration_timeout: Duration::from_millis(self.config.failover.migration_timeout_ms),
         });
+        let routes = RouteCatalogServer::new(RouteService {
+            member_id,
+            host: self.procedures.clone(),
+            driver: self.node.driver(),
+            members: self.members.clone(),
+            ctx: self.routes.clone(),
+        });
         let heartbeats = HeartbeatServer::new(HeartbeatApi::from(HeartbeatService {
             member_id,
             driver: self.node.driver(),
@@ -492,7 +523,8 @@ impl MetaSrv {
             .add_service(procedures)
             .add_service(heartbeats)
             .add_service(ddl)
-            .add_service(regions);
+            .add_service(regions)
+            .add_service(routes);
         let grpc = etcd
             .serve_on(grpc, stop_rx.clone())
             .serve_with_incoming_shutdown(
@@ -512,10 +544,7 @@ impl MetaSrv {
             leadership: self.node.leadership(),
             tables: self.ddl.tables.clone(),
             supervisor: self.supervisor.clone(),
-            routes: common_meta::manager::route::RouteCatalogManager::new(Arc::new(
-                self.backend.clone(),
-            ))
-            .with_initial_group(self.config.routes.initial_group),
+            routes: self.routes.routes.clone(),
         }));
         let http = axum::serve(self.http, router).with_graceful_shutdown(stopped(stop_rx));
 

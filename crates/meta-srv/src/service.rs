@@ -6,6 +6,7 @@ pub mod heartbeat;
 pub mod lease;
 pub mod procedure;
 pub mod region;
+pub mod route;
 pub mod store;
 pub mod tso;
 pub mod watch;

@@ -35,7 +35,21 @@ pub struct RouteDescriptor {
     pub parent_route_id: Option<u64>,
 }
 
+impl RouteState {
+    /// Whether the route's group may write the range in this state: every state but
+    /// `WriteFenced` (a moving route is written at its source until the fence, and at
+    /// its target from the cut-over on).
+    pub fn writable(self) -> bool {
+        self != RouteState::WriteFenced
+    }
+}
+
 impl RouteDescriptor {
+    /// The group that may write the route's keys now, if any.
+    pub fn writer(&self) -> Option<u64> {
+        self.state.writable().then_some(self.group_id)
+    }
+
     /// Whether `key` is in the route's range.
     pub fn contains(&self, key: &[u8]) -> bool {
         key >= self.start.as_slice() && self.end.as_deref().is_none_or(|end| key < end)
@@ -132,6 +146,25 @@ impl RouteCatalog {
     /// The route with id `id`.
     pub fn route(&self, id: u64) -> Option<&RouteDescriptor> {
         self.routes.iter().find(|r| r.route_id == id)
+    }
+
+    /// This catalog with route `id` changed by `change` (which sees the route as it is).
+    /// Refused when there is no such route.
+    pub fn with_route(
+        &self,
+        id: u64,
+        change: impl FnOnce(&mut RouteDescriptor) -> Result<()>,
+    ) -> Result<RouteCatalog> {
+        let mut next = self.clone();
+        let route = next
+            .routes
+            .iter_mut()
+            .find(|r| r.route_id == id)
+            .ok_or_else(|| Error::NotFound {
+                what: format!("route {id}"),
+            })?;
+        change(route)?;
+        Ok(next)
     }
 
     /// The routes sorted by start (after changes made in place).

@@ -73,6 +73,8 @@ pub struct ClusterPlane {
     pub leadership: tokio::sync::watch::Receiver<Option<u64>>,
     /// The last term this member led in (what a loss of leadership ends).
     pub last_term: std::sync::atomic::AtomicU64,
+    /// Route load reported in the current hotspot window.
+    pub loads: Arc<crate::cluster_plane::hotspot::RouteLoads>,
 }
 
 impl ClusterPlane {
@@ -392,6 +394,7 @@ handler!(CollectStats, "collect_stats", |plane, stream, request| {
             )
             .map_err(|stale| Refusal::from((stale, id)))?;
         stream.has_full_stats |= stats.full;
+        plane.loads.record(stream.term.unwrap_or(0), &stats.groups);
     }
     Ok(())
 });
@@ -445,6 +448,7 @@ mod tests {
                 regions: vec![pb::RegionStat::default(); 2],
                 full,
                 removed_regions: removed,
+                groups: Vec::new(),
             })),
             ..Default::default()
         }
@@ -547,6 +551,7 @@ mod tests {
             streams: Default::default(),
             leadership: tokio::sync::watch::channel(Some(1)).1,
             last_term: Default::default(),
+            loads: Default::default(),
         };
         // Node 3 beat once, at the epoch: long silent. Its stream is still attached.
         plane.live.claim(1, 3, 1, 0).unwrap();

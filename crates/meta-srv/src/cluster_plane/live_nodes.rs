@@ -52,6 +52,9 @@ struct Live {
     regions: HashMap<u64, RegionLoad>,
     /// The stream sent full stats: `regions` is every region the node holds.
     full: bool,
+    /// The data-plane groups the node hosts (range-sharded data planes), with whether
+    /// it leads each, as its latest stats say.
+    groups: Vec<(u64, bool)>,
 }
 
 /// Why a stream's report was not taken.
@@ -165,6 +168,7 @@ impl LiveNodes {
             detector: PhiAccrualDetector::new(config),
             regions: HashMap::new(),
             full: false,
+            groups: Vec::new(),
         });
         if live.stream > stream {
             return Err(Stale::Replaced);
@@ -173,6 +177,7 @@ impl LiveNodes {
             live.stream = stream;
             live.regions.clear();
             live.full = false;
+            live.groups.clear();
         }
         Ok(())
     }
@@ -208,6 +213,8 @@ impl LiveNodes {
         for region in &stats.removed_regions {
             live.regions.remove(region);
         }
+        // Every stats message names every group (never a delta).
+        live.groups = stats.groups.iter().map(|g| (g.group_id, g.leader)).collect();
         Ok(stats.regions.len() + stats.removed_regions.len())
     }
 
@@ -232,6 +239,26 @@ impl LiveNodes {
             .get(&id)
             .filter(|live| live.full)
             .map(|live| live.regions.keys().copied().collect())
+    }
+
+    /// Every data-plane group some node reports hosting.
+    pub fn groups(&self) -> std::collections::BTreeSet<u64> {
+        self.state()
+            .nodes
+            .values()
+            .flat_map(|live| live.groups.iter().map(|(group, _)| *group))
+            .collect()
+    }
+
+    /// The node reporting to lead `group` whose heartbeat is the most recent (two may
+    /// say so for a moment while the group elects).
+    pub fn group_leader(&self, group: u64) -> Option<u64> {
+        self.state()
+            .nodes
+            .iter()
+            .filter(|(_, live)| live.groups.contains(&(group, true)))
+            .max_by_key(|(_, live)| live.detector.last_heartbeat_ms())
+            .map(|(id, _)| *id)
     }
 
     /// What is known of region `region` on node `id`.
@@ -301,6 +328,7 @@ mod tests {
             regions: ids.map(|id| region(id, 10)).collect(),
             full: true,
             removed_regions: Vec::new(),
+            groups: Vec::new(),
         }
     }
 
@@ -350,6 +378,7 @@ mod tests {
             regions: vec![region(5, 99), region(101, 1)],
             full: false,
             removed_regions: vec![7, 8],
+            groups: Vec::new(),
         };
         assert_eq!(live.apply_stats(1, 1, 1, &delta, 0), Ok(4));
         assert_eq!(live.view(1, 0).regions, 99);
@@ -373,6 +402,7 @@ mod tests {
             regions: vec![region(50, 1)],
             full: false,
             removed_regions: vec![1],
+            groups: Vec::new(),
         };
         assert_eq!(live.apply_stats(1, 1, 3, &late, 0), Err(Stale::Replaced));
         assert_eq!(live.beat(1, 1, 3, 10), Err(Stale::Replaced));

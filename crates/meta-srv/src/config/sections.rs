@@ -237,11 +237,34 @@ impl Default for EtcdConfig {
 pub struct RoutesConfig {
     /// The group that owns the whole key space in a new cluster's first catalog.
     pub initial_group: u64,
+    /// Split hot routes automatically, from the load nodes report in their
+    /// heartbeats.
+    pub hotspot_split: bool,
+    /// The length of one load window, in ms.
+    pub hotspot_window_ms: u64,
+    /// A route is hot in a window when its load per second (writes x 4 + reads)
+    /// reaches this.
+    pub hotspot_threshold: u64,
+    /// Consecutive hot windows before a route is split.
+    pub hotspot_windows: u32,
+    /// How long the halves of a hot route that was split are left alone, in ms.
+    pub hotspot_cooldown_ms: u64,
+    /// Automatic splits stop once the catalog holds this many routes (manual splits
+    /// do not).
+    pub max_routes: u64,
 }
 
 impl Default for RoutesConfig {
     fn default() -> Self {
-        RoutesConfig { initial_group: 1 }
+        RoutesConfig {
+            initial_group: 1,
+            hotspot_split: true,
+            hotspot_window_ms: 10_000,
+            hotspot_threshold: 20_000,
+            hotspot_windows: 3,
+            hotspot_cooldown_ms: 60_000,
+            max_routes: 10_000,
+        }
     }
 }
 
