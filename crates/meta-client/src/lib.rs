@@ -28,6 +28,7 @@ mod kv;
 mod lease;
 mod region;
 pub mod region_lease;
+mod route;
 mod session;
 pub mod sim;
 mod status;
@@ -43,4 +44,5 @@ pub use heartbeat::{
 };
 pub use lease::{LeaseKeeper, LeaseState};
 pub use region_lease::{LeaseEvent, LeaseObserver, LeaseRole, RegionLeaseKeeper, RoleChange};
+pub use route::RouteChangeAnswer;
 pub use tso::TsoClient;

@@ -11,6 +11,7 @@
 //! answers the last entry written, an upgrade catches up to it. Every lease event and
 //! write goes to a [`history::History`] that [`history::check`] judges.
 
+pub mod groups;
 pub mod history;
 
 use std::collections::BTreeMap;
@@ -144,6 +145,8 @@ struct SimRegions {
     region_delay: Mutex<Duration>,
     /// How long cache invalidations take to be answered.
     invalidate_delay: Mutex<Duration>,
+    /// The data-plane groups it hosts.
+    groups: groups::SimGroups,
 }
 
 #[async_trait]
@@ -194,6 +197,10 @@ impl StatsProvider for SimRegions {
                 stat
             })
             .collect()
+    }
+
+    async fn groups(&self) -> Vec<pb::GroupStat> {
+        self.groups.report()
     }
 }
 
@@ -384,6 +391,12 @@ impl InstructionHandler for SimRegions {
         self.handled.fetch_add(1, Ordering::Relaxed);
         outcome
     }
+
+    async fn route(&self, instruction: pb::RouteInstruction) -> std::result::Result<u64, String> {
+        let outcome = self.groups.handle(instruction).await;
+        self.handled.fetch_add(1, Ordering::Relaxed);
+        outcome
+    }
 }
 
 impl SimRegions {
@@ -563,6 +576,7 @@ impl Simulator {
             region_requests: AtomicU64::new(0),
             region_delay: Mutex::new(Duration::ZERO),
             invalidate_delay: Mutex::new(Duration::ZERO),
+            groups: Default::default(),
         });
         let identity = NodeIdentity {
             id,
@@ -622,6 +636,12 @@ impl Simulator {
     /// The last entry written to `region` by any node.
     pub fn last_entry(&self, region: u64) -> u64 {
         lock(&self.wal).get(&region).copied().unwrap_or(0)
+    }
+
+    /// The data-plane groups node `id` hosts (None when there is no such node):
+    /// host one, report route load, see and shape its answers to route instructions.
+    pub fn groups(&self, id: u64) -> Option<&groups::SimGroups> {
+        self.node(id).map(|n| &n.regions.groups)
     }
 
     /// The leases node `id` holds (None when it is not running).

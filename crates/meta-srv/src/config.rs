@@ -274,10 +274,25 @@ impl Config {
         }
         let routes = &self.routes;
         for (name, value, low, high) in [
-            ("hotspot_window_ms", routes.hotspot_window_ms, 100, 3_600_000),
+            (
+                "hotspot_window_ms",
+                routes.hotspot_window_ms,
+                100,
+                3_600_000,
+            ),
             ("hotspot_threshold", routes.hotspot_threshold, 1, u64::MAX),
-            ("hotspot_windows", u64::from(routes.hotspot_windows), 1, 1_000),
-            ("hotspot_cooldown_ms", routes.hotspot_cooldown_ms, 0, 86_400_000),
+            (
+                "hotspot_windows",
+                u64::from(routes.hotspot_windows),
+                1,
+                1_000,
+            ),
+            (
+                "hotspot_cooldown_ms",
+                routes.hotspot_cooldown_ms,
+                0,
+                86_400_000,
+            ),
             ("max_routes", routes.max_routes, 1, 10_000_000),
         ] {
             if !(low..=high).contains(&value) {

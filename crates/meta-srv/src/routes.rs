@@ -1,4 +1,4 @@
-//! The range route catalog on the server: what `GET /routes` shows. A new cluster's
+//! The range route catalog on the server: what `GET /routes` and `metactl route` show. A new cluster's
 //! catalog is the built-in first version (one `Active` route over the whole key space
 //! on `[routes] initial_group`), so nothing is written until it first changes.
 
@@ -54,6 +54,25 @@ impl From<&RouteDescriptor> for RouteView {
             state: r.state,
             parent_route_id: r.parent_route_id,
         }
+    }
+}
+
+impl RouteView {
+    /// One line for people: `ID [START, END) group G STATE (from PARENT)`, keys quoted
+    /// (`+inf` for no end).
+    pub fn line(&self) -> String {
+        let end = self
+            .end
+            .as_ref()
+            .map_or_else(|| "+inf".to_string(), |e| format!("{e:?}"));
+        let parent = self
+            .parent_route_id
+            .map(|p| format!(" (from {p})"))
+            .unwrap_or_default();
+        format!(
+            "{} [{:?}, {end}) group {} {:?}{parent}",
+            self.route_id, self.start, self.group_id, self.state
+        )
     }
 }
 

@@ -56,6 +56,23 @@ impl RouteDescriptor {
     }
 }
 
+/// What a finished split, merge or move made: the output of its procedure (JSON), read
+/// by the server's answer and by clients that poll the procedure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteChange {
+    /// The catalog version it saved last.
+    pub version: u64,
+    /// The routes it made or changed, as saved.
+    pub routes: Vec<RouteDescriptor>,
+}
+
+impl RouteChange {
+    /// As a procedure's output.
+    pub fn output(&self) -> Option<String> {
+        serde_json::to_string(self).ok()
+    }
+}
+
 /// The whole catalog at one version: routes sorted by start.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RouteCatalog {

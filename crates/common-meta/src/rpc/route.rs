@@ -47,9 +47,8 @@ impl TryFrom<pb::Route> for RouteDescriptor {
     type Error = Error;
 
     fn try_from(route: pb::Route) -> Result<Self> {
-        let state = pb::RouteState::try_from(route.state).map_err(|_| {
-            Error::invalid_argument(format!("unknown route state {}", route.state))
-        })?;
+        let state = pb::RouteState::try_from(route.state)
+            .map_err(|_| Error::invalid_argument(format!("unknown route state {}", route.state)))?;
         Ok(RouteDescriptor {
             route_id: route.route_id,
             start: route.start,
@@ -81,7 +80,10 @@ mod tests {
                 state,
                 parent_route_id: Some(2),
             };
-            assert_eq!(RouteDescriptor::try_from(pb::Route::from(&route)).unwrap(), route);
+            assert_eq!(
+                RouteDescriptor::try_from(pb::Route::from(&route)).unwrap(),
+                route
+            );
         }
         let bad = pb::Route {
             state: 99,

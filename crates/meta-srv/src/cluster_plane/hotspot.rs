@@ -251,8 +251,11 @@ pub async fn run(
         for Decision { route_id, key } in decisions {
             let procedure = split::SplitRoute::new(ctx.clone(), key.clone(), route_id, "hotspot");
             let id = procedure_id(&format!("hotspot-split-{route_id}"));
-            match crate::procedures::route::submit(&manager, id.clone(), Box::new(procedure)).await {
-                Ok(_) => tracing::info!(route = route_id, key = ?String::from_utf8_lossy(&key), procedure = %id, "splitting a hot route"),
+            match crate::procedures::route::submit(&manager, id.clone(), Box::new(procedure)).await
+            {
+                Ok(_) => {
+                    tracing::info!(route = route_id, key = ?String::from_utf8_lossy(&key), procedure = %id, "splitting a hot route")
+                }
                 Err(e) => tracing::info!(route = route_id, error = %e, "hot route not split"),
             }
         }
@@ -314,9 +317,13 @@ mod tests {
         );
         // The halves are hot at once, but cool down first.
         let split = catalog.split_at(b"k2").unwrap();
-        let halves: HashMap<u64, Gathered> = [(2, load(50, &["k1"])), (3, load(50, &["k3"]))].into();
+        let halves: HashMap<u64, Gathered> =
+            [(2, load(50, &["k1"])), (3, load(50, &["k3"]))].into();
         for at in [3_000, 4_000, 5_000, 11_000] {
-            assert!(hotspots.close(&halves, &split, &config(), at).is_empty(), "{at}");
+            assert!(
+                hotspots.close(&halves, &split, &config(), at).is_empty(),
+                "{at}"
+            );
         }
         assert_eq!(hotspots.close(&halves, &split, &config(), 12_001).len(), 2);
     }
@@ -327,10 +334,21 @@ mod tests {
         let catalog = RouteCatalog::initial(1);
         let hot: HashMap<u64, Gathered> = [(1, load(50, &["k"]))].into();
         // 99 per second: below the threshold.
-        let cold: HashMap<u64, Gathered> = [(1, Gathered { reads: 99, ..load(0, &["k"]) })].into();
+        let cold: HashMap<u64, Gathered> = [(
+            1,
+            Gathered {
+                reads: 99,
+                ..load(0, &["k"])
+            },
+        )]
+        .into();
         for at in 0..20 {
             let window = if at % 3 == 2 { &cold } else { &hot };
-            assert!(hotspots.close(window, &catalog, &config(), at * 1_000).is_empty());
+            assert!(
+                hotspots
+                    .close(window, &catalog, &config(), at * 1_000)
+                    .is_empty()
+            );
         }
     }
 
@@ -344,7 +362,11 @@ mod tests {
             ..config()
         };
         for at in 0..10 {
-            assert!(hotspots.close(&hot, &catalog, &capped, at * 1_000).is_empty());
+            assert!(
+                hotspots
+                    .close(&hot, &catalog, &capped, at * 1_000)
+                    .is_empty()
+            );
         }
     }
 
@@ -378,6 +400,10 @@ mod tests {
         assert!(loads.take(1).is_empty(), "a window is taken once");
         loads.record(1, &report(2));
         loads.record(2, &report(7));
-        assert_eq!(loads.take(2)[&1].writes, 7, "the older term's load is dropped");
+        assert_eq!(
+            loads.take(2)[&1].writes,
+            7,
+            "the older term's load is dropped"
+        );
     }
 }

@@ -214,7 +214,11 @@ impl LiveNodes {
             live.regions.remove(region);
         }
         // Every stats message names every group (never a delta).
-        live.groups = stats.groups.iter().map(|g| (g.group_id, g.leader)).collect();
+        live.groups = stats
+            .groups
+            .iter()
+            .map(|g| (g.group_id, g.leader))
+            .collect();
         Ok(stats.regions.len() + stats.removed_regions.len())
     }
 

@@ -4,7 +4,7 @@
 //! [`RouteCatalogManager`] (an optimistic save that moves the version by one), and
 //! recognises its own earlier save when a new leader runs a step again.
 //!
-//! A change's output is an [`Outcome`] in JSON: the catalog version it saved last and
+//! A change's output is a [`RouteChange`](common_meta::model::route::RouteChange) in JSON: the catalog version it saved last and
 //! the routes it made.
 
 pub mod merge;
@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common_meta::manager::route::{RouteCatalogManager, SaveOutcome};
-use common_meta::model::route::{RouteCatalog, RouteDescriptor};
+use common_meta::model::route::RouteCatalog;
+pub use common_meta::model::route::RouteChange as Outcome;
 use procedure::{BoxedProcedure, ProcedureManager, ProcedureWithId, Watcher};
-use serde::{Deserialize, Serialize};
 
 use crate::cluster_plane::heartbeat_chain::ClusterPlane;
 use crate::procedures::ddl::context::step_error;
@@ -32,22 +32,6 @@ pub struct RouteContext {
     pub instruction_timeout: Duration,
     /// How long a move may take before it rolls back, unless the request says.
     pub move_timeout: Duration,
-}
-
-/// What a finished change made.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Outcome {
-    /// The catalog version it saved last.
-    pub version: u64,
-    /// The routes it made or changed, as saved.
-    pub routes: Vec<RouteDescriptor>,
-}
-
-impl Outcome {
-    /// The procedure output (JSON).
-    pub fn output(&self) -> Option<String> {
-        serde_json::to_string(self).ok()
-    }
 }
 
 /// Registers the loaders of every route procedure.

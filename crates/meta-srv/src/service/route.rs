@@ -51,7 +51,9 @@ impl RouteService {
     async fn manager(&self) -> Result<ProcedureManager, Status> {
         match self.host.manager() {
             Some(manager) => Ok(manager),
-            None => Err(crate::error::not_leader(&self.driver, &self.members, self.member_id).await),
+            None => {
+                Err(crate::error::not_leader(&self.driver, &self.members, self.member_id).await)
+            }
         }
     }
 
@@ -84,7 +86,9 @@ impl RouteService {
             return Ok(Response::new(answer));
         };
         match tokio::time::timeout(wait, watcher.wait()).await {
-            Err(_) => {}
+            // Still running, or this member stopped leading: the next leader finishes
+            // it, and the client asks after it by id.
+            Err(_) | Ok(Err(procedure::Error::Stopped)) => {}
             Ok(Ok(output)) => {
                 let outcome: Outcome = output
                     .as_deref()
@@ -159,7 +163,10 @@ impl pb::route_catalog_server::RouteCatalog for RouteService {
         let catalog = self.catalog().await?;
         let left = request.route_id;
         let (right, _) = merge::plan(&catalog, left).map_err(to_status)?;
-        let start = catalog.route(left).map(|r| r.start.clone()).unwrap_or_default();
+        let start = catalog
+            .route(left)
+            .map(|r| r.start.clone())
+            .unwrap_or_default();
         let procedure = merge::MergeRoutes::new(self.ctx.clone(), left, right, start);
         let id = procedure_id(&format!("merge-{left}-{right}"));
         self.run(&manager, id, Box::new(procedure), request.wait_ms)

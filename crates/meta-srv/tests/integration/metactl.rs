@@ -313,7 +313,7 @@ fn token_create_prints_a_token_for_the_node() {
 }
 
 /// `metactl` off the async test's threads (it is a blocking child process).
-async fn metactl_async(endpoint: &str, args: &[&str]) -> (Option<i32>, String, String) {
+pub(crate) async fn metactl_async(endpoint: &str, args: &[&str]) -> (Option<i32>, String, String) {
     let endpoint = endpoint.to_string();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
@@ -351,7 +351,7 @@ async fn a_new_user_creates_a_database_and_a_table_sees_its_route_and_drops_it()
         out.starts_with("table greptime.metrics.cpu created with id 1024"),
         "{out}"
     );
-    let out = ok(metactl_async(&ep, &["route", "show", "greptime.metrics.cpu"]).await);
+    let out = ok(metactl_async(&ep, &["table", "route", "greptime.metrics.cpu"]).await);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 4, "{out}");
     assert!(lines[1].starts_with("1024.0 leader "), "{out}");
@@ -464,18 +464,18 @@ async fn a_new_user_kills_a_datanode_and_watches_its_regions_move() {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no {region} in {out}"))
     };
-    let out = ok(metactl_async(&ep, &["route", "show", "cpu"]).await);
+    let out = ok(metactl_async(&ep, &["table", "route", "cpu"]).await);
     let victim = leader_of(&out, "1024.0");
     sim.kill(victim);
     crate::support::wait_until(Duration::from_secs(60), || async {
-        let out = ok(metactl_async(&ep, &["route", "show", "cpu"]).await);
+        let out = ok(metactl_async(&ep, &["table", "route", "cpu"]).await);
         let now = leader_of(&out, "1024.0");
         crate::support::check(now != victim, || format!("still on {victim}: {out}"))
     })
     .await;
     let out = ok(metactl_async(&ep, &["region", "show", "1024.0"]).await);
     assert!(out.contains("(serving)"), "{out}");
-    let out = ok(metactl_async(&ep, &["route", "show", "cpu"]).await);
+    let out = ok(metactl_async(&ep, &["table", "route", "cpu"]).await);
     let now = leader_of(&out, "1024.0");
     let to = sim
         .node_ids()

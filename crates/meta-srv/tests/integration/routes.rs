@@ -1,6 +1,11 @@
 //! The range route catalog on a server: a new cluster's built-in first catalog (nothing
 //! written), `GET /routes`, and a `RouteTable` following the catalog through
-//! meta-client's watch.
+//! meta-client's watch; split, merge and move (`changes`), the meta leader stopped in
+//! the middle of them (`leader_change`), hotspot splits (`hotspot`).
+
+mod changes;
+mod hotspot;
+mod leader_change;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +17,50 @@ use meta_client::{MetaClient, MetaClientOptions};
 
 use crate::in_process::{http_get, start_with};
 use crate::support::{check, wait_until};
+
+/// Checks that at every catalog version `table` kept, each of `keys` is owned by one
+/// route, and that the group allowed to write a key never changes from one version to
+/// the next without a version in between where nobody may write it (the fence).
+/// Also checks the versions kept have no gap. Returns the first violation.
+pub fn writers_fenced(table: &RouteTable, keys: &[&[u8]]) -> Result<(), String> {
+    let kept = table.kept();
+    if kept.windows(2).any(|w| w[1] != w[0] + 1) {
+        return Err(format!("a version gap: {kept:?}"));
+    }
+    let writers = |key: &[u8]| -> Result<Vec<(u64, Option<u64>)>, String> {
+        kept.iter()
+            .map(|v| match table.owner_at(key, *v) {
+                OwnerAt::Owner(Some(route)) => Ok((*v, route.writer())),
+                other => Err(format!("key {key:?} at version {v}: {other:?}")),
+            })
+            .collect()
+    };
+    for key in keys {
+        check_writers(&writers(key)?).map_err(|e| format!("key {key:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The rule of [`writers_fenced`] on one key's writers by version.
+pub fn check_writers(writers: &[(u64, Option<u64>)]) -> Result<(), String> {
+    for pair in writers.windows(2) {
+        if let ((v1, Some(a)), (v2, Some(b))) = (pair[0], pair[1])
+            && a != b
+        {
+            return Err(format!(
+                "group {a} wrote at version {v1} and group {b} at version {v2}, with no fence between"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_writer_check_catches_a_move_without_a_fence() {
+    assert!(check_writers(&[(1, Some(1)), (2, Some(1)), (3, None), (4, Some(2))]).is_ok());
+    let broken = check_writers(&[(1, Some(1)), (2, Some(2))]).unwrap_err();
+    assert!(broken.contains("no fence"), "{broken}");
+}
 
 /// `GET /routes` as JSON, once it answers 200.
 async fn routes(http: &str) -> serde_json::Value {

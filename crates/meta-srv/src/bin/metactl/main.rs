@@ -16,6 +16,7 @@ use serde_json::json;
 mod kv;
 mod lease;
 mod regions;
+mod routes;
 mod tables;
 mod tso;
 
@@ -83,12 +84,13 @@ enum Command {
     /// Databases (schemas): create, drop, list.
     #[command(subcommand)]
     Db(tables::DbCommand),
-    /// Tables: create, drop, show, list, alter, truncate, rename.
+    /// Tables: create, drop, show, list, alter, truncate, rename, route (where its
+    /// regions are).
     #[command(subcommand)]
     Table(tables::TableCommand),
-    /// Where a table's regions are.
+    /// The range route catalog: list, show KEY, split KEY, merge ID, move ID.
     #[command(subcommand)]
-    Route(tables::RouteCommand),
+    Route(routes::RouteCommand),
     /// Regions: move one, show one.
     #[command(subcommand)]
     Region(regions::RegionCommand),
@@ -219,7 +221,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Node(command) => node(&client, command, cli.output).await,
         Command::Db(command) => tables::db(&client, command, cli.output).await,
         Command::Table(command) => tables::table(&client, command, cli.output).await,
-        Command::Route(command) => tables::route(&client, command, cli.output).await,
+        Command::Route(command) => routes::route(&client, command, cli.output).await,
         Command::Region(command) => regions::region(&client, command, cli.output).await,
         Command::Maintenance(command) => regions::maintenance(&client, command, cli.output).await,
         Command::Balance(command) => regions::balance(&client, command, cli.output).await,

@@ -1,4 +1,4 @@
-//! `metactl db`, `metactl table` and `metactl route`: the metadata plane.
+//! `metactl db` and `metactl table` (with `table route`): the metadata plane.
 //!
 //! Names: a database is `SCHEMA` (in the default catalog `greptime`) or
 //! `CATALOG.SCHEMA`; a table is `TABLE` (in `greptime.public`), `SCHEMA.TABLE` or
@@ -90,12 +90,8 @@ pub enum TableCommand {
     Truncate { name: String },
     /// Rename table NAME to NEW_NAME (in the same schema).
     Rename { name: String, new_name: String },
-}
-
-#[derive(Subcommand)]
-pub enum RouteCommand {
     /// Where table NAME's regions are: region, leader node, followers, state.
-    Show { name: String },
+    Route { name: String },
 }
 
 fn bad(message: String) -> Failure {
@@ -415,16 +411,13 @@ pub async fn table(
                 json!({ "renamed": format!("{catalog}.{schema}.{new_name}") }),
             );
         }
+        TableCommand::Route { name } => table_route(client, name, output).await?,
     }
     Ok(())
 }
 
-pub async fn route(
-    client: &MetaClient,
-    command: RouteCommand,
-    output: Output,
-) -> Result<(), Failure> {
-    let RouteCommand::Show { name } = command;
+/// `metactl table route NAME`.
+async fn table_route(client: &MetaClient, name: String, output: Output) -> Result<(), Failure> {
     let (catalog, schema, table) = table_name(&name)?;
     let (info, route) = client.table(&catalog, &schema, &table).await?;
     let mut lines = vec![format!(

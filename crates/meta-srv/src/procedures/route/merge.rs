@@ -149,6 +149,9 @@ mod tests {
         assert!(merged(&split, &data).is_none());
         let done = merged(&next, &data).unwrap();
         assert_eq!(done.routes[0].end, None);
-        assert!(plan(&split, 3).is_err(), "the last route has no right neighbour");
+        assert!(
+            plan(&split, 3).is_err(),
+            "the last route has no right neighbour"
+        );
     }
 }

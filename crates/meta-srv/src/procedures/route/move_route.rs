@@ -71,9 +71,11 @@ pub struct Data {
 
 /// Checks that `catalog` lets route `id` move to `to` now: the group it is on.
 pub fn plan(catalog: &RouteCatalog, id: u64, to: u64) -> common_meta::Result<u64> {
-    let route = catalog.route(id).ok_or_else(|| common_meta::Error::NotFound {
-        what: format!("route {id}"),
-    })?;
+    let route = catalog
+        .route(id)
+        .ok_or_else(|| common_meta::Error::NotFound {
+            what: format!("route {id}"),
+        })?;
     if route.group_id == to {
         return Err(common_meta::Error::invalid_argument(format!(
             "route {id} is on group {to} already"
@@ -81,7 +83,10 @@ pub fn plan(catalog: &RouteCatalog, id: u64, to: u64) -> common_meta::Result<u64
     }
     if route.state != RouteState::Active {
         return Err(common_meta::Error::FailedPrecondition {
-            message: format!("route {id} is {:?}: only an Active route is moved", route.state),
+            message: format!(
+                "route {id} is {:?}: only an Active route is moved",
+                route.state
+            ),
         });
     }
     Ok(route.group_id)
@@ -106,7 +111,13 @@ fn changed_under(route: &RouteDescriptor) -> common_meta::Error {
 impl MoveRoute {
     /// A move of route `route_id` from group `from` to `to`, cut over within `timeout`
     /// or rolled back.
-    pub fn new(ctx: Arc<RouteContext>, route_id: u64, from: u64, to: u64, timeout: Duration) -> Self {
+    pub fn new(
+        ctx: Arc<RouteContext>,
+        route_id: u64,
+        from: u64,
+        to: u64,
+        timeout: Duration,
+    ) -> Self {
         MoveRoute {
             data: Data {
                 route_id,
@@ -148,9 +159,11 @@ impl MoveRoute {
     ) -> procedure::Result<RouteCatalog> {
         let id = self.data.route_id;
         change_catalog(&self.ctx.routes, |catalog| {
-            let route = catalog.route(id).ok_or_else(|| common_meta::Error::NotFound {
-                what: format!("route {id}"),
-            })?;
+            let route = catalog
+                .route(id)
+                .ok_or_else(|| common_meta::Error::NotFound {
+                    what: format!("route {id}"),
+                })?;
             if route.group_id == next_group && route.state == next {
                 return Ok(Change::Done);
             }
@@ -170,7 +183,11 @@ impl MoveRoute {
     }
 
     /// Sends `action` to the leader of `group` and waits for its answer.
-    async fn tell(&self, group: u64, action: pb::RouteAction) -> procedure::Result<pb::InstructionReply> {
+    async fn tell(
+        &self,
+        group: u64,
+        action: pb::RouteAction,
+    ) -> procedure::Result<pb::InstructionReply> {
         let leader = self.ctx.plane.live.group_leader(group).ok_or_else(|| {
             procedure::Error::retry_later(format!("no node reports leading group {group}"))
         })?;
@@ -347,14 +364,29 @@ mod tests {
     fn a_move_is_planned_only_for_an_active_route_off_the_target() {
         let catalog = RouteCatalog::initial(1);
         assert_eq!(plan(&catalog, 1, 2).unwrap(), 1);
-        assert!(plan(&catalog, 1, 1).unwrap_err().to_string().contains("already"));
-        assert!(plan(&catalog, 9, 2).unwrap_err().to_string().contains("route 9"));
+        assert!(
+            plan(&catalog, 1, 1)
+                .unwrap_err()
+                .to_string()
+                .contains("already")
+        );
+        assert!(
+            plan(&catalog, 9, 2)
+                .unwrap_err()
+                .to_string()
+                .contains("route 9")
+        );
         let fenced = catalog
             .with_route(1, |r| {
                 r.state = RouteState::WriteFenced;
                 Ok(())
             })
             .unwrap();
-        assert!(plan(&fenced, 1, 2).unwrap_err().to_string().contains("WriteFenced"));
+        assert!(
+            plan(&fenced, 1, 2)
+                .unwrap_err()
+                .to_string()
+                .contains("WriteFenced")
+        );
     }
 }

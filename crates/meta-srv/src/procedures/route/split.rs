@@ -38,12 +38,13 @@ fn children(catalog: &RouteCatalog, parent: u64, key: &[u8]) -> Option<Outcome> 
         .filter(|r| r.parent_route_id == Some(parent))
         .cloned()
         .collect();
-    kids.iter()
-        .any(|r| r.start == key || r.end.as_deref() == Some(key))
-        .then(|| Outcome {
-            version: catalog.version,
-            routes: kids,
-        })
+    let here = kids
+        .iter()
+        .any(|r| r.start == key || r.end.as_deref() == Some(key));
+    here.then_some(Outcome {
+        version: catalog.version,
+        routes: kids,
+    })
 }
 
 /// Checks that `catalog` can split `parent` at `key` now, and returns the result.
