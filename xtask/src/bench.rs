@@ -38,6 +38,8 @@ pub enum BenchTask {
     Lease(crate::bench_lease::LeaseArgs),
     /// Timestamps from the oracle through meta-client's TsoClient.
     Tso(crate::bench_tso::TsoArgs),
+    /// The range route catalog: 100,000 routes, lookups, split propagation to clients.
+    Routes(crate::bench_routes::RoutesArgs),
 }
 
 /// Settings of `bench procedure`.
@@ -142,6 +144,7 @@ pub fn launch(task: &BenchTask) -> anyhow::Result<()> {
         BenchTask::Watch(args) => (args.to_args(), true, args.vs_etcd),
         BenchTask::Lease(args) => (args.to_args(), true, false),
         BenchTask::Tso(args) => (args.to_args(), true, false),
+        BenchTask::Routes(args) => (args.to_args(), true, false),
         BenchTask::Procedure(args) => (args.to_args(), false, false),
     };
     if etcd && !matches!(task, BenchTask::Kv(KvArgs { vs_etcd: false, .. })) {
@@ -205,6 +208,7 @@ pub fn run(task: BenchTask) -> anyhow::Result<()> {
         BenchTask::Watch(args) => runtime.block_on(crate::bench_watch::run(args)),
         BenchTask::Lease(args) => runtime.block_on(crate::bench_lease::run(args)),
         BenchTask::Tso(args) => runtime.block_on(crate::bench_tso::run(args)),
+        BenchTask::Routes(args) => runtime.block_on(crate::bench_routes::run(args)),
     }
 }
 

@@ -26,6 +26,7 @@ mod bench_failover;
 mod bench_heartbeat;
 mod bench_lease;
 mod bench_procedure;
+mod bench_routes;
 mod bench_tso;
 mod bench_watch;
 mod codegen;

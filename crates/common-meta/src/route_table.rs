@@ -8,17 +8,23 @@
 //! the result installed as the next version: every saved version is seen, in order,
 //! without gaps. A broken or compacted watch reloads and watches again (the ring then
 //! may lack the versions in between: [`OwnerAt::Evicted`] for them).
+//!
+//! Versions are persistent maps (routes by start key, and start keys by id) that share
+//! what did not change: a copy costs O(1), a change and a lookup O(log n), and the ring
+//! of a catalog of 100,000 routes holds one catalog's memory plus what its last
+//! versions changed.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use imbl::{HashMap as SharedMap, OrdMap};
 use tokio::sync::watch;
 
 use crate::error::Result;
 use crate::key::ROUTE_PREFIX;
 use crate::kv::{EventKind, KvBackend, WatchRequest, WatchResponse};
-use crate::manager::route::{RouteCatalogManager, apply_entry};
+use crate::manager::route::{Entry, RouteCatalogManager, decode_entry};
 use crate::model::route::{RouteCatalog, RouteDescriptor};
 
 /// Versions kept.
@@ -35,8 +41,75 @@ pub enum OwnerAt {
     Unknown,
 }
 
+/// One version of the catalog, sharing what did not change with its neighbours.
+#[derive(Clone, Default)]
+struct Version {
+    version: u64,
+    next_id: u64,
+    /// Routes by start key.
+    routes: OrdMap<Vec<u8>, Arc<RouteDescriptor>>,
+    /// Start keys by route id.
+    starts: SharedMap<u64, Vec<u8>>,
+}
+
+impl Version {
+    fn from_catalog(catalog: &RouteCatalog) -> Version {
+        let mut version = Version {
+            version: catalog.version,
+            next_id: catalog.next_id,
+            ..Version::default()
+        };
+        for route in &catalog.routes {
+            version.put(route.clone());
+        }
+        version
+    }
+
+    fn put(&mut self, route: RouteDescriptor) {
+        self.remove(route.route_id);
+        self.starts.insert(route.route_id, route.start.clone());
+        self.routes.insert(route.start.clone(), Arc::new(route));
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(start) = self.starts.remove(&id)
+            && self.routes.get(&start).is_some_and(|r| r.route_id == id)
+        {
+            self.routes.remove(&start);
+        }
+    }
+
+    fn apply(&mut self, entry: Entry) {
+        match entry {
+            Entry::Version(version) => self.version = version,
+            Entry::NextId(next) => self.next_id = next,
+            Entry::Route(id, Some(route)) if route.route_id == id => self.put(route),
+            Entry::Route(id, _) => self.remove(id),
+            Entry::Other => {}
+        }
+    }
+
+    /// The route owning `key`, in O(log n).
+    fn owner(&self, key: &[u8]) -> Option<RouteDescriptor> {
+        self.routes
+            .range(..=key.to_vec())
+            .next_back()
+            .map(|(_, route)| route)
+            .filter(|route| route.contains(key))
+            .map(|route| (**route).clone())
+    }
+
+    fn catalog(&self) -> RouteCatalog {
+        RouteCatalog {
+            version: self.version,
+            next_id: self.next_id,
+            routes: self.routes.values().map(|r| (**r).clone()).collect(),
+        }
+    }
+}
+
 /// The versions kept, oldest first.
-type Ring = VecDeque<Arc<RouteCatalog>>;
+type Ring = VecDeque<Arc<Version>>;
 
 /// The route catalog in memory, following the store.
 pub struct RouteTable {
@@ -64,21 +137,20 @@ fn read(ring: &RwLock<Ring>) -> std::sync::RwLockReadGuard<'_, Ring> {
     ring.read().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Adds `catalog` as the newest version when it is newer; returns whether it was.
-fn install(ring: &RwLock<Ring>, versions: &watch::Sender<u64>, mut catalog: RouteCatalog) -> bool {
-    catalog.sort();
-    let version = catalog.version;
+/// Adds `version` as the newest when it is newer; returns whether it was.
+fn install(ring: &RwLock<Ring>, versions: &watch::Sender<u64>, version: Version) -> bool {
+    let number = version.version;
     {
         let mut ring = ring.write().unwrap_or_else(PoisonError::into_inner);
-        if ring.back().is_some_and(|newest| newest.version >= version) {
+        if ring.back().is_some_and(|newest| newest.version >= number) {
             return false;
         }
-        ring.push_back(Arc::new(catalog));
+        ring.push_back(Arc::new(version));
         while ring.len() > RING {
             ring.pop_front();
         }
     }
-    let _ = versions.send(version);
+    let _ = versions.send(number);
     true
 }
 
@@ -95,7 +167,8 @@ impl RouteTable {
         let manager = RouteCatalogManager::new(kv.clone()).with_initial_group(initial_group);
         let (catalog, revision) = manager.load().await?;
         let (sender, versions) = watch::channel(catalog.version);
-        let ring = Arc::new(RwLock::new(VecDeque::from([Arc::new(catalog)])));
+        let first = Arc::new(Version::from_catalog(&catalog));
+        let ring = Arc::new(RwLock::new(VecDeque::from([first])));
         let task = tokio::spawn(follow(kv, manager, ring.clone(), sender, revision + 1));
         Ok(RouteTable {
             ring,
@@ -104,20 +177,34 @@ impl RouteTable {
         })
     }
 
-    /// The newest version seen.
-    pub fn current(&self) -> Arc<RouteCatalog> {
+    fn newest(&self) -> Arc<Version> {
         // The ring always holds at least the loaded version.
         read(&self.ring).back().cloned().unwrap_or_default()
     }
 
-    /// The newest version's number.
-    pub fn version(&self) -> u64 {
-        self.current().version
+    /// The newest version seen, as a whole catalog (built on each call: O(n)).
+    pub fn current(&self) -> Arc<RouteCatalog> {
+        Arc::new(self.newest().catalog())
     }
 
-    /// The route owning `key` in the newest version.
+    /// The newest version's number.
+    pub fn version(&self) -> u64 {
+        self.newest().version
+    }
+
+    /// The number of routes in the newest version.
+    pub fn len(&self) -> usize {
+        self.newest().routes.len()
+    }
+
+    /// Whether the newest version has no route.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The route owning `key` in the newest version, in O(log n).
     pub fn owner_of(&self, key: &[u8]) -> Option<RouteDescriptor> {
-        self.current().owner(key).cloned()
+        self.newest().owner(key)
     }
 
     /// The route that owned `key` at `version`.
@@ -127,7 +214,7 @@ impl RouteTable {
             return OwnerAt::Unknown;
         }
         match ring.iter().find(|c| c.version == version) {
-            Some(catalog) => OwnerAt::Owner(catalog.owner(key).cloned()),
+            Some(kept) => OwnerAt::Owner(kept.owner(key)),
             None => OwnerAt::Evicted,
         }
     }
@@ -165,7 +252,7 @@ async fn follow(
                 let WatchResponse::Events { events, .. } = response else {
                     continue;
                 };
-                let mut working: Option<(i64, RouteCatalog)> = None;
+                let mut working: Option<(i64, Version)> = None;
                 for event in events {
                     let revision = event.kv.mod_revision;
                     if working.as_ref().is_some_and(|(r, _)| *r != revision)
@@ -173,19 +260,23 @@ async fn follow(
                     {
                         install(&ring, &versions, done);
                     }
-                    let (_, catalog) = working.get_or_insert_with(|| {
+                    let (_, version) = working.get_or_insert_with(|| {
                         let newest = read(&ring).back().cloned().unwrap_or_default();
                         let mut copy = (*newest).clone();
-                        if copy.is_initial() {
+                        if copy.version <= 1 {
                             // Nothing of the built-in version is stored: the first save
                             // writes every route of its own.
-                            copy.routes.clear();
+                            copy.routes = OrdMap::new();
+                            copy.starts = SharedMap::new();
                         }
                         (revision, copy)
                     });
                     let value = (event.kind == EventKind::Put).then_some(event.kv.value.as_slice());
-                    if let Err(e) = apply_entry(catalog, &event.kv.key, value) {
-                        tracing::warn!(error = %e, "a route catalog change could not be read");
+                    match decode_entry(&event.kv.key, value) {
+                        Ok(entry) => version.apply(entry),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "a route catalog change could not be read")
+                        }
                     }
                     from = revision + 1;
                 }
@@ -197,7 +288,7 @@ async fn follow(
         // The watch broke (compacted, or the server went): start again from a load.
         tokio::time::sleep(Duration::from_millis(100)).await;
         if let Ok((catalog, revision)) = manager.load().await {
-            install(&ring, &versions, catalog);
+            install(&ring, &versions, Version::from_catalog(&catalog));
             from = revision + 1;
         }
     }

@@ -32,7 +32,7 @@ fn decode<T: serde::de::DeserializeOwned>(what: &str, json: &str) -> Result<T> {
     })
 }
 
-fn request_id() -> String {
+pub(crate) fn request_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()

@@ -30,7 +30,9 @@ impl MetaClient {
     pub async fn routes(&self) -> Result<RouteCatalog> {
         let answer = self
             .with_channel(|channel| async move {
+                // A catalog of many routes is a large answer.
                 RouteCatalogClient::new(channel)
+                    .max_decoding_message_size(crate::client::MAX_RESPONSE_BYTES)
                     .list_routes(pb::ListRoutesRequest {})
                     .await
             })
@@ -66,11 +68,15 @@ impl MetaClient {
     /// Splits the route owning `key` at `key`; waits up to `wait` for it.
     pub async fn split_route(&self, key: &[u8], wait: Duration) -> Result<RouteChangeAnswer> {
         let key = key.to_vec();
-        self.change_routes(wait, |channel, wait_ms| {
+        self.change_routes(wait, |channel, wait_ms, request_id| {
             let key = key.clone();
             async move {
                 RouteCatalogClient::new(channel)
-                    .split_route(pb::SplitRouteRequest { key, wait_ms })
+                    .split_route(pb::SplitRouteRequest {
+                        key,
+                        wait_ms,
+                        request_id,
+                    })
                     .await
             }
         })
@@ -79,9 +85,13 @@ impl MetaClient {
 
     /// Merges route `route_id` with its right neighbour; waits up to `wait` for it.
     pub async fn merge_route(&self, route_id: u64, wait: Duration) -> Result<RouteChangeAnswer> {
-        self.change_routes(wait, |channel, wait_ms| async move {
+        self.change_routes(wait, |channel, wait_ms, request_id| async move {
             RouteCatalogClient::new(channel)
-                .merge_route(pb::MergeRouteRequest { route_id, wait_ms })
+                .merge_route(pb::MergeRouteRequest {
+                    route_id,
+                    wait_ms,
+                    request_id,
+                })
                 .await
         })
         .await
@@ -94,12 +104,13 @@ impl MetaClient {
         to_group: u64,
         wait: Duration,
     ) -> Result<RouteChangeAnswer> {
-        self.change_routes(wait, |channel, wait_ms| async move {
+        self.change_routes(wait, |channel, wait_ms, request_id| async move {
             RouteCatalogClient::new(channel)
                 .move_route(pb::MoveRouteRequest {
                     route_id,
                     to_group,
                     wait_ms,
+                    request_id,
                 })
                 .await
         })
@@ -113,11 +124,12 @@ impl MetaClient {
         RouteTable::follow_with(Arc::new(self.clone()), initial_group).await
     }
 
-    /// Sends a change (the server waits a bounded time), then polls its procedure until
-    /// `wait` is over.
+    /// Sends a change under a request id made here (a retry after a lost answer waits
+    /// for the first submission instead of being refused by its own change), the
+    /// server waiting a bounded time; then polls its procedure until `wait` is over.
     async fn change_routes<F, Fut>(&self, wait: Duration, call: F) -> Result<RouteChangeAnswer>
     where
-        F: Fn(tonic::transport::Channel, u64) -> Fut,
+        F: Fn(tonic::transport::Channel, u64, String) -> Fut,
         Fut: std::future::Future<
                 Output = std::result::Result<
                     tonic::Response<pb::RouteChangeResponse>,
@@ -131,8 +143,11 @@ impl MetaClient {
         let server_wait = wait
             .min(self.options().request_timeout.mul_f64(0.8))
             .max(Duration::from_millis(1));
+        let request_id = crate::ddl::request_id();
         let answer = self
-            .with_channel(|channel| call(channel, server_wait.as_millis() as u64))
+            .with_channel(|channel| {
+                call(channel, server_wait.as_millis() as u64, request_id.clone())
+            })
             .await?;
         let mut change = answer.done.then(|| -> Result<RouteChange> {
             Ok(RouteChange {

@@ -498,6 +498,7 @@ impl MetaSrv {
             driver: self.node.driver(),
             members: self.members.clone(),
             ctx: self.routes.clone(),
+            table: Default::default(),
         });
         let heartbeats = HeartbeatServer::new(HeartbeatApi::from(HeartbeatService {
             member_id,

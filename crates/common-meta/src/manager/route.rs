@@ -57,23 +57,33 @@ fn decimal(key: &[u8], bytes: &[u8]) -> Result<u64> {
         })
 }
 
-/// Decodes one watched or read entry of the catalog into `catalog`: the version, the
-/// next id, or a route (`None` value: deleted). Keys outside the catalog are ignored.
-pub fn apply_entry(catalog: &mut RouteCatalog, key: &[u8], value: Option<&[u8]>) -> Result<()> {
-    if key == ROUTE_VERSION_KEY {
-        catalog.version = value.map(|v| decimal(key, v)).transpose()?.unwrap_or(0);
+/// One stored entry of the catalog, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// `__route/version`.
+    Version(u64),
+    /// `__route/next_id`.
+    NextId(u64),
+    /// `__route/r/{id}`: the route, or `None` when deleted.
+    Route(u64, Option<RouteDescriptor>),
+    /// A key outside the catalog.
+    Other,
+}
+
+/// Decodes one watched or read entry of the catalog (`value: None`: deleted).
+pub fn decode_entry(key: &[u8], value: Option<&[u8]>) -> Result<Entry> {
+    Ok(if key == ROUTE_VERSION_KEY {
+        Entry::Version(value.map(|v| decimal(key, v)).transpose()?.unwrap_or(0))
     } else if key == ROUTE_NEXT_ID_KEY {
-        catalog.next_id = value.map(|v| decimal(key, v)).transpose()?.unwrap_or(0);
+        Entry::NextId(value.map(|v| decimal(key, v)).transpose()?.unwrap_or(0))
     } else if let Some(id) = key.strip_prefix(ROUTE_ITEM_PREFIX) {
-        let id = decimal(key, id)?;
-        catalog.routes.retain(|r| r.route_id != id);
-        if let Some(value) = value {
-            catalog
-                .routes
-                .push(from_json::<RouteDescriptor>(key, value)?);
-        }
-    }
-    Ok(())
+        let route = value
+            .map(|value| from_json::<RouteDescriptor>(key, value))
+            .transpose()?;
+        Entry::Route(decimal(key, id)?, route)
+    } else {
+        Entry::Other
+    })
 }
 
 impl RouteCatalogManager {
@@ -92,6 +102,16 @@ impl RouteCatalogManager {
         self
     }
 
+    /// The store the catalog is in.
+    pub fn kv(&self) -> Arc<dyn KvBackend> {
+        self.kv.clone()
+    }
+
+    /// The group of the built-in first catalog.
+    pub fn initial_group(&self) -> u64 {
+        self.initial_group
+    }
+
     /// The catalog now and the store revision it was read at (one read, so one
     /// version).
     pub async fn load(&self) -> Result<(RouteCatalog, i64)> {
@@ -101,10 +121,28 @@ impl RouteCatalogManager {
         }
         let mut catalog = RouteCatalog::default();
         for kv in &read.kvs {
-            apply_entry(&mut catalog, &kv.key, Some(&kv.value))?;
+            // One read: every key once, so routes are only added.
+            match decode_entry(&kv.key, Some(&kv.value))? {
+                Entry::Version(version) => catalog.version = version,
+                Entry::NextId(next) => catalog.next_id = next,
+                Entry::Route(_, Some(route)) => catalog.routes.push(route),
+                Entry::Route(_, None) | Entry::Other => {}
+            }
         }
         catalog.sort();
         Ok((catalog, read.revision))
+    }
+
+    /// The catalog's version now (one small read; 1 while nothing is stored).
+    pub async fn version(&self) -> Result<u64> {
+        let read = self
+            .kv
+            .range(RangeRequest::key(ROUTE_VERSION_KEY.to_vec()))
+            .await?;
+        match read.kvs.first() {
+            Some(kv) => decimal(&kv.key, &kv.value),
+            None => Ok(1),
+        }
     }
 
     /// Saves `next` as the version after `base` (the catalog it was made from): its
@@ -128,9 +166,14 @@ impl RouteCatalogManager {
                 next.next_id.to_string().into_bytes(),
             )));
         }
+        // By id, so a diff of a large catalog costs O(n), not O(n^2).
+        let before: std::collections::HashMap<u64, &RouteDescriptor> =
+            base.routes.iter().map(|r| (r.route_id, r)).collect();
+        let after: std::collections::HashSet<u64> =
+            next.routes.iter().map(|r| r.route_id).collect();
         for route in &next.routes {
             // Nothing of the built-in first version is stored: write every route.
-            if base.is_initial() || base.route(route.route_id) != Some(route) {
+            if base.is_initial() || before.get(&route.route_id) != Some(&route) {
                 success.push(TxnOp::Put(PutRequest::new(
                     route_key(route.route_id),
                     to_json(route)?,
@@ -138,7 +181,7 @@ impl RouteCatalogManager {
             }
         }
         for route in base.routes.iter().filter(|_| !base.is_initial()) {
-            if next.route(route.route_id).is_none() {
+            if !after.contains(&route.route_id) {
                 success.push(TxnOp::DeleteRange(DeleteRangeRequest::key(route_key(
                     route.route_id,
                 ))));

@@ -18,7 +18,6 @@ use crate::raft::driver::DriverHandle;
 use crate::raft::members::Members;
 
 /// Longest client-given request id.
-const MAX_REQUEST_ID: usize = 128;
 
 /// Serves `meta.v1.Ddl`.
 pub struct DdlService {
@@ -46,25 +45,7 @@ fn json<T: serde::Serialize>(value: &T) -> Result<String, Status> {
 
 /// The procedure id of a submission: `ddl-{request_id}`, or a fresh one.
 fn procedure_id(request_id: &str) -> Result<String, Status> {
-    if request_id.is_empty() {
-        let mut nonce = [0u8; 8];
-        getrandom::fill(&mut nonce).map_err(|e| Status::internal(e.to_string()))?;
-        return Ok(format!(
-            "ddl-{}-{:016x}",
-            common_meta::time::unix_ms(),
-            u64::from_le_bytes(nonce)
-        ));
-    }
-    let fine = request_id.len() <= MAX_REQUEST_ID
-        && request_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
-    if !fine {
-        return Err(to_status(common_meta::Error::invalid_argument(format!(
-            "request_id must be 1 to {MAX_REQUEST_ID} of A-Z a-z 0-9 . _ : -"
-        ))));
-    }
-    Ok(format!("ddl-{request_id}"))
+    super::procedure_id("ddl", request_id)
 }
 
 /// How a submission ended, as far as the caller waited.

@@ -1,21 +1,20 @@
 //! gRPC `meta.v1.RouteCatalog`: the range route catalog. Any member reads it
 //! (linearizable); splits, merges and moves are checked here, then run as procedures
-//! on the leader, and answered when done (or with the procedure id once the wait is
-//! over).
+//! on the leader (`route-{request_id}`), and answered when done (or with the procedure
+//! id once the wait is over).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use common_meta::model::route::RouteCatalog;
+use common_meta::route_table::RouteTable;
 use meta_proto::v1 as pb;
-use procedure::{BoxedProcedure, ProcedureManager};
+use procedure::{BoxedProcedure, ProcedureManager, ProcedureState};
 use tonic::{Request, Response, Status};
 
 use crate::error::{refusal, to_status};
 use crate::procedure_host::ProcedureHost;
-use crate::procedures::route::{
-    Outcome, RouteContext, merge, move_route, procedure_id, split, submit,
-};
+use crate::procedures::route::{Outcome, RouteContext, merge, move_route, split, submit};
 use crate::raft::driver::DriverHandle;
 use crate::raft::members::Members;
 
@@ -37,7 +36,13 @@ pub struct RouteService {
     pub members: Arc<Members>,
     /// The catalog, group leaders and the mailbox.
     pub ctx: Arc<RouteContext>,
+    /// The catalog in memory, following this member's store (made at the first read).
+    pub table: tokio::sync::OnceCell<RouteTable>,
 }
+
+/// How long a read waits for the in-memory table to reach the stored version before it
+/// reads the whole catalog from the store instead.
+const TABLE_PATIENCE: Duration = Duration::from_secs(2);
 
 fn header(member_id: u64) -> Option<pb::ResponseHeader> {
     common_meta::rpc::header(member_id, 0)
@@ -64,15 +69,55 @@ impl RouteService {
         }
     }
 
-    /// Submits a change and waits for it up to `wait_ms` (0: the default).
-    async fn run(
+    /// The in-memory table, at least at the version stored now (a linearizable read
+    /// of one key): reads of a large catalog cost O(log n), not a load of it. None
+    /// when the table could not catch up in time.
+    async fn table(&self) -> Result<Option<&RouteTable>, Status> {
+        let version = match self.ctx.routes.version().await {
+            Ok(version) => version,
+            Err(e) => return Err(self.refuse(e).await),
+        };
+        let table = self
+            .table
+            .get_or_try_init(|| async {
+                RouteTable::follow_with(self.ctx.routes.kv(), self.ctx.routes.initial_group()).await
+            })
+            .await
+            .map_err(to_status)?;
+        Ok(table
+            .wait_for(version, TABLE_PATIENCE)
+            .await
+            .then_some(table))
+    }
+
+    /// Plans a change on the newest catalog and submits it as `route-{request_id}`,
+    /// then waits for it up to `wait_ms` (0: the default). A retry of a request that
+    /// was submitted already waits for that one (its plan would now be refused: its
+    /// own change is made).
+    async fn change(
         &self,
-        manager: &ProcedureManager,
-        id: String,
-        procedure: BoxedProcedure,
+        request_id: &str,
+        plan: impl FnOnce(&RouteCatalog) -> common_meta::Result<BoxedProcedure>,
         wait_ms: u64,
     ) -> Result<Response<pb::RouteChangeResponse>, Status> {
-        let (id, watcher) = submit(manager, id, procedure).await.map_err(to_status)?;
+        let manager = self.manager().await?;
+        let id = crate::service::procedure_id("route", request_id)?;
+        if manager.watch(&id).is_none() {
+            let catalog = self.catalog().await?;
+            match plan(&catalog) {
+                Ok(procedure) => {
+                    submit(&manager, id.clone(), procedure)
+                        .await
+                        .map_err(to_status)?;
+                }
+                Err(e) => {
+                    let known = manager.state(&id).await.ok().flatten().is_some();
+                    if !known {
+                        return Err(to_status(e));
+                    }
+                }
+            }
+        }
         let wait = match wait_ms {
             0 => DEFAULT_WAIT,
             ms => Duration::from_millis(ms).min(MAX_WAIT),
@@ -82,30 +127,43 @@ impl RouteService {
             procedure_id: id.clone(),
             ..Default::default()
         };
-        let Some(watcher) = watcher else {
-            return Ok(Response::new(answer));
-        };
-        match tokio::time::timeout(wait, watcher.wait()).await {
-            // Still running, or this member stopped leading: the next leader finishes
-            // it, and the client asks after it by id.
-            Err(_) | Ok(Err(procedure::Error::Stopped)) => {}
-            Ok(Ok(output)) => {
-                let outcome: Outcome = output
-                    .as_deref()
-                    .and_then(|o| serde_json::from_str(o).ok())
-                    .ok_or_else(|| Status::internal(format!("procedure {id} left no outcome")))?;
-                answer.done = true;
-                answer.version = outcome.version;
-                answer.routes = outcome.routes.iter().map(pb::Route::from).collect();
+        let ended = match manager.watch(&id) {
+            Some(watcher) => match tokio::time::timeout(wait, watcher.wait()).await {
+                // Still running, or this member stopped leading: the next leader
+                // finishes it, and the client asks after it by id.
+                Err(_) | Ok(Err(procedure::Error::Stopped)) => return Ok(Response::new(answer)),
+                Ok(Ok(output)) => Ok(output),
+                Ok(Err(e)) => Err(e.to_string()),
+            },
+            None => {
+                let record = manager
+                    .state(&id)
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?
+                    .ok_or_else(|| Status::not_found(format!("procedure {id} not found")))?;
+                match record.state {
+                    ProcedureState::Done => Ok(record.output),
+                    ProcedureState::Failed => Err(record.error.unwrap_or_default()),
+                    _ => return Ok(Response::new(answer)),
+                }
             }
-            Ok(Err(e)) => {
-                let err = common_meta::Error::from_procedure_error(&e.to_string());
-                let status = to_status(err);
+        };
+        let output = match ended {
+            Ok(output) => output,
+            Err(error) => {
+                let status = to_status(common_meta::Error::from_procedure_error(&error));
                 let mut named = Status::new(status.code(), format!("{id}: {}", status.message()));
                 *named.metadata_mut() = status.metadata().clone();
                 return Err(named);
             }
-        }
+        };
+        let outcome: Outcome = output
+            .as_deref()
+            .and_then(|o| serde_json::from_str(o).ok())
+            .ok_or_else(|| Status::internal(format!("procedure {id} left no outcome")))?;
+        answer.done = true;
+        answer.version = outcome.version;
+        answer.routes = outcome.routes.iter().map(pb::Route::from).collect();
         Ok(Response::new(answer))
     }
 }
@@ -116,7 +174,10 @@ impl pb::route_catalog_server::RouteCatalog for RouteService {
         &self,
         _request: Request<pb::ListRoutesRequest>,
     ) -> Result<Response<pb::ListRoutesResponse>, Status> {
-        let catalog = self.catalog().await?;
+        let catalog = match self.table().await? {
+            Some(table) => table.current(),
+            None => Arc::new(self.catalog().await?),
+        };
         Ok(Response::new(pb::ListRoutesResponse {
             header: header(self.member_id),
             version: catalog.version,
@@ -129,14 +190,25 @@ impl pb::route_catalog_server::RouteCatalog for RouteService {
         request: Request<pb::GetRouteRequest>,
     ) -> Result<Response<pb::GetRouteResponse>, Status> {
         let key = request.into_inner().key;
-        let catalog = self.catalog().await?;
-        let route = catalog
-            .owner(&key)
-            .ok_or_else(|| Status::not_found(format!("no route owns key {key:?}")))?;
+        let (route, version) = match self.table().await? {
+            // The owner and the version from one kept version.
+            Some(table) => {
+                let newest = table.version();
+                match table.owner_at(&key, newest) {
+                    common_meta::route_table::OwnerAt::Owner(route) => (route, newest),
+                    _ => (table.owner_of(&key), table.version()),
+                }
+            }
+            None => {
+                let catalog = self.catalog().await?;
+                (catalog.owner(&key).cloned(), catalog.version)
+            }
+        };
+        let route = route.ok_or_else(|| Status::not_found(format!("no route owns key {key:?}")))?;
         Ok(Response::new(pb::GetRouteResponse {
             header: header(self.member_id),
-            version: catalog.version,
-            route: Some(pb::Route::from(route)),
+            version,
+            route: Some(pb::Route::from(&route)),
         }))
     }
 
@@ -145,13 +217,17 @@ impl pb::route_catalog_server::RouteCatalog for RouteService {
         request: Request<pb::SplitRouteRequest>,
     ) -> Result<Response<pb::RouteChangeResponse>, Status> {
         let request = request.into_inner();
-        let manager = self.manager().await?;
-        let catalog = self.catalog().await?;
-        let (parent, _) = split::plan(&catalog, &request.key).map_err(to_status)?;
-        let procedure = split::SplitRoute::new(self.ctx.clone(), request.key, parent, "manual");
-        let id = procedure_id(&format!("split-{parent}"));
-        self.run(&manager, id, Box::new(procedure), request.wait_ms)
-            .await
+        let key = request.key;
+        self.change(
+            &request.request_id,
+            |catalog| {
+                let (parent, _) = split::plan(catalog, &key)?;
+                let split = split::SplitRoute::new(self.ctx.clone(), key, parent, "manual");
+                Ok(Box::new(split) as BoxedProcedure)
+            },
+            request.wait_ms,
+        )
+        .await
     }
 
     async fn merge_route(
@@ -159,18 +235,21 @@ impl pb::route_catalog_server::RouteCatalog for RouteService {
         request: Request<pb::MergeRouteRequest>,
     ) -> Result<Response<pb::RouteChangeResponse>, Status> {
         let request = request.into_inner();
-        let manager = self.manager().await?;
-        let catalog = self.catalog().await?;
         let left = request.route_id;
-        let (right, _) = merge::plan(&catalog, left).map_err(to_status)?;
-        let start = catalog
-            .route(left)
-            .map(|r| r.start.clone())
-            .unwrap_or_default();
-        let procedure = merge::MergeRoutes::new(self.ctx.clone(), left, right, start);
-        let id = procedure_id(&format!("merge-{left}-{right}"));
-        self.run(&manager, id, Box::new(procedure), request.wait_ms)
-            .await
+        self.change(
+            &request.request_id,
+            |catalog| {
+                let (right, _) = merge::plan(catalog, left)?;
+                let start = catalog
+                    .route(left)
+                    .map(|r| r.start.clone())
+                    .unwrap_or_default();
+                let merge = merge::MergeRoutes::new(self.ctx.clone(), left, right, start);
+                Ok(Box::new(merge) as BoxedProcedure)
+            },
+            request.wait_ms,
+        )
+        .await
     }
 
     async fn move_route(
@@ -178,19 +257,22 @@ impl pb::route_catalog_server::RouteCatalog for RouteService {
         request: Request<pb::MoveRouteRequest>,
     ) -> Result<Response<pb::RouteChangeResponse>, Status> {
         let request = request.into_inner();
-        let manager = self.manager().await?;
-        let catalog = self.catalog().await?;
         let (route, to) = (request.route_id, request.to_group);
-        let from = move_route::plan(&catalog, route, to).map_err(to_status)?;
-        if !self.ctx.plane.live.groups().contains(&to) {
-            return Err(Status::invalid_argument(format!(
-                "unknown group {to}: no node reports hosting it"
-            )));
-        }
-        let procedure =
-            move_route::MoveRoute::new(self.ctx.clone(), route, from, to, self.ctx.move_timeout);
-        let id = procedure_id(&format!("move-{route}-to-{to}"));
-        self.run(&manager, id, Box::new(procedure), request.wait_ms)
-            .await
+        self.change(
+            &request.request_id,
+            |catalog| {
+                let from = move_route::plan(catalog, route, to)?;
+                if !self.ctx.plane.live.groups().contains(&to) {
+                    return Err(common_meta::Error::invalid_argument(format!(
+                        "unknown group {to}: no node reports hosting it"
+                    )));
+                }
+                let timeout = self.ctx.move_timeout;
+                let moving = move_route::MoveRoute::new(self.ctx.clone(), route, from, to, timeout);
+                Ok(Box::new(moving) as BoxedProcedure)
+            },
+            request.wait_ms,
+        )
+        .await
     }
 }

@@ -265,3 +265,53 @@ async fn a_move_the_target_refuses_rolls_back() {
     writers_fenced(&table, &[b"", b"k"]).unwrap();
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_retried_with_its_request_id_answers_the_first_outcome() {
+    use meta_proto::v1 as pb;
+    use meta_proto::v1::route_catalog_client::RouteCatalogClient;
+    let server = start_with(|_| {}).await;
+    crate::in_process::leader_of(std::slice::from_ref(&server)).await;
+    let mut raw = RouteCatalogClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    let split = |request_id: &str| pb::SplitRouteRequest {
+        key: b"m".to_vec(),
+        wait_ms: 10_000,
+        request_id: request_id.to_string(),
+    };
+    // The first answer may come before the member's procedures run (not leader yet).
+    let first = wait_until(WAIT, || {
+        let mut raw = raw.clone();
+        async move {
+            raw.split_route(split("retry-1"))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    let again = raw
+        .split_route(split("retry-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.done && again.done);
+    assert_eq!(first.procedure_id, "route-retry-1");
+    assert_eq!(
+        (first.version, first.routes.clone()),
+        (again.version, again.routes),
+        "the retry answers the first split, and splits nothing"
+    );
+    let other = raw.split_route(split("retry-2")).await.unwrap_err();
+    assert_eq!(other.code(), tonic::Code::InvalidArgument);
+    assert!(
+        other.message().contains("is the start of route 3"),
+        "{other:?}"
+    );
+    let bad = raw.split_route(split("no spaces")).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("request_id must be"), "{bad:?}");
+    assert_eq!(client(&server.grpc).routes().await.unwrap().version, 2);
+    server.shutdown().await;
+}
