@@ -207,6 +207,18 @@ impl RouteTable {
         self.newest().owner(key)
     }
 
+    /// Route `id` in the newest version, with that version's number, in O(log n).
+    pub fn route(&self, id: u64) -> (Option<RouteDescriptor>, u64) {
+        let newest = self.newest();
+        let route = newest
+            .starts
+            .get(&id)
+            .and_then(|start| newest.routes.get(start))
+            .filter(|route| route.route_id == id)
+            .map(|route| (**route).clone());
+        (route, newest.version)
+    }
+
     /// The route that owned `key` at `version`.
     pub fn owner_at(&self, key: &[u8], version: u64) -> OwnerAt {
         let ring = read(&self.ring);

@@ -233,13 +233,12 @@ impl MetaSrv {
             step_retries: ManagerConfig::default().max_retries,
             limits,
         });
-        let routes = Arc::new(RouteContext {
-            routes: RouteCatalogManager::new(kv.clone())
-                .with_initial_group(config.routes.initial_group),
-            plane: plane.clone(),
-            instruction_timeout: Duration::from_millis(config.metadata.region_timeout_ms),
-            move_timeout: Duration::from_millis(config.failover.migration_timeout_ms),
-        });
+        let routes = Arc::new(RouteContext::new(
+            RouteCatalogManager::new(kv.clone()).with_initial_group(config.routes.initial_group),
+            plane.clone(),
+            Duration::from_millis(config.metadata.region_timeout_ms),
+            Duration::from_millis(config.failover.migration_timeout_ms),
+        ));
         // The leader's manager runs the DDL, region and route procedures, and recovers
         // unfinished ones.
         let registry = {
@@ -498,7 +497,6 @@ impl MetaSrv {
             driver: self.node.driver(),
             members: self.members.clone(),
             ctx: self.routes.clone(),
-            table: Default::default(),
         });
         let heartbeats = HeartbeatServer::new(HeartbeatApi::from(HeartbeatService {
             member_id,

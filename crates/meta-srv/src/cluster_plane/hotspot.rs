@@ -236,9 +236,9 @@ pub async fn run(
             continue;
         };
         let paused = supervisor.switches().await.map(|s| s.maintenance);
-        let catalog = ctx.routes.load().await;
+        let catalog = ctx.catalog().await;
         let (catalog, paused) = match (catalog, paused) {
-            (Ok((catalog, _)), Ok(paused)) => (catalog, paused),
+            (Ok(catalog), Ok(paused)) => (catalog, paused),
             (Err(e), _) | (_, Err(e)) => {
                 tracing::debug!(error = %e, "hotspot window skipped");
                 continue;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use common_meta::manager::route::{RouteCatalogManager, SaveOutcome};
 use common_meta::model::route::RouteCatalog;
 pub use common_meta::model::route::RouteChange as Outcome;
+use common_meta::route_table::RouteTable;
 use procedure::{BoxedProcedure, ProcedureManager, ProcedureWithId, Watcher};
 
 use crate::cluster_plane::heartbeat_chain::ClusterPlane;
@@ -32,6 +33,57 @@ pub struct RouteContext {
     pub instruction_timeout: Duration,
     /// How long a move may take before it rolls back, unless the request says.
     pub move_timeout: Duration,
+    /// The catalog in memory, following this member's store (made at first use).
+    pub table: tokio::sync::OnceCell<RouteTable>,
+}
+
+/// How long a read waits for the in-memory table to reach the stored version before it
+/// reads the whole catalog from the store instead.
+const TABLE_PATIENCE: Duration = Duration::from_secs(2);
+
+impl RouteContext {
+    /// A context over `routes` (the in-memory table is made at first use).
+    pub fn new(
+        routes: RouteCatalogManager,
+        plane: Arc<ClusterPlane>,
+        instruction_timeout: Duration,
+        move_timeout: Duration,
+    ) -> Self {
+        RouteContext {
+            routes,
+            plane,
+            instruction_timeout,
+            move_timeout,
+            table: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The in-memory table, at least at the version stored now (one linearizable read
+    /// of the version key): reads of a large catalog cost O(log n), not a load of it.
+    /// None when the table could not catch up in time.
+    pub async fn table(&self) -> common_meta::Result<Option<&RouteTable>> {
+        let version = self.routes.version().await?;
+        let table = self
+            .table
+            .get_or_try_init(|| async {
+                RouteTable::follow_with(self.routes.kv(), self.routes.initial_group()).await
+            })
+            .await?;
+        Ok(table
+            .wait_for(version, TABLE_PATIENCE)
+            .await
+            .then_some(table))
+    }
+
+    /// The catalog at least as new as the one stored now: from the in-memory table
+    /// when it has caught up (no decoding of the whole catalog), else loaded.
+    pub async fn catalog(&self) -> common_meta::Result<RouteCatalog> {
+        if let Some(table) = self.table().await? {
+            let current = table.current();
+            return Ok(Arc::try_unwrap(current).unwrap_or_else(|shared| (*shared).clone()));
+        }
+        Ok(self.routes.load().await?.0)
+    }
 }
 
 /// Registers the loaders of every route procedure.
@@ -95,13 +147,15 @@ pub enum Change {
 
 /// Applies `change` to the newest catalog and saves it, starting again from a fresh
 /// read when another save won; returns the catalog as it is after the step. A refusal
-/// of `change` fails the step for good; storage errors are retried.
+/// of `change` fails the step for good; storage errors are retried. The base may come
+/// from the in-memory table: the save's compare on the version is the guard.
 pub async fn change_catalog(
-    routes: &RouteCatalogManager,
+    ctx: &RouteContext,
     change: impl Fn(&RouteCatalog) -> common_meta::Result<Change>,
 ) -> procedure::Result<RouteCatalog> {
+    let routes = &ctx.routes;
     loop {
-        let (base, _) = routes.load().await.map_err(step_error)?;
+        let base = ctx.catalog().await.map_err(step_error)?;
         let mut next = match change(&base).map_err(step_error)? {
             Change::Done => return Ok(base),
             Change::Save(next) => next,

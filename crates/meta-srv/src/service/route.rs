@@ -34,15 +34,9 @@ pub struct RouteService {
     pub driver: DriverHandle,
     /// For the not-leader hint.
     pub members: Arc<Members>,
-    /// The catalog, group leaders and the mailbox.
+    /// The catalog (and its in-memory table), group leaders and the mailbox.
     pub ctx: Arc<RouteContext>,
-    /// The catalog in memory, following this member's store (made at the first read).
-    pub table: tokio::sync::OnceCell<RouteTable>,
 }
-
-/// How long a read waits for the in-memory table to reach the stored version before it
-/// reads the whole catalog from the store instead.
-const TABLE_PATIENCE: Duration = Duration::from_secs(2);
 
 fn header(member_id: u64) -> Option<pb::ResponseHeader> {
     common_meta::rpc::header(member_id, 0)
@@ -63,31 +57,17 @@ impl RouteService {
     }
 
     async fn catalog(&self) -> Result<RouteCatalog, Status> {
-        match self.ctx.routes.load().await {
-            Ok((catalog, _)) => Ok(catalog),
+        match self.ctx.catalog().await {
+            Ok(catalog) => Ok(catalog),
             Err(e) => Err(self.refuse(e).await),
         }
     }
 
-    /// The in-memory table, at least at the version stored now (a linearizable read
-    /// of one key): reads of a large catalog cost O(log n), not a load of it. None
-    /// when the table could not catch up in time.
     async fn table(&self) -> Result<Option<&RouteTable>, Status> {
-        let version = match self.ctx.routes.version().await {
-            Ok(version) => version,
-            Err(e) => return Err(self.refuse(e).await),
-        };
-        let table = self
-            .table
-            .get_or_try_init(|| async {
-                RouteTable::follow_with(self.ctx.routes.kv(), self.ctx.routes.initial_group()).await
-            })
-            .await
-            .map_err(to_status)?;
-        Ok(table
-            .wait_for(version, TABLE_PATIENCE)
-            .await
-            .then_some(table))
+        match self.ctx.table().await {
+            Ok(table) => Ok(table),
+            Err(e) => Err(self.refuse(e).await),
+        }
     }
 
     /// Plans a change on the newest catalog and submits it as `route-{request_id}`,
@@ -174,10 +154,7 @@ impl pb::route_catalog_server::RouteCatalog for RouteService {
         &self,
         _request: Request<pb::ListRoutesRequest>,
     ) -> Result<Response<pb::ListRoutesResponse>, Status> {
-        let catalog = match self.table().await? {
-            Some(table) => table.current(),
-            None => Arc::new(self.catalog().await?),
-        };
+        let catalog = self.catalog().await?;
         Ok(Response::new(pb::ListRoutesResponse {
             header: header(self.member_id),
             version: catalog.version,
@@ -200,7 +177,7 @@ impl pb::route_catalog_server::RouteCatalog for RouteService {
                 }
             }
             None => {
-                let catalog = self.catalog().await?;
+                let catalog = self.ctx.routes.load().await.map_err(to_status)?.0;
                 (catalog.owner(&key).cloned(), catalog.version)
             }
         };

@@ -87,7 +87,7 @@ impl Procedure for MergeRoutes {
 
     async fn execute(&mut self, ctx: &Context) -> procedure::Result<Status> {
         let data = &self.data;
-        let saved = change_catalog(&self.ctx.routes, |catalog| {
+        let saved = change_catalog(&self.ctx, |catalog| {
             if merged(catalog, data).is_some() {
                 return Ok(Change::Done);
             }

@@ -158,7 +158,7 @@ impl MoveRoute {
         late: bool,
     ) -> procedure::Result<RouteCatalog> {
         let id = self.data.route_id;
-        change_catalog(&self.ctx.routes, |catalog| {
+        change_catalog(&self.ctx, |catalog| {
             let route = catalog
                 .route(id)
                 .ok_or_else(|| common_meta::Error::NotFound {
@@ -191,13 +191,23 @@ impl MoveRoute {
         let leader = self.ctx.plane.live.group_leader(group).ok_or_else(|| {
             procedure::Error::retry_later(format!("no node reports leading group {group}"))
         })?;
-        let (catalog, _) = self
+        let (route, version) = match self
             .ctx
-            .routes
-            .load()
+            .table()
             .await
-            .map_err(crate::procedures::ddl::context::step_error)?;
-        let route = catalog.route(self.data.route_id);
+            .map_err(crate::procedures::ddl::context::step_error)?
+        {
+            Some(table) => table.route(self.data.route_id),
+            None => {
+                let catalog = self
+                    .ctx
+                    .catalog()
+                    .await
+                    .map_err(crate::procedures::ddl::context::step_error)?;
+                (catalog.route(self.data.route_id).cloned(), catalog.version)
+            }
+        };
+        let route = route.as_ref();
         let instruction = pb::Instruction {
             kind: Some(pb::instruction::Kind::Route(pb::RouteInstruction {
                 action: action.into(),
@@ -207,7 +217,7 @@ impl MoveRoute {
                 source_group: self.data.from,
                 target_group: self.data.to,
                 last_entry_id: self.data.last_entry_id,
-                catalog_version: catalog.version,
+                catalog_version: version,
             })),
         };
         let reply = self
@@ -326,7 +336,7 @@ impl Procedure for MoveRoute {
 
     async fn rollback(&mut self, ctx: &Context) -> procedure::Result<()> {
         let (id, from, to) = (self.data.route_id, self.data.from, self.data.to);
-        let restored = change_catalog(&self.ctx.routes, |catalog| {
+        let restored = change_catalog(&self.ctx, |catalog| {
             let Some(route) = catalog.route(id) else {
                 return Ok(Change::Done);
             };

@@ -91,7 +91,7 @@ impl Procedure for SplitRoute {
 
     async fn execute(&mut self, ctx: &Context) -> procedure::Result<Status> {
         let Data { key, parent, .. } = &self.data;
-        let saved = change_catalog(&self.ctx.routes, |catalog| {
+        let saved = change_catalog(&self.ctx, |catalog| {
             if children(catalog, *parent, key).is_some() {
                 return Ok(Change::Done);
             }
