@@ -17,8 +17,6 @@ use crate::procedures::ddl::{Planned, procedure_for, unknown_schema, unknown_tab
 use crate::raft::driver::DriverHandle;
 use crate::raft::members::Members;
 
-/// Longest client-given request id.
-
 /// Serves `meta.v1.Ddl`.
 pub struct DdlService {
     /// This member.
