@@ -53,6 +53,16 @@ pub async fn move_when_known(
     .await
 }
 
+/// The route actions node `node` of `sim` received, in order.
+pub fn actions(sim: &Simulator, node: u64) -> Vec<RouteAction> {
+    sim.groups(node)
+        .unwrap()
+        .actions()
+        .into_iter()
+        .map(|(action, _)| action)
+        .collect()
+}
+
 fn client(endpoint: &str) -> MetaClient {
     MetaClient::new(&[endpoint], MetaClientOptions::default()).unwrap()
 }
@@ -112,14 +122,7 @@ async fn splits_merges_and_a_move_change_the_catalog_one_version_at_a_time() {
         (route.route_id, route.group_id, route.state),
         (6, 2, RouteState::Active)
     );
-    let actions = |node| -> Vec<RouteAction> {
-        sim.groups(node)
-            .unwrap()
-            .actions()
-            .into_iter()
-            .map(|(a, _)| a)
-            .collect()
-    };
+    let actions = |node| actions(&sim, node);
     assert_eq!(actions(2), [RouteAction::Prepare, RouteAction::CatchUp]);
     assert_eq!(actions(1), [RouteAction::Fence, RouteAction::Release]);
     assert!(table.wait_for(8, WAIT).await);
@@ -251,14 +254,7 @@ async fn a_move_the_target_refuses_rolls_back() {
     assert_eq!((route.group_id, route.state), (1, RouteState::Active));
     // Marked, then unmarked.
     assert_eq!(catalog.version, 3);
-    let actions = |node| -> Vec<RouteAction> {
-        sim.groups(node)
-            .unwrap()
-            .actions()
-            .into_iter()
-            .map(|(a, _)| a)
-            .collect()
-    };
+    let actions = |node| actions(&sim, node);
     assert_eq!(actions(2), [RouteAction::Prepare, RouteAction::Abort]);
     assert_eq!(actions(1), [RouteAction::Unfence]);
     assert!(table.wait_for(3, WAIT).await);

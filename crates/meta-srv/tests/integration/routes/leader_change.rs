@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use common_meta::model::route::RouteState;
+use common_meta::model::route::{RouteChange, RouteState};
 use meta_client::{MetaClient, MetaClientOptions};
 use meta_proto::v1::RouteAction;
 
@@ -15,6 +15,17 @@ use crate::in_process::{leader_of, start_three};
 use crate::support::{check, wait_until};
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// Waits for procedure `id` to be done (on whichever leader runs it); what it made.
+async fn done(client: &MetaClient, id: &str) -> RouteChange {
+    let output = wait_until(WAIT, || async {
+        let info = client.procedure(id).await.map_err(|e| e.to_string())?;
+        check(info.state == "done", || format!("{info:?}"))?;
+        Ok(info.output)
+    })
+    .await;
+    serde_json::from_str(&output).unwrap()
+}
 
 /// Moves route 1 to group 2 and stops the leader once the group answering `at` got it
 /// (its answer held back meanwhile).
@@ -52,17 +63,9 @@ async fn stop_leader_mid_move(at: RouteAction) {
         .expect("the move finishes on the next leader")
         .unwrap()
         .unwrap();
-    let id = answer.procedure_id.clone();
     let change = match answer.change {
         Some(change) => change,
-        None => {
-            wait_until(WAIT, || async {
-                let info = client.procedure(&id).await.map_err(|e| e.to_string())?;
-                check(info.state == "done", || format!("{info:?}"))
-            })
-            .await;
-            serde_json::from_str(&client.procedure(&id).await.unwrap().output).unwrap()
-        }
+        None => done(&client, &answer.procedure_id).await,
     };
     let catalog = client.routes().await.unwrap();
     assert_eq!(catalog.routes.len(), 1);
@@ -114,17 +117,7 @@ async fn a_split_and_a_merge_interrupted_by_a_leader_change_happen_once() {
     let split = client.split_route(b"m", Duration::ZERO).await.unwrap();
     let leader = leader_of(&members).await;
     members.remove(leader).shutdown().await;
-    let done = |id: String| {
-        let client = client.clone();
-        async move {
-            wait_until(WAIT, || async {
-                let info = client.procedure(&id).await.map_err(|e| e.to_string())?;
-                check(info.state == "done", || format!("{info:?}"))
-            })
-            .await;
-        }
-    };
-    done(split.procedure_id).await;
+    done(&client, &split.procedure_id).await;
     let catalog = client.routes().await.unwrap();
     let ids: Vec<u64> = catalog.routes.iter().map(|r| r.route_id).collect();
     assert_eq!((catalog.version, ids), (2, vec![2, 3]));
@@ -136,7 +129,7 @@ async fn a_split_and_a_merge_interrupted_by_a_leader_change_happen_once() {
     let leading = client.status().await.unwrap().leader_id;
     let other = (1..=3).find(|id| *id != stopped && *id != leading).unwrap();
     client.transfer_leader(other).await.unwrap();
-    done(merge.procedure_id).await;
+    done(&client, &merge.procedure_id).await;
     let catalog = client.routes().await.unwrap();
     assert_eq!(catalog.version, 3);
     assert_eq!(catalog.routes.len(), 1);
