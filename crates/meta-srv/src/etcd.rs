@@ -138,11 +138,11 @@ impl Etcd {
     /// `router` serving etcd's services too; `stop` ends their streams when the member
     /// stops. Requests may be up to four times the size limit on the wire, so that an
     /// oversized one gets etcd's "request is too large" rather than a transport error.
-    pub fn serve_on(
+    pub fn serve_on<L>(
         self: &Arc<Self>,
-        router: Router,
+        router: Router<L>,
         stop: tokio::sync::watch::Receiver<bool>,
-    ) -> Router {
+    ) -> Router<L> {
         let decodable = self.limits.max_request_bytes.saturating_mul(4);
         router
             .add_service(

@@ -1,4 +1,6 @@
-//! The HTTP admin API (axum): `GET /health`, `GET /status`, `GET /nodes`,
+//! The HTTP admin API (axum): `GET /health`, `GET /status`, `GET /metrics`
+//! (Prometheus text, see `metrics.rs`), `GET /leader`, `GET /members`,
+//! `GET /procedures[/{id}]`, `GET /config` (`http/admin.rs`), `GET /nodes`,
 //! `GET /tables` (`?catalog=&schema=`), `GET /tables/{id}/route`,
 //! `GET|POST /maintenance` (leader only; POST `{"enabled": true|false}`).
 
@@ -12,6 +14,8 @@ use common_meta::kv::SledKvStore;
 use serde::Serialize;
 
 use common_meta::model::node::NodeInfo;
+
+mod admin;
 
 use crate::cluster_plane::heartbeat_chain::ClusterPlane;
 use crate::raft::driver::DriverHandle;
@@ -39,8 +43,14 @@ pub struct HttpState {
     pub tables: common_meta::manager::TableMetadataManager,
     /// Maintenance mode and the supervisor's work.
     pub supervisor: Arc<crate::cluster_plane::supervisor::Supervisor>,
-    /// The range route catalog.
-    pub routes: common_meta::manager::route::RouteCatalogManager,
+    /// The range route catalog (and its in-memory table, once made).
+    pub routes: Arc<crate::procedures::route::RouteContext>,
+    /// This member's metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The leader's procedures (their counts and views).
+    pub procedures: Arc<crate::procedure_host::ProcedureHost>,
+    /// The configuration this member runs with (`GET /config`, secrets redacted).
+    pub config: Arc<crate::Config>,
 }
 
 /// The query of `GET /tables`.
@@ -128,7 +138,83 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/routes", get(routes))
         .route("/tables/{id}/route", get(table_route))
         .route("/maintenance", get(maintenance).post(set_maintenance))
+        .route("/metrics", get(metrics))
+        .route("/leader", get(admin::leader))
+        .route("/members", get(admin::members))
+        .route("/procedures", get(admin::procedures))
+        .route("/procedures/{id}", get(admin::procedure))
+        .route("/config", get(admin::config))
         .with_state(state)
+}
+
+/// Prometheus text: the counters as they are, the gauges read now (raft and store
+/// always; nodes and procedures on the leader, where they are known).
+async fn metrics(
+    State(state): State<Arc<HttpState>>,
+) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let mut now = crate::metrics::Snapshot::default();
+    if let Ok(status) = state.driver.status().await {
+        now.term = status.term;
+        now.is_leader = status.role == "leader";
+        now.indexes = (
+            status.commit_index,
+            status.applied_index,
+            status.first_index,
+        );
+        now.members = (status.voters.len(), status.learners.len());
+    }
+    let store = state.store.clone();
+    let counted = tokio::task::spawn_blocking(move || {
+        let size = store.db().size_on_disk().unwrap_or(0);
+        (store.revision(), store.key_count(), size)
+    })
+    .await;
+    if let Ok(counted) = counted {
+        now.store = counted;
+    }
+    now.watchers = state.store.hub().watchers();
+    if let Some(table) = state.routes.table.get() {
+        now.routes = (table.len(), table.version());
+    }
+    if state.leadership.borrow().is_some() {
+        now.nodes = node_counts(&state).await;
+        if let Some(manager) = state.procedures.manager()
+            && let Ok(records) = manager.list().await
+        {
+            let mut counts = std::collections::BTreeMap::new();
+            for record in records {
+                let state = format!("{:?}", record.state).to_lowercase();
+                *counts.entry((record.type_name, state)).or_insert(0) += 1;
+            }
+            now.procedures = counts.into_iter().collect();
+        }
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(&now),
+    )
+}
+
+/// Registered nodes counted by (role, state, liveness), as this leader sees them.
+async fn node_counts(state: &HttpState) -> Vec<((String, String, String), i64)> {
+    let Ok(nodes) = state.plane.nodes.list_local().await else {
+        return Vec::new();
+    };
+    let now = common_meta::time::unix_ms();
+    let mut counts = std::collections::BTreeMap::new();
+    for node in nodes {
+        let view = state.plane.view(node.id, now);
+        let key = (
+            format!("{:?}", node.role).to_lowercase(),
+            format!("{:?}", node.state).to_lowercase(),
+            crate::cluster_plane::live_nodes::liveness_name(view.liveness).to_string(),
+        );
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    counts.into_iter().collect()
 }
 
 /// 200 while the member works; 503 with the reason once it has failed (it is then
@@ -243,7 +329,7 @@ async fn tables(
 async fn routes(
     State(state): State<Arc<HttpState>>,
 ) -> Result<Json<crate::routes::CatalogView>, (StatusCode, String)> {
-    let (catalog, _) = state.routes.load().await.map_err(http_error)?;
+    let (catalog, _) = state.routes.routes.load().await.map_err(http_error)?;
     Ok(Json(crate::routes::CatalogView::from(&catalog)))
 }
 

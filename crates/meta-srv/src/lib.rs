@@ -26,6 +26,7 @@ pub mod etcd;
 pub mod http;
 pub mod identity;
 pub mod lease_keeper;
+pub mod metrics;
 pub mod procedure_host;
 pub mod procedures;
 pub mod raft;

@@ -86,6 +86,7 @@ pub struct MetaSrv {
     supervisor: Arc<Supervisor>,
     tso: Arc<crate::tso::Oracle>,
     routes: Arc<RouteContext>,
+    metrics: Arc<crate::metrics::Metrics>,
     grpc: TcpListener,
     http: TcpListener,
 }
@@ -166,7 +167,9 @@ impl MetaSrv {
             )
         };
         let raft = config.raft;
+        let raft_metrics = crate::metrics::RaftMetrics::default();
         let settings = RaftSettings {
+            metrics: raft_metrics.clone(),
             snapshot_files: Some(snapshots.clone()),
             tick: Duration::from_millis(raft.tick_ms),
             election_ticks: raft.election_ticks,
@@ -219,7 +222,12 @@ impl MetaSrv {
             leadership: node.leadership(),
             last_term: Default::default(),
             loads: Default::default(),
+            metrics: Default::default(),
         });
+        let metrics = Arc::new(crate::metrics::Metrics::new(
+            raft_metrics,
+            plane.metrics.clone(),
+        ));
         let kv: Arc<dyn common_meta::kv::KvBackend> = Arc::new(backend.clone());
         let ddl = Arc::new(DdlContext {
             tables: TableMetadataManager::new(kv.clone(), limits.max_txn_ops),
@@ -273,6 +281,7 @@ impl MetaSrv {
         Ok(MetaSrv {
             tso,
             routes,
+            metrics,
             config,
             data_dir,
             cluster_id,
@@ -514,6 +523,7 @@ impl MetaSrv {
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .tcp_keepalive(Some(Duration::from_secs(30)))
+            .layer(crate::metrics::GrpcLayer(self.metrics.grpc.clone()))
             .add_service(store)
             .add_service(watch)
             .add_service(leases)
@@ -543,7 +553,10 @@ impl MetaSrv {
             leadership: self.node.leadership(),
             tables: self.ddl.tables.clone(),
             supervisor: self.supervisor.clone(),
-            routes: self.routes.routes.clone(),
+            routes: self.routes.clone(),
+            metrics: self.metrics.clone(),
+            procedures: self.procedures.clone(),
+            config: Arc::new(self.config.clone()),
         }));
         let http = axum::serve(self.http, router).with_graceful_shutdown(stopped(stop_rx));
 

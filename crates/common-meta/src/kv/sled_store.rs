@@ -241,6 +241,12 @@ impl SledKvStore {
         &self.hub
     }
 
+    /// How many keys the store holds now (a scan of the data: O(n), for metrics
+    /// scrapes and status, not for request paths).
+    pub fn key_count(&self) -> usize {
+        self.tree.scan_prefix([DATA_PREFIX]).count()
+    }
+
     /// The current store revision.
     pub fn revision(&self) -> i64 {
         self.revision.load(Ordering::Acquire)

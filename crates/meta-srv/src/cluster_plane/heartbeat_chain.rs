@@ -75,6 +75,8 @@ pub struct ClusterPlane {
     pub last_term: std::sync::atomic::AtomicU64,
     /// Route load reported in the current hotspot window.
     pub loads: Arc<crate::cluster_plane::hotspot::RouteLoads>,
+    /// Heartbeats, streams, region stats and mailbox sends counted.
+    pub metrics: crate::metrics::PlaneMetrics,
 }
 
 impl ClusterPlane {
@@ -133,7 +135,13 @@ impl ClusterPlane {
                 ),
             });
         }
-        self.outbox.send(node_id, instruction, deadline).await
+        self.metrics.mailbox_sends.inc();
+        let sent = std::time::Instant::now();
+        let reply = self.outbox.send(node_id, instruction, deadline).await;
+        if reply.is_err() && sent.elapsed() >= deadline {
+            self.metrics.mailbox_timeouts.inc();
+        }
+        reply
     }
 }
 
@@ -395,6 +403,8 @@ handler!(CollectStats, "collect_stats", |plane, stream, request| {
             .map_err(|stale| Refusal::from((stale, id)))?;
         stream.has_full_stats |= stats.full;
         plane.loads.record(stream.term.unwrap_or(0), &stats.groups);
+        let reported = stats.regions.len() + stats.removed_regions.len();
+        plane.metrics.region_stats.inc_by(reported as u64);
     }
     Ok(())
 });
@@ -552,6 +562,7 @@ mod tests {
             leadership: tokio::sync::watch::channel(Some(1)).1,
             last_term: Default::default(),
             loads: Default::default(),
+            metrics: Default::default(),
         };
         // Node 3 beat once, at the epoch: long silent. Its stream is still attached.
         plane.live.claim(1, 3, 1, 0).unwrap();

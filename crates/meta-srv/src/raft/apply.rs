@@ -58,13 +58,14 @@ impl Applier {
         store: Arc<SledKvStore>,
         driver: DriverHandle,
         watch: Arc<StorageWatch>,
+        applies: prometheus::Histogram,
     ) -> Result<Applier, Error> {
         let (queue, jobs) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let taken = queued.clone();
         let thread = std::thread::Builder::new()
             .name(format!("raft-apply-{id}"))
-            .spawn(move || apply_loop(&store, &jobs, &driver, &watch, &taken))
+            .spawn(move || apply_loop(&store, &jobs, &driver, &watch, &taken, &applies))
             .map_err(|source| Error::Io {
                 context: "starting the raft apply thread".to_string(),
                 source,
@@ -124,6 +125,7 @@ fn apply_loop(
     driver: &DriverHandle,
     watch: &StorageWatch,
     queued: &AtomicUsize,
+    applies: &prometheus::Histogram,
 ) {
     while let Ok(first) = jobs.recv() {
         let mut batch = Vec::new();
@@ -144,7 +146,7 @@ fn apply_loop(
         if !batch.is_empty() {
             let taken = batch.len();
             watch.enter();
-            let applied = apply_jobs(store, batch);
+            let applied = apply_jobs(store, batch, applies);
             watch.leave();
             queued.fetch_sub(taken, Ordering::AcqRel);
             match applied {
@@ -166,7 +168,12 @@ fn apply_loop(
 }
 
 /// Applies the jobs in one batch and answers their proposers; returns the applied index.
-pub fn apply_jobs(store: &SledKvStore, jobs: Vec<ApplyJob>) -> Result<u64, Error> {
+pub fn apply_jobs(
+    store: &SledKvStore,
+    jobs: Vec<ApplyJob>,
+    applies: &prometheus::Histogram,
+) -> Result<u64, Error> {
+    let _timer = applies.start_timer();
     let mut batch = Vec::new();
     let mut replies = Vec::new();
     for job in jobs {

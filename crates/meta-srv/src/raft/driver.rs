@@ -137,6 +137,8 @@ struct Driver {
     leader_tx: Arc<tokio::sync::watch::Sender<Option<u64>>>,
     /// The leader and term this member knows, for request paths.
     view: Arc<RaftView>,
+    /// What the driver counts (proposals, leader changes, snapshot sends).
+    metrics: crate::metrics::RaftMetrics,
     /// A fault to suffer at the next chance (fault-injection tests).
     injected: Option<Fault>,
     /// Marks the storage work of each turn for the watchdog.
@@ -231,6 +233,9 @@ impl Driver {
                 *was = leading;
                 changed
             });
+            if self.view.leader() != self.node.raft.leader_id {
+                self.metrics.leader_changes.inc();
+            }
             self.view.set(self.node.raft.leader_id, self.node.raft.term);
         }
         self.leader_tx.send_replace(None);
@@ -353,6 +358,11 @@ impl Driver {
                 } else {
                     raft::SnapshotStatus::Failure
                 };
+                let outcome = if delivered { "ok" } else { "failed" };
+                self.metrics
+                    .snapshot_sends
+                    .with_label_values(&[outcome])
+                    .inc();
                 self.node.report_snapshot(peer, status);
             }
             Command::SnapshotMoving { peer } => {
@@ -376,7 +386,9 @@ impl Driver {
             return;
         }
         let batch = std::mem::take(&mut self.propose_batch);
+        self.metrics.proposals.inc_by(batch.len() as u64);
         if !self.is_leader() {
+            self.metrics.proposal_failures.inc_by(batch.len() as u64);
             // Stepped down this turn: a follower would forward them to the leader.
             for (_, _, reply) in batch {
                 let _ = reply.send(Err(self.not_leader()));
@@ -399,6 +411,7 @@ impl Driver {
             Err(raft::Error::ProposalDropped) if self.is_leader() => {
                 // Too much is proposed and not yet committed (followers or the disk
                 // lag): back-pressure, nothing was proposed.
+                self.metrics.proposal_failures.inc_by(replies.len() as u64);
                 for (_, reply) in replies {
                     let _ = reply.send(Err(Error::Unavailable {
                         message: "too many writes are waiting to commit; retry later".to_string(),
@@ -406,6 +419,7 @@ impl Driver {
                 }
             }
             Err(_) => {
+                self.metrics.proposal_failures.inc_by(replies.len() as u64);
                 for (_, reply) in replies {
                     let _ = reply.send(Err(self.not_leader()));
                 }

@@ -44,11 +44,12 @@ impl Persister {
         log: LogStore,
         driver: DriverHandle,
         watch: Arc<StorageWatch>,
+        fsyncs: prometheus::Histogram,
     ) -> Result<Persister, Error> {
         let (queue, written) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("raft-log-{id}"))
-            .spawn(move || persist_loop(&log, &written, &driver, &watch))
+            .spawn(move || persist_loop(&log, &written, &driver, &watch, &fsyncs))
             .map_err(|source| Error::Io {
                 context: "starting the raft log writer thread".to_string(),
                 source,
@@ -84,6 +85,7 @@ fn persist_loop(
     written: &mpsc::Receiver<Written>,
     driver: &DriverHandle,
     watch: &StorageWatch,
+    fsyncs: &prometheus::Histogram,
 ) {
     while let Ok(first) = written.recv() {
         let mut last = first;
@@ -94,7 +96,9 @@ fn persist_loop(
         }
         if sync {
             watch.enter();
+            let timer = fsyncs.start_timer();
             let flushed = log.flush();
+            timer.observe_duration();
             watch.leave();
             if let Err(e) = flushed {
                 let _ = driver.send(Command::PersistFailed {

@@ -171,7 +171,10 @@ impl HeartbeatService {
                 },
             };
             let request = match next {
-                Next::Request(request) => request,
+                Next::Request(request) => {
+                    self.plane.metrics.heartbeats.inc();
+                    request
+                }
                 Next::Instructions(batch) => {
                     if !self
                         .push(out, Ok(self.answer(0, batch, None)), state.node_id)
@@ -285,7 +288,10 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatApi {
         let stream = self.0.clone();
         tokio::spawn(async move {
             let mut state = stream.plane.open_stream();
+            let streams = stream.plane.metrics.streams.clone();
+            streams.inc();
             stream.serve(&mut state, &mut requests, &out).await;
+            streams.dec();
             if let Some(node) = state.node_id {
                 stream.plane.outbox.detach(node, state.stream);
             }

@@ -3,6 +3,7 @@
 // Integration tests are tests throughout: a panic is how they report.
 #![allow(clippy::unwrap_used)]
 
+mod admin;
 mod bad_input;
 mod cluster_process;
 mod concurrency;
@@ -17,6 +18,7 @@ mod in_process;
 mod lease;
 mod linearizability;
 mod metactl;
+
 mod raft_cluster;
 mod raft_faults;
 mod regions;

@@ -17,6 +17,7 @@ mod kv;
 mod lease;
 mod regions;
 mod routes;
+mod snapshot;
 mod tables;
 mod tso;
 
@@ -100,12 +101,23 @@ enum Command {
     /// The balancer of leader regions across datanodes.
     #[command(subcommand)]
     Balance(regions::SwitchCommand),
+    /// Backups of a member's store.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Timestamps from the leader's oracle: timestamp, physical time (UTC), logical.
     Tso {
         /// How many consecutive timestamps (1 to 10000).
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Save a backup of the first endpoint's store (consistent at one revision,
+    /// checksummed) to FILE; `meta-srv restore --from FILE` starts a new cluster from
+    /// it.
+    Save { file: std::path::PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -215,6 +227,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Lease(command) => lease(&client, command, cli.output).await,
         Command::Status => status(&client, cli.output).await,
         Command::Tso { count } => tso::tso(&client, count, cli.output).await,
+        Command::Snapshot(SnapshotCommand::Save { file }) => {
+            snapshot::save(&cli.endpoints, &file, cli.output).await
+        }
         Command::Member(command) => member(&client, command, cli.output).await,
         Command::Procedure(command) => procedures(&client, command, cli.output).await,
         Command::Nodes => nodes(&client, cli.output).await,

@@ -30,6 +30,9 @@ pub struct RaftSettings {
     /// Where snapshots are built and received as files (`None`: every snapshot is
     /// inline, built on the driver thread; see `snapshot.rs`).
     pub snapshot_files: Option<Arc<crate::raft::snapshot::SnapshotFiles>>,
+    /// What the raft threads count (registered by the server; unregistered handles
+    /// count for nobody).
+    pub metrics: crate::metrics::RaftMetrics,
 }
 
 impl RaftSettings {
@@ -46,6 +49,7 @@ impl RaftSettings {
             keep_entries: 1_000,
             storage_stall: Duration::from_secs(20),
             snapshot_files: None,
+            metrics: crate::metrics::RaftMetrics::default(),
         }
     }
 }

@@ -70,6 +70,7 @@ impl RaftNode {
             log.clone(),
             handle.clone(),
             writer_storage.clone(),
+            settings.metrics.fsync_seconds.clone(),
         )?;
         let apply_storage = Arc::new(StorageWatch::default());
         let applier = Applier::start(
@@ -77,6 +78,7 @@ impl RaftNode {
             store.clone(),
             handle.clone(),
             apply_storage.clone(),
+            settings.metrics.apply_seconds.clone(),
         )?;
         // Ids of this run's proposals and reads: a random 16-bit incarnation and the boot
         // count (16 bits) in the high half, so no id repeats across restarts (whatever
@@ -119,6 +121,7 @@ impl RaftNode {
             injected: None,
             storage: storage.clone(),
             failure: failure_tx.clone(),
+            metrics: settings.metrics.clone(),
         };
         spawn_watchdog(
             settings.id,

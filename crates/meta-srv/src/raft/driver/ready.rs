@@ -96,7 +96,9 @@ impl Driver {
         self.node.advance_append_async(ready);
         if inline {
             if must_sync {
+                let timer = self.metrics.fsync_seconds.start_timer();
                 self.log.flush().map_err(raft_error)?;
+                timer.observe_duration();
             }
             self.persisted(number);
         }
@@ -166,7 +168,7 @@ impl Driver {
         if applier.idle() && !self.store.copying() {
             // Nothing queued before it: applying here spares a hand-off and the order
             // stays the log's.
-            let applied = apply_jobs(&self.store, vec![job])?;
+            let applied = apply_jobs(&self.store, vec![job], &self.metrics.apply_seconds)?;
             self.advance_applied(applied);
             return Ok(());
         }

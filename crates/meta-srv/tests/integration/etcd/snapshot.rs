@@ -347,3 +347,46 @@ async fn restore_refuses_bad_files_and_targets_before_writing_anything() {
     let (ok, _, err) = restore_cli(&good, &fresh, &[]);
     assert!(!ok && err.contains("is not empty"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metactl_saves_a_snapshot_that_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(|_| {}).await;
+    let mut kv = kv(&server.grpc).await;
+    for i in 0..5 {
+        kv.put(put(&format!("k{i}"), "v")).await.unwrap();
+    }
+    let file = dir.path().join("backup.db");
+    let file_arg = file.to_str().unwrap().to_string();
+    let (code, out, err) =
+        crate::metactl::metactl_async(&server.grpc, &["snapshot", "save", &file_arg]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with(&format!("snapshot saved to {file_arg}: revision 5,")),
+        "{out}"
+    );
+    assert!(
+        !dir.path().join("backup.db.part").exists(),
+        "no partial file is left"
+    );
+    assert_checksummed(&std::fs::read(&file).unwrap());
+
+    // Somewhere it cannot write: one line, non-zero, nothing left.
+    let (code, _, err) = crate::metactl::metactl_async(
+        &server.grpc,
+        &["snapshot", "save", "/nonexistent-metasrv-dir/backup.db"],
+    )
+    .await;
+    assert_eq!(code, Some(1));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("creating /nonexistent-metasrv-dir/backup.db.part"),
+        "{err}"
+    );
+    server.shutdown().await;
+
+    let fresh = dir.path().join("fresh");
+    let (ok, out, err) = restore_cli(&file, &fresh, &[]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("restored revision 5 (5 keys"), "{out}");
+}

@@ -1,0 +1,153 @@
+//! The HTTP admin API: `GET /metrics` after a known workload (the counts match what
+//! was done, errors are counted by code, a follower reports what it knows), and the
+//! admin views on the leader and on a follower.
+
+use common_meta::kv::{KvBackend, PutRequest};
+use meta_client::{MetaClient, MetaClientOptions};
+use meta_proto::v1 as pb;
+use meta_proto::v1::store_client::StoreClient;
+
+use crate::in_process::{http_get, leader_of, start_three, start_with};
+
+/// The body of `GET /metrics`.
+async fn scrape(http: &str) -> String {
+    let answer = http_get(http, "/metrics").await;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_string()
+}
+
+/// The value of the sample named exactly `series` (name and labels), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_known_workload() {
+    let server = start_with(|_| {}).await;
+    leader_of(std::slice::from_ref(&server)).await;
+    let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default()).unwrap();
+    for i in 0..25 {
+        client
+            .put(PutRequest::new(format!("k{i:02}"), "v"))
+            .await
+            .unwrap();
+    }
+    // One bad request, straight on the wire: an empty key.
+    let mut raw = StoreClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    let refused = raw
+        .put(pb::PutRequest {
+            key: Vec::new(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+    let text = scrape(&server.http).await;
+    let at =
+        |series: &str| sample(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"));
+    assert_eq!(at("metasrv_kv_keys"), 25.0);
+    assert_eq!(at("metasrv_kv_revision"), 25.0);
+    assert_eq!(
+        at(r#"metasrv_grpc_requests_total{method="Put",service="meta.v1.Store"}"#),
+        26.0,
+        "25 puts and the refused one"
+    );
+    assert_eq!(
+        at(
+            r#"metasrv_grpc_errors_total{code="InvalidArgument",method="Put",service="meta.v1.Store"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        at(r#"metasrv_grpc_request_seconds_count{method="Put",service="meta.v1.Store"}"#),
+        26.0
+    );
+    // The puts, and the client's session opened for them, each proposed once.
+    assert!(at("metasrv_raft_proposals_total") >= 26.0);
+    assert_eq!(at("metasrv_raft_is_leader"), 1.0);
+    assert!(at("metasrv_raft_applied_index") >= 26.0);
+    assert!(at("metasrv_raft_fsync_seconds_count") >= 1.0);
+    assert!(at("metasrv_raft_apply_seconds_count") >= 1.0);
+    assert_eq!(at(r#"metasrv_raft_members{role="voter"}"#), 1.0);
+    assert!(at("metasrv_kv_db_size_bytes") > 0.0);
+    server.shutdown().await;
+}
+
+/// Status code and JSON body of `GET path`.
+async fn get_json(http: &str, path: &str) -> (u16, serde_json::Value) {
+    let answer = http_get(http, path).await;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (
+        code,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_reports_its_own_view() {
+    let members = start_three(|c| c.cluster_secret = "a-secret-of-enough-bytes".to_string()).await;
+    let leader = leader_of(&members).await;
+    let follower = (leader + 1) % 3;
+    let text = scrape(&members[follower].http).await;
+    assert_eq!(sample(&text, "metasrv_raft_is_leader"), Some(0.0));
+    assert!(sample(&text, "metasrv_raft_term").unwrap() >= 1.0);
+    assert_eq!(
+        sample(&text, r#"metasrv_raft_members{role="voter"}"#),
+        Some(3.0)
+    );
+    assert!(
+        !text.contains("metasrv_nodes{"),
+        "nodes are the leader's knowledge"
+    );
+    let text = scrape(&members[leader].http).await;
+    assert_eq!(sample(&text, "metasrv_raft_is_leader"), Some(1.0));
+    assert!(sample(&text, "metasrv_raft_leader_changes_total").unwrap() >= 1.0);
+
+    // The admin views: the same leader from both, procedures only at the leader.
+    let (lead, fol) = (&members[leader].http, &members[follower].http);
+    for http in [lead, fol] {
+        let (code, view) = get_json(http, "/leader").await;
+        assert_eq!(code, 200);
+        assert_eq!(view["leader_id"], leader as u64 + 1);
+        assert_eq!(view["leading"], http == lead);
+        let (code, all) = get_json(http, "/members").await;
+        assert_eq!(code, 200);
+        let all = all.as_array().unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all.iter().filter(|m| m["leader"] == true).count(), 1);
+    }
+    let (code, list) = get_json(lead, "/procedures").await;
+    assert_eq!(code, 200);
+    assert!(list.is_array(), "{list}");
+    let (code, missing) = get_json(lead, "/procedures/no-such-id").await;
+    assert_eq!(
+        (code, missing["error"].as_str()),
+        (404, Some("procedure no-such-id not found"))
+    );
+    let (code, refused) = get_json(fol, "/procedures").await;
+    assert_eq!(code, 503);
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("member {}", leader + 1)),
+        "{refused}"
+    );
+    let (code, config) = get_json(fol, "/config").await;
+    assert_eq!(code, 200);
+    assert_eq!(config["cluster_secret"], "<redacted>");
+    assert_eq!(config["node_id"], follower as u64 + 1);
+    assert!(!config.to_string().contains("a-secret-of-enough-bytes"));
+    for member in members {
+        member.shutdown().await;
+    }
+}
