@@ -170,6 +170,10 @@ pub struct Overrides {
     pub join: Option<String>,
     /// `--cluster-secret` / `METASRV_CLUSTER_SECRET`.
     pub cluster_secret: Option<String>,
+    /// `--log-format` / `METASRV_LOG_FORMAT`: `text` or `json`.
+    pub log_format: Option<String>,
+    /// `--log-level` / `METASRV_LOG_LEVEL`: a level or per-module filters.
+    pub log_level: Option<String>,
 }
 
 impl Config {
@@ -225,6 +229,8 @@ impl Config {
             initial_cluster,
             join,
             cluster_secret,
+            log_format,
+            log_level,
         } = overrides;
         config.node_id = node_id.unwrap_or(config.node_id);
         config.data_dir = data_dir.unwrap_or(config.data_dir);
@@ -233,6 +239,18 @@ impl Config {
         config.initial_cluster = initial_cluster.unwrap_or(config.initial_cluster);
         config.join = join.unwrap_or(config.join);
         config.cluster_secret = cluster_secret.unwrap_or(config.cluster_secret);
+        if let Some(format) = log_format {
+            config.logging.format = match format.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(ConfigError::Invalid(format!(
+                        "log format {other:?} is not one of text, json"
+                    )));
+                }
+            };
+        }
+        config.logging.level = log_level.unwrap_or(config.logging.level);
         config.validate()?;
         Ok(config)
     }
@@ -241,6 +259,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id == 0 {
             return Err(ConfigError::Invalid("node_id must be at least 1".into()));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
+            return Err(ConfigError::Invalid(format!(
+                "logging.level {:?} is not a level or a list of module filters: {e}",
+                self.logging.level
+            )));
         }
         let l = &self.limits;
         for (name, value) in [
@@ -461,6 +485,38 @@ mod tests {
         assert_eq!(config.node_id, 5);
         assert_eq!(config.data_dir, PathBuf::from("/from/flag"));
         assert_eq!(config.listen_addr, Config::default().listen_addr);
+
+        let logging = Config::load(
+            None,
+            Overrides {
+                log_format: Some("json".into()),
+                log_level: Some("info,meta_srv::raft=debug".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .logging;
+        assert_eq!(logging.format, LogFormat::Json);
+        assert_eq!(logging.level, "info,meta_srv::raft=debug");
+        for (overrides, want) in [
+            (
+                Overrides {
+                    log_format: Some("xml".into()),
+                    ..Default::default()
+                },
+                "log format \"xml\" is not one of text, json",
+            ),
+            (
+                Overrides {
+                    log_level: Some("info,[=".into()),
+                    ..Default::default()
+                },
+                "is not a level or a list of module filters",
+            ),
+        ] {
+            let err = Config::load(None, overrides).unwrap_err().to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
     }
 
     #[test]

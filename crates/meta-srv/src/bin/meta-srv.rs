@@ -94,6 +94,13 @@ struct StartArgs {
         hide_env_values = true
     )]
     cluster_secret: Option<String>,
+    /// Log lines as `text` or `json` (one object per line) [default: text].
+    #[arg(long, env = "METASRV_LOG_FORMAT", value_name = "FORMAT")]
+    log_format: Option<String>,
+    /// Log level, or per-module filters (`info,meta_srv::raft=debug`) [default: info].
+    /// RUST_LOG, when set, wins.
+    #[arg(long, env = "METASRV_LOG_LEVEL", value_name = "FILTER")]
+    log_level: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -158,6 +165,8 @@ fn start(args: StartArgs) -> ExitCode {
         initial_cluster: args.initial_cluster,
         join: args.join,
         cluster_secret: args.cluster_secret,
+        log_format: args.log_format,
+        log_level: args.log_level,
     };
     let config = match Config::load(args.config.as_deref(), overrides) {
         Ok(config) => config,

@@ -235,6 +235,12 @@ impl Driver {
             });
             if self.view.leader() != self.node.raft.leader_id {
                 self.metrics.leader_changes.inc();
+                tracing::info!(
+                    member = self.id,
+                    leader = self.node.raft.leader_id,
+                    term = self.node.raft.term,
+                    "leader changed"
+                );
             }
             self.view.set(self.node.raft.leader_id, self.node.raft.term);
         }

@@ -354,6 +354,7 @@ impl pb::heartbeat_server::Heartbeat for HeartbeatApi {
             .set_state(request.node_id, to)
             .await
             .map_err(|e| to_status_with_hint(e, &self.members))?;
+        tracing::info!(node = request.node_id, state = ?to, "node state changed");
         Ok(Response::new(pb::SetNodeStateResponse {
             header: common_meta::rpc::header(self.member_id, 0),
             node: Some(self.view(info, unix_ms())),

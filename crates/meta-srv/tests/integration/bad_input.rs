@@ -59,6 +59,26 @@ fn bad_flag_and_env_values_exit_2() {
     let (status, _, stderr) = run_bounded(command, EXIT_DEADLINE);
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    for (flag, value, want) in [
+        (
+            "--log-format",
+            "xml",
+            "log format \"xml\" is not one of text, json",
+        ),
+        (
+            "--log-level",
+            "info,[=",
+            "is not a level or a list of module filters",
+        ),
+    ] {
+        let mut command = meta_srv_command(dir.path());
+        command.args([flag, value]);
+        let (status, _, stderr) = run_bounded(command, EXIT_DEADLINE);
+        assert_eq!(status.code(), Some(2), "{flag}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{flag}: {stderr}");
+        assert!(stderr.contains(want), "{flag}: {stderr}");
+    }
 }
 
 #[test]

@@ -51,7 +51,19 @@ pub(super) fn run(
                 park(&inner, &id, &e).await;
                 Err(e)
             }
-            other => other,
+            other => {
+                if let Ok((state, _)) = &other {
+                    // One line per procedure that ends (an operator's trail).
+                    tracing::info!(
+                        procedure = %id,
+                        type_name = %record.type_name,
+                        ?state,
+                        error = record.error.as_deref().unwrap_or(""),
+                        "procedure ended"
+                    );
+                }
+                other
+            }
         }
     })
 }
