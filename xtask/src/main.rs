@@ -33,6 +33,7 @@ mod codegen;
 mod compat;
 mod fuzz;
 mod sim;
+mod ui_test;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -94,6 +95,8 @@ enum Task {
     },
     /// Simulated datanodes heartbeating to a running cluster, answering instructions.
     Sim(sim::SimArgs),
+    /// The dashboard in headless Chromium, against a server with simulated nodes.
+    UiTest(ui_test::UiArgs),
     /// (internal) The load generator, run by `bench` from a release build of xtask.
     #[command(hide = true, subcommand)]
     BenchRun(bench::BenchTask),
@@ -120,6 +123,7 @@ fn main() -> anyhow::Result<()> {
         Task::BenchRun(task) => bench::run(task),
         Task::Fuzz { target, seconds } => fuzz::run(&target, seconds),
         Task::Compat { target } => compat::run(&target),
+        Task::UiTest(args) => ui_test::run(args),
         Task::Sim(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

@@ -1,4 +1,5 @@
-//! The HTTP admin API (axum): `GET /health`, `GET /status`, `GET /metrics`
+//! The HTTP admin API (axum): `GET /` (the dashboard, `http/dashboard.html`, embedded),
+//! `GET /health`, `GET /status`, `GET /metrics`
 //! (Prometheus text, see `metrics.rs`), `GET /leader`, `GET /members`,
 //! `GET /procedures[/{id}]`, `GET /config` (`http/admin.rs`), `GET /nodes`,
 //! `GET /tables` (`?catalog=&schema=`), `GET /tables/{id}/route`,
@@ -138,6 +139,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/routes", get(routes))
         .route("/tables/{id}/route", get(table_route))
         .route("/maintenance", get(maintenance).post(set_maintenance))
+        .route("/", get(dashboard))
         .route("/metrics", get(metrics))
         .route("/leader", get(admin::leader))
         .route("/members", get(admin::members))
@@ -145,6 +147,16 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/procedures/{id}", get(admin::procedure))
         .route("/config", get(admin::config))
         .with_state(state)
+}
+
+/// The dashboard: one page, embedded in the binary, that reads this API every 2 s.
+const DASHBOARD: &str = include_str!("http/dashboard.html");
+
+async fn dashboard() -> ([(axum::http::HeaderName, &'static str); 1], &'static str) {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        DASHBOARD,
+    )
 }
 
 /// Prometheus text: the counters as they are, the gauges read now (raft and store
