@@ -55,6 +55,57 @@ pub struct MetaClientOptions {
     /// How long a DDL call (create table, ...) waits for its procedure in all before it
     /// reports the procedure as still running.
     pub ddl_timeout: Duration,
+    /// TLS to the members (`None`: plain text).
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS to the members: the CA their certificates are checked with, and this client's
+/// own certificate when they ask for one (mutual TLS). PEM bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientTls {
+    /// The CA (None: the members' certificates are not checked against a CA of ours,
+    /// which rustls then refuses: give one).
+    pub ca: Option<Vec<u8>>,
+    /// This client's certificate and key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the members' certificates must carry (default: the endpoint's host).
+    pub domain: Option<String>,
+}
+
+impl ClientTls {
+    /// Reads PEM files: the CA, and optionally a certificate and its key.
+    pub fn from_files(
+        ca: &std::path::Path,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<ClientTls> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| Error::invalid_argument(format!("reading {}: {e}", path.display())))
+        };
+        Ok(ClientTls {
+            ca: Some(read(ca)?),
+            identity: match identity {
+                Some((cert, key)) => Some((read(cert)?, read(key)?)),
+                None => None,
+            },
+            domain: None,
+        })
+    }
+
+    fn config(&self) -> tonic::transport::ClientTlsConfig {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut config = ClientTlsConfig::new();
+        if let Some(ca) = &self.ca {
+            config = config.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        config
+    }
 }
 
 impl Default for MetaClientOptions {
@@ -67,6 +118,7 @@ impl Default for MetaClientOptions {
             max_backoff: Duration::from_secs(1),
             session_ttl: Some(Duration::from_secs(60)),
             ddl_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -94,7 +146,8 @@ pub(crate) struct Inner {
 }
 
 impl MetaClient {
-    /// A client of the members at `endpoints` (`host:port`, or a full `http://` URI).
+    /// A client of the members at `endpoints` (`host:port`, or a full `http://` or
+    /// `https://` URI; `host:port` is https when `options.tls` is set).
     /// Connections are made lazily, so this fails only on malformed endpoints.
     pub fn new(endpoints: &[impl AsRef<str>], options: MetaClientOptions) -> Result<Self> {
         if endpoints.is_empty() {
@@ -103,20 +156,7 @@ impl MetaClient {
         let mut channels = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints {
             let endpoint = endpoint.as_ref().trim();
-            let uri = if endpoint.contains("://") {
-                endpoint.to_string()
-            } else {
-                format!("http://{endpoint}")
-            };
-            let channel = Endpoint::from_shared(uri)
-                .map_err(|e| {
-                    Error::invalid_argument(format!("invalid endpoint {endpoint:?}: {e}"))
-                })?
-                .connect_timeout(options.connect_timeout)
-                .timeout(options.request_timeout)
-                .tcp_nodelay(true)
-                .connect_lazy();
-            channels.push((endpoint.to_string(), channel));
+            channels.push((endpoint.to_string(), channel(endpoint, &options)?));
         }
         Ok(MetaClient {
             inner: Arc::new(Inner {
@@ -306,6 +346,12 @@ impl MetaClient {
     }
 
     /// A channel to member `addr`, learning it as an endpoint if it is new.
+    /// A channel to member `addr` with this client's settings (TLS included), for
+    /// services this crate does not wrap (etcd's Maintenance, for one).
+    pub fn channel_to(&self, addr: &str) -> Result<Channel> {
+        channel(addr, &self.inner.options)
+    }
+
     pub(crate) fn channel_for(&self, addr: &str) -> Option<Channel> {
         let index = self.endpoint_index(addr)?;
         self.inner
@@ -497,13 +543,24 @@ impl Inner {
 
 /// A lazily connecting channel to `endpoint` (`host:port` or a full URI).
 fn channel(endpoint: &str, options: &MetaClientOptions) -> Result<Channel> {
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let uri = if endpoint.contains("://") {
         endpoint.to_string()
     } else {
-        format!("http://{endpoint}")
+        format!("{scheme}://{endpoint}")
     };
-    Ok(Endpoint::from_shared(uri)
-        .map_err(|e| Error::invalid_argument(format!("invalid endpoint {endpoint:?}: {e}")))?
+    let mut built = Endpoint::from_shared(uri)
+        .map_err(|e| Error::invalid_argument(format!("invalid endpoint {endpoint:?}: {e}")))?;
+    if let Some(tls) = &options.tls {
+        built = built
+            .tls_config(tls.config())
+            .map_err(|e| Error::invalid_argument(format!("TLS to {endpoint}: {e}")))?;
+    }
+    Ok(built
         .connect_timeout(options.connect_timeout)
         .timeout(options.request_timeout)
         .tcp_nodelay(true)

@@ -36,7 +36,7 @@ pub mod table_cache;
 pub mod tso;
 mod watch;
 
-pub use client::{MetaClient, MetaClientOptions};
+pub use client::{ClientTls, MetaClient, MetaClientOptions};
 pub use ddl::DdlAnswer;
 pub use heartbeat::{
     HeartbeatState, HeartbeatTask, InstructionHandler, NodeIdentity, RttObserver, StatsProvider,

@@ -87,6 +87,8 @@ pub struct Config {
     pub tso: TsoConfig,
     /// The range route catalog.
     pub routes: RoutesConfig,
+    /// `[tls]`.
+    pub tls: TlsConfig,
     /// Logging.
     pub logging: LoggingConfig,
 }
@@ -115,6 +117,7 @@ impl Default for Config {
             etcd: EtcdConfig::default(),
             tso: TsoConfig::default(),
             routes: RoutesConfig::default(),
+            tls: TlsConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -174,6 +177,14 @@ pub struct Overrides {
     pub log_format: Option<String>,
     /// `--log-level` / `METASRV_LOG_LEVEL`: a level or per-module filters.
     pub log_level: Option<String>,
+    /// `--tls-cert` / `METASRV_TLS_CERT`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key` / `METASRV_TLS_KEY`.
+    pub tls_key: Option<PathBuf>,
+    /// `--tls-ca` / `METASRV_TLS_CA`.
+    pub tls_ca: Option<PathBuf>,
+    /// `--tls-client-ca` / `METASRV_TLS_CLIENT_CA`.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Config {
@@ -231,7 +242,16 @@ impl Config {
             cluster_secret,
             log_format,
             log_level,
+            tls_cert,
+            tls_key,
+            tls_ca,
+            tls_client_ca,
         } = overrides;
+        let tls = &mut config.tls;
+        tls.cert_file = tls_cert.unwrap_or(std::mem::take(&mut tls.cert_file));
+        tls.key_file = tls_key.unwrap_or(std::mem::take(&mut tls.key_file));
+        tls.ca_file = tls_ca.unwrap_or(std::mem::take(&mut tls.ca_file));
+        tls.client_ca_file = tls_client_ca.unwrap_or(std::mem::take(&mut tls.client_ca_file));
         config.node_id = node_id.unwrap_or(config.node_id);
         config.data_dir = data_dir.unwrap_or(config.data_dir);
         config.listen_addr = listen_addr.unwrap_or(config.listen_addr);
@@ -259,6 +279,18 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id == 0 {
             return Err(ConfigError::Invalid("node_id must be at least 1".into()));
+        }
+        let tls = &self.tls;
+        if tls.cert_file.as_os_str().is_empty() != tls.key_file.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid(
+                "tls.cert_file and tls.key_file go together: set both or neither".into(),
+            ));
+        }
+        let cas = !tls.ca_file.as_os_str().is_empty() || !tls.client_ca_file.as_os_str().is_empty();
+        if cas && !tls.enabled() {
+            return Err(ConfigError::Invalid(
+                "tls.ca_file and tls.client_ca_file need tls.cert_file and tls.key_file".into(),
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
             return Err(ConfigError::Invalid(format!(
@@ -554,6 +586,14 @@ mod tests {
             (
                 "[limits]\nmax_value_bytes = 10\nmax_request_bytes = 5",
                 "must not exceed limits.max_request_bytes",
+            ),
+            (
+                "[tls]\ncert_file = \"a.crt\"",
+                "tls.cert_file and tls.key_file go together",
+            ),
+            (
+                "[tls]\nclient_ca_file = \"ca.crt\"",
+                "tls.ca_file and tls.client_ca_file need tls.cert_file and tls.key_file",
             ),
             (
                 "[routes]\nhotspot_windows = 0",

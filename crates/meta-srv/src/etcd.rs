@@ -73,9 +73,10 @@ impl Etcd {
         limits: KvLimits,
         version: String,
         election_timeout: Duration,
+        tls: Arc<crate::tls::PeerTls>,
     ) -> Arc<Self> {
         Arc::new(Etcd {
-            forward: forward::Forward::new(view.clone(), members.clone(), member_id),
+            forward: forward::Forward::new(view.clone(), members.clone(), member_id, tls),
             backend,
             driver,
             members,

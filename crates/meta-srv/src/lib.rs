@@ -34,6 +34,7 @@ pub mod routes;
 pub mod server;
 pub mod service;
 pub mod session_keeper;
+pub mod tls;
 pub mod tso;
 
 pub use config::Config;

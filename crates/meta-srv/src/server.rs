@@ -87,6 +87,7 @@ pub struct MetaSrv {
     tso: Arc<crate::tso::Oracle>,
     routes: Arc<RouteContext>,
     metrics: Arc<crate::metrics::Metrics>,
+    tls: crate::tls::Tls,
     grpc: TcpListener,
     http: TcpListener,
 }
@@ -146,12 +147,16 @@ impl MetaSrv {
             message: e.to_string(),
         })??;
 
-        let transport = Arc::new(GrpcTransport::new(
-            cluster_id,
-            node_id,
-            members.clone(),
-            tokio::runtime::Handle::current(),
-        ));
+        let tls = crate::tls::Tls::load(&config.tls)?;
+        let transport = Arc::new(
+            GrpcTransport::new(
+                cluster_id,
+                node_id,
+                members.clone(),
+                tokio::runtime::Handle::current(),
+            )
+            .with_tls(tls.peers.clone()),
+        );
         let versions = Arc::new(PeerVersions::default());
         let snapshots = {
             let (dir, store, versions) =
@@ -282,6 +287,7 @@ impl MetaSrv {
             tso,
             routes,
             metrics,
+            tls,
             config,
             data_dir,
             cluster_id,
@@ -489,6 +495,7 @@ impl MetaSrv {
             Duration::from_millis(
                 self.config.raft.tick_ms * self.config.raft.election_ticks as u64,
             ),
+            self.tls.peers.clone(),
         );
         let supervising = self.supervisor.clone().start(self.node.leadership());
         let regions = RegionServer::new(RegionService {
@@ -519,7 +526,14 @@ impl MetaSrv {
         }));
         // Keepalives find half-open connections (a node's machine gone without a FIN),
         // so their streams end instead of lingering attached.
-        let grpc = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls.server.clone() {
+            builder = builder.tls_config(tls).map_err(|e| Error::Serve {
+                what: "gRPC",
+                message: format!("TLS: {e}"),
+            })?;
+        }
+        let grpc = builder
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .tcp_keepalive(Some(Duration::from_secs(30)))

@@ -35,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start a member (flags win over METASRV_* env vars, which win over the file).
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Fill a new data directory from a backup (`etcdctl snapshot save`), for a new
     /// cluster with the same data; run it for every member with the same file and
     /// --initial-cluster, then start each with the same flags.
@@ -101,6 +101,18 @@ struct StartArgs {
     /// RUST_LOG, when set, wins.
     #[arg(long, env = "METASRV_LOG_LEVEL", value_name = "FILTER")]
     log_level: Option<String>,
+    /// TLS on the gRPC port: this member's PEM certificate (with --tls-key).
+    #[arg(long, env = "METASRV_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "METASRV_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA the other members' certificates are verified with.
+    #[arg(long, env = "METASRV_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Mutual TLS: clients and members must present a certificate of this PEM CA.
+    #[arg(long, env = "METASRV_TLS_CLIENT_CA", value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -109,7 +121,7 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     match cli.command {
-        Command::Start(args) => start(args),
+        Command::Start(args) => start(*args),
         Command::Restore(args) => restore(args),
     }
 }
@@ -167,6 +179,10 @@ fn start(args: StartArgs) -> ExitCode {
         cluster_secret: args.cluster_secret,
         log_format: args.log_format,
         log_level: args.log_level,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        tls_ca: args.tls_ca,
+        tls_client_ca: args.tls_client_ca,
     };
     let config = match Config::load(args.config.as_deref(), overrides) {
         Ok(config) => config,

@@ -268,6 +268,30 @@ impl Default for RoutesConfig {
     }
 }
 
+/// `[tls]`: TLS on the gRPC port (clients and members); off while `cert_file` is
+/// empty.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate this member serves and presents to the other members.
+    pub cert_file: std::path::PathBuf,
+    /// PEM private key of that certificate.
+    pub key_file: std::path::PathBuf,
+    /// PEM CA the other members' certificates are verified with (default: the client
+    /// CA).
+    pub ca_file: std::path::PathBuf,
+    /// PEM CA clients and members must present a certificate of (mutual TLS); empty:
+    /// no client certificate asked.
+    pub client_ca_file: std::path::PathBuf,
+}
+
+impl TlsConfig {
+    /// Whether TLS is on.
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.as_os_str().is_empty()
+    }
+}
+
 /// `[tso]`: the timestamp oracle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

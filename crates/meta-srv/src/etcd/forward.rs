@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use super::status::{NO_LEADER, NOT_LEADER};
@@ -44,16 +44,23 @@ pub struct Forward {
     members: Arc<Members>,
     me: u64,
     channels: Mutex<HashMap<(u64, String), Channel>>,
+    tls: Arc<crate::tls::PeerTls>,
 }
 
 impl Forward {
     /// Forwarding for member `me`, following `view`'s leader, addressed by `members`.
-    pub fn new(view: Arc<RaftView>, members: Arc<Members>, me: u64) -> Self {
+    pub fn new(
+        view: Arc<RaftView>,
+        members: Arc<Members>,
+        me: u64,
+        tls: Arc<crate::tls::PeerTls>,
+    ) -> Self {
         Forward {
             view,
             members,
             me,
             channels: Mutex::new(HashMap::new()),
+            tls,
         }
     }
 
@@ -84,8 +91,10 @@ impl Forward {
         if let Some(channel) = channels.get(&(leader, addr.clone())) {
             return Ok(Route::Leader(channel.clone()));
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(format!("leader address {addr:?}: {e}")))?
+        let channel = self
+            .tls
+            .endpoint(&addr)
+            .map_err(Status::internal)?
             .timeout(FORWARD_TIMEOUT)
             .connect_lazy();
         // Channels to members that no longer lead are dropped: one leader at a time.

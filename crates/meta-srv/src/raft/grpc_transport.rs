@@ -24,7 +24,6 @@ use raft::prelude::{Message, MessageType};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 
 use crate::raft::driver::{Command, DriverHandle};
 use crate::raft::members::Members;
@@ -53,9 +52,17 @@ pub struct GrpcTransport {
     peers: Mutex<HashMap<u64, (String, mpsc::Sender<Message>)>>,
     /// The driver, told of unreachable peers and snapshot outcomes once attached.
     reports: Arc<OnceLock<DriverHandle>>,
+    /// Plain text or TLS to the other members.
+    tls: Arc<crate::tls::PeerTls>,
 }
 
 impl GrpcTransport {
+    /// The same transport, reaching the other members as `tls` says.
+    pub fn with_tls(mut self, tls: Arc<crate::tls::PeerTls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// A transport for member `me`; a sender task per peer starts on `runtime` with the
     /// first message to it, at the address `members` gives.
     pub fn new(
@@ -71,6 +78,7 @@ impl GrpcTransport {
             runtime,
             peers: Mutex::new(HashMap::new()),
             reports: Arc::default(),
+            tls: crate::tls::PeerTls::plain(),
         }
     }
 
@@ -101,6 +109,7 @@ impl GrpcTransport {
                 id: peer,
                 addr: addr.clone(),
                 reports: self.reports.clone(),
+                tls: self.tls.clone(),
             },
             messages,
         ));
@@ -143,6 +152,7 @@ struct Peer {
     id: u64,
     addr: String,
     reports: Arc<OnceLock<DriverHandle>>,
+    tls: Arc<crate::tls::PeerTls>,
 }
 
 impl Peer {
@@ -303,9 +313,12 @@ impl Peer {
 }
 
 async fn peer_loop(peer: Peer, mut messages: mpsc::Receiver<Message>) {
-    let Ok(endpoint) = Endpoint::from_shared(format!("http://{}", peer.addr)) else {
-        tracing::error!(peer = peer.id, addr = %peer.addr, "invalid peer address; messages to it are dropped");
-        return;
+    let endpoint = match peer.tls.endpoint(&peer.addr) {
+        Ok(endpoint) => endpoint,
+        Err(e) => {
+            tracing::error!(peer = peer.id, error = %e, "messages to this peer are dropped");
+            return;
+        }
     };
     let endpoint = endpoint
         .connect_timeout(Duration::from_secs(1))

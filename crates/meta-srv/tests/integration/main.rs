@@ -25,5 +25,6 @@ mod regions;
 mod routes;
 mod snapshot_stream;
 mod support;
+mod tls;
 mod tso;
 mod watch;

@@ -43,6 +43,29 @@ struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// TLS: the PEM CA the members' certificates are checked with.
+    #[arg(long, global = true, env = "METACTL_CACERT", value_name = "FILE")]
+    cacert: Option<std::path::PathBuf>,
+    /// Mutual TLS: this client's PEM certificate (with --key).
+    #[arg(
+        long = "cert",
+        id = "tls_cert",
+        global = true,
+        env = "METACTL_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Mutual TLS: the PEM key of --cert.
+    #[arg(
+        long = "key",
+        id = "tls_key",
+        global = true,
+        env = "METACTL_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -216,8 +239,22 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    let tls = match (&cli.cacert, &cli.tls_cert, &cli.tls_key) {
+        (None, None, None) => None,
+        (None, _, _) => {
+            return Err(Failure(
+                "error: --cert and --key need --cacert (the CA the members are checked with)"
+                    .to_string(),
+            ));
+        }
+        (Some(ca), cert, key) => Some(
+            meta_client::ClientTls::from_files(ca, cert.as_deref().zip(key.as_deref()))
+                .map_err(|e| Failure(format!("error: {e}")))?,
+        ),
+    };
     let options = MetaClientOptions {
         deadline: Duration::from_secs(5),
+        tls,
         ..MetaClientOptions::default()
     };
     let client =
@@ -228,7 +265,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Status => status(&client, cli.output).await,
         Command::Tso { count } => tso::tso(&client, count, cli.output).await,
         Command::Snapshot(SnapshotCommand::Save { file }) => {
-            snapshot::save(&cli.endpoints, &file, cli.output).await
+            snapshot::save(&client, &cli.endpoints, &file, cli.output).await
         }
         Command::Member(command) => member(&client, command, cli.output).await,
         Command::Procedure(command) => procedures(&client, command, cli.output).await,

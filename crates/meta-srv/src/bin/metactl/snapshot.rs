@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use meta_client::MetaClient;
 use meta_proto::etcd::etcdserverpb as epb;
 use meta_proto::etcd::etcdserverpb::maintenance_client::MaintenanceClient;
 use serde_json::json;
@@ -17,13 +18,18 @@ fn failed(what: &str, e: impl std::fmt::Display) -> Failure {
 }
 
 /// Saves a backup taken by the first of `endpoints` that answers into `file`.
-pub async fn save(endpoints: &[String], file: &Path, output: Output) -> Result<(), Failure> {
+pub async fn save(
+    client: &MetaClient,
+    endpoints: &[String],
+    file: &Path,
+    output: Output,
+) -> Result<(), Failure> {
     let mut part = file.as_os_str().to_owned();
     part.push(".part");
     let part = PathBuf::from(part);
     let mut last = None;
     for endpoint in endpoints {
-        match fetch(endpoint, &part).await {
+        match fetch(client, endpoint, &part).await {
             Ok(()) => {
                 last = None;
                 break;
@@ -67,10 +73,11 @@ pub async fn save(endpoints: &[String], file: &Path, output: Output) -> Result<(
 }
 
 /// Streams member `endpoint`'s snapshot into `part` and syncs it.
-async fn fetch(endpoint: &str, part: &Path) -> Result<(), Failure> {
-    let mut client = MaintenanceClient::connect(format!("http://{endpoint}"))
-        .await
+async fn fetch(client: &MetaClient, endpoint: &str, part: &Path) -> Result<(), Failure> {
+    let channel = client
+        .channel_to(endpoint)
         .map_err(|e| failed(&format!("connecting to {endpoint}"), e))?;
+    let mut client = MaintenanceClient::new(channel);
     let mut stream = client
         .snapshot(epb::SnapshotRequest {})
         .await
