@@ -122,9 +122,10 @@ fn run_client(_system: &str, _endpoint: &str) -> anyhow::Result<usize> {
 }
 
 /// A server process and its temporary directory, killed on drop.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    endpoint: String,
+    /// Its client address.
+    pub(crate) endpoint: String,
     _dir: tempfile::TempDir,
 }
 
@@ -137,6 +138,11 @@ impl Drop for Server {
 
 impl Server {
     fn meta() -> anyhow::Result<Server> {
+        Server::meta_on("127.0.0.1:0")
+    }
+
+    /// A debug `meta-srv` on a free gRPC port, its HTTP port at `http`.
+    pub(crate) fn meta_on(http: &str) -> anyhow::Result<Server> {
         let dir = tempfile::tempdir()?;
         let port = crate::bench::free_ports(1)?[0];
         let endpoint = format!("127.0.0.1:{port}");
@@ -144,7 +150,7 @@ impl Server {
             .arg("start")
             .arg("--data-dir")
             .arg(dir.path())
-            .args(["--listen-addr", &endpoint, "--http-addr", "127.0.0.1:0"])
+            .args(["--listen-addr", &endpoint, "--http-addr", http])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

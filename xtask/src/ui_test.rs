@@ -5,9 +5,8 @@
 //! procedure that created it. A screenshot is saved (`--screenshot`, default
 //! `target/ui-test/dashboard.png`).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -26,52 +25,6 @@ pub struct UiArgs {
 
 /// How long one Chromium run may take.
 const BROWSER_DEADLINE: Duration = Duration::from_secs(90);
-
-/// A `meta-srv` child process, killed on drop.
-struct Server {
-    child: Child,
-    grpc: String,
-    http: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server() -> anyhow::Result<Server> {
-    let dir = tempfile::tempdir()?;
-    let ports = crate::bench::free_ports(2)?;
-    let (grpc, http) = (
-        format!("127.0.0.1:{}", ports[0]),
-        format!("127.0.0.1:{}", ports[1]),
-    );
-    let mut child = Command::new(root().join("target/debug/meta-srv"))
-        .arg("start")
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--listen-addr", &grpc, "--http-addr", &http])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting meta-srv")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("piped stdout")?).read_line(&mut line)?;
-    if !line.starts_with("meta-srv listening") {
-        let _ = child.kill();
-        bail!("meta-srv did not start: {line:?}");
-    }
-    Ok(Server {
-        child,
-        grpc,
-        http,
-        _dir: dir,
-    })
-}
 
 /// Runs headless Chromium with `args` on `url`, bounded in time; its standard output.
 fn chromium(url: &str, args: &[String]) -> anyhow::Result<String> {
@@ -161,18 +114,19 @@ pub fn run(args: UiArgs) -> anyhow::Result<()> {
         bail!("chromium is not installed: `apt-get install chromium` (Debian's package) and retry");
     }
     run_command(Command::new("cargo").args(["build", "--quiet", "--bin", "meta-srv"]))?;
-    let server = start_server()?;
+    let http = format!("127.0.0.1:{}", crate::bench::free_ports(1)?[0]);
+    let server = crate::compat::Server::meta_on(&http)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let url = format!("http://{}/", server.http);
+    let url = format!("http://{http}/");
     let screenshot = args
         .screenshot
         .unwrap_or_else(|| root().join("target/ui-test/dashboard.png"));
     runtime.block_on(async {
-        let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default())?;
+        let client = MetaClient::new(&[&server.endpoint], MetaClientOptions::default())?;
         let sim = Simulator::start(
-            std::slice::from_ref(&server.grpc),
+            std::slice::from_ref(&server.endpoint),
             &SimOptions {
                 nodes: 3,
                 regions_per_node: 0,
