@@ -173,6 +173,10 @@ pub enum Error {
         /// What was refused and what to do instead.
         message: String,
     },
+
+    /// An auth change or check was refused (see [`crate::auth`]).
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
 }
 
 /// The rule that refused a membership change.

@@ -19,8 +19,10 @@
 //!
 //! **Invariant:** `common-meta` does no network IO; it depends on no server or client crate.
 
+pub mod auth;
 pub mod concurrency;
 pub mod error;
+pub mod hex;
 pub mod key;
 pub mod kv;
 pub mod manager;

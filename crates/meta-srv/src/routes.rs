@@ -35,9 +35,7 @@ pub struct CatalogView {
     pub routes: Vec<RouteView>,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use common_meta::hex::encode as hex;
 
 impl From<&RouteDescriptor> for RouteView {
     fn from(r: &RouteDescriptor) -> Self {

@@ -10,6 +10,7 @@
 use meta_proto::v1 as pb;
 use prost::Message as _;
 
+use crate::auth::AuthChange;
 use crate::error::{Error, Result};
 use crate::kv::types::{TxnRequest, TxnResponse};
 
@@ -124,6 +125,11 @@ pub enum Command {
         /// The leases and what is left of each.
         leases: Vec<(i64, i64)>,
     },
+    /// Changes the auth state (users, roles, whether auth is on).
+    Auth {
+        /// The change.
+        change: AuthChange,
+    },
 }
 
 /// What applying a [`Command`] answers.
@@ -173,6 +179,10 @@ impl Command {
                     .map(|(id, remaining_ms)| pb::LeaseRemaining { id, remaining_ms })
                     .collect(),
             }),
+            Command::Auth { change } => C::Auth(pb::AuthCommand {
+                change: serde_json::to_vec(&change)
+                    .unwrap_or_else(|_| unreachable!("an AuthChange always encodes as JSON")),
+            }),
         };
         let message = pb::RaftCommand {
             command: Some(command),
@@ -218,6 +228,11 @@ impl Command {
                             .into_iter()
                             .map(|l| (l.id, l.remaining_ms))
                             .collect(),
+                    }),
+                    Some(C::Auth(a)) => Ok(Command::Auth {
+                        change: serde_json::from_slice(&a.change).map_err(|e| {
+                            Error::invalid_argument(format!("undecodable auth change: {e}"))
+                        })?,
                     }),
                     None => Err(Error::invalid_argument(
                         "undecodable entry: a command of an unknown kind",
@@ -271,6 +286,16 @@ mod tests {
             Command::LeaseRevoke { id: 5 },
             Command::LeaseCheckpoint {
                 leases: vec![(5, 300), (6, 0)],
+            },
+            Command::Auth {
+                change: AuthChange::RoleGrant {
+                    name: "app".into(),
+                    permission: crate::auth::Permission {
+                        key: b"a".to_vec(),
+                        range_end: vec![0],
+                        access: crate::auth::Access::Read,
+                    },
+                },
             },
         ] {
             assert_eq!(Command::decode(&command.clone().encode()).unwrap(), command);

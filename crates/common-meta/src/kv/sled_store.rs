@@ -13,6 +13,7 @@
 //!                      machine (its configuration, member addresses, boot counter);
 //!                      opaque here
 //! 0x00 "compacted" -> the compacted revision, i64 BE; 0x00 "swept": how far its sweep got
+//! 0x00 "auth"      -> the auth state (users, roles, on or off), JSON (`crate::auth`)
 //! 0x04, 0x05        -> the revision history (see `history.rs`)
 //! ```
 //!
@@ -38,11 +39,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use meta_proto::v1 as pb;
 use prost::Message as _;
 
+use crate::auth::AuthState;
 use crate::error::{Error, Result};
 use crate::kv::command::{Applied, Command};
 use crate::kv::engine::{self, Entry, ReadView, ScanItem};
@@ -76,6 +78,7 @@ fn system_key(name: &[u8]) -> Vec<u8> {
 }
 const REVISION_KEY: &[u8] = b"\x00revision";
 const APPLIED_KEY: &[u8] = b"\x00applied";
+const AUTH_KEY: &[u8] = b"\x00auth";
 
 // The meta keys sort before every data key and the session records after them, so data
 // scans (which end at DATA_PREFIX + 1) never meet either.
@@ -108,6 +111,8 @@ pub struct SledKvStore {
     compacted: AtomicI64,
     /// The watchers this store's writes are handed to.
     hub: crate::kv::watch::WatchHub,
+    /// The auth state as last applied (readers take the `Arc` and let go of the lock).
+    auth: RwLock<Arc<AuthState>>,
 }
 
 fn data_key(key: &[u8]) -> Vec<u8> {
@@ -210,13 +215,41 @@ impl SledKvStore {
             copying: std::sync::atomic::AtomicUsize::new(0),
             compacted: AtomicI64::new(compacted),
             hub: crate::kv::watch::WatchHub::new(revision),
+            auth: RwLock::new(Arc::default()),
         };
+        store.load_auth()?;
         store.start_history()?;
         // A crash between a compaction and its sweep: finish the sweep.
         if store.read_i64(history::SWEPT_KEY)? < compacted {
             store.sweep(compacted)?;
         }
         Ok(store)
+    }
+
+    /// Reads the stored auth state into memory (at open, after a snapshot is installed).
+    fn load_auth(&self) -> Result<()> {
+        let state = match self
+            .tree
+            .get(AUTH_KEY)
+            .map_err(storage_error("reading the auth state"))?
+        {
+            None => AuthState::default(),
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Corrupted {
+                location: format!("tree {TREE} key auth"),
+                reason: e.to_string(),
+            })?,
+        };
+        *self.auth.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(state);
+        Ok(())
+    }
+
+    /// The auth state as of the last applied write.
+    pub fn auth(&self) -> Arc<AuthState> {
+        // Only ever replaced whole: a poisoned lock still holds a consistent state.
+        self.auth
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// An i64 kept under a meta key (0 when absent).
@@ -448,6 +481,7 @@ impl SledKvStore {
             compact: None,
             leases: BTreeMap::new(),
             sessions: BTreeMap::new(),
+            auth: None,
         };
         let mut answers = Vec::with_capacity(commands.len());
         for (index, command) in commands {
@@ -460,9 +494,11 @@ impl SledKvStore {
             compact,
             leases,
             sessions,
+            auth,
             ..
         } = group;
         if revision == start
+            && auth.is_none()
             && applied.is_none()
             && sessions.is_empty()
             && system.is_empty()
@@ -506,6 +542,11 @@ impl SledKvStore {
                 None => batch.remove(system_key(&name)),
             }
         }
+        if let Some(auth) = &auth {
+            let json = serde_json::to_vec(auth)
+                .unwrap_or_else(|_| unreachable!("an AuthState always encodes as JSON"));
+            batch.insert(AUTH_KEY, json);
+        }
         batch.insert(REVISION_KEY, &revision.to_be_bytes());
         if let Some(applied) = applied {
             batch.insert(APPLIED_KEY, &applied.to_be_bytes());
@@ -524,6 +565,9 @@ impl SledKvStore {
             }
             if let Some(applied) = applied {
                 self.applied.store(applied, Ordering::Release);
+            }
+            if let Some(auth) = auth {
+                *self.auth.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(auth);
             }
         }
         if revision > start {

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::hex::{decode as unhex, encode as hex};
 use crate::kv::{
     Compare, CompareOp, CompareTarget, DeleteRangeRequest, KvBackend, PutRequest, RangeRequest,
     TxnOp, TxnRequest,
@@ -80,20 +81,6 @@ pub enum Admission {
     Consume,
     /// The node that used the token comes back: register without a write to the token.
     Return,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 fn unauthenticated(message: String) -> Error {

@@ -219,6 +219,7 @@ impl SledKvStore {
             Ordering::Release,
         );
         drop(_guard);
+        self.load_auth()?;
         // The new state's changes are not listed: every watcher reads the history (and
         // ends as compacted if the snapshot no longer has what it needs).
         self.hub.publish(revision, None);

@@ -7,6 +7,7 @@ use meta_proto::v1 as pb;
 use prost::Message as _;
 
 use super::{MAX_UNACKED_ANSWERS, SledKvStore, TREE};
+use crate::auth::AuthState;
 use crate::error::{Error, Result};
 use crate::kv::command::{Applied, Command, SessionRef};
 use crate::kv::engine::{self, Entry, Layered, ReadView, ScanItem};
@@ -39,6 +40,8 @@ pub(super) struct Group<'a> {
     pub(super) leases: BTreeMap<i64, Option<pb::LeaseRecord>>,
     /// Session records written (`None`: removed) by the group.
     pub(super) sessions: BTreeMap<u64, Option<pb::SessionRecord>>,
+    /// The auth state, once a command of the group changed it.
+    pub(super) auth: Option<AuthState>,
 }
 
 impl Group<'_> {
@@ -91,6 +94,16 @@ impl Group<'_> {
                 Ok(Ok(Applied::LeaseGranted { id, ttl_secs }))
             }
             Command::LeaseRevoke { id } => self.revoke(id),
+            Command::Auth { change } => {
+                let mut state = self
+                    .auth
+                    .take()
+                    .unwrap_or_else(|| AuthState::clone(&self.store.auth()));
+                // A refused change leaves the state as it was (see `AuthState::apply`).
+                let answer = state.apply(change);
+                self.auth = Some(state);
+                Ok(answer.map(|_| Applied::Done).map_err(Error::from))
+            }
             Command::LeaseCheckpoint { leases } => {
                 for (id, remaining_ms) in leases {
                     if let Some(mut record) = self.lease(id)? {

@@ -527,3 +527,46 @@ fn a_value_is_stored_once_while_current_and_kept_in_the_history_once_superseded(
         Some(b"small".to_vec())
     );
 }
+
+#[test]
+fn auth_changes_apply_without_a_revision_and_survive_reopen_and_snapshots() {
+    use crate::auth::{AuthChange, AuthError};
+    let add = |name: &str| Command::Auth {
+        change: AuthChange::UserAdd {
+            name: name.to_string(),
+            password: None,
+        },
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let blob = {
+        let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+        let answers = store
+            .apply(vec![
+                (1, add("alice")),
+                (2, add("alice")),
+                (3, write(put("k"))),
+            ])
+            .unwrap();
+        assert!(matches!(answers[0], Some(Ok(Applied::Done))));
+        assert!(matches!(
+            &answers[1],
+            Some(Err(Error::Auth(AuthError::UserExists(name)))) if name == "alice"
+        ));
+        assert_eq!(store.revision(), 1, "only the put moved the revision");
+        assert_eq!(store.auth().revision, 1, "the refused add changed nothing");
+        assert!(store.auth().users.contains_key("alice"));
+        copied(&store).0
+    };
+    let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
+    assert!(
+        store.auth().users.contains_key("alice"),
+        "kept across reopen"
+    );
+
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = SledKvStore::open(other_dir.path(), KvLimits::default()).unwrap();
+    other.apply(vec![(1, add("bob"))]).unwrap();
+    other.restore(&blob).unwrap();
+    let users: Vec<_> = other.auth().users.keys().cloned().collect();
+    assert_eq!(users, ["alice"], "a snapshot replaces the auth state too");
+}

@@ -1,0 +1,54 @@
+//! Password hashes: argon2id with the crate's recommended cost, as PHC strings
+//! (`$argon2id$v=19$m=...$salt$hash`) that carry their own parameters, so a later
+//! change of cost still verifies older hashes.
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+
+use super::state::AuthError;
+
+/// The hash of `password` with a fresh random salt. Slow on purpose (tens of
+/// milliseconds): call it off the async threads.
+pub fn hash_password(password: &str) -> Result<String, AuthError> {
+    if password.is_empty() {
+        return Err(AuthError::Invalid(
+            "the password is empty; give one (or add the user without a password)".to_string(),
+        ));
+    }
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt)
+        .map_err(|e| AuthError::Invalid(format!("cannot draw a password salt: {e}")))?;
+    let salt = SaltString::encode_b64(&salt)
+        .map_err(|e| AuthError::Invalid(format!("cannot encode a password salt: {e}")))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|e| AuthError::Invalid(format!("cannot hash the password: {e}")))
+}
+
+/// Whether `password` matches `hash` (a PHC string from [`hash_password`]); a hash that
+/// does not parse matches nothing.
+pub fn verify_password(hash: &str, password: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|parsed| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hash_verifies_its_password_only() {
+        let hash = hash_password("s3cret").unwrap();
+        assert!(hash.starts_with("$argon2id$"), "{hash}");
+        assert!(verify_password(&hash, "s3cret"));
+        assert!(!verify_password(&hash, "s3cret "));
+        assert!(!verify_password("not a hash", "s3cret"));
+        // Salted: the same password hashes differently each time.
+        assert_ne!(hash, hash_password("s3cret").unwrap());
+        assert!(hash_password("").is_err());
+    }
+}
