@@ -13,6 +13,8 @@ use meta_proto::v1::heartbeat_client::HeartbeatClient;
 use meta_proto::v1::procedure_client::ProcedureClient;
 use meta_proto::v1::store_client::StoreClient;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::auth::{Conn, Credentials, TokenSlot};
 use tonic::{Response, Status};
 
 use crate::status::{Outcome, from_status, outcome_of};
@@ -57,6 +59,9 @@ pub struct MetaClientOptions {
     pub ddl_timeout: Duration,
     /// TLS to the members (`None`: plain text).
     pub tls: Option<ClientTls>,
+    /// The user to act as when the cluster has auth enabled (`None`: none; requests
+    /// are then refused as unauthenticated where auth is on).
+    pub credentials: Option<Credentials>,
 }
 
 /// TLS to the members: the CA their certificates are checked with, and this client's
@@ -119,6 +124,7 @@ impl Default for MetaClientOptions {
             session_ttl: Some(Duration::from_secs(60)),
             ddl_timeout: Duration::from_secs(60),
             tls: None,
+            credentials: None,
         }
     }
 }
@@ -135,7 +141,7 @@ pub struct MetaClient {
 #[derive(Debug)]
 pub(crate) struct Inner {
     /// The endpoints given, plus leaders learned from hints; never shrinks.
-    endpoints: RwLock<Vec<(String, Channel)>>,
+    endpoints: RwLock<Vec<(String, Conn)>>,
     /// Index of the endpoint that answered last; requests start there.
     current: AtomicUsize,
     options: MetaClientOptions,
@@ -143,6 +149,8 @@ pub(crate) struct Inner {
     pub(crate) session: crate::session::SessionSlot,
     /// The stream that carries this client's watchers, while any run.
     pub(crate) watch_mux: crate::watch::MuxSlot,
+    /// The token requests carry, once authenticated.
+    token: Arc<TokenSlot>,
 }
 
 impl MetaClient {
@@ -153,10 +161,12 @@ impl MetaClient {
         if endpoints.is_empty() {
             return Err(Error::invalid_argument("no endpoints given"));
         }
+        let token = Arc::new(TokenSlot::default());
         let mut channels = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints {
             let endpoint = endpoint.as_ref().trim();
-            channels.push((endpoint.to_string(), channel(endpoint, &options)?));
+            let conn = Conn::new(channel(endpoint, &options)?, token.clone());
+            channels.push((endpoint.to_string(), conn));
         }
         Ok(MetaClient {
             inner: Arc::new(Inner {
@@ -165,6 +175,7 @@ impl MetaClient {
                 options,
                 session: Default::default(),
                 watch_mux: Default::default(),
+                token,
             }),
         })
     }
@@ -186,11 +197,24 @@ impl MetaClient {
     /// Runs `call` on a Store client (see [`MetaClient::with_channel`]).
     pub(crate) async fn with_store<T, F, Fut>(&self, call: F) -> Result<T>
     where
-        F: Fn(StoreClient<Channel>) -> Fut,
+        F: Fn(StoreClient<Conn>) -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
         self.with_channel(|channel| {
             call(StoreClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES))
+        })
+        .await
+    }
+
+    /// Runs `call` on etcd's Auth service of the members (users, roles, enabling auth;
+    /// changes are forwarded to the leader by the member), with the retry loop.
+    pub async fn with_auth<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: Fn(meta_proto::etcd::etcdserverpb::auth_client::AuthClient<Conn>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        self.with_channel(|channel| {
+            call(meta_proto::etcd::etcdserverpb::auth_client::AuthClient::new(channel))
         })
         .await
     }
@@ -348,11 +372,14 @@ impl MetaClient {
     /// A channel to member `addr`, learning it as an endpoint if it is new.
     /// A channel to member `addr` with this client's settings (TLS included), for
     /// services this crate does not wrap (etcd's Maintenance, for one).
-    pub fn channel_to(&self, addr: &str) -> Result<Channel> {
-        channel(addr, &self.inner.options)
+    pub fn channel_to(&self, addr: &str) -> Result<Conn> {
+        Ok(Conn::new(
+            channel(addr, &self.inner.options)?,
+            self.inner.token.clone(),
+        ))
     }
 
-    pub(crate) fn channel_for(&self, addr: &str) -> Option<Channel> {
+    pub(crate) fn channel_for(&self, addr: &str) -> Option<Conn> {
         let index = self.endpoint_index(addr)?;
         self.inner
             .read_endpoints()
@@ -371,7 +398,7 @@ impl MetaClient {
         {
             return Some(i);
         }
-        let channel = channel(addr, &self.inner.options).ok()?;
+        let channel = self.channel_to(addr).ok()?;
         let mut endpoints = self
             .inner
             .endpoints
@@ -389,7 +416,7 @@ impl MetaClient {
     /// [`MetaClient::with_retry`]). For reads and requests whose retry is harmless.
     pub(crate) async fn with_channel<T, F, Fut>(&self, call: F) -> Result<T>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
         self.with_retry(Retry::Transient, call)
@@ -409,7 +436,7 @@ impl MetaClient {
         call: F,
     ) -> std::result::Result<T, Failure>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
         let inner = &self.inner;
@@ -419,6 +446,8 @@ impl MetaClient {
         let mut maybe_applied = false;
         // Hints can be stale during an election; follow only a few in a row.
         let mut hint_jumps = 0;
+        // A refused token is replaced once per request.
+        let mut reauthenticated = false;
         loop {
             let (index, endpoint, channel, count) = {
                 let endpoints = inner.read_endpoints();
@@ -426,10 +455,25 @@ impl MetaClient {
                 let (endpoint, channel) = endpoints[index].clone();
                 (index, endpoint, channel, endpoints.len())
             };
+            if let Err(error) = self.ensure_token(&channel).await {
+                return Err(Failure {
+                    error,
+                    maybe_applied,
+                });
+            }
             let status = match call(channel.clone()).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => status,
             };
+            // Refused before anything ran: authenticate again and send it again.
+            if status.code() == tonic::Code::Unauthenticated
+                && inner.options.credentials.is_some()
+                && !reauthenticated
+            {
+                reauthenticated = true;
+                crate::auth::forget(&inner.token);
+                continue;
+            }
             let outcome = outcome_of(&status);
             match outcome {
                 Outcome::Final => {
@@ -496,8 +540,27 @@ impl MetaClient {
         }
     }
 
+    /// Authenticates over `conn` when the options name a user and no token is held.
+    pub(crate) async fn ensure_token(&self, conn: &Conn) -> Result<()> {
+        let inner = &self.inner;
+        match &inner.options.credentials {
+            Some(credentials) if !inner.token.is_set() => {
+                crate::auth::authenticate(conn.clone(), credentials, &inner.token).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Forgets the token when `status` refused it, so the next attempt authenticates
+    /// again (for streams, which do not run through the retry loop).
+    pub(crate) fn note_refusal(&self, status: &Status) {
+        if status.code() == tonic::Code::Unauthenticated {
+            crate::auth::forget(&self.inner.token);
+        }
+    }
+
     /// The endpoint requests start at: its index, address and channel.
-    pub(crate) fn current_endpoint(&self) -> (usize, String, Channel) {
+    pub(crate) fn current_endpoint(&self) -> (usize, String, Conn) {
         let endpoints = self.inner.read_endpoints();
         let index = self.inner.current.load(Ordering::Relaxed) % endpoints.len();
         let (endpoint, channel) = endpoints[index].clone();
@@ -533,7 +596,7 @@ impl MetaClient {
 }
 
 impl Inner {
-    fn read_endpoints(&self) -> std::sync::RwLockReadGuard<'_, Vec<(String, Channel)>> {
+    fn read_endpoints(&self) -> std::sync::RwLockReadGuard<'_, Vec<(String, Conn)>> {
         // Only ever pushed to, under the write lock: a poisoned list is still whole.
         self.endpoints
             .read()

@@ -321,6 +321,10 @@ async fn session(
     handlers: &mut JoinSet<()>,
 ) -> Result<(), Option<String>> {
     let channel = client.channel_for(leader).ok_or(None)?;
+    if let Err(e) = client.ensure_token(&channel).await {
+        tracing::warn!(error = %e, "heartbeat cannot authenticate");
+        return Err(None);
+    }
     let identity = &node.identity;
     let (requests, outgoing) = mpsc::channel(4);
     let mut seq = 1u64;
@@ -352,7 +356,10 @@ async fn session(
     let mut answers = HeartbeatClient::new(channel)
         .heartbeat(ReceiverStream::new(outgoing))
         .await
-        .map_err(|status| hint_of(&status))?
+        .map_err(|status| {
+            client.note_refusal(&status);
+            hint_of(&status)
+        })?
         .into_inner();
     let mut interval = Duration::from_secs(1);
     let next_beat = tokio::time::sleep(Duration::MAX);

@@ -20,6 +20,7 @@
 //!
 //! **Invariant:** `meta-client` never depends on `meta-srv`.
 
+pub mod auth;
 mod client;
 pub mod concurrency;
 mod ddl;
@@ -36,6 +37,7 @@ pub mod table_cache;
 pub mod tso;
 mod watch;
 
+pub use auth::{Conn, Credentials};
 pub use client::{ClientTls, MetaClient, MetaClientOptions};
 pub use ddl::DdlAnswer;
 pub use heartbeat::{

@@ -129,7 +129,7 @@ impl MetaClient {
     /// server waiting a bounded time; then polls its procedure until `wait` is over.
     async fn change_routes<F, Fut>(&self, wait: Duration, call: F) -> Result<RouteChangeAnswer>
     where
-        F: Fn(tonic::transport::Channel, u64, String) -> Fut,
+        F: Fn(crate::auth::Conn, u64, String) -> Fut,
         Fut: std::future::Future<
                 Output = std::result::Result<
                     tonic::Response<pb::RouteChangeResponse>,

@@ -16,10 +16,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::auth::Conn;
 use common_meta::{Error, Result};
 use meta_proto::v1 as pb;
 use meta_proto::v1::store_client::StoreClient;
-use tonic::transport::Channel;
 use tonic::{Response, Status};
 
 use crate::client::{Failure, MetaClient, Retry};
@@ -94,7 +94,7 @@ impl MetaClient {
     /// said nothing was applied. `call` gets the session reference to put in the request.
     pub(crate) async fn write<T, F, Fut>(&self, call: F) -> Result<T>
     where
-        F: Fn(StoreClient<Channel>, Option<pb::SessionRef>) -> Fut,
+        F: Fn(StoreClient<Conn>, Option<pb::SessionRef>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<Response<T>, Status>>,
     {
         if self.options().session_ttl.is_none() {
@@ -199,7 +199,7 @@ impl MetaClient {
     }
 }
 
-fn store(channel: Channel) -> StoreClient<Channel> {
+fn store(channel: Conn) -> StoreClient<Conn> {
     StoreClient::new(channel).max_decoding_message_size(crate::client::MAX_RESPONSE_BYTES)
 }
 

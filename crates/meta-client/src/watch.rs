@@ -128,6 +128,10 @@ struct Open {
 /// Opens a stream on the client's current member.
 async fn open(client: MetaClient) -> std::result::Result<Open, String> {
     let (index, endpoint, channel) = client.current_endpoint();
+    client
+        .ensure_token(&channel)
+        .await
+        .map_err(|e| format!("{endpoint}: {e}"))?;
     let (requests, outbound) = mpsc::channel(REQUEST_QUEUE);
     match WatchClient::new(channel)
         .watch(ReceiverStream::new(outbound))
@@ -139,6 +143,7 @@ async fn open(client: MetaClient) -> std::result::Result<Open, String> {
             responses: response.into_inner(),
         }),
         Err(status) => {
+            client.note_refusal(&status);
             client.skip_endpoint(index);
             Err(format!("{endpoint}: {}", status.message()))
         }

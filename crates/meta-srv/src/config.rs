@@ -89,6 +89,8 @@ pub struct Config {
     pub routes: RoutesConfig,
     /// `[tls]`.
     pub tls: TlsConfig,
+    /// `[auth]`.
+    pub auth: AuthConfig,
     /// Logging.
     pub logging: LoggingConfig,
 }
@@ -118,6 +120,7 @@ impl Default for Config {
             tso: TsoConfig::default(),
             routes: RoutesConfig::default(),
             tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -356,6 +359,12 @@ impl Config {
                     "routes.{name} ({value}) must be between {low} and {high}"
                 )));
             }
+        }
+        if !(1..=604_800).contains(&self.auth.token_ttl_secs) {
+            return Err(ConfigError::Invalid(format!(
+                "auth.token_ttl_secs ({}) must be between 1 and 604800",
+                self.auth.token_ttl_secs
+            )));
         }
         if !(100..=600_000).contains(&self.tso.save_interval_ms) {
             return Err(ConfigError::Invalid(format!(
@@ -602,6 +611,10 @@ mod tests {
             (
                 "[routes]\nhotspot_window_ms = 5",
                 "routes.hotspot_window_ms (5) must be between 100 and 3600000",
+            ),
+            (
+                "[auth]\ntoken_ttl_secs = 0",
+                "auth.token_ttl_secs (0) must be between 1 and 604800",
             ),
             (
                 "[tso]\nsave_interval_ms = 10",

@@ -26,6 +26,7 @@
 //! | 3 | no change on disk; members stream snapshots as files (`Cluster/InstallSnapshot`), used towards peers of format 3 or later |
 //! | 4 | the raft log is kept in runs of entries, one sled key per append (tree `raft_runs`, see `log_store/runs.rs`), not one key per entry (`raft_log`) |
 //! | 5 | no change on disk; transactions may use etcd's extensions (a put keeping the value or lease, lease and range compares, nested transactions), proposed only once every member runs format 5 or later (`raft/backend.rs`, `FeatureGate`) |
+//! | 6 | auth: users, roles and whether auth is on are kept under the state machine's meta key `auth` (JSON), changed by `RaftCommand.auth` entries, proposed only once every member runs format 6 or later |
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -34,7 +35,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// The data format this binary writes (see the module doc).
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 
 /// The oldest data format this binary opens.
 pub const OLDEST_FORMAT: u32 = 1;

@@ -174,6 +174,7 @@ pub fn to_status(err: common_meta::Error) -> tonic::Status {
         E::Unauthenticated { message } => {
             (tonic::Status::unauthenticated(message), OUTCOME_NOT_APPLIED)
         }
+        E::Auth(e) => (crate::auth::status(&e), OUTCOME_NOT_APPLIED),
         e @ E::NotLeader { .. } => (
             tonic::Status::unavailable(e.to_string()),
             OUTCOME_NOT_APPLIED,

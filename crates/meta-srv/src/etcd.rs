@@ -58,6 +58,8 @@ pub struct Etcd {
     /// How long a stream whose client asked for a leader (`hasleader`) goes on while
     /// this member knows none: three election timeouts, as etcd checks.
     pub leaderless_grace: Duration,
+    /// How long a token from `Authenticate` is valid.
+    pub token_ttl: Duration,
 }
 
 impl Etcd {
@@ -74,6 +76,7 @@ impl Etcd {
         version: String,
         election_timeout: Duration,
         tls: Arc<crate::tls::PeerTls>,
+        token_ttl: Duration,
     ) -> Arc<Self> {
         Arc::new(Etcd {
             forward: forward::Forward::new(view.clone(), members.clone(), member_id, tls),
@@ -86,6 +89,7 @@ impl Etcd {
             member_id,
             limits,
             leaderless_grace: election_timeout * 3,
+            token_ttl,
         })
     }
 
@@ -164,6 +168,7 @@ impl Etcd {
             ))
             .add_service(epb::auth_server::AuthServer::new(auth::AuthService::new(
                 self.clone(),
+                self.token_ttl,
             )))
             .add_service(meta_proto::etcd::v3lockpb::lock_server::LockServer::new(
                 lock::LockService::new(self.clone(), stop.clone()),

@@ -14,6 +14,7 @@
 //!
 //! **Invariant:** requests reach storage only through `common_meta::kv::KvBackend`.
 
+pub mod auth;
 pub mod backup;
 pub mod cli;
 pub mod cluster_plane;

@@ -496,6 +496,7 @@ impl MetaSrv {
                 self.config.raft.tick_ms * self.config.raft.election_ticks as u64,
             ),
             self.tls.peers.clone(),
+            Duration::from_secs(self.config.auth.token_ttl_secs),
         );
         let supervising = self.supervisor.clone().start(self.node.leadership());
         let regions = RegionServer::new(RegionService {
@@ -538,6 +539,7 @@ impl MetaSrv {
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .layer(crate::metrics::GrpcLayer(self.metrics.grpc.clone()))
+            .layer(crate::auth::AuthLayer::new(self.store.clone()))
             .add_service(store)
             .add_service(watch)
             .add_service(leases)

@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::state::{AuthState, ROOT};
+use crate::kv::{TxnOp, TxnRequest};
 
 /// What a permission allows, or a request needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -120,6 +121,35 @@ impl AuthState {
             .collect();
         covers(grants, &wanted)
     }
+
+    /// Whether `user` may run `txn`: read what its compares and ranges read (and the
+    /// previous values its writes return), write what it writes, nested transactions
+    /// included, whichever branch runs.
+    pub fn permits_txn(&self, user: &str, txn: &TxnRequest) -> bool {
+        txn.compare
+            .iter()
+            .all(|c| self.permits(user, &c.key, &c.range_end, Access::Read))
+            && txn
+                .success
+                .iter()
+                .chain(&txn.failure)
+                .all(|op| self.permits_op(user, op))
+    }
+
+    fn permits_op(&self, user: &str, op: &TxnOp) -> bool {
+        match op {
+            TxnOp::Range(r) => self.permits(user, &r.key, &r.range_end, Access::Read),
+            TxnOp::Put(p) => {
+                self.permits(user, &p.key, &[], Access::Write)
+                    && (!p.prev_kv || self.permits(user, &p.key, &[], Access::Read))
+            }
+            TxnOp::DeleteRange(d) => {
+                self.permits(user, &d.key, &d.range_end, Access::Write)
+                    && (!d.prev_kv || self.permits(user, &d.key, &d.range_end, Access::Read))
+            }
+            TxnOp::Txn(nested) => self.permits_txn(user, nested),
+        }
+    }
 }
 
 /// The internal keyspace as an interval: every key starting with `__`.
@@ -224,5 +254,39 @@ mod tests {
         }
         assert!(state.permits("alice", b"_a", b"", Access::Write));
         assert!(state.permits("alice", b"_`", b"", Access::Write));
+    }
+
+    #[test]
+    fn a_txn_needs_every_access_of_both_branches() {
+        use crate::kv::{Compare, CompareOp, CompareTarget, PutRequest, RangeRequest};
+        let state = state_with(&[(b"r", b"", Access::Read), (b"w", b"", Access::Write)]);
+        let txn = |compare: &[u8], success: TxnOp, failure: TxnOp| TxnRequest {
+            compare: vec![Compare::new(
+                compare.to_vec(),
+                CompareOp::Equal,
+                CompareTarget::Version(0),
+            )],
+            success: vec![success],
+            failure: vec![failure],
+        };
+        let put = |key: &[u8]| TxnOp::Put(PutRequest::new(key.to_vec(), b"v".to_vec()));
+        let get = |key: &[u8]| TxnOp::Range(RangeRequest::key(key.to_vec()));
+        assert!(state.permits_txn("alice", &txn(b"r", put(b"w"), get(b"r"))));
+        assert!(
+            !state.permits_txn("alice", &txn(b"w", put(b"w"), get(b"r"))),
+            "compare on w"
+        );
+        assert!(
+            !state.permits_txn("alice", &txn(b"r", put(b"w"), put(b"r"))),
+            "failure writes r"
+        );
+        let nested = TxnOp::Txn(txn(b"r", get(b"w"), get(b"r")));
+        assert!(
+            !state.permits_txn("alice", &txn(b"r", nested, get(b"r"))),
+            "nested reads w"
+        );
+        let mut with_prev = PutRequest::new(b"w".to_vec(), b"v".to_vec());
+        with_prev.prev_kv = true;
+        assert!(!state.permits_txn("alice", &txn(b"r", TxnOp::Put(with_prev), get(b"r"))));
     }
 }

@@ -309,6 +309,24 @@ impl Default for TsoConfig {
     }
 }
 
+/// `[auth]`: users and tokens (auth itself is turned on and off through the API:
+/// `metactl auth enable`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// How long a token from `Authenticate` is valid, in seconds (1 to 604800). A
+    /// client authenticates again when its token stops verifying.
+    pub token_ttl_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            token_ttl_secs: 300,
+        }
+    }
+}
+
 /// The etcd release `Maintenance.Status` reports by default.
 pub const DEFAULT_ETCD_VERSION: &str = "3.5.17";
 

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use super::forward::{Route, onward};
 use super::status::status;
 use super::{Etcd, check};
+use crate::auth::{Caller, Checked};
 
 /// etcd's KV service of one member.
 pub struct KvService {
@@ -44,9 +45,9 @@ impl epb::kv_server::Kv for KvService {
         {
             return Self::client(channel).range(onward(request)).await;
         }
+        let backend = Checked::new(&self.etcd.backend, Caller::of(&request));
         let r = request.into_inner();
         let core = convert::range_request(&r);
-        let backend = &self.etcd.backend;
         let mut answer = if r.serializable {
             backend.range_serializable(core).await
         } else {
@@ -69,9 +70,7 @@ impl epb::kv_server::Kv for KvService {
         if let Route::Leader(channel) = self.etcd.forward.route(&request).await? {
             return Self::client(channel).put(onward(request)).await;
         }
-        let answer = self
-            .etcd
-            .backend
+        let answer = Checked::new(&self.etcd.backend, Caller::of(&request))
             .put(request.into_inner().into())
             .await
             .map_err(status)?;
@@ -90,9 +89,7 @@ impl epb::kv_server::Kv for KvService {
         if let Route::Leader(channel) = self.etcd.forward.route(&request).await? {
             return Self::client(channel).delete_range(onward(request)).await;
         }
-        let answer = self
-            .etcd
-            .backend
+        let answer = Checked::new(&self.etcd.backend, Caller::of(&request))
             .delete_range(request.into_inner().into())
             .await
             .map_err(status)?;
@@ -111,9 +108,10 @@ impl epb::kv_server::Kv for KvService {
         if let Route::Leader(channel) = self.etcd.forward.route(&request).await? {
             return Self::client(channel).txn(onward(request)).await;
         }
+        let backend = Checked::new(&self.etcd.backend, Caller::of(&request));
         let r = request.into_inner();
         let core = convert::txn_request(r.clone()).map_err(status)?;
-        let mut answer = self.etcd.backend.txn(core).await.map_err(status)?;
+        let mut answer = backend.txn(core).await.map_err(status)?;
         convert::shape_txn(&mut answer, &r);
         Ok(Response::new(convert::txn_response(
             answer,

@@ -75,8 +75,7 @@ impl epb::lease_server::Lease for LeaseService {
                 .lease_revoke(onward(request))
                 .await;
         }
-        self.etcd
-            .backend
+        crate::auth::Checked::new(&self.etcd.backend, crate::auth::Caller::of(&request))
             .lease_revoke(request.into_inner().id)
             .await
             .map_err(status)?;

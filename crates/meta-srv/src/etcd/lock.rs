@@ -4,6 +4,9 @@
 //! contender's key `name/{lease in hex}` attached to its lease, the lowest create
 //! revision first.
 
+use super::status::auth_status;
+use crate::auth::Caller;
+use common_meta::auth::Access;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -28,6 +31,27 @@ fn prefix_of(name: &[u8]) -> Vec<u8> {
     let mut prefix = name.to_vec();
     prefix.push(b'/');
     prefix
+}
+
+/// Refuses a caller that may not do each of `accesses` on the keys of lock or
+/// election `name` (its contenders' keys are under `name/`).
+fn may_use<T>(request: &Request<T>, name: &[u8], accesses: &[Access]) -> Result<(), Status> {
+    let caller = Caller::of(request);
+    let prefix = prefix_of(name);
+    let end = common_meta::kv::prefix_end(&prefix);
+    for access in accesses {
+        caller
+            .check(&prefix, &end, *access)
+            .map_err(|e| auth_status(&e))?;
+    }
+    Ok(())
+}
+
+/// Refuses a caller that may not write `key` (a held lock or leadership).
+fn may_write<T>(request: &Request<T>, key: &[u8]) -> Result<(), Status> {
+    Caller::of(request)
+        .check(key, &[], Access::Write)
+        .map_err(|e| auth_status(&e))
 }
 
 /// A contender's key while its request waits: deleted if the request is dropped
@@ -115,6 +139,11 @@ impl lk::lock_server::Lock for LockService {
                 .lock(onward(request))
                 .await;
         }
+        may_use(
+            &request,
+            &request.get_ref().name,
+            &[Access::Read, Access::Write],
+        )?;
         let r = request.into_inner();
         let held = contend(&self.etcd, &self.stop, &r.name, r.lease, b"").await?;
         Ok(Response::new(lk::LockResponse {
@@ -132,6 +161,7 @@ impl lk::lock_server::Lock for LockService {
                 .unlock(onward(request))
                 .await;
         }
+        may_write(&request, &request.get_ref().key)?;
         let answer = self
             .etcd
             .backend
@@ -188,6 +218,11 @@ impl el::election_server::Election for ElectionService {
         if let Route::Leader(channel) = self.etcd.forward.route(&request).await? {
             return Self::client(channel).campaign(onward(request)).await;
         }
+        may_use(
+            &request,
+            &request.get_ref().name,
+            &[Access::Read, Access::Write],
+        )?;
         let r = request.into_inner();
         let held = contend(&self.etcd, &self.stop, &r.name, r.lease, &r.value).await?;
         Ok(Response::new(el::CampaignResponse {
@@ -207,6 +242,9 @@ impl el::election_server::Election for ElectionService {
     ) -> Result<Response<el::ProclaimResponse>, Status> {
         if let Route::Leader(channel) = self.etcd.forward.route(&request).await? {
             return Self::client(channel).proclaim(onward(request)).await;
+        }
+        if let Some(leader) = &request.get_ref().leader {
+            may_write(&request, &leader.key)?;
         }
         let r = request.into_inner();
         let (held, lease) = held_of(r.leader)?;
@@ -229,6 +267,7 @@ impl el::election_server::Election for ElectionService {
         if let Route::Leader(channel) = self.etcd.forward.route(&request).await? {
             return Self::client(channel).leader(onward(request)).await;
         }
+        may_use(&request, &request.get_ref().name, &[Access::Read])?;
         let prefix = prefix_of(&request.into_inner().name);
         let (first, revision) = first_in_line(&self.etcd.backend, &prefix)
             .await
@@ -274,6 +313,7 @@ impl el::election_server::Election for ElectionService {
                 tokio_stream::wrappers::ReceiverStream::new(observed),
             )));
         }
+        may_use(&request, &request.get_ref().name, &[Access::Read])?;
         let metadata = request.metadata().clone();
         let prefix = prefix_of(&request.into_inner().name);
         let etcd = self.etcd.clone();
@@ -335,6 +375,9 @@ impl el::election_server::Election for ElectionService {
     ) -> Result<Response<el::ResignResponse>, Status> {
         if let Route::Leader(channel) = self.etcd.forward.route(&request).await? {
             return Self::client(channel).resign(onward(request)).await;
+        }
+        if let Some(leader) = &request.get_ref().leader {
+            may_write(&request, &leader.key)?;
         }
         let (held, _) = held_of(request.into_inner().leader)?;
         let kv = &self.etcd.backend;

@@ -2,6 +2,7 @@
 //! recognise an error by its text (they map it back to their own error values), and
 //! the translation of the core's errors into them.
 
+use common_meta::auth::AuthError;
 use tonic::{Code, Status};
 
 /// An etcd error: its code and its text.
@@ -52,6 +53,20 @@ etcd_errors! {
     REQUEST_TOO_LARGE = InvalidArgument, "etcdserver: request is too large";
     TOO_MANY_REQUESTS = ResourceExhausted, "etcdserver: too many requests";
     AUTH_NOT_ENABLED = FailedPrecondition, "etcdserver: authentication is not enabled";
+    ROOT_USER_NOT_EXIST = FailedPrecondition, "etcdserver: root user does not exist";
+    ROOT_ROLE_NOT_EXIST = FailedPrecondition, "etcdserver: root user does not have root role";
+    USER_ALREADY_EXIST = FailedPrecondition, "etcdserver: user name already exists";
+    USER_EMPTY = InvalidArgument, "etcdserver: user name is empty";
+    USER_NOT_FOUND = FailedPrecondition, "etcdserver: user name not found";
+    ROLE_ALREADY_EXIST = FailedPrecondition, "etcdserver: role name already exists";
+    ROLE_NOT_FOUND = FailedPrecondition, "etcdserver: role name not found";
+    ROLE_EMPTY = InvalidArgument, "etcdserver: role name is empty";
+    AUTH_FAILED = InvalidArgument, "etcdserver: authentication failed, invalid user ID or password";
+    PERMISSION_DENIED = PermissionDenied, "etcdserver: permission denied";
+    ROLE_NOT_GRANTED = FailedPrecondition, "etcdserver: role is not granted to the user";
+    PERMISSION_NOT_GRANTED = FailedPrecondition, "etcdserver: permission is not granted to the role";
+    INVALID_AUTH_TOKEN = Unauthenticated, "etcdserver: invalid auth token";
+    INVALID_AUTH_MGMT = InvalidArgument, "etcdserver: invalid auth management";
     NO_LEADER = Unavailable, "etcdserver: no leader";
     NOT_LEADER = FailedPrecondition, "etcdserver: not leader";
     LEADER_CHANGED = Unavailable, "etcdserver: leader changed";
@@ -90,11 +105,38 @@ pub fn status(err: common_meta::Error) -> Status {
         E::MembershipRefused { message, .. } => {
             Status::failed_precondition(format!("etcdserver: {message}"))
         }
+        E::Auth(e) => auth_status(&e),
         e => {
             tracing::error!(error = %e, "etcd request failed");
             Status::internal(format!("etcdserver: {e}"))
         }
     }
+}
+
+/// The etcd status of an auth refusal: etcd's text, which its clients match on (a
+/// client authenticates again on "invalid auth token").
+pub fn auth_status(err: &AuthError) -> Status {
+    let known = match err {
+        AuthError::RootUserMissing => ROOT_USER_NOT_EXIST,
+        AuthError::RootRoleMissing => ROOT_ROLE_NOT_EXIST,
+        AuthError::UserExists(_) => USER_ALREADY_EXIST,
+        AuthError::UserEmpty => USER_EMPTY,
+        AuthError::UserNotFound(_) => USER_NOT_FOUND,
+        AuthError::RoleExists(_) => ROLE_ALREADY_EXIST,
+        AuthError::RoleNotFound(_) => ROLE_NOT_FOUND,
+        AuthError::RoleEmpty => ROLE_EMPTY,
+        AuthError::Failed => AUTH_FAILED,
+        AuthError::PermissionDenied => PERMISSION_DENIED,
+        AuthError::RoleNotGranted { .. } => ROLE_NOT_GRANTED,
+        AuthError::PermissionNotGranted(_) => PERMISSION_NOT_GRANTED,
+        AuthError::NotEnabled => AUTH_NOT_ENABLED,
+        AuthError::InvalidToken(_) => INVALID_AUTH_TOKEN,
+        AuthError::InvalidManagement(_) => INVALID_AUTH_MGMT,
+        AuthError::Invalid(message) => {
+            return Status::invalid_argument(format!("etcdserver: {message}"));
+        }
+    };
+    known.status()
 }
 
 #[cfg(test)]

@@ -131,6 +131,7 @@ impl epb::watch_server::Watch for WatchService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         use epb::watch_request::RequestUnion;
         let metadata = request.metadata().clone();
+        let caller = crate::auth::Caller::of(&request);
         let requests: BoxStream<'static, Result<Incoming, Status>> =
             Box::pin(request.into_inner().filter_map(|request| {
                 let incoming = match request {
@@ -151,7 +152,13 @@ impl epb::watch_server::Watch for WatchService {
             etcd: self.etcd.clone(),
             limits: self.etcd.limits,
         });
-        let served = serve(self.etcd.backend.clone(), wire, requests, self.stop.clone());
+        let served = serve(
+            self.etcd.backend.clone(),
+            caller,
+            wire,
+            requests,
+            self.stop.clone(),
+        );
         Ok(Response::new(self.etcd.require_leader(&metadata, served)))
     }
 }

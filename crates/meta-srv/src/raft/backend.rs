@@ -77,6 +77,9 @@ impl FeatureGate {
 /// The data format from which transactions may use etcd's extensions.
 const TXN_EXTENSIONS: u32 = 5;
 
+/// The data format from which members apply auth changes.
+const AUTH_CHANGES: u32 = 6;
+
 /// Whether a request can have changed anything, which decides what a lost answer means.
 #[derive(Clone, Copy)]
 enum Kind {
@@ -190,17 +193,8 @@ impl RaftKvBackend {
         // Limits are checked once, here, before the entry exists: apply does not check
         // them, so every member applies it the same way.
         self.store.check(&req)?;
-        if let Some(gate) = &self.gate
-            && req.uses_extensions()
-        {
-            let lowest = gate.lowest_format();
-            if lowest < TXN_EXTENSIONS {
-                return Err(Error::FailedPrecondition {
-                    message: format!(
-                        "this transaction needs every member at data format {TXN_EXTENSIONS} or later, and one runs {lowest}; upgrade the cluster first"
-                    ),
-                });
-            }
+        if req.uses_extensions() {
+            self.needs_format(TXN_EXTENSIONS, "this transaction")?;
         }
         match self
             .propose(common_meta::kv::Command::Txn { txn: req, session })
@@ -209,6 +203,31 @@ impl RaftKvBackend {
             Applied::Txn(response) => Ok(response),
             other => Err(unexpected("a transaction", &other)),
         }
+    }
+
+    /// Refuses what not every member can apply yet: `what` needs data format `format`.
+    fn needs_format(&self, format: u32, what: &str) -> Result<(), Error> {
+        let Some(gate) = &self.gate else {
+            return Ok(());
+        };
+        let lowest = gate.lowest_format();
+        if lowest < format {
+            return Err(Error::FailedPrecondition {
+                message: format!(
+                    "{what} needs every member at data format {format} or later, and one runs {lowest}; upgrade the cluster first"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Replicates a change of users, roles or whether auth is on; a refusal (etcd's
+    /// rules, see `common_meta::auth`) is `Error::Auth` and changed nothing.
+    pub async fn auth_change(&self, change: common_meta::auth::AuthChange) -> Result<(), Error> {
+        self.needs_format(AUTH_CHANGES, "an auth change")?;
+        self.propose(common_meta::kv::Command::Auth { change })
+            .await
+            .map(drop)
     }
 
     /// Opens a client session living `ttl_ms` without keep-alives; returns its id.

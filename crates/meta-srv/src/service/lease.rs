@@ -76,7 +76,8 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         request: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        match self.backend.lease_revoke(request.into_inner().id).await {
+        let backend = crate::auth::Checked::new(&self.backend, crate::auth::Caller::of(&request));
+        match backend.lease_revoke(request.into_inner().id).await {
             Ok(()) => Ok(Response::new(pb::LeaseRevokeResponse {
                 header: self.header(),
             })),

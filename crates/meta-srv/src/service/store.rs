@@ -11,6 +11,7 @@ use meta_proto::v1 as pb;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Caller, Checked};
 use crate::error::{refusal, to_status};
 use crate::raft::backend::{RaftKvBackend, SessionWrite};
 use crate::raft::driver::DriverHandle;
@@ -93,13 +94,14 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
+        let backend = Checked::new(&self.backend, Caller::of(&request));
         let req = self.admit(request)?;
         let serializable = req.serializable;
         let req = req.into();
         let resp = match if serializable {
-            self.backend.range_serializable(req).await
+            backend.range_serializable(req).await
         } else {
-            self.backend.range(req).await
+            backend.range(req).await
         } {
             Ok(resp) => resp,
             Err(e) => return Err(self.status(e).await),
@@ -114,8 +116,10 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
+        let caller = Caller::of(&request);
         let mut req = self.admit(request)?;
-        let backend = self.write(req.session.take());
+        let write = self.write(req.session.take());
+        let backend = Checked::new(&write, caller);
         let resp = match backend.put(req.into()).await {
             Ok(resp) => resp,
             Err(e) => return Err(self.status(e).await),
@@ -127,8 +131,10 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let caller = Caller::of(&request);
         let mut req = self.admit(request)?;
-        let backend = self.write(req.session.take());
+        let write = self.write(req.session.take());
+        let backend = Checked::new(&write, caller);
         let resp = match backend.delete_range(req.into()).await {
             Ok(resp) => resp,
             Err(e) => return Err(self.status(e).await),
@@ -143,8 +149,9 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::BatchGetRequest>,
     ) -> Result<Response<pb::BatchGetResponse>, Status> {
+        let backend = Checked::new(&self.backend, Caller::of(&request));
         let req = self.admit(request)?.into();
-        let resp = match self.backend.batch_get(req).await {
+        let resp = match backend.batch_get(req).await {
             Ok(resp) => resp,
             Err(e) => return Err(self.status(e).await),
         };
@@ -158,8 +165,10 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::BatchPutRequest>,
     ) -> Result<Response<pb::BatchPutResponse>, Status> {
+        let caller = Caller::of(&request);
         let mut req = self.admit(request)?;
-        let backend = self.write(req.session.take());
+        let write = self.write(req.session.take());
+        let backend = Checked::new(&write, caller);
         let resp = match backend.batch_put(req.into()).await {
             Ok(resp) => resp,
             Err(e) => return Err(self.status(e).await),
@@ -174,8 +183,10 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::BatchDeleteRequest>,
     ) -> Result<Response<pb::BatchDeleteResponse>, Status> {
+        let caller = Caller::of(&request);
         let mut req = self.admit(request)?;
-        let backend = self.write(req.session.take());
+        let write = self.write(req.session.take());
+        let backend = Checked::new(&write, caller);
         let resp = match backend.batch_delete(req.into()).await {
             Ok(resp) => resp,
             Err(e) => return Err(self.status(e).await),
@@ -190,8 +201,10 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::CompareAndPutRequest>,
     ) -> Result<Response<pb::CompareAndPutResponse>, Status> {
+        let caller = Caller::of(&request);
         let mut req = self.admit(request)?;
-        let backend = self.write(req.session.take());
+        let write = self.write(req.session.take());
+        let backend = Checked::new(&write, caller);
         let resp = match backend.compare_and_put(req.into()).await {
             Ok(resp) => resp,
             Err(e) => return Err(self.status(e).await),
@@ -206,8 +219,10 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
+        let caller = Caller::of(&request);
         let mut req = self.admit(request)?;
-        let backend = self.write(req.session.take());
+        let write = self.write(req.session.take());
+        let backend = Checked::new(&write, caller);
         let req = req.try_into().map_err(to_status)?;
         let resp = match backend.txn(req).await {
             Ok(resp) => resp,

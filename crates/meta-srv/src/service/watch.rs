@@ -14,6 +14,7 @@
 //! answered once, `watch_id = -1`, with the lowest revision they all reached (each
 //! watcher's own answer follows its events, so the combined one does too).
 
+use crate::auth::{Caller, Checked};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -79,8 +80,10 @@ pub trait Wire: Send + Sync + 'static {
 
 /// Serves one watch stream over `backend`: `requests` as they come, the answers in
 /// the returned stream; `stop` ends it (UNAVAILABLE, so clients resume elsewhere).
+/// Each watcher's range is checked against `caller`'s permissions as it is created.
 pub fn serve<W: Wire>(
     backend: RaftKvBackend,
+    caller: Caller,
     wire: Arc<W>,
     requests: BoxStream<'static, Result<Incoming, Status>>,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -100,6 +103,7 @@ pub fn serve<W: Wire>(
     };
     let reader = Reader {
         backend,
+        caller,
         commands,
         live,
         next_id: 0,
@@ -416,6 +420,7 @@ impl pb::watch_server::Watch for WatchService {
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = Caller::of(&request);
         let requests: BoxStream<'static, Result<Incoming, Status>> =
             Box::pin(request.into_inner().filter_map(|request| {
                 let incoming = match request {
@@ -439,6 +444,7 @@ impl pb::watch_server::Watch for WatchService {
         });
         Ok(Response::new(serve(
             self.backend.clone(),
+            caller,
             wire,
             requests,
             self.stop.clone(),
@@ -449,6 +455,7 @@ impl pb::watch_server::Watch for WatchService {
 /// Reads one stream's requests.
 struct Reader {
     backend: RaftKvBackend,
+    caller: Caller,
     commands: mpsc::Sender<Command>,
     live: Arc<Mutex<HashSet<i64>>>,
     next_id: i64,
@@ -548,7 +555,10 @@ impl Reader {
             return Some(Command::Send(refused));
         };
         let mut created = self.created(id);
-        match self.backend.watch(request).await {
+        match Checked::new(&self.backend, self.caller.clone())
+            .watch(request)
+            .await
+        {
             Ok(watcher) => {
                 if self.commands.send(Command::Send(created)).await.is_err() {
                     return None;
@@ -564,7 +574,13 @@ impl Reader {
                 if let common_meta::Error::Compacted { compacted, .. } = &e {
                     created.compact_revision = *compacted;
                 }
-                created.cancel_reason = e.to_string();
+                created.cancel_reason = match &e {
+                    // etcd's text, which its clients know.
+                    common_meta::Error::Auth(e) => {
+                        crate::etcd::status::auth_status(e).message().to_string()
+                    }
+                    e => e.to_string(),
+                };
                 Some(Command::Send(created))
             }
         }

@@ -13,6 +13,7 @@ use meta_client::{MetaClient, MetaClientOptions};
 use meta_srv::cli::{EXIT_FAILURE, parse_or_exit};
 use serde_json::json;
 
+mod auth;
 mod kv;
 mod lease;
 mod regions;
@@ -66,6 +67,17 @@ struct Cli {
         requires = "tls_cert"
     )]
     tls_key: Option<std::path::PathBuf>,
+    /// Act as this user when the cluster has auth enabled: NAME or NAME:PASSWORD.
+    #[arg(
+        long,
+        global = true,
+        env = "METACTL_USER",
+        value_name = "NAME[:PASSWORD]"
+    )]
+    user: Option<String>,
+    /// The password of --user (when not given as NAME:PASSWORD).
+    #[arg(long, global = true, env = "METACTL_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -118,6 +130,15 @@ enum Command {
     /// Regions: move one, show one.
     #[command(subcommand)]
     Region(regions::RegionCommand),
+    /// Users: add, delete, list, get, passwd, grant-role, revoke-role.
+    #[command(subcommand)]
+    User(auth::UserCommand),
+    /// Roles and their permissions on key ranges.
+    #[command(subcommand)]
+    Role(auth::RoleCommand),
+    /// Turn auth on or off, or show whether it is on.
+    #[command(subcommand)]
+    Auth(auth::AuthCommand),
     /// Maintenance mode: pause (on) or resume (off) automatic failover and balancing.
     #[command(subcommand)]
     Maintenance(regions::SwitchCommand),
@@ -252,9 +273,31 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(|e| Failure(format!("error: {e}")))?,
         ),
     };
+    let credentials = match (&cli.user, &cli.password) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(Failure("error: --password needs --user".to_string()));
+        }
+        (Some(user), password) => {
+            let (name, inline) = match user.split_once(':') {
+                Some((name, password)) => (name, Some(password.to_string())),
+                None => (user.as_str(), None),
+            };
+            let Some(password) = password.clone().or(inline) else {
+                return Err(Failure(format!(
+                    "error: --user {name} needs a password: --user {name}:PASSWORD, --password or METACTL_PASSWORD"
+                )));
+            };
+            Some(meta_client::Credentials {
+                user: name.to_string(),
+                password,
+            })
+        }
+    };
     let options = MetaClientOptions {
         deadline: Duration::from_secs(5),
         tls,
+        credentials,
         ..MetaClientOptions::default()
     };
     let client =
@@ -275,6 +318,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Table(command) => tables::table(&client, command, cli.output).await,
         Command::Route(command) => routes::route(&client, command, cli.output).await,
         Command::Region(command) => regions::region(&client, command, cli.output).await,
+        Command::User(command) => auth::user(&client, command, cli.output).await,
+        Command::Role(command) => auth::role(&client, command, cli.output).await,
+        Command::Auth(command) => auth::auth(&client, command, cli.output).await,
         Command::Maintenance(command) => regions::maintenance(&client, command, cli.output).await,
         Command::Balance(command) => regions::balance(&client, command, cli.output).await,
         Command::Token(TokenCommand::Create {
