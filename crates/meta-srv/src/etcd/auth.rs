@@ -2,10 +2,10 @@
 //! machine's auth state (`common_meta::auth`).
 //!
 //! Changes run at the leader (forwarded like writes); a password is hashed there, off
-//! the async threads, and only its hash enters the log. `Authenticate` waits for a
-//! linearizable read point first, so a user added a moment ago on another member can
-//! log in here, then checks the password off the async threads and hands out a signed
-//! token valid for `[auth] token_ttl_secs`. Who may call what is decided at the edge
+//! the async threads, and only its hash enters the log. `Authenticate` runs at the
+//! leader too, so a user added a moment ago can log in through any member; it checks
+//! the password off the async threads and hands out a signed token valid for
+//! `[auth] token_ttl_secs`, which every member verifies. Who may call what is decided at the edge
 //! (`crate::auth`): everything but `Authenticate`, `AuthStatus`, `UserGet` of oneself
 //! and `RoleGet` of one's own roles needs root once auth is on.
 
@@ -140,8 +140,9 @@ impl epb::auth_server::Auth for AuthService {
         &self,
         request: Request<epb::AuthenticateRequest>,
     ) -> Result<Response<epb::AuthenticateResponse>, Status> {
+        // At the leader, whose state holds every user added so far.
+        at_leader!(self, request, authenticate);
         let epb::AuthenticateRequest { name, password } = request.into_inner();
-        self.etcd.backend.read_barrier().await.map_err(status)?;
         let state = self.etcd.backend.store().auth();
         let expires_at_ms = common_meta::time::unix_ms() + self.token_ttl.as_millis() as u64;
         let token = tokio::task::spawn_blocking(move || {

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod admin;
+mod auth;
 mod bad_input;
 mod cluster_process;
 mod concurrency;

@@ -11,18 +11,15 @@ use super::{Failure, Output, print};
 
 #[derive(Subcommand)]
 pub enum UserCommand {
-    /// Add a user.
+    /// Add a user: NAME:PASSWORD, or NAME with --new-password or --no-password.
     Add {
+        #[arg(value_name = "NAME[:PASSWORD]")]
         name: String,
         /// Its password (or METACTL_NEW_PASSWORD).
-        #[arg(
-            long,
-            env = "METACTL_NEW_PASSWORD",
-            required_unless_present = "no_password"
-        )]
-        password: Option<String>,
+        #[arg(long, env = "METACTL_NEW_PASSWORD", hide_env_values = true)]
+        new_password: Option<String>,
         /// A user without a password (it cannot authenticate).
-        #[arg(long, conflicts_with = "password")]
+        #[arg(long, conflicts_with = "new_password")]
         no_password: bool,
     },
     /// Delete a user.
@@ -35,8 +32,8 @@ pub enum UserCommand {
     Passwd {
         name: String,
         /// The new password (or METACTL_NEW_PASSWORD).
-        #[arg(long, env = "METACTL_NEW_PASSWORD")]
-        password: String,
+        #[arg(long, env = "METACTL_NEW_PASSWORD", hide_env_values = true)]
+        new_password: String,
     },
     /// Grant a user a role.
     GrantRole { name: String, role: String },
@@ -116,9 +113,23 @@ pub async fn user(
     match command {
         UserCommand::Add {
             name,
-            password,
+            new_password,
             no_password,
         } => {
+            let (name, password) = match (name.split_once(':'), new_password) {
+                (Some((name, inline)), None) => (name.to_string(), Some(inline.to_string())),
+                (Some(_), Some(_)) => {
+                    return Err(Failure(
+                        "error: give the password once: NAME:PASSWORD or --new-password".into(),
+                    ));
+                }
+                (None, password) => (name, password),
+            };
+            if password.is_none() && !no_password {
+                return Err(Failure(format!(
+                    "error: user {name} needs a password: {name}:PASSWORD, --new-password, METACTL_NEW_PASSWORD, or --no-password"
+                )));
+            }
             let request = epb::AuthUserAddRequest {
                 name: name.clone(),
                 password: password.unwrap_or_default(),
@@ -165,10 +176,10 @@ pub async fn user(
                 json!({ "user": name, "roles": roles }),
             );
         }
-        UserCommand::Passwd { name, password } => {
+        UserCommand::Passwd { name, new_password } => {
             let request = epb::AuthUserChangePasswordRequest {
                 name: name.clone(),
-                password,
+                password: new_password,
                 hashed_password: String::new(),
             };
             client
