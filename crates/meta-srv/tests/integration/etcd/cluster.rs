@@ -185,8 +185,21 @@ async fn maintenance_and_membership_answer_as_etcds() {
         .unwrap()
         .into_inner();
     assert!(!auth_status.enabled);
+    // Users can be managed before auth is on (no users yet); logging in cannot.
+    let users = auth
+        .user_list(epb::AuthUserListRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(users.users.is_empty(), "{users:?}");
     assert_eq!(
-        refusal(auth.user_list(epb::AuthUserListRequest {}).await),
+        refusal(
+            auth.authenticate(epb::AuthenticateRequest {
+                name: "root".into(),
+                password: "pw".into(),
+            })
+            .await
+        ),
         (
             tonic::Code::FailedPrecondition,
             "etcdserver: authentication is not enabled".to_string()
