@@ -435,6 +435,54 @@ fn script() -> Vec<Step> {
             Fails("Error: etcdserver: key is not provided"),
         ),
         step("get b", Out("b\n2")),
+        // Auth last: once on, every step needs a user. etcdctl's `auth enable` grants
+        // root the root role itself when it lacks it.
+        step("user add root:rootpw", Out("User root created")),
+        step("auth enable", Out("Authentication Enabled")),
+        step("get b", Fails("Error: etcdserver: user name is empty")),
+        step("role add app --user root:rootpw", Out("Role app created")),
+        step(
+            "role grant-permission app readwrite app/ --prefix=true --user root:rootpw",
+            Out("Role app updated"),
+        ),
+        step(
+            "user add alice:alicepw --user root:rootpw",
+            Out("User alice created"),
+        ),
+        step(
+            "user grant-role alice app --user root:rootpw",
+            Out("Role app is granted to user alice"),
+        ),
+        step("put app/1 v --user alice:alicepw", Out("OK")),
+        step("get app/1 --user alice:alicepw", Out("app/1\nv")),
+        step(
+            "put other v --user alice:alicepw",
+            Fails("Error: etcdserver: permission denied"),
+        ),
+        step(
+            "get app/1 --user alice:wrong",
+            Fails("Error: etcdserver: authentication failed, invalid user ID or password"),
+        ),
+        step(
+            "user list --user alice:alicepw",
+            Fails("Error: etcdserver: permission denied"),
+        ),
+        step("user list --user root:rootpw", Out("alice\nroot")),
+        step(
+            "role get app --user root:rootpw",
+            Out(
+                "Role app\nKV Read:\n\t[app/, app0) (prefix app/)\nKV Write:\n\t[app/, app0) (prefix app/)",
+            ),
+        ),
+        step(
+            "user delete root --user root:rootpw",
+            Fails("Error: etcdserver: invalid auth management"),
+        ),
+        step(
+            "auth disable --user root:rootpw",
+            Out("Authentication Disabled"),
+        ),
+        step("get app/1", Out("app/1\nv")),
     ]
 }
 
