@@ -185,6 +185,8 @@ async fn metrics(
         now.store = counted;
     }
     now.watchers = state.store.hub().watchers();
+    let auth = state.store.auth();
+    now.auth = (auth.enabled, auth.users.len(), auth.revision);
     if let Some(table) = state.routes.table.get() {
         now.routes = (table.len(), table.version());
     }

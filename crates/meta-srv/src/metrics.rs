@@ -284,6 +284,9 @@ struct Scraped {
     routes: IntGauge,
     route_version: IntGauge,
     watchers: IntGauge,
+    auth_enabled: IntGauge,
+    auth_users: IntGauge,
+    auth_revision: IntGauge,
 }
 
 /// What one scrape read, handed to [`Metrics::render`].
@@ -307,6 +310,8 @@ pub struct Snapshot {
     pub routes: (usize, u64),
     /// Watchers open on this member.
     pub watchers: usize,
+    /// Auth: on or off, users, auth revision.
+    pub auth: (bool, usize, u64),
 }
 
 /// One member's registry.
@@ -354,6 +359,12 @@ impl Metrics {
                 "The route catalog's version",
             ),
             watchers: gauge("metasrv_watchers", "Watchers open on this member"),
+            auth_enabled: gauge("metasrv_auth_enabled", "1 while auth is enabled"),
+            auth_users: gauge("metasrv_auth_users", "Users defined"),
+            auth_revision: gauge(
+                "metasrv_auth_revision",
+                "The auth revision (moved by every user or role change)",
+            ),
         };
         let registry = Registry::new();
         let grpc = GrpcMetrics::default();
@@ -386,6 +397,9 @@ impl Metrics {
             Box::new(scraped.routes.clone()),
             Box::new(scraped.route_version.clone()),
             Box::new(scraped.watchers.clone()),
+            Box::new(scraped.auth_enabled.clone()),
+            Box::new(scraped.auth_users.clone()),
+            Box::new(scraped.auth_revision.clone()),
         ];
         for collector in collectors {
             // Each name is registered once, in this fresh registry.
@@ -434,6 +448,9 @@ impl Metrics {
         s.routes.set(now.routes.0 as i64);
         s.route_version.set(int(now.routes.1));
         s.watchers.set(now.watchers as i64);
+        s.auth_enabled.set(i64::from(now.auth.0));
+        s.auth_users.set(now.auth.1 as i64);
+        s.auth_revision.set(int(now.auth.2));
         let mut text = String::new();
         if let Err(e) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut text) {
             tracing::warn!(error = %e, "metrics could not be encoded");

@@ -438,6 +438,15 @@ async fn permissions_cover_key_ranges_on_every_path_and_refusals_change_nothing(
         ),
         denied
     );
+    // The refusals are counted, and the metrics say auth is on with its four users.
+    let metrics = crate::in_process::http_get(&server.http, "/metrics").await;
+    for line in [
+        "metasrv_auth_enabled 1",
+        "metasrv_auth_users 4",
+        "metasrv_grpc_errors_total{code=\"PermissionDenied\",method=\"Put\",service=\"etcdserverpb.KV\"} 3",
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
     // Nothing refused was written.
     let all = kv
         .range(as_user(
