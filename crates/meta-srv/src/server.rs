@@ -574,7 +574,28 @@ impl MetaSrv {
             procedures: self.procedures.clone(),
             config: Arc::new(self.config.clone()),
         }));
-        let http = axum::serve(self.http, router).with_graceful_shutdown(stopped(stop_rx));
+        let http: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
+            match self.tls.http.clone() {
+                Some(config) => {
+                    let listener =
+                        crate::tls::HttpsListener::new(self.http, config).map_err(|e| {
+                            Error::Serve {
+                                what: "HTTPS",
+                                message: e.to_string(),
+                            }
+                        })?;
+                    Box::pin(
+                        axum::serve(listener, router)
+                            .with_graceful_shutdown(stopped(stop_rx))
+                            .into_future(),
+                    )
+                }
+                None => Box::pin(
+                    axum::serve(self.http, router)
+                        .with_graceful_shutdown(stopped(stop_rx))
+                        .into_future(),
+                ),
+            };
 
         tracing::info!(
             member_id,

@@ -283,6 +283,10 @@ pub struct TlsConfig {
     /// PEM CA clients and members must present a certificate of (mutual TLS); empty:
     /// no client certificate asked.
     pub client_ca_file: std::path::PathBuf,
+    /// Keep the HTTP port (admin API, metrics, dashboard) plain text while the gRPC
+    /// port uses TLS. By default it serves HTTPS with the same certificate, and asks
+    /// for a client certificate of `client_ca_file` when that is set.
+    pub plain_http: bool,
 }
 
 impl TlsConfig {

@@ -259,6 +259,22 @@ async fn health_answers_with_json() {
     server.shutdown().await;
 }
 
+/// A plain-text GET that tolerates a port that does not speak HTTP: whatever came
+/// back before the connection closed (empty when nothing did).
+pub async fn http_raw(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    String::from_utf8_lossy(&response).into_owned()
+}
+
 /// A minimal HTTP/1.1 GET, so the tests need no HTTP client crate.
 pub async fn http_get(addr: &str, path: &str) -> String {
     http_request(addr, "GET", path, None).await
