@@ -347,12 +347,12 @@ async fn expired_certificates_are_refused_on_both_ports() {
     let (old_cert, old_key, _) = ca.expired(dir.path(), "old");
     // gRPC: a client presenting an expired certificate of the right CA is refused.
     let current = client(
-        &[server.grpc.clone()],
+        std::slice::from_ref(&server.grpc),
         Some(ClientTls::from_files(&ca_file, Some((&cert, &key))).unwrap()),
     );
     wait_until(Duration::from_secs(20), || round_trip(&current, "e1")).await;
     let expired = client(
-        &[server.grpc.clone()],
+        std::slice::from_ref(&server.grpc),
         Some(ClientTls::from_files(&ca_file, Some((&old_cert, &old_key))).unwrap()),
     );
     assert!(expired.put(PutRequest::new("e2", "v")).await.is_err());
@@ -383,7 +383,7 @@ async fn expired_certificates_are_refused_on_both_ports() {
     })
     .await;
     let careful = client(
-        &[stale.grpc.clone()],
+        std::slice::from_ref(&stale.grpc),
         Some(ClientTls::from_files(&ca_file, None).unwrap()),
     );
     let err = careful.put(PutRequest::new("s", "v")).await.unwrap_err();
