@@ -10,7 +10,6 @@
 use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 
-use common_meta::{Error, Result};
 use meta_proto::etcd::etcdserverpb as epb;
 use tonic::transport::Channel;
 
@@ -32,29 +31,41 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// What a client knows of its login.
+#[derive(Debug, Default, Clone)]
+enum Login {
+    /// Nothing yet (or the last token was refused): log in before the next request.
+    #[default]
+    Unknown,
+    /// The cluster has auth off: requests go without a token until one is refused.
+    NotNeeded,
+    /// The token requests carry (marked sensitive: never printed).
+    Token(http::HeaderValue),
+}
+
 /// The token a client's requests carry, shared by its connections.
 #[derive(Debug, Default)]
-pub(crate) struct TokenSlot(RwLock<Option<http::HeaderValue>>);
+pub(crate) struct TokenSlot(RwLock<Login>);
 
 impl TokenSlot {
     fn get(&self) -> Option<http::HeaderValue> {
         // Only ever replaced whole: a poisoned slot still holds a whole value.
-        self.0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        match &*self.0.read().unwrap_or_else(PoisonError::into_inner) {
+            Login::Token(token) => Some(token.clone()),
+            Login::Unknown | Login::NotNeeded => None,
+        }
     }
 
-    fn set(&self, token: Option<http::HeaderValue>) {
-        *self.0.write().unwrap_or_else(PoisonError::into_inner) = token;
+    fn set(&self, login: Login) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = login;
     }
 
-    /// Whether a token is held.
+    /// Whether the client knows what to send (a token, or that none is needed).
     pub(crate) fn is_set(&self) -> bool {
-        self.0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+        !matches!(
+            *self.0.read().unwrap_or_else(PoisonError::into_inner),
+            Login::Unknown
+        )
     }
 }
 
@@ -88,35 +99,50 @@ impl tower::Service<http::Request<tonic::body::Body>> for Conn {
     }
 }
 
-/// Authenticates `credentials` over `conn` and keeps the token in `slot`.
+/// etcd's answer to a login while auth is off.
+const NOT_ENABLED: &str = "etcdserver: authentication is not enabled";
+
+/// Authenticates `credentials` over `conn` and keeps the token in `slot`. A cluster
+/// with auth off needs no token: that is remembered until a request is refused. A
+/// failure is the server's status, its text prefixed with who logged in.
 pub(crate) async fn authenticate(
     conn: Conn,
     credentials: &Credentials,
     slot: &TokenSlot,
-) -> Result<()> {
+) -> std::result::Result<(), tonic::Status> {
     let answer = epb::auth_client::AuthClient::new(conn)
         .authenticate(epb::AuthenticateRequest {
             name: credentials.user.clone(),
             password: credentials.password.clone(),
         })
-        .await
-        .map_err(|status| Error::Unauthenticated {
-            message: format!(
-                "authenticating as {:?}: {}",
-                credentials.user,
-                status.message()
-            ),
-        })?
-        .into_inner();
-    let token = http::HeaderValue::from_str(&answer.token).map_err(|_| Error::Remote {
-        code: "Internal".to_string(),
-        message: "the server answered a token that is not valid metadata".to_string(),
+        .await;
+    let answer = match answer {
+        Ok(answer) => answer.into_inner(),
+        Err(status) if status.message() == NOT_ENABLED => {
+            slot.set(Login::NotNeeded);
+            return Ok(());
+        }
+        Err(status) => {
+            return Err(tonic::Status::with_metadata(
+                status.code(),
+                format!(
+                    "authenticating as {:?}: {}",
+                    credentials.user,
+                    status.message()
+                ),
+                status.metadata().clone(),
+            ));
+        }
+    };
+    let mut token = http::HeaderValue::from_str(&answer.token).map_err(|_| {
+        tonic::Status::internal("the server answered a token that is not valid metadata")
     })?;
-    slot.set(Some(token));
+    token.set_sensitive(true);
+    slot.set(Login::Token(token));
     Ok(())
 }
 
-/// Forgets the token (the server refused it).
+/// Forgets the token (the server refused it, or refused a request without one).
 pub(crate) fn forget(slot: &TokenSlot) {
-    slot.set(None);
+    slot.set(Login::Unknown);
 }

@@ -455,15 +455,21 @@ impl MetaClient {
                 let (endpoint, channel) = endpoints[index].clone();
                 (index, endpoint, channel, endpoints.len())
             };
-            if let Err(error) = self.ensure_token(&channel).await {
-                return Err(Failure {
-                    error,
-                    maybe_applied,
-                });
-            }
-            let status = match call(channel.clone()).await {
-                Ok(response) => return Ok(response.into_inner()),
-                Err(status) => status,
+            let status = match self.ensure_token(&channel).await {
+                // The request was not sent: whatever the login met, nothing applied.
+                Err(mut status) => {
+                    status.metadata_mut().insert(
+                        meta_proto::OUTCOME,
+                        tonic::metadata::MetadataValue::from_static(
+                            meta_proto::OUTCOME_NOT_APPLIED,
+                        ),
+                    );
+                    status
+                }
+                Ok(()) => match call(channel.clone()).await {
+                    Ok(response) => return Ok(response.into_inner()),
+                    Err(status) => status,
+                },
             };
             // Refused before anything ran: authenticate again and send it again.
             if status.code() == tonic::Code::Unauthenticated
@@ -541,7 +547,7 @@ impl MetaClient {
     }
 
     /// Authenticates over `conn` when the options name a user and no token is held.
-    pub(crate) async fn ensure_token(&self, conn: &Conn) -> Result<()> {
+    pub(crate) async fn ensure_token(&self, conn: &Conn) -> std::result::Result<(), Status> {
         let inner = &self.inner;
         match &inner.options.credentials {
             Some(credentials) if !inner.token.is_set() => {

@@ -321,8 +321,8 @@ async fn session(
     handlers: &mut JoinSet<()>,
 ) -> Result<(), Option<String>> {
     let channel = client.channel_for(leader).ok_or(None)?;
-    if let Err(e) = client.ensure_token(&channel).await {
-        tracing::warn!(error = %e, "heartbeat cannot authenticate");
+    if let Err(status) = client.ensure_token(&channel).await {
+        tracing::warn!(error = %status.message(), "heartbeat cannot authenticate");
         return Err(None);
     }
     let identity = &node.identity;

@@ -211,12 +211,18 @@ async fn keep_alive_loop(
     loop {
         let (index, _, channel) = client.current_endpoint();
         let (requests, outbound) = mpsc::channel(1);
-        let opened = LeaseClient::new(channel)
-            .lease_keep_alive(ReceiverStream::new(outbound))
-            .await;
+        let opened = match client.ensure_token(&channel).await {
+            Ok(()) => {
+                LeaseClient::new(channel)
+                    .lease_keep_alive(ReceiverStream::new(outbound))
+                    .await
+            }
+            Err(status) => Err(status),
+        };
         let mut responses = match opened {
             Ok(response) => response.into_inner(),
-            Err(_) => {
+            Err(status) => {
+                client.note_refusal(&status);
                 client.skip_endpoint(index);
                 tokio::time::sleep(jittered(backoff)).await;
                 backoff = (backoff * 2).min(every.max(Duration::from_millis(100)));

@@ -128,10 +128,10 @@ struct Open {
 /// Opens a stream on the client's current member.
 async fn open(client: MetaClient) -> std::result::Result<Open, String> {
     let (index, endpoint, channel) = client.current_endpoint();
-    client
-        .ensure_token(&channel)
-        .await
-        .map_err(|e| format!("{endpoint}: {e}"))?;
+    client.ensure_token(&channel).await.map_err(|status| {
+        client.skip_endpoint(index);
+        format!("{endpoint}: {}", status.message())
+    })?;
     let (requests, outbound) = mpsc::channel(REQUEST_QUEUE);
     match WatchClient::new(channel)
         .watch(ReceiverStream::new(outbound))

@@ -12,7 +12,7 @@
 //!   message and, with TLS, by certificate), `Authenticate`, `AuthStatus`, finding the
 //!   leader, member lists and status;
 //! - root: membership changes, maintenance, compaction, snapshots, user and role
-//!   management, node and route administration;
+//!   management, DDL, node and route administration;
 //! - any user: everything else, with key checks where keys are named.
 //!
 //! Permission changes take effect on each member as it applies them: a member a little
@@ -175,12 +175,17 @@ impl<B: KvBackend + ?Sized> KvBackend for Checked<'_, B> {
         self.inner.lease_keep_alive(id).await
     }
 
+    /// The keys of a lease are shown only to a caller who may read each (etcd's rule).
     async fn lease_time_to_live(
         &self,
         id: i64,
         keys: bool,
     ) -> common_meta::Result<LeaseTimeToLive> {
-        self.inner.lease_time_to_live(id, keys).await
+        let answer = self.inner.lease_time_to_live(id, keys).await?;
+        for key in &answer.keys {
+            self.caller.check(key, &[], Access::Read).map_err(denied)?;
+        }
+        Ok(answer)
     }
 
     async fn leases(&self) -> common_meta::Result<Vec<i64>> {
@@ -222,6 +227,7 @@ pub fn policy(path: &str) -> Policy {
             "Defragment" | "Hash" | "HashKV" | "Snapshot" | "MoveLeader" | "Downgrade",
         )
         | ("meta.v1.Cluster", _)
+        | ("meta.v1.Ddl", "Submit")
         | ("meta.v1.Store", "Compact")
         | ("meta.v1.Heartbeat", "RegisterJoinToken" | "SetNodeState" | "RemoveNode")
         | ("meta.v1.Region", "Migrate" | "SetMaintenance" | "SetBalancer" | "DrainNode")

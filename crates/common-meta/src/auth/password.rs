@@ -36,6 +36,19 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
     })
 }
 
+/// A hash of no one's password, checked for unknown users so that refusing them takes
+/// as long as refusing a wrong password.
+pub(crate) fn decoy() -> &'static str {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| {
+        hash_password("decoy password of no user").unwrap_or_else(|_| {
+            // Hashing fails only without randomness for the salt; a hash that does not
+            // parse is then checked instead (faster, but still a refusal).
+            String::new()
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -296,12 +296,14 @@ impl AuthState {
                 if self.users.contains_key(&name) {
                     return Err(AuthError::UserExists(name));
                 }
+                // The generation starts at the auth revision, never reused: tokens of an
+                // earlier user of the same name do not verify for this one.
                 self.users.insert(
                     name,
                     User {
                         password,
                         roles: BTreeSet::new(),
-                        generation: 0,
+                        generation: self.revision + 1,
                     },
                 );
                 Ok(true)
@@ -318,9 +320,10 @@ impl AuthState {
                     .ok_or(AuthError::UserNotFound(name))
             }
             AuthChange::UserPassword { name, password } => {
+                let next = self.revision + 1;
                 let user = self.user_mut(&name)?;
                 user.password = Some(password);
-                user.generation += 1;
+                user.generation = next;
                 Ok(true)
             }
             AuthChange::UserGrant { name, role } => {
@@ -445,15 +448,15 @@ impl AuthState {
         if !self.enabled {
             return Err(AuthError::NotEnabled);
         }
-        let hash = self
-            .users
-            .get(name)
-            .and_then(|u| u.password.as_deref())
-            .ok_or(AuthError::Failed)?;
-        if super::password::verify_password(hash, password) {
-            Ok(())
-        } else {
-            Err(AuthError::Failed)
+        match self.users.get(name).and_then(|u| u.password.as_deref()) {
+            Some(hash) if super::password::verify_password(hash, password) => Ok(()),
+            Some(_) => Err(AuthError::Failed),
+            None => {
+                // As slow as a wrong password, so the time taken does not tell which
+                // users exist.
+                super::password::verify_password(super::password::decoy(), password);
+                Err(AuthError::Failed)
+            }
         }
     }
 }

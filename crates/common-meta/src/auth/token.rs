@@ -168,6 +168,14 @@ mod tests {
             })
             .unwrap();
         assert!(state.verify_token(&fresh, 0).is_err());
+        // A new user of the same name is not the old one.
+        state
+            .apply(AuthChange::UserAdd {
+                name: "alice".into(),
+                password: Some("h3".into()),
+            })
+            .unwrap();
+        assert!(state.verify_token(&fresh, 0).is_err());
         // Auth off: no token verifies.
         state.apply(AuthChange::Disable).unwrap();
         assert_eq!(state.verify_token(&fresh, 0), Err(AuthError::NotEnabled));

@@ -28,12 +28,22 @@ type AuthClient = epb::auth_client::AuthClient<tonic::transport::Channel>;
 pub struct AuthService {
     etcd: Arc<Etcd>,
     token_ttl: Duration,
+    /// Bounds the argon2 work (about 19 MiB and tens of ms each) running at once:
+    /// a flood of logins waits here instead of exhausting the member's memory.
+    argon: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most argon2 hashes or checks computed at once by one member.
+const ARGON_AT_ONCE: usize = 4;
 
 impl AuthService {
     /// The service over the member's shared etcd state; tokens live `token_ttl`.
     pub fn new(etcd: Arc<Etcd>, token_ttl: Duration) -> Self {
-        AuthService { etcd, token_ttl }
+        AuthService {
+            etcd,
+            token_ttl,
+            argon: Arc::new(tokio::sync::Semaphore::new(ARGON_AT_ONCE)),
+        }
     }
 
     fn header(&self) -> Option<epb::ResponseHeader> {
@@ -62,16 +72,33 @@ macro_rules! at_leader {
     };
 }
 
+/// Runs argon2 work `f` off the async threads, at most [`ARGON_AT_ONCE`] at a time.
+async fn argon<T: Send + 'static>(
+    gate: &tokio::sync::Semaphore,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    let _permit = gate
+        .acquire()
+        .await
+        .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("etcdserver: password work failed: {e}")))
+}
+
 /// The argon2 hash of a password sent in a request, made off the async threads.
-async fn hash(password: String, hashed: &str) -> Result<String, Status> {
+async fn hash(
+    gate: &tokio::sync::Semaphore,
+    password: String,
+    hashed: &str,
+) -> Result<String, Status> {
     if !hashed.is_empty() {
         return Err(Status::invalid_argument(
             "etcdserver: pre-hashed passwords are not accepted (Metasrv keeps argon2 hashes); send the password itself",
         ));
     }
-    tokio::task::spawn_blocking(move || common_meta::auth::hash_password(&password))
-        .await
-        .map_err(|e| Status::internal(format!("etcdserver: hashing the password failed: {e}")))?
+    argon(gate, move || common_meta::auth::hash_password(&password))
+        .await?
         .map_err(|e| auth_status(&e))
 }
 
@@ -145,12 +172,11 @@ impl epb::auth_server::Auth for AuthService {
         let epb::AuthenticateRequest { name, password } = request.into_inner();
         let state = self.etcd.backend.store().auth();
         let expires_at_ms = common_meta::time::unix_ms() + self.token_ttl.as_millis() as u64;
-        let token = tokio::task::spawn_blocking(move || {
+        let token = argon(&self.argon, move || {
             state.authenticate(&name, &password)?;
             state.mint_token(&name, expires_at_ms)
         })
-        .await
-        .map_err(|e| Status::internal(format!("etcdserver: checking the password failed: {e}")))?
+        .await?
         .map_err(|e| auth_status(&e))?;
         Ok(Response::new(epb::AuthenticateResponse {
             header: self.header(),
@@ -168,7 +194,7 @@ impl epb::auth_server::Auth for AuthService {
         let password = if no_password {
             None
         } else {
-            Some(hash(r.password, &r.hashed_password).await?)
+            Some(hash(&self.argon, r.password, &r.hashed_password).await?)
         };
         let header = self
             .change(AuthChange::UserAdd {
@@ -230,7 +256,7 @@ impl epb::auth_server::Auth for AuthService {
             .auth()
             .user(&r.name)
             .map_err(|e| auth_status(&e))?;
-        let password = hash(r.password, &r.hashed_password).await?;
+        let password = hash(&self.argon, r.password, &r.hashed_password).await?;
         let header = self
             .change(AuthChange::UserPassword {
                 name: r.name,

@@ -141,8 +141,12 @@ impl epb::lease_server::Lease for LeaseService {
                 .lease_time_to_live(onward(request))
                 .await;
         }
+        let caller = crate::auth::Caller::of(&request);
         let req = request.into_inner();
-        match self.etcd.backend.lease_time_to_live(req.id, req.keys).await {
+        match crate::auth::Checked::new(&self.etcd.backend, caller)
+            .lease_time_to_live(req.id, req.keys)
+            .await
+        {
             Ok(ttl) => Ok(Response::new(epb::LeaseTimeToLiveResponse {
                 header: self.header(),
                 id: ttl.id,

@@ -131,7 +131,7 @@ impl epb::watch_server::Watch for WatchService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         use epb::watch_request::RequestUnion;
         let metadata = request.metadata().clone();
-        let caller = crate::auth::Caller::of(&request);
+        let auth = crate::service::watch::StreamAuth::of("/etcdserverpb.Watch/Watch", &request);
         let requests: BoxStream<'static, Result<Incoming, Status>> =
             Box::pin(request.into_inner().filter_map(|request| {
                 let incoming = match request {
@@ -154,7 +154,7 @@ impl epb::watch_server::Watch for WatchService {
         });
         let served = serve(
             self.etcd.backend.clone(),
-            caller,
+            auth,
             wire,
             requests,
             self.stop.clone(),

@@ -126,8 +126,12 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        let caller = crate::auth::Caller::of(&request);
         let req = request.into_inner();
-        match self.backend.lease_time_to_live(req.id, req.keys).await {
+        match crate::auth::Checked::new(&self.backend, caller)
+            .lease_time_to_live(req.id, req.keys)
+            .await
+        {
             Ok(ttl) => Ok(Response::new(pb::LeaseTimeToLiveResponse {
                 header: self.header(),
                 id: ttl.id,

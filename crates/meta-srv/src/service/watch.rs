@@ -80,10 +80,11 @@ pub trait Wire: Send + Sync + 'static {
 
 /// Serves one watch stream over `backend`: `requests` as they come, the answers in
 /// the returned stream; `stop` ends it (UNAVAILABLE, so clients resume elsewhere).
-/// Each watcher's range is checked against `caller`'s permissions as it is created.
+/// Each watcher's range is checked as it is created against the permissions of the
+/// stream's user at that moment (`auth`), so a stream outlives no token, user or grant.
 pub fn serve<W: Wire>(
     backend: RaftKvBackend,
-    caller: Caller,
+    auth: StreamAuth,
     wire: Arc<W>,
     requests: BoxStream<'static, Result<Incoming, Status>>,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -103,13 +104,40 @@ pub fn serve<W: Wire>(
     };
     let reader = Reader {
         backend,
-        caller,
+        auth,
         commands,
         live,
         next_id: 0,
     };
     tokio::spawn(reader.run(requests, stop));
     Box::pin(outbound)
+}
+
+/// What a watch stream decides its caller from at each watcher it creates: the gRPC
+/// method and the stream's metadata (its token).
+pub struct StreamAuth {
+    path: &'static str,
+    headers: http::HeaderMap,
+}
+
+impl StreamAuth {
+    /// The stream of `request` to method `path`.
+    pub fn of<T>(path: &'static str, request: &Request<T>) -> Self {
+        StreamAuth {
+            path,
+            headers: request.metadata().clone().into_headers(),
+        }
+    }
+
+    /// The caller now, by the member's current auth state.
+    fn caller(&self, backend: &RaftKvBackend) -> Result<Caller, common_meta::auth::AuthError> {
+        crate::auth::decide(
+            backend.store().auth(),
+            self.path,
+            &self.headers,
+            common_meta::time::unix_ms(),
+        )
+    }
 }
 
 /// Commands a stream's reader may have queued for its response stream.
@@ -420,7 +448,7 @@ impl pb::watch_server::Watch for WatchService {
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let caller = Caller::of(&request);
+        let auth = StreamAuth::of("/meta.v1.Watch/Watch", &request);
         let requests: BoxStream<'static, Result<Incoming, Status>> =
             Box::pin(request.into_inner().filter_map(|request| {
                 let incoming = match request {
@@ -444,7 +472,7 @@ impl pb::watch_server::Watch for WatchService {
         });
         Ok(Response::new(serve(
             self.backend.clone(),
-            caller,
+            auth,
             wire,
             requests,
             self.stop.clone(),
@@ -455,7 +483,7 @@ impl pb::watch_server::Watch for WatchService {
 /// Reads one stream's requests.
 struct Reader {
     backend: RaftKvBackend,
-    caller: Caller,
+    auth: StreamAuth,
     commands: mpsc::Sender<Command>,
     live: Arc<Mutex<HashSet<i64>>>,
     next_id: i64,
@@ -555,10 +583,11 @@ impl Reader {
             return Some(Command::Send(refused));
         };
         let mut created = self.created(id);
-        match Checked::new(&self.backend, self.caller.clone())
-            .watch(request)
-            .await
-        {
+        let checked = match self.auth.caller(&self.backend) {
+            Ok(caller) => Checked::new(&self.backend, caller).watch(request).await,
+            Err(e) => Err(common_meta::Error::Auth(e)),
+        };
+        match checked {
             Ok(watcher) => {
                 if self.commands.send(Command::Send(created)).await.is_err() {
                     return None;

@@ -707,3 +707,66 @@ async fn users_are_replicated_and_tokens_verify_on_every_member() {
         m.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_work_before_auth_is_on_and_open_streams_follow_the_switch() {
+    let server = start().await;
+    // A client configured with a user before auth is enabled works as any client.
+    let client = MetaClient::new(
+        &[&server.grpc],
+        MetaClientOptions {
+            deadline: Duration::from_secs(5),
+            credentials: Some(Credentials {
+                user: "app".into(),
+                password: "pw".into(),
+            }),
+            ..MetaClientOptions::default()
+        },
+    )
+    .unwrap();
+    client.put(PutRequest::new("early", "v")).await.unwrap();
+
+    // A watch stream opened while auth is off, without a token.
+    let mut watch = meta_proto::etcd::etcdserverpb::watch_client::WatchClient::connect(format!(
+        "http://{}",
+        server.grpc
+    ))
+    .await
+    .unwrap();
+    let (requests, queued) = mpsc::channel(4);
+    let mut responses = watch
+        .watch(ReceiverStream::new(queued))
+        .await
+        .unwrap()
+        .into_inner();
+    let create = |key: &str| epb::WatchRequest {
+        request_union: Some(epb::watch_request::RequestUnion::CreateRequest(
+            epb::WatchCreateRequest {
+                key: key.into(),
+                ..Default::default()
+            },
+        )),
+    };
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(10), responses.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    };
+    requests.send(create("a")).await.unwrap();
+    let first = next().await;
+    assert!(first.created && !first.canceled, "{first:?}");
+
+    let mut auth = auth_client(&server.grpc).await;
+    enable(&mut auth).await;
+    // The same stream may no longer create watchers without a user.
+    requests.send(create("b")).await.unwrap();
+    let second = next().await;
+    assert!(second.canceled, "{second:?}");
+    assert_eq!(second.cancel_reason, "etcdserver: user name is empty");
+    // The client's user does not exist: its requests are refused, saying why.
+    let err = client.put(PutRequest::new("late", "v")).await.unwrap_err();
+    assert!(err.to_string().contains("authentication failed"), "{err}");
+    server.shutdown().await;
+}
