@@ -9,8 +9,9 @@
 //!
 //! What each method needs ([`policy`]):
 //! - nothing: raft traffic between members (authenticated by the cluster id in every
-//!   message and, with TLS, by certificate), `Authenticate`, `AuthStatus`, finding the
-//!   leader, member lists and status;
+//!   message and, with mutual TLS, by certificate: the cluster id is no secret, so
+//!   only mutual TLS keeps a client that speaks raft out), `Authenticate`,
+//!   `AuthStatus`, finding the leader, etcd's member list and status;
 //! - root: membership changes, maintenance, compaction, snapshots, user and role
 //!   management, DDL, node and route administration;
 //! - any user: everything else, with key checks where keys are named.
@@ -211,7 +212,7 @@ pub fn policy(path: &str) -> Policy {
         .split_once('/')
         .unwrap_or((path, ""));
     match (service, method) {
-        ("meta.v1.Cluster", "Raft" | "SnapshotOffset" | "InstallSnapshot" | "Status")
+        ("meta.v1.Cluster", "Raft" | "SnapshotOffset" | "InstallSnapshot")
         | ("meta.v1.Heartbeat", "AskLeader")
         | ("etcdserverpb.Auth", "Authenticate" | "AuthStatus")
         | ("etcdserverpb.Maintenance", "Status")
@@ -226,7 +227,7 @@ pub fn policy(path: &str) -> Policy {
             "etcdserverpb.Maintenance",
             "Defragment" | "Hash" | "HashKV" | "Snapshot" | "MoveLeader" | "Downgrade",
         )
-        | ("meta.v1.Cluster", _)
+        | ("meta.v1.Cluster", "AddLearner" | "PromoteMember" | "RemoveMember" | "TransferLeader")
         | ("meta.v1.Ddl", "Submit")
         | ("meta.v1.Store", "Compact")
         | ("meta.v1.Heartbeat", "RegisterJoinToken" | "SetNodeState" | "RemoveNode")

@@ -597,6 +597,11 @@ impl MetaSrv {
                 ),
             };
 
+        if self.store.auth().enabled && self.config.tls.client_ca_file.as_os_str().is_empty() {
+            tracing::warn!(
+                "auth is enabled without mutual TLS: clients need a user, but raft traffic is authenticated only by the cluster id, which is no secret; set [tls] client_ca_file on an untrusted network"
+            );
+        }
         tracing::info!(
             member_id,
             cluster_id = format!("{:016x}", self.cluster_id),

@@ -84,12 +84,13 @@ impl SessionKeeper {
         change(&mut deadlines)
     }
 
-    /// Opens a session (leader only); returns its id and the TTL granted.
-    pub async fn open(&self, asked_ttl_ms: u64) -> Result<(u64, Duration), Error> {
+    /// Opens a session for user `owner` (empty: none; leader only); returns its id and
+    /// the TTL granted.
+    pub async fn open(&self, asked_ttl_ms: u64, owner: String) -> Result<(u64, Duration), Error> {
         let term = self.term()?;
         let ttl = granted_ttl(asked_ttl_ms);
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        let id = self.backend.open_session(ttl_ms).await?;
+        let id = self.backend.open_session(ttl_ms, owner).await?;
         self.with_deadlines(term, |d| d.by_session.insert(id, Instant::now() + ttl));
         Ok((id, ttl))
     }

@@ -97,6 +97,8 @@ pub enum Command {
     OpenSession {
         /// How long the session lives without a keep-alive (the leader keeps time).
         ttl_ms: u64,
+        /// The user that opens it (empty: none); only it may use the session.
+        owner: String,
     },
     /// Ends sessions (closed by their client, or expired as the leader decided).
     CloseSessions {
@@ -166,7 +168,9 @@ impl Command {
                 txn: Some(txn.into()),
                 session: session.map(Into::into),
             }),
-            Command::OpenSession { ttl_ms } => C::OpenSession(pb::OpenSessionCommand { ttl_ms }),
+            Command::OpenSession { ttl_ms, owner } => {
+                C::OpenSession(pb::OpenSessionCommand { ttl_ms, owner })
+            }
             Command::CloseSessions { ids } => C::CloseSessions(pb::CloseSessionsCommand { ids }),
             Command::Compact { revision } => C::Compact(pb::CompactCommand { revision }),
             Command::LeaseGrant { id, ttl_secs } => {
@@ -212,7 +216,10 @@ impl Command {
                         txn: t.txn.unwrap_or_default().try_into()?,
                         session: t.session.map(Into::into),
                     }),
-                    Some(C::OpenSession(o)) => Ok(Command::OpenSession { ttl_ms: o.ttl_ms }),
+                    Some(C::OpenSession(o)) => Ok(Command::OpenSession {
+                        ttl_ms: o.ttl_ms,
+                        owner: o.owner,
+                    }),
                     Some(C::CloseSessions(c)) => Ok(Command::CloseSessions { ids: c.ids }),
                     Some(C::Compact(c)) => Ok(Command::Compact {
                         revision: c.revision,
@@ -276,7 +283,10 @@ mod tests {
                 txn: put(),
                 session: Some(session),
             },
-            Command::OpenSession { ttl_ms: 60_000 },
+            Command::OpenSession {
+                ttl_ms: 60_000,
+                owner: "alice".into(),
+            },
             Command::CloseSessions { ids: vec![1, 9] },
             Command::Compact { revision: 42 },
             Command::LeaseGrant {

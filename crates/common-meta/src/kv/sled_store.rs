@@ -439,6 +439,11 @@ impl SledKvStore {
         Ok(out)
     }
 
+    /// The user that opened session `id` (empty: none), if it is open.
+    pub fn session_owner(&self, id: u64) -> Result<Option<String>> {
+        Ok(self.load_session(id)?.map(|record| record.owner))
+    }
+
     /// The TTL of session `id` if it is open.
     pub fn session_ttl(&self, id: u64) -> Result<Option<u64>> {
         Ok(self.load_session(id)?.map(|record| record.ttl_ms))

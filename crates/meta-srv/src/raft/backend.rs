@@ -231,9 +231,9 @@ impl RaftKvBackend {
     }
 
     /// Opens a client session living `ttl_ms` without keep-alives; returns its id.
-    pub async fn open_session(&self, ttl_ms: u64) -> Result<u64, Error> {
+    pub async fn open_session(&self, ttl_ms: u64, owner: String) -> Result<u64, Error> {
         match self
-            .propose(common_meta::kv::Command::OpenSession { ttl_ms })
+            .propose(common_meta::kv::Command::OpenSession { ttl_ms, owner })
             .await?
         {
             Applied::SessionOpened { id, .. } => Ok(id),

@@ -55,11 +55,35 @@ impl StoreService {
         refusal(err, &self.driver, &self.members, self.member_id).await
     }
 
-    /// The backend a write runs on: exactly-once within the session it names, if any.
-    fn write(&self, session: Option<pb::SessionRef>) -> SessionWrite<'_> {
-        SessionWrite {
+    /// The backend a write runs on: exactly-once within the session it names, if any
+    /// (a session only its owner may use).
+    fn write(
+        &self,
+        caller: &Caller,
+        session: Option<pb::SessionRef>,
+    ) -> Result<SessionWrite<'_>, Status> {
+        if let Some(session) = &session {
+            self.check_owner(caller, session.id)?;
+        }
+        Ok(SessionWrite {
             backend: &self.backend,
             session: session.map(SessionRef::from),
+        })
+    }
+
+    /// Refuses a user other than the one that opened session `id`. A session opened
+    /// while auth was off (no owner) may be used by anyone, and one that is not open is
+    /// left to the state machine to refuse.
+    fn check_owner(&self, caller: &Caller, id: u64) -> Result<(), Status> {
+        let Some(user) = caller.name() else {
+            return Ok(());
+        };
+        match self.backend.store().session_owner(id) {
+            Ok(Some(owner)) if !owner.is_empty() && owner != user => Err(to_status(
+                common_meta::Error::Auth(common_meta::auth::AuthError::PermissionDenied),
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err(to_status(e)),
         }
     }
 
@@ -118,7 +142,7 @@ impl pb::store_server::Store for StoreService {
     ) -> Result<Response<pb::PutResponse>, Status> {
         let caller = Caller::of(&request);
         let mut req = self.admit(request)?;
-        let write = self.write(req.session.take());
+        let write = self.write(&caller, req.session.take())?;
         let backend = Checked::new(&write, caller);
         let resp = match backend.put(req.into()).await {
             Ok(resp) => resp,
@@ -133,7 +157,7 @@ impl pb::store_server::Store for StoreService {
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
         let caller = Caller::of(&request);
         let mut req = self.admit(request)?;
-        let write = self.write(req.session.take());
+        let write = self.write(&caller, req.session.take())?;
         let backend = Checked::new(&write, caller);
         let resp = match backend.delete_range(req.into()).await {
             Ok(resp) => resp,
@@ -167,7 +191,7 @@ impl pb::store_server::Store for StoreService {
     ) -> Result<Response<pb::BatchPutResponse>, Status> {
         let caller = Caller::of(&request);
         let mut req = self.admit(request)?;
-        let write = self.write(req.session.take());
+        let write = self.write(&caller, req.session.take())?;
         let backend = Checked::new(&write, caller);
         let resp = match backend.batch_put(req.into()).await {
             Ok(resp) => resp,
@@ -185,7 +209,7 @@ impl pb::store_server::Store for StoreService {
     ) -> Result<Response<pb::BatchDeleteResponse>, Status> {
         let caller = Caller::of(&request);
         let mut req = self.admit(request)?;
-        let write = self.write(req.session.take());
+        let write = self.write(&caller, req.session.take())?;
         let backend = Checked::new(&write, caller);
         let resp = match backend.batch_delete(req.into()).await {
             Ok(resp) => resp,
@@ -203,7 +227,7 @@ impl pb::store_server::Store for StoreService {
     ) -> Result<Response<pb::CompareAndPutResponse>, Status> {
         let caller = Caller::of(&request);
         let mut req = self.admit(request)?;
-        let write = self.write(req.session.take());
+        let write = self.write(&caller, req.session.take())?;
         let backend = Checked::new(&write, caller);
         let resp = match backend.compare_and_put(req.into()).await {
             Ok(resp) => resp,
@@ -221,7 +245,7 @@ impl pb::store_server::Store for StoreService {
     ) -> Result<Response<pb::TxnResponse>, Status> {
         let caller = Caller::of(&request);
         let mut req = self.admit(request)?;
-        let write = self.write(req.session.take());
+        let write = self.write(&caller, req.session.take())?;
         let backend = Checked::new(&write, caller);
         let req = req.try_into().map_err(to_status)?;
         let resp = match backend.txn(req).await {
@@ -235,8 +259,9 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<pb::OpenSessionResponse>, Status> {
+        let owner = Caller::of(&request).name().unwrap_or_default().to_string();
         let req = request.into_inner();
-        let (id, ttl) = match self.sessions.open(req.ttl_ms).await {
+        let (id, ttl) = match self.sessions.open(req.ttl_ms, owner).await {
             Ok(opened) => opened,
             Err(e) => return Err(self.status(e).await),
         };
@@ -251,7 +276,9 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::KeepAliveSessionRequest>,
     ) -> Result<Response<pb::KeepAliveSessionResponse>, Status> {
+        let caller = Caller::of(&request);
         let id = request.into_inner().id;
+        self.check_owner(&caller, id)?;
         let ttl = match self.sessions.keep_alive(id).await {
             Ok(ttl) => ttl,
             Err(e) => return Err(self.status(e).await),
@@ -266,7 +293,9 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
+        let caller = Caller::of(&request);
         let id = request.into_inner().id;
+        self.check_owner(&caller, id)?;
         if let Err(e) = self.sessions.close(id).await {
             return Err(self.status(e).await);
         }

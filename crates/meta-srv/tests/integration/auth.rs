@@ -770,3 +770,79 @@ async fn credentials_work_before_auth_is_on_and_open_streams_follow_the_switch()
     assert!(err.to_string().contains("authentication failed"), "{err}");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_used_by_the_user_that_opened_it_only() {
+    use meta_proto::v1 as pb;
+    let server = start().await;
+    let mut auth = auth_client(&server.grpc).await;
+    let root = enable(&mut auth).await;
+    for name in ["alice", "bob"] {
+        user_with(
+            &mut auth,
+            &root,
+            name,
+            "s/",
+            authpb::permission::Type::Readwrite,
+        )
+        .await;
+    }
+    let alice = token(&mut auth, "alice", "pw").await;
+    let bob = token(&mut auth, "bob", "pw").await;
+    let mut store = pb::store_client::StoreClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    let opened = store
+        .open_session(as_user(pb::OpenSessionRequest { ttl_ms: 60_000 }, &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    let put = |value: &str| pb::PutRequest {
+        key: b"s/k".to_vec(),
+        value: value.into(),
+        session: Some(pb::SessionRef {
+            id: opened.id,
+            seq: 1,
+            acked: 1,
+        }),
+        ..Default::default()
+    };
+    store.put(as_user(put("alice's"), &alice)).await.unwrap();
+    // Bob may write s/k, but not in Alice's session: not to read her kept answer, not
+    // to spend her seq, not to keep it alive or close it.
+    for refused in [
+        store.put(as_user(put("bob's"), &bob)).await.map(drop),
+        store
+            .keep_alive_session(as_user(pb::KeepAliveSessionRequest { id: opened.id }, &bob))
+            .await
+            .map(drop),
+        store
+            .close_session(as_user(pb::CloseSessionRequest { id: opened.id }, &bob))
+            .await
+            .map(drop),
+    ] {
+        let status = refused.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    }
+    // Her session is still open and hers.
+    store
+        .keep_alive_session(as_user(
+            pb::KeepAliveSessionRequest { id: opened.id },
+            &alice,
+        ))
+        .await
+        .unwrap();
+    let got = store
+        .range(as_user(
+            pb::RangeRequest {
+                key: b"s/k".to_vec(),
+                ..Default::default()
+            },
+            &bob,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.kvs[0].value, b"alice's");
+    server.shutdown().await;
+}

@@ -55,7 +55,7 @@ impl Group<'_> {
                 txn,
                 session: Some(session),
             } => self.session_txn(txn, session),
-            Command::OpenSession { ttl_ms } => {
+            Command::OpenSession { ttl_ms, owner } => {
                 if index == 0 {
                     return Ok(Err(Error::invalid_argument(
                         "sessions exist only in a replicated store",
@@ -63,6 +63,7 @@ impl Group<'_> {
                 }
                 let record = pb::SessionRecord {
                     ttl_ms,
+                    owner,
                     ..Default::default()
                 };
                 self.sessions.insert(index, Some(record));

@@ -40,7 +40,13 @@ fn a_retried_session_write_gets_its_first_answer_and_applies_once() {
     {
         let store = SledKvStore::open(dir.path(), KvLimits::default()).unwrap();
         let opened = store
-            .apply(vec![(1, Command::OpenSession { ttl_ms: 5_000 })])
+            .apply(vec![(
+                1,
+                Command::OpenSession {
+                    ttl_ms: 5_000,
+                    owner: String::new(),
+                },
+            )])
             .unwrap();
         assert_eq!(
             opened[0].as_ref().unwrap().as_ref().unwrap(),
@@ -109,7 +115,13 @@ fn a_retried_session_write_gets_its_first_answer_and_applies_once() {
     assert!(
         store
             .write_group(
-                vec![(0, Command::OpenSession { ttl_ms: 1 })],
+                vec![(
+                    0,
+                    Command::OpenSession {
+                        ttl_ms: 1,
+                        owner: String::new()
+                    }
+                )],
                 Vec::new(),
                 None
             )
@@ -265,7 +277,13 @@ fn a_portable_copy_keeps_data_history_and_revision_but_nothing_of_replication() 
         .unwrap();
     store
         .apply(vec![
-            (1, Command::OpenSession { ttl_ms: 5_000 }),
+            (
+                1,
+                Command::OpenSession {
+                    ttl_ms: 5_000,
+                    owner: String::new(),
+                },
+            ),
             (2, write(put("a"))),
             (3, in_session(put("b"), 1, 1, 0)),
             (4, write(put("a"))),
