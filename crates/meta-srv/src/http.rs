@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use common_meta::kv::SledKvStore;
 use serde::Serialize;
@@ -145,6 +145,8 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/members", get(admin::members))
         .route("/procedures", get(admin::procedures))
         .route("/procedures/{id}", get(admin::procedure))
+        .route("/procedures/{id}/pause", post(admin::pause))
+        .route("/procedures/{id}/resume", post(admin::resume))
         .route("/config", get(admin::config))
         .with_state(state)
 }
@@ -427,8 +429,10 @@ async fn maintenance(
 
 async fn set_maintenance(
     State(state): State<Arc<HttpState>>,
+    headers: axum::http::HeaderMap,
     body: Result<Json<SetMaintenance>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<MaintenanceView>, JsonError> {
+    admin::require_root(&state, &headers).await?;
     let Json(body) = body.map_err(|e| {
         json_error(
             StatusCode::BAD_REQUEST,

@@ -38,6 +38,7 @@ use crate::lock::LockTable;
 mod children;
 mod execute;
 mod failure;
+mod pause;
 mod persist;
 
 use crate::procedure::{BoxedProcedure, Context, Loader, ProcedureWithId, Status};
@@ -138,6 +139,8 @@ struct Inner {
     locks: LockTable,
     slots: Semaphore,
     paused: watch::Sender<bool>,
+    /// Procedures paused one by one (`pause.rs`), kept in the store too.
+    paused_ids: watch::Sender<HashSet<String>>,
     /// Set by `stop`; checked under the `tasks` lock before anything is spawned.
     stopped: AtomicBool,
     tasks: Mutex<Vec<AbortHandle>>,
@@ -208,6 +211,7 @@ impl ProcedureManager {
                 locks: LockTable::default(),
                 slots,
                 paused: watch::channel(false).0,
+                paused_ids: watch::channel(HashSet::new()).0,
                 stopped: AtomicBool::new(false),
                 tasks: Mutex::new(Vec::new()),
                 live: watch::channel(0).0,
@@ -267,6 +271,8 @@ impl ProcedureManager {
         }
         let unfinished_ids: HashSet<String> =
             unfinished.iter().map(|(r, _)| r.id.clone()).collect();
+        // Before any runner starts: a procedure paused by hand must not take a step.
+        self.load_paused(&unfinished_ids).await?;
         // Children first: every parent must find its children when its runner starts.
         let mut roots = Vec::new();
         for (record, procedure) in unfinished {
@@ -566,10 +572,18 @@ impl Inner {
         chain
     }
 
-    async fn wait_unpaused(&self) {
+    /// Waits while the manager, or procedure `id` itself, is paused.
+    async fn wait_unpaused(&self, id: &str) {
         let mut paused = self.paused.subscribe();
-        // The sender lives as long as `self`: an error cannot happen while we run.
-        let _ = paused.wait_for(|p| !*p).await;
+        let mut one = self.paused_ids.subscribe();
+        // The senders live as long as `self`: an error cannot happen while we run.
+        loop {
+            let _ = paused.wait_for(|p| !*p).await;
+            let _ = one.wait_for(|ids| !ids.contains(id)).await;
+            if !*self.paused.borrow() {
+                return;
+            }
+        }
     }
 
     /// Removes finished records older than the TTL, except children whose parent is

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! procedure/{id} -> ProcedureRecord as JSON
+//! paused/{id}    -> empty: procedure `id` is paused by hand (see `manager/pause.rs`)
 //! ```
 
 use std::collections::BTreeMap;
@@ -20,6 +21,14 @@ pub const RECORD_PREFIX: &str = "procedure/";
 /// The key of procedure `id`'s record.
 pub fn record_key(id: &str) -> String {
     format!("{RECORD_PREFIX}{id}")
+}
+
+/// Prefix of the marks of procedures paused by hand.
+pub const PAUSED_PREFIX: &str = "paused/";
+
+/// The key of procedure `id`'s pause mark.
+pub fn paused_key(id: &str) -> String {
+    format!("{PAUSED_PREFIX}{id}")
 }
 
 /// Where procedures keep their state.

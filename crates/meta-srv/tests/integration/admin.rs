@@ -151,3 +151,123 @@ async fn a_follower_reports_its_own_view() {
         member.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn procedures_are_paused_by_hand_and_posts_need_root_once_auth_is_on() {
+    use base64::Engine as _;
+    let server = crate::in_process::start().await;
+    let http = &server.http;
+    let client = MetaClient::new(&[&server.grpc], MetaClientOptions::default()).unwrap();
+    client
+        .create_database("greptime", "paused", Vec::new(), false)
+        .await
+        .unwrap();
+    let (_, list) = get_json(http, "/procedures").await;
+    let done = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["state"] == "done")
+        .expect("the create-database procedure is on record")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        crate::in_process::http_request(http, "POST", "/procedures/nope/pause", None)
+            .await
+            .split(' ')
+            .nth(1),
+        Some("404")
+    );
+    let finished =
+        crate::in_process::http_request(http, "POST", &format!("/procedures/{done}/pause"), None)
+            .await;
+    assert!(
+        finished.starts_with("HTTP/1.1 409") && finished.contains("already finished"),
+        "{finished}"
+    );
+
+    // Auth on: a POST needs a root user (Basic or Bearer), GETs stay open.
+    let mut auth = meta_proto::etcd::etcdserverpb::auth_client::AuthClient::connect(format!(
+        "http://{}",
+        server.grpc
+    ))
+    .await
+    .unwrap();
+    use meta_proto::etcd::etcdserverpb as epb;
+    for (name, password) in [("root", "rootpw"), ("ops", "opspw")] {
+        auth.user_add(epb::AuthUserAddRequest {
+            name: name.into(),
+            password: password.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    auth.user_grant_role(epb::AuthUserGrantRoleRequest {
+        user: "root".into(),
+        role: "root".into(),
+    })
+    .await
+    .unwrap();
+    auth.auth_enable(epb::AuthEnableRequest {}).await.unwrap();
+    let post = |authorization: Option<String>| {
+        let http = http.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(&http).await.unwrap();
+            let body = r#"{"enabled": true}"#;
+            let header = authorization
+                .map(|a| format!("Authorization: {a}\r\n"))
+                .unwrap_or_default();
+            let request = format!(
+                "POST /maintenance HTTP/1.1\r\nHost: {http}\r\n{header}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.unwrap();
+            response
+        }
+    };
+    let basic = |credentials: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(credentials)
+        )
+    };
+    for (authorization, code) in [
+        (None, "401"),
+        (Some(basic("root:wrong")), "401"),
+        (Some("Bearer forged".to_string()), "401"),
+        (Some(basic("ops:opspw")), "403"),
+    ] {
+        let answer = post(authorization.clone()).await;
+        assert_eq!(
+            answer.split(' ').nth(1),
+            Some(code),
+            "{authorization:?}: {answer}"
+        );
+    }
+    let (_, maintenance) = get_json(http, "/maintenance").await;
+    assert_eq!(
+        maintenance["maintenance"], false,
+        "no refused POST changed anything"
+    );
+    let answer = post(Some(basic("root:rootpw"))).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let token = auth
+        .authenticate(epb::AuthenticateRequest {
+            name: "root".into(),
+            password: "rootpw".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let answer = post(Some(format!("Bearer {token}"))).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (_, maintenance) = get_json(http, "/maintenance").await;
+    assert_eq!(maintenance["maintenance"], true);
+    server.shutdown().await;
+}

@@ -79,7 +79,7 @@ async fn drive(
     }
     let mut attempt = 0u32;
     loop {
-        inner.wait_unpaused().await;
+        inner.wait_unpaused(&record.id).await;
         if !record.children.is_empty() {
             if let Err(child_failure) = run_children(inner, record).await? {
                 return fail(inner, record, procedure, child_failure).await;

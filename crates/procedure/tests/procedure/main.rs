@@ -674,3 +674,57 @@ async fn concurrent_submissions_of_one_id_run_once() {
 
 mod locks;
 mod persist;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_procedure_paused_by_hand_waits_across_recovery_until_resumed() {
+    let world = Arc::new(World::default());
+    let store = Arc::new(MemoryStateStore::default());
+    let m = manager(store.clone(), &world, fast());
+    m.start().await.unwrap();
+    // Hold everything while "held" is paused by hand, so no step of it runs first.
+    m.pause();
+    let held = m
+        .submit(steps("held", 2, None, false, &world))
+        .await
+        .unwrap();
+    let other = m
+        .submit(steps("other", 1, None, false, &world))
+        .await
+        .unwrap();
+    m.pause_one("held").await.unwrap();
+    assert!(m.is_paused("held") && !m.is_paused("other"));
+    m.resume();
+    tokio::time::timeout(DEADLINE, other.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    // Bounded check of an absence: the paused one does not move.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), held.wait())
+            .await
+            .is_err()
+    );
+    assert_eq!(world.effects().len(), 1, "only other's step ran");
+    // Unknown and finished procedures cannot be paused.
+    assert!(matches!(m.pause_one("nope").await, Err(Error::NotFound(_))));
+    assert!(m.pause_one("other").await.is_err());
+
+    // A new manager (a new leader) recovers it still paused.
+    m.shutdown().await;
+    let m2 = manager(store, &world, fast());
+    m2.start().await.unwrap();
+    assert!(m2.is_paused("held"));
+    let recovered = m2.watch("held").unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), m2.watch("held").unwrap().wait())
+            .await
+            .is_err()
+    );
+    m2.resume_one("held").await.unwrap();
+    assert!(!m2.is_paused("held"));
+    tokio::time::timeout(DEADLINE, recovered.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(world.effects().len(), 3, "held's two steps ran once each");
+}
