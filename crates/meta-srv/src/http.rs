@@ -180,11 +180,13 @@ async fn metrics(
     let store = state.store.clone();
     let counted = tokio::task::spawn_blocking(move || {
         let size = store.db().size_on_disk().unwrap_or(0);
-        (store.revision(), store.key_count(), size)
+        let leases = store.leases().map_or(0, |leases| leases.len());
+        ((store.revision(), store.key_count(), size), leases)
     })
     .await;
-    if let Ok(counted) = counted {
+    if let Ok((counted, leases)) = counted {
         now.store = counted;
+        now.leases = leases;
     }
     now.watchers = state.store.hub().watchers();
     let auth = state.store.auth();

@@ -27,6 +27,8 @@ pub struct LeaseKeeper {
     /// What a lease taken over gets on top of its remaining TTL.
     extend: Duration,
     checkpoint_every: Duration,
+    /// Leases revoked on expiry, counted for the metrics.
+    expired: Option<prometheus::IntCounter>,
 }
 
 impl LeaseKeeper {
@@ -37,7 +39,14 @@ impl LeaseKeeper {
             backend,
             extend,
             checkpoint_every,
+            expired: None,
         }
+    }
+
+    /// Counts the leases it revokes on expiry in `expired`.
+    pub fn counting(mut self, expired: prometheus::IntCounter) -> Self {
+        self.expired = Some(expired);
+        self
     }
 
     /// Runs until `stop` turns true.
@@ -78,7 +87,12 @@ impl LeaseKeeper {
             }
             for id in lessor.expired(now) {
                 match lease::revoke(&self.backend, &lessor, id).await {
-                    Ok(()) => tracing::debug!(lease = id, "lease expired and was revoked"),
+                    Ok(()) => {
+                        tracing::debug!(lease = id, "lease expired and was revoked");
+                        if let Some(expired) = &self.expired {
+                            expired.inc();
+                        }
+                    }
                     Err(Error::LeaseNotFound { .. } | Error::NotLeader { .. }) => {}
                     Err(e) => {
                         tracing::warn!(lease = id, error = %e, "revoking an expired lease failed")

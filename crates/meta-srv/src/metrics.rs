@@ -120,6 +120,8 @@ pub struct PlaneMetrics {
     pub mailbox_sends: IntCounter,
     /// Instructions whose reply did not come in time.
     pub mailbox_timeouts: IntCounter,
+    /// Leases revoked because their TTL ran out (by the leader).
+    pub leases_expired: IntCounter,
 }
 
 impl Default for PlaneMetrics {
@@ -135,6 +137,10 @@ impl Default for PlaneMetrics {
             mailbox_timeouts: counter(
                 "metasrv_mailbox_timeouts_total",
                 "Instructions to nodes whose reply did not come in time",
+            ),
+            leases_expired: counter(
+                "metasrv_leases_expired_total",
+                "Leases revoked because their TTL ran out (leader)",
             ),
         }
     }
@@ -284,6 +290,7 @@ struct Scraped {
     routes: IntGauge,
     route_version: IntGauge,
     watchers: IntGauge,
+    leases: IntGauge,
     auth_enabled: IntGauge,
     auth_users: IntGauge,
     auth_revision: IntGauge,
@@ -312,6 +319,8 @@ pub struct Snapshot {
     pub watchers: usize,
     /// Auth: on or off, users, auth revision.
     pub auth: (bool, usize, u64),
+    /// Leases granted and not yet revoked or expired.
+    pub leases: usize,
 }
 
 /// One member's registry.
@@ -359,6 +368,7 @@ impl Metrics {
                 "The route catalog's version",
             ),
             watchers: gauge("metasrv_watchers", "Watchers open on this member"),
+            leases: gauge("metasrv_leases", "Leases granted and not yet revoked"),
             auth_enabled: gauge("metasrv_auth_enabled", "1 while auth is enabled"),
             auth_users: gauge("metasrv_auth_users", "Users defined"),
             auth_revision: gauge(
@@ -380,6 +390,7 @@ impl Metrics {
             Box::new(plane.region_stats.clone()),
             Box::new(plane.mailbox_sends.clone()),
             Box::new(plane.mailbox_timeouts.clone()),
+            Box::new(plane.leases_expired.clone()),
             Box::new(grpc.requests.clone()),
             Box::new(grpc.errors.clone()),
             Box::new(grpc.seconds.clone()),
@@ -397,6 +408,7 @@ impl Metrics {
             Box::new(scraped.routes.clone()),
             Box::new(scraped.route_version.clone()),
             Box::new(scraped.watchers.clone()),
+            Box::new(scraped.leases.clone()),
             Box::new(scraped.auth_enabled.clone()),
             Box::new(scraped.auth_users.clone()),
             Box::new(scraped.auth_revision.clone()),
@@ -448,6 +460,7 @@ impl Metrics {
         s.routes.set(now.routes.0 as i64);
         s.route_version.set(int(now.routes.1));
         s.watchers.set(now.watchers as i64);
+        s.leases.set(now.leases as i64);
         s.auth_enabled.set(i64::from(now.auth.0));
         s.auth_users.set(now.auth.1 as i64);
         s.auth_revision.set(int(now.auth.2));

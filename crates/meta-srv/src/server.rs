@@ -392,7 +392,8 @@ impl MetaSrv {
                 self.backend.clone(),
                 self.config.election_timeout(),
                 Duration::from_millis(self.config.lease.checkpoint_ms),
-            );
+            )
+            .counting(self.metrics.plane.leases_expired.clone());
             tokio::spawn(keeper.run(stop_rx.clone()));
         }
         // Validated with the rest of the configuration before the server starts.

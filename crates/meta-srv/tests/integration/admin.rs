@@ -49,6 +49,11 @@ async fn metrics_count_a_known_workload() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    // Two leases: one revoked, one left.
+    let kept = client.lease_grant(60, 0).await.unwrap();
+    let gone = client.lease_grant(60, 0).await.unwrap();
+    client.lease_revoke(gone.id).await.unwrap();
+    assert_ne!(kept.id, gone.id);
 
     let text = scrape(&server.http).await;
     let at =
@@ -78,6 +83,9 @@ async fn metrics_count_a_known_workload() {
     assert!(at("metasrv_raft_apply_seconds_count") >= 1.0);
     assert_eq!(at(r#"metasrv_raft_members{role="voter"}"#), 1.0);
     assert!(at("metasrv_kv_db_size_bytes") > 0.0);
+    assert_eq!(at("metasrv_leases"), 1.0);
+    assert_eq!(at("metasrv_leases_expired_total"), 0.0, "none ran out");
+    assert_eq!(at("metasrv_auth_enabled"), 0.0);
     server.shutdown().await;
 }
 
