@@ -547,7 +547,9 @@ impl MetaClient {
     }
 
     /// Authenticates over `conn` when the options name a user and no token is held.
-    pub(crate) async fn ensure_token(&self, conn: &Conn) -> std::result::Result<(), Status> {
+    /// Requests through this client do it themselves; a stub built on
+    /// [`MetaClient::channel_to`] calls it first.
+    pub async fn ensure_token(&self, conn: &Conn) -> std::result::Result<(), Status> {
         let inner = &self.inner;
         match &inner.options.credentials {
             Some(credentials) if !inner.token.is_set() => {

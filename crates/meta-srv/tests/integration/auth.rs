@@ -666,6 +666,15 @@ async fn metactl_manages_users_and_roles_and_acts_as_a_user() {
     let got = ok(metactl_async(&ep, &["kv", "get", "dev/a", "--user", "dev:pw"]).await);
     assert!(got.contains('1'), "{got}");
     let root = format!("root:{ROOT_PASSWORD}");
+    // A snapshot is root's.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backup.db");
+    let file = file.to_str().unwrap();
+    let (code, _, err) = metactl_async(&ep, &["snapshot", "save", file, "--user", "dev:pw"]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("permission denied"), "{err}");
+    ok(metactl_async(&ep, &["snapshot", "save", file, "--user", &root]).await);
+    assert!(std::fs::metadata(file).unwrap().len() > 0);
     let users = ok(metactl_async(&ep, &["user", "list", "--user", &root]).await);
     assert_eq!(users.lines().collect::<Vec<_>>(), ["dev", "root"]);
     let perms = ok(metactl_async(&ep, &["role", "get", "dev", "--user", "dev:pw"]).await);

@@ -77,6 +77,10 @@ async fn fetch(client: &MetaClient, endpoint: &str, part: &Path) -> Result<(), F
     let channel = client
         .channel_to(endpoint)
         .map_err(|e| failed(&format!("connecting to {endpoint}"), e))?;
+    client
+        .ensure_token(&channel)
+        .await
+        .map_err(|e| failed(endpoint, e.message()))?;
     let mut client = MaintenanceClient::new(channel);
     let mut stream = client
         .snapshot(epb::SnapshotRequest {})
