@@ -91,6 +91,10 @@ pub struct KvArgs {
     /// Run only the put workload (profiling the write path).
     #[arg(long)]
     puts_only: bool,
+    /// Run meta-srv twice in one invocation, with auth on (every client a root user
+    /// with its token) and off, and print the ratio: what auth costs a request.
+    #[arg(long, conflicts_with = "vs_etcd")]
+    auth: bool,
     /// The API meta-srv is driven through: `native` (meta-client) or `etcd` (the same
     /// etcd-client that drives etcd, so a ratio compares the servers only).
     #[arg(long, value_enum, default_value_t = Api::Native)]
@@ -125,6 +129,9 @@ impl KvArgs {
         }
         if self.puts_only {
             args.push("--puts-only".into());
+        }
+        if self.auth {
+            args.push("--auth".into());
         }
         if self.api == Api::Etcd {
             args.push("--api=etcd".into());
@@ -338,6 +345,8 @@ impl Target for MetaTarget {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum System {
     Meta,
+    /// meta-srv with auth on, every client logged in as root.
+    MetaAuth,
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     Etcd,
 }
@@ -353,14 +362,57 @@ async fn connect(
         } else {
             MetaClientOptions::default().session_ttl
         },
+        credentials: (system == System::MetaAuth).then(root_credentials),
         ..MetaClientOptions::default()
     };
     match (system, args.api) {
-        (System::Meta, Api::Native) => {
+        (System::Meta | System::MetaAuth, Api::Native) => {
             Ok(Arc::new(MetaTarget(MetaClient::new(endpoints, options)?)))
         }
-        (System::Meta, Api::Etcd) | (System::Etcd, _) => etcd::connect(endpoints).await,
+        (System::Meta | System::MetaAuth, Api::Etcd) | (System::Etcd, _) => {
+            etcd::connect(endpoints).await
+        }
     }
+}
+
+/// The user every client of an auth run logs in as.
+fn root_credentials() -> meta_client::Credentials {
+    meta_client::Credentials {
+        user: "root".to_string(),
+        password: "bench-root-password".to_string(),
+    }
+}
+
+/// Adds user root with the root role and enables auth.
+async fn enable_auth(endpoints: &[String]) -> anyhow::Result<()> {
+    use meta_proto::etcd::etcdserverpb as epb;
+    let client = MetaClient::new(endpoints, MetaClientOptions::default())?;
+    let root = root_credentials();
+    let add = epb::AuthUserAddRequest {
+        name: root.user.clone(),
+        password: root.password.clone(),
+        ..Default::default()
+    };
+    client
+        .with_auth(|mut c| {
+            let add = add.clone();
+            async move { c.user_add(add).await }
+        })
+        .await?;
+    let grant = epb::AuthUserGrantRoleRequest {
+        user: root.user.clone(),
+        role: "root".to_string(),
+    };
+    client
+        .with_auth(|mut c| {
+            let grant = grant.clone();
+            async move { c.user_grant_role(grant).await }
+        })
+        .await?;
+    client
+        .with_auth(|mut c| async move { c.auth_enable(epb::AuthEnableRequest {}).await })
+        .await?;
+    Ok(())
 }
 
 /// The etcd side (etcd processes, etcd-client); without the `etcd` feature, stubs that
@@ -447,6 +499,9 @@ async fn kv(args: KvArgs) -> anyhow::Result<()> {
     if args.vs_etcd {
         systems.push(System::Etcd);
     }
+    if args.auth {
+        systems = vec![System::MetaAuth, System::Meta];
+    }
     let workloads = if args.puts_only {
         vec![Workload::Put]
     } else if args.members > 1 || args.vs_etcd {
@@ -460,12 +515,23 @@ async fn kv(args: KvArgs) -> anyhow::Result<()> {
     for &system in &systems {
         let (procs, endpoints) = match system {
             System::Meta => start_meta(args.members).await?,
+            System::MetaAuth => {
+                let started = start_meta(args.members).await?;
+                enable_auth(&started.1).await?;
+                started
+            }
             System::Etcd => etcd::start(args.members).await?,
         };
         // Every key exists before the first get run.
         let loader = connect(system, &endpoints, &args).await?;
-        if system == System::Meta {
-            let client = MetaClient::new(&endpoints, MetaClientOptions::default())?;
+        if system != System::Etcd {
+            let client = MetaClient::new(
+                &endpoints,
+                MetaClientOptions {
+                    credentials: (system == System::MetaAuth).then(root_credentials),
+                    ..MetaClientOptions::default()
+                },
+            )?;
             for chunk in (0..args.keys).collect::<Vec<_>>().chunks(100) {
                 let kvs = chunk.iter().map(|&i| (key(i), value.clone())).collect();
                 client
@@ -512,14 +578,22 @@ async fn kv(args: KvArgs) -> anyhow::Result<()> {
             (Api::Native, false) => "meta-client writes in client sessions (exactly-once)",
         }
     );
+    if args.auth {
+        println!(
+            "left: auth on (clients log in as root, every request verified); right: auth off; ratio = on / off"
+        );
+    }
     let mut header = format!(
         "{:<20} {:>7} | {:>9} {:>8} {:>8}",
         "workload", "clients", "ops/s", "p50 ms", "p99 ms"
     );
-    if args.vs_etcd {
+    if args.vs_etcd || args.auth {
         header.push_str(&format!(
             " | {:>9} {:>8} {:>8} | {:>6}",
-            "etcd/s", "p50 ms", "p99 ms", "ratio"
+            if args.auth { "no auth/s" } else { "etcd/s" },
+            "p50 ms",
+            "p99 ms",
+            "ratio"
         ));
     }
     println!("{header}");
