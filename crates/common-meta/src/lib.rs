@@ -29,6 +29,7 @@ pub mod manager;
 pub mod model;
 pub mod route_table;
 pub mod rpc;
+mod signed;
 pub mod state_store;
 pub mod time;
 

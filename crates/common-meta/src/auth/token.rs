@@ -8,9 +8,6 @@
 //! older token stops verifying. A client whose token stops verifying authenticates
 //! again (etcd's clients do so on "invalid auth token").
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
 use super::state::{AuthError, AuthState};
 use crate::hex;
 
@@ -22,13 +19,6 @@ fn invalid(why: &'static str) -> AuthError {
 }
 
 impl AuthState {
-    fn mac(&self, body: &str) -> Hmac<Sha256> {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret)
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(body.as_bytes());
-        mac
-    }
-
     /// A token for `user` valid until `expires_at_ms` (Unix ms). Needs auth on.
     pub fn mint_token(&self, user: &str, expires_at_ms: u64) -> Result<String, AuthError> {
         if !self.enabled {
@@ -43,8 +33,7 @@ impl AuthState {
             hex::encode(user.as_bytes()),
             hex::encode(&nonce)
         );
-        let mac = hex::encode(&self.mac(&body).finalize().into_bytes());
-        Ok(format!("{body}.{mac}"))
+        Ok(crate::signed::seal(&self.secret, &body))
     }
 
     /// The user `token` names, if it verifies at `now_ms` (see the module doc).
@@ -53,11 +42,12 @@ impl AuthState {
             return Err(AuthError::NotEnabled);
         }
         let malformed = || invalid("");
-        let (body, mac) = token.rsplit_once('.').ok_or_else(malformed)?;
-        let mac = hex::decode(mac).ok_or_else(malformed)?;
-        self.mac(body)
-            .verify_slice(&mac)
-            .map_err(|_| invalid(": not signed by this cluster's current secret"))?;
+        let body = crate::signed::open(&self.secret, token).map_err(|why| match why {
+            crate::signed::Unsealed::Malformed => malformed(),
+            crate::signed::Unsealed::Forged => {
+                invalid(": not signed by this cluster's current secret")
+            }
+        })?;
         let mut parts = body.split('.');
         let (Some(TAG), Some(user), Some(generation), Some(expires), Some(_nonce), None) = (
             parts.next(),

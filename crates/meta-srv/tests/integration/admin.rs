@@ -196,29 +196,16 @@ async fn procedures_are_paused_by_hand_and_posts_need_root_once_auth_is_on() {
     );
 
     // Auth on: a POST needs a root user (Basic or Bearer), GETs stay open.
-    let mut auth = meta_proto::etcd::etcdserverpb::auth_client::AuthClient::connect(format!(
-        "http://{}",
-        server.grpc
-    ))
-    .await
-    .unwrap();
-    use meta_proto::etcd::etcdserverpb as epb;
-    for (name, password) in [("root", "rootpw"), ("ops", "opspw")] {
-        auth.user_add(epb::AuthUserAddRequest {
-            name: name.into(),
-            password: password.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
-    auth.user_grant_role(epb::AuthUserGrantRoleRequest {
-        user: "root".into(),
-        role: "root".into(),
-    })
-    .await
-    .unwrap();
-    auth.auth_enable(epb::AuthEnableRequest {}).await.unwrap();
+    let mut auth = crate::auth::auth_client(&server.grpc).await;
+    let root = crate::auth::enable(&mut auth).await;
+    crate::auth::user_with(
+        &mut auth,
+        &root,
+        "ops",
+        "ops/",
+        meta_proto::etcd::authpb::permission::Type::Readwrite,
+    )
+    .await;
     let post = |authorization: Option<String>| {
         let http = http.clone();
         async move {
@@ -248,7 +235,7 @@ async fn procedures_are_paused_by_hand_and_posts_need_root_once_auth_is_on() {
         (None, "401"),
         (Some(basic("root:wrong")), "401"),
         (Some("Bearer forged".to_string()), "401"),
-        (Some(basic("ops:opspw")), "403"),
+        (Some(basic("ops:pw")), "403"),
     ] {
         let answer = post(authorization.clone()).await;
         assert_eq!(
@@ -262,18 +249,9 @@ async fn procedures_are_paused_by_hand_and_posts_need_root_once_auth_is_on() {
         maintenance["maintenance"], false,
         "no refused POST changed anything"
     );
-    let answer = post(Some(basic("root:rootpw"))).await;
+    let answer = post(Some(basic(&format!("root:{}", crate::auth::ROOT_PASSWORD)))).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let token = auth
-        .authenticate(epb::AuthenticateRequest {
-            name: "root".into(),
-            password: "rootpw".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    let answer = post(Some(format!("Bearer {token}"))).await;
+    let answer = post(Some(format!("Bearer {root}"))).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let (_, maintenance) = get_json(http, "/maintenance").await;
     assert_eq!(maintenance["maintenance"], true);
